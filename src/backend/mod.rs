@@ -1,0 +1,30 @@
+//! Backends: what executes a world's operations.
+//!
+//! The API (`world.rs`) validates a call, turns it into [`Posted`] operations and hands them to
+//! the world's backend. `native` runs them with the crate's own collectives over its own
+//! transports. Every backend breaks the world on failure and completes each operation exactly
+//! once, so the API layer never needs to know which one it talks to.
+
+mod native;
+
+use crate::engine::{Posted, WorldStats};
+use crate::error::BrokenCause;
+use crate::request::Progress;
+use crate::transport::TransportKind;
+
+/// Executes the operations of one world.
+pub(crate) trait Backend: Progress {
+    /// Accepts operations, in order, as one batch. `driven` means the caller will wait on
+    /// them right away (a blocking call) and may drive them itself.
+    fn post(&self, ops: Vec<Posted>, driven: bool);
+    /// Breaks the world from this side: local, non-blocking, idempotent.
+    fn abort(&self);
+    /// Aborts and releases everything (threads, sockets, memory); returns when done.
+    fn close(&self);
+    /// Why the world broke, if it did.
+    fn broken(&self) -> Option<BrokenCause>;
+    /// Counters.
+    fn stats(&self) -> WorldStats;
+    /// Transport per peer rank (`None` for this rank).
+    fn transports(&self) -> Vec<Option<TransportKind>>;
+}

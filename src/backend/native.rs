@@ -1,0 +1,33 @@
+//! The native backend: the engine (collective plans over links) behind a driver.
+
+use super::Backend;
+use crate::engine::{Posted, WorldStats};
+use crate::error::BrokenCause;
+use crate::progress::Driver;
+use crate::transport::TransportKind;
+
+impl Backend for Driver {
+    fn post(&self, ops: Vec<Posted>, driven: bool) {
+        Driver::post(self, ops, driven)
+    }
+
+    fn abort(&self) {
+        Driver::abort(self)
+    }
+
+    fn close(&self) {
+        Driver::close(self)
+    }
+
+    fn broken(&self) -> Option<BrokenCause> {
+        Driver::broken(self)
+    }
+
+    fn stats(&self) -> WorldStats {
+        Driver::stats(self)
+    }
+
+    fn transports(&self) -> Vec<Option<TransportKind>> {
+        Driver::transports(self)
+    }
+}

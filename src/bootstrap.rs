@@ -1,0 +1,618 @@
+//! Forming a world: the rendezvous root, the join protocol, and the links between ranks.
+//!
+//! 1. Every rank opens a peer listener and connects to the world's **root** (a thread in the
+//!    process that made the [`UniqueId`](crate::UniqueId), or in rank 0's process for the
+//!    address form) with a hello: secret, world name, rank, size, listener address, host
+//!    identity, and the generation it proposes.
+//! 2. Once all ranks have said hello, the root answers each with the table of all ranks'
+//!    addresses, the world instance id (random) and the generation (the largest proposed).
+//!    Wrong secrets and garbage are refused with a log line; ranks that disagree on size, or
+//!    claim the same rank, fail the formation for everyone with a message saying so.
+//! 3. Each rank connects to every lower rank's listener and accepts from every higher rank;
+//!    each connection opens with a link hello (world id, generation, secret, ranks) that the
+//!    acceptor checks and acknowledges.
+//!
+//! Every step is bounded by the formation deadline; nothing here touches another world.
+
+use std::io::{self, Read};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::net::{self, MAX_MESSAGE};
+use crate::sys;
+use crate::transport::loopback::QueueLink;
+use crate::transport::tcp::TcpLink;
+use crate::transport::Link;
+use crate::wire::{MsgReader, MsgWriter};
+
+const HELLO_MAGIC: u32 = 0x4D57_4231; // "MWB1"
+const LINK_MAGIC: u32 = 0x4D57_4C31; // "MWL1"
+const PROTOCOL_VERSION: u32 = 1;
+/// A connection must say hello within this time, or the root drops it.
+const HELLO_GRACE: Duration = Duration::from_secs(5);
+/// How long a root made by `UniqueId::new` waits for its first rank.
+const ROOT_IDLE_LIFETIME: Duration = Duration::from_secs(600);
+
+/// A rank's hello to the root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Hello {
+    pub secret: Vec<u8>,
+    pub name: String,
+    pub rank: u32,
+    pub size: u32,
+    pub generation: u32,
+    pub addr: String,
+    pub host: String,
+    pub timeout_ms: u64,
+}
+
+impl Hello {
+    fn encode(&self) -> Vec<u8> {
+        MsgWriter::new()
+            .u32(HELLO_MAGIC)
+            .u32(PROTOCOL_VERSION)
+            .bytes(&self.secret)
+            .str(&self.name)
+            .u32(self.rank)
+            .u32(self.size)
+            .u32(self.generation)
+            .str(&self.addr)
+            .str(&self.host)
+            .u64(self.timeout_ms)
+            .finish()
+    }
+
+    fn decode(b: &[u8]) -> std::result::Result<Hello, String> {
+        let mut r = MsgReader::new(b);
+        if r.u32()? != HELLO_MAGIC {
+            return Err("not a multiworld hello".into());
+        }
+        let v = r.u32()?;
+        if v != PROTOCOL_VERSION {
+            return Err(format!("protocol version {v}, expected {PROTOCOL_VERSION}"));
+        }
+        let h = Hello {
+            secret: r.bytes()?.to_vec(),
+            name: r.str()?.to_owned(),
+            rank: r.u32()?,
+            size: r.u32()?,
+            generation: r.u32()?,
+            addr: r.str()?.to_owned(),
+            host: r.str()?.to_owned(),
+            timeout_ms: r.u64()?,
+        };
+        r.end()?;
+        Ok(h)
+    }
+}
+
+/// What the root tells every rank once all are present.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Table {
+    pub generation: u32,
+    pub world_id: u64,
+    /// Listener address and host identity of each rank.
+    pub peers: Vec<(String, String)>,
+}
+
+fn encode_table(t: &Table) -> Vec<u8> {
+    let mut w = MsgWriter::new().u8(0).u32(t.generation).u64(t.world_id).u32(t.peers.len() as u32);
+    for (a, h) in &t.peers {
+        w = w.str(a).str(h);
+    }
+    w.finish()
+}
+
+fn encode_refusal(kind: ErrorKind, msg: &str) -> Vec<u8> {
+    let code = match kind {
+        ErrorKind::InvalidArgument => 1,
+        ErrorKind::InvalidUsage => 2,
+        ErrorKind::Timeout => 3,
+        _ => 4,
+    };
+    MsgWriter::new().u8(code).str(msg).finish()
+}
+
+fn decode_reply(b: &[u8]) -> std::result::Result<std::result::Result<Table, Error>, String> {
+    let mut r = MsgReader::new(b);
+    match r.u8()? {
+        0 => {
+            let generation = r.u32()?;
+            let world_id = r.u64()?;
+            let n = r.u32()? as usize;
+            if n > MAX_MESSAGE / 8 {
+                return Err(format!("table of {n} ranks"));
+            }
+            let mut peers = Vec::with_capacity(n);
+            for _ in 0..n {
+                peers.push((r.str()?.to_owned(), r.str()?.to_owned()));
+            }
+            r.end()?;
+            Ok(Ok(Table { generation, world_id, peers }))
+        }
+        code => {
+            let kind = match code {
+                1 => ErrorKind::InvalidArgument,
+                2 => ErrorKind::InvalidUsage,
+                3 => ErrorKind::Timeout,
+                _ => ErrorKind::System,
+            };
+            Ok(Err(Error::new(kind, r.str()?.to_owned())))
+        }
+    }
+}
+
+/// How a root behaves.
+#[derive(Debug, Clone)]
+pub(crate) struct RootConfig {
+    secret: Vec<u8>,
+    /// The world name and size the root serves, when known in advance (address form).
+    expect: Option<(String, u32)>,
+    /// Final deadline, when known in advance (address form); else the first rank's.
+    deadline: Option<Instant>,
+}
+
+impl RootConfig {
+    pub(crate) fn for_id(secret: [u8; crate::id::SECRET_LEN]) -> RootConfig {
+        RootConfig { secret: secret.to_vec(), expect: None, deadline: None }
+    }
+
+    pub(crate) fn for_address(secret: Vec<u8>, name: &str, size: u32, deadline: Instant) -> RootConfig {
+        RootConfig { secret, expect: Some((name.to_owned(), size)), deadline: Some(deadline) }
+    }
+}
+
+/// Runs a root on `listener` in a thread of its own; it ends when the world has formed or
+/// its deadline passes.
+pub(crate) fn spawn_root(listener: TcpListener, cfg: RootConfig) -> Result<()> {
+    listener.set_nonblocking(true).map_err(|e| Error::system("root listener", e))?;
+    std::thread::Builder::new()
+        .name("mw-root".into())
+        .spawn(move || serve_root(listener, cfg))
+        .map_err(|e| Error::system("spawning the rendezvous root", e))?;
+    Ok(())
+}
+
+struct Conn {
+    s: TcpStream,
+    peer: String,
+    buf: Vec<u8>,
+    hello: Option<Hello>,
+    since: Instant,
+}
+
+fn refuse(c: &Conn, kind: ErrorKind, msg: &str) {
+    let _ = net::send_msg(&c.s, &encode_refusal(kind, msg), Instant::now() + Duration::from_millis(200));
+}
+
+/// What to do with a connection after reading from it.
+enum Outcome {
+    Keep,
+    Drop,
+    /// The formation cannot succeed: tell everyone.
+    FailAll(ErrorKind, String),
+}
+
+fn serve_root(listener: TcpListener, cfg: RootConfig) {
+    let mut conns: Vec<Conn> = Vec::new();
+    let mut deadline = cfg.deadline.unwrap_or_else(|| Instant::now() + ROOT_IDLE_LIFETIME);
+    let mut expect = cfg.expect.clone();
+    let fail_all = |conns: &[Conn], kind: ErrorKind, msg: &str| {
+        warn!("rendezvous failed: {msg}");
+        for c in conns.iter().filter(|c| c.hello.is_some()) {
+            refuse(c, kind, msg);
+        }
+    };
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            let (name, size) = expect.clone().unwrap_or_default();
+            let present: Vec<u32> = conns.iter().filter_map(|c| c.hello.as_ref().map(|h| h.rank)).collect();
+            let missing: Vec<u32> = (0..size).filter(|r| !present.contains(r)).collect();
+            fail_all(
+                &conns,
+                ErrorKind::Timeout,
+                &format!("world '{name}' did not form in time: ranks {missing:?} of {size} never arrived"),
+            );
+            return;
+        }
+        let mut fds = vec![sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
+        fds.extend(conns.iter().map(|c| sys::pollfd(c.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
+        let _ = sys::poll(&mut fds, Some(deadline.min(now + Duration::from_secs(1))));
+        // New connections.
+        loop {
+            match listener.accept() {
+                Ok((s, a)) => {
+                    if s.set_nonblocking(true).is_ok() {
+                        conns.push(Conn {
+                            s,
+                            peer: a.to_string(),
+                            buf: Vec::new(),
+                            hello: None,
+                            since: Instant::now(),
+                        });
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        // Input from known connections.
+        let mut i = 0;
+        while i < conns.len() {
+            let ready = fds.get(i + 1).is_some_and(|f| f.revents != 0);
+            let claimed: Vec<u32> = conns
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .filter_map(|(_, c)| c.hello.as_ref().map(|h| h.rank))
+                .collect();
+            let mut outcome = if ready { read_conn(&mut conns[i], &cfg, &expect, &claimed) } else { Outcome::Keep };
+            if matches!(outcome, Outcome::Keep) && conns[i].hello.is_none() && conns[i].since.elapsed() > HELLO_GRACE {
+                warn!("rendezvous: dropped {} (no hello within {:?})", conns[i].peer, HELLO_GRACE);
+                outcome = Outcome::Drop;
+            }
+            match outcome {
+                Outcome::Keep => {
+                    if let Some(h) = &conns[i].hello {
+                        if expect.is_none() {
+                            // The first rank fixes name and size, and the deadline.
+                            expect = Some((h.name.clone(), h.size));
+                            deadline = Instant::now() + Duration::from_millis(h.timeout_ms) + Duration::from_secs(1);
+                        }
+                    }
+                    i += 1;
+                }
+                Outcome::Drop => {
+                    conns.remove(i);
+                }
+                Outcome::FailAll(kind, msg) => {
+                    fail_all(&conns, kind, &msg);
+                    refuse(&conns[i], kind, &msg);
+                    return;
+                }
+            }
+        }
+        // Everyone here?
+        if let Some((name, size)) = &expect {
+            let mut table: Vec<Option<&Hello>> = vec![None; *size as usize];
+            for h in conns.iter().filter_map(|c| c.hello.as_ref()) {
+                table[h.rank as usize] = Some(h);
+            }
+            if table.iter().all(|t| t.is_some()) {
+                let hellos: Vec<&Hello> = table.into_iter().flatten().collect();
+                let t = Table {
+                    generation: hellos.iter().map(|h| h.generation).max().unwrap_or(1),
+                    world_id: sys::random_u64(),
+                    peers: hellos.iter().map(|h| (h.addr.clone(), h.host.clone())).collect(),
+                };
+                let msg = encode_table(&t);
+                for c in conns.iter().filter(|c| c.hello.is_some()) {
+                    let _ = net::send_msg(&c.s, &msg, Instant::now() + Duration::from_secs(2));
+                }
+                info!("rendezvous: world '{name}' of {size} ranks formed, generation {}", t.generation);
+                return;
+            }
+        }
+    }
+}
+
+fn read_conn(c: &mut Conn, cfg: &RootConfig, expect: &Option<(String, u32)>, claimed: &[u32]) -> Outcome {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match (&c.s).read(&mut chunk) {
+            Ok(0) => {
+                if let Some(h) = &c.hello {
+                    info!("rendezvous: rank {} of world '{}' left before the world formed", h.rank, h.name);
+                }
+                return Outcome::Drop;
+            }
+            Ok(n) => {
+                if c.hello.is_some() {
+                    warn!("rendezvous: refused {}: bytes after its hello", c.peer);
+                    return Outcome::Drop;
+                }
+                c.buf.extend_from_slice(&chunk[..n]);
+                if c.buf.len() >= 4 {
+                    let len = u32::from_le_bytes([c.buf[0], c.buf[1], c.buf[2], c.buf[3]]) as usize;
+                    if len > MAX_MESSAGE {
+                        warn!("rendezvous: refused {}: oversized message ({len} bytes)", c.peer);
+                        return Outcome::Drop;
+                    }
+                    if c.buf.len() > 4 + len {
+                        warn!("rendezvous: refused {}: bytes after its hello", c.peer);
+                        return Outcome::Drop;
+                    }
+                    if c.buf.len() == 4 + len {
+                        return accept_hello(c, cfg, expect, claimed);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Keep,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Outcome::Drop,
+        }
+    }
+}
+
+fn accept_hello(c: &mut Conn, cfg: &RootConfig, expect: &Option<(String, u32)>, claimed: &[u32]) -> Outcome {
+    let h = match Hello::decode(&c.buf[4..]) {
+        Ok(h) => h,
+        Err(why) => {
+            warn!("rendezvous: refused {}: not a valid hello ({why})", c.peer);
+            return Outcome::Drop;
+        }
+    };
+    if h.secret != cfg.secret {
+        warn!("rendezvous: refused {} (rank {} of '{}'): wrong secret", c.peer, h.rank, h.name);
+        refuse(c, ErrorKind::InvalidUsage, "refused: wrong secret for this world");
+        return Outcome::Drop;
+    }
+    if h.size == 0 || h.rank >= h.size {
+        refuse(c, ErrorKind::InvalidArgument, &format!("rank {} is out of range for size {}", h.rank, h.size));
+        return Outcome::Drop;
+    }
+    if let Some((name, size)) = expect {
+        if &h.name != name {
+            warn!("rendezvous: refused {}: it joins world '{}', this root serves '{name}'", c.peer, h.name);
+            refuse(c, ErrorKind::InvalidUsage, &format!("this root serves world '{name}', not '{}'", h.name));
+            return Outcome::Drop;
+        }
+        if h.size != *size {
+            return Outcome::FailAll(
+                ErrorKind::InvalidUsage,
+                format!("world '{name}': rank {} says the world has {} ranks, but it has {size}", h.rank, h.size),
+            );
+        }
+    }
+    if claimed.contains(&h.rank) {
+        return Outcome::FailAll(
+            ErrorKind::InvalidUsage,
+            format!("world '{}': two processes claim rank {}", h.name, h.rank),
+        );
+    }
+    debug!("rendezvous: rank {} of '{}' joined from {}", h.rank, h.name, c.peer);
+    c.hello = Some(h);
+    Outcome::Keep
+}
+
+/// How a rank finds its world's root.
+#[derive(Debug, Clone)]
+pub(crate) enum Rendezvous {
+    Id(crate::UniqueId),
+    Address(String),
+}
+
+/// What a rank needs to form a world.
+#[derive(Debug, Clone)]
+pub(crate) struct JoinSpec {
+    pub name: String,
+    pub rank: usize,
+    pub size: usize,
+    pub rendezvous: Rendezvous,
+    pub secret: Vec<u8>,
+    pub interface: Option<String>,
+    pub generation: u32,
+    pub timeout: Duration,
+}
+
+/// A formed world's connections.
+pub(crate) struct Formed {
+    pub generation: u32,
+    pub world_id: u64,
+    pub links: Vec<Option<Box<dyn Link>>>,
+}
+
+fn formation_err(name: &str, rank: usize, e: impl std::fmt::Display) -> String {
+    format!("forming world '{name}' (rank {rank}): {e}")
+}
+
+/// Joins a world: hello to the root, table back, links to every peer. Blocking, bounded by
+/// `spec.timeout`.
+pub(crate) fn join(spec: &JoinSpec) -> Result<Formed> {
+    let deadline = Instant::now() + spec.timeout;
+    let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
+    let what = || formation_err(name, rank, "deadline passed while reaching the root");
+    let (root, secret) = match &spec.rendezvous {
+        Rendezvous::Id(id) => (id.root, id.secret.to_vec()),
+        Rendezvous::Address(a) => {
+            let root = net::resolve(a)?;
+            if rank == 0 {
+                let listener = TcpListener::bind(root)
+                    .map_err(|e| Error::system(formation_err(name, rank, format!("listening on {root}")), e))?;
+                spawn_root(listener, RootConfig::for_address(spec.secret.clone(), name, size as u32, deadline))?;
+            }
+            (root, spec.secret.clone())
+        }
+    };
+    let to_root = net::connect_retry(root, deadline, &what)?;
+    let local_ip: IpAddr = match &spec.interface {
+        Some(i) => net::interface_ip(i)?,
+        None => to_root.local_addr().map_err(|e| Error::system("local address", e))?.ip(),
+    };
+    let listener = net::listen_any_port(local_ip)?;
+    let my_addr = listener.local_addr().map_err(|e| Error::system("listener address", e))?;
+    let hello = Hello {
+        secret: secret.clone(),
+        name: name.to_owned(),
+        rank: rank as u32,
+        size: size as u32,
+        generation: spec.generation,
+        addr: my_addr.to_string(),
+        host: sys::host_identity(),
+        timeout_ms: spec.timeout.as_millis() as u64,
+    };
+    net::send_msg(&to_root, &hello.encode(), deadline)
+        .map_err(|e| Error::system(formation_err(name, rank, "sending hello to the root"), e))?;
+    let reply = net::recv_msg(&to_root, deadline).map_err(|e| {
+        if e.kind() == io::ErrorKind::TimedOut {
+            Error::timeout(formation_err(name, rank, "the other ranks did not all arrive before the deadline"))
+        } else {
+            Error::new(ErrorKind::System, formation_err(name, rank, format!("the root went away: {e}")))
+        }
+    })?;
+    let table = match decode_reply(&reply) {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return Err(Error::new(e.kind(), formation_err(name, rank, e.message()))),
+        Err(why) => return Err(Error::internal(formation_err(name, rank, format!("bad reply from the root: {why}")))),
+    };
+    if table.peers.len() != size {
+        return Err(Error::internal(formation_err(name, rank, "the root sent a table of the wrong size")));
+    }
+    drop(to_root);
+    let links = connect_links(spec, &table, &secret, listener, deadline)?;
+    Ok(Formed { generation: table.generation, world_id: table.world_id, links })
+}
+
+fn link_hello(world_id: u64, generation: u32, from: usize, to: usize, secret: &[u8]) -> Vec<u8> {
+    MsgWriter::new()
+        .u32(LINK_MAGIC)
+        .u64(world_id)
+        .u32(generation)
+        .u32(from as u32)
+        .u32(to as u32)
+        .bytes(secret)
+        .finish()
+}
+
+/// Connects to every lower rank and accepts every higher one. Lower ranks accept only after
+/// their own connects are done, so the order has no cycle.
+fn connect_links(
+    spec: &JoinSpec,
+    t: &Table,
+    secret: &[u8],
+    listener: TcpListener,
+    deadline: Instant,
+) -> Result<Vec<Option<Box<dyn Link>>>> {
+    let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
+    let mut links: Vec<Option<Box<dyn Link>>> = (0..size).map(|_| None).collect();
+    links[rank] = Some(Box::new(QueueLink::loopback()));
+    for (peer, (addr, _host)) in t.peers.iter().enumerate().take(rank) {
+        let what = || formation_err(name, rank, format!("connecting to rank {peer}"));
+        let a: SocketAddr = addr.parse().map_err(|_| Error::internal(what()))?;
+        let s = net::connect_once(a, deadline, &what)?;
+        net::send_msg(&s, &link_hello(t.world_id, t.generation, rank, peer, secret), deadline)
+            .map_err(|e| Error::new(ErrorKind::WorldBroken, format!("{}: {e}", what())))?;
+        let mut ack = [0u8; 1];
+        s.set_read_timeout(Some(net::left(deadline, &what)?)).map_err(|e| Error::system(what(), e))?;
+        match (&s).read(&mut ack) {
+            Ok(1) if ack[0] == 1 => {}
+            Ok(_) => return Err(Error::new(ErrorKind::WorldBroken, format!("{}: refused or closed", what()))),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(Error::timeout(format!("{}: no answer before the deadline", what())))
+            }
+            Err(e) => return Err(Error::new(ErrorKind::WorldBroken, format!("{}: {e}", what()))),
+        }
+        s.set_read_timeout(None).map_err(|e| Error::system(what(), e))?;
+        links[peer] = Some(Box::new(TcpLink::new(s).map_err(|e| Error::system(what(), e))?));
+    }
+    let expected = size - rank - 1;
+    let mut accepted = 0;
+    listener.set_nonblocking(true).map_err(|e| Error::system("peer listener", e))?;
+    while accepted < expected {
+        let missing = || {
+            let m: Vec<usize> = (rank + 1..size).filter(|r| links[*r].is_none()).collect();
+            formation_err(name, rank, format!("ranks {m:?} did not connect before the deadline"))
+        };
+        net::left(deadline, &missing)?;
+        let mut fds = [sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
+        let _ = sys::poll(&mut fds, Some(deadline));
+        let (s, from_addr) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
+            Err(e) => return Err(Error::system(formation_err(name, rank, "accepting a peer"), e)),
+        };
+        let _ = s.set_nonblocking(false);
+        // A peer must say who it is promptly; a silent or garbage connection is dropped.
+        let hello_deadline = deadline.min(Instant::now() + HELLO_GRACE);
+        let msg = match net::recv_msg(&s, hello_deadline) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!("world '{name}' rank {rank}: refused link connection from {from_addr}: {e}");
+                continue;
+            }
+        };
+        let parsed = (|| -> std::result::Result<(u64, u32, u32, u32, Vec<u8>), String> {
+            let mut r = MsgReader::new(&msg);
+            if r.u32()? != LINK_MAGIC {
+                return Err("not a multiworld link hello".into());
+            }
+            let v = (r.u64()?, r.u32()?, r.u32()?, r.u32()?, r.bytes()?.to_vec());
+            r.end()?;
+            Ok(v)
+        })();
+        let (wid, generation, from, to, sec) = match parsed {
+            Ok(v) => v,
+            Err(why) => {
+                warn!("world '{name}' rank {rank}: refused link connection from {from_addr}: {why}");
+                continue;
+            }
+        };
+        let from = from as usize;
+        if wid != t.world_id || generation != t.generation || sec != secret {
+            warn!("world '{name}' rank {rank}: refused link connection from {from_addr}: wrong world, generation or secret");
+            continue;
+        }
+        if to as usize != rank || from <= rank || from >= size || links[from].is_some() {
+            warn!("world '{name}' rank {rank}: refused link connection from {from_addr}: unexpected rank {from}");
+            continue;
+        }
+        let mut w = &s;
+        if io::Write::write_all(&mut w, &[1]).is_err() {
+            return Err(Error::new(
+                ErrorKind::WorldBroken,
+                formation_err(name, rank, format!("rank {from} went away while connecting")),
+            ));
+        }
+        links[from] =
+            Some(Box::new(TcpLink::new(s).map_err(|e| Error::system(formation_err(name, rank, "tuning a link"), e))?));
+        accepted += 1;
+    }
+    Ok(links)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_round_trips_and_rejects_garbage() {
+        let h = Hello {
+            secret: vec![1, 2, 3],
+            name: "w".into(),
+            rank: 1,
+            size: 2,
+            generation: 4,
+            addr: "1.2.3.4:5".into(),
+            host: "h".into(),
+            timeout_ms: 100,
+        };
+        assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+        let mut b = h.encode();
+        b.push(0);
+        assert!(Hello::decode(&b).is_err());
+        assert!(Hello::decode(&b[..7]).is_err());
+        let mut rng = crate::testutil::Rng::new(3);
+        for _ in 0..20_000 {
+            let mut g = vec![0u8; rng.below(64) as usize];
+            rng.fill(&mut g);
+            let _ = Hello::decode(&g);
+            let _ = decode_reply(&g);
+        }
+    }
+
+    #[test]
+    fn table_round_trips() {
+        let t = Table {
+            generation: 2,
+            world_id: 99,
+            peers: vec![("a:1".into(), "h1".into()), ("b:2".into(), "h2".into())],
+        };
+        assert_eq!(decode_reply(&encode_table(&t)).unwrap().unwrap(), t);
+        let e = decode_reply(&encode_refusal(ErrorKind::Timeout, "late")).unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert_eq!(e.message(), "late");
+    }
+}

@@ -1,0 +1,915 @@
+//! The engine of one world: executes operation plans over the world's links.
+//!
+//! No threads, no clock, no blocking: [`Engine::pass`] does all the work that can be done now
+//! (given `now`), and [`Engine::wait_set`] says what to sleep on until more can be done. The
+//! driver (`progress.rs`) owns the threads and the sleeping. This keeps every rule of the
+//! world in one place that tests can drive with in-memory links and a virtual clock.
+//!
+//! Rules:
+//! - Operations run in posting order. A collective runs alone; consecutive point-to-point
+//!   operations run together (like a group), so that a rank may post a send and a receive to
+//!   the same peer without deadlock.
+//! - Each peer has a queue of sends and a queue of receives, filled in plan order as operations
+//!   start; only the head of each queue moves, so both ranks see one order of messages.
+//! - Every data frame describes its operation; the receiver checks it against its own call
+//!   and breaks the world on any difference, naming both calls.
+//! - Frames from a peer that arrive before their receive is posted wait in a bounded queue;
+//!   beyond [`UNEXPECTED_CAP`] bytes the link is not read (the peer then waits for us).
+//! - Any failure breaks the whole world at once: every operation in flight fails with the
+//!   cause, peers get a best-effort abort frame, links are closed. Nothing is retried.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::buf::{RawBuf, Scratch};
+use crate::coll::reduce::{reduce3, reduce_into, scale_avg};
+use crate::coll::{plan, Act, BufId, Dep, OpDesc, Plan};
+use crate::error::{BrokenCause, Error};
+use crate::health::{Heartbeat, Liveness, Verdict};
+use crate::request::{Completion, KeepAlive};
+use crate::sync::Arc;
+use crate::transport::{Armed, Link, LinkError, Sink, TransportKind};
+use crate::types::{DataType, ReduceOp};
+use crate::wire::{FrameHeader, FrameKind, OpKind, HEADER_LEN};
+
+/// Bytes of early frames buffered per peer before the link stops being read.
+pub(crate) const UNEXPECTED_CAP: usize = 16 << 20;
+/// Bytes moved per pass before the engine yields, so that a pass never holds the world for
+/// long.
+const PASS_BUDGET: u64 = 32 << 20;
+
+/// Identity and settings of the world an engine serves.
+#[derive(Debug, Clone)]
+pub(crate) struct EngineConfig {
+    pub name: Arc<str>,
+    pub rank: usize,
+    pub size: usize,
+    pub world_id: u64,
+    pub generation: u32,
+    pub heartbeat: Heartbeat,
+}
+
+/// An operation handed to the engine.
+pub(crate) struct Posted {
+    pub desc: OpDesc,
+    pub send: RawBuf,
+    pub recv: RawBuf,
+    pub completion: Arc<Completion>,
+    /// The operation fails with `Timeout` (and breaks the world) if not done in this time.
+    pub timeout: Option<Duration>,
+    /// Keeps a non-blocking request's buffers alive until the engine is done with them.
+    pub keepalive: Option<KeepAlive>,
+}
+
+/// Counters of a world, for tests and tools.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorldStats {
+    /// Operations completed successfully.
+    pub ops_completed: u64,
+    /// Frames dropped because they carried another world instance's id or generation.
+    pub stale_frames_dropped: u64,
+    /// Heartbeat frames sent.
+    pub heartbeats_sent: u64,
+    /// Payload bytes sent and received.
+    pub bytes_sent: u64,
+    /// Payload bytes received.
+    pub bytes_received: u64,
+}
+
+struct OpState {
+    id: u64,
+    desc: OpDesc,
+    seq: u64,
+    send: RawBuf,
+    recv: RawBuf,
+    scratch: RawBuf,
+    _scratch_mem: Scratch,
+    plan: Plan,
+    /// Bytes done per step (sent, or delivered in place).
+    progress: Vec<usize>,
+    done: Vec<bool>,
+    /// Index of each send/recv step among this operation's messages to/from its peer.
+    msg: Vec<u32>,
+    left: usize,
+    active: bool,
+    completion: Arc<Completion>,
+    deadline: Option<(Instant, Duration)>,
+    _keepalive: Option<KeepAlive>,
+}
+
+impl OpState {
+    fn is_p2p(&self) -> bool {
+        self.desc.kind == OpKind::P2p
+    }
+
+    fn buf(&self, id: BufId) -> RawBuf {
+        match id {
+            BufId::Send => self.send,
+            BufId::Recv => self.recv,
+            BufId::Scratch => self.scratch,
+        }
+    }
+
+    fn deps_done(&self, step: usize) -> bool {
+        self.plan.steps[step].deps.iter().all(|d| match d {
+            Dep::Done(i) | Dep::Stream(i) => self.done[*i],
+        })
+    }
+
+    /// Bytes of a send step that may go out now.
+    fn available(&self, step: usize, len: usize) -> usize {
+        let mut a = len;
+        for d in &self.plan.steps[step].deps {
+            match *d {
+                Dep::Done(i) if !self.done[i] => a = 0,
+                Dep::Stream(i) if !self.done[i] => a = a.min(self.progress[i]),
+                _ => {}
+            }
+        }
+        a
+    }
+
+    fn finish_step(&mut self, step: usize) {
+        if !self.done[step] {
+            self.done[step] = true;
+            self.left -= 1;
+        }
+    }
+}
+
+enum TxPayload {
+    None,
+    Raw(RawBuf, usize, usize),
+}
+
+enum TxDone {
+    Data { op: u64, step: usize, bytes: usize },
+    Control,
+}
+
+struct TxFrame {
+    header: [u8; HEADER_LEN],
+    payload: TxPayload,
+    written: usize,
+    done: TxDone,
+}
+
+struct Peer {
+    link: Box<dyn Link>,
+    live: Option<Liveness>,
+    tx: Option<TxFrame>,
+    tx_queue: VecDeque<(u64, usize)>,
+    rx_queue: VecDeque<(u64, usize)>,
+    unexpected: VecDeque<(FrameHeader, Vec<u8>)>,
+    unexpected_bytes: usize,
+    /// Input not read this pass because the unexpected queue is full.
+    paused: bool,
+    traffic: (u64, u64),
+    tx_seq: u64,
+    rx_seq: u64,
+}
+
+/// Where to sleep until the engine can do more.
+#[derive(Debug, Default)]
+pub(crate) struct WaitSet {
+    pub fds: Vec<libc::pollfd>,
+    pub deadline: Option<Instant>,
+    /// Some link can make progress right away.
+    pub ready: bool,
+}
+
+/// Called once when the world breaks.
+pub(crate) type OnBroken = Box<dyn FnMut(&BrokenCause) + Send>;
+
+pub(crate) struct Engine {
+    cfg: EngineConfig,
+    peers: Vec<Option<Peer>>,
+    ops: VecDeque<OpState>,
+    next_id: u64,
+    coll_seq: u64,
+    broken: Option<BrokenCause>,
+    stats: WorldStats,
+    on_broken: Option<OnBroken>,
+}
+
+fn link_cause(peer: usize, e: LinkError) -> BrokenCause {
+    match e {
+        LinkError::Closed(detail) | LinkError::Io(detail) => BrokenCause::PeerClosed { peer, detail },
+        LinkError::Protocol(detail) => BrokenCause::Protocol { peer, detail },
+    }
+}
+
+fn internal(detail: impl Into<String>) -> BrokenCause {
+    BrokenCause::Internal { detail: detail.into() }
+}
+
+/// How a call reads in an error message: `all_reduce(count=7, float, sum)`.
+fn describe(kind: Option<OpKind>, dtype: u8, count: u64, redop: u8, root: u32) -> String {
+    let Some(kind) = kind else { return "no operation".into() };
+    let t = DataType::from_code(dtype as u32).map_or("?", |d| d.name());
+    let mut s = format!("{}(count={count}, {t}", kind.name());
+    if kind.reduces() {
+        s += &format!(", {}", ReduceOp::from_code(redop as u32).map_or("?", |o| o.name()));
+    }
+    if kind.rooted() {
+        s += &format!(", root={root}");
+    }
+    s + ")"
+}
+
+impl Engine {
+    /// An engine over `links`, indexed by peer rank (`None` where there is no link; the rank
+    /// itself gets a loopback link).
+    pub(crate) fn new(cfg: EngineConfig, links: Vec<Option<Box<dyn Link>>>, now: Instant) -> Engine {
+        let peers = links
+            .into_iter()
+            .map(|l| {
+                l.map(|link| {
+                    let live = (link.kind() != TransportKind::Loopback).then(|| Liveness::new(cfg.heartbeat, now));
+                    Peer {
+                        link,
+                        live,
+                        tx: None,
+                        tx_queue: VecDeque::new(),
+                        rx_queue: VecDeque::new(),
+                        unexpected: VecDeque::new(),
+                        unexpected_bytes: 0,
+                        paused: false,
+                        traffic: (0, 0),
+                        tx_seq: 0,
+                        rx_seq: 0,
+                    }
+                })
+            })
+            .collect();
+        Engine {
+            cfg,
+            peers,
+            ops: VecDeque::new(),
+            next_id: 0,
+            coll_seq: 0,
+            broken: None,
+            stats: WorldStats::default(),
+            on_broken: None,
+        }
+    }
+
+    /// Sets what to call when the world breaks.
+    pub(crate) fn set_on_broken(&mut self, f: OnBroken) {
+        self.on_broken = Some(f);
+    }
+
+    pub(crate) fn broken(&self) -> Option<&BrokenCause> {
+        self.broken.as_ref()
+    }
+
+    pub(crate) fn stats(&self) -> WorldStats {
+        self.stats
+    }
+
+    /// True while operations are posted and not finished.
+    pub(crate) fn has_work(&self) -> bool {
+        !self.ops.is_empty()
+    }
+
+    /// True when some link is worth spinning on (memory-based links) rather than sleeping.
+    pub(crate) fn spin_worthy(&self) -> bool {
+        false
+    }
+
+    /// The transport used for each peer (`None` for the rank itself or absent links).
+    pub(crate) fn transports(&self) -> Vec<Option<TransportKind>> {
+        self.peers.iter().map(|p| p.as_ref().map(|p| p.link.kind())).collect()
+    }
+
+    /// Accepts operations, in order. On a broken world they fail at once.
+    pub(crate) fn post(&mut self, ops: Vec<Posted>, now: Instant) {
+        for p in ops {
+            if let Some(cause) = &self.broken {
+                p.completion.complete(Err(Error::broken(&self.cfg.name, self.cfg.rank, cause.clone(), false)));
+                continue;
+            }
+            let seq = if p.desc.kind == OpKind::P2p {
+                let Some(peer) = self.peers.get_mut(p.desc.root).and_then(|x| x.as_mut()) else {
+                    p.completion.complete(Err(Error::invalid_arg(format!(
+                        "world '{}': rank {} has no link to rank {}",
+                        self.cfg.name, self.cfg.rank, p.desc.root
+                    ))));
+                    continue;
+                };
+                let c = if p.desc.is_send { &mut peer.tx_seq } else { &mut peer.rx_seq };
+                *c += 1;
+                *c
+            } else {
+                self.coll_seq += 1;
+                self.coll_seq
+            };
+            let plan = plan(&p.desc, self.cfg.rank, self.cfg.size);
+            let n = plan.steps.len();
+            let mut scratch_mem = Scratch::new(plan.scratch);
+            let scratch = scratch_mem.raw();
+            self.next_id += 1;
+            self.ops.push_back(OpState {
+                id: self.next_id,
+                desc: p.desc,
+                seq,
+                send: p.send,
+                recv: p.recv,
+                scratch,
+                _scratch_mem: scratch_mem,
+                plan,
+                progress: vec![0; n],
+                done: vec![false; n],
+                msg: vec![0; n],
+                left: n,
+                active: false,
+                completion: p.completion,
+                deadline: p.timeout.map(|t| (now + t, t)),
+                _keepalive: p.keepalive,
+            });
+        }
+    }
+
+    /// Breaks the world from this side (abort, removal, a passed deadline).
+    pub(crate) fn abort(&mut self, cause: BrokenCause) {
+        self.fail(cause);
+    }
+
+    /// Does everything that can be done now.
+    pub(crate) fn pass(&mut self, now: Instant) {
+        if self.broken.is_some() {
+            return;
+        }
+        if let Err(cause) = self.pass_inner(now) {
+            self.fail(cause);
+        }
+    }
+
+    fn pass_inner(&mut self, now: Instant) -> Result<(), BrokenCause> {
+        let start = self.stats.bytes_sent + self.stats.bytes_received;
+        for p in self.peers.iter_mut().flatten() {
+            if p.paused {
+                p.paused = false;
+                if let Some(l) = p.live.as_mut() {
+                    l.resume_listening(now);
+                }
+            }
+        }
+        loop {
+            let mut progress = self.activate()?;
+            progress |= self.run_local_steps()?;
+            for peer in 0..self.peers.len() {
+                progress |= self.service_tx(peer)?;
+                progress |= self.service_rx(peer)?;
+            }
+            progress |= self.retire();
+            let moved = self.stats.bytes_sent + self.stats.bytes_received - start;
+            if !progress || moved > PASS_BUDGET {
+                break;
+            }
+        }
+        self.timers(now)
+    }
+
+    /// Starts operations that may run now: the first collective alone, or a run of
+    /// point-to-point operations together.
+    fn activate(&mut self) -> Result<bool, BrokenCause> {
+        let mut progress = false;
+        for i in 0..self.ops.len() {
+            let op = &self.ops[i];
+            if !op.active {
+                let may = if op.is_p2p() { self.ops.iter().take(i).all(|o| o.is_p2p()) } else { i == 0 };
+                if !may {
+                    break;
+                }
+                self.start_op(i)?;
+                progress = true;
+            }
+            if !self.ops[i].is_p2p() {
+                break;
+            }
+        }
+        Ok(progress)
+    }
+
+    fn start_op(&mut self, i: usize) -> Result<(), BrokenCause> {
+        let op = &mut self.ops[i];
+        op.active = true;
+        let mut tx_count = vec![0u32; self.peers.len()];
+        let mut rx_count = vec![0u32; self.peers.len()];
+        for (s, step) in op.plan.steps.iter().enumerate() {
+            let (peer, sending) = match step.act {
+                Act::Send { peer, .. } => (peer, true),
+                Act::Recv { peer, .. } => (peer, false),
+                _ => continue,
+            };
+            let Some(p) = self.peers.get_mut(peer).and_then(|p| p.as_mut()) else {
+                return Err(internal(format!("plan uses rank {peer}, which has no link")));
+            };
+            let counter = if sending { &mut tx_count[peer] } else { &mut rx_count[peer] };
+            op.msg[s] = *counter;
+            *counter += 1;
+            if sending {
+                p.tx_queue.push_back((op.id, s));
+            } else {
+                p.rx_queue.push_back((op.id, s));
+            }
+        }
+        Ok(())
+    }
+
+    fn op_index(&self, id: u64) -> Result<usize, BrokenCause> {
+        self.ops.iter().position(|o| o.id == id).ok_or_else(|| internal("queued step of a finished operation"))
+    }
+
+    fn run_local_steps(&mut self) -> Result<bool, BrokenCause> {
+        let mut progress = false;
+        let size = self.cfg.size;
+        for op in self.ops.iter_mut().filter(|o| o.active) {
+            for s in 0..op.plan.steps.len() {
+                if op.done[s] || !op.deps_done(s) {
+                    continue;
+                }
+                let (dtype, redop) = (op.desc.dtype, op.desc.redop);
+                match op.plan.steps[s].act {
+                    Act::Copy { src, dst } => {
+                        if src != dst {
+                            let (sb, db) = (op.buf(src.buf), op.buf(dst.buf));
+                            if src.len != dst.len {
+                                return Err(internal("copy between regions of different sizes"));
+                            }
+                            // SAFETY: both views belong to this operation (buf.rs contract);
+                            // `copy_region` handles overlap.
+                            unsafe { crate::buf::copy_region(sb, src.off, db, dst.off, src.len) }
+                                .ok_or_else(|| internal("copy region out of range"))?;
+                        }
+                    }
+                    Act::Reduce { src, dst } => {
+                        let (sb, db) = (op.buf(src.buf), op.buf(dst.buf));
+                        // SAFETY: the plan never reduces a region into itself, so these two
+                        // views do not overlap; both belong to this operation.
+                        let (a, b) = unsafe { (sb.bytes(src.off, src.len), db.bytes_mut(dst.off, dst.len)) };
+                        let (Some(a), Some(b)) = (a, b) else {
+                            return Err(internal("reduce region out of range"));
+                        };
+                        reduce_into(dtype, redop, b, a);
+                    }
+                    Act::Scale { dst } => {
+                        // SAFETY: a view of this operation's own buffer, alone.
+                        let b = unsafe { op.buf(dst.buf).bytes_mut(dst.off, dst.len) }
+                            .ok_or_else(|| internal("scale region out of range"))?;
+                        scale_avg(dtype, b, size);
+                    }
+                    Act::Send { .. } | Act::Recv { .. } => continue,
+                }
+                op.finish_step(s);
+                progress = true;
+            }
+        }
+        Ok(progress)
+    }
+
+    fn service_tx(&mut self, peer: usize) -> Result<bool, BrokenCause> {
+        let mut progress = false;
+        loop {
+            let Some(p) = self.peers[peer].as_mut() else { return Ok(progress) };
+            if let Some(f) = p.tx.as_mut() {
+                let payload: &[u8] = match &f.payload {
+                    TxPayload::None => &[],
+                    // SAFETY: the operation that owns this view is alive while its frame is in
+                    // flight (it cannot finish before its last frame is written).
+                    TxPayload::Raw(b, off, len) => unsafe { b.bytes(*off, *len) }.unwrap_or(&[]),
+                };
+                let complete = p.link.write(&f.header, payload, &mut f.written).map_err(|e| link_cause(peer, e))?;
+                if !complete {
+                    return Ok(progress);
+                }
+                let f = p.tx.take().expect("frame checked above");
+                progress = true;
+                if let TxDone::Data { op, step, bytes } = f.done {
+                    self.stats.bytes_sent += bytes as u64;
+                    let i = self.op_index(op)?;
+                    let o = &mut self.ops[i];
+                    o.progress[step] += bytes;
+                    let len = match o.plan.steps[step].act {
+                        Act::Send { src, .. } => src.len,
+                        _ => 0,
+                    };
+                    if o.progress[step] >= len {
+                        o.finish_step(step);
+                        if let Some(p) = self.peers[peer].as_mut() {
+                            p.tx_queue.pop_front();
+                        }
+                    }
+                }
+                continue;
+            }
+            // Start the next frame of the head send, if it has bytes ready.
+            let Some(&(id, step)) = p.tx_queue.front() else { return Ok(progress) };
+            let max = p.link.max_payload();
+            let i = self.op_index(id)?;
+            let op = &self.ops[i];
+            let Act::Send { src, .. } = op.plan.steps[step].act else {
+                return Err(internal("receive step in a send queue"));
+            };
+            let sent = op.progress[step];
+            let chunk = if src.len == 0 {
+                if !op.deps_done(step) {
+                    return Ok(progress);
+                }
+                0
+            } else {
+                let avail = op.available(step, src.len);
+                if avail <= sent {
+                    return Ok(progress);
+                }
+                let e = op.desc.dtype.size();
+                let max = (max / e).max(1) * e;
+                (avail - sent).min(max)
+            };
+            let header = self.data_header(op, step, sent, chunk, src.len).encode();
+            let buf = op.buf(src.buf);
+            let frame = TxFrame {
+                header,
+                payload: TxPayload::Raw(buf, src.off + sent, chunk),
+                written: 0,
+                done: TxDone::Data { op: id, step, bytes: chunk },
+            };
+            if let Some(p) = self.peers[peer].as_mut() {
+                p.tx = Some(frame);
+            }
+        }
+    }
+
+    fn data_header(&self, op: &OpState, step: usize, offset: usize, len: usize, total: usize) -> FrameHeader {
+        let d = &op.desc;
+        FrameHeader {
+            kind: FrameKind::Data,
+            op: Some(d.kind),
+            dtype: d.dtype as u8,
+            redop: if d.kind.reduces() { d.redop as u8 } else { 0 },
+            generation: self.cfg.generation,
+            msg: op.msg[step],
+            world: self.cfg.world_id,
+            seq: op.seq,
+            count: d.count as u64,
+            root: if d.kind.rooted() { d.root as u32 } else { 0 },
+            len: len as u32,
+            offset: offset as u64,
+            total: total as u64,
+        }
+    }
+
+    /// Checks an incoming data frame against the receive it is for.
+    fn check(&self, peer: usize, op: &OpState, step: usize, h: &FrameHeader, total: usize) -> Result<(), BrokenCause> {
+        let d = &op.desc;
+        let mine = describe(
+            Some(d.kind),
+            d.dtype as u8,
+            d.count as u64,
+            if d.kind.reduces() { d.redop as u8 } else { 0 },
+            if d.kind.rooted() { d.root as u32 } else { 0 },
+        );
+        let theirs = describe(h.op, h.dtype, h.count, h.redop, h.root);
+        let mismatch = |what: &str| BrokenCause::Mismatch {
+            peer,
+            detail: format!(
+                "{what}: rank {peer} called {theirs} (operation #{}) where rank {} called {mine} (operation #{})",
+                h.seq, self.cfg.rank, op.seq
+            ),
+        };
+        if h.op != Some(d.kind) {
+            return Err(mismatch("different operations"));
+        }
+        if h.seq != op.seq {
+            return Err(mismatch("operations out of step"));
+        }
+        if mine != theirs {
+            return Err(mismatch("different arguments"));
+        }
+        if h.total as usize != total {
+            let e = d.dtype.size();
+            return Err(BrokenCause::Mismatch {
+                peer,
+                detail: format!(
+                    "message sizes differ: rank {peer} sends {} elements of {} where rank {} expects {} in {mine}",
+                    h.total as usize / e,
+                    d.dtype,
+                    self.cfg.rank,
+                    total / e
+                ),
+            });
+        }
+        if h.msg != op.msg[step] || h.offset as usize != op.progress[step] {
+            return Err(BrokenCause::Protocol {
+                peer,
+                detail: format!(
+                    "frame out of order in {mine}: message {} offset {} where {} offset {} was due",
+                    h.msg, h.offset, op.msg[step], op.progress[step]
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Places the payload of a checked frame (from the link, or already buffered).
+    fn deliver(
+        &mut self,
+        peer: usize,
+        i: usize,
+        step: usize,
+        h: &FrameHeader,
+        stored: Option<&[u8]>,
+    ) -> Result<bool, BrokenCause> {
+        let op = &self.ops[i];
+        let Act::Recv { dst, combine, .. } = op.plan.steps[step].act else {
+            return Err(internal("send step in a receive queue"));
+        };
+        let (dtype, redop) = (op.desc.dtype, op.desc.redop);
+        let off = h.offset as usize;
+        let len = h.len as usize;
+        if len % dtype.size() != 0 {
+            return Err(BrokenCause::Protocol {
+                peer,
+                detail: format!("frame of {len} bytes splits a {dtype} element"),
+            });
+        }
+        let dbuf = op.buf(dst.buf);
+        let cbuf = combine.map(|c| (op.buf(c.buf), c));
+        // SAFETY: the destination belongs to this operation and no other view of it is alive.
+        let Some(dslice) = (unsafe { dbuf.bytes_mut(dst.off + off, len) }) else {
+            return Err(internal("receive region out of range"));
+        };
+        let apply = |payload: &[u8], dslice: &mut [u8]| -> Result<(), BrokenCause> {
+            match cbuf {
+                None => dslice.copy_from_slice(payload),
+                Some((_, c)) if c == dst => reduce_into(dtype, redop, dslice, payload),
+                Some((cb, c)) => {
+                    // SAFETY: the plan combines with a region apart from the destination.
+                    let a =
+                        unsafe { cb.bytes(c.off + off, len) }.ok_or_else(|| internal("combine region out of range"))?;
+                    reduce3(dtype, redop, dslice, a, payload);
+                }
+            }
+            Ok(())
+        };
+        let complete = match stored {
+            Some(payload) => {
+                apply(payload, dslice)?;
+                true
+            }
+            None => {
+                let Some(p) = self.peers[peer].as_mut() else { return Ok(false) };
+                if cbuf.is_none() {
+                    p.link.consume(Sink::Copy(dslice)).map_err(|e| link_cause(peer, e))?
+                } else {
+                    let mut result = Ok(());
+                    let mut visit = |payload: &[u8]| result = apply(payload, &mut *dslice);
+                    let c = p.link.consume(Sink::Visit(&mut visit)).map_err(|e| link_cause(peer, e))?;
+                    result?;
+                    c
+                }
+            }
+        };
+        if complete {
+            self.stats.bytes_received += len as u64;
+            let op = &mut self.ops[i];
+            op.progress[step] += len;
+            if op.progress[step] >= dst.len {
+                op.finish_step(step);
+                if let Some(p) = self.peers[peer].as_mut() {
+                    p.rx_queue.pop_front();
+                }
+            }
+        }
+        Ok(complete)
+    }
+
+    fn service_rx(&mut self, peer: usize) -> Result<bool, BrokenCause> {
+        let mut progress = false;
+        loop {
+            let Some(p) = self.peers[peer].as_ref() else { return Ok(progress) };
+            // The receive that the next data frame from this peer is for, if it may start.
+            let target = match p.rx_queue.front() {
+                Some(&(id, step)) => {
+                    let i = self.op_index(id)?;
+                    self.ops[i].deps_done(step).then_some((i, step))
+                }
+                None => None,
+            };
+            if let Some((i, step)) = target {
+                let p = self.peers[peer].as_mut().expect("checked above");
+                if let Some((h, payload)) = p.unexpected.pop_front() {
+                    p.unexpected_bytes -= payload.len();
+                    let total = self.recv_len(i, step);
+                    self.check(peer, &self.ops[i], step, &h, total)?;
+                    self.deliver(peer, i, step, &h, Some(&payload))?;
+                    progress = true;
+                    continue;
+                }
+            } else if p.unexpected_bytes >= UNEXPECTED_CAP {
+                self.peers[peer].as_mut().expect("checked above").paused = true;
+                return Ok(progress);
+            }
+            let p = self.peers[peer].as_mut().expect("checked above");
+            let Some(h) = p.link.peek().map_err(|e| link_cause(peer, e))? else { return Ok(progress) };
+            match h.kind {
+                FrameKind::Heartbeat => {
+                    p.link.consume(Sink::Discard).map_err(|e| link_cause(peer, e))?;
+                    progress = true;
+                }
+                FrameKind::Abort => {
+                    let mut reason = String::new();
+                    let mut visit = |b: &[u8]| reason = String::from_utf8_lossy(b).into_owned();
+                    if !p.link.consume(Sink::Visit(&mut visit)).map_err(|e| link_cause(peer, e))? {
+                        return Ok(progress);
+                    }
+                    return Err(BrokenCause::PeerAborted { peer, reason });
+                }
+                FrameKind::Data if h.world != self.cfg.world_id || h.generation != self.cfg.generation => {
+                    if !p.link.consume(Sink::Discard).map_err(|e| link_cause(peer, e))? {
+                        return Ok(progress);
+                    }
+                    self.stats.stale_frames_dropped += 1;
+                    warn!(
+                        "world '{}' rank {}: dropped a frame of world {:#x} generation {} from rank {peer} (this is {:#x} generation {})",
+                        self.cfg.name, self.cfg.rank, h.world, h.generation, self.cfg.world_id, self.cfg.generation
+                    );
+                    progress = true;
+                }
+                FrameKind::Data => match target {
+                    Some((i, step)) => {
+                        let total = self.recv_len(i, step);
+                        self.check(peer, &self.ops[i], step, &h, total)?;
+                        if !self.deliver(peer, i, step, &h, None)? {
+                            return Ok(progress);
+                        }
+                        progress = true;
+                    }
+                    None => {
+                        let mut data = Vec::new();
+                        let mut visit = |b: &[u8]| data = b.to_vec();
+                        if !p.link.consume(Sink::Visit(&mut visit)).map_err(|e| link_cause(peer, e))? {
+                            return Ok(progress);
+                        }
+                        p.unexpected_bytes += data.len();
+                        p.unexpected.push_back((h, data));
+                        progress = true;
+                    }
+                },
+            }
+        }
+    }
+
+    fn recv_len(&self, i: usize, step: usize) -> usize {
+        match self.ops[i].plan.steps[step].act {
+            Act::Recv { dst, .. } => dst.len,
+            _ => 0,
+        }
+    }
+
+    /// Completes finished operations.
+    fn retire(&mut self) -> bool {
+        let mut progress = false;
+        let mut i = 0;
+        while i < self.ops.len() {
+            if self.ops[i].active && self.ops[i].left == 0 {
+                let op = self.ops.remove(i).expect("index in range");
+                self.stats.ops_completed += 1;
+                op.completion.complete(Ok(()));
+                progress = true;
+            } else {
+                i += 1;
+            }
+        }
+        progress
+    }
+
+    /// Credits the bytes moved since the last look to `now`.
+    fn sample_traffic(&mut self, now: Instant) {
+        for p in self.peers.iter_mut().flatten() {
+            let Some(live) = p.live.as_mut() else { continue };
+            let (rx, tx) = p.link.traffic();
+            if rx > p.traffic.0 {
+                live.on_rx(now);
+            }
+            if tx > p.traffic.1 {
+                live.on_tx(now);
+            }
+            p.traffic = (rx, tx);
+        }
+    }
+
+    fn timers(&mut self, now: Instant) -> Result<(), BrokenCause> {
+        self.sample_traffic(now);
+        for (rank, slot) in self.peers.iter_mut().enumerate() {
+            let Some(p) = slot.as_mut() else { continue };
+            let Some(live) = p.live.as_mut() else { continue };
+            // A peer whose input we stopped reading proves nothing by its silence, unless we
+            // are also stuck writing to it.
+            let listening = !p.paused || p.tx.is_some();
+            match live.poll(now, listening) {
+                Verdict::Fine => {}
+                Verdict::SendHeartbeat => {
+                    if p.tx.is_none() {
+                        let h = FrameHeader::control(FrameKind::Heartbeat, self.cfg.world_id, self.cfg.generation, 0);
+                        p.tx = Some(TxFrame {
+                            header: h.encode(),
+                            payload: TxPayload::None,
+                            written: 0,
+                            done: TxDone::Control,
+                        });
+                        self.stats.heartbeats_sent += 1;
+                    }
+                    // Count the attempt as traffic so that a full socket does not make us
+                    // retry on every pass; the frame goes out with the next write.
+                    live.on_tx(now);
+                }
+                Verdict::Unresponsive(d) => {
+                    return Err(BrokenCause::PeerUnresponsive { peer: rank, silent_ms: d.as_millis() as u64 });
+                }
+            }
+        }
+        for peer in 0..self.peers.len() {
+            self.service_tx(peer)?;
+        }
+        self.sample_traffic(now);
+        if let Some((_, t)) = self.ops.iter().filter_map(|o| o.deadline).find(|(d, _)| now >= *d) {
+            return Err(BrokenCause::OperationTimeout { after_ms: t.as_millis() as u64 });
+        }
+        Ok(())
+    }
+
+    /// What to sleep on until more work can be done.
+    pub(crate) fn wait_set(&mut self) -> WaitSet {
+        let mut w = WaitSet::default();
+        if self.broken.is_some() {
+            w.ready = true;
+            return w;
+        }
+        for p in self.peers.iter_mut().flatten() {
+            let read = !p.paused;
+            let write = p.tx.is_some();
+            match p.link.arm(read, write) {
+                Armed::Ready => w.ready = true,
+                Armed::Wait(fd, ev) => w.fds.push(crate::sys::pollfd(fd, ev)),
+                Armed::Idle => {}
+            }
+            if let Some(l) = &p.live {
+                let d = l.next_deadline(!p.paused || write);
+                w.deadline = Some(w.deadline.map_or(d, |x: Instant| x.min(d)));
+            }
+        }
+        for (d, _) in self.ops.iter().filter_map(|o| o.deadline) {
+            w.deadline = Some(w.deadline.map_or(d, |x| x.min(d)));
+        }
+        w
+    }
+
+    /// What an idle world watches: hang-ups only, and the next heartbeat.
+    pub(crate) fn watch_set(&self) -> WaitSet {
+        let mut w = WaitSet::default();
+        for p in self.peers.iter().flatten() {
+            if let Some((fd, ev)) = p.link.hangup_fd() {
+                w.fds.push(crate::sys::pollfd(fd, ev));
+            }
+            if let Some(l) = &p.live {
+                let d = l.next_deadline(!p.paused);
+                w.deadline = Some(w.deadline.map_or(d, |x: Instant| x.min(d)));
+            }
+        }
+        w
+    }
+
+    /// Breaks the world: fails every operation, tells the peers (best effort), closes links.
+    fn fail(&mut self, cause: BrokenCause) {
+        if self.broken.is_some() {
+            return;
+        }
+        if cause != BrokenCause::LocalAbort {
+            warn!(
+                "world '{}' (rank {}, generation {}) broke: {cause}",
+                self.cfg.name, self.cfg.rank, self.cfg.generation
+            );
+        }
+        self.broken = Some(cause.clone());
+        for op in self.ops.drain(..) {
+            op.completion.complete(Err(Error::broken(&self.cfg.name, self.cfg.rank, cause.clone(), true)));
+        }
+        let reason = cause.to_string().into_bytes();
+        let h = FrameHeader::control(FrameKind::Abort, self.cfg.world_id, self.cfg.generation, reason.len() as u32);
+        for p in self.peers.iter_mut().flatten() {
+            if p.tx.is_none() && p.link.kind() != TransportKind::Loopback {
+                let mut written = 0;
+                let _ = p.link.write(&h.encode(), &reason, &mut written);
+            }
+        }
+        self.peers.clear();
+        if let Some(mut f) = self.on_broken.take() {
+            f(&cause);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,93 @@
+//! # multiworld
+//!
+//! Collective communication for elastic model serving. A process belongs to many small
+//! communicators — **worlds** — each its own fault domain: a dead, hung or cut-off peer breaks
+//! only the worlds it belongs to (every pending call there returns an error promptly), the
+//! other worlds keep running, and new worlds form while traffic flows.
+//!
+//! ```no_run
+//! use multiworld::{ReduceOp, UniqueId, WorldManager};
+//!
+//! # fn main() -> multiworld::Result<()> {
+//! // On one process: make an id and hand its text form to every rank (env var, file, ...).
+//! let id = UniqueId::new()?;
+//! let text = id.to_string();
+//!
+//! // On every rank:
+//! let id: UniqueId = text.parse()?;
+//! let manager = WorldManager::new();
+//! let world = manager.init_world("stage0-stage1", &id, /* rank */ 0, /* size */ 2)?;
+//! let send = vec![1.0f32; 1024];
+//! let mut recv = vec![0.0f32; 1024];
+//! world.all_reduce(&send, &mut recv, ReduceOp::Sum)?;
+//! # Ok(()) }
+//! ```
+//!
+//! Layers: the API ([`WorldManager`], [`World`]), collectives written once as plans of
+//! point-to-point transfers (`coll`), transports that move frames (`transport`), and a backend
+//! that runs a world's operations (`backend`). `docs/architecture.md` follows one all-reduce
+//! through all of them.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+#[macro_use]
+mod log;
+
+mod backend;
+mod bootstrap;
+mod buf;
+mod coll;
+mod engine;
+mod error;
+mod health;
+mod id;
+mod manager;
+mod net;
+mod options;
+mod progress;
+mod request;
+mod sync;
+mod sys;
+mod transport;
+mod types;
+mod wire;
+mod world;
+
+pub use engine::WorldStats;
+pub use error::{BrokenCause, Error, ErrorKind, Result};
+pub use id::{UniqueId, UNIQUE_ID_BYTES};
+pub use manager::{Event, Formation, NextEvent, Rendezvous, WorldManager};
+pub use options::{Heartbeat, WorldOptions};
+pub use request::{Failed, Request};
+pub use transport::TransportKind;
+pub use types::{DataType, Element, ReduceOp};
+pub use world::{Group, World, WorldState};
+
+/// Re-exported so that users name the 16-bit float types without depending on `half`.
+pub use half::{bf16, f16};
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// A small deterministic generator for tests (xorshift64*).
+    pub(crate) struct Rng(u64);
+
+    impl Rng {
+        pub(crate) fn new(seed: u64) -> Rng {
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+        pub(crate) fn fill(&mut self, b: &mut [u8]) {
+            for x in b {
+                *x = self.next() as u8;
+            }
+        }
+    }
+}

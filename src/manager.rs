@@ -1,0 +1,486 @@
+//! [`WorldManager`]: one per process; the registry of its worlds and their events.
+//!
+//! Forming a world runs on a thread of its own, so it never blocks the traffic of the
+//! process's other worlds; the blocking forms just wait for it. The registry maps names to
+//! worlds (one live world per name); a broken world's name can be used again, for a new world
+//! with a larger generation. Events (ready, broken with cause, removed) queue up for a serving
+//! loop to wait on or `.await`.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crate::bootstrap::{self, JoinSpec};
+use crate::engine::{Engine, EngineConfig};
+use crate::error::{BrokenCause, Error, Result};
+use crate::id::UniqueId;
+use crate::options::WorldOptions;
+use crate::progress::Driver;
+use crate::request::{Completion, Slot};
+use crate::sync::{lock, wait_timeout, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
+use crate::world::{World, WorldInner};
+
+/// How the ranks of a world find each other.
+#[derive(Debug, Clone)]
+pub enum Rendezvous {
+    /// NCCL's way: an id made by [`UniqueId::new`] in one process and given to all ranks.
+    Id(UniqueId),
+    /// MultiWorld's way: rank 0 listens on this `host:port`; the others connect to it.
+    Address(String),
+}
+
+impl From<UniqueId> for Rendezvous {
+    fn from(id: UniqueId) -> Self {
+        Rendezvous::Id(id)
+    }
+}
+
+impl From<&UniqueId> for Rendezvous {
+    fn from(id: &UniqueId) -> Self {
+        Rendezvous::Id(id.clone())
+    }
+}
+
+impl From<&str> for Rendezvous {
+    fn from(addr: &str) -> Self {
+        Rendezvous::Address(addr.to_owned())
+    }
+}
+
+/// Something that happened to one of the manager's worlds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A world formed and is ready.
+    Ready {
+        /// Its name.
+        name: String,
+        /// Its generation.
+        generation: u32,
+    },
+    /// A world broke; every operation on it fails from now on.
+    Broken {
+        /// Its name.
+        name: String,
+        /// Its generation.
+        generation: u32,
+        /// Why.
+        cause: BrokenCause,
+    },
+    /// A world was removed from the manager.
+    Removed {
+        /// Its name.
+        name: String,
+        /// Its generation.
+        generation: u32,
+    },
+}
+
+#[derive(Default)]
+struct EventQueue {
+    queue: Mutex<(VecDeque<Event>, Vec<Waker>)>,
+    cond: Condvar,
+}
+
+impl EventQueue {
+    fn push(&self, e: Event) {
+        let wakers = {
+            let mut q = lock(&self.queue);
+            q.0.push_back(e);
+            std::mem::take(&mut q.1)
+        };
+        self.cond.notify_all();
+        for w in wakers {
+            w.wake();
+        }
+    }
+}
+
+enum Entry {
+    Forming,
+    Ready(World),
+}
+
+struct Inner {
+    defaults: WorldOptions,
+    worlds: Mutex<HashMap<String, Entry>>,
+    generations: Mutex<HashMap<String, u32>>,
+    events: Arc<EventQueue>,
+    closed: AtomicBool,
+}
+
+/// The registry of a process's worlds. Make one per process (more work, but share nothing).
+/// Dropping the manager aborts and releases all its worlds.
+pub struct WorldManager {
+    inner: Arc<Inner>,
+}
+
+impl Default for WorldManager {
+    fn default() -> Self {
+        WorldManager::new()
+    }
+}
+
+impl WorldManager {
+    /// A manager whose worlds use [`WorldOptions::default`] unless told otherwise.
+    pub fn new() -> WorldManager {
+        WorldManager::with_defaults(WorldOptions::default())
+    }
+
+    /// A manager whose worlds use `defaults` unless told otherwise.
+    pub fn with_defaults(defaults: WorldOptions) -> WorldManager {
+        WorldManager {
+            inner: Arc::new(Inner {
+                defaults,
+                worlds: Mutex::new(HashMap::new()),
+                generations: Mutex::new(HashMap::new()),
+                events: Arc::new(EventQueue::default()),
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The options new worlds get by default.
+    pub fn defaults(&self) -> &WorldOptions {
+        &self.inner.defaults
+    }
+
+    /// Forms world `name` with NCCL's id: every rank calls this with the same id and size and
+    /// its own rank. Blocks until the world is ready or formation fails.
+    pub fn init_world(&self, name: &str, id: &UniqueId, rank: usize, size: usize) -> Result<World> {
+        self.form(name, id.into(), rank, size, &self.inner.defaults).wait()
+    }
+
+    /// Forms world `name` by address: rank 0 listens on `addr` (`host:port`), the other ranks
+    /// connect to it. Blocks until the world is ready or formation fails.
+    pub fn init_world_at(&self, name: &str, addr: &str, rank: usize, size: usize) -> Result<World> {
+        self.form(name, addr.into(), rank, size, &self.inner.defaults).wait()
+    }
+
+    /// Forms a world with explicit options. Blocks until ready or failed.
+    pub fn init_world_with(
+        &self,
+        name: &str,
+        rendezvous: Rendezvous,
+        rank: usize,
+        size: usize,
+        options: &WorldOptions,
+    ) -> Result<World> {
+        self.form(name, rendezvous, rank, size, options).wait()
+    }
+
+    /// Starts forming a world and returns at once; the [`Formation`] is waited on, tested, or
+    /// awaited. The process's other worlds keep running meanwhile.
+    pub fn form(
+        &self,
+        name: &str,
+        rendezvous: Rendezvous,
+        rank: usize,
+        size: usize,
+        options: &WorldOptions,
+    ) -> Formation {
+        let f = Formation { completion: Completion::new(), slot: Slot::new(None) };
+        if let Err(e) = self.start_formation(name, rendezvous, rank, size, options, &f) {
+            f.completion.complete(Err(e));
+        }
+        f
+    }
+
+    fn start_formation(
+        &self,
+        name: &str,
+        rendezvous: Rendezvous,
+        rank: usize,
+        size: usize,
+        options: &WorldOptions,
+        f: &Formation,
+    ) -> Result<()> {
+        if name.is_empty() || name.len() > 255 || name.contains('\0') {
+            return Err(Error::invalid_arg(format!("'{name}' is not a world name (1 to 255 bytes, no NUL)")));
+        }
+        if size == 0 {
+            return Err(Error::invalid_arg(format!("world '{name}': a world needs at least one rank")));
+        }
+        if rank >= size {
+            return Err(Error::invalid_arg(format!(
+                "world '{name}': rank {rank} is out of range for a world of {size} ranks"
+            )));
+        }
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::invalid_usage("the world manager is shut down"));
+        }
+        {
+            let mut worlds = lock(&self.inner.worlds);
+            match worlds.get(name) {
+                Some(Entry::Forming) => {
+                    return Err(Error::invalid_usage(format!("world '{name}' is already being formed")))
+                }
+                Some(Entry::Ready(w)) if w.inner.backend.broken().is_none() => {
+                    return Err(Error::invalid_usage(format!(
+                        "world '{name}' (generation {}) exists and works; remove it before forming another",
+                        w.generation()
+                    )))
+                }
+                Some(Entry::Ready(w)) => {
+                    // Broken: release it and reuse the name.
+                    let old = w.clone();
+                    worlds.insert(name.to_owned(), Entry::Forming);
+                    drop(worlds);
+                    self.release(&old);
+                }
+                None => {
+                    worlds.insert(name.to_owned(), Entry::Forming);
+                }
+            }
+        }
+        let generation = lock(&self.inner.generations).get(name).copied().unwrap_or(0) + 1;
+        let spec = JoinSpec {
+            name: name.to_owned(),
+            rank,
+            size,
+            rendezvous: match rendezvous {
+                Rendezvous::Id(id) => bootstrap::Rendezvous::Id(id),
+                Rendezvous::Address(a) => bootstrap::Rendezvous::Address(a),
+            },
+            secret: options.secret.clone().unwrap_or_default(),
+            interface: options.interface.clone(),
+            generation,
+            timeout: options.timeout,
+        };
+        let inner = self.inner.clone();
+        let options = options.clone();
+        let (completion, slot) = (f.completion.clone(), f.slot.clone());
+        let spawned = std::thread::Builder::new().name("mw-form".into()).spawn(move || {
+            let r = form_world(&inner, &spec, &options);
+            match r {
+                Ok(w) => {
+                    slot.with(|s| *s = Some(w));
+                    completion.complete(Ok(()));
+                }
+                Err(e) => {
+                    lock(&inner.worlds).remove(&spec.name);
+                    completion.complete(Err(e));
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            lock(&self.inner.worlds).remove(name);
+            return Err(Error::system("spawning a formation thread", e));
+        }
+        Ok(())
+    }
+
+    /// The world registered under `name`, if any.
+    pub fn world(&self, name: &str) -> Option<World> {
+        match lock(&self.inner.worlds).get(name) {
+            Some(Entry::Ready(w)) => Some(w.clone()),
+            _ => None,
+        }
+    }
+
+    /// All formed worlds, sorted by name.
+    pub fn worlds(&self) -> Vec<World> {
+        let mut v: Vec<World> = lock(&self.inner.worlds)
+            .values()
+            .filter_map(|e| match e {
+                Entry::Ready(w) => Some(w.clone()),
+                Entry::Forming => None,
+            })
+            .collect();
+        v.sort_by(|a, b| a.name().cmp(b.name()));
+        v
+    }
+
+    /// Removes world `name`: aborts it if it still runs, releases its sockets and threads, and
+    /// frees the name for a new world. Handles to it keep failing with `InvalidUsage`.
+    pub fn remove_world(&self, name: &str) -> Result<()> {
+        let w = {
+            let mut worlds = lock(&self.inner.worlds);
+            match worlds.get(name) {
+                Some(Entry::Ready(w)) => {
+                    let w = w.clone();
+                    worlds.remove(name);
+                    w
+                }
+                Some(Entry::Forming) => return Err(Error::invalid_usage(format!("world '{name}' is still forming"))),
+                None => return Err(Error::invalid_arg(format!("there is no world named '{name}'"))),
+            }
+        };
+        self.release(&w);
+        Ok(())
+    }
+
+    fn release(&self, w: &World) {
+        w.inner.removed.store(true, Ordering::Release);
+        w.inner.backend.close();
+        self.inner.events.push(Event::Removed { name: w.name().to_owned(), generation: w.generation() });
+    }
+
+    /// The next event, if one is queued; never blocks.
+    pub fn try_next_event(&self) -> Option<Event> {
+        lock(&self.inner.events.queue).0.pop_front()
+    }
+
+    /// Waits up to `timeout` (forever with `None`) for the next event.
+    pub fn next_event(&self, timeout: Option<Duration>) -> Option<Event> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let ev = &self.inner.events;
+        let mut q = lock(&ev.queue);
+        loop {
+            if let Some(e) = q.0.pop_front() {
+                return Some(e);
+            }
+            let step = match deadline {
+                None => Duration::from_secs(3600),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    d - now
+                }
+            };
+            q = wait_timeout(&ev.cond, q, step);
+        }
+    }
+
+    /// A future of the next event, for async serving loops (no runtime needed).
+    pub fn event(&self) -> NextEvent {
+        NextEvent { events: self.inner.events.clone() }
+    }
+}
+
+impl Drop for WorldManager {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let worlds: Vec<World> = lock(&self.inner.worlds)
+            .drain()
+            .filter_map(|(_, e)| match e {
+                Entry::Ready(w) => Some(w),
+                Entry::Forming => None,
+            })
+            .collect();
+        for w in worlds {
+            w.inner.removed.store(true, Ordering::Release);
+            w.inner.backend.close();
+        }
+    }
+}
+
+/// Future of [`WorldManager::event`].
+pub struct NextEvent {
+    events: Arc<EventQueue>,
+}
+
+impl Future for NextEvent {
+    type Output = Event;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Event> {
+        let mut q = lock(&self.events.queue);
+        match q.0.pop_front() {
+            Some(e) => Poll::Ready(e),
+            None => {
+                if !q.1.iter().any(|w| w.will_wake(cx.waker())) {
+                    q.1.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// A world being formed (see [`WorldManager::form`]).
+#[must_use = "a formation does nothing visible unless waited on"]
+pub struct Formation {
+    completion: Arc<Completion>,
+    slot: Arc<Slot<Option<World>>>,
+}
+
+impl Formation {
+    fn take(&self) -> Result<World> {
+        match self.completion.result() {
+            Some(Ok(())) => self
+                .slot
+                .with(|s| s.take())
+                .flatten()
+                .ok_or_else(|| Error::invalid_usage("this formation's world was already taken")),
+            Some(Err(e)) => Err(e),
+            None => Err(Error::new(crate::ErrorKind::InProgress, "the world is still forming")),
+        }
+    }
+
+    /// Blocks until the world is ready or formation fails.
+    pub fn wait(self) -> Result<World> {
+        self.completion.wait_until(None);
+        self.take()
+    }
+
+    /// True once formation has finished (either way); never blocks.
+    pub fn test(&self) -> bool {
+        self.completion.is_done()
+    }
+}
+
+impl Future for Formation {
+    type Output = Result<World>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<World>> {
+        if self.completion.is_done() || !self.completion.register(cx.waker()) {
+            return Poll::Ready(self.take());
+        }
+        Poll::Pending
+    }
+}
+
+/// Runs on the formation thread: join, build the engine and driver, register.
+fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions) -> Result<World> {
+    let started = Instant::now();
+    let formed = bootstrap::join(spec)?;
+    let name: Arc<str> = Arc::from(spec.name.as_str());
+    let cfg = EngineConfig {
+        name: name.clone(),
+        rank: spec.rank,
+        size: spec.size,
+        world_id: formed.world_id,
+        generation: formed.generation,
+        heartbeat: options.heartbeat,
+    };
+    let mut engine = Engine::new(cfg, formed.links, Instant::now());
+    let events = inner.events.clone();
+    let (ev_name, generation) = (spec.name.clone(), formed.generation);
+    engine.set_on_broken(Box::new(move |cause: &BrokenCause| {
+        events.push(Event::Broken { name: ev_name.clone(), generation, cause: cause.clone() });
+    }));
+    let driver = Driver::start(name.clone(), engine, options.heartbeat.interval)?;
+    let world = World::new(WorldInner {
+        name,
+        rank: spec.rank,
+        size: spec.size,
+        generation: formed.generation,
+        backend: driver,
+        op_timeout_ms: AtomicU64::new(0),
+        removed: AtomicBool::new(false),
+    });
+    world.set_op_timeout(options.op_timeout);
+    {
+        let mut g = lock(&inner.generations);
+        let e = g.entry(spec.name.clone()).or_insert(0);
+        *e = (*e).max(formed.generation);
+    }
+    if inner.closed.load(Ordering::Acquire) {
+        world.inner.backend.close();
+        return Err(Error::invalid_usage("the world manager was shut down during formation"));
+    }
+    lock(&inner.worlds).insert(spec.name.clone(), Entry::Ready(world.clone()));
+    info!(
+        "world '{}' rank {}/{} generation {} ready in {:?}",
+        spec.name,
+        spec.rank,
+        spec.size,
+        formed.generation,
+        started.elapsed()
+    );
+    inner.events.push(Event::Ready { name: spec.name.clone(), generation: formed.generation });
+    Ok(world)
+}

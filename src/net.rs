@@ -1,0 +1,152 @@
+//! Addresses and blocking socket helpers for formation (bootstrap and link handshakes).
+//!
+//! Which address a rank listens on for its peers: the interface named by
+//! [`WorldOptions::interface`](crate::WorldOptions) or `MW_SOCKET_IFNAME` (an interface name
+//! such as `eth0`, or an IP address), else the address this host uses to reach the
+//! rendezvous root — which is, by construction, one that the other ranks can reach too.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::sys;
+
+/// Largest bootstrap message accepted (a table for thousands of ranks fits).
+pub(crate) const MAX_MESSAGE: usize = 1 << 20;
+
+/// The IP of interface `spec` (a name like `eth0`, or an IP address literal).
+pub(crate) fn interface_ip(spec: &str) -> Result<IpAddr> {
+    if let Ok(ip) = spec.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    let addrs = sys::interface_addrs().map_err(|e| Error::system("listing network interfaces", e))?;
+    let pick = addrs.iter().filter(|a| a.name == spec).min_by_key(|a| (a.addr.is_ipv6(), !a.up)).map(|a| a.addr);
+    pick.ok_or_else(|| {
+        let names: Vec<_> = addrs.iter().map(|a| a.name.as_str()).collect();
+        Error::invalid_arg(format!("no network interface '{spec}' (this host has: {})", names.join(", ")))
+    })
+}
+
+/// The IP to listen on when nothing says otherwise: the configured interface
+/// (`MW_SOCKET_IFNAME`), else the first interface that is up and not loopback, else loopback.
+pub(crate) fn default_ip(configured: Option<&str>) -> Result<IpAddr> {
+    if let Some(spec) = configured.map(str::to_owned).or_else(|| std::env::var("MW_SOCKET_IFNAME").ok()) {
+        if !spec.is_empty() {
+            return interface_ip(&spec);
+        }
+    }
+    let addrs = sys::interface_addrs().unwrap_or_default();
+    Ok(addrs
+        .iter()
+        .filter(|a| a.up && !a.loopback && a.addr.is_ipv4())
+        .map(|a| a.addr)
+        .next()
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+}
+
+/// Resolves `host:port` to one socket address (IPv4 preferred).
+pub(crate) fn resolve(addr: &str) -> Result<SocketAddr> {
+    let mut all: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| Error::invalid_arg(format!("cannot resolve address '{addr}': {e}")))?
+        .collect();
+    all.sort_by_key(|a| a.is_ipv6());
+    all.into_iter().next().ok_or_else(|| Error::invalid_arg(format!("address '{addr}' resolves to nothing")))
+}
+
+/// Time left until `deadline`, or a `Timeout` error naming `what`.
+pub(crate) fn left(deadline: Instant, what: &dyn Fn() -> String) -> Result<Duration> {
+    let now = Instant::now();
+    if now >= deadline {
+        return Err(Error::timeout(what()));
+    }
+    Ok(deadline - now)
+}
+
+/// Connects to `addr`, retrying while nobody listens yet (the peer may start later), until
+/// `deadline`.
+pub(crate) fn connect_retry(addr: SocketAddr, deadline: Instant, what: &dyn Fn() -> String) -> Result<TcpStream> {
+    let mut backoff = Duration::from_micros(200);
+    loop {
+        let remaining = left(deadline, what)?;
+        match TcpStream::connect_timeout(&addr, remaining) {
+            Ok(s) => {
+                s.set_nodelay(true).map_err(|e| Error::system("TCP_NODELAY", e))?;
+                return Ok(s);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut | io::ErrorKind::ConnectionReset
+                ) || e.raw_os_error() == Some(libc::EAGAIN) =>
+            {
+                sys::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
+                backoff = (backoff * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(Error::system(format!("connecting to {addr} ({})", what()), e)),
+        }
+    }
+}
+
+/// Connects once, no retry: the peer is known to be listening, so a refusal means it is gone.
+pub(crate) fn connect_once(addr: SocketAddr, deadline: Instant, what: &dyn Fn() -> String) -> Result<TcpStream> {
+    let remaining = left(deadline, what)?;
+    let s = TcpStream::connect_timeout(&addr, remaining).map_err(|e| {
+        let kind = if e.kind() == io::ErrorKind::TimedOut { ErrorKind::Timeout } else { ErrorKind::WorldBroken };
+        Error::new(kind, format!("{}: cannot connect to {addr}: {e}", what()))
+    })?;
+    s.set_nodelay(true).map_err(|e| Error::system("TCP_NODELAY", e))?;
+    Ok(s)
+}
+
+/// Binds a listener on `ip` with a free port.
+pub(crate) fn listen_any_port(ip: IpAddr) -> Result<TcpListener> {
+    TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| Error::system(format!("listening on {ip}"), e))
+}
+
+/// Writes one length-prefixed message (blocking, bounded by `deadline`).
+pub(crate) fn send_msg(s: &TcpStream, msg: &[u8], deadline: Instant) -> io::Result<()> {
+    let t = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    s.set_write_timeout(Some(t))?;
+    let mut w = s;
+    let mut framed = Vec::with_capacity(4 + msg.len());
+    framed.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+    framed.extend_from_slice(msg);
+    w.write_all(&framed)
+}
+
+/// Reads one length-prefixed message (blocking, bounded by `deadline`; refuses oversized ones).
+pub(crate) fn recv_msg(s: &TcpStream, deadline: Instant) -> io::Result<Vec<u8>> {
+    let mut r = s;
+    let mut len = [0u8; 4];
+    read_exact_until(&mut r, &mut len, deadline)?;
+    let n = u32::from_le_bytes(len) as usize;
+    if n > MAX_MESSAGE {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("message of {n} bytes is too large")));
+    }
+    let mut buf = vec![0u8; n];
+    read_exact_until(&mut r, &mut buf, deadline)?;
+    Ok(buf)
+}
+
+fn read_exact_until(r: &mut &TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let t = deadline.saturating_duration_since(Instant::now());
+        if t.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        r.set_read_timeout(Some(t))?;
+        match r.read(&mut buf[done..]) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed")),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! Transports: how bytes move between two ranks of a world.
+//!
+//! A [`Link`] carries frames (a [`FrameHeader`] and its payload) in both directions between
+//! this rank and one peer, without ever blocking: every call does what it can now and says how
+//! far it got. The engine decides what to send and where incoming payloads go; the link only
+//! moves bytes and reports failures. Each transport is one file and one `Link` impl:
+//!
+//! | transport | reaches | file |
+//! |---|---|---|
+//! | `tcp` | any host | `tcp.rs` |
+//! | `loopback` | this rank itself (send/recv to self) | `loopback.rs` |
+//!
+//! A world picks a transport per peer when it forms ([`TransportKind`]).
+
+pub(crate) mod loopback;
+pub(crate) mod tcp;
+
+use std::os::fd::RawFd;
+
+use crate::wire::FrameHeader;
+
+/// The transports a world can use for a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransportKind {
+    /// TCP sockets: works between any two hosts.
+    Tcp,
+    /// This rank to itself.
+    Loopback,
+    /// In-memory pair inside one process (tests only).
+    #[doc(hidden)]
+    Memory,
+}
+
+impl TransportKind {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "tcp",
+            TransportKind::Loopback => "loopback",
+            TransportKind::Memory => "memory",
+        }
+    }
+}
+
+/// Why a link stopped working.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LinkError {
+    /// The peer closed its end (clean EOF) or the connection reset.
+    Closed(String),
+    /// The peer sent bytes that are not a valid frame.
+    Protocol(String),
+    /// Any other failure of the underlying channel.
+    Io(String),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Closed(s) | LinkError::Protocol(s) | LinkError::Io(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Where the payload of an incoming frame goes.
+pub(crate) enum Sink<'a> {
+    /// Copy it into this slice, exactly as long as the payload; may take several calls.
+    Copy(&'a mut [u8]),
+    /// Show the whole payload to this function, once, when all of it is available.
+    Visit(&'a mut dyn FnMut(&[u8])),
+    /// Drop it.
+    Discard,
+}
+
+/// How to wait for a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Armed {
+    /// The link can make progress now; do not sleep.
+    Ready,
+    /// Sleep until this descriptor reports these `poll` events.
+    Wait(RawFd, i16),
+    /// Nothing to wait for on this link.
+    Idle,
+}
+
+/// A bidirectional, non-blocking frame channel to one peer.
+pub(crate) trait Link: Send {
+    /// The transport of this link.
+    fn kind(&self) -> TransportKind;
+
+    /// Largest payload this link puts in one frame.
+    fn max_payload(&self) -> usize;
+
+    /// Writes as much as it can of `header` followed by `payload`; `written` counts the bytes
+    /// already written (header first) and is advanced. True once all bytes are written.
+    fn write(&mut self, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError>;
+
+    /// The header of the next incoming frame, once all of it has arrived. Repeated calls return
+    /// the same header until its payload is consumed.
+    fn peek(&mut self) -> Result<Option<FrameHeader>, LinkError>;
+
+    /// Moves the payload of the peeked frame into `sink`. True once the whole payload is
+    /// consumed; the next `peek` then looks at the following frame.
+    fn consume(&mut self, sink: Sink<'_>) -> Result<bool, LinkError>;
+
+    /// Total bytes received and sent so far (liveness: any byte is a sign of life).
+    fn traffic(&self) -> (u64, u64);
+
+    /// Prepares to sleep until the link can read (`read`) or write (`write`).
+    fn arm(&mut self, read: bool, write: bool) -> Armed;
+
+    /// A descriptor that reports the peer hanging up, for watching an idle world; `poll`
+    /// events to ask for.
+    fn hangup_fd(&self) -> Option<(RawFd, i16)>;
+}

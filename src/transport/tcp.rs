@@ -1,0 +1,256 @@
+//! The TCP transport: frames over one non-blocking stream socket per peer pair.
+//!
+//! Writes go out with one vectored `sendmsg` (header and payload together, no copy). Reads fill
+//! a staging buffer so that many small frames cost one system call; a large payload headed for
+//! a plain copy is read straight into its destination instead. `TCP_NODELAY` is on (latency of
+//! small messages), and socket buffers are enlarged so that one link can keep a fast network
+//! busy.
+
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+
+use super::{Armed, Link, LinkError, Sink, TransportKind};
+use crate::buf::Scratch;
+use crate::sys;
+use crate::wire::{FrameHeader, HEADER_LEN};
+
+/// Largest payload per frame on TCP.
+pub(crate) const TCP_MAX_PAYLOAD: usize = 512 << 10;
+/// Staging buffer: one full frame plus its header, with room to spare.
+const STAGING: usize = TCP_MAX_PAYLOAD + 4 * HEADER_LEN + (64 << 10);
+/// Payload remainders at least this large are read straight into their destination.
+const DIRECT_READ_MIN: usize = 32 << 10;
+/// Socket buffer size asked for; the kernel may grant less.
+const SOCKET_BUFFER: i32 = 4 << 20;
+
+pub(crate) struct TcpLink {
+    sock: TcpStream,
+    staging: Scratch,
+    start: usize,
+    end: usize,
+    /// The frame whose payload is being consumed, and how much of it already is.
+    current: Option<(FrameHeader, usize)>,
+    rx_bytes: u64,
+    tx_bytes: u64,
+}
+
+/// Tunes a connected stream for carrying frames: no Nagle delay, big buffers, non-blocking.
+pub(crate) fn tune(sock: &TcpStream) -> io::Result<()> {
+    sock.set_nodelay(true)?;
+    let fd = sock.as_raw_fd();
+    // Best effort: a kernel limit below our wish is not an error.
+    let _ = sys::set_sockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, SOCKET_BUFFER);
+    let _ = sys::set_sockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, SOCKET_BUFFER);
+    sock.set_nonblocking(true)
+}
+
+fn io_err(e: io::Error) -> LinkError {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::UnexpectedEof => LinkError::Closed(e.to_string()),
+        _ => LinkError::Io(e.to_string()),
+    }
+}
+
+impl TcpLink {
+    /// Wraps a connected stream (already past the link handshake).
+    pub(crate) fn new(sock: TcpStream) -> io::Result<TcpLink> {
+        tune(&sock)?;
+        Ok(TcpLink { sock, staging: Scratch::new(STAGING), start: 0, end: 0, current: None, rx_bytes: 0, tx_bytes: 0 })
+    }
+
+    fn staged(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn staging_mut(&mut self) -> &mut [u8] {
+        let raw = self.staging.raw();
+        // SAFETY: the staging scratch is owned by this link and only borrowed here, once.
+        unsafe { raw.bytes_mut(0, raw.len()) }.unwrap_or(&mut [])
+    }
+
+    /// Makes room for at least `need` contiguous bytes from `start`, then reads what the socket
+    /// has. Returns false when nothing more is available now.
+    fn fill(&mut self, need: usize) -> Result<bool, LinkError> {
+        let (start, end) = (self.start, self.end);
+        if start + need > STAGING || end == STAGING {
+            self.staging_mut().copy_within(start..end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let end = self.end;
+        let r = {
+            let raw = self.staging.raw();
+            // SAFETY: as in staging_mut; the read target is the free tail.
+            let tail = unsafe { raw.bytes_mut(end, STAGING - end) }.unwrap_or(&mut []);
+            (&self.sock).read(tail)
+        };
+        match r {
+            Ok(0) => Err(LinkError::Closed("peer closed the connection".into())),
+            Ok(n) => {
+                self.end += n;
+                self.rx_bytes += n as u64;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    fn finish_frame(&mut self) {
+        self.current = None;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+}
+
+impl Link for TcpLink {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    fn max_payload(&self) -> usize {
+        TCP_MAX_PAYLOAD
+    }
+
+    fn write(&mut self, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError> {
+        let total = header.len() + payload.len();
+        while *written < total {
+            let w = *written;
+            let r = if w < header.len() {
+                sys::send_vectored(self.sock.as_raw_fd(), &[&header[w..], payload])
+            } else {
+                sys::send_vectored(self.sock.as_raw_fd(), &[&payload[w - header.len()..]])
+            };
+            match r {
+                Ok(n) => {
+                    *written += n;
+                    self.tx_bytes += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        Ok(true)
+    }
+
+    fn peek(&mut self) -> Result<Option<FrameHeader>, LinkError> {
+        if let Some((h, _)) = self.current {
+            return Ok(Some(h));
+        }
+        while self.staged() < HEADER_LEN {
+            if !self.fill(HEADER_LEN)? {
+                return Ok(None);
+            }
+        }
+        let raw = self.staging.raw();
+        // SAFETY: staging is owned by this link; the range was filled above.
+        let bytes = unsafe { raw.bytes(self.start, HEADER_LEN) }.unwrap_or(&[]);
+        let h = FrameHeader::decode(bytes).map_err(LinkError::Protocol)?;
+        if h.len as usize > TCP_MAX_PAYLOAD {
+            return Err(LinkError::Protocol(format!("frame of {} bytes is over the TCP limit", h.len)));
+        }
+        self.start += HEADER_LEN;
+        self.current = Some((h, 0));
+        Ok(Some(h))
+    }
+
+    fn consume(&mut self, sink: Sink<'_>) -> Result<bool, LinkError> {
+        let Some((h, mut done)) = self.current else {
+            return Err(LinkError::Io("consume without a peeked frame".into()));
+        };
+        let len = h.len as usize;
+        match sink {
+            Sink::Copy(dst) => {
+                if dst.len() != len {
+                    return Err(LinkError::Io("copy target does not match the payload".into()));
+                }
+                while done < len {
+                    let staged = self.staged();
+                    if staged > 0 {
+                        let n = staged.min(len - done);
+                        let raw = self.staging.raw();
+                        // SAFETY: staging is owned by this link; the range holds staged bytes.
+                        let src = unsafe { raw.bytes(self.start, n) }.unwrap_or(&[]);
+                        dst[done..done + n].copy_from_slice(src);
+                        self.start += n;
+                        done += n;
+                        continue;
+                    }
+                    if len - done >= DIRECT_READ_MIN {
+                        match (&self.sock).read(&mut dst[done..]) {
+                            Ok(0) => return Err(LinkError::Closed("peer closed the connection".into())),
+                            Ok(n) => {
+                                done += n;
+                                self.rx_bytes += n as u64;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(io_err(e)),
+                        }
+                    } else if !self.fill(len - done)? {
+                        break;
+                    }
+                }
+                self.current = Some((h, done));
+                if done < len {
+                    return Ok(false);
+                }
+            }
+            Sink::Visit(f) => {
+                while self.staged() < len {
+                    if !self.fill(len)? {
+                        return Ok(false);
+                    }
+                }
+                let raw = self.staging.raw();
+                // SAFETY: staging is owned by this link; the payload range is staged.
+                f(unsafe { raw.bytes(self.start, len) }.unwrap_or(&[]));
+                self.start += len;
+            }
+            Sink::Discard => {
+                while done < len {
+                    if self.staged() == 0 && !self.fill(1)? {
+                        self.current = Some((h, done));
+                        return Ok(false);
+                    }
+                    let n = self.staged().min(len - done);
+                    self.start += n;
+                    done += n;
+                }
+            }
+        }
+        self.finish_frame();
+        Ok(true)
+    }
+
+    fn traffic(&self) -> (u64, u64) {
+        (self.rx_bytes, self.tx_bytes)
+    }
+
+    fn arm(&mut self, read: bool, write: bool) -> Armed {
+        let mut ev = libc::POLLRDHUP;
+        if read {
+            // A whole header that nobody looked at yet: there is work now. (A frame already
+            // peeked but not consumed is waiting for more of its payload, so sleep.)
+            if self.current.is_none() && self.staged() >= HEADER_LEN {
+                return Armed::Ready;
+            }
+            ev |= libc::POLLIN;
+        }
+        if write {
+            ev |= libc::POLLOUT;
+        }
+        Armed::Wait(self.sock.as_raw_fd(), ev)
+    }
+
+    fn hangup_fd(&self) -> Option<(RawFd, i16)> {
+        Some((self.sock.as_raw_fd(), libc::POLLRDHUP))
+    }
+}
