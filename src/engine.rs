@@ -167,6 +167,8 @@ struct Peer {
     traffic: (u64, u64),
     tx_seq: u64,
     rx_seq: u64,
+    /// The peer left (closed, aborted or died); its link is no longer used.
+    gone: bool,
 }
 
 /// Where to sleep until the engine can do more.
@@ -188,6 +190,9 @@ pub(crate) struct Engine {
     next_id: u64,
     coll_seq: u64,
     broken: Option<BrokenCause>,
+    /// A peer left while nothing in flight needed it: the world breaks with this cause as
+    /// soon as the operations in flight are done, and starts no new ones.
+    doomed: Option<BrokenCause>,
     stats: WorldStats,
     on_broken: Option<OnBroken>,
 }
@@ -238,6 +243,7 @@ impl Engine {
                         traffic: (0, 0),
                         tx_seq: 0,
                         rx_seq: 0,
+                        gone: false,
                     }
                 })
             })
@@ -249,6 +255,7 @@ impl Engine {
             next_id: 0,
             coll_seq: 0,
             broken: None,
+            doomed: None,
             stats: WorldStats::default(),
             on_broken: None,
         }
@@ -359,8 +366,7 @@ impl Engine {
             let mut progress = self.activate()?;
             progress |= self.run_local_steps()?;
             for peer in 0..self.peers.len() {
-                progress |= self.service_tx(peer)?;
-                progress |= self.service_rx(peer)?;
+                progress |= self.serve_peer(peer)?;
             }
             progress |= self.retire();
             let moved = self.stats.bytes_sent + self.stats.bytes_received - start;
@@ -368,13 +374,49 @@ impl Engine {
                 break;
             }
         }
-        self.timers(now)
+        self.timers(now)?;
+        match &self.doomed {
+            Some(c) if !self.ops.iter().any(|o| o.active) => Err(c.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Moves data to and from one peer. A peer that leaves (closes, aborts, dies) breaks the
+    /// world at once if an operation in flight still needs it; otherwise the operations in
+    /// flight finish and the world breaks after them.
+    fn serve_peer(&mut self, peer: usize) -> Result<bool, BrokenCause> {
+        if self.peers[peer].as_ref().is_none_or(|p| p.gone) {
+            return Ok(false);
+        }
+        let r = self.service_tx(peer).and_then(|a| Ok(a | self.service_rx(peer)?));
+        match r {
+            Err(c @ (BrokenCause::PeerClosed { .. } | BrokenCause::PeerAborted { .. })) if c.peer() == Some(peer) => {
+                let p = self.peers[peer].as_mut().expect("checked above");
+                p.gone = true;
+                let needed = !p.tx_queue.is_empty()
+                    || !p.rx_queue.is_empty()
+                    || matches!(p.tx, Some(TxFrame { done: TxDone::Data { .. }, .. }));
+                if needed {
+                    return Err(c);
+                }
+                debug!(
+                    "world '{}' rank {}: rank {peer} left ({c}); finishing what does not need it",
+                    self.cfg.name, self.cfg.rank
+                );
+                self.doomed.get_or_insert(c);
+                Ok(true)
+            }
+            other => other,
+        }
     }
 
     /// Starts operations that may run now: the first collective alone, or a run of
     /// point-to-point operations together.
     fn activate(&mut self) -> Result<bool, BrokenCause> {
         let mut progress = false;
+        if self.doomed.is_some() {
+            return Ok(false);
+        }
         for i in 0..self.ops.len() {
             let op = &self.ops[i];
             if !op.active {
@@ -718,6 +760,10 @@ impl Engine {
                     p.link.consume(Sink::Discard).map_err(|e| link_cause(peer, e))?;
                     progress = true;
                 }
+                FrameKind::Close => {
+                    p.link.consume(Sink::Discard).map_err(|e| link_cause(peer, e))?;
+                    return Err(BrokenCause::PeerClosed { peer, detail: "it closed the world".into() });
+                }
                 FrameKind::Abort => {
                     let mut reason = String::new();
                     let mut visit = |b: &[u8]| reason = String::from_utf8_lossy(b).into_owned();
@@ -787,7 +833,7 @@ impl Engine {
 
     /// Credits the bytes moved since the last look to `now`.
     fn sample_traffic(&mut self, now: Instant) {
-        for p in self.peers.iter_mut().flatten() {
+        for p in self.peers.iter_mut().flatten().filter(|p| !p.gone) {
             let Some(live) = p.live.as_mut() else { continue };
             let (rx, tx) = p.link.traffic();
             if rx > p.traffic.0 {
@@ -803,7 +849,7 @@ impl Engine {
     fn timers(&mut self, now: Instant) -> Result<(), BrokenCause> {
         self.sample_traffic(now);
         for (rank, slot) in self.peers.iter_mut().enumerate() {
-            let Some(p) = slot.as_mut() else { continue };
+            let Some(p) = slot.as_mut().filter(|p| !p.gone) else { continue };
             let Some(live) = p.live.as_mut() else { continue };
             // A peer whose input we stopped reading proves nothing by its silence, unless we
             // are also stuck writing to it.
@@ -831,7 +877,7 @@ impl Engine {
             }
         }
         for peer in 0..self.peers.len() {
-            self.service_tx(peer)?;
+            self.serve_peer(peer)?;
         }
         self.sample_traffic(now);
         if let Some((_, t)) = self.ops.iter().filter_map(|o| o.deadline).find(|(d, _)| now >= *d) {
@@ -847,7 +893,7 @@ impl Engine {
             w.ready = true;
             return w;
         }
-        for p in self.peers.iter_mut().flatten() {
+        for p in self.peers.iter_mut().flatten().filter(|p| !p.gone) {
             let read = !p.paused;
             let write = p.tx.is_some();
             match p.link.arm(read, write) {
@@ -869,7 +915,7 @@ impl Engine {
     /// What an idle world watches: hang-ups only, and the next heartbeat.
     pub(crate) fn watch_set(&self) -> WaitSet {
         let mut w = WaitSet::default();
-        for p in self.peers.iter().flatten() {
+        for p in self.peers.iter().flatten().filter(|p| !p.gone) {
             if let Some((fd, ev)) = p.link.hangup_fd() {
                 w.fds.push(crate::sys::pollfd(fd, ev));
             }
@@ -879,6 +925,28 @@ impl Engine {
             }
         }
         w
+    }
+
+    /// Leaves the world: gracefully (peers get a close frame after all data) when nothing is
+    /// in flight, else as an abort.
+    pub(crate) fn close(&mut self) {
+        if self.broken.is_some() {
+            return;
+        }
+        if self.has_work() {
+            self.fail(BrokenCause::LocalAbort);
+            return;
+        }
+        let h = FrameHeader::control(FrameKind::Close, self.cfg.world_id, self.cfg.generation, 0).encode();
+        for p in self.peers.iter_mut().flatten().filter(|p| !p.gone && p.link.kind() != TransportKind::Loopback) {
+            if p.tx.is_none() {
+                let mut written = 0;
+                let _ = p.link.write(&h, &[], &mut written);
+            }
+            p.link.shutdown();
+        }
+        self.broken = Some(BrokenCause::LocalAbort);
+        self.peers.clear();
     }
 
     /// Breaks the world: fails every operation, tells the peers (best effort), closes links.
@@ -898,7 +966,7 @@ impl Engine {
         }
         let reason = cause.to_string().into_bytes();
         let h = FrameHeader::control(FrameKind::Abort, self.cfg.world_id, self.cfg.generation, reason.len() as u32);
-        for p in self.peers.iter_mut().flatten() {
+        for p in self.peers.iter_mut().flatten().filter(|p| !p.gone) {
             if p.tx.is_none() && p.link.kind() != TransportKind::Loopback {
                 let mut written = 0;
                 let _ = p.link.write(&h.encode(), &reason, &mut written);

@@ -120,6 +120,7 @@ impl Driver {
     /// Aborts and waits for the progress thread to finish (bounded: the thread only ever
     /// sleeps on descriptors that include the abort event).
     pub(crate) fn close(&self) {
+        lock(&self.engine).close();
         self.abort();
         let h = lock(&self.thread).take();
         if let Some(h) = h {

@@ -22,6 +22,8 @@ pub(crate) enum FrameKind {
     Heartbeat = 2,
     /// "I broke this world"; the payload is the reason as UTF-8 text.
     Abort = 3,
+    /// "I am done with this world and leave"; sent after everything else.
+    Close = 4,
 }
 
 /// Which operation a frame belongs to; checked on receipt, so ranks that call different
@@ -170,6 +172,7 @@ impl FrameHeader {
             1 => FrameKind::Data,
             2 => FrameKind::Heartbeat,
             3 => FrameKind::Abort,
+            4 => FrameKind::Close,
             k => return Err(format!("unknown frame kind {k}")),
         };
         let op = match (kind, b[5]) {
@@ -195,8 +198,8 @@ impl FrameHeader {
         if h.len as usize > MAX_FRAME_PAYLOAD {
             return Err(format!("frame payload of {} bytes exceeds the limit", h.len));
         }
-        if kind == FrameKind::Heartbeat && h.len != 0 {
-            return Err("heartbeat with a payload".into());
+        if matches!(kind, FrameKind::Heartbeat | FrameKind::Close) && h.len != 0 {
+            return Err("heartbeat or close frame with a payload".into());
         }
         if kind == FrameKind::Data {
             if DataType::from_code(h.dtype as u32).is_none() {

@@ -9,7 +9,6 @@ use crate::coll::RING_MIN_BYTES;
 use crate::error::ErrorKind;
 use crate::sync::Mutex;
 use crate::transport::loopback::{Faults, QueueLink};
-use half::{bf16, f16};
 
 fn hb() -> Heartbeat {
     Heartbeat { interval: Duration::from_millis(100), timeout: Duration::from_millis(1000) }
@@ -81,76 +80,12 @@ impl Buf {
     }
 }
 
-/// Small exact values: sums and products of up to five of them are exact in every type.
-fn value(d: DataType, rank: usize, i: usize) -> f64 {
-    let h = (rank * 7919 + i * 104_729 + 13) % 7;
-    if matches!(d, DataType::U8 | DataType::U32 | DataType::U64) {
-        h as f64
-    } else {
-        h as f64 - 3.0
-    }
-}
-
-fn put(d: DataType, v: f64, out: &mut [u8]) {
-    let v128 = v as i128;
-    match d {
-        DataType::I8 => out.copy_from_slice(&(v128 as i8).to_le_bytes()),
-        DataType::U8 => out.copy_from_slice(&(v128 as u8).to_le_bytes()),
-        DataType::I32 => out.copy_from_slice(&(v128 as i32).to_le_bytes()),
-        DataType::U32 => out.copy_from_slice(&(v128 as u32).to_le_bytes()),
-        DataType::I64 => out.copy_from_slice(&(v128 as i64).to_le_bytes()),
-        DataType::U64 => out.copy_from_slice(&(v128 as u64).to_le_bytes()),
-        DataType::F16 => out.copy_from_slice(&f16::from_f64(v).to_le_bytes()),
-        DataType::BF16 => out.copy_from_slice(&bf16::from_f64(v).to_le_bytes()),
-        DataType::F32 => out.copy_from_slice(&(v as f32).to_le_bytes()),
-        DataType::F64 => out.copy_from_slice(&v.to_le_bytes()),
-    }
-}
+#[path = "../../tests/common/reference.rs"]
+mod reference;
+use reference::{input, reduced};
 
 fn fill(d: DataType, rank: usize, count: usize, block: usize, out: &mut [u8]) {
-    let e = d.size();
-    for i in 0..count {
-        put(d, value(d, rank, block * count + i), &mut out[i * e..(i + 1) * e]);
-    }
-}
-
-/// The expected reduction of element `i` over `n` ranks (block `block` of each rank's input).
-fn reduced(d: DataType, op: ReduceOp, n: usize, block: usize, count: usize, i: usize) -> Vec<u8> {
-    let e = d.size();
-    let vals: Vec<f64> = (0..n).map(|r| value(d, r, block * count + i)).collect();
-    let mut out = vec![0u8; e];
-    let int = !d.is_float();
-    let acc = match op {
-        ReduceOp::Sum | ReduceOp::Avg => vals.iter().sum::<f64>(),
-        ReduceOp::Prod => vals.iter().product::<f64>(),
-        ReduceOp::Max => vals.iter().cloned().fold(f64::MIN, f64::max),
-        ReduceOp::Min => vals.iter().cloned().fold(f64::MAX, f64::min),
-    };
-    if op != ReduceOp::Avg {
-        put(d, acc, &mut out);
-        return out;
-    }
-    if int {
-        // Wrap the sum into the type first, then divide, truncating.
-        put(d, acc, &mut out);
-        let wrapped: i128 = match d {
-            DataType::I8 => i8::from_le_bytes([out[0]]) as i128,
-            DataType::U8 => out[0] as i128,
-            DataType::I32 => i32::from_le_bytes(out[..4].try_into().unwrap()) as i128,
-            DataType::U32 => u32::from_le_bytes(out[..4].try_into().unwrap()) as i128,
-            DataType::I64 => i64::from_le_bytes(out[..8].try_into().unwrap()) as i128,
-            _ => u64::from_le_bytes(out[..8].try_into().unwrap()) as i128,
-        };
-        put(d, (wrapped / n as i128) as f64, &mut out);
-    } else {
-        match d {
-            DataType::F64 => put(d, acc / n as f64, &mut out),
-            DataType::F32 => out.copy_from_slice(&((acc as f32) / n as f32).to_le_bytes()),
-            DataType::F16 => out.copy_from_slice(&f16::from_f32(acc as f32 / n as f32).to_le_bytes()),
-            _ => out.copy_from_slice(&bf16::from_f32(acc as f32 / n as f32).to_le_bytes()),
-        }
-    }
-    out
+    out.copy_from_slice(&input(d, rank, block, count));
 }
 
 /// Runs one operation on every rank of an in-memory world and checks each rank's output
@@ -199,11 +134,11 @@ fn check_op(kind: OpKind, d: DataType, op: ReduceOp, n: usize, count: usize, roo
         assert!(c.result().unwrap().is_ok(), "{what}: rank {rank} failed: {:?}", c.result());
         let out = bufs[rank].1.bytes().to_vec();
         let expect: Vec<u8> = match kind {
-            OpKind::AllReduce => (0..count).flat_map(|i| reduced(d, op, n, 0, count, i)).collect(),
-            OpKind::Reduce if rank == root => (0..count).flat_map(|i| reduced(d, op, n, 0, count, i)).collect(),
+            OpKind::AllReduce => reduced(d, op, n, 0, count),
+            OpKind::Reduce if rank == root => reduced(d, op, n, 0, count),
             OpKind::Reduce => continue,
             OpKind::ReduceScatter => {
-                let r: Vec<u8> = (0..count).flat_map(|i| reduced(d, op, n, rank, count, i)).collect();
+                let r = reduced(d, op, n, rank, count);
                 let o = if in_place { &out[rank * b..(rank + 1) * b] } else { &out[..] };
                 assert_eq!(o, &r[..], "{what}: rank {rank}");
                 continue;
@@ -561,4 +496,57 @@ fn frames_arriving_before_their_receive_wait_in_order() {
         let other = bufs[i + 3].bytes().to_vec();
         assert_eq!(bufs[i].bytes(), &other[..]);
     }
+}
+
+#[test]
+fn a_peer_that_leaves_after_its_part_lets_the_others_finish() {
+    // Rank 0 sends to rank 1 and leaves gracefully; rank 1 is still sending to rank 2. Rank
+    // 1's operation needs nothing more from rank 0, so it completes; then the world breaks.
+    let mut net = net(3, 1 << 20);
+    let now = net.now;
+    let p2p = |root: usize, is_send: bool| OpDesc {
+        kind: OpKind::P2p,
+        dtype: DataType::U8,
+        redop: ReduceOp::Sum,
+        count: 8,
+        root,
+        is_send,
+        in_place: false,
+    };
+    let mut bufs: Vec<Buf> = (0..4).map(|_| Buf::new(8)).collect();
+    let post = |e: &mut Engine, b: &mut Buf, d: OpDesc| {
+        let c = Completion::new();
+        let (s, r) = if d.is_send { (b.raw(), RawBuf::EMPTY) } else { (RawBuf::EMPTY, b.raw()) };
+        e.post(vec![Posted { desc: d, send: s, recv: r, completion: c.clone(), timeout: None, keepalive: None }], now);
+        c
+    };
+    let c0 = post(&mut net.engines[0], &mut bufs[0], p2p(1, true));
+    net.engines[0].pass(now);
+    assert!(c0.result().unwrap().is_ok());
+    net.engines[0].close();
+    let c1a = post(&mut net.engines[1], &mut bufs[1], p2p(0, false));
+    let c1b = post(&mut net.engines[1], &mut bufs[2], p2p(2, true));
+    net.engines[1].pass(now);
+    assert!(c1a.result().unwrap().is_ok(), "{:?}", c1a.result());
+    assert!(c1b.result().unwrap().is_ok(), "{:?}", c1b.result());
+    // Now idle with a departed peer: broken, with the cause naming rank 0.
+    let cause = net.engines[1].broken().cloned().expect("broken once idle");
+    assert!(matches!(cause, BrokenCause::PeerClosed { peer: 0, .. }), "{cause}");
+    // Rank 2 still receives rank 1's message (sent before rank 1 closed its links).
+    let c2 = post(&mut net.engines[2], &mut bufs[3], p2p(1, false));
+    net.engines[2].pass(now);
+    assert!(c2.result().unwrap().is_ok(), "{:?}", c2.result());
+}
+
+#[test]
+fn a_peer_that_leaves_while_needed_fails_the_operation_at_once() {
+    let mut net = net(2, 1 << 20);
+    let now = net.now;
+    let mut b = Buf::new(64);
+    let c = post_all_reduce(&mut net.engines[1], now, &mut b, 16, DataType::F32);
+    net.engines[0].close();
+    net.engines[1].pass(now);
+    let e = c.result().expect("failed in the same pass").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::WorldBroken);
+    assert!(e.message().contains("closed the world"), "{e}");
 }

@@ -112,4 +112,7 @@ pub(crate) trait Link: Send {
     /// A descriptor that reports the peer hanging up, for watching an idle world; `poll`
     /// events to ask for.
     fn hangup_fd(&self) -> Option<(RawFd, i16)>;
+
+    /// Ends the link gracefully: what was written still arrives, then the peer sees the end.
+    fn shutdown(&mut self) {}
 }

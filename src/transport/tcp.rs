@@ -253,4 +253,12 @@ impl Link for TcpLink {
     fn hangup_fd(&self) -> Option<(RawFd, i16)> {
         Some((self.sock.as_raw_fd(), libc::POLLRDHUP))
     }
+
+    fn shutdown(&mut self) {
+        // FIN after the data already queued; then read what is pending so that closing with
+        // unread input does not turn the FIN into a reset.
+        let _ = self.sock.shutdown(std::net::Shutdown::Write);
+        let mut sink = [0u8; 4096];
+        while matches!((&self.sock).read(&mut sink), Ok(n) if n > 0) {}
+    }
 }
