@@ -390,7 +390,9 @@ impl Engine {
         }
         let r = self.service_tx(peer).and_then(|a| Ok(a | self.service_rx(peer)?));
         match r {
-            Err(c @ (BrokenCause::PeerClosed { .. } | BrokenCause::PeerAborted { .. })) if c.peer() == Some(peer) => {
+            Err(
+                c @ (BrokenCause::PeerClosed { .. } | BrokenCause::PeerLeft { .. } | BrokenCause::PeerAborted { .. }),
+            ) if c.peer() == Some(peer) => {
                 let p = self.peers[peer].as_mut().expect("checked above");
                 p.gone = true;
                 let needed = !p.tx_queue.is_empty()
@@ -762,7 +764,7 @@ impl Engine {
                 }
                 FrameKind::Close => {
                     p.link.consume(Sink::Discard).map_err(|e| link_cause(peer, e))?;
-                    return Err(BrokenCause::PeerClosed { peer, detail: "it closed the world".into() });
+                    return Err(BrokenCause::PeerLeft { peer });
                 }
                 FrameKind::Abort => {
                     let mut reason = String::new();

@@ -60,6 +60,11 @@ pub enum BrokenCause {
         /// What the transport reported.
         detail: String,
     },
+    /// The peer closed the world on purpose (removed it, or its manager shut down).
+    PeerLeft {
+        /// The peer's rank.
+        peer: usize,
+    },
     /// Nothing arrived from the peer for longer than the heartbeat timeout: it hangs, is
     /// stopped, or the network between us is cut.
     PeerUnresponsive {
@@ -108,6 +113,7 @@ impl BrokenCause {
     pub fn peer(&self) -> Option<usize> {
         match self {
             BrokenCause::PeerClosed { peer, .. }
+            | BrokenCause::PeerLeft { peer }
             | BrokenCause::PeerUnresponsive { peer, .. }
             | BrokenCause::PeerAborted { peer, .. }
             | BrokenCause::Mismatch { peer, .. }
@@ -123,6 +129,7 @@ impl fmt::Display for BrokenCause {
             BrokenCause::PeerClosed { peer, detail } => {
                 write!(f, "peer rank {peer} closed the link ({detail})")
             }
+            BrokenCause::PeerLeft { peer } => write!(f, "peer rank {peer} closed the world"),
             BrokenCause::PeerUnresponsive { peer, silent_ms } => {
                 write!(f, "peer rank {peer} silent for {silent_ms} ms (hung or cut off)")
             }

@@ -17,7 +17,9 @@
 //! - broadcast / reduce: binomial tree when small, pipelined chain when large;
 //! - all_gather / reduce_scatter: direct exchange when small, ring when large;
 //! - gather / scatter: direct; all_to_all: pairwise exchange; barrier: recursive doubling on
-//!   empty messages.
+//!   empty messages;
+//! - rooted operations (broadcast, reduce, gather, scatter) also send one empty message around
+//!   the ring, so that ranks disagreeing on the root are caught (see `with_agreement`).
 
 pub(crate) mod reduce;
 mod ring;
@@ -176,6 +178,35 @@ pub(crate) fn segment(count: usize, n: usize, i: usize) -> (usize, usize) {
 
 /// Plans `desc` for `rank` of a world of `size`.
 pub(crate) fn plan(desc: &OpDesc, rank: usize, size: usize) -> Plan {
+    let p = plan_data(desc, rank, size);
+    if desc.kind.rooted() && size > 1 {
+        with_agreement(p, rank, size)
+    } else {
+        p
+    }
+}
+
+/// Rooted operations move data one way only, so ranks that disagree on the root could each
+/// finish without ever receiving a frame to check. An empty message from each rank to its
+/// right neighbour, sent first, closes that gap: every rank checks its left neighbour's call,
+/// and around the ring that means every rank agrees with every other or someone finds out.
+fn with_agreement(p: Plan, rank: usize, size: usize) -> Plan {
+    let empty = Region::new(BufId::Recv, 0, 0);
+    let shift = |d: &Dep| match *d {
+        Dep::Done(i) => Dep::Done(i + 2),
+        Dep::Stream(i) => Dep::Stream(i + 2),
+    };
+    let mut q = Plan { scratch: p.scratch, ..Plan::default() };
+    q.push(Act::Send { peer: (rank + 1) % size, src: empty }, &[]);
+    q.push(Act::Recv { peer: (rank + size - 1) % size, dst: empty, combine: None }, &[]);
+    for s in p.steps {
+        let deps: Vec<Dep> = s.deps.iter().map(shift).collect();
+        q.push(s.act, &deps);
+    }
+    q
+}
+
+fn plan_data(desc: &OpDesc, rank: usize, size: usize) -> Plan {
     let big = desc.bytes() >= RING_MIN_BYTES;
     match desc.kind {
         OpKind::P2p => simple::p2p(desc),

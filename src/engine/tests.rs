@@ -531,7 +531,7 @@ fn a_peer_that_leaves_after_its_part_lets_the_others_finish() {
     assert!(c1b.result().unwrap().is_ok(), "{:?}", c1b.result());
     // Now idle with a departed peer: broken, with the cause naming rank 0.
     let cause = net.engines[1].broken().cloned().expect("broken once idle");
-    assert!(matches!(cause, BrokenCause::PeerClosed { peer: 0, .. }), "{cause}");
+    assert!(matches!(cause, BrokenCause::PeerLeft { peer: 0 }), "{cause}");
     // Rank 2 still receives rank 1's message (sent before rank 1 closed its links).
     let c2 = post(&mut net.engines[2], &mut bufs[3], p2p(1, false));
     net.engines[2].pass(now);
@@ -549,4 +549,44 @@ fn a_peer_that_leaves_while_needed_fails_the_operation_at_once() {
     let e = c.result().expect("failed in the same pass").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::WorldBroken);
     assert!(e.message().contains("closed the world"), "{e}");
+}
+
+#[test]
+fn ranks_that_disagree_on_the_root_are_caught_whatever_the_pattern() {
+    for kind in [OpKind::Broadcast, OpKind::Reduce, OpKind::Gather, OpKind::Scatter] {
+        for n in [2, 3, 4] {
+            // Every rank names itself root: with one-way data nobody would receive anything.
+            let mut net = net(n, 1 << 20);
+            let now = net.now;
+            let mut bufs: Vec<(Buf, Buf)> = (0..n).map(|_| (Buf::new(64 * n), Buf::new(64 * n))).collect();
+            let mut cs = Vec::new();
+            for (rank, (s, r)) in bufs.iter_mut().enumerate() {
+                let desc = OpDesc {
+                    kind,
+                    dtype: DataType::F32,
+                    redop: ReduceOp::Sum,
+                    count: 16,
+                    root: rank,
+                    is_send: false,
+                    in_place: false,
+                };
+                let c = Completion::new();
+                let (sb, rb) = (s.raw(), r.raw());
+                net.engines[rank].post(
+                    vec![Posted { desc, send: sb, recv: rb, completion: c.clone(), timeout: None, keepalive: None }],
+                    now,
+                );
+                cs.push(c);
+            }
+            net.run(&cs, Duration::from_millis(1), 1000);
+            for c in &cs {
+                let e = c.result().unwrap().unwrap_err();
+                assert!(e.is_world_broken(), "{kind:?} n={n}: {e}");
+            }
+            assert!(
+                cs.iter().any(|c| c.result().unwrap().unwrap_err().message().contains("root=")),
+                "{kind:?} n={n}: no rank named the roots"
+            );
+        }
+    }
 }
