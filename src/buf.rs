@@ -40,27 +40,8 @@ impl RawBuf {
         RawBuf { ptr: b.as_mut_ptr(), len: b.len(), writable: true }
     }
 
-    /// A view of raw memory handed in through the C ABI.
-    ///
-    /// # Safety
-    /// `ptr` must be valid for reads (and writes, if `writable`) of `len` bytes for as long as
-    /// the operation that uses the view runs.
-    pub(crate) unsafe fn from_raw(ptr: *mut u8, len: usize, writable: bool) -> RawBuf {
-        RawBuf { ptr, len, writable }
-    }
-
     pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    pub(crate) fn addr(&self) -> usize {
-        self.ptr as usize
-    }
-
-    /// True when the two views share at least one byte.
-    pub(crate) fn overlaps(&self, other: &RawBuf) -> bool {
-        let (a, b) = (self.addr(), other.addr());
-        self.len > 0 && other.len > 0 && a < b + other.len && b < a + self.len
     }
 
     /// Bytes `[off, off + len)`, or `None` when out of range.

@@ -956,11 +956,14 @@ impl Engine {
         if self.broken.is_some() {
             return;
         }
-        if cause != BrokenCause::LocalAbort {
-            warn!(
-                "world '{}' (rank {}, generation {}) broke: {cause}",
-                self.cfg.name, self.cfg.rank, self.cfg.generation
-            );
+        let (name, rank, generation) = (&self.cfg.name, self.cfg.rank, self.cfg.generation);
+        match cause {
+            BrokenCause::LocalAbort => {}
+            // A peer closing the world on purpose is the normal end of a world.
+            BrokenCause::PeerLeft { .. } => {
+                info!("world '{name}' (rank {rank}, generation {generation}) ended: {cause}")
+            }
+            _ => warn!("world '{name}' (rank {rank}, generation {generation}) broke: {cause}"),
         }
         self.broken = Some(cause.clone());
         for op in self.ops.drain(..) {

@@ -125,10 +125,30 @@ fn disagree(ctx: &Ctx) {
     type Case = fn(&World, usize) -> multiworld::Result<()>;
     let cases: [(&str, Case, &str); 5] = [
         ("count", |w, r| w.all_reduce_in_place(&mut vec![1f32; 7 + r], ReduceOp::Sum), "count=7"),
-        ("type", |w, r| if r == 0 { w.all_reduce_in_place(&mut [1f32; 4], ReduceOp::Sum) } else { w.all_reduce_in_place(&mut [1i32; 4], ReduceOp::Sum) }, "int32"),
+        (
+            "type",
+            |w, r| {
+                if r == 0 {
+                    w.all_reduce_in_place(&mut [1f32; 4], ReduceOp::Sum)
+                } else {
+                    w.all_reduce_in_place(&mut [1i32; 4], ReduceOp::Sum)
+                }
+            },
+            "int32",
+        ),
         ("op", |w, r| w.all_reduce_in_place(&mut [1f32; 4], if r == 0 { ReduceOp::Sum } else { ReduceOp::Max }), "max"),
         ("root", |w, r| w.broadcast_in_place(&mut [1u8; 64], r), "root=1"),
-        ("kind", |w, r| if r == 0 { w.all_reduce_in_place(&mut [1f32; 4], ReduceOp::Sum) } else { w.all_gather_in_place(&mut [1f32; 4]) }, "all_gather"),
+        (
+            "kind",
+            |w, r| {
+                if r == 0 {
+                    w.all_reduce_in_place(&mut [1f32; 4], ReduceOp::Sum)
+                } else {
+                    w.all_gather_in_place(&mut [1f32; 4])
+                }
+            },
+            "all_gather",
+        ),
     ];
     for (i, (name, case, needle)) in cases.iter().enumerate() {
         let addr = format!("127.0.0.1:{}", base + i as u16);

@@ -60,6 +60,7 @@ impl OpDesc {
     /// Bytes the send and receive buffers must hold on `rank` of a world of `size`:
     /// `(send, recv)`. In-place operations have no send buffer; their receive buffer holds
     /// the input as NCCL lays it out.
+    #[cfg(test)]
     pub(crate) fn buffer_bytes(&self, rank: usize, size: usize) -> (usize, usize) {
         let b = self.bytes();
         let nb = b * size;

@@ -52,7 +52,7 @@ pub(super) fn all_reduce(d: &OpDesc, rank: usize, n: usize) -> Plan {
     // All-gather: circulate the reduced segments. A receive may overwrite a segment only after
     // the reduce-scatter send that read it has finished.
     let mut ag_recv: Vec<usize> = Vec::new();
-    for s in 0..n - 1 {
+    for (s, &rs_send_s) in rs_send.iter().enumerate() {
         let sseg = back(own, s, n);
         let dep = match ag_recv.last() {
             None => first_dep,
@@ -61,7 +61,7 @@ pub(super) fn all_reduce(d: &OpDesc, rank: usize, n: usize) -> Plan {
         p.push(Act::Send { peer: right, src: output(sseg) }, &[dep]);
         let rseg = back(rank, s, n);
         let reads_recv = d.in_place || s > 0;
-        let deps: Vec<Dep> = if reads_recv { vec![Dep::Done(rs_send[s])] } else { vec![] };
+        let deps: Vec<Dep> = if reads_recv { vec![Dep::Done(rs_send_s)] } else { vec![] };
         ag_recv.push(p.push(Act::Recv { peer: left, dst: output(rseg), combine: None }, &deps));
     }
     p

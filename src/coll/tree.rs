@@ -66,11 +66,9 @@ pub(super) fn broadcast(d: &OpDesc, rank: usize, n: usize, big: bool) -> Plan {
     // What this rank forwards: the root's own input, or what it received.
     let mut src = out;
     let mut recv = None;
-    if v == 0 {
-        if !d.in_place {
-            src = Region::new(BufId::Send, 0, b);
-            p.push(Act::Copy { src, dst: out }, &[]);
-        }
+    if v == 0 && !d.in_place {
+        src = Region::new(BufId::Send, 0, b);
+        p.push(Act::Copy { src, dst: out }, &[]);
     }
     let deps = |recv: Option<usize>| -> Vec<Dep> { recv.map(Dep::Stream).into_iter().collect() };
     if big {

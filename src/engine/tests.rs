@@ -2,6 +2,8 @@
 //! in turn on a virtual clock. They check every collective against references computed here,
 //! element by element, and the failure rules (silence, hang-up, mismatch, stale frames).
 
+#![allow(clippy::needless_range_loop)]
+
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -458,7 +460,7 @@ fn operation_deadline_breaks_the_world_with_timeout() {
         }],
         now,
     );
-    net.run(&[c.clone()], Duration::from_millis(10), 100);
+    net.run(std::slice::from_ref(&c), Duration::from_millis(10), 100);
     let e = c.result().unwrap().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout);
     assert!(net.engines[0].broken().is_some());
