@@ -166,13 +166,12 @@ impl RootConfig {
 
 /// Runs a root on `listener` in a thread of its own; it ends when the world has formed or
 /// its deadline passes.
-pub(crate) fn spawn_root(listener: TcpListener, cfg: RootConfig) -> Result<()> {
+pub(crate) fn spawn_root(listener: TcpListener, cfg: RootConfig) -> Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true).map_err(|e| Error::system("root listener", e))?;
     std::thread::Builder::new()
         .name("mw-root".into())
         .spawn(move || serve_root(listener, cfg))
-        .map_err(|e| Error::system("spawning the rendezvous root", e))?;
-    Ok(())
+        .map_err(|e| Error::system("spawning the rendezvous root", e))
 }
 
 struct Conn {
@@ -306,6 +305,8 @@ fn read_conn(c: &mut Conn, cfg: &RootConfig, expect: &Option<(String, u32)>, cla
             Ok(0) => {
                 if let Some(h) = &c.hello {
                     info!("rendezvous: rank {} of world '{}' left before the world formed", h.rank, h.name);
+                } else if !c.buf.is_empty() {
+                    warn!("rendezvous: refused {}: connection closed in the middle of its hello (truncated)", c.peer);
                 }
                 return Outcome::Drop;
             }
@@ -414,7 +415,9 @@ fn formation_err(name: &str, rank: usize, e: impl std::fmt::Display) -> String {
 pub(crate) fn join(spec: &JoinSpec) -> Result<Formed> {
     let deadline = Instant::now() + spec.timeout;
     let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
-    let what = || formation_err(name, rank, "deadline passed while reaching the root");
+    // In the address form rank 0 runs the root; it is joined before this returns, so that the
+    // address is free again for the next world formed there.
+    let mut own_root = None;
     let (root, secret) = match &spec.rendezvous {
         Rendezvous::Id(id) => (id.root, id.secret.to_vec()),
         Rendezvous::Address(a) => {
@@ -422,11 +425,22 @@ pub(crate) fn join(spec: &JoinSpec) -> Result<Formed> {
             if rank == 0 {
                 let listener = TcpListener::bind(root)
                     .map_err(|e| Error::system(formation_err(name, rank, format!("listening on {root}")), e))?;
-                spawn_root(listener, RootConfig::for_address(spec.secret.clone(), name, size as u32, deadline))?;
+                let cfg = RootConfig::for_address(spec.secret.clone(), name, size as u32, deadline);
+                own_root = Some(spawn_root(listener, cfg)?);
             }
             (root, spec.secret.clone())
         }
     };
+    let r = join_root(spec, root, secret, deadline);
+    if let Some(h) = own_root {
+        let _ = h.join();
+    }
+    r
+}
+
+fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline: Instant) -> Result<Formed> {
+    let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
+    let what = || formation_err(name, rank, "deadline passed while reaching the root");
     let to_root = net::connect_retry(root, deadline, &what)?;
     let local_ip: IpAddr = match &spec.interface {
         Some(i) => net::interface_ip(i)?,
@@ -434,6 +448,7 @@ pub(crate) fn join(spec: &JoinSpec) -> Result<Formed> {
     };
     let listener = net::listen_any_port(local_ip)?;
     let my_addr = listener.local_addr().map_err(|e| Error::system("listener address", e))?;
+    info!("world '{name}' rank {rank}: listening for peers on {my_addr}");
     let hello = Hello {
         secret: secret.clone(),
         name: name.to_owned(),

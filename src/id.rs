@@ -40,7 +40,8 @@ impl UniqueId {
         let root = listener.local_addr().map_err(|e| Error::system("root listener address", e))?;
         let mut secret = [0u8; SECRET_LEN];
         sys::random_bytes(&mut secret).map_err(|e| Error::system("getrandom", e))?;
-        bootstrap::spawn_root(listener, bootstrap::RootConfig::for_id(secret))?;
+        // The root runs detached: it ends once the world formed or its deadline passed.
+        drop(bootstrap::spawn_root(listener, bootstrap::RootConfig::for_id(secret))?);
         Ok(UniqueId { root, secret })
     }
 

@@ -2,6 +2,10 @@
 //! ranks find each other by address (rank 0 listens on its veth address) and by unique id (the
 //! id travels as text in a file), and move data over TCP between the namespaces.
 //!
+//! The same pair of hosts also shows the two failures that only a network has: a peer killed on
+//! the other host (seen at once, by the connection's end) and a cut cable (seen at the heartbeat
+//! timeout).
+//!
 //! Needs root and `ip` (iproute2); where namespaces cannot be made the test says why and
 //! returns without running.
 
@@ -11,12 +15,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{spawn, Ctx};
-use multiworld::{ReduceOp, TransportKind, UniqueId, WorldManager};
+use multiworld::{BrokenCause, ReduceOp, TransportKind, UniqueId, WorldManager, WorldOptions};
 
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
 fn worker() {
-    common::worker_main(&[("host", host)]);
+    common::worker_main(&[("host", host), ("remote_kill", remote_kill), ("partition", partition)]);
 }
 
 const ADDR_A: &str = "10.77.0.1";
@@ -35,15 +39,17 @@ fn ip(args: &[&str]) -> Result<(), String> {
 struct Hosts {
     a: String,
     b: String,
+    veth_b: String,
 }
 
 impl Hosts {
     fn make() -> Result<Hosts, String> {
         let tag = std::process::id() % 100_000;
-        let h = Hosts { a: format!("mw{tag}a"), b: format!("mw{tag}b") };
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let h = Hosts { a: format!("mw{tag}{n}a"), b: format!("mw{tag}{n}b"), veth_b: format!("mwv{tag}{n}b") };
         ip(&["netns", "add", &h.a])?;
         ip(&["netns", "add", &h.b])?;
-        let (va, vb) = (format!("mwv{tag}a"), format!("mwv{tag}b"));
+        let (va, vb) = (format!("mwv{tag}{n}a"), h.veth_b.clone());
         ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
         ip(&["link", "set", &va, "netns", &h.a])?;
         ip(&["link", "set", &vb, "netns", &h.b])?;
@@ -53,6 +59,24 @@ impl Hosts {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         Ok(h)
+    }
+}
+
+static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Makes the hosts, or says why it cannot and returns `None`.
+fn hosts_or_skip(test: &str) -> Option<Hosts> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED {test}: needs root to create network namespaces");
+        return None;
+    }
+    match Hosts::make() {
+        Ok(h) => Some(h),
+        Err(why) => {
+            println!("SKIPPED {test}: cannot create network namespaces: {why}");
+            None
+        }
     }
 }
 
@@ -108,18 +132,7 @@ fn host(ctx: &Ctx) {
 
 #[test]
 fn ranks_in_two_network_namespaces() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED ranks_in_two_network_namespaces: needs root to create network namespaces");
-        return;
-    }
-    let hosts = match Hosts::make() {
-        Ok(h) => h,
-        Err(why) => {
-            println!("SKIPPED ranks_in_two_network_namespaces: cannot create network namespaces: {why}");
-            return;
-        }
-    };
+    let Some(hosts) = hosts_or_skip("ranks_in_two_network_namespaces") else { return };
     let idfile = std::env::temp_dir().join(format!("mw-netns-id-{}", std::process::id()));
     let _ = std::fs::remove_file(&idfile);
     let env = [("MW_TEST_IDFILE", idfile.to_string_lossy().into_owned())];
@@ -130,4 +143,79 @@ fn ranks_in_two_network_namespaces() {
     let logs = common::finish(&mut procs, Duration::from_secs(60));
     assert!(logs.iter().all(|l| l.contains("across namespaces")));
     let _ = std::fs::remove_file(&idfile);
+}
+
+fn fast_heartbeat() -> WorldOptions {
+    WorldOptions::default().with_heartbeat(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+/// Rank 0 kills rank 1 on the other host in the middle of a receive: seen at once.
+fn remote_kill(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let w =
+        m.init_world_with("remote", format!("{ADDR_A}:29556").as_str().into(), ctx.rank, 2, &fast_heartbeat()).unwrap();
+    w.barrier().unwrap();
+    if ctx.rank == 1 {
+        let _ = w.recv(&mut [0u8; 1], 0);
+        return;
+    }
+    let pending = w.recv_async(vec![0u8; 1], 1);
+    std::thread::sleep(Duration::from_millis(100));
+    let pid: i32 = ctx.env("MW_TEST_VICTIM").parse().unwrap();
+    let t = Instant::now();
+    // SAFETY: kill(2) on the pid of the peer process the test spawned.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let e = pending.wait().unwrap_err().error;
+    let took = t.elapsed();
+    println!("peer on the other host killed; detected in {:.2} ms: {e}", took.as_secs_f64() * 1e3);
+    assert!(matches!(e.broken_cause(), Some(BrokenCause::PeerClosed { peer: 1, .. })), "{e}");
+    assert!(took < Duration::from_millis(100), "{took:?}");
+}
+
+#[test]
+fn peer_killed_on_another_host_is_detected_at_once() {
+    let Some(hosts) = hosts_or_skip("peer_killed_on_another_host_is_detected_at_once") else { return };
+    let mut victim = spawn("remote_kill", 1, 2, &[], &["ip", "netns", "exec", &hosts.b]);
+    let env = [("MW_TEST_VICTIM", victim.pid().to_string())];
+    let mut procs = vec![spawn("remote_kill", 0, 2, &env, &["ip", "netns", "exec", &hosts.a])];
+    let logs = common::finish(&mut procs, Duration::from_secs(60));
+    victim.wait_for(Duration::from_secs(5));
+    println!("{}", logs[0].lines().find(|l| l.contains("detected")).unwrap_or(""));
+}
+
+/// The cable between the hosts is cut (rank 1's interface goes down): both ranks see the
+/// other fall silent and break the world at the heartbeat timeout.
+fn partition(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let w =
+        m.init_world_with("cut", format!("{ADDR_A}:29557").as_str().into(), ctx.rank, 2, &fast_heartbeat()).unwrap();
+    w.barrier().unwrap();
+    let pending = w.recv_async(vec![0u8; 1], 1 - ctx.rank);
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    if ctx.rank == 0 {
+        let ns_b = ctx.env("MW_TEST_NS_B");
+        let dev = ctx.env("MW_TEST_DEV_B");
+        let ok = std::process::Command::new("ip").args(["-n", &ns_b, "link", "set", &dev, "down"]).status().unwrap();
+        assert!(ok.success());
+    }
+    let e = pending.wait().unwrap_err().error;
+    let took = t.elapsed();
+    println!("rank {}: partition detected {:.0} ms after the cut: {e}", ctx.rank, took.as_secs_f64() * 1e3);
+    assert!(matches!(e.broken_cause(), Some(BrokenCause::PeerUnresponsive { .. })), "{e}");
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(4), "{took:?}");
+}
+
+#[test]
+fn network_partition_is_detected_at_the_heartbeat_timeout() {
+    let Some(hosts) = hosts_or_skip("network_partition_is_detected_at_the_heartbeat_timeout") else { return };
+    let env = [("MW_TEST_NS_B", hosts.b.clone()), ("MW_TEST_DEV_B", hosts.veth_b.clone())];
+    let mut procs = vec![
+        spawn("partition", 0, 2, &env, &["ip", "netns", "exec", &hosts.a]),
+        spawn("partition", 1, 2, &env, &["ip", "netns", "exec", &hosts.b]),
+    ];
+    let logs = common::finish(&mut procs, Duration::from_secs(60));
+    for l in &logs {
+        println!("{}", l.lines().find(|l| l.contains("detected")).unwrap_or(""));
+    }
 }

@@ -262,3 +262,98 @@ impl Link for TcpLink {
         while matches!((&self.sock).read(&mut sink), Ok(n) if n > 0) {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{FrameKind, OpKind};
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    fn pair() -> (TcpLink, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let raw = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (TcpLink::new(s).unwrap(), raw)
+    }
+
+    /// Polls `f` until it stops answering `Ok(None)`/`Ok(false)`, for at most a second.
+    fn settle<T>(mut f: impl FnMut() -> Result<Option<T>, LinkError>) -> Result<Option<T>, LinkError> {
+        let t = std::time::Instant::now();
+        loop {
+            match f() {
+                Ok(None) if t.elapsed() < std::time::Duration::from_secs(1) => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                r => return r,
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_is_a_protocol_error() {
+        let (mut link, mut raw) = pair();
+        raw.write_all(&[0x55; 200]).unwrap();
+        assert!(matches!(settle(|| link.peek()), Err(LinkError::Protocol(m)) if m.contains("magic")));
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_reading_them() {
+        let (mut link, mut raw) = pair();
+        let mut h = FrameHeader::control(FrameKind::Data, 1, 1, 0);
+        h.op = Some(OpKind::P2p);
+        h.len = (TCP_MAX_PAYLOAD + 1) as u32;
+        h.total = h.len as u64;
+        raw.write_all(&h.encode()).unwrap();
+        assert!(matches!(settle(|| link.peek()), Err(LinkError::Protocol(m)) if m.contains("over the TCP limit")));
+    }
+
+    #[test]
+    fn a_truncated_frame_then_close_is_a_closed_link() {
+        let (mut link, mut raw) = pair();
+        let mut h = FrameHeader::control(FrameKind::Data, 1, 1, 0);
+        h.op = Some(OpKind::P2p);
+        h.len = 1000;
+        h.total = 1000;
+        raw.write_all(&h.encode()).unwrap();
+        raw.write_all(&[1; 10]).unwrap();
+        drop(raw);
+        let got = settle(|| link.peek()).unwrap().unwrap();
+        assert_eq!(got.len, 1000);
+        let mut dst = vec![0u8; 1000];
+        let t = std::time::Instant::now();
+        let r = loop {
+            match link.consume(Sink::Copy(&mut dst)) {
+                Ok(false) if t.elapsed() < std::time::Duration::from_secs(1) => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                r => break r,
+            }
+        };
+        assert!(matches!(r, Err(LinkError::Closed(_))), "{r:?}");
+    }
+
+    #[test]
+    fn frames_round_trip_in_pieces() {
+        let (mut a, b) = pair();
+        let mut b = TcpLink::new(b).unwrap();
+        let payload: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let mut h = FrameHeader::control(FrameKind::Data, 9, 2, 0);
+        h.op = Some(OpKind::P2p);
+        h.len = payload.len() as u32;
+        h.total = payload.len() as u64;
+        let mut written = 0;
+        let mut got = vec![0u8; payload.len()];
+        let mut done = false;
+        let t = std::time::Instant::now();
+        while !done {
+            let _ = a.write(&h.encode(), &payload, &mut written).unwrap();
+            if let Some(hh) = b.peek().unwrap() {
+                assert_eq!(hh, h);
+                done = b.consume(Sink::Copy(&mut got)).unwrap();
+            }
+            assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        }
+        assert_eq!(got, payload);
+    }
+}

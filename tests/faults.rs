@@ -1,0 +1,516 @@
+//! Fault domains across real processes: killed, stopped and late peers, operation deadlines,
+//! abort, containment, replacement under the same name, and no leaks over many cycles. Each
+//! test that measures a detection time asserts a bound that holds on a loaded 2-core machine
+//! and prints the figure it measured.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{spawn, Ctx};
+use multiworld::{BrokenCause, ErrorKind, Event, ReduceOp, UniqueId, World, WorldManager, WorldOptions, WorldState};
+
+#[test]
+#[ignore = "worker process entry, run by the other tests"]
+fn worker() {
+    common::worker_main(&[
+        ("kill_survivor", kill_survivor),
+        ("victim", victim),
+        ("stop_survivor", stop_survivor),
+        ("stream_partner", stream_partner),
+        ("deadline", deadline),
+        ("abort_waiters", abort_waiters),
+        ("cycles", cycles),
+        ("scenario_leader", scenario_leader),
+        ("sender", sender),
+        ("formation_survivor", formation_survivor),
+        ("formation_victim", formation_victim),
+    ]);
+}
+
+/// Timing-sensitive tests run one at a time, so that they load the machine less.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn pid_env(ctx: &Ctx) -> i32 {
+    ctx.env("MW_TEST_VICTIM").parse().expect("victim pid")
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on a pid of a process this test spawned.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// A peer that joins and then waits in a receive that never completes, until its world breaks.
+fn victim(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let opts = WorldOptions::default().with_heartbeat(Duration::from_millis(100), Duration::from_secs(1));
+    let w = m.init_world_with(&ctx.arg, ctx.id().into(), ctx.rank, 2, &opts).unwrap();
+    // Take part in a large all-reduce if asked (the survivor kills us in its middle).
+    if ctx.env("MW_TEST_ALLREDUCE") == "1" {
+        let mut v = vec![1f32; 32 << 20];
+        let _ = w.all_reduce_in_place(&mut v, ReduceOp::Sum);
+        return;
+    }
+    let mut x = [0u8; 1];
+    let e = w.recv(&mut x, 1 - ctx.rank).unwrap_err();
+    println!("victim: world ended: {e}");
+}
+
+fn spawn_pair(survivor: &str, victim_env: &[(&str, String)], world: &str) -> Vec<common::Proc> {
+    let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let mut env = vec![("MW_TEST_ID", id.to_string()), ("MW_TEST_ARG", world.to_string())];
+    env.extend(victim_env.iter().cloned());
+    let v = spawn("victim", 1, 2, &env, &[]);
+    env.push(("MW_TEST_VICTIM", v.pid().to_string()));
+    let s = spawn(survivor, 0, 2, &env, &[]);
+    vec![s, v]
+}
+
+/// SIGKILL the peer in the middle of a 128 MiB all-reduce; the pending operation and every
+/// later one fail with `WorldBroken`, naming the world and the peer, within 100 ms.
+fn kill_survivor(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let w = m.init_world(&ctx.arg, &ctx.id(), 0, 2).unwrap();
+    let req = w.all_reduce_async(vec![1f32; 32 << 20], ReduceOp::Sum);
+    let t0 = Instant::now();
+    while w.stats().bytes_received == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no data arrived");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert!(!req.test(), "the all-reduce finished before the kill");
+    let killed = Instant::now();
+    signal(pid_env(ctx), libc::SIGKILL);
+    let e = req.wait().unwrap_err().error;
+    let latency = killed.elapsed();
+    println!("kill detected {:.2} ms after SIGKILL: {e}", latency.as_secs_f64() * 1e3);
+    assert_eq!(e.kind(), ErrorKind::WorldBroken);
+    assert!(matches!(e.broken_cause(), Some(BrokenCause::PeerClosed { peer: 1, .. })), "{e}");
+    assert!(e.message().contains(&format!("'{}'", ctx.arg)) && e.message().contains("rank 1"), "{e}");
+    assert!(latency < Duration::from_millis(100), "detection took {latency:?}");
+    // Later operations fail at once, and the manager reported the break.
+    let t = Instant::now();
+    assert_eq!(w.barrier().unwrap_err().kind(), ErrorKind::WorldBroken);
+    assert!(t.elapsed() < Duration::from_millis(10));
+    assert!(matches!(w.state(), WorldState::Broken(BrokenCause::PeerClosed { peer: 1, .. })));
+    let ev = m.next_event(Some(Duration::from_secs(1)));
+    assert!(matches!(ev, Some(Event::Ready { .. })), "{ev:?}");
+    let ev = m.next_event(Some(Duration::from_secs(1)));
+    assert!(
+        matches!(&ev, Some(Event::Broken { name, cause: BrokenCause::PeerClosed { peer: 1, .. }, .. }) if *name == ctx.arg),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn sigkill_mid_all_reduce_is_detected_within_100ms() {
+    let _s = serial();
+    let mut procs = spawn_pair("kill_survivor", &[("MW_TEST_ALLREDUCE", "1".into())], "killme");
+    let mut survivor = procs.remove(0);
+    let mut victim = procs.remove(0);
+    let ok = survivor.wait_for(Duration::from_secs(60)).is_some_and(|s| s.success());
+    victim.wait_for(Duration::from_secs(5));
+    assert!(ok, "survivor failed:\n{}", survivor.log_text());
+    println!("{}", survivor.log_text().lines().find(|l| l.contains("detected")).unwrap_or(""));
+}
+
+/// SIGSTOP the peer of world A while world B (with another process) streams: A's pending
+/// receive fails after the heartbeat timeout (1 s here); B is not stalled meanwhile.
+fn stop_survivor(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let opts = WorldOptions::default().with_heartbeat(Duration::from_millis(100), Duration::from_secs(1));
+    let a = m.init_world_with("A", ctx.id().into(), 0, 2, &opts).unwrap();
+    let id_b: UniqueId = ctx.env("MW_TEST_ID_B").parse().unwrap();
+    let b = m.init_world_with("B", id_b.into(), 0, 2, &opts).unwrap();
+    let stop = AtomicBool::new(false);
+    let (stamps, (latency, e)) = std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            let mut stamps = Vec::new();
+            let mut v = vec![0f32; 64 << 10];
+            while !stop.load(Ordering::Relaxed) {
+                b.recv(&mut v, 1).unwrap();
+                stamps.push(Instant::now());
+            }
+            stamps
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let pending = a.recv_async(vec![0u8; 16], 1);
+        let stopped = Instant::now();
+        signal(pid_env(ctx), libc::SIGSTOP);
+        let e = pending.wait().unwrap_err().error;
+        let latency = stopped.elapsed();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        let stamps = t.join().unwrap();
+        (stamps, (latency, e))
+    });
+    signal(pid_env(ctx), libc::SIGCONT);
+    println!("hang detected {:.0} ms after SIGSTOP: {e}", latency.as_secs_f64() * 1e3);
+    assert!(matches!(e.broken_cause(), Some(BrokenCause::PeerUnresponsive { peer: 1, .. })), "{e}");
+    assert!(latency >= Duration::from_secs(1) && latency < Duration::from_secs(3), "{latency:?}");
+    // World B kept going while A stalled: no gap near the stall, plenty of messages.
+    let start = *stamps.first().unwrap();
+    let gaps: Vec<Duration> = stamps.windows(2).map(|w| w[1] - w[0]).collect();
+    let max_gap = gaps.iter().max().copied().unwrap_or_default();
+    println!(
+        "world B: {} messages in {:.1} s, longest gap {:.1} ms while world A stalled",
+        stamps.len(),
+        (*stamps.last().unwrap() - start).as_secs_f64(),
+        max_gap.as_secs_f64() * 1e3
+    );
+    assert!(max_gap < Duration::from_millis(500), "world B stalled for {max_gap:?}");
+    assert!(stamps.len() > 100);
+    assert_eq!(b.state(), WorldState::Ready);
+    m.remove_world("A").unwrap();
+}
+
+/// Streams 256 KiB messages to rank 0 until its world ends.
+fn stream_partner(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let w = m.init_world(&ctx.arg, &ctx.id(), 1, 2).unwrap();
+    let v = vec![1f32; 64 << 10];
+    while w.send(&v, 0).is_ok() {}
+}
+
+#[test]
+fn sigstop_is_detected_at_the_heartbeat_timeout_and_other_worlds_go_on() {
+    let _s = serial();
+    let id_b = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let mut procs = spawn_pair("stop_survivor", &[("MW_TEST_ID_B", id_b.to_string())], "A");
+    let env = [("MW_TEST_ID", id_b.to_string()), ("MW_TEST_ARG", "B".to_string())];
+    procs.push(spawn("stream_partner", 1, 2, &env, &[]));
+    let logs = common::finish(&mut procs, Duration::from_secs(60));
+    for l in logs[0].lines().filter(|l| l.contains("detected") || l.contains("world B")) {
+        println!("{l}");
+    }
+}
+
+/// An operation deadline: the receive times out with `Timeout`, the world is broken, and the
+/// peer learns why.
+fn deadline(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let opts = WorldOptions::default().with_op_timeout(Some(Duration::from_millis(300)));
+    let w = m.init_world_with("deadline", ctx.id().into(), ctx.rank, 2, &opts).unwrap();
+    if ctx.rank == 0 {
+        let t = Instant::now();
+        let e = w.recv(&mut [0u8; 4], 1).unwrap_err();
+        let took = t.elapsed();
+        println!("deadline hit after {:.0} ms: {e}", took.as_secs_f64() * 1e3);
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(1500), "{took:?}");
+        assert_eq!(w.barrier().unwrap_err().kind(), ErrorKind::WorldBroken);
+        // Request-level deadline on another world behaves the same.
+    } else {
+        w.set_op_timeout(None);
+        let e = w.recv(&mut [0u8; 4], 0).unwrap_err();
+        assert!(
+            matches!(e.broken_cause(), Some(BrokenCause::PeerAborted { peer: 0, reason }) if reason.contains("deadline")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn operation_deadline_gives_timeout_and_breaks_the_world() {
+    common::run_ranks("deadline", 2, &[], Duration::from_secs(30));
+}
+
+/// abort() is local, non-blocking and idempotent, and wakes every waiter.
+fn abort_waiters(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let w = m.init_world("abort", &ctx.id(), ctx.rank, 2).unwrap();
+    if ctx.rank == 1 {
+        let e = w.recv(&mut [0u8; 4], 0).unwrap_err();
+        assert!(matches!(e.broken_cause(), Some(BrokenCause::PeerAborted { peer: 0, .. })), "{e}");
+        return;
+    }
+    let before = common::fds_and_threads();
+    let woke = std::thread::scope(|s| {
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let w = w.clone();
+                s.spawn(move || {
+                    let e = w.recv(&mut [0u8; 4], 1).unwrap_err();
+                    (Instant::now(), e)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        w.abort();
+        let call = t.elapsed();
+        w.abort(); // idempotent
+        println!("abort() returned in {:.1} us", call.as_secs_f64() * 1e6);
+        assert!(call < Duration::from_millis(20), "abort blocked for {call:?}");
+        waiters.into_iter().map(|h| h.join().unwrap()).map(|(at, e)| (at - t, e)).collect::<Vec<_>>()
+    });
+    for (after, e) in &woke {
+        println!("waiter woke {:.2} ms after abort: {e}", after.as_secs_f64() * 1e3);
+        assert!(matches!(e.broken_cause(), Some(BrokenCause::LocalAbort)), "{e}");
+        assert!(*after < Duration::from_millis(100));
+    }
+    m.remove_world("abort").unwrap();
+    // The world's sockets and progress thread are gone (the waiter threads have exited).
+    let after = common::fds_and_threads();
+    assert!(after.0 < before.0, "fds {before:?} -> {after:?}");
+    assert!(after.1 < before.1, "threads {before:?} -> {after:?}");
+}
+
+#[test]
+fn abort_is_local_and_wakes_every_waiter() {
+    common::run_ranks("abort_waiters", 2, &[], Duration::from_secs(30));
+}
+
+/// Many cycles of form, use, break, remove under one name: generations rise, and file
+/// descriptors and threads come back to where they started.
+fn cycles(ctx: &Ctx) {
+    let n: usize = ctx.arg.parse().unwrap();
+    let addr = ctx.env("MW_TEST_ADDR");
+    let m = WorldManager::new();
+    let mut baseline = None;
+    let mut last_gen = 0;
+    for i in 0..n {
+        let w = m.init_world_at("cycle", &addr, ctx.rank, 2).unwrap();
+        assert!(w.generation() > last_gen, "generation {} after {last_gen}", w.generation());
+        last_gen = w.generation();
+        let mut v = [i as u32; 8];
+        w.all_reduce_in_place(&mut v, ReduceOp::Max).unwrap();
+        assert_eq!(v, [i as u32; 8]);
+        // Alternate who breaks the world; the other side sees it on its next call.
+        if i % 2 == ctx.rank {
+            w.abort();
+        } else {
+            let e = w.recv(&mut [0u8; 1], 1 - ctx.rank).unwrap_err();
+            assert!(e.is_world_broken(), "{e}");
+        }
+        m.remove_world("cycle").unwrap();
+        drop(w);
+        if i == 0 {
+            baseline = Some(settle(None));
+        }
+    }
+    let base = baseline.unwrap();
+    let end = settle(Some(base));
+    println!("rank {}: {n} cycles, last generation {last_gen}, fds/threads {base:?} -> {end:?}", ctx.rank);
+    assert_eq!(end, base, "leak after {n} cycles");
+    assert_eq!(last_gen as usize, n);
+}
+
+/// Waits (at most 3 s) for threads that are finishing to exit; returns (fds, threads).
+fn settle(target: Option<(usize, usize)>) -> (usize, usize) {
+    let t0 = Instant::now();
+    loop {
+        let now = common::fds_and_threads();
+        if target.is_none_or(|t| now == t) || t0.elapsed() > Duration::from_secs(3) {
+            if target.is_none() {
+                std::thread::sleep(Duration::from_millis(200));
+                return common::fds_and_threads();
+            }
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_thousand_break_and_replace_cycles_leak_nothing() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let env = [("MW_TEST_ADDR", format!("127.0.0.1:{port}")), ("MW_TEST_ARG", "1000".to_string())];
+    let mut procs: Vec<_> = (0..2).map(|r| spawn("cycles", r, 2, &env, &[])).collect();
+    let logs = common::finish(&mut procs, Duration::from_secs(300));
+    println!("{}", logs[0].lines().find(|l| l.contains("cycles")).unwrap_or(""));
+}
+
+/// A sender: streams numbered messages to rank 0 of its world until the world ends.
+fn sender(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let w = m.init_world(&ctx.arg, &ctx.id(), 1, 2).unwrap();
+    let mut k = 0u64;
+    loop {
+        let msg = vec![k; 16 << 10];
+        if w.send(&msg, 0).is_err() {
+            return;
+        }
+        k += 1;
+    }
+}
+
+fn receive_loop(w: &World, stamps: &Mutex<Vec<Instant>>) -> multiworld::Error {
+    let mut buf = vec![0u64; 16 << 10];
+    let mut expect = 0u64;
+    loop {
+        if let Err(e) = w.recv(&mut buf, 1) {
+            return e;
+        }
+        assert!(buf.iter().all(|x| *x == expect), "message {expect} corrupted in {}", w.name());
+        expect += 1;
+        stamps.lock().unwrap().push(Instant::now());
+    }
+}
+
+/// The MultiWorld paper's scenario: a leader receives from two senders over world1 and world2;
+/// sender 1 is killed; world2 goes on undisturbed; the leader replaces world1 with a new
+/// sender under the same name.
+fn scenario_leader(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let ids: Vec<UniqueId> = ["MW_TEST_ID1", "MW_TEST_ID2"].iter().map(|k| ctx.env(k).parse().unwrap()).collect();
+    let w1 = m.init_world("world1", &ids[0], 0, 2).unwrap();
+    let w2 = m.init_world("world2", &ids[1], 0, 2).unwrap();
+    let stamps2 = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let t2 = s.spawn(|| {
+            let mut buf = vec![0u64; 16 << 10];
+            let mut expect = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                w2.recv(&mut buf, 1).unwrap();
+                assert!(buf.iter().all(|x| *x == expect));
+                expect += 1;
+                stamps2.lock().unwrap().push(Instant::now());
+            }
+        });
+        let stamps1 = &*Box::leak(Box::new(Mutex::new(Vec::new())));
+        let t1 = s.spawn(|| receive_loop(&w1, stamps1));
+        std::thread::sleep(Duration::from_millis(500));
+        let killed = Instant::now();
+        signal(pid_env(ctx), libc::SIGKILL);
+        let e = t1.join().unwrap();
+        let latency = killed.elapsed();
+        println!("world1 broke {:.2} ms after its sender was killed: {e}", latency.as_secs_f64() * 1e3);
+        assert!(matches!(e.broken_cause(), Some(BrokenCause::PeerClosed { peer: 1, .. })), "{e}");
+        assert!(latency < Duration::from_millis(100), "{latency:?}");
+        // Replace world1: a new sender process, the same name, a new generation.
+        m.remove_world("world1").unwrap();
+        let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+        let mut p = spawn("sender", 1, 2, &[("MW_TEST_ID", id.to_string()), ("MW_TEST_ARG", "world1".into())], &[]);
+        let t = Instant::now();
+        let w1b = m.init_world("world1", &id, 0, 2).unwrap();
+        println!("world1 replaced in {:.1} ms, generation {}", t.elapsed().as_secs_f64() * 1e3, w1b.generation());
+        assert_eq!(w1b.generation(), 2);
+        let stamps1b = Mutex::new(Vec::new());
+        let mut buf = vec![0u64; 16 << 10];
+        for k in 0..50u64 {
+            w1b.recv(&mut buf, 1).unwrap();
+            assert!(buf.iter().all(|x| *x == k));
+            stamps1b.lock().unwrap().push(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        t2.join().unwrap();
+        m.remove_world("world1").unwrap();
+        p.wait_for(Duration::from_secs(10));
+        // world2 was undisturbed: it kept receiving through the kill and the replacement.
+        let st = stamps2.lock().unwrap();
+        let around: Vec<&Instant> =
+            st.iter().filter(|x| **x > killed && **x < killed + Duration::from_millis(200)).collect();
+        let max_gap = st.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+        println!(
+            "world2: {} messages in total, {} in the 200 ms after the kill, longest gap {:.1} ms",
+            st.len(),
+            around.len(),
+            max_gap.as_secs_f64() * 1e3
+        );
+        assert!(!around.is_empty() && max_gap < Duration::from_millis(500));
+    });
+    let evs: Vec<Event> = std::iter::from_fn(|| m.try_next_event()).collect();
+    assert!(evs.iter().any(|e| matches!(e, Event::Broken { name, generation: 1, .. } if name == "world1")), "{evs:?}");
+    assert!(evs.iter().any(|e| matches!(e, Event::Ready { name, generation: 2 } if name == "world1")), "{evs:?}");
+    assert!(!evs.iter().any(|e| matches!(e, Event::Broken { name, .. } if name == "world2")), "{evs:?}");
+}
+
+#[test]
+fn multiworld_scenario_kill_one_sender_replace_it_the_other_goes_on() {
+    let _s = serial();
+    let id1 = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let id2 = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let s1 = spawn("sender", 1, 2, &[("MW_TEST_ID", id1.to_string()), ("MW_TEST_ARG", "world1".into())], &[]);
+    let s2 = spawn("sender", 1, 2, &[("MW_TEST_ID", id2.to_string()), ("MW_TEST_ARG", "world2".into())], &[]);
+    let env =
+        [("MW_TEST_ID1", id1.to_string()), ("MW_TEST_ID2", id2.to_string()), ("MW_TEST_VICTIM", s1.pid().to_string())];
+    let leader = spawn("scenario_leader", 0, 2, &env, &[]);
+    let mut procs = vec![leader, s2];
+    let mut s1 = s1;
+    let logs = common::finish(&mut procs, Duration::from_secs(60));
+    s1.wait_for(Duration::from_secs(1));
+    for l in logs[0].lines().filter(|l| l.starts_with("world")) {
+        println!("{l}");
+    }
+}
+
+/// Formation with a peer that is killed at some point of it, or never arrives: the survivor
+/// fails within its deadline and is left clean; the name then forms with a new peer.
+fn formation_survivor(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let opts = WorldOptions::default().with_timeout(Duration::from_secs(2));
+    let base = common::fds_and_threads();
+    let t = Instant::now();
+    let r = m.init_world_with("f", ctx.id().into(), 0, 2, &opts);
+    let took = t.elapsed();
+    match &r {
+        Err(e) => {
+            println!("formation failed after {:.0} ms: {e}", took.as_secs_f64() * 1e3);
+            assert!(matches!(e.kind(), ErrorKind::Timeout | ErrorKind::WorldBroken), "{e}");
+            assert!(took < Duration::from_secs(4), "{took:?}");
+            assert!(m.world("f").is_none());
+        }
+        Ok(w) => {
+            // The peer died right after formation: the world breaks at once.
+            let e = w.recv(&mut [0u8; 1], 1).unwrap_err();
+            println!("formed, then broke: {e}");
+            assert!(e.is_world_broken());
+            m.remove_world("f").unwrap();
+        }
+    }
+    drop(r); // a world handle keeps the world's event descriptors until it goes
+             // Clean: the formation's thread, listener and sockets are gone.
+    let t0 = Instant::now();
+    while common::fds_and_threads() != base && t0.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(common::fds_and_threads(), base);
+    // The name forms again with a live peer.
+    let id2: UniqueId = ctx.env("MW_TEST_ID2").parse().unwrap();
+    let w = m.init_world("f", &id2, 0, 2).unwrap();
+    w.barrier().unwrap();
+}
+
+fn formation_victim(ctx: &Ctx) {
+    let m = WorldManager::new();
+    if ctx.arg == "second" {
+        let id2: UniqueId = ctx.env("MW_TEST_ID2").parse().unwrap();
+        m.init_world("f", &id2, 1, 2).unwrap().barrier().unwrap();
+        return;
+    }
+    let _ = m.init_world("f", &ctx.id(), 1, 2);
+    std::thread::sleep(Duration::from_secs(30));
+}
+
+#[test]
+fn sigkill_during_formation_and_a_joiner_that_never_comes() {
+    // Kill the joiner after 0, 2, 10, 40 ms (somewhere in formation), or never start it.
+    for delay in [None, Some(0u64), Some(2), Some(10), Some(40)] {
+        let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+        let id2 = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+        let env = [("MW_TEST_ID", id.to_string()), ("MW_TEST_ID2", id2.to_string())];
+        let surv = spawn("formation_survivor", 0, 2, &env, &[]);
+        if let Some(ms) = delay {
+            let mut v = spawn("formation_victim", 1, 2, &env, &[]);
+            std::thread::sleep(Duration::from_millis(ms));
+            v.signal(libc::SIGKILL);
+            v.wait_for(Duration::from_secs(5));
+        }
+        let mut e2 = env.to_vec();
+        e2.push(("MW_TEST_ARG", "second".into()));
+        let second = spawn("formation_victim", 1, 2, &e2, &[]);
+        let logs = common::finish(&mut [surv, second], Duration::from_secs(30));
+        println!(
+            "kill after {delay:?} ms: {}",
+            logs[0].lines().find(|l| l.contains("formation") || l.contains("formed")).unwrap_or("")
+        );
+    }
+}
