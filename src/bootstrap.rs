@@ -23,6 +23,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::net::{self, MAX_MESSAGE};
 use crate::sys;
 use crate::transport::loopback::QueueLink;
+use crate::transport::shm::{Segment, ShmLink};
 use crate::transport::tcp::TcpLink;
 use crate::transport::Link;
 use crate::wire::{MsgReader, MsgWriter};
@@ -395,6 +396,8 @@ pub(crate) struct JoinSpec {
     pub rendezvous: Rendezvous,
     pub secret: Vec<u8>,
     pub interface: Option<String>,
+    /// Shared memory may be used for peers on the same host.
+    pub shm: bool,
     pub generation: u32,
     pub timeout: Duration,
 }
@@ -521,7 +524,8 @@ fn connect_links(
             Err(e) => return Err(Error::new(ErrorKind::WorldBroken, format!("{}: {e}", what()))),
         }
         s.set_read_timeout(None).map_err(|e| Error::system(what(), e))?;
-        links[peer] = Some(Box::new(TcpLink::new(s).map_err(|e| Error::system(what(), e))?));
+        let same_host = t.peers[peer].1 == t.peers[rank].1;
+        links[peer] = Some(offer_transport(s, spec.shm && same_host, deadline).map_err(|e| Error::system(what(), e))?);
     }
     let expected = size - rank - 1;
     let mut accepted = 0;
@@ -581,11 +585,71 @@ fn connect_links(
                 formation_err(name, rank, format!("rank {from} went away while connecting")),
             ));
         }
-        links[from] =
-            Some(Box::new(TcpLink::new(s).map_err(|e| Error::system(formation_err(name, rank, "tuning a link"), e))?));
+        let same_host = t.peers[from].1 == t.peers[rank].1;
+        let link = answer_transport(s, spec.shm && same_host, deadline).map_err(|e| {
+            Error::new(
+                ErrorKind::WorldBroken,
+                formation_err(name, rank, format!("setting up the link to rank {from}: {e}")),
+            )
+        })?;
+        links[from] = Some(link);
         accepted += 1;
     }
     Ok(links)
+}
+
+/// The connecting (higher) rank of a pair proposes the transport: `T` for TCP, or `S` and the
+/// path of a fresh shared-memory segment. The acceptor answers an `S` with one byte, 1 if it
+/// mapped the segment; the connector then unlinks the file either way.
+fn offer_transport(s: TcpStream, shm: bool, deadline: Instant) -> io::Result<Box<dyn Link>> {
+    if shm {
+        match Segment::create() {
+            Ok(mut seg) => {
+                let path = seg.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+                net::send_msg(&s, format!("S{path}").as_bytes(), deadline)?;
+                s.set_read_timeout(Some(
+                    deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
+                ))?;
+                let mut ok = [0u8; 1];
+                (&s).read_exact(&mut ok)?;
+                s.set_read_timeout(None)?;
+                seg.unlink();
+                if ok[0] == 1 {
+                    return Ok(Box::new(ShmLink::new(s, seg, true)?));
+                }
+                info!("shared memory refused by the peer; using TCP");
+                return Ok(Box::new(TcpLink::new(s)?));
+            }
+            Err(e) => warn!("cannot create a shared-memory segment ({e}); using TCP"),
+        }
+    }
+    net::send_msg(&s, b"T", deadline)?;
+    Ok(Box::new(TcpLink::new(s)?))
+}
+
+fn answer_transport(s: TcpStream, shm: bool, deadline: Instant) -> io::Result<Box<dyn Link>> {
+    let offer = net::recv_msg(&s, deadline)?;
+    match offer.split_first() {
+        Some((b'T', [])) => Ok(Box::new(TcpLink::new(s)?)),
+        Some((b'S', path)) => {
+            let seg = if shm { std::str::from_utf8(path).ok().map(Segment::open) } else { None };
+            let mut w = &s;
+            match seg {
+                Some(Ok(seg)) => {
+                    io::Write::write_all(&mut w, &[1])?;
+                    Ok(Box::new(ShmLink::new(s, seg, false)?))
+                }
+                other => {
+                    if let Some(Err(e)) = other {
+                        warn!("cannot map the peer's shared-memory segment ({e}); using TCP");
+                    }
+                    io::Write::write_all(&mut w, &[0])?;
+                    Ok(Box::new(TcpLink::new(s)?))
+                }
+            }
+        }
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "bad transport offer")),
+    }
 }
 
 #[cfg(test)]

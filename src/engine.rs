@@ -167,8 +167,9 @@ struct Peer {
     traffic: (u64, u64),
     tx_seq: u64,
     rx_seq: u64,
-    /// The peer left (closed, aborted or died); its link is no longer used.
-    gone: bool,
+    /// The peer left (closed, aborted or died), and why; its link is no longer used, but what
+    /// it sent before leaving can still be received.
+    gone: Option<BrokenCause>,
 }
 
 /// Where to sleep until the engine can do more.
@@ -190,9 +191,6 @@ pub(crate) struct Engine {
     next_id: u64,
     coll_seq: u64,
     broken: Option<BrokenCause>,
-    /// A peer left while nothing in flight needed it: the world breaks with this cause as
-    /// soon as the operations in flight are done, and starts no new ones.
-    doomed: Option<BrokenCause>,
     stats: WorldStats,
     on_broken: Option<OnBroken>,
 }
@@ -243,7 +241,7 @@ impl Engine {
                         traffic: (0, 0),
                         tx_seq: 0,
                         rx_seq: 0,
-                        gone: false,
+                        gone: None,
                     }
                 })
             })
@@ -255,7 +253,6 @@ impl Engine {
             next_id: 0,
             coll_seq: 0,
             broken: None,
-            doomed: None,
             stats: WorldStats::default(),
             on_broken: None,
         }
@@ -281,7 +278,7 @@ impl Engine {
 
     /// True when some link is worth spinning on (memory-based links) rather than sleeping.
     pub(crate) fn spin_worthy(&self) -> bool {
-        false
+        self.peers.iter().flatten().any(|p| p.gone.is_none() && p.link.spins())
     }
 
     /// The transport used for each peer (`None` for the rank itself or absent links).
@@ -362,6 +359,10 @@ impl Engine {
                 }
             }
         }
+        // Timers first (heartbeats to queue, silent peers, deadlines), so that whatever they
+        // start or find is handled by the loop below in this same pass.
+        self.sample_traffic(now);
+        self.timers(now)?;
         loop {
             let mut progress = self.activate()?;
             progress |= self.run_local_steps()?;
@@ -374,39 +375,42 @@ impl Engine {
                 break;
             }
         }
-        self.timers(now)?;
-        match &self.doomed {
-            Some(c) if !self.ops.iter().any(|o| o.active) => Err(c.clone()),
-            _ => Ok(()),
+        self.sample_traffic(now);
+        // A departed peer breaks the world once nothing is left to do with what it sent.
+        if !self.ops.iter().any(|o| o.active) {
+            let spent = self.peers.iter().flatten().find(|p| p.gone.is_some() && p.unexpected.is_empty());
+            if let Some(c) = spent.and_then(|p| p.gone.clone()) {
+                return Err(c);
+            }
         }
+        Ok(())
     }
 
-    /// Moves data to and from one peer. A peer that leaves (closes, aborts, dies) breaks the
-    /// world at once if an operation in flight still needs it; otherwise the operations in
-    /// flight finish and the world breaks after them.
+    /// Moves data to and from one peer.
+    ///
+    /// A peer that leaves (closes, aborts, dies) is like a stream that ends: what it sent
+    /// before leaving can still be received, and the world breaks, with the peer's cause, as
+    /// soon as an operation needs anything more of it — a frame it did not send, or sending
+    /// to it — or, when the world is idle, as soon as nothing it sent is left to receive.
     fn serve_peer(&mut self, peer: usize) -> Result<bool, BrokenCause> {
-        if self.peers[peer].as_ref().is_none_or(|p| p.gone) {
-            return Ok(false);
+        let Some(p) = self.peers[peer].as_ref() else { return Ok(false) };
+        if let Some(cause) = p.gone.clone() {
+            let progress = self.service_rx(peer, false)?;
+            let p = self.peers[peer].as_ref().expect("checked above");
+            let data_pending = matches!(p.tx, Some(TxFrame { done: TxDone::Data { .. }, .. }));
+            if !p.tx_queue.is_empty() || data_pending || (!p.rx_queue.is_empty() && p.unexpected.is_empty()) {
+                return Err(cause);
+            }
+            return Ok(progress);
         }
-        let r = self.service_tx(peer).and_then(|a| Ok(a | self.service_rx(peer)?));
+        let r = self.service_tx(peer).and_then(|a| Ok(a | self.service_rx(peer, true)?));
         match r {
             Err(
                 c @ (BrokenCause::PeerClosed { .. } | BrokenCause::PeerLeft { .. } | BrokenCause::PeerAborted { .. }),
             ) if c.peer() == Some(peer) => {
-                let p = self.peers[peer].as_mut().expect("checked above");
-                p.gone = true;
-                let needed = !p.tx_queue.is_empty()
-                    || !p.rx_queue.is_empty()
-                    || matches!(p.tx, Some(TxFrame { done: TxDone::Data { .. }, .. }));
-                if needed {
-                    return Err(c);
-                }
-                debug!(
-                    "world '{}' rank {}: rank {peer} left ({c}); finishing what does not need it",
-                    self.cfg.name, self.cfg.rank
-                );
-                self.doomed.get_or_insert(c);
-                Ok(true)
+                debug!("world '{}' rank {}: rank {peer} left ({c})", self.cfg.name, self.cfg.rank);
+                self.peers[peer].as_mut().expect("checked above").gone = Some(c);
+                self.serve_peer(peer).map(|_| true)
             }
             other => other,
         }
@@ -416,9 +420,6 @@ impl Engine {
     /// point-to-point operations together.
     fn activate(&mut self) -> Result<bool, BrokenCause> {
         let mut progress = false;
-        if self.doomed.is_some() {
-            return Ok(false);
-        }
         for i in 0..self.ops.len() {
             let op = &self.ops[i];
             if !op.active {
@@ -729,7 +730,8 @@ impl Engine {
         Ok(complete)
     }
 
-    fn service_rx(&mut self, peer: usize) -> Result<bool, BrokenCause> {
+    /// Receives from one peer: frames already buffered first, then (if `link_open`) the link.
+    fn service_rx(&mut self, peer: usize, link_open: bool) -> Result<bool, BrokenCause> {
         let mut progress = false;
         loop {
             let Some(p) = self.peers[peer].as_ref() else { return Ok(progress) };
@@ -753,6 +755,9 @@ impl Engine {
                 }
             } else if p.unexpected_bytes >= UNEXPECTED_CAP {
                 self.peers[peer].as_mut().expect("checked above").paused = true;
+                return Ok(progress);
+            }
+            if !link_open {
                 return Ok(progress);
             }
             let p = self.peers[peer].as_mut().expect("checked above");
@@ -835,7 +840,7 @@ impl Engine {
 
     /// Credits the bytes moved since the last look to `now`.
     fn sample_traffic(&mut self, now: Instant) {
-        for p in self.peers.iter_mut().flatten().filter(|p| !p.gone) {
+        for p in self.peers.iter_mut().flatten().filter(|p| p.gone.is_none()) {
             let Some(live) = p.live.as_mut() else { continue };
             let (rx, tx) = p.link.traffic();
             if rx > p.traffic.0 {
@@ -849,9 +854,8 @@ impl Engine {
     }
 
     fn timers(&mut self, now: Instant) -> Result<(), BrokenCause> {
-        self.sample_traffic(now);
         for (rank, slot) in self.peers.iter_mut().enumerate() {
-            let Some(p) = slot.as_mut().filter(|p| !p.gone) else { continue };
+            let Some(p) = slot.as_mut().filter(|p| p.gone.is_none()) else { continue };
             let Some(live) = p.live.as_mut() else { continue };
             // A peer whose input we stopped reading proves nothing by its silence, unless we
             // are also stuck writing to it.
@@ -878,10 +882,6 @@ impl Engine {
                 }
             }
         }
-        for peer in 0..self.peers.len() {
-            self.serve_peer(peer)?;
-        }
-        self.sample_traffic(now);
         if let Some((_, t)) = self.ops.iter().filter_map(|o| o.deadline).find(|(d, _)| now >= *d) {
             return Err(BrokenCause::OperationTimeout { after_ms: t.as_millis() as u64 });
         }
@@ -895,7 +895,7 @@ impl Engine {
             w.ready = true;
             return w;
         }
-        for p in self.peers.iter_mut().flatten().filter(|p| !p.gone) {
+        for p in self.peers.iter_mut().flatten().filter(|p| p.gone.is_none()) {
             let read = !p.paused;
             let write = p.tx.is_some();
             match p.link.arm(read, write) {
@@ -915,9 +915,9 @@ impl Engine {
     }
 
     /// What an idle world watches: hang-ups only, and the next heartbeat.
-    pub(crate) fn watch_set(&self) -> WaitSet {
+    pub(crate) fn watch_set(&mut self) -> WaitSet {
         let mut w = WaitSet::default();
-        for p in self.peers.iter().flatten().filter(|p| !p.gone) {
+        for p in self.peers.iter_mut().flatten().filter(|p| p.gone.is_none()) {
             if let Some((fd, ev)) = p.link.hangup_fd() {
                 w.fds.push(crate::sys::pollfd(fd, ev));
             }
@@ -940,8 +940,10 @@ impl Engine {
             return;
         }
         let h = FrameHeader::control(FrameKind::Close, self.cfg.world_id, self.cfg.generation, 0).encode();
-        for p in self.peers.iter_mut().flatten().filter(|p| !p.gone && p.link.kind() != TransportKind::Loopback) {
-            if p.tx.is_none() {
+        for p in
+            self.peers.iter_mut().flatten().filter(|p| p.gone.is_none() && p.link.kind() != TransportKind::Loopback)
+        {
+            if p.tx.as_ref().is_none_or(|f| f.written == 0) {
                 let mut written = 0;
                 let _ = p.link.write(&h, &[], &mut written);
             }
@@ -971,8 +973,9 @@ impl Engine {
         }
         let reason = cause.to_string().into_bytes();
         let h = FrameHeader::control(FrameKind::Abort, self.cfg.world_id, self.cfg.generation, reason.len() as u32);
-        for p in self.peers.iter_mut().flatten().filter(|p| !p.gone) {
-            if p.tx.is_none() && p.link.kind() != TransportKind::Loopback {
+        for p in self.peers.iter_mut().flatten().filter(|p| p.gone.is_none()) {
+            // A frame not yet started can give way; one half written cannot be cut.
+            if p.tx.as_ref().is_none_or(|f| f.written == 0) && p.link.kind() != TransportKind::Loopback {
                 let mut written = 0;
                 let _ = p.link.write(&h.encode(), &reason, &mut written);
             }

@@ -245,6 +245,7 @@ impl WorldManager {
             },
             secret: options.secret.clone().unwrap_or_default(),
             interface: options.interface.clone(),
+            shm: options.transport.effective() == crate::options::TransportChoice::Auto,
             generation,
             timeout: options.timeout,
         };

@@ -4,6 +4,28 @@ use std::time::Duration;
 
 pub use crate::health::Heartbeat;
 
+/// Which transports a world may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// The fastest available per peer: shared memory for peers on the same host, TCP for the
+    /// others (and for any pair where shared memory cannot be set up).
+    #[default]
+    Auto,
+    /// TCP for every peer.
+    Tcp,
+}
+
+impl TransportChoice {
+    /// The choice after the `MW_TRANSPORT` environment variable (`tcp` forces TCP for every
+    /// world; `auto` or unset leaves the world's own choice).
+    pub(crate) fn effective(self) -> TransportChoice {
+        match std::env::var("MW_TRANSPORT").as_deref() {
+            Ok("tcp") => TransportChoice::Tcp,
+            _ => self,
+        }
+    }
+}
+
 /// How a world forms and watches its peers. Build with the `with_*` methods:
 ///
 /// ```
@@ -29,6 +51,9 @@ pub struct WorldOptions {
     /// Interface (name like `eth0`, or an IP) on which this rank listens for its peers.
     /// Default: `MW_SOCKET_IFNAME`, else the address that reaches the rendezvous root.
     pub interface: Option<String>,
+    /// Transports the world may use (default: shared memory where possible, else TCP;
+    /// `MW_TRANSPORT=tcp` forces TCP).
+    pub transport: TransportChoice,
 }
 
 impl Default for WorldOptions {
@@ -39,6 +64,7 @@ impl Default for WorldOptions {
             op_timeout: None,
             secret: None,
             interface: None,
+            transport: TransportChoice::Auto,
         }
     }
 }
@@ -65,6 +91,12 @@ impl WorldOptions {
     /// Sets the secret for forming by address.
     pub fn with_secret(mut self, secret: &[u8]) -> Self {
         self.secret = Some(secret.to_vec());
+        self
+    }
+
+    /// Sets which transports the world may use.
+    pub fn with_transport(mut self, t: TransportChoice) -> Self {
+        self.transport = t;
         self
     }
 

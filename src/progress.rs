@@ -1,19 +1,26 @@
-//! Drives a world's engine: who runs it, and how they sleep.
+//! Drives a world's engine: who runs it, and how threads sleep and wake.
 //!
 //! Each world has its own [`Driver`] and its own progress thread, and shares no lock with any
 //! other world, so a world whose peer hangs cannot slow another world down. The engine sits
-//! behind one mutex that is held only for a non-blocking pass, never across a sleep.
+//! behind a mutex that is held only for one non-blocking pass, never across a sleep.
 //!
-//! - A blocking call posts its operation and then drives the engine itself until the
-//!   operation completes: no thread hop on the way. While such a caller drives, the progress
-//!   thread only watches for hang-ups and heartbeat deadlines.
-//! - Non-blocking operations are driven by the progress thread, which a post wakes through an
-//!   event descriptor.
+//! One thread at a time **drives**: it holds the driving token, passes the engine, and sleeps
+//! in `poll` on what the engine waits for. Every other thread waiting for an operation sleeps
+//! on that operation's completion, which whoever completes it signals. So a wake-up can never
+//! go to the wrong sleeper:
+//!
+//! - A blocking call posts its operation and, if nobody drives, takes the token and drives
+//!   until its own operation is done — no hop to another thread. If another thread drives, the
+//!   post kicks it (an event descriptor only the driver polls) and the caller waits on its
+//!   completion.
+//! - Non-blocking operations are driven by the progress thread, which a post wakes through a
+//!   second event descriptor that only the idle progress thread polls. A caller that stops
+//!   driving with work left wakes it the same way.
 //! - An idle world's progress thread sleeps on its links' hang-up events and wakes once per
 //!   heartbeat interval: a dead peer is seen at once, a silent one at the heartbeat timeout.
-//! - Abort sets a flag and signals an event descriptor that every sleeper polls and nobody
-//!   drains, so it wakes all of them; the next pass fails every operation and closes the
-//!   links, and the progress thread exits.
+//! - Abort sets a flag and signals a third event descriptor that every sleeper polls and
+//!   nobody drains; the next pass fails every operation and closes the links, and the
+//!   progress thread exits.
 
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,22 +28,27 @@ use std::time::{Duration, Instant};
 use crate::engine::{Engine, Posted, WaitSet, WorldStats};
 use crate::error::{BrokenCause, Error, Result};
 use crate::request::{Completion, Progress};
-use crate::sync::{lock, try_lock, Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
+use crate::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
 use crate::sys::{self, EventFd};
 
 /// Passes without progress before a driver on a spin-worthy link goes to sleep.
 const SPIN_PASSES: u32 = 200;
+/// How long a waiter that does not drive sleeps on its completion before it looks whether it
+/// could drive instead.
+const WAITER_RECHECK: Duration = Duration::from_millis(2);
 
 pub(crate) struct Driver {
     name: Arc<str>,
     engine: Mutex<Engine>,
-    /// Signalled once, on abort; never drained.
+    /// Held by the one thread that drives.
+    driving: AtomicBool,
+    /// Signalled once, on abort; never drained; every sleeper polls it.
     abort_fd: EventFd,
-    /// Wakes the progress thread when work is posted for it.
+    /// Tells the driver that new work was posted; polled and drained by the driver only.
+    kick_fd: EventFd,
+    /// Tells the idle progress thread that there is work; polled and drained by it only.
     wake_fd: EventFd,
     aborted: AtomicBool,
-    /// Callers currently driving the engine themselves.
-    inline: AtomicUsize,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -54,13 +66,15 @@ fn poll_with(ws: &WaitSet, extra: &[&EventFd], deadline: Option<Instant>) {
 impl Driver {
     /// Starts the world's progress thread.
     pub(crate) fn start(name: Arc<str>, engine: Engine, heartbeat_interval: Duration) -> Result<Arc<Driver>> {
+        let efd = || EventFd::new().map_err(|e| Error::system("eventfd", e));
         let d = Arc::new(Driver {
             name: name.clone(),
             engine: Mutex::new(engine),
-            abort_fd: EventFd::new().map_err(|e| Error::system("eventfd", e))?,
-            wake_fd: EventFd::new().map_err(|e| Error::system("eventfd", e))?,
+            driving: AtomicBool::new(false),
+            abort_fd: efd()?,
+            kick_fd: efd()?,
+            wake_fd: efd()?,
             aborted: AtomicBool::new(false),
-            inline: AtomicUsize::new(0),
             thread: Mutex::new(None),
         });
         let me = d.clone();
@@ -72,6 +86,14 @@ impl Driver {
         Ok(d)
     }
 
+    fn take_token(&self) -> bool {
+        self.driving.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    fn give_token(&self) {
+        self.driving.store(false, Ordering::Release);
+    }
+
     /// One pass under the lock, with a pending abort applied first.
     fn pass(&self, e: &mut Engine, now: Instant) {
         if self.aborted.load(Ordering::Acquire) {
@@ -80,33 +102,65 @@ impl Driver {
         e.pass(now);
     }
 
-    fn run(&self, interval: Duration) {
+    /// Drives (the caller holds the token) until `done` says so or `deadline` passes.
+    fn drive(&self, done: impl Fn(&Engine) -> bool, deadline: Option<Instant>) {
+        let mut idle_passes = 0;
         loop {
-            let (ws, active) = {
+            let now = Instant::now();
+            let (ws, spin) = {
                 let mut e = lock(&self.engine);
-                self.pass(&mut e, Instant::now());
-                if e.broken().is_some() {
-                    break;
+                self.pass(&mut e, now);
+                if done(&e) || deadline.is_some_and(|d| now >= d) {
+                    return;
                 }
-                let active = e.has_work() && self.inline.load(Ordering::Acquire) == 0;
-                (if active { e.wait_set() } else { e.watch_set() }, active)
+                (e.wait_set(), e.spin_worthy())
             };
-            if active && ws.ready {
+            if ws.ready {
                 continue;
             }
-            // Idle or watching: wake at least once per heartbeat interval.
-            let tick = (!active).then(|| Instant::now() + interval);
-            poll_with(&ws, &[&self.wake_fd, &self.abort_fd], tick);
+            if spin && idle_passes < SPIN_PASSES {
+                idle_passes += 1;
+                std::hint::spin_loop();
+                continue;
+            }
+            idle_passes = 0;
+            poll_with(&ws, &[&self.abort_fd, &self.kick_fd], deadline);
+            self.kick_fd.drain();
+        }
+    }
+
+    fn run(&self, interval: Duration) {
+        loop {
+            if self.take_token() {
+                let work = {
+                    let mut e = lock(&self.engine);
+                    self.pass(&mut e, Instant::now());
+                    e.has_work() && e.broken().is_none()
+                };
+                if work {
+                    self.drive(|e| !e.has_work() || e.broken().is_some(), None);
+                }
+                let broken = lock(&self.engine).broken().is_some();
+                self.give_token();
+                if broken {
+                    break;
+                }
+            }
+            // Idle (or another thread drives): watch for hang-ups, work, abort, the next tick.
+            let ws = lock(&self.engine).watch_set();
+            poll_with(&ws, &[&self.wake_fd, &self.abort_fd], Some(Instant::now() + interval));
             self.wake_fd.drain();
         }
         debug!("world '{}': progress thread exits", self.name);
     }
 
-    /// Hands operations to the engine. `driven` means the caller will drive them itself
-    /// (blocking call); otherwise the progress thread is woken to do it.
+    /// Hands operations to the engine. `driven` means the caller will wait for them at once
+    /// (a blocking call) and drive them itself if it can.
     pub(crate) fn post(&self, ops: Vec<Posted>, driven: bool) {
         lock(&self.engine).post(ops, Instant::now());
-        if !driven && self.inline.load(Ordering::Acquire) == 0 {
+        if self.driving.load(Ordering::Acquire) {
+            self.kick_fd.signal();
+        } else if !driven {
             self.wake_fd.signal();
         }
     }
@@ -117,10 +171,18 @@ impl Driver {
         self.abort_fd.signal();
     }
 
-    /// Aborts and waits for the progress thread to finish (bounded: the thread only ever
-    /// sleeps on descriptors that include the abort event).
+    /// Leaves the world — gracefully if it is idle and was not aborted — and waits for the
+    /// progress thread to finish (bounded: it sleeps only on descriptors that include the
+    /// abort event).
     pub(crate) fn close(&self) {
-        lock(&self.engine).close();
+        {
+            let mut e = lock(&self.engine);
+            if self.aborted.load(Ordering::Acquire) {
+                e.abort(BrokenCause::LocalAbort);
+            } else {
+                e.close();
+            }
+        }
         self.abort();
         let h = lock(&self.thread).take();
         if let Some(h) = h {
@@ -128,9 +190,6 @@ impl Driver {
                 let _ = h.join();
             }
         }
-        // Apply the abort even if the thread had already exited, so links are closed now.
-        let mut e = lock(&self.engine);
-        self.pass(&mut e, Instant::now());
     }
 
     pub(crate) fn broken(&self) -> Option<BrokenCause> {
@@ -148,56 +207,51 @@ impl Driver {
 
 impl Progress for Driver {
     fn wait(&self, c: &Completion, deadline: Option<Instant>) {
-        if c.is_done() {
-            return;
-        }
-        self.inline.fetch_add(1, Ordering::AcqRel);
-        let mut idle_passes = 0;
+        let mut tries = 0u32;
         loop {
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                break;
+            if c.is_done() || deadline.is_some_and(|d| Instant::now() >= d) {
+                return;
             }
-            let (ws, spin) = {
-                let mut e = lock(&self.engine);
-                self.pass(&mut e, now);
-                if c.is_done() {
-                    break;
+            if self.take_token() {
+                self.drive(|_| c.is_done(), deadline);
+                self.give_token();
+                if lock(&self.engine).has_work() {
+                    // Work of other callers is left: the progress thread carries it on.
+                    self.wake_fd.signal();
                 }
-                (e.wait_set(), e.spin_worthy())
-            };
-            if ws.ready {
-                continue;
+                return;
             }
-            if spin && idle_passes < SPIN_PASSES {
-                idle_passes += 1;
-                std::hint::spin_loop();
-                continue;
+            // Another thread drives and will complete us, or stop driving soon.
+            tries += 1;
+            if tries < 64 {
+                std::thread::yield_now();
+            } else {
+                let step = Instant::now() + WAITER_RECHECK;
+                c.wait_until(Some(deadline.map_or(step, |d| d.min(step))));
             }
-            idle_passes = 0;
-            poll_with(&ws, &[&self.abort_fd], deadline);
-        }
-        if self.inline.fetch_sub(1, Ordering::AcqRel) == 1 && lock(&self.engine).has_work() {
-            self.wake_fd.signal();
         }
     }
 
     fn timed_out(&self, after: Duration) {
         lock(&self.engine).abort(BrokenCause::OperationTimeout { after_ms: after.as_millis() as u64 });
+        // Wake whoever sleeps on this world so that it sees the break.
+        self.kick_fd.signal();
     }
 
     fn nudge(&self) {
-        if let Some(mut e) = try_lock(&self.engine) {
-            self.pass(&mut e, Instant::now());
+        if self.take_token() {
+            {
+                let mut e = lock(&self.engine);
+                self.pass(&mut e, Instant::now());
+            }
+            self.give_token();
         }
     }
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        // The last handle is gone: make sure nothing keeps running (the thread holds a handle
-        // of its own, so by now it has exited; this closes the links).
-        let mut e = lock(&self.engine);
-        e.abort(BrokenCause::LocalAbort);
+        // The last handle is gone (the thread holds one, so it has exited): close the links.
+        lock(&self.engine).abort(BrokenCause::LocalAbort);
     }
 }

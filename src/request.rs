@@ -209,3 +209,40 @@ impl<B: Send + Unpin + 'static> Future for Request<B> {
         Poll::Pending
     }
 }
+
+/// Loom models: run with `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_`.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use std::task::Wake;
+
+    struct Flag(AtomicBool);
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+
+    /// One thread completes while another waits and a third registers a waker: the waiter
+    /// always returns with the first result, and a registered waker is always woken.
+    #[test]
+    fn loom_completion_wakes_waiters_and_wakers_once() {
+        loom::model(|| {
+            let c = Completion::new();
+            let flag = Arc::new(Flag(AtomicBool::new(false)));
+            let waker = Waker::from(flag.clone());
+            let (c1, c2) = (c.clone(), c.clone());
+            let finisher = loom::thread::spawn(move || {
+                c1.complete(Ok(()));
+                c1.complete(Err(Error::internal("second result must be ignored")));
+            });
+            let registrar = loom::thread::spawn(move || c2.register(&waker));
+            assert!(c.wait_until(None));
+            assert!(c.result().unwrap().is_ok());
+            finisher.join().unwrap();
+            let registered = registrar.join().unwrap();
+            // Registered before completion: woken. Too late: told so.
+            assert!(!registered || flag.0.load(Ordering::Acquire));
+        });
+    }
+}

@@ -6,14 +6,19 @@
 //! `std::sync::atomic`, `Mutex` or `Condvar` directly.
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 #[cfg(loom)]
-pub(crate) use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
+pub(crate) use loom::sync::{Condvar, Mutex, MutexGuard};
 
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 #[cfg(not(loom))]
-pub(crate) use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// Reference counting is the standard library's in every build: loom's `Arc` lacks the
+/// coercions (`Arc<str>`, `Arc<dyn Trait>`) the crate relies on, and sharing is not where
+/// the interleavings worth exploring are.
+pub(crate) use std::sync::Arc;
 
 /// Locks a mutex, ignoring poisoning: a panic in another thread must not turn every later call
 /// of this process into a panic too. The data behind our locks stays consistent at every
@@ -22,18 +27,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
-    }
-}
-
-/// Tries to lock a mutex without blocking (poisoning ignored, as in [`lock`]).
-pub(crate) fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
-    match m.try_lock() {
-        Ok(g) => Some(g),
-        #[cfg(not(loom))]
-        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-        #[cfg(loom)]
-        Err(loom::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-        Err(_) => None,
     }
 }
 

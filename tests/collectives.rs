@@ -1,7 +1,7 @@
 //! Every operation x every data type x every reduction x counts {0, 1, 7, 4097, 1048576} x
-//! world sizes {2, 3, 4}, in place and out of place, across real processes over TCP. Each rank
-//! checks its own output against the reference it computes itself; all-reduce results are also
-//! compared bit for bit across ranks.
+//! world sizes {2, 3, 4}, in place and out of place, across real processes, over shared memory
+//! and over TCP. Each rank checks its own output against the reference it computes itself;
+//! all-reduce results are also compared bit for bit across ranks.
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::reference::{blocks, gathered, input, reduced};
 use common::Ctx;
-use multiworld::{bf16, f16, DataType, Element, ReduceOp, World, WorldManager};
+use multiworld::{bf16, f16, Element, ReduceOp, TransportKind, World, WorldManager};
 
 const COUNTS: [usize; 5] = [0, 1, 7, 4097, 1_048_576];
 
@@ -139,6 +139,10 @@ impl Check<'_> {
 fn matrix(ctx: &Ctx) {
     let m = WorldManager::new();
     let w = m.init_world("matrix", &ctx.id(), ctx.rank, ctx.size).unwrap();
+    let want = if ctx.env("MW_TRANSPORT") == "tcp" { TransportKind::Tcp } else { TransportKind::Shm };
+    for (r, t) in w.transports().iter().enumerate() {
+        assert_eq!(*t, (r != ctx.rank).then_some(want).or(Some(TransportKind::Loopback)), "transport to rank {r}");
+    }
     let mut c = Check { w: &w, n: ctx.size, rank: ctx.rank, root: ctx.size - 1, hashes: Vec::new() };
     c.run::<i8>();
     c.run::<u8>();
@@ -157,20 +161,38 @@ fn matrix(ctx: &Ctx) {
         assert_eq!(theirs, &c.hashes[..], "rank {r}'s all_reduce results differ from rank {}'s", ctx.rank);
     }
     println!("rank {}: {} all_reduce results identical across ranks, all operations checked", ctx.rank, c.hashes.len());
-    let _ = DataType::ALL;
+}
+
+fn matrix_over(size: usize, transport: &str) {
+    common::run_ranks("matrix", size, &[("MW_TRANSPORT", transport.to_string())], Duration::from_secs(400));
 }
 
 #[test]
-fn matrix_two_ranks() {
-    common::run_ranks("matrix", 2, &[], Duration::from_secs(300));
+fn matrix_two_ranks_shm() {
+    matrix_over(2, "auto");
 }
 
 #[test]
-fn matrix_three_ranks() {
-    common::run_ranks("matrix", 3, &[], Duration::from_secs(300));
+fn matrix_three_ranks_shm() {
+    matrix_over(3, "auto");
 }
 
 #[test]
-fn matrix_four_ranks() {
-    common::run_ranks("matrix", 4, &[], Duration::from_secs(300));
+fn matrix_four_ranks_shm() {
+    matrix_over(4, "auto");
+}
+
+#[test]
+fn matrix_two_ranks_tcp() {
+    matrix_over(2, "tcp");
+}
+
+#[test]
+fn matrix_three_ranks_tcp() {
+    matrix_over(3, "tcp");
+}
+
+#[test]
+fn matrix_four_ranks_tcp() {
+    matrix_over(4, "tcp");
 }

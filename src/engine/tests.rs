@@ -467,7 +467,11 @@ fn operation_deadline_breaks_the_world_with_timeout() {
     // The peer learns of it from the abort frame.
     let t = net.now + Duration::from_millis(10);
     net.engines[1].pass(t);
-    assert!(matches!(net.engines[1].broken(), Some(BrokenCause::PeerAborted { peer: 0, .. })));
+    assert!(
+        matches!(net.engines[1].broken(), Some(BrokenCause::PeerAborted { peer: 0, .. })),
+        "{:?}",
+        net.engines[1].broken()
+    );
 }
 
 #[test]
@@ -591,4 +595,94 @@ fn ranks_that_disagree_on_the_root_are_caught_whatever_the_pattern() {
             );
         }
     }
+}
+
+#[test]
+fn all_reduce_finishes_when_the_peer_closes_right_after_its_part() {
+    let mut net = net(2, 1 << 20);
+    let now = net.now;
+    let mut a = Buf::new(32);
+    let mut b = Buf::new(32);
+    let ca = post_all_reduce(&mut net.engines[0], now, &mut a, 8, DataType::U32);
+    let cb = post_all_reduce(&mut net.engines[1], now, &mut b, 8, DataType::U32);
+    // Rank 0 only posts; rank 1 runs to completion and closes.
+    net.engines[0].pass(now);
+    for _ in 0..10 {
+        net.engines[1].pass(now);
+    }
+    assert!(cb.result().unwrap().is_ok());
+    net.engines[1].close();
+    for _ in 0..10 {
+        net.engines[0].pass(now);
+    }
+    assert!(ca.result().expect("rank 0 finished").is_ok(), "{:?}", ca.result());
+}
+
+#[test]
+fn what_a_peer_sent_before_leaving_can_still_be_received() {
+    // Rank 1 sends and closes before rank 0 has posted its receive: the data is kept, the
+    // receive gets it, and only then does the world break.
+    let mut net = net(2, 1 << 20);
+    let now = net.now;
+    let mut msg = Buf::new(16);
+    msg.bytes().copy_from_slice(&[7u8; 16]);
+    let desc = |is_send: bool, root: usize| OpDesc {
+        kind: OpKind::P2p,
+        dtype: DataType::U8,
+        redop: ReduceOp::Sum,
+        count: 16,
+        root,
+        is_send,
+        in_place: false,
+    };
+    let c1 = Completion::new();
+    let m = msg.raw();
+    net.engines[1].post(
+        vec![Posted {
+            desc: desc(true, 0),
+            send: m,
+            recv: RawBuf::EMPTY,
+            completion: c1.clone(),
+            timeout: None,
+            keepalive: None,
+        }],
+        now,
+    );
+    net.engines[1].pass(now);
+    assert!(c1.result().unwrap().is_ok());
+    net.engines[1].close();
+    net.engines[0].pass(now); // sees the data, then the close: keeps the data
+    assert!(net.engines[0].broken().is_none(), "{:?}", net.engines[0].broken());
+    let mut got = Buf::new(16);
+    let c0 = Completion::new();
+    let g = got.raw();
+    net.engines[0].post(
+        vec![Posted {
+            desc: desc(false, 1),
+            send: RawBuf::EMPTY,
+            recv: g,
+            completion: c0.clone(),
+            timeout: None,
+            keepalive: None,
+        }],
+        now,
+    );
+    net.engines[0].pass(now);
+    assert!(c0.result().unwrap().is_ok(), "{:?}", c0.result());
+    assert_eq!(got.bytes(), &[7u8; 16]);
+    assert!(matches!(net.engines[0].broken(), Some(BrokenCause::PeerLeft { peer: 1 })));
+    // Asking for more than it sent fails at once.
+    let c2 = Completion::new();
+    net.engines[0].post(
+        vec![Posted {
+            desc: desc(false, 1),
+            send: RawBuf::EMPTY,
+            recv: g,
+            completion: c2.clone(),
+            timeout: None,
+            keepalive: None,
+        }],
+        now,
+    );
+    assert_eq!(c2.result().unwrap().unwrap_err().kind(), ErrorKind::WorldBroken);
 }

@@ -144,7 +144,7 @@ impl Link for QueueLink {
         }
     }
 
-    fn hangup_fd(&self) -> Option<(RawFd, i16)> {
+    fn hangup_fd(&mut self) -> Option<(RawFd, i16)> {
         None
     }
 }

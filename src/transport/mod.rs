@@ -7,12 +7,14 @@
 //!
 //! | transport | reaches | file |
 //! |---|---|---|
+//! | `shm` | the same host (same kernel and network namespace) | `shm.rs` |
 //! | `tcp` | any host | `tcp.rs` |
 //! | `loopback` | this rank itself (send/recv to self) | `loopback.rs` |
 //!
 //! A world picks a transport per peer when it forms ([`TransportKind`]).
 
 pub(crate) mod loopback;
+pub(crate) mod shm;
 pub(crate) mod tcp;
 
 use std::os::fd::RawFd;
@@ -23,6 +25,8 @@ use crate::wire::FrameHeader;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum TransportKind {
+    /// Rings in shared memory: peers on the same host.
+    Shm,
     /// TCP sockets: works between any two hosts.
     Tcp,
     /// This rank to itself.
@@ -36,6 +40,7 @@ impl TransportKind {
     /// Lower-case name.
     pub fn name(self) -> &'static str {
         match self {
+            TransportKind::Shm => "shm",
             TransportKind::Tcp => "tcp",
             TransportKind::Loopback => "loopback",
             TransportKind::Memory => "memory",
@@ -110,8 +115,14 @@ pub(crate) trait Link: Send {
     fn arm(&mut self, read: bool, write: bool) -> Armed;
 
     /// A descriptor that reports the peer hanging up, for watching an idle world; `poll`
-    /// events to ask for.
-    fn hangup_fd(&self) -> Option<(RawFd, i16)>;
+    /// events to ask for. The next `peek` after such a sleep looks at the descriptor too.
+    fn hangup_fd(&mut self) -> Option<(RawFd, i16)>;
+
+    /// True when waiting on this link is best done by spinning a little before sleeping
+    /// (memory-based links, where new data shows up without a system call).
+    fn spins(&self) -> bool {
+        false
+    }
 
     /// Ends the link gracefully: what was written still arrives, then the peer sees the end.
     fn shutdown(&mut self) {}

@@ -250,7 +250,7 @@ impl Link for TcpLink {
         Armed::Wait(self.sock.as_raw_fd(), ev)
     }
 
-    fn hangup_fd(&self) -> Option<(RawFd, i16)> {
+    fn hangup_fd(&mut self) -> Option<(RawFd, i16)> {
         Some((self.sock.as_raw_fd(), libc::POLLRDHUP))
     }
 
