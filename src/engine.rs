@@ -46,7 +46,8 @@ pub(crate) struct EngineConfig {
     pub size: usize,
     pub world_id: u64,
     pub generation: u32,
-    pub heartbeat: Heartbeat,
+    /// `None`: no heartbeats, no silence detection.
+    pub heartbeat: Option<Heartbeat>,
 }
 
 /// An operation handed to the engine.
@@ -119,7 +120,7 @@ impl OpState {
     /// Bytes of a send step that may go out now.
     fn available(&self, step: usize, len: usize) -> usize {
         let mut a = len;
-        for d in &self.plan.steps[step].deps {
+        for d in self.plan.steps[step].deps.iter() {
             match *d {
                 Dep::Done(i) if !self.done[i] => a = 0,
                 Dep::Stream(i) if !self.done[i] => a = a.min(self.progress[i]),
@@ -193,6 +194,8 @@ pub(crate) struct Engine {
     broken: Option<BrokenCause>,
     stats: WorldStats,
     on_broken: Option<OnBroken>,
+    /// When the timers (heartbeats, silence, deadlines) next need a look; `None`: at once.
+    next_timer: Option<Instant>,
 }
 
 fn link_cause(peer: usize, e: LinkError) -> BrokenCause {
@@ -228,7 +231,7 @@ impl Engine {
             .into_iter()
             .map(|l| {
                 l.map(|link| {
-                    let live = (link.kind() != TransportKind::Loopback).then(|| Liveness::new(cfg.heartbeat, now));
+                    let live = cfg.heartbeat.filter(|_| link.kind() != TransportKind::Loopback).map(|h| Liveness::new(h, now));
                     Peer {
                         link,
                         live,
@@ -255,6 +258,7 @@ impl Engine {
             broken: None,
             stats: WorldStats::default(),
             on_broken: None,
+            next_timer: None,
         }
     }
 
@@ -288,6 +292,9 @@ impl Engine {
 
     /// Accepts operations, in order. On a broken world they fail at once.
     pub(crate) fn post(&mut self, ops: Vec<Posted>, now: Instant) {
+        if ops.iter().any(|p| p.timeout.is_some()) {
+            self.next_timer = None;
+        }
         for p in ops {
             if let Some(cause) = &self.broken {
                 p.completion.complete(Err(Error::broken(&self.cfg.name, self.cfg.rank, cause.clone(), false)));
@@ -360,9 +367,13 @@ impl Engine {
             }
         }
         // Timers first (heartbeats to queue, silent peers, deadlines), so that whatever they
-        // start or find is handled by the loop below in this same pass.
-        self.sample_traffic(now);
-        self.timers(now)?;
+        // start or find is handled by the loop below in this same pass. Between their
+        // deadlines they have nothing to say, which keeps a spinning pass short.
+        if self.next_timer.is_none_or(|t| now >= t) {
+            self.sample_traffic(now);
+            self.timers(now)?;
+            self.next_timer = self.timer_deadline();
+        }
         loop {
             let mut progress = self.activate()?;
             progress |= self.run_local_steps()?;
@@ -608,13 +619,19 @@ impl Engine {
     /// Checks an incoming data frame against the receive it is for.
     fn check(&self, peer: usize, op: &OpState, step: usize, h: &FrameHeader, total: usize) -> Result<(), BrokenCause> {
         let d = &op.desc;
-        let mine = describe(
-            Some(d.kind),
-            d.dtype as u8,
-            d.count as u64,
-            if d.kind.reduces() { d.redop as u8 } else { 0 },
-            if d.kind.rooted() { d.root as u32 } else { 0 },
-        );
+        let (redop, root) =
+            (if d.kind.reduces() { d.redop as u8 } else { 0 }, if d.kind.rooted() { d.root as u32 } else { 0 });
+        let same_call = h.op == Some(d.kind)
+            && h.seq == op.seq
+            && h.dtype == d.dtype as u8
+            && h.count == d.count as u64
+            && h.redop == redop
+            && h.root == root;
+        if same_call && h.total as usize == total && h.msg == op.msg[step] && h.offset as usize == op.progress[step] {
+            return Ok(());
+        }
+        // Something differs: spell both calls out.
+        let mine = describe(Some(d.kind), d.dtype as u8, d.count as u64, redop, root);
         let theirs = describe(h.op, h.dtype, h.count, h.redop, h.root);
         let mismatch = |what: &str| BrokenCause::Mismatch {
             peer,
@@ -886,6 +903,13 @@ impl Engine {
             return Err(BrokenCause::OperationTimeout { after_ms: t.as_millis() as u64 });
         }
         Ok(())
+    }
+
+    /// The earliest instant at which `timers` may have something to do.
+    fn timer_deadline(&self) -> Option<Instant> {
+        let live = self.peers.iter().flatten().filter(|p| p.gone.is_none());
+        let hb = live.filter_map(|p| p.live.as_ref().map(|l| l.next_deadline(!p.paused || p.tx.is_some())));
+        hb.chain(self.ops.iter().filter_map(|o| o.deadline.map(|(d, _)| d))).min()
     }
 
     /// What to sleep on until more work can be done.

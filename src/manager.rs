@@ -453,7 +453,7 @@ fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions) -> Re
     engine.set_on_broken(Box::new(move |cause: &BrokenCause| {
         events.push(Event::Broken { name: ev_name.clone(), generation, cause: cause.clone() });
     }));
-    let driver = Driver::start(name.clone(), engine, options.heartbeat.interval)?;
+    let driver = Driver::start(name.clone(), engine, options.heartbeat.map(|h| h.interval))?;
     let world = World::new(WorldInner {
         name,
         rank: spec.rank,

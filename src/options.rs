@@ -40,8 +40,10 @@ pub struct WorldOptions {
     /// Formation deadline: if the world has not formed by then, formation fails with
     /// `Timeout` and leaves nothing behind. Default 30 s.
     pub timeout: Duration,
-    /// Heartbeat interval and timeout of the world's links (default 200 ms / 3 s).
-    pub heartbeat: Heartbeat,
+    /// Heartbeat interval and timeout of the world's links (default 200 ms / 3 s); `None`
+    /// turns heartbeats off (a dead peer is still seen by its closed connection, but a hung
+    /// or cut-off one only by operation deadlines).
+    pub heartbeat: Option<Heartbeat>,
     /// Deadline of every operation of the world; an operation that passes it fails with
     /// `Timeout` and breaks the world. Default: none.
     pub op_timeout: Option<Duration>,
@@ -60,7 +62,7 @@ impl Default for WorldOptions {
     fn default() -> Self {
         WorldOptions {
             timeout: Duration::from_secs(30),
-            heartbeat: Heartbeat::default(),
+            heartbeat: Some(Heartbeat::default()),
             op_timeout: None,
             secret: None,
             interface: None,
@@ -78,7 +80,14 @@ impl WorldOptions {
 
     /// Sets the heartbeat interval and timeout.
     pub fn with_heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
-        self.heartbeat = Heartbeat { interval, timeout };
+        self.heartbeat = Some(Heartbeat { interval, timeout });
+        self
+    }
+
+    /// Turns heartbeats off (for measuring their cost; hung peers then go unnoticed unless an
+    /// operation has a deadline).
+    pub fn without_heartbeat(mut self) -> Self {
+        self.heartbeat = None;
         self
     }
 

@@ -31,8 +31,10 @@ use crate::request::{Completion, Progress};
 use crate::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
 use crate::sys::{self, EventFd};
 
-/// Passes without progress before a driver on a spin-worthy link goes to sleep.
-const SPIN_PASSES: u32 = 200;
+/// How long a driver on a spin-worthy link keeps passing before it goes to sleep. Long enough
+/// to cover a peer's reply to a small message; short enough not to starve the peer on a
+/// machine with few cores.
+const SPIN_FOR: Duration = Duration::from_micros(50);
 /// How long a waiter that does not drive sleeps on its completion before it looks whether it
 /// could drive instead.
 const WAITER_RECHECK: Duration = Duration::from_millis(2);
@@ -65,7 +67,7 @@ fn poll_with(ws: &WaitSet, extra: &[&EventFd], deadline: Option<Instant>) {
 
 impl Driver {
     /// Starts the world's progress thread.
-    pub(crate) fn start(name: Arc<str>, engine: Engine, heartbeat_interval: Duration) -> Result<Arc<Driver>> {
+    pub(crate) fn start(name: Arc<str>, engine: Engine, heartbeat_interval: Option<Duration>) -> Result<Arc<Driver>> {
         let efd = || EventFd::new().map_err(|e| Error::system("eventfd", e));
         let d = Arc::new(Driver {
             name: name.clone(),
@@ -104,32 +106,45 @@ impl Driver {
 
     /// Drives (the caller holds the token) until `done` says so or `deadline` passes.
     fn drive(&self, done: impl Fn(&Engine) -> bool, deadline: Option<Instant>) {
-        let mut idle_passes = 0;
+        let mut spinning_since: Option<Instant> = None;
+        let mut passes = 0u32;
+        let mut now = Instant::now();
         loop {
-            let now = Instant::now();
-            let (ws, spin) = {
+            // While spinning the clock is read every few passes only: reading it costs about as
+            // much as a pass that finds nothing to do.
+            if spinning_since.is_none() || passes % 16 == 0 {
+                now = Instant::now();
+            }
+            passes = passes.wrapping_add(1);
+            let ws = {
                 let mut e = lock(&self.engine);
                 self.pass(&mut e, now);
                 if done(&e) || deadline.is_some_and(|d| now >= d) {
                     return;
                 }
-                (e.wait_set(), e.spin_worthy())
+                // On memory links, keep passing for a moment: new data needs no system call to
+                // show up, and the peer's reply to a small message comes within microseconds.
+                if e.spin_worthy() && now.duration_since(*spinning_since.get_or_insert(now)) < SPIN_FOR {
+                    None
+                } else {
+                    // About to sleep: arm the links (this raises the shared-memory sleep flags).
+                    Some(e.wait_set())
+                }
             };
+            let Some(ws) = ws else {
+                std::hint::spin_loop();
+                continue;
+            };
+            spinning_since = None;
             if ws.ready {
                 continue;
             }
-            if spin && idle_passes < SPIN_PASSES {
-                idle_passes += 1;
-                std::hint::spin_loop();
-                continue;
-            }
-            idle_passes = 0;
             poll_with(&ws, &[&self.abort_fd, &self.kick_fd], deadline);
             self.kick_fd.drain();
         }
     }
 
-    fn run(&self, interval: Duration) {
+    fn run(&self, interval: Option<Duration>) {
         loop {
             if self.take_token() {
                 let work = {
@@ -148,7 +163,7 @@ impl Driver {
             }
             // Idle (or another thread drives): watch for hang-ups, work, abort, the next tick.
             let ws = lock(&self.engine).watch_set();
-            poll_with(&ws, &[&self.wake_fd, &self.abort_fd], Some(Instant::now() + interval));
+            poll_with(&ws, &[&self.wake_fd, &self.abort_fd], interval.map(|i| Instant::now() + i));
             self.wake_fd.drain();
         }
         debug!("world '{}': progress thread exits", self.name);
@@ -206,14 +221,15 @@ impl Driver {
 }
 
 impl Progress for Driver {
-    fn wait(&self, c: &Completion, deadline: Option<Instant>) {
+    fn wait(&self, cs: &[&Completion], deadline: Option<Instant>) {
         let mut tries = 0u32;
+        let all_done = || cs.iter().all(|c| c.is_done());
         loop {
-            if c.is_done() || deadline.is_some_and(|d| Instant::now() >= d) {
+            if all_done() || deadline.is_some_and(|d| Instant::now() >= d) {
                 return;
             }
             if self.take_token() {
-                self.drive(|_| c.is_done(), deadline);
+                self.drive(|_| all_done(), deadline);
                 self.give_token();
                 if lock(&self.engine).has_work() {
                     // Work of other callers is left: the progress thread carries it on.
@@ -225,7 +241,7 @@ impl Progress for Driver {
             tries += 1;
             if tries < 64 {
                 std::thread::yield_now();
-            } else {
+            } else if let Some(c) = cs.iter().find(|c| !c.is_done()) {
                 let step = Instant::now() + WAITER_RECHECK;
                 c.wait_until(Some(deadline.map_or(step, |d| d.min(step))));
             }

@@ -17,6 +17,9 @@ use crate::sync::{lock, wait_timeout, Arc, AtomicBool, Condvar, Mutex, Ordering}
 struct State {
     result: Option<Result<()>>,
     wakers: Vec<Waker>,
+    /// Threads blocked on the condition variable (so that completing wakes nobody needlessly:
+    /// a notification costs a system call).
+    sleepers: usize,
 }
 
 /// A one-shot result slot with blocking and async waiting.
@@ -34,16 +37,18 @@ impl Completion {
 
     /// Sets the result; the first call wins, later calls are ignored.
     pub(crate) fn complete(&self, r: Result<()>) {
-        let wakers = {
+        let (wakers, sleepers) = {
             let mut s = lock(&self.state);
             if s.result.is_some() || self.done.load(Ordering::Acquire) {
                 return;
             }
             s.result = Some(r);
             self.done.store(true, Ordering::Release);
-            std::mem::take(&mut s.wakers)
+            (std::mem::take(&mut s.wakers), s.sleepers)
         };
-        self.cond.notify_all();
+        if sleepers > 0 {
+            self.cond.notify_all();
+        }
         for w in wakers {
             w.wake();
         }
@@ -72,7 +77,9 @@ impl Completion {
                     d - now
                 }
             };
+            s.sleepers += 1;
             s = wait_timeout(&self.cond, s, step);
+            s.sleepers -= 1;
         }
         true
     }
@@ -92,9 +99,9 @@ impl Completion {
 
 /// Something that can make an operation progress while its caller waits (the world's driver).
 pub(crate) trait Progress: Send + Sync {
-    /// Blocks until `c` is done or `deadline` passes, doing the world's work on this thread
-    /// meanwhile where that is faster than waking another.
-    fn wait(&self, c: &Completion, deadline: Option<Instant>);
+    /// Blocks until every completion in `cs` is done or `deadline` passes, doing the world's
+    /// work on this thread meanwhile where that is faster than waking another.
+    fn wait(&self, cs: &[&Completion], deadline: Option<Instant>);
     /// Aborts the operation's world after its caller's own deadline passed.
     fn timed_out(&self, after: Duration);
     /// Asks the background progress to take over (the caller stops driving).
@@ -174,17 +181,17 @@ impl<B: Send + 'static> Request<B> {
 
     /// Blocks until the operation completes; returns its buffers.
     pub fn wait(self) -> std::result::Result<B, Failed<B>> {
-        self.progress.wait(&self.completion, None);
+        self.progress.wait(&[&self.completion], None);
         self.finish()
     }
 
     /// Blocks at most `timeout`. If the operation is still not done then, its world is broken
     /// (its peers are in an unknown state) and the error has kind `Timeout`.
     pub fn wait_timeout(self, timeout: Duration) -> std::result::Result<B, Failed<B>> {
-        self.progress.wait(&self.completion, Some(Instant::now() + timeout));
+        self.progress.wait(&[&self.completion], Some(Instant::now() + timeout));
         if !self.completion.is_done() {
             self.progress.timed_out(timeout);
-            self.progress.wait(&self.completion, None);
+            self.progress.wait(&[&self.completion], None);
         }
         self.finish()
     }

@@ -168,15 +168,25 @@ impl World {
         Posted { desc: c.desc, send: c.send, recv: c.recv, completion, timeout: self.op_timeout(), keepalive }
     }
 
+    /// Posts one call and waits for it.
+    fn run_one(&self, call: Call) -> Result<()> {
+        self.usable()?;
+        let c = Completion::new();
+        self.inner.backend.post(vec![self.posted(call, c.clone(), None)], true);
+        self.inner.backend.wait(&[&c], None);
+        c.result().unwrap_or_else(|| Err(Error::internal("operation ended without a result")))
+    }
+
     /// Posts calls as one batch and waits for all of them; the first error wins.
     fn run(&self, calls: Vec<Call>) -> Result<()> {
         self.usable()?;
         let completions: Vec<_> = calls.iter().map(|_| Completion::new()).collect();
         let posted = calls.into_iter().zip(&completions).map(|(c, k)| self.posted(c, k.clone(), None)).collect();
         self.inner.backend.post(posted, true);
+        let all: Vec<&Completion> = completions.iter().map(|c| &**c).collect();
+        self.inner.backend.wait(&all, None);
         let mut first = Ok(());
         for c in &completions {
-            self.inner.backend.wait(c, None);
             let r = c.result().unwrap_or_else(|| Err(Error::internal("operation ended without a result")));
             if first.is_ok() {
                 first = r;
@@ -331,87 +341,87 @@ impl World {
     /// Sends `buf` to `peer`, which must post a matching [`World::recv`] (same count and
     /// type). Returns once the data has left this rank's buffer.
     pub fn send<T: Element>(&self, buf: &[T], peer: usize) -> Result<()> {
-        self.run(vec![self.p2p_call(Some(buf), None, peer)?])
+        self.run_one(self.p2p_call(Some(buf), None, peer)?)
     }
 
     /// Receives from `peer` into `buf` (the sender's count and type must match).
     pub fn recv<T: Element>(&self, buf: &mut [T], peer: usize) -> Result<()> {
-        self.run(vec![self.p2p_call(None, Some(buf), peer)?])
+        self.run_one(self.p2p_call(None, Some(buf), peer)?)
     }
 
     /// Copies the root's `send` into every rank's `recv`. Non-root ranks pass `None`.
     pub fn broadcast<T: Element>(&self, send: Option<&[T]>, recv: &mut [T], root: usize) -> Result<()> {
-        self.run(vec![self.broadcast_call(send, recv, root, false)?])
+        self.run_one(self.broadcast_call(send, recv, root, false)?)
     }
 
     /// Broadcast from the root's `buf` into every rank's `buf`.
     pub fn broadcast_in_place<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
-        self.run(vec![self.broadcast_call(None, buf, root, true)?])
+        self.run_one(self.broadcast_call(None, buf, root, true)?)
     }
 
     /// Reduces every rank's `send` with `op` into the root's `recv` (ignored on other ranks,
     /// which may pass an empty slice).
     pub fn reduce<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
-        self.run(vec![self.reduce_call(Some(send), recv, op, root)?])
+        self.run_one(self.reduce_call(Some(send), recv, op, root)?)
     }
 
     /// Reduce with the input and, on the root, the output in `buf`. Other ranks' `buf` may
     /// be used as scratch space.
     pub fn reduce_in_place<T: Element>(&self, buf: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
-        self.run(vec![self.reduce_call(None, buf, op, root)?])
+        self.run_one(self.reduce_call(None, buf, op, root)?)
     }
 
     /// Reduces every rank's `send` with `op`; every rank gets the same result in `recv`, bit
     /// for bit.
     pub fn all_reduce<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
-        self.run(vec![self.all_reduce_call(Some(send), recv, op)?])
+        self.run_one(self.all_reduce_call(Some(send), recv, op)?)
     }
 
     /// All-reduce in place.
     pub fn all_reduce_in_place<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        self.run(vec![self.all_reduce_call(None, buf, op)?])
+        self.run_one(self.all_reduce_call(None, buf, op)?)
     }
 
     /// Gathers every rank's `send` into every rank's `recv`, in rank order
     /// (`recv.len() == send.len() * size`).
     pub fn all_gather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
-        self.run(vec![self.all_gather_call(Some(send), recv)?])
+        self.run_one(self.all_gather_call(Some(send), recv)?)
     }
 
     /// All-gather in place: this rank's block is already at `buf[rank * count..]`.
     pub fn all_gather_in_place<T: Element>(&self, buf: &mut [T]) -> Result<()> {
-        self.run(vec![self.all_gather_call(None, buf)?])
+        self.run_one(self.all_gather_call(None, buf)?)
     }
 
     /// Reduces every rank's `send` (one block per rank) with `op`; rank `r` gets block `r` of
     /// the result in `recv` (`send.len() == recv.len() * size`).
     pub fn reduce_scatter<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
-        self.run(vec![self.reduce_scatter_call(Some(send), recv, op)?])
+        self.run_one(self.reduce_scatter_call(Some(send), recv, op)?)
     }
 
     /// Reduce-scatter in place: the result lands in `buf[rank * count..(rank + 1) * count]`.
     pub fn reduce_scatter_in_place<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        self.run(vec![self.reduce_scatter_call(None, buf, op)?])
+        self.run_one(self.reduce_scatter_call(None, buf, op)?)
     }
 
     /// Gathers every rank's `send` into the root's `recv`, in rank order (ignored elsewhere).
     pub fn gather<T: Element>(&self, send: &[T], recv: &mut [T], root: usize) -> Result<()> {
-        self.run(vec![self.gather_call(send, recv, root)?])
+        self.run_one(self.gather_call(send, recv, root)?)
     }
 
     /// Sends block `r` of the root's `send` to rank `r`'s `recv` (`send` ignored elsewhere).
     pub fn scatter<T: Element>(&self, send: &[T], recv: &mut [T], root: usize) -> Result<()> {
-        self.run(vec![self.scatter_call(send, recv, root)?])
+        self.run_one(self.scatter_call(send, recv, root)?)
     }
 
     /// Sends block `r` of `send` to rank `r`, which stores it as block `rank` of its `recv`.
     pub fn all_to_all<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
-        self.run(vec![self.all_to_all_call(send, recv)?])
+        self.run_one(self.all_to_all_call(send, recv)?)
     }
 
     /// Returns once every rank has entered the barrier.
     pub fn barrier(&self) -> Result<()> {
-        self.run(vec![self.barrier_call()])
+        self.run_one(self.barrier_call())
     }
 
     /// Starts a group: operations recorded on it are posted together by [`Group::end`], so

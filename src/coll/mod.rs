@@ -139,11 +139,33 @@ pub(crate) enum Dep {
     Stream(usize),
 }
 
+/// Dependencies of one action: no planner needs more than three (held inline, so that
+/// planning a small operation allocates little).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Deps {
+    n: u8,
+    d: [Dep; 3],
+}
+
+impl Deps {
+    fn new(deps: &[Dep]) -> Deps {
+        debug_assert!(deps.len() <= 3, "a plan step with {} dependencies", deps.len());
+        let mut d = [Dep::Done(0); 3];
+        let n = deps.len().min(3);
+        d[..n].copy_from_slice(&deps[..n]);
+        Deps { n: n as u8, d }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Dep> {
+        self.d[..self.n as usize].iter()
+    }
+}
+
 /// One action and what it waits for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Step {
     pub act: Act,
-    pub deps: Vec<Dep>,
+    pub deps: Deps,
 }
 
 /// The schedule of one operation on one rank.
@@ -157,7 +179,7 @@ pub(crate) struct Plan {
 impl Plan {
     /// Appends an action; returns its index for later dependencies.
     pub(crate) fn push(&mut self, act: Act, deps: &[Dep]) -> usize {
-        self.steps.push(Step { act, deps: deps.to_vec() });
+        self.steps.push(Step { act, deps: Deps::new(deps) });
         self.steps.len() - 1
     }
 

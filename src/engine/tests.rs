@@ -42,7 +42,7 @@ fn net(n: usize, cap: usize) -> Net {
         .enumerate()
         .map(|(rank, l)| {
             let cfg =
-                EngineConfig { name: Arc::from("test"), rank, size: n, world_id: 42, generation: 1, heartbeat: hb() };
+                EngineConfig { name: Arc::from("test"), rank, size: n, world_id: 42, generation: 1, heartbeat: Some(hb()) };
             Engine::new(cfg, l, now)
         })
         .collect();
