@@ -346,17 +346,22 @@ impl Engine {
         self.fail(cause);
     }
 
-    /// Does everything that can be done now.
-    pub(crate) fn pass(&mut self, now: Instant) {
+    /// Does everything that can be done now; true if anything moved.
+    pub(crate) fn pass(&mut self, now: Instant) -> bool {
         if self.broken.is_some() {
-            return;
+            return false;
         }
-        if let Err(cause) = self.pass_inner(now) {
-            self.fail(cause);
+        match self.pass_inner(now) {
+            Ok(moved) => moved,
+            Err(cause) => {
+                self.fail(cause);
+                true
+            }
         }
     }
 
-    fn pass_inner(&mut self, now: Instant) -> Result<(), BrokenCause> {
+    fn pass_inner(&mut self, now: Instant) -> Result<bool, BrokenCause> {
+        let mut moved_any = false;
         let start = self.stats.bytes_sent + self.stats.bytes_received;
         for p in self.peers.iter_mut().flatten() {
             if p.paused {
@@ -381,6 +386,7 @@ impl Engine {
                 progress |= self.serve_peer(peer)?;
             }
             progress |= self.retire();
+            moved_any |= progress;
             let moved = self.stats.bytes_sent + self.stats.bytes_received - start;
             if !progress || moved > PASS_BUDGET {
                 break;
@@ -394,7 +400,7 @@ impl Engine {
                 return Err(c);
             }
         }
-        Ok(())
+        Ok(moved_any)
     }
 
     /// Moves data to and from one peer.
@@ -816,6 +822,7 @@ impl Engine {
                         }
                         progress = true;
                     }
+                    None if !p.link.drain_early_frames() => return Ok(progress),
                     None => {
                         let mut data = Vec::new();
                         let mut visit = |b: &[u8]| data = b.to_vec();

@@ -97,11 +97,12 @@ impl Driver {
     }
 
     /// One pass under the lock, with a pending abort applied first.
-    fn pass(&self, e: &mut Engine, now: Instant) {
+    /// True if the pass moved anything.
+    fn pass(&self, e: &mut Engine, now: Instant) -> bool {
         if self.aborted.load(Ordering::Acquire) {
             e.abort(BrokenCause::LocalAbort);
         }
-        e.pass(now);
+        e.pass(now)
     }
 
     /// Drives (the caller holds the token) until `done` says so or `deadline` passes.
@@ -118,7 +119,10 @@ impl Driver {
             passes = passes.wrapping_add(1);
             let ws = {
                 let mut e = lock(&self.engine);
-                self.pass(&mut e, now);
+                if self.pass(&mut e, now) {
+                    // Progress: the spinning window starts again.
+                    spinning_since = None;
+                }
                 if done(&e) || deadline.is_some_and(|d| now >= d) {
                     return;
                 }

@@ -114,6 +114,13 @@ impl RingCtrl {
         true
     }
 
+    /// Slots published and not yet released (as the consumer sees it).
+    pub(crate) fn in_use(&self, n: u64) -> u64 {
+        let tail = self.tail.0.load(Ordering::Relaxed);
+        let head = self.head.0.load(Ordering::Acquire);
+        self.in_flight(head, tail, n).unwrap_or(n)
+    }
+
     /// Slots published so far (for liveness: a moving counter is a living peer).
     pub(crate) fn published(&self) -> u64 {
         self.head.0.load(Ordering::Acquire)

@@ -124,6 +124,14 @@ pub(crate) trait Link: Send {
         false
     }
 
+    /// True when frames that arrived before their receive was posted should be moved out of
+    /// the link now. A socket must be read to keep flowing; a ring in shared memory is a
+    /// buffer itself, so its frames stay in place (and are later copied once, straight to
+    /// their destination) until it fills up.
+    fn drain_early_frames(&self) -> bool {
+        true
+    }
+
     /// Ends the link gracefully: what was written still arrives, then the peer sees the end.
     fn shutdown(&mut self) {}
 }

@@ -27,9 +27,9 @@ use crate::ring::{RingCtrl, CTRL_BYTES};
 use crate::wire::{FrameHeader, HEADER_LEN};
 
 /// Slots per ring.
-const SLOTS: u64 = 16;
+const SLOTS: u64 = 8;
 /// Largest payload of one frame (one slot).
-pub(crate) const SHM_MAX_PAYLOAD: usize = 128 << 10;
+pub(crate) const SHM_MAX_PAYLOAD: usize = 32 << 10;
 const SLOT_BYTES: usize = HEADER_LEN + SHM_MAX_PAYLOAD;
 /// The two control blocks sit in the first page; the rings follow.
 const RINGS_AT: usize = 4096;
@@ -110,6 +110,8 @@ pub(crate) struct ShmLink {
     current: Option<(FrameHeader, u64)>,
     /// We slept on the socket since we last looked at it: read the doorbells (or its end).
     armed: bool,
+    /// The socket ended: the peer is gone. Frames still in the ring can be read.
+    hung_up: bool,
     rx_seen: u64,
     traffic: (u64, u64),
 }
@@ -124,7 +126,7 @@ impl ShmLink {
         ctl.set_nonblocking(true)?;
         ctl.set_nodelay(true)?;
         let (tx, rx) = if creator { (0, 1) } else { (1, 0) };
-        Ok(ShmLink { ctl, seg, tx, rx, current: None, armed: false, rx_seen: 0, traffic: (0, 0) })
+        Ok(ShmLink { ctl, seg, tx, rx, current: None, armed: false, hung_up: false, rx_seen: 0, traffic: (0, 0) })
     }
 
     fn ctrl(&self, ring: usize) -> &RingCtrl {
@@ -153,18 +155,22 @@ impl ShmLink {
         }
     }
 
-    /// Reads pending doorbell bytes; an error if the socket reports the peer's end.
-    fn drain_doorbells(&mut self) -> Result<(), LinkError> {
+    /// Reads pending doorbell bytes, and notes whether the socket reports the peer's end.
+    fn drain_doorbells(&mut self) {
         let mut buf = [0u8; 256];
         loop {
             match (&self.ctl).read(&mut buf) {
-                Ok(0) => return Err(LinkError::Closed("peer closed the connection".into())),
+                Ok(0) => break self.hung_up = true,
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(closed(e)),
+                Err(_) => break self.hung_up = true,
             }
         }
+    }
+
+    fn gone() -> LinkError {
+        LinkError::Closed("peer closed the connection".into())
     }
 }
 
@@ -180,6 +186,9 @@ impl Link for ShmLink {
     fn write(&mut self, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError> {
         if header.len() != HEADER_LEN || payload.len() > SHM_MAX_PAYLOAD {
             return Err(LinkError::Io("frame does not fit a slot".into()));
+        }
+        if self.hung_up {
+            return Err(Self::gone());
         }
         let ring = self.ctrl(self.tx);
         let Some(slot) = ring.free_slot(SLOTS).map_err(|_| Self::corrupt())? else {
@@ -204,6 +213,9 @@ impl Link for ShmLink {
         if let Some((h, _)) = self.current {
             return Ok(Some(h));
         }
+        if std::mem::take(&mut self.armed) {
+            self.drain_doorbells();
+        }
         let published = self.ctrl(self.rx).published();
         if published != self.rx_seen {
             self.rx_seen = published;
@@ -211,12 +223,9 @@ impl Link for ShmLink {
         }
         let slot = match self.ctrl(self.rx).full_slot(SLOTS).map_err(|_| Self::corrupt())? {
             Some(s) => s,
-            None => {
-                if std::mem::take(&mut self.armed) {
-                    self.drain_doorbells()?;
-                }
-                return Ok(None);
-            }
+            // Everything the peer sent has been read: if it is gone, that is the end.
+            None if self.hung_up => return Err(Self::gone()),
+            None => return Ok(None),
         };
         let p = self.slot_ptr(self.rx, slot);
         // SAFETY: a published slot belongs to the consumer until released; its header bytes
@@ -259,6 +268,10 @@ impl Link for ShmLink {
 
     fn arm(&mut self, read: bool, write: bool) -> Armed {
         let fd = self.ctl.as_raw_fd();
+        if self.hung_up {
+            // The socket stays readable for ever now; only the ring can change, and it cannot.
+            return Armed::Idle;
+        }
         if read && self.current.is_none() && !self.ctrl(self.rx).consumer_may_sleep(SLOTS) {
             return Armed::Ready;
         }
@@ -276,6 +289,12 @@ impl Link for ShmLink {
 
     fn spins(&self) -> bool {
         true
+    }
+
+    fn drain_early_frames(&self) -> bool {
+        // Move frames out only when the ring is full, so that a peer that sends ahead is never
+        // stuck behind receives not yet posted (up to the engine's early-frame limit).
+        matches!(self.ctrl(self.rx).full_slot(SLOTS), Ok(Some(_))) && self.ctrl(self.rx).in_use(SLOTS) >= SLOTS
     }
 
     fn shutdown(&mut self) {
