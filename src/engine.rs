@@ -77,6 +77,16 @@ pub struct WorldStats {
     pub bytes_received: u64,
 }
 
+/// Where one step of a plan stands.
+#[derive(Debug, Clone, Copy, Default)]
+struct StepState {
+    /// Bytes done (sent, or delivered in place).
+    progress: usize,
+    done: bool,
+    /// Index of a send/recv step among the operation's messages to/from its peer.
+    msg: u32,
+}
+
 struct OpState {
     id: u64,
     desc: OpDesc,
@@ -86,11 +96,8 @@ struct OpState {
     scratch: RawBuf,
     _scratch_mem: Scratch,
     plan: Plan,
-    /// Bytes done per step (sent, or delivered in place).
-    progress: Vec<usize>,
-    done: Vec<bool>,
-    /// Index of each send/recv step among this operation's messages to/from its peer.
-    msg: Vec<u32>,
+    /// Where each step of the plan stands.
+    steps: Vec<StepState>,
     left: usize,
     active: bool,
     completion: Arc<Completion>,
@@ -113,7 +120,7 @@ impl OpState {
 
     fn deps_done(&self, step: usize) -> bool {
         self.plan.steps[step].deps.iter().all(|d| match d {
-            Dep::Done(i) | Dep::Stream(i) => self.done[*i],
+            Dep::Done(i) | Dep::Stream(i) => self.steps[*i].done,
         })
     }
 
@@ -122,8 +129,8 @@ impl OpState {
         let mut a = len;
         for d in self.plan.steps[step].deps.iter() {
             match *d {
-                Dep::Done(i) if !self.done[i] => a = 0,
-                Dep::Stream(i) if !self.done[i] => a = a.min(self.progress[i]),
+                Dep::Done(i) if !self.steps[i].done => a = 0,
+                Dep::Stream(i) if !self.steps[i].done => a = a.min(self.steps[i].progress),
                 _ => {}
             }
         }
@@ -131,8 +138,8 @@ impl OpState {
     }
 
     fn finish_step(&mut self, step: usize) {
-        if !self.done[step] {
-            self.done[step] = true;
+        if !self.steps[step].done {
+            self.steps[step].done = true;
             self.left -= 1;
         }
     }
@@ -231,7 +238,8 @@ impl Engine {
             .into_iter()
             .map(|l| {
                 l.map(|link| {
-                    let live = cfg.heartbeat.filter(|_| link.kind() != TransportKind::Loopback).map(|h| Liveness::new(h, now));
+                    let live =
+                        cfg.heartbeat.filter(|_| link.kind() != TransportKind::Loopback).map(|h| Liveness::new(h, now));
                     Peer {
                         link,
                         live,
@@ -291,11 +299,12 @@ impl Engine {
     }
 
     /// Accepts operations, in order. On a broken world they fail at once.
-    pub(crate) fn post(&mut self, ops: Vec<Posted>, now: Instant) {
-        if ops.iter().any(|p| p.timeout.is_some()) {
-            self.next_timer = None;
-        }
+    /// `now` is asked for only when an operation has a deadline.
+    pub(crate) fn post(&mut self, ops: impl IntoIterator<Item = Posted>, now: impl Fn() -> Instant) {
         for p in ops {
+            if p.timeout.is_some() {
+                self.next_timer = None;
+            }
             if let Some(cause) = &self.broken {
                 p.completion.complete(Err(Error::broken(&self.cfg.name, self.cfg.rank, cause.clone(), false)));
                 continue;
@@ -329,13 +338,11 @@ impl Engine {
                 scratch,
                 _scratch_mem: scratch_mem,
                 plan,
-                progress: vec![0; n],
-                done: vec![false; n],
-                msg: vec![0; n],
+                steps: vec![StepState::default(); n],
                 left: n,
                 active: false,
                 completion: p.completion,
-                deadline: p.timeout.map(|t| (now + t, t)),
+                deadline: p.timeout.map(|t| (now() + t, t)),
                 _keepalive: p.keepalive,
             });
         }
@@ -469,7 +476,7 @@ impl Engine {
                 return Err(internal(format!("plan uses rank {peer}, which has no link")));
             };
             let counter = if sending { &mut tx_count[peer] } else { &mut rx_count[peer] };
-            op.msg[s] = *counter;
+            op.steps[s].msg = *counter;
             *counter += 1;
             if sending {
                 p.tx_queue.push_back((op.id, s));
@@ -489,7 +496,7 @@ impl Engine {
         let size = self.cfg.size;
         for op in self.ops.iter_mut().filter(|o| o.active) {
             for s in 0..op.plan.steps.len() {
-                if op.done[s] || !op.deps_done(s) {
+                if op.steps[s].done || !op.deps_done(s) {
                     continue;
                 }
                 let (dtype, redop) = (op.desc.dtype, op.desc.redop);
@@ -552,12 +559,12 @@ impl Engine {
                     self.stats.bytes_sent += bytes as u64;
                     let i = self.op_index(op)?;
                     let o = &mut self.ops[i];
-                    o.progress[step] += bytes;
+                    o.steps[step].progress += bytes;
                     let len = match o.plan.steps[step].act {
                         Act::Send { src, .. } => src.len,
                         _ => 0,
                     };
-                    if o.progress[step] >= len {
+                    if o.steps[step].progress >= len {
                         o.finish_step(step);
                         if let Some(p) = self.peers[peer].as_mut() {
                             p.tx_queue.pop_front();
@@ -574,7 +581,7 @@ impl Engine {
             let Act::Send { src, .. } = op.plan.steps[step].act else {
                 return Err(internal("receive step in a send queue"));
             };
-            let sent = op.progress[step];
+            let sent = op.steps[step].progress;
             let chunk = if src.len == 0 {
                 if !op.deps_done(step) {
                     return Ok(progress);
@@ -611,7 +618,7 @@ impl Engine {
             dtype: d.dtype as u8,
             redop: if d.kind.reduces() { d.redop as u8 } else { 0 },
             generation: self.cfg.generation,
-            msg: op.msg[step],
+            msg: op.steps[step].msg,
             world: self.cfg.world_id,
             seq: op.seq,
             count: d.count as u64,
@@ -633,7 +640,11 @@ impl Engine {
             && h.count == d.count as u64
             && h.redop == redop
             && h.root == root;
-        if same_call && h.total as usize == total && h.msg == op.msg[step] && h.offset as usize == op.progress[step] {
+        if same_call
+            && h.total as usize == total
+            && h.msg == op.steps[step].msg
+            && h.offset as usize == op.steps[step].progress
+        {
             return Ok(());
         }
         // Something differs: spell both calls out.
@@ -668,12 +679,12 @@ impl Engine {
                 ),
             });
         }
-        if h.msg != op.msg[step] || h.offset as usize != op.progress[step] {
+        if h.msg != op.steps[step].msg || h.offset as usize != op.steps[step].progress {
             return Err(BrokenCause::Protocol {
                 peer,
                 detail: format!(
                     "frame out of order in {mine}: message {} offset {} where {} offset {} was due",
-                    h.msg, h.offset, op.msg[step], op.progress[step]
+                    h.msg, h.offset, op.steps[step].msg, op.steps[step].progress
                 ),
             });
         }
@@ -742,8 +753,8 @@ impl Engine {
         if complete {
             self.stats.bytes_received += len as u64;
             let op = &mut self.ops[i];
-            op.progress[step] += len;
-            if op.progress[step] >= dst.len {
+            op.steps[step].progress += len;
+            if op.steps[step].progress >= dst.len {
                 op.finish_step(step);
                 if let Some(p) = self.peers[peer].as_mut() {
                     p.rx_queue.pop_front();

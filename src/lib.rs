@@ -67,6 +67,16 @@ pub use world::{Group, World, WorldState};
 /// Re-exported so that users name the 16-bit float types without depending on `half`.
 pub use half::{bf16, f16};
 
+/// Internals exposed for the crate's own benchmarks (`benches/`); not part of the API.
+#[doc(hidden)]
+pub mod __bench {
+    /// `dst[i] = dst[i] op src[i]` over byte buffers of `dtype` elements (the host reduction
+    /// kernel).
+    pub fn reduce_into(dtype: crate::DataType, op: crate::ReduceOp, dst: &mut [u8], src: &[u8]) {
+        crate::coll::reduce::reduce_into(dtype, op, dst, src)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testutil {
     /// A small deterministic generator for tests (xorshift64*).

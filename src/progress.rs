@@ -31,9 +31,9 @@ use crate::request::{Completion, Progress};
 use crate::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
 use crate::sys::{self, EventFd};
 
-/// How long a driver on a spin-worthy link keeps passing before it goes to sleep. Long enough
-/// to cover a peer's reply to a small message; short enough not to starve the peer on a
-/// machine with few cores.
+/// How long a driver keeps passing without progress before it goes to sleep. Long enough to
+/// cover a peer's reply to a small message; short enough not to starve the peer on a machine
+/// with few cores.
 const SPIN_FOR: Duration = Duration::from_micros(50);
 /// How long a waiter that does not drive sleeps on its completion before it looks whether it
 /// could drive instead.
@@ -126,8 +126,8 @@ impl Driver {
                 if done(&e) || deadline.is_some_and(|d| now >= d) {
                     return;
                 }
-                // On memory links, keep passing for a moment: new data needs no system call to
-                // show up, and the peer's reply to a small message comes within microseconds.
+                // Keep passing for a moment before sleeping: the peer's reply to a small
+                // message comes within microseconds, sooner than a sleep and a wake-up.
                 if e.spin_worthy() && now.duration_since(*spinning_since.get_or_insert(now)) < SPIN_FOR {
                     None
                 } else {
@@ -175,8 +175,8 @@ impl Driver {
 
     /// Hands operations to the engine. `driven` means the caller will wait for them at once
     /// (a blocking call) and drive them itself if it can.
-    pub(crate) fn post(&self, ops: Vec<Posted>, driven: bool) {
-        lock(&self.engine).post(ops, Instant::now());
+    pub(crate) fn post(&self, ops: impl IntoIterator<Item = Posted>, driven: bool) {
+        lock(&self.engine).post(ops, Instant::now);
         if self.driving.load(Ordering::Acquire) {
             self.kick_fd.signal();
         } else if !driven {

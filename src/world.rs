@@ -172,7 +172,7 @@ impl World {
     fn run_one(&self, call: Call) -> Result<()> {
         self.usable()?;
         let c = Completion::new();
-        self.inner.backend.post(vec![self.posted(call, c.clone(), None)], true);
+        self.inner.backend.post_one(self.posted(call, c.clone(), None), true);
         self.inner.backend.wait(&[&c], None);
         c.result().unwrap_or_else(|| Err(Error::internal("operation ended without a result")))
     }
@@ -207,7 +207,7 @@ impl World {
             Ok(call) => {
                 let keep: KeepAlive = slot.clone();
                 let p = self.posted(call, completion.clone(), Some(keep));
-                self.inner.backend.post(vec![p], false);
+                self.inner.backend.post_one(p, false);
             }
             Err(e) => completion.complete(Err(e)),
         }

@@ -17,6 +17,8 @@ pub(crate) trait Backend: Progress {
     /// Accepts operations, in order, as one batch. `driven` means the caller will wait on
     /// them right away (a blocking call) and may drive them itself.
     fn post(&self, ops: Vec<Posted>, driven: bool);
+    /// [`Backend::post`] for one operation (the common case, without a vector).
+    fn post_one(&self, op: Posted, driven: bool);
     /// Breaks the world from this side: local, non-blocking, idempotent.
     fn abort(&self);
     /// Aborts and releases everything (threads, sockets, memory); returns when done.

@@ -11,6 +11,10 @@ impl Backend for Driver {
         Driver::post(self, ops, driven)
     }
 
+    fn post_one(&self, op: Posted, driven: bool) {
+        Driver::post(self, std::iter::once(op), driven)
+    }
+
     fn abort(&self) {
         Driver::abort(self)
     }

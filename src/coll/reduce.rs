@@ -10,7 +10,7 @@ use crate::types::{DataType, ReduceOp};
 use half::{bf16, f16};
 
 /// Arithmetic of one element type.
-trait Arith: bytemuck::Pod {
+trait Arith: bytemuck::Pod + 'static {
     fn add(self, o: Self) -> Self;
     fn mul(self, o: Self) -> Self;
     fn max(self, o: Self) -> Self;
@@ -31,53 +31,121 @@ macro_rules! int_arith {
 }
 int_arith!(i8, u8, i32, u32, i64, u64);
 
+/// Maximum that both orders agree on bit for bit: equal values (like `-0` and `+0`) give the
+/// bits both share (`+0`), a NaN operand wins. Written with selects so that it vectorizes.
 #[inline(always)]
-fn fmax<F: PartialOrd + Copy>(a: F, b: F, a_neg: bool, a_nan: bool, b_nan: bool) -> F {
-    if a > b {
+fn fmax32(a: f32, b: f32) -> f32 {
+    let pick = if a == b {
+        f32::from_bits(a.to_bits() & b.to_bits())
+    } else if a > b {
         a
-    } else if b > a {
-        b
-    } else if a_nan {
-        a
-    } else if b_nan || a_neg {
-        b
     } else {
+        b
+    };
+    if a.is_nan() {
         a
+    } else {
+        pick
+    }
+}
+
+/// Minimum, symmetric the same way (`min(-0, +0) = -0`).
+#[inline(always)]
+fn fmin32(a: f32, b: f32) -> f32 {
+    let pick = if a == b {
+        f32::from_bits(a.to_bits() | b.to_bits())
+    } else if a < b {
+        a
+    } else {
+        b
+    };
+    if a.is_nan() {
+        a
+    } else {
+        pick
     }
 }
 
 #[inline(always)]
-fn fmin<F: PartialOrd + Copy>(a: F, b: F, a_neg: bool, a_nan: bool, b_nan: bool) -> F {
-    if a < b {
+fn fmax64(a: f64, b: f64) -> f64 {
+    let pick = if a == b {
+        f64::from_bits(a.to_bits() & b.to_bits())
+    } else if a > b {
         a
-    } else if b < a {
-        b
-    } else if a_nan {
-        a
-    } else if b_nan || !a_neg {
-        b
     } else {
+        b
+    };
+    if a.is_nan() {
         a
+    } else {
+        pick
     }
 }
 
-macro_rules! float_arith {
-    ($($t:ty),*) => {$(
-        impl Arith for $t {
-            #[inline(always)] fn add(self, o: Self) -> Self { self + o }
-            #[inline(always)] fn mul(self, o: Self) -> Self { self * o }
-            #[inline(always)] fn max(self, o: Self) -> Self {
-                fmax(self, o, self.is_sign_negative(), self.is_nan(), o.is_nan())
-            }
-            #[inline(always)] fn min(self, o: Self) -> Self {
-                fmin(self, o, self.is_sign_negative(), self.is_nan(), o.is_nan())
-            }
-            #[inline(always)] fn div_n(self, n: usize) -> Self { self / n as $t }
-        }
-    )*};
+#[inline(always)]
+fn fmin64(a: f64, b: f64) -> f64 {
+    let pick = if a == b {
+        f64::from_bits(a.to_bits() | b.to_bits())
+    } else if a < b {
+        a
+    } else {
+        b
+    };
+    if a.is_nan() {
+        a
+    } else {
+        pick
+    }
 }
-float_arith!(f32, f64);
 
+impl Arith for f32 {
+    #[inline(always)]
+    fn add(self, o: Self) -> Self {
+        self + o
+    }
+    #[inline(always)]
+    fn mul(self, o: Self) -> Self {
+        self * o
+    }
+    #[inline(always)]
+    fn max(self, o: Self) -> Self {
+        fmax32(self, o)
+    }
+    #[inline(always)]
+    fn min(self, o: Self) -> Self {
+        fmin32(self, o)
+    }
+    #[inline(always)]
+    fn div_n(self, n: usize) -> Self {
+        self / n as f32
+    }
+}
+
+impl Arith for f64 {
+    #[inline(always)]
+    fn add(self, o: Self) -> Self {
+        self + o
+    }
+    #[inline(always)]
+    fn mul(self, o: Self) -> Self {
+        self * o
+    }
+    #[inline(always)]
+    fn max(self, o: Self) -> Self {
+        fmax64(self, o)
+    }
+    #[inline(always)]
+    fn min(self, o: Self) -> Self {
+        fmin64(self, o)
+    }
+    #[inline(always)]
+    fn div_n(self, n: usize) -> Self {
+        self / n as f64
+    }
+}
+
+/// Half and bfloat16 compute in `f32` and round once per step; max and min keep the winning
+/// operand's own bits.
 macro_rules! half_arith {
     ($($t:ty),*) => {$(
         impl Arith for $t {
@@ -85,13 +153,11 @@ macro_rules! half_arith {
             #[inline(always)] fn mul(self, o: Self) -> Self { <$t>::from_f32(self.to_f32() * o.to_f32()) }
             #[inline(always)] fn max(self, o: Self) -> Self {
                 let (a, b) = (self.to_f32(), o.to_f32());
-                let r = fmax(a, b, self.is_sign_negative(), self.is_nan(), o.is_nan());
-                if r.to_bits() == a.to_bits() { self } else { o }
+                if fmax32(a, b).to_bits() == a.to_bits() { self } else { o }
             }
             #[inline(always)] fn min(self, o: Self) -> Self {
                 let (a, b) = (self.to_f32(), o.to_f32());
-                let r = fmin(a, b, self.is_sign_negative(), self.is_nan(), o.is_nan());
-                if r.to_bits() == a.to_bits() { self } else { o }
+                if fmin32(a, b).to_bits() == a.to_bits() { self } else { o }
             }
             #[inline(always)] fn div_n(self, n: usize) -> Self { <$t>::from_f32(self.to_f32() / n as f32) }
         }
@@ -116,11 +182,105 @@ fn combine_loop<T: Arith>(dst: &mut [T], a: Option<&[T]>, b: &[T], f: impl Fn(T,
 }
 
 fn combine_typed<T: Arith>(op: ReduceOp, dst: &mut [T], a: Option<&[T]>, b: &[T]) {
+    // 16-bit floats: convert in blocks with the slice converters (vector instructions where the
+    // CPU has them), compute in f32, convert back: the same results as element by element.
+    if let Some(done) = combine_16bit(op, dst, a, b) {
+        return done;
+    }
     match op {
         ReduceOp::Sum | ReduceOp::Avg => combine_loop(dst, a, b, T::add),
         ReduceOp::Prod => combine_loop(dst, a, b, T::mul),
         ReduceOp::Max => combine_loop(dst, a, b, T::max),
         ReduceOp::Min => combine_loop(dst, a, b, T::min),
+    }
+}
+
+/// Block of 16-bit floats converted at a time (two f32 blocks live on the stack).
+const BLOCK: usize = 512;
+
+/// Block conversions between 16-bit floats and f32. f16 uses `half`'s slice converters (F16C
+/// where the CPU has it); bf16 is a shift and a rounding, written here as plain loops that
+/// vectorize, with exactly `half`'s rounding and NaN rules.
+trait Block16: Copy {
+    fn to_f32s(src: &[Self], dst: &mut [f32]);
+    fn from_f32s(src: &[f32], dst: &mut [Self]);
+}
+
+impl Block16 for f16 {
+    fn to_f32s(src: &[f16], dst: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst)
+    }
+    fn from_f32s(src: &[f32], dst: &mut [f16]) {
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src)
+    }
+}
+
+impl Block16 for bf16 {
+    fn to_f32s(src: &[bf16], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            let i = s.to_bits() as u32;
+            let q = if (i & 0x7fff) > 0x7f80 { i | 0x40 } else { i };
+            *d = f32::from_bits(q << 16);
+        }
+    }
+    fn from_f32s(src: &[f32], dst: &mut [bf16]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            let x = s.to_bits();
+            let rounded = (x >> 16) + (((x & 0x8000 != 0) & (x & 0x17fff != 0)) as u32);
+            let v = if x & 0x7fff_ffff > 0x7f80_0000 { (x >> 16) | 0x40 } else { rounded };
+            *d = bf16::from_bits(v as u16);
+        }
+    }
+}
+
+/// [`combine_typed`] for `f16` and `bf16`; `None` for other types.
+fn combine_16bit<T: Arith>(op: ReduceOp, dst: &mut [T], a: Option<&[T]>, b: &[T]) -> Option<()> {
+    macro_rules! run {
+        ($h:ty) => {{
+            let dst: &mut [$h] = bytemuck::try_cast_slice_mut(dst).ok()?;
+            let a: Option<&[$h]> = match a {
+                Some(a) => Some(bytemuck::try_cast_slice(a).ok()?),
+                None => None,
+            };
+            let b: &[$h] = bytemuck::try_cast_slice(b).ok()?;
+            let (mut fa, mut fb) = ([0f32; BLOCK], [0f32; BLOCK]);
+            for start in (0..dst.len()).step_by(BLOCK) {
+                let n = BLOCK.min(dst.len() - start);
+                let r = start..start + n;
+                match a {
+                    Some(a) => <$h>::to_f32s(&a[r.clone()], &mut fa[..n]),
+                    None => <$h>::to_f32s(&dst[r.clone()], &mut fa[..n]),
+                }
+                <$h>::to_f32s(&b[r.clone()], &mut fb[..n]);
+                match op {
+                    ReduceOp::Sum | ReduceOp::Avg | ReduceOp::Prod => {
+                        if op == ReduceOp::Prod {
+                            fa[..n].iter_mut().zip(&fb[..n]).for_each(|(x, y)| *x *= *y);
+                        } else {
+                            fa[..n].iter_mut().zip(&fb[..n]).for_each(|(x, y)| *x += *y);
+                        }
+                        <$h>::from_f32s(&fa[..n], &mut dst[r]);
+                    }
+                    ReduceOp::Max | ReduceOp::Min => {
+                        for j in 0..n {
+                            let (x, y) = (fa[j], fb[j]);
+                            let w = if op == ReduceOp::Max { fmax32(x, y) } else { fmin32(x, y) };
+                            let first = match a {
+                                Some(a) => a[start + j],
+                                None => dst[start + j],
+                            };
+                            dst[start + j] = if w.to_bits() == x.to_bits() { first } else { b[start + j] };
+                        }
+                    }
+                }
+            }
+            Some(())
+        }};
+    }
+    match std::any::TypeId::of::<T>() {
+        t if t == std::any::TypeId::of::<f16>() => run!(f16),
+        t if t == std::any::TypeId::of::<bf16>() => run!(bf16),
+        _ => None,
     }
 }
 
@@ -266,6 +426,53 @@ mod tests {
         reduce_into(DataType::F64, ReduceOp::Sum, bytemuck::cast_slice_mut(&mut d2), &shifted[1..]);
         assert_eq!(d1, d2);
         assert_eq!(d1[2], 4.0);
+    }
+
+    /// The block-converting path for 16-bit floats gives the same bits as element-by-element
+    /// arithmetic, on random values including signed zeros, infinities and subnormals.
+    #[test]
+    fn half_blocks_match_element_by_element() {
+        let mut rng = crate::testutil::Rng::new(11);
+        for op in ReduceOp::ALL {
+            let n = 3 * BLOCK + 17;
+            let mut bits = |_| {
+                let v = rng.next() as u16;
+                // Avoid NaNs (their payloads may legitimately differ); keep everything else.
+                if (v & 0x7c00) == 0x7c00 && (v & 0x03ff) != 0 {
+                    0x8000
+                } else {
+                    v
+                }
+            };
+            let a: Vec<f16> = (0..n).map(|i| f16::from_bits(bits(i))).collect();
+            let b: Vec<f16> = (0..n).map(|i| f16::from_bits(bits(i))).collect();
+            let mut fast = vec![f16::ZERO; n];
+            combine_typed(op, &mut fast, Some(&a), &b);
+            let mut slow = vec![f16::ZERO; n];
+            match op {
+                ReduceOp::Sum | ReduceOp::Avg => combine_loop(&mut slow, Some(&a), &b, Arith::add),
+                ReduceOp::Prod => combine_loop(&mut slow, Some(&a), &b, Arith::mul),
+                ReduceOp::Max => combine_loop(&mut slow, Some(&a), &b, Arith::max),
+                ReduceOp::Min => combine_loop(&mut slow, Some(&a), &b, Arith::min),
+            }
+            let fb: Vec<u16> = fast.iter().map(|x| x.to_bits()).collect();
+            let sb: Vec<u16> = slow.iter().map(|x| x.to_bits()).collect();
+            assert_eq!(fb, sb, "{op}");
+            let ab: Vec<bf16> = a.iter().map(|x| bf16::from_bits(x.to_bits())).collect();
+            let bb: Vec<bf16> = b.iter().map(|x| bf16::from_bits(x.to_bits())).collect();
+            let mut fast = vec![bf16::ZERO; n];
+            combine_typed(op, &mut fast, Some(&ab), &bb);
+            let mut slow = ab.clone();
+            match op {
+                ReduceOp::Sum | ReduceOp::Avg => combine_loop(&mut slow, None, &bb, Arith::add),
+                ReduceOp::Prod => combine_loop(&mut slow, None, &bb, Arith::mul),
+                ReduceOp::Max => combine_loop(&mut slow, None, &bb, Arith::max),
+                ReduceOp::Min => combine_loop(&mut slow, None, &bb, Arith::min),
+            }
+            for (i, (x, y)) in fast.iter().zip(&slow).enumerate() {
+                assert!(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()), "{op} bf16 at {i}: {x} vs {y}");
+            }
+        }
     }
 
     #[test]

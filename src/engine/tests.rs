@@ -41,8 +41,14 @@ fn net(n: usize, cap: usize) -> Net {
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let cfg =
-                EngineConfig { name: Arc::from("test"), rank, size: n, world_id: 42, generation: 1, heartbeat: Some(hb()) };
+            let cfg = EngineConfig {
+                name: Arc::from("test"),
+                rank,
+                size: n,
+                world_id: 42,
+                generation: 1,
+                heartbeat: Some(hb()),
+            };
             Engine::new(cfg, l, now)
         })
         .collect();
@@ -125,7 +131,7 @@ fn check_op(kind: OpKind, d: DataType, op: ReduceOp, n: usize, count: usize, roo
         let (s, r) = (sb.raw(), rb.raw());
         net.engines[rank].post(
             vec![Posted { desc, send: s, recv: r, completion: c.clone(), timeout: None, keepalive: None }],
-            net.now,
+            || net.now,
         );
         done.push(c);
         bufs.push((sb, rb));
@@ -273,7 +279,7 @@ fn point_to_point_batches_and_self_sends() {
                 }
             }
         }
-        net.engines[rank].post(ops, net.now);
+        net.engines[rank].post(ops, || net.now);
     }
     net.run(&done, Duration::from_micros(10), 100_000);
     for c in &done {
@@ -312,7 +318,7 @@ fn post_all_reduce(e: &mut Engine, now: Instant, buf: &mut Buf, count: usize, d:
             timeout: None,
             keepalive: None,
         }],
-        now,
+        || now,
     );
     c
 }
@@ -458,7 +464,7 @@ fn operation_deadline_breaks_the_world_with_timeout() {
             timeout: Some(Duration::from_millis(300)),
             keepalive: None,
         }],
-        now,
+        || now,
     );
     net.run(std::slice::from_ref(&c), Duration::from_millis(10), 100);
     let e = c.result().unwrap().unwrap_err();
@@ -523,7 +529,10 @@ fn a_peer_that_leaves_after_its_part_lets_the_others_finish() {
     let post = |e: &mut Engine, b: &mut Buf, d: OpDesc| {
         let c = Completion::new();
         let (s, r) = if d.is_send { (b.raw(), RawBuf::EMPTY) } else { (RawBuf::EMPTY, b.raw()) };
-        e.post(vec![Posted { desc: d, send: s, recv: r, completion: c.clone(), timeout: None, keepalive: None }], now);
+        e.post(
+            vec![Posted { desc: d, send: s, recv: r, completion: c.clone(), timeout: None, keepalive: None }],
+            || now,
+        );
         c
     };
     let c0 = post(&mut net.engines[0], &mut bufs[0], p2p(1, true));
@@ -580,7 +589,7 @@ fn ranks_that_disagree_on_the_root_are_caught_whatever_the_pattern() {
                 let (sb, rb) = (s.raw(), r.raw());
                 net.engines[rank].post(
                     vec![Posted { desc, send: sb, recv: rb, completion: c.clone(), timeout: None, keepalive: None }],
-                    now,
+                    || now,
                 );
                 cs.push(c);
             }
@@ -646,7 +655,7 @@ fn what_a_peer_sent_before_leaving_can_still_be_received() {
             timeout: None,
             keepalive: None,
         }],
-        now,
+        || now,
     );
     net.engines[1].pass(now);
     assert!(c1.result().unwrap().is_ok());
@@ -665,7 +674,7 @@ fn what_a_peer_sent_before_leaving_can_still_be_received() {
             timeout: None,
             keepalive: None,
         }],
-        now,
+        || now,
     );
     net.engines[0].pass(now);
     assert!(c0.result().unwrap().is_ok(), "{:?}", c0.result());
@@ -682,7 +691,7 @@ fn what_a_peer_sent_before_leaving_can_still_be_received() {
             timeout: None,
             keepalive: None,
         }],
-        now,
+        || now,
     );
     assert_eq!(c2.result().unwrap().unwrap_err().kind(), ErrorKind::WorldBroken);
 }

@@ -35,6 +35,9 @@ pub(crate) struct QueueLink {
     cap: usize,
     faults: Arc<Mutex<Faults>>,
     traffic: (u64, u64),
+    /// Frames queued, when this link is its own peer (only it writes and reads the queue, so
+    /// it can answer "nothing queued" without taking the lock).
+    solo_queued: Option<usize>,
 }
 
 impl QueueLink {
@@ -48,6 +51,7 @@ impl QueueLink {
             cap: usize::MAX,
             faults: Arc::new(Mutex::new(Faults::default())),
             traffic: (0, 0),
+            solo_queued: Some(0),
         }
     }
 
@@ -65,6 +69,7 @@ impl QueueLink {
             cap,
             faults: faults.clone(),
             traffic: (0, 0),
+            solo_queued: None,
         };
         (mk(&a, &b), mk(&b, &a), faults)
     }
@@ -99,11 +104,17 @@ impl Link for QueueLink {
         if !lock(&self.faults).cut {
             q.bytes += f.len();
             q.frames.push_back(f);
+            if let Some(n) = self.solo_queued.as_mut() {
+                *n += 1;
+            }
         }
         Ok(true)
     }
 
     fn peek(&mut self) -> Result<Option<FrameHeader>, LinkError> {
+        if self.solo_queued == Some(0) {
+            return Ok(None);
+        }
         let q = lock(&self.rx);
         match q.frames.front() {
             Some(f) => FrameHeader::decode(&f[..HEADER_LEN]).map(Some).map_err(LinkError::Protocol),
@@ -116,6 +127,9 @@ impl Link for QueueLink {
         let mut q = lock(&self.rx);
         let f = q.frames.pop_front().ok_or_else(|| LinkError::Io("consume without a frame".into()))?;
         q.bytes -= f.len();
+        if let Some(n) = self.solo_queued.as_mut() {
+            *n -= 1;
+        }
         drop(q);
         self.traffic.0 += f.len() as u64;
         let payload = &f[HEADER_LEN..];

@@ -118,8 +118,10 @@ pub(crate) trait Link: Send {
     /// events to ask for. The next `peek` after such a sleep looks at the descriptor too.
     fn hangup_fd(&mut self) -> Option<(RawFd, i16)>;
 
-    /// True when waiting on this link is best done by spinning a little before sleeping
-    /// (memory-based links, where new data shows up without a system call).
+    /// True when waiting on this link is best done by spinning a little before sleeping: new
+    /// data on a memory link shows up without a system call, and on a socket a few
+    /// non-blocking reads cost less than a sleep and a wake-up when the peer answers within
+    /// microseconds.
     fn spins(&self) -> bool {
         false
     }

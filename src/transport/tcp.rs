@@ -254,6 +254,10 @@ impl Link for TcpLink {
         Some((self.sock.as_raw_fd(), libc::POLLRDHUP))
     }
 
+    fn spins(&self) -> bool {
+        true
+    }
+
     fn shutdown(&mut self) {
         // FIN after the data already queued; then read what is pending so that closing with
         // unread input does not turn the FIN into a reset.
