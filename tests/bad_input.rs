@@ -120,7 +120,7 @@ fn ranks_that_disagree_on_the_size_fail_formation_for_all() {
 /// both calls, and the next call on that world fails as broken.
 fn disagree(ctx: &Ctx) {
     let m = WorldManager::new();
-    let base: u16 = ctx.env("MW_TEST_PORT").parse().unwrap();
+    let ids: Vec<UniqueId> = ctx.env("MW_TEST_IDS").split(',').map(|s| s.parse().unwrap()).collect();
     let r = ctx.rank;
     type Case = fn(&World, usize) -> multiworld::Result<()>;
     let cases: [(&str, Case, &str); 5] = [
@@ -151,8 +151,7 @@ fn disagree(ctx: &Ctx) {
         ),
     ];
     for (i, (name, case, needle)) in cases.iter().enumerate() {
-        let addr = format!("127.0.0.1:{}", base + i as u16);
-        let w = m.init_world_at(name, &addr, r, 2).unwrap();
+        let w = m.init_world(name, &ids[i], r, 2).unwrap();
         let e = case(&w, r).expect_err(name);
         assert!(matches!(e.kind(), ErrorKind::InvalidUsage | ErrorKind::WorldBroken), "{name}: {e}");
         assert!(e.message().contains(needle), "{name}: '{}' lacks '{needle}'", e.message());
@@ -164,11 +163,9 @@ fn disagree(ctx: &Ctx) {
 
 #[test]
 fn calls_that_disagree_between_ranks_are_reported_on_both() {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    drop(l);
-    let base = if port > 60000 { port - 100 } else { port };
-    let env = [("MW_TEST_PORT", base.to_string())];
+    let ids: Vec<String> =
+        (0..5).map(|_| UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap().to_string()).collect();
+    let env = [("MW_TEST_IDS", ids.join(","))];
     let mut procs: Vec<_> = (0..2).map(|r| spawn("disagree", r, 2, &env, &[])).collect();
     common::finish(&mut procs, Duration::from_secs(60));
 }

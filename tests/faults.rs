@@ -320,7 +320,7 @@ fn settle(target: Option<(usize, usize)>) -> (usize, usize) {
 
 #[test]
 fn a_thousand_break_and_replace_cycles_leak_nothing() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = common::free_port();
     let env = [("MW_TEST_ADDR", format!("127.0.0.1:{port}")), ("MW_TEST_ARG", "1000".to_string())];
     let mut procs: Vec<_> = (0..2).map(|r| spawn("cycles", r, 2, &env, &[])).collect();
     let logs = common::finish(&mut procs, Duration::from_secs(300));

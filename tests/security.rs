@@ -76,7 +76,7 @@ fn attack(addr: &str, bytes: &[u8]) {
 
 #[test]
 fn hostile_connections_are_refused_and_the_world_forms_anyway() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = common::free_port();
     let root = format!("127.0.0.1:{port}");
     let env = [("MW_TEST_ADDR", root.clone()), ("MW_LOG", "info".to_string())];
     let rank0 = spawn("guarded", 0, 2, &env, &[]);

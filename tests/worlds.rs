@@ -111,13 +111,9 @@ fn address(ctx: &Ctx) {
     w.barrier().unwrap();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[test]
 fn address_form_with_three_ranks() {
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = format!("127.0.0.1:{}", common::free_port());
     let env = [("MW_TEST_ADDR", addr)];
     let mut procs: Vec<_> = (0..3).map(|r| spawn("address", r, 3, &env, &[])).collect();
     common::finish(&mut procs, Duration::from_secs(60));

@@ -198,6 +198,24 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
     }
 }
 
+/// A free TCP port on 127.0.0.1 for a rank to listen on, chosen below the kernel's ephemeral
+/// range (32768 and up by default), so that no outgoing connection of another test takes it
+/// between the moment it is chosen and the moment it is bound.
+pub fn free_port() -> u16 {
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut x = seed | 1;
+    loop {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 20000 + (x % 12000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Open file descriptors and threads of this process.
 pub fn fds_and_threads() -> (usize, usize) {
     let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
