@@ -40,8 +40,27 @@ impl RawBuf {
         RawBuf { ptr: b.as_mut_ptr(), len: b.len(), writable: true }
     }
 
+    /// A view of raw memory handed in through the C ABI (`len == 0` gives the empty view,
+    /// whatever the pointer).
+    ///
+    /// # Safety
+    /// Unless `len == 0`, `ptr` must be valid for reads (and writes, if `writable`) of `len`
+    /// bytes for as long as the operation that uses the view runs.
+    pub(crate) unsafe fn from_raw(ptr: *mut u8, len: usize, writable: bool) -> RawBuf {
+        if len == 0 {
+            return RawBuf::EMPTY;
+        }
+        RawBuf { ptr, len, writable }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// True when the two views share at least one byte.
+    pub(crate) fn overlaps(&self, other: &RawBuf) -> bool {
+        let (a, b) = (self.ptr as usize, other.ptr as usize);
+        self.len > 0 && other.len > 0 && a < b.saturating_add(other.len) && b < a.saturating_add(self.len)
     }
 
     /// Bytes `[off, off + len)`, or `None` when out of range.

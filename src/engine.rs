@@ -981,17 +981,26 @@ impl Engine {
             self.fail(BrokenCause::LocalAbort);
             return;
         }
-        let h = FrameHeader::control(FrameKind::Close, self.cfg.world_id, self.cfg.generation, 0).encode();
+        self.say_goodbye(FrameKind::Close, &[]);
+        self.broken = Some(BrokenCause::LocalAbort);
+    }
+
+    /// Sends every peer still there a last control frame (close, or abort with a reason),
+    /// where that can be done without blocking, then closes the links. A frame not yet
+    /// started gives way to it; one half written cannot be cut, so that link just closes.
+    fn say_goodbye(&mut self, kind: FrameKind, reason: &[u8]) {
+        let h = FrameHeader::control(kind, self.cfg.world_id, self.cfg.generation, reason.len() as u32).encode();
         for p in
             self.peers.iter_mut().flatten().filter(|p| p.gone.is_none() && p.link.kind() != TransportKind::Loopback)
         {
             if p.tx.as_ref().is_none_or(|f| f.written == 0) {
                 let mut written = 0;
-                let _ = p.link.write(&h, &[], &mut written);
+                let _ = p.link.write(&h, reason, &mut written);
             }
-            p.link.shutdown();
+            if kind == FrameKind::Close {
+                p.link.shutdown();
+            }
         }
-        self.broken = Some(BrokenCause::LocalAbort);
         self.peers.clear();
     }
 
@@ -1013,16 +1022,13 @@ impl Engine {
         for op in self.ops.drain(..) {
             op.completion.complete(Err(Error::broken(&self.cfg.name, self.cfg.rank, cause.clone(), true)));
         }
-        let reason = cause.to_string().into_bytes();
-        let h = FrameHeader::control(FrameKind::Abort, self.cfg.world_id, self.cfg.generation, reason.len() as u32);
-        for p in self.peers.iter_mut().flatten().filter(|p| p.gone.is_none()) {
-            // A frame not yet started can give way; one half written cannot be cut.
-            if p.tx.as_ref().is_none_or(|f| f.written == 0) && p.link.kind() != TransportKind::Loopback {
-                let mut written = 0;
-                let _ = p.link.write(&h.encode(), &reason, &mut written);
-            }
-        }
-        self.peers.clear();
+        // Tell the others: a world that ended because a peer left ends quietly for them too
+        // (a close frame); any other break is passed on with its reason (an abort frame).
+        let (kind, reason) = match cause {
+            BrokenCause::PeerLeft { .. } => (FrameKind::Close, Vec::new()),
+            _ => (FrameKind::Abort, cause.to_string().into_bytes()),
+        };
+        self.say_goodbye(kind, &reason);
         if let Some(mut f) = self.on_broken.take() {
             f(&cause);
         }

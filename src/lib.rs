@@ -39,6 +39,7 @@ mod buf;
 mod coll;
 mod engine;
 mod error;
+pub mod ffi;
 mod health;
 mod id;
 mod manager;

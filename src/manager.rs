@@ -77,8 +77,9 @@ pub enum Event {
     },
 }
 
+/// Where a manager's events go (shared by the C ABI's communicators, one queue per process).
 #[derive(Default)]
-struct EventQueue {
+pub(crate) struct EventQueue {
     queue: Mutex<(VecDeque<Event>, Vec<Waker>)>,
     cond: Condvar,
 }
@@ -130,12 +131,17 @@ impl WorldManager {
 
     /// A manager whose worlds use `defaults` unless told otherwise.
     pub fn with_defaults(defaults: WorldOptions) -> WorldManager {
+        WorldManager::with_event_queue(defaults, Arc::new(EventQueue::default()))
+    }
+
+    /// A manager whose events go to `events` (shared with other managers).
+    pub(crate) fn with_event_queue(defaults: WorldOptions, events: Arc<EventQueue>) -> WorldManager {
         WorldManager {
             inner: Arc::new(Inner {
                 defaults,
                 worlds: Mutex::new(HashMap::new()),
                 generations: Mutex::new(HashMap::new()),
-                events: Arc::new(EventQueue::default()),
+                events,
                 closed: AtomicBool::new(false),
             }),
         }
@@ -325,8 +331,20 @@ impl WorldManager {
 
     /// Waits up to `timeout` (forever with `None`) for the next event.
     pub fn next_event(&self, timeout: Option<Duration>) -> Option<Event> {
+        self.inner.events.next(timeout)
+    }
+
+    /// A future of the next event, for async serving loops (no runtime needed).
+    pub fn event(&self) -> NextEvent {
+        NextEvent { events: self.inner.events.clone() }
+    }
+}
+
+impl EventQueue {
+    /// Waits up to `timeout` (forever with `None`) for the next event.
+    pub(crate) fn next(&self, timeout: Option<Duration>) -> Option<Event> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let ev = &self.inner.events;
+        let ev = self;
         let mut q = lock(&ev.queue);
         loop {
             if let Some(e) = q.0.pop_front() {
@@ -344,11 +362,6 @@ impl WorldManager {
             };
             q = wait_timeout(&ev.cond, q, step);
         }
-    }
-
-    /// A future of the next event, for async serving loops (no runtime needed).
-    pub fn event(&self) -> NextEvent {
-        NextEvent { events: self.inner.events.clone() }
     }
 }
 

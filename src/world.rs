@@ -177,6 +177,37 @@ impl World {
         c.result().unwrap_or_else(|| Err(Error::internal("operation ended without a result")))
     }
 
+    /// Posts operations on raw buffers (the C ABI) as one batch. With `wait`, blocks until all
+    /// are done and returns the first error; otherwise returns their completions at once.
+    ///
+    /// # Safety
+    /// Each view's memory must stay valid, and untouched by anyone else, until its operation
+    /// completes (the C caller's contract, as with NCCL).
+    pub(crate) unsafe fn post_raw(
+        &self,
+        ops: Vec<(OpDesc, RawBuf, RawBuf)>,
+        wait: bool,
+    ) -> Result<Vec<Arc<Completion>>> {
+        self.usable()?;
+        let completions: Vec<_> = ops.iter().map(|_| Completion::new()).collect();
+        let posted = ops
+            .into_iter()
+            .zip(&completions)
+            .map(|((desc, send, recv), k)| self.posted(Call { desc, send, recv }, k.clone(), None))
+            .collect();
+        self.inner.backend.post(posted, wait);
+        if wait {
+            self.wait_for(&completions);
+        }
+        Ok(completions)
+    }
+
+    /// Blocks until every completion (of operations of this world) is done.
+    pub(crate) fn wait_for(&self, completions: &[Arc<Completion>]) {
+        let all: Vec<&Completion> = completions.iter().map(|c| &**c).collect();
+        self.inner.backend.wait(&all, None);
+    }
+
     /// Posts calls as one batch and waits for all of them; the first error wins.
     fn run(&self, calls: Vec<Call>) -> Result<()> {
         self.usable()?;

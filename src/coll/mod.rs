@@ -58,9 +58,14 @@ impl OpDesc {
     }
 
     /// Bytes the send and receive buffers must hold on `rank` of a world of `size`:
-    /// `(send, recv)`. In-place operations have no send buffer; their receive buffer holds
-    /// the input as NCCL lays it out.
-    #[cfg(test)]
+    /// `(send, recv)`, or `None` if that does not fit in memory. In-place operations have no
+    /// send buffer; their receive buffer holds the input as NCCL lays it out.
+    pub(crate) fn buffer_bytes_checked(&self, rank: usize, size: usize) -> Option<(usize, usize)> {
+        self.count.checked_mul(self.dtype.size())?.checked_mul(size.max(1))?;
+        Some(self.buffer_bytes(rank, size))
+    }
+
+    /// [`OpDesc::buffer_bytes_checked`] for counts known to fit.
     pub(crate) fn buffer_bytes(&self, rank: usize, size: usize) -> (usize, usize) {
         let b = self.bytes();
         let nb = b * size;

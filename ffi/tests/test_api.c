@@ -1,0 +1,346 @@
+/* Tests of the multiworld C API: every function, its error paths, and a killed peer.
+ * Each test prints "ok - <name>"; the program exits non-zero on the first failure. */
+#include <limits.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#include "ranks.h"
+
+static double now_ms(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+/* ---- calls that need no peer ---- */
+
+static void test_version_and_strings(void) {
+  int v = -1;
+  MWCHECK(mwGetVersion(&v));
+  CHECK(v >= 100); /* 0.1.0 -> 100 */
+  CHECK(mwGetVersion(NULL) == mwInvalidArgument);
+  CHECK(strcmp(mwGetErrorString(mwSuccess), "no error") == 0);
+  CHECK(strstr(mwGetErrorString(mwRemoteError), "broken") != NULL);
+  CHECK(strstr(mwGetErrorString(12345), "unknown") != NULL);
+  CHECK(mwGetLastError(NULL) != NULL);
+  printf("ok - version and error strings\n");
+}
+
+static void test_bad_arguments(void) {
+  mwComm_t comm = NULL;
+  mwUniqueId id;
+  memset(&id, 0, sizeof id);
+  CHECK(mwGetUniqueId(NULL) == mwInvalidArgument);
+  CHECK(mwCommInitRank(&comm, 2, id, 0) == mwInvalidArgument); /* not an id */
+  CHECK(strstr(mwGetLastError(NULL), "unique id") != NULL);
+  MWCHECK(mwGetUniqueId(&id));
+  CHECK(mwCommInitRank(NULL, 2, id, 0) == mwInvalidArgument);
+  CHECK(mwCommInitRank(&comm, 0, id, 0) == mwInvalidArgument);
+  CHECK(mwCommInitRank(&comm, 2, id, 2) == mwInvalidArgument);
+  CHECK(mwCommInitRank(&comm, 2, id, -1) == mwInvalidArgument);
+  mwConfig_t cfg = MW_CONFIG_INITIALIZER;
+  cfg.size = 3;
+  CHECK(mwCommInitRankConfig(&comm, 1, id, 0, &cfg) == mwInvalidArgument);
+  CHECK(strstr(mwGetLastError(NULL), "config.size") != NULL);
+  MWCHECK(mwConfigInit(&cfg));
+  cfg.transport = 7;
+  CHECK(mwCommInitRankConfig(&comm, 1, id, 0, &cfg) == mwInvalidArgument);
+  CHECK(mwConfigInit(NULL) == mwInvalidArgument);
+  CHECK(mwCommInitAt(&comm, NULL, "127.0.0.1:1", 2, 0, NULL) == mwInvalidArgument);
+  /* Handles that were never created, or were destroyed, are refused, not dereferenced. */
+  mwComm_t bogus = (mwComm_t)(uintptr_t)0xdeadbeef;
+  int n = 0;
+  float x = 1;
+  CHECK(mwCommCount(bogus, &n) == mwInvalidArgument);
+  CHECK(mwCommUserRank(NULL, &n) == mwInvalidArgument);
+  CHECK(mwAllReduce(&x, &x, 1, mwFloat, mwSum, bogus, NULL) == mwInvalidArgument);
+  CHECK(mwCommDestroy(bogus) == mwInvalidArgument);
+  CHECK(mwCommAbort(NULL) == mwInvalidArgument);
+  mwResult_t st;
+  CHECK(mwCommGetAsyncError(bogus, &st) == mwInvalidArgument);
+  CHECK(mwGroupEnd() == mwInvalidUsage);
+  mwEvent_t ev;
+  CHECK(mwPollEvent(NULL) == mwInvalidArgument);
+  CHECK(mwWaitEvent(&ev, 0) == mwInProgress || mwWaitEvent(&ev, 0) == mwSuccess);
+  printf("ok - bad arguments and handles\n");
+}
+
+/* A world of one rank, for argument checks of the operations. */
+static void test_operation_arguments(void) {
+  mwUniqueId id;
+  mwComm_t comm;
+  MWCHECK(mwGetUniqueId(&id));
+  MWCHECK(mwCommInitRank(&comm, 1, id, 0));
+  float a[4] = {1, 2, 3, 4}, b[4];
+  CHECK(mwAllReduce(a, b, 4, 42, mwSum, comm, NULL) == mwInvalidArgument);
+  CHECK(strstr(mwGetLastError(comm), "unknown data type 42") != NULL);
+  CHECK(mwAllReduce(a, b, 4, -1, mwSum, comm, NULL) == mwInvalidArgument);
+  CHECK(mwAllReduce(a, b, 4, mwFloat, 99, comm, NULL) == mwInvalidArgument);
+  CHECK(mwAllReduce(NULL, b, 4, mwFloat, mwSum, comm, NULL) == mwInvalidArgument);
+  CHECK(mwAllReduce(a, NULL, 4, mwFloat, mwSum, comm, NULL) == mwInvalidArgument);
+  CHECK(mwAllReduce(a, b, SIZE_MAX / 2, mwFloat, mwSum, comm, NULL) == mwInvalidArgument);
+  CHECK(strstr(mwGetLastError(comm), "overflow") != NULL);
+  CHECK(mwAllReduce(a, a + 1, 3, mwFloat, mwSum, comm, NULL) == mwInvalidArgument); /* overlap */
+  CHECK(mwAllReduce(a, b, 4, mwFloat, mwSum, comm, (void *)1) == mwInvalidArgument); /* stream */
+  CHECK(mwSend(a, 4, mwFloat, 1, comm, NULL) == mwInvalidArgument);
+  CHECK(mwRecv(b, 4, mwFloat, -3, comm, NULL) == mwInvalidArgument);
+  CHECK(mwBroadcast(a, b, 4, mwFloat, 5, comm, NULL) == mwInvalidArgument);
+  CHECK(mwReduce(a, b, 4, mwFloat, mwSum, 1, comm, NULL) == mwInvalidArgument);
+  CHECK(mwGather(a, b, 4, mwFloat, 2, comm, NULL) == mwInvalidArgument);
+  CHECK(mwScatter(a, b, 4, mwFloat, -1, comm, NULL) == mwInvalidArgument);
+  CHECK(mwCommCount(comm, NULL) == mwInvalidArgument);
+  CHECK(mwCommGetAsyncError(comm, NULL) == mwInvalidArgument);
+  /* None of that harmed the communicator; zero counts accept NULL buffers. */
+  MWCHECK(mwAllReduce(a, b, 4, mwFloat, mwSum, comm, NULL));
+  CHECK(b[3] == 4);
+  MWCHECK(mwAllReduce(NULL, NULL, 0, mwFloat, mwSum, comm, NULL));
+  MWCHECK(mwBarrier(comm, NULL));
+  int n = 0, r = -1;
+  MWCHECK(mwCommCount(comm, &n));
+  MWCHECK(mwCommUserRank(comm, &r));
+  CHECK(n == 1 && r == 0);
+  MWCHECK(mwCommDestroy(comm));
+  CHECK(mwCommDestroy(comm) == mwInvalidArgument); /* destroyed handle */
+  CHECK(mwBarrier(comm, NULL) == mwInvalidArgument);
+  printf("ok - operation arguments\n");
+}
+
+/* ---- every collective across processes ---- */
+
+static void collectives(int rank, int n, mwUniqueId id, const char *arg) {
+  (void)arg;
+  mwComm_t comm;
+  MWCHECK(mwCommInitRank(&comm, n, id, rank));
+  int cnt, me;
+  MWCHECK(mwCommCount(comm, &cnt));
+  MWCHECK(mwCommUserRank(comm, &me));
+  CHECK(cnt == n && me == rank);
+  enum { C = 1000 };
+  static float s[C * 8], r[C * 8];
+  for (int i = 0; i < C; i++) s[i] = (float)(rank + 1);
+  /* all-reduce, out of place and in place */
+  MWCHECK(mwAllReduce(s, r, C, mwFloat, mwSum, comm, NULL));
+  for (int i = 0; i < C; i++) CHECK(r[i] == n * (n + 1) / 2.0f);
+  MWCHECK(mwAllReduce(r, r, C, mwFloat, mwMax, comm, NULL));
+  CHECK(r[0] == n * (n + 1) / 2.0f);
+  /* broadcast from the last rank */
+  for (int i = 0; i < C; i++) r[i] = rank == n - 1 ? 7.0f : 0.0f;
+  MWCHECK(mwBroadcast(r, r, C, mwFloat, n - 1, comm, NULL));
+  CHECK(r[C - 1] == 7.0f);
+  /* reduce to rank 0 */
+  int32_t iv = rank + 1, out = 0;
+  MWCHECK(mwReduce(&iv, &out, 1, mwInt32, mwProd, 0, comm, NULL));
+  if (rank == 0) {
+    int32_t f = 1;
+    for (int k = 1; k <= n; k++) f *= k;
+    CHECK(out == f);
+  }
+  /* all-gather, out of place and in place */
+  double dv = rank, all[8];
+  MWCHECK(mwAllGather(&dv, all, 1, mwDouble, comm, NULL));
+  for (int k = 0; k < n; k++) CHECK(all[k] == k);
+  all[rank] = rank * 10.0;
+  MWCHECK(mwAllGather(all + rank, all, 1, mwDouble, comm, NULL));
+  for (int k = 0; k < n; k++) CHECK(all[k] == k * 10.0);
+  /* reduce-scatter: block k of every rank holds k; rank k gets n*k */
+  int64_t blocks[8], mine = -1;
+  for (int k = 0; k < n; k++) blocks[k] = k;
+  MWCHECK(mwReduceScatter(blocks, &mine, 1, mwInt64, mwSum, comm, NULL));
+  CHECK(mine == (int64_t)n * rank);
+  MWCHECK(mwReduceScatter(blocks, blocks + rank, 1, mwInt64, mwSum, comm, NULL)); /* in place */
+  CHECK(blocks[rank] == (int64_t)n * rank);
+  /* all-to-all: block k of rank r holds 100 r + k */
+  uint32_t a2a_s[8], a2a_r[8];
+  for (int k = 0; k < n; k++) a2a_s[k] = 100 * rank + k;
+  MWCHECK(mwAllToAll(a2a_s, a2a_r, 1, mwUint32, comm, NULL));
+  for (int k = 0; k < n; k++) CHECK(a2a_r[k] == (uint32_t)(100 * k + rank));
+  /* gather and scatter at rank 1 */
+  uint8_t g[8] = {0}, one = (uint8_t)(rank + 1);
+  MWCHECK(mwGather(&one, g, 1, mwUint8, 1, comm, NULL));
+  if (rank == 1)
+    for (int k = 0; k < n; k++) CHECK(g[k] == k + 1);
+  uint8_t sc[8], got = 0;
+  for (int k = 0; k < n; k++) sc[k] = (uint8_t)(50 + k);
+  MWCHECK(mwScatter(sc, &got, 1, mwUint8, 1, comm, NULL));
+  CHECK(got == 50 + rank);
+  /* send/recv around a ring, in a group */
+  float ring_out = (float)rank, ring_in = -1;
+  MWCHECK(mwGroupStart());
+  MWCHECK(mwSend(&ring_out, 1, mwFloat, (rank + 1) % n, comm, NULL));
+  MWCHECK(mwRecv(&ring_in, 1, mwFloat, (rank + n - 1) % n, comm, NULL));
+  MWCHECK(mwGroupEnd());
+  CHECK(ring_in == (float)((rank + n - 1) % n));
+  MWCHECK(mwBarrier(comm, NULL));
+  MWCHECK(mwCommDestroy(comm));
+}
+
+static void test_collectives(void) {
+  CHECK(run_ranks(3, "collectives", NULL) == 0);
+  printf("ok - every collective across 3 processes\n");
+}
+
+/* Ranks that disagree on the count: both told, with both calls named. */
+static void mismatch(int rank, int n, mwUniqueId id, const char *arg) {
+  (void)arg;
+  mwComm_t comm;
+  MWCHECK(mwCommInitRank(&comm, n, id, rank));
+  float v[8] = {0};
+  mwResult_t r = mwAllReduce(v, v, (size_t)(4 + rank), mwFloat, mwSum, comm, NULL);
+  CHECK(r == mwInvalidUsage || r == mwRemoteError);
+  CHECK(strstr(mwGetLastError(comm), "count=4") != NULL);
+  mwResult_t st;
+  MWCHECK(mwCommGetAsyncError(comm, &st));
+  CHECK(st == mwRemoteError || st == mwInvalidUsage);
+  MWCHECK(mwCommAbort(comm));
+}
+
+static void test_mismatch(void) {
+  CHECK(run_ranks(2, "mismatch", NULL) == 0);
+  printf("ok - mismatched calls reported on both ranks\n");
+}
+
+/* ---- non-blocking communicators ---- */
+
+static void nonblocking(int rank, int n, mwUniqueId id, const char *arg) {
+  (void)arg;
+  mwComm_t comm;
+  mwConfig_t cfg = MW_CONFIG_INITIALIZER;
+  cfg.blocking = 0;
+  mwResult_t r = mwCommInitRankConfig(&comm, n, id, rank, &cfg);
+  CHECK(r == mwInProgress);
+  mwResult_t st = mwInProgress;
+  while (st == mwInProgress) MWCHECK(mwCommGetAsyncError(comm, &st));
+  CHECK(st == mwSuccess);
+  static int64_t v[100000];
+  for (int i = 0; i < 100000; i++) v[i] = rank + i;
+  CHECK(mwAllReduce(v, v, 100000, mwInt64, mwSum, comm, NULL) == mwInProgress);
+  st = mwInProgress;
+  while (st == mwInProgress) MWCHECK(mwCommGetAsyncError(comm, &st));
+  CHECK(st == mwSuccess);
+  for (int i = 0; i < 100000; i++) CHECK(v[i] == (int64_t)n * i + n * (n - 1) / 2);
+  MWCHECK(mwCommDestroy(comm));
+}
+
+static void test_nonblocking(void) {
+  CHECK(run_ranks(2, "nonblocking", NULL) == 0);
+  printf("ok - non-blocking communicator and operation\n");
+}
+
+/* ---- the address form ---- */
+
+static void by_address(int rank, int n, mwUniqueId id, const char *addr) {
+  (void)id;
+  mwComm_t comm;
+  MWCHECK(mwCommInitAt(&comm, "c-by-address", addr, n, rank, NULL));
+  int x = rank + 1;
+  MWCHECK(mwAllReduce(&x, &x, 1, mwInt, mwSum, comm, NULL));
+  CHECK(x == n * (n + 1) / 2);
+  mwEvent_t ev;
+  int ready = 0;
+  while (!ready && mwWaitEvent(&ev, 5000) == mwSuccess)
+    ready = ev.kind == MW_EVENT_READY && strcmp(ev.name, "c-by-address") == 0 && ev.generation == 1;
+  CHECK(ready);
+  MWCHECK(mwCommDestroy(comm));
+}
+
+static void test_address(void) {
+  char addr[64];
+  snprintf(addr, sizeof addr, "127.0.0.1:%d", 20000 + (int)(getpid() % 12000));
+  CHECK(run_ranks(3, "by_address", addr) == 0);
+  printf("ok - formation by address, ready event\n");
+}
+
+/* ---- several ranks in one process, initialized in a group (as NCCL allows) ---- */
+
+static void test_group_init(void) {
+  mwUniqueId id;
+  mwComm_t comms[2];
+  MWCHECK(mwGetUniqueId(&id));
+  MWCHECK(mwGroupStart());
+  for (int r = 0; r < 2; r++) MWCHECK(mwCommInitRank(&comms[r], 2, id, r));
+  MWCHECK(mwGroupEnd());
+  float v[2][3] = {{1, 2, 3}, {10, 20, 30}};
+  MWCHECK(mwGroupStart());
+  for (int r = 0; r < 2; r++) MWCHECK(mwAllReduce(v[r], v[r], 3, mwFloat, mwSum, comms[r], NULL));
+  MWCHECK(mwGroupEnd());
+  CHECK(v[0][2] == 33 && v[1][0] == 11);
+  for (int r = 0; r < 2; r++) MWCHECK(mwCommDestroy(comms[r]));
+  printf("ok - two ranks in one thread, formed and used in groups\n");
+}
+
+/* ---- a killed peer ---- */
+
+static void killed(int rank, int n, mwUniqueId id, const char *arg) {
+  (void)arg;
+  mwEvent_t ev;
+  mwComm_t comm;
+  mwConfig_t cfg = MW_CONFIG_INITIALIZER;
+  cfg.heartbeatIntervalMs = 100;
+  cfg.heartbeatTimeoutMs = 1000;
+  MWCHECK(mwCommInitRankConfig(&comm, n, id, rank, &cfg));
+  MWCHECK(mwBarrier(comm, NULL));
+  if (rank == 1) {
+    usleep(200 * 1000);
+    kill(getpid(), SIGKILL);
+  }
+  char buf[16];
+  double t = now_ms();
+  mwResult_t r = mwRecv(buf, sizeof buf, mwChar, 1, comm, NULL);
+  double took = now_ms() - t - 200;
+  CHECK(r == mwRemoteError);
+  CHECK(strstr(mwGetLastError(comm), "rank 1") != NULL);
+  printf("   rank 0 saw the kill %.1f ms after it: %s\n", took, mwGetLastError(comm));
+  mwResult_t st;
+  MWCHECK(mwCommGetAsyncError(comm, &st));
+  CHECK(st == mwRemoteError);
+  CHECK(mwBarrier(comm, NULL) == mwRemoteError);
+  int broken = 0;
+  while (mwPollEvent(&ev) == mwSuccess) {
+    if (ev.kind == MW_EVENT_BROKEN) {
+      broken = 1;
+      CHECK(ev.peer == 1);
+      CHECK(strstr(ev.cause, "rank 1") != NULL);
+    }
+  }
+  CHECK(broken);
+  MWCHECK(mwCommAbort(comm));
+}
+
+static void test_killed_peer(void) {
+  /* Rank 1 kills itself: rank 0 must exit 0, rank 1 die of SIGKILL. */
+  pid_t pids[2];
+  spawn_ranks(2, "killed", NULL, pids);
+  int s0, s1;
+  waitpid(pids[0], &s0, 0);
+  waitpid(pids[1], &s1, 0);
+  CHECK(WIFEXITED(s0) && WEXITSTATUS(s0) == 0);
+  CHECK(WIFSIGNALED(s1) && WTERMSIG(s1) == SIGKILL);
+  printf("ok - killed peer: mwRemoteError, async error, broken event\n");
+}
+
+const struct role ROLES[] = {
+    {"collectives", collectives},
+    {"mismatch", mismatch},
+    {"nonblocking", nonblocking},
+    {"by_address", by_address},
+    {"killed", killed},
+    {NULL, NULL},
+};
+
+int main(int argc, char **argv) {
+  setvbuf(stdout, NULL, _IONBF, 0);
+  if (!realpath(argv[0], SELF)) return 2;
+  if (argc == 8 && strcmp(argv[1], "--role") == 0) return rank_main(argv);
+  test_version_and_strings();
+  test_bad_arguments();
+  test_operation_arguments();
+  test_collectives();
+  test_mismatch();
+  test_nonblocking();
+  test_address();
+  test_group_init();
+  test_killed_peer();
+  printf("all C API tests passed\n");
+  return 0;
+}
