@@ -34,7 +34,7 @@ use crate::error::{BrokenCause, Error, ErrorKind};
 use crate::manager::{Event, EventQueue, Formation, Rendezvous, WorldManager};
 use crate::options::{TransportChoice, WorldOptions};
 use crate::request::Completion;
-use crate::sync::{lock, Arc, AtomicU64, Mutex, Ordering};
+use crate::sync::{lock, Arc, Mutex};
 use crate::types::{DataType, ReduceOp};
 use crate::wire::OpKind;
 use crate::world::World;
@@ -244,10 +244,16 @@ impl Comm {
     }
 }
 
-/// The table of communicators: handles are keys, never pointers.
-fn table() -> &'static Mutex<HashMap<u64, Arc<Comm>>> {
-    static T: OnceLock<Mutex<HashMap<u64, Arc<Comm>>>> = OnceLock::new();
-    T.get_or_init(|| Mutex::new(HashMap::new()))
+/// The table of communicators: handles are keys, never pointers (keys are never reused).
+#[derive(Default)]
+struct Table {
+    next: u64,
+    comms: HashMap<u64, Arc<Comm>>,
+}
+
+fn table() -> &'static Mutex<Table> {
+    static T: OnceLock<Mutex<Table>> = OnceLock::new();
+    T.get_or_init(|| Mutex::new(Table::default()))
 }
 
 fn events() -> &'static Arc<EventQueue> {
@@ -277,16 +283,17 @@ fn invalid(comm: Option<&Comm>, msg: impl Into<String>) -> mwResult_t {
 
 fn lookup(comm: mwComm_t) -> Result<Arc<Comm>, mwResult_t> {
     let key = comm as usize as u64;
-    match lock(table()).get(&key) {
+    match lock(table()).comms.get(&key) {
         Some(c) if key != 0 => Ok(c.clone()),
         _ => Err(invalid(None, format!("{comm:p} is not a live communicator"))),
     }
 }
 
 fn register(c: Comm) -> mwComm_t {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    let key = NEXT.fetch_add(1, Ordering::Relaxed);
-    lock(table()).insert(key, Arc::new(c));
+    let mut t = lock(table());
+    t.next += 1;
+    let key = t.next;
+    t.comms.insert(key, Arc::new(c));
     key as usize as mwComm_t
 }
 
@@ -467,7 +474,7 @@ unsafe fn init(
         Ok(_) => mwSuccess,
         Err(e) => {
             // A failed formation leaves no communicator behind.
-            lock(table()).remove(&(handle as usize as u64));
+            lock(table()).comms.remove(&(handle as usize as u64));
             // SAFETY: checked non-null.
             unsafe { *comm = std::ptr::null_mut() };
             fail(None, e)
@@ -598,7 +605,7 @@ pub unsafe extern "C" fn mwCommGetAsyncError(comm: mwComm_t, asyncError: *mut mw
 
 fn release(comm: mwComm_t, abort: bool) -> mwResult_t {
     let key = comm as usize as u64;
-    let Some(c) = lock(table()).remove(&key).filter(|_| key != 0) else {
+    let Some(c) = lock(table()).comms.remove(&key).filter(|_| key != 0) else {
         return invalid(None, format!("{comm:p} is not a live communicator"));
     };
     if let Ok(w) = c.settle() {
@@ -1140,7 +1147,7 @@ pub extern "C" fn mwGetErrorString(result: mwResult_t) -> *const c_char {
 pub unsafe extern "C" fn mwGetLastError(comm: mwComm_t) -> *const c_char {
     let msg = catch_unwind(AssertUnwindSafe(|| {
         let key = comm as usize as u64;
-        let c = lock(table()).get(&key).cloned();
+        let c = lock(table()).comms.get(&key).cloned();
         match c {
             Some(c) => lock(&c.last_error).clone(),
             None => lock(global_error()).clone(),
