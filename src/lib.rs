@@ -37,6 +37,8 @@ mod backend;
 mod bootstrap;
 mod buf;
 mod coll;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod engine;
 mod error;
 pub mod ffi;
