@@ -114,9 +114,21 @@ fn grid(n: usize) -> LaunchConfig {
 impl Kernels {
     /// Loads the embedded kernels into `ctx`.
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
-            .map_err(|e| cuda_err("loading multiworld's kernels", e))?;
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec())).map_err(|e| {
+            let mut v = 0i32;
+            // SAFETY: an out-pointer to a local.
+            let driver = match unsafe { sys::cuDriverGetVersion(&mut v) } {
+                sys::CUresult::CUDA_SUCCESS => format!("{}.{}", v / 1000, v % 1000 / 10),
+                _ => "unknown".into(),
+            };
+            cuda_err(
+                &format!(
+                    "loading multiworld's kernels (built by nvcc for CUDA 13.0: the driver must support 13.0 \
+                     or newer; this one supports {driver})"
+                ),
+                e,
+            )
+        })?;
         let f = |name: String| module.load_function(&name).map_err(|e| cuda_err(&format!("kernel {name}"), e));
         let combine =
             DataType::ALL.iter().map(|d| f(format!("mw_combine_{}", type_name(*d)))).collect::<Result<_>>()?;

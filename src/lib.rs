@@ -27,6 +27,10 @@
 //! point-to-point transfers (`coll`), transports that move frames (`transport`), and a backend
 //! that runs a world's operations (`backend`). `docs/architecture.md` follows one all-reduce
 //! through all of them.
+//!
+//! With the `cuda` feature, `DeviceWorld` runs the same operations on device buffers, ordered
+//! on a CUDA stream that never waits forever on a failed peer, and the `cuda` module holds the
+//! crate's kernels (`docs/cuda.md`).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -39,6 +43,8 @@ mod buf;
 mod coll;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod device;
 mod engine;
 mod error;
 pub mod ffi;
@@ -57,6 +63,8 @@ mod types;
 mod wire;
 mod world;
 
+#[cfg(feature = "cuda")]
+pub use device::DeviceWorld;
 pub use engine::WorldStats;
 pub use error::{BrokenCause, Error, ErrorKind, Result};
 pub use id::{UniqueId, UNIQUE_ID_BYTES};

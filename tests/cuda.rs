@@ -1,0 +1,239 @@
+//! Operations on CUDA device memory (feature `cuda`), across real processes sharing one GPU:
+//! every collective against the host reference, and a peer killed while the survivor's stream
+//! waits on it. Each test prints why it skips where there is no GPU.
+
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::reference::{blocks, gathered, input, reduced};
+use common::Ctx;
+use multiworld::cuda::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use multiworld::{bf16, f16, DeviceWorld, Element, ErrorKind, ReduceOp, WorldManager};
+
+#[test]
+#[ignore = "worker process entry, run by the other tests"]
+fn worker() {
+    common::worker_main(&[("collectives", collectives), ("kill", kill)]);
+}
+
+/// Whether a GPU is here; prints why not.
+fn have_gpu() -> bool {
+    match multiworld::cuda::device_count() {
+        Ok(n) if n > 0 => true,
+        Ok(_) => {
+            println!("SKIPPED: no CUDA device on this machine");
+            false
+        }
+        Err(e) => {
+            println!("SKIPPED: {e}");
+            false
+        }
+    }
+}
+
+/// The GPU of `rank` (ranks share GPUs round robin) and a fresh stream on it.
+fn stream_for(rank: usize) -> Arc<CudaStream> {
+    let n = multiworld::cuda::device_count().expect("devices");
+    let ctx = multiworld::cuda::context(rank % n).expect("CUDA context");
+    ctx.new_stream().expect("stream")
+}
+
+fn typed<T: Element>(b: &[u8]) -> Vec<T> {
+    b.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect()
+}
+
+struct Dev<'a> {
+    dw: &'a DeviceWorld,
+    s: Arc<CudaStream>,
+    n: usize,
+    rank: usize,
+}
+
+impl Dev<'_> {
+    fn up<T: Element + DeviceRepr>(&self, b: &[u8]) -> CudaSlice<T> {
+        self.s.clone_htod(&typed::<T>(b)).expect("upload")
+    }
+
+    fn zeros<T: Element + DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> CudaSlice<T> {
+        self.s.alloc_zeros::<T>(n).expect("alloc")
+    }
+
+    /// Downloads `buf` (after the stream has run everything before) and compares it.
+    fn check<T: Element + DeviceRepr>(&self, what: &str, buf: &CudaSlice<T>, want: &[u8]) {
+        let got = self.s.clone_dtoh(buf).expect("download");
+        let got: &[u8] = bytemuck::cast_slice(&got);
+        if got != want {
+            let at = got.iter().zip(want).position(|(a, b)| a != b);
+            panic!("rank {} {what}: wrong result (first difference at byte {at:?} of {})", self.rank, want.len());
+        }
+    }
+
+    fn run<T: Element + DeviceRepr + ValidAsZeroBits>(&self) {
+        let d = T::DATA_TYPE;
+        let (n, rank, root, dw) = (self.n, self.rank, self.n - 1, self.dw);
+        for count in [1usize, 4097, 1 << 20] {
+            let what = |op: &str| format!("{op} {d} count={count} n={n}");
+            let mine = input(d, rank, 0, count);
+            for op in ReduceOp::ALL {
+                let want = reduced(d, op, n, 0, count);
+                let send = self.up::<T>(&mine);
+                let mut recv = self.zeros::<T>(count);
+                dw.all_reduce(&send, &mut recv, &op).unwrap();
+                self.check(&what(&format!("all_reduce {op}")), &recv, &want);
+                let mut buf = self.up::<T>(&mine);
+                dw.all_reduce_in_place(&mut buf, &op).unwrap();
+                self.check(&what(&format!("all_reduce in place {op}")), &buf, &want);
+                let mut recv = self.zeros::<T>(count);
+                dw.reduce(&send, &mut recv, &op, root).unwrap();
+                if rank == root {
+                    self.check(&what(&format!("reduce {op}")), &recv, &want);
+                }
+                let send = self.up::<T>(&blocks(d, rank, n, count));
+                let mut recv = self.zeros::<T>(count);
+                dw.reduce_scatter(&send, &mut recv, &op).unwrap();
+                self.check(&what(&format!("reduce_scatter {op}")), &recv, &reduced(d, op, n, rank, count));
+            }
+            let root_data = input(d, root, 0, count);
+            let send = self.up::<T>(&mine);
+            let mut recv = self.zeros::<T>(count);
+            dw.broadcast((rank == root).then_some(&send), &mut recv, root).unwrap();
+            self.check(&what("broadcast"), &recv, &root_data);
+            let mut buf = if rank == root { self.up::<T>(&mine) } else { self.zeros::<T>(count) };
+            dw.broadcast_in_place(&mut buf, root).unwrap();
+            self.check(&what("broadcast in place"), &buf, &root_data);
+            let mut recv = self.zeros::<T>(count * n);
+            dw.all_gather(&send, &mut recv).unwrap();
+            self.check(&what("all_gather"), &recv, &gathered(d, n, 0, count));
+            let blocks_in = self.up::<T>(&blocks(d, rank, n, count));
+            let mut recv = self.zeros::<T>(count * n);
+            dw.all_to_all(&blocks_in, &mut recv).unwrap();
+            self.check(&what("all_to_all"), &recv, &gathered(d, n, rank, count));
+            // Around a ring: even ranks send first, odd ranks receive first, so that the
+            // in-order operations of each stream meet.
+            let (right, left) = ((rank + 1) % n, (rank + n - 1) % n);
+            let mut got = self.zeros::<T>(count);
+            if rank % 2 == 0 {
+                dw.send(&send, right).unwrap();
+                dw.recv(&mut got, left).unwrap();
+            } else {
+                dw.recv(&mut got, left).unwrap();
+                dw.send(&send, right).unwrap();
+            }
+            self.check(&what("send/recv"), &got, &input(d, left, 0, count));
+        }
+        dw.synchronize().unwrap();
+    }
+}
+
+fn collectives(ctx: &Ctx) {
+    let s = stream_for(ctx.rank);
+    let m = WorldManager::new();
+    let w = m.init_world("device", &ctx.id(), ctx.rank, ctx.size).unwrap();
+    let dw = DeviceWorld::new(w, s.clone()).unwrap();
+    let dev = Dev { dw: &dw, s, n: ctx.size, rank: ctx.rank };
+    dev.run::<i8>();
+    dev.run::<u8>();
+    dev.run::<i32>();
+    dev.run::<u32>();
+    dev.run::<i64>();
+    dev.run::<u64>();
+    dev.run::<f16>();
+    dev.run::<bf16>();
+    dev.run::<f32>();
+    dev.run::<f64>();
+    // Nobody leaves before everyone is done: a rank that left breaks the world for the others.
+    dw.world().barrier().unwrap();
+    println!("rank {}: every operation on device memory checked", ctx.rank);
+}
+
+#[test]
+fn device_collectives_two_ranks() {
+    if have_gpu() {
+        common::run_ranks("collectives", 2, &[], Duration::from_secs(400));
+    }
+}
+
+#[test]
+fn device_collectives_three_ranks() {
+    if have_gpu() {
+        common::run_ranks("collectives", 3, &[], Duration::from_secs(400));
+    }
+}
+
+/// Three ranks: world "a" joins 0 and 1, world "b" joins 0 and 2. Rank 1 dies while rank 0's
+/// stream waits on a receive from it; that stream drains, world "a" reports `WorldBroken`,
+/// and world "b" on another stream keeps working.
+fn kill(ctx: &Ctx) {
+    let s = stream_for(ctx.rank);
+    let m = WorldManager::new();
+    let id = |k: &str| ctx.env(k).parse::<multiworld::UniqueId>().expect("id");
+    match ctx.rank {
+        0 => {
+            let a = DeviceWorld::new(m.init_world("a", &id("MW_ID_A"), 0, 2).unwrap(), s.clone()).unwrap();
+            let sb = stream_for(0);
+            let b = DeviceWorld::new(m.init_world("b", &id("MW_ID_B"), 0, 2).unwrap(), sb.clone()).unwrap();
+            let one = sb.clone_htod(&[1f32; 1024]).unwrap();
+            let mut sum = s.alloc_zeros::<f32>(1024).unwrap();
+            a.all_reduce(&s.clone_htod(&[1f32; 1024]).unwrap(), &mut sum, &ReduceOp::Sum).unwrap();
+            assert_eq!(s.clone_dtoh(&sum).unwrap(), vec![2f32; 1024], "all_reduce before the kill");
+            // Rank 1 now kills itself; this receive can never be matched.
+            let mut got = s.alloc_zeros::<f32>(1 << 20).unwrap();
+            let t = Instant::now();
+            a.recv(&mut got, 1).unwrap();
+            let e = a.synchronize().expect_err("the receive from a dead peer must fail");
+            let drained = t.elapsed();
+            assert_eq!(e.kind(), ErrorKind::WorldBroken, "error {e}");
+            assert!(drained < Duration::from_secs(10), "stream drained only after {drained:?}");
+            let e = a.all_reduce(&got, &mut sum, &ReduceOp::Sum).expect_err("the world is broken");
+            assert_eq!(e.kind(), ErrorKind::WorldBroken, "error {e}");
+            // The stream itself is fine, and so is the other world.
+            assert_eq!(s.clone_dtoh(&sum).unwrap(), vec![2f32; 1024]);
+            let mut out = sb.alloc_zeros::<f32>(1024).unwrap();
+            b.all_reduce(&one, &mut out, &ReduceOp::Sum).unwrap();
+            assert_eq!(sb.clone_dtoh(&out).unwrap(), vec![2f32; 1024], "world b after the kill");
+            b.synchronize().unwrap();
+            b.world().barrier().unwrap();
+            println!("rank 0: stream drained {drained:?} after the kill; world b unaffected");
+        }
+        1 => {
+            let a = DeviceWorld::new(m.init_world("a", &id("MW_ID_A"), 1, 2).unwrap(), s.clone()).unwrap();
+            let mut sum = s.alloc_zeros::<f32>(1024).unwrap();
+            a.all_reduce(&s.clone_htod(&[1f32; 1024]).unwrap(), &mut sum, &ReduceOp::Sum).unwrap();
+            a.synchronize().unwrap();
+            // Give rank 0 time to enqueue its receive, so that its stream waits when we die.
+            std::thread::sleep(Duration::from_millis(500));
+            // SAFETY: kill(2) on this process.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        _ => {
+            let b = DeviceWorld::new(m.init_world("b", &id("MW_ID_B"), 1, 2).unwrap(), s.clone()).unwrap();
+            let one = s.clone_htod(&[1f32; 1024]).unwrap();
+            let mut out = s.alloc_zeros::<f32>(1024).unwrap();
+            b.all_reduce(&one, &mut out, &ReduceOp::Sum).unwrap();
+            b.synchronize().unwrap();
+            assert_eq!(s.clone_dtoh(&out).unwrap(), vec![2f32; 1024], "world b");
+            b.world().barrier().unwrap();
+        }
+    }
+}
+
+#[test]
+fn device_stream_drains_when_peer_is_killed() {
+    if !have_gpu() {
+        return;
+    }
+    let ip = "127.0.0.1".parse().unwrap();
+    let env = [
+        ("MW_ID_A", multiworld::UniqueId::new_on(ip).unwrap().to_string()),
+        ("MW_ID_B", multiworld::UniqueId::new_on(ip).unwrap().to_string()),
+    ];
+    let mut procs: Vec<_> = (0..3).map(|r| common::spawn("kill", r, 3, &env, &[])).collect();
+    // Rank 1 dies by design; ranks 0 and 2 must succeed.
+    let mut dead = procs.remove(1);
+    dead.wait_for(Duration::from_secs(120));
+    common::finish(&mut procs, Duration::from_secs(120));
+}
