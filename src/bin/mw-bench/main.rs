@@ -4,7 +4,7 @@
 //! ```text
 //! mw-bench [--ranks N] [--ops all_reduce,send_recv,...|all] [--dtype float|all] [--redop sum]
 //!          [-b MIN] [-e MAX] [-f FACTOR] [--iters N] [--warmup N] [--transport auto|tcp]
-//!          [--json] [--targets] [--smoke]
+//!          [--json] [--targets] [--smoke] [--device]
 //! ```
 //!
 //! - default: a table per operation: size, count, type, redop, time (us), algbw, busbw (GB/s,
@@ -13,6 +13,8 @@
 //! - `--targets`: the performance targets of `docs/benchmarks.md`, each as a ratio against its
 //!   baseline measured in the same run.
 //! - `--smoke`: every operation and type at a few sizes; exits non-zero if any result is wrong.
+//! - `--device` (feature `cuda`): operations on GPU buffers beside the device-to-device copy
+//!   bandwidth, and the reduction kernel against that copy (`device.rs`).
 //!
 //! The first process is rank 0; it starts the others by running itself again.
 
@@ -25,8 +27,11 @@ use multiworld::{
     bf16, f16, DataType, Element, ReduceOp, Rendezvous, TransportChoice, UniqueId, World, WorldManager, WorldOptions,
 };
 
-#[path = "../../tests/common/reference.rs"]
+#[path = "../../../tests/common/reference.rs"]
 mod reference;
+
+#[cfg(feature = "cuda")]
+mod device;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -113,6 +118,7 @@ enum Mode {
     Table,
     Targets,
     Smoke,
+    Device,
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -187,8 +193,10 @@ fn parse() -> Result<Args, String> {
             "--json" => a.json = true,
             "--targets" => a.mode = Mode::Targets,
             "--smoke" => a.mode = Mode::Smoke,
+            "--device" if cfg!(feature = "cuda") => a.mode = Mode::Device,
+            "--device" => return Err("--device needs a build with the cuda feature".into()),
             "-h" | "--help" => {
-                println!("{}", include_str!("mw-bench.usage"));
+                println!("{}", include_str!("usage.txt"));
                 std::process::exit(0);
             }
             _ => return Err(format!("unknown option '{k}' (see --help)")),
@@ -819,6 +827,10 @@ fn run(rank: usize, args: Args) -> Result<u64, String> {
             }
         }
         Mode::Targets => b.targets(),
+        #[cfg(feature = "cuda")]
+        Mode::Device => b.wrong_total += device::run(&b).map_err(|e| format!("--device: {e}"))?,
+        #[cfg(not(feature = "cuda"))]
+        Mode::Device => unreachable!("refused by parse"),
     }
     if rank == 0 && args.json {
         println!("[\n{}\n]", b.rows.join(",\n"));
@@ -843,6 +855,13 @@ fn main() {
                 eprintln!("mw-bench rank {rank}: {e}");
                 std::process::exit(1);
             }
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if args.mode == Mode::Device {
+        if let Err(e) = device::gpus() {
+            eprintln!("mw-bench --device: {e}");
+            std::process::exit(2);
         }
     }
     // Rank 0: start the other ranks, then run.

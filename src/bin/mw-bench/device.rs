@@ -1,0 +1,203 @@
+//! `--device` (feature `cuda`): operations on CUDA device buffers, each row beside the
+//! device-to-device copy bandwidth of the same size measured in the same run, and a row for the
+//! crate's reduction kernel against that copy.
+//!
+//! Every rank uses GPU `rank % count`; ranks may share one GPU. Types: `float`. The `send,recv`
+//! row is not the host tables' grouped `send_recv`: operations on one stream run one after
+//! the other, so even ranks send to the next rank and then receive from the previous one, odd
+//! ranks the other way round; its time covers both transfers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use multiworld::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use multiworld::cuda::Kernels;
+use multiworld::{DataType, DeviceWorld, ReduceOp};
+
+use crate::{reference, sizes, typed, Bench};
+
+/// Most staging bytes in flight at once in a timed loop.
+const WINDOW: usize = 1 << 30;
+
+/// The device operations measured.
+#[derive(Clone, Copy, PartialEq)]
+enum DevOp {
+    AllReduce,
+    SendRecv,
+}
+
+impl DevOp {
+    fn name(self) -> &'static str {
+        match self {
+            DevOp::AllReduce => "all_reduce",
+            DevOp::SendRecv => "send,recv",
+        }
+    }
+}
+
+struct Device<'a> {
+    b: &'a Bench,
+    dw: DeviceWorld,
+    s: Arc<CudaStream>,
+}
+
+impl Device<'_> {
+    /// Seconds per operation (slowest rank) and wrong elements (all ranks) for `op` on `count`
+    /// floats.
+    fn run_op(&self, op: DevOp, count: usize) -> (f64, u64) {
+        let (n, r) = (self.b.n, self.b.rank);
+        let d = DataType::F32;
+        let redop = self.b.args.redop;
+        let send: CudaSlice<f32> = self.s.clone_htod(&typed::<f32>(&reference::input(d, r, 0, count))).expect("upload");
+        let mut recv: CudaSlice<f32> = self.s.alloc_zeros(count).expect("alloc");
+        let (right, left) = ((r + 1) % n, (r + n - 1) % n);
+        let once = |recv: &mut CudaSlice<f32>| {
+            let res = match op {
+                DevOp::AllReduce => self.dw.all_reduce(&send, recv, &redop),
+                // Even ranks send first, odd ranks receive first: one stream runs its
+                // operations in order.
+                DevOp::SendRecv if r % 2 == 0 => self.dw.send(&send, right).and_then(|_| self.dw.recv(recv, left)),
+                DevOp::SendRecv => self.dw.recv(recv, left).and_then(|_| self.dw.send(&send, right)),
+            };
+            res.unwrap_or_else(|e| panic!("{} failed: {e}", op.name()));
+        };
+        // Each operation in flight holds a pinned staging block of its input and output: at
+        // most WINDOW bytes of them at once (the stream is drained every `window` operations),
+        // and the warm-up grows the pool to that, so that no allocation is timed.
+        let window = (WINDOW / (2 * count * 4)).max(1);
+        let iters = self.b.args.iters;
+        let run = |recv: &mut CudaSlice<f32>, k: usize| {
+            for i in 0..k {
+                once(recv);
+                if (i + 1) % window == 0 {
+                    self.s.synchronize().expect("synchronize");
+                }
+            }
+            self.dw.synchronize().expect("synchronize");
+        };
+        run(&mut recv, self.b.args.warmup.max(window.min(iters)));
+        self.b.w.barrier().expect("barrier");
+        let t = Instant::now();
+        run(&mut recv, iters);
+        let secs = t.elapsed().as_secs_f64() / iters as f64;
+        let want = match op {
+            DevOp::AllReduce => reference::reduced(d, redop, n, 0, count),
+            DevOp::SendRecv => reference::input(d, left, 0, count),
+        };
+        let got = self.s.clone_dtoh(&recv).expect("download");
+        let got: &[u8] = bytemuck::cast_slice(&got);
+        let wrong = got.chunks(4).zip(want.chunks(4)).filter(|(a, b)| a != b).count() as u64;
+        (self.b.max_over_ranks(secs), self.b.sum_over_ranks(wrong))
+    }
+
+    /// Device-to-device copy bandwidth (bytes copied per second, GB/s) of `bytes`.
+    fn copy_gbps(&self, bytes: usize) -> f64 {
+        let src: CudaSlice<u8> = self.s.alloc_zeros(bytes.max(1)).expect("alloc");
+        let mut dst: CudaSlice<u8> = self.s.alloc_zeros(bytes.max(1)).expect("alloc");
+        let reps = (1usize << 30).div_ceil(bytes.max(1)).clamp(5, 10_000);
+        self.s.memcpy_dtod(&src, &mut dst).expect("copy");
+        self.s.synchronize().expect("sync");
+        let t = Instant::now();
+        for _ in 0..reps {
+            self.s.memcpy_dtod(&src, &mut dst).expect("copy");
+        }
+        self.s.synchronize().expect("sync");
+        (bytes * reps) as f64 / t.elapsed().as_secs_f64() / 1e9
+    }
+
+    /// The reduction kernel combining two float buffers of `bytes` into a third, as GB/s of
+    /// bytes read and written, and the device copy of the same size counted the same way.
+    fn kernel_vs_copy(&self, bytes: usize) -> (f64, f64, u64) {
+        let count = bytes / 4;
+        let k = Kernels::load(self.s.context()).expect("kernels");
+        let a: CudaSlice<f32> = self.s.clone_htod(&vec![1.5f32; count]).expect("upload");
+        let b: CudaSlice<f32> = self.s.clone_htod(&vec![2.25f32; count]).expect("upload");
+        let mut out: CudaSlice<f32> = self.s.alloc_zeros(count).expect("alloc");
+        let reps = (1usize << 30).div_ceil(bytes).clamp(5, 10_000);
+        let run = |out: &mut CudaSlice<f32>, reps: usize| {
+            let (pa, _ga) = a.device_ptr(&self.s);
+            let (pb, _gb) = b.device_ptr(&self.s);
+            let (po, _go) = out.device_ptr_mut(&self.s);
+            for _ in 0..reps {
+                // SAFETY: three live buffers of `count` floats on this stream's device.
+                unsafe { k.combine(&self.s, DataType::F32, ReduceOp::Sum, po, &[pa, pb], count) }.expect("combine");
+            }
+        };
+        run(&mut out, 1);
+        self.s.synchronize().expect("sync");
+        let t = Instant::now();
+        run(&mut out, reps);
+        self.s.synchronize().expect("sync");
+        let kernel = (3 * bytes * reps) as f64 / t.elapsed().as_secs_f64() / 1e9;
+        let wrong = self.s.clone_dtoh(&out).expect("download").iter().filter(|v| **v != 3.75).count() as u64;
+        (kernel, 2.0 * self.copy_gbps(bytes), wrong)
+    }
+}
+
+/// The number of GPUs, or why none can be used.
+pub(crate) fn gpus() -> Result<usize, String> {
+    match multiworld::cuda::device_count() {
+        Ok(n) if n > 0 => Ok(n),
+        Ok(_) => Err("no CUDA device on this machine".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Runs the device rows; returns the wrong results.
+pub(crate) fn run(b: &Bench) -> Result<u64, String> {
+    let gpus = gpus()?;
+    let ctx = multiworld::cuda::context(b.rank % gpus).expect("CUDA context");
+    let s = ctx.new_stream().expect("stream");
+    let dw = DeviceWorld::new(b.w.clone(), s.clone()).expect("device world");
+    let dev = Device { b, dw, s };
+    let mut wrong_total = 0;
+    let show = b.rank == 0;
+    if show {
+        println!("#\n# device buffers  ranks {}  gpus {gpus} ({})  float", b.n, ctx.name().unwrap_or_default());
+        println!(
+            "# {:>12} {:>12} {:>11} {:>8} {:>8} {:>7} {:>10} {:>7}",
+            "size", "op", "time(us)", "algbw", "busbw", "#wrong", "d2d copy", "ratio"
+        );
+        println!(
+            "# {:>12} {:>12} {:>11} {:>8} {:>8} {:>7} {:>10} {:>7}",
+            "(B)", "", "", "(GB/s)", "(GB/s)", "", "(GB/s)", "algbw/d2d"
+        );
+    }
+    for size in sizes(&b.args) {
+        let count = size / 4;
+        if count == 0 {
+            continue;
+        }
+        for op in [DevOp::AllReduce, DevOp::SendRecv] {
+            let (secs, wrong) = dev.run_op(op, count);
+            wrong_total += wrong;
+            if show {
+                // Rank 0 alone, while the others wait for it in the next operation.
+                let copy = dev.copy_gbps(count * 4);
+                let algbw = (count * 4) as f64 / secs / 1e9;
+                let busbw = algbw * if op == DevOp::AllReduce { 2.0 * (b.n as f64 - 1.0) / b.n as f64 } else { 1.0 };
+                println!(
+                    "  {:>12} {:>12} {:>11.2} {:>8.3} {:>8.3} {:>7} {:>10.3} {:>7.3}",
+                    count * 4,
+                    op.name(),
+                    secs * 1e6,
+                    algbw,
+                    busbw,
+                    wrong,
+                    copy,
+                    algbw / copy
+                );
+            }
+        }
+    }
+    if show {
+        println!("#\n# reduction kernel (sum of 2 float buffers), GB/s of bytes read and written");
+        println!("# {:>12} {:>10} {:>10} {:>7} {:>7}", "size(B)", "kernel", "d2d copy", "ratio", "#wrong");
+        for size in [1usize << 20, 64 << 20] {
+            let (kernel, copy, wrong) = dev.kernel_vs_copy(size);
+            wrong_total += wrong;
+            println!("  {:>12} {:>10.1} {:>10.1} {:>7.3} {:>7}", size, kernel, copy, kernel / copy, wrong);
+        }
+    }
+    Ok(wrong_total)
+}
