@@ -12,8 +12,8 @@
 //!   an entry of this layer's table; a destroyed or never-created handle is simply not found
 //!   (`mwInvalidArgument`), so it cannot cause undefined behaviour.
 //! - **Streams.** On host memory, `stream` must be `NULL`: the call completes on the host, like
-//!   a host-side NCCL call followed by a stream synchronize. Device buffers and streams come
-//!   with the `cuda` feature.
+//!   a host-side NCCL call followed by a stream synchronize. Device buffers are taken by the
+//!   Rust API (`DeviceWorld`, feature `cuda`), not yet through this layer.
 //!
 //! Each communicator is a world of its own `WorldManager` (so that one process may hold several
 //! ranks of one world, as NCCL allows); all of them report events to one queue, read with
@@ -678,7 +678,10 @@ fn prepare(c: &Comm, r: &RawCall, stream: *mut c_void) -> Result<(OpDesc, RawBuf
     let name = r.kind.name();
     let bad = |m: String| Error::invalid_arg(format!("{name}: {m}"));
     if !stream.is_null() {
-        return Err(bad("stream must be NULL for host memory (device streams come with the cuda feature)".into()));
+        return Err(bad(
+            "stream must be NULL: the C API takes host memory only (device buffers are not supported through it yet)"
+                .into(),
+        ));
     }
     let dtype = DataType::from_code(r.datatype as u32)
         .filter(|_| r.datatype >= 0)
