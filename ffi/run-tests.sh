@@ -4,9 +4,12 @@
 #   - the example and the tests link against the shared and the static library;
 #   - the tests and the example run, then the tests run once more under valgrind
 #     (every rank process checked, no memory errors, no definite leaks).
-# Usage (from the project root, after `cargo build --release`): ffi/run-tests.sh
+# Usage (from the project root): ffi/run-tests.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The libraries as the default features build them (another build, with other features, may
+# have replaced or removed them since).
+cargo build --release --lib
 lib=target/release
 out=target/ctest
 mkdir -p "$out"
