@@ -218,11 +218,41 @@ impl Kernels {
     }
 }
 
+/// A CUDA context handle: one cudarc owns (`CudaContext::cu_ctx`) or one a C caller's stream
+/// belongs to. Whoever makes one keeps the context alive for as long as it is used.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct RawContext(pub(crate) sys::CUcontext);
+
+// SAFETY: a context handle may be made current on any thread.
+unsafe impl Send for RawContext {}
+// SAFETY: as above.
+unsafe impl Sync for RawContext {}
+
+impl RawContext {
+    /// Makes the context current on this thread (raw driver calls act in the current one).
+    pub(crate) fn bind(self) -> Result<()> {
+        // SAFETY: a live context handle (the maker's promise).
+        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.0) })
+    }
+
+    /// The context `stream` belongs to.
+    ///
+    /// # Safety
+    /// `stream` is a live stream handle, or one of the driver's special streams.
+    pub(crate) unsafe fn of_stream(stream: sys::CUstream) -> Result<RawContext> {
+        driver_present()?;
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: an out-pointer to a local; the caller vouches for the stream.
+        check("cuStreamGetCtx", unsafe { sys::cuStreamGetCtx(stream, &mut ctx) })?;
+        Ok(RawContext(ctx))
+    }
+}
+
 /// Pinned host memory mapped into the device's address space: what both the host and the
 /// device's stream can read and write (staging buffers, and the flags streams wait on).
 pub(crate) struct Pinned {
     /// Bound before freeing: the free needs the context current on whichever thread drops.
-    ctx: Arc<CudaContext>,
+    ctx: RawContext,
     host: *mut u8,
     dev: CUdeviceptr,
     len: usize,
@@ -234,9 +264,10 @@ unsafe impl Send for Pinned {}
 unsafe impl Sync for Pinned {}
 
 impl Pinned {
-    /// Allocates `len` bytes (at least one) of mapped pinned memory in `ctx`, zeroed.
-    pub(crate) fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Pinned> {
-        ctx.bind_to_thread().map_err(|e| cuda_err("binding the CUDA context", e))?;
+    /// Allocates `len` bytes (at least one) of mapped pinned memory in `ctx`, zeroed. The
+    /// context must outlive the block.
+    pub(crate) fn new(ctx: RawContext, len: usize) -> Result<Pinned> {
+        ctx.bind()?;
         let len = len.max(8);
         let mut host: *mut c_void = std::ptr::null_mut();
         let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
@@ -252,7 +283,7 @@ impl Pinned {
         }
         // SAFETY: `len` bytes were just allocated at `host`.
         unsafe { std::ptr::write_bytes(host as *mut u8, 0, len) };
-        Ok(Pinned { ctx: ctx.clone(), host: host as *mut u8, dev, len })
+        Ok(Pinned { ctx, host: host as *mut u8, dev, len })
     }
 
     pub(crate) fn host_ptr(&self) -> *mut u8 {
@@ -271,7 +302,7 @@ impl Pinned {
 impl Drop for Pinned {
     fn drop(&mut self) {
         // A failure here cannot be acted on: the memory is then leaked, never used again.
-        if self.ctx.bind_to_thread().is_ok() {
+        if self.ctx.bind().is_ok() {
             // SAFETY: allocated by cuMemHostAlloc in `new`, freed once.
             unsafe { sys::cuMemFreeHost(self.host as *mut c_void) };
         }

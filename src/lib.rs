@@ -56,6 +56,8 @@ mod options;
 mod progress;
 mod request;
 mod ring;
+#[cfg(feature = "cuda")]
+mod staging;
 mod sync;
 mod sys;
 mod transport;
@@ -64,7 +66,7 @@ mod wire;
 mod world;
 
 #[cfg(feature = "cuda")]
-pub use device::DeviceWorld;
+pub use device::{DeviceGroup, DeviceWorld};
 pub use engine::WorldStats;
 pub use error::{BrokenCause, Error, ErrorKind, Result};
 pub use id::{UniqueId, UNIQUE_ID_BYTES};

@@ -2,10 +2,9 @@
 //! device-to-device copy bandwidth of the same size measured in the same run, and a row for the
 //! crate's reduction kernel against that copy.
 //!
-//! Every rank uses GPU `rank % count`; ranks may share one GPU. Types: `float`. The `send,recv`
-//! row is not the host tables' grouped `send_recv`: operations on one stream run one after
-//! the other, so even ranks send to the next rank and then receive from the previous one, odd
-//! ranks the other way round; its time covers both transfers.
+//! Every rank uses GPU `rank % count`; ranks may share one GPU. Types: `float`. `send_recv` is
+//! the host tables' exchange: each rank sends to the next and receives from the previous, in
+//! one group.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,7 +29,7 @@ impl DevOp {
     fn name(self) -> &'static str {
         match self {
             DevOp::AllReduce => "all_reduce",
-            DevOp::SendRecv => "send,recv",
+            DevOp::SendRecv => "send_recv",
         }
     }
 }
@@ -54,10 +53,10 @@ impl Device<'_> {
         let once = |recv: &mut CudaSlice<f32>| {
             let res = match op {
                 DevOp::AllReduce => self.dw.all_reduce(&send, recv, &redop),
-                // Even ranks send first, odd ranks receive first: one stream runs its
-                // operations in order.
-                DevOp::SendRecv if r % 2 == 0 => self.dw.send(&send, right).and_then(|_| self.dw.recv(recv, left)),
-                DevOp::SendRecv => self.dw.recv(recv, left).and_then(|_| self.dw.send(&send, right)),
+                DevOp::SendRecv => {
+                    let mut g = self.dw.group();
+                    g.send(&send, right).and_then(|_| g.recv(recv, left)).and_then(|_| g.end())
+                }
             };
             res.unwrap_or_else(|e| panic!("{} failed: {e}", op.name()));
         };
