@@ -9,6 +9,11 @@
 //! touches that memory until the operation completes. This module is the one place that turns
 //! such pointers back into slices.
 
+/// True when two address ranges `(start, len)` share at least one byte (empty ones share none).
+pub(crate) fn ranges_overlap((a, alen): (usize, usize), (b, blen): (usize, usize)) -> bool {
+    alen > 0 && blen > 0 && a < b.saturating_add(blen) && b < a.saturating_add(alen)
+}
+
 /// A pointer and a length in bytes, of host memory that an operation in flight may use.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RawBuf {
@@ -55,12 +60,6 @@ impl RawBuf {
 
     pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    /// True when the two views share at least one byte.
-    pub(crate) fn overlaps(&self, other: &RawBuf) -> bool {
-        let (a, b) = (self.ptr as usize, other.ptr as usize);
-        self.len > 0 && other.len > 0 && a < b.saturating_add(other.len) && b < a.saturating_add(self.len)
     }
 
     /// Bytes `[off, off + len)`, or `None` when out of range.

@@ -11,9 +11,11 @@
 //! - **Handles are looked up, never dereferenced.** A `mwComm_t` is an opaque number that names
 //!   an entry of this layer's table; a destroyed or never-created handle is simply not found
 //!   (`mwInvalidArgument`), so it cannot cause undefined behaviour.
-//! - **Streams.** On host memory, `stream` must be `NULL`: the call completes on the host, like
-//!   a host-side NCCL call followed by a stream synchronize. Device buffers are taken by the
-//!   Rust API (`DeviceWorld`, feature `cuda`), not yet through this layer.
+//! - **Streams.** With a `NULL` stream the buffers are host memory and the call completes on
+//!   the host, like a host-side NCCL call followed by a stream synchronize. With a stream (a
+//!   `CUstream`/`cudaStream_t`, in a build with the `cuda` feature) the buffers are device
+//!   memory and the call only enqueues its work on the stream, as NCCL does (`staging.rs`);
+//!   failures then show in `mwCommGetAsyncError`. Without the feature a stream is refused.
 //!
 //! Each communicator is a world of its own `WorldManager` (so that one process may hold several
 //! ranks of one world, as NCCL allows); all of them report events to one queue, read with
@@ -28,7 +30,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::buf::RawBuf;
+use crate::buf::{ranges_overlap, RawBuf};
 use crate::coll::OpDesc;
 use crate::error::{BrokenCause, Error, ErrorKind};
 use crate::manager::{Event, EventQueue, Formation, Rendezvous, WorldManager};
@@ -203,6 +205,9 @@ struct Comm {
     /// Operations of a non-blocking communicator not yet seen finished.
     pending: Mutex<Vec<Arc<Completion>>>,
     last_error: Mutex<String>,
+    /// Where operations on device buffers are staged, from the first one on.
+    #[cfg(feature = "cuda")]
+    staging: Mutex<Option<Arc<crate::staging::Staging>>>,
 }
 
 impl Comm {
@@ -241,6 +246,43 @@ impl Comm {
     fn record(&self, e: &Error) -> mwResult_t {
         *lock(&self.last_error) = e.message().to_owned();
         code(e.kind())
+    }
+
+    /// The first failure of an operation on device buffers.
+    fn device_error(&self) -> Option<Error> {
+        #[cfg(feature = "cuda")]
+        if let Some(s) = &*lock(&self.staging) {
+            return s.error();
+        }
+        None
+    }
+
+    /// Enqueues operations on device buffers as one batch on `stream`.
+    #[cfg(feature = "cuda")]
+    fn enqueue_device(&self, stream: usize, ops: &[Checked]) -> Result<(), Error> {
+        use crate::cuda::RawContext;
+        use crate::staging::Staging;
+        let w = if self.blocking { self.settle() } else { self.world() }?;
+        let stream = stream as cudarc::driver::sys::CUstream;
+        // SAFETY: the C caller passes a live stream (NCCL's contract).
+        let ctx = unsafe { RawContext::of_stream(stream) }?;
+        let staging = {
+            let mut slot = lock(&self.staging);
+            match &*slot {
+                Some(s) if s.context() != ctx => {
+                    return Err(Error::invalid_arg(
+                        "the stream belongs to another CUDA context than this communicator's earlier operations",
+                    ))
+                }
+                Some(s) => s.clone(),
+                None => slot.insert(Staging::start(w, ctx, None)?).clone(),
+            }
+        };
+        let some = |(p, n): (usize, usize)| (n > 0).then_some((p as u64, n));
+        let ops: Vec<_> = ops.iter().map(|o| (o.desc, some(o.send), some(o.recv))).collect();
+        // SAFETY: the stream is of the staging's context (checked); the buffers are device
+        // memory valid until the stream has run the operations (the C caller's contract).
+        unsafe { staging.enqueue(stream, &ops) }
     }
 }
 
@@ -312,7 +354,8 @@ fn guard(f: impl FnOnce() -> mwResult_t) -> mwResult_t {
 #[derive(Default)]
 struct GroupState {
     depth: u32,
-    ops: Vec<(Arc<Comm>, OpDesc, RawBuf, RawBuf)>,
+    /// Each call with its stream (0: host memory).
+    ops: Vec<(Arc<Comm>, Checked, usize)>,
     inits: Vec<Arc<Comm>>,
 }
 
@@ -458,6 +501,8 @@ unsafe fn init(
         blocking,
         pending: Mutex::new(Vec::new()),
         last_error: Mutex::new(String::new()),
+        #[cfg(feature = "cuda")]
+        staging: Mutex::new(None),
     };
     let handle = register(c);
     // SAFETY: checked non-null.
@@ -575,7 +620,7 @@ pub unsafe extern "C" fn mwCommGetAsyncError(comm: mwComm_t, asyncError: *mut mw
             Err(e) => c.record(&e),
             Ok(w) => {
                 let mut pending = lock(&c.pending);
-                let mut first = None;
+                let mut first = c.device_error();
                 pending.retain(|k| match k.result() {
                     None => true,
                     Some(Ok(())) => false,
@@ -608,6 +653,11 @@ fn release(comm: mwComm_t, abort: bool) -> mwResult_t {
     let Some(c) = lock(table()).comms.remove(&key).filter(|_| key != 0) else {
         return invalid(None, format!("{comm:p} is not a live communicator"));
     };
+    #[cfg(feature = "cuda")]
+    if let Some(s) = lock(&c.staging).take() {
+        // Its stager releases whatever the streams still wait on, then exits.
+        s.close();
+    }
     if let Ok(w) = c.settle() {
         if abort || lock(&c.pending).iter().any(|k| !k.is_done()) {
             w.abort();
@@ -673,16 +723,32 @@ struct RawCall {
     is_send: bool,
 }
 
-/// Checks a call against the communicator and turns it into an operation on raw views.
-fn prepare(c: &Comm, r: &RawCall, stream: *mut c_void) -> Result<(OpDesc, RawBuf, RawBuf), Error> {
+/// A checked call: the operation and its buffers as (address, bytes), host or device memory.
+#[derive(Clone, Copy)]
+struct Checked {
+    desc: OpDesc,
+    send: (usize, usize),
+    recv: (usize, usize),
+}
+
+impl Checked {
+    /// The operation on views of host buffers.
+    ///
+    /// # Safety
+    /// The buffers are host memory that stays valid until the operation is done (the C
+    /// caller's contract, as with NCCL).
+    unsafe fn host(&self) -> (OpDesc, RawBuf, RawBuf) {
+        let ((sp, sl), (rp, rl)) = (self.send, self.recv);
+        // SAFETY: the caller's contract; the lengths were computed from the count and checked
+        // against overflow.
+        unsafe { (self.desc, RawBuf::from_raw(sp as *mut u8, sl, false), RawBuf::from_raw(rp as *mut u8, rl, true)) }
+    }
+}
+
+/// Checks a call against the communicator.
+fn prepare(c: &Comm, r: &RawCall) -> Result<Checked, Error> {
     let name = r.kind.name();
     let bad = |m: String| Error::invalid_arg(format!("{name}: {m}"));
-    if !stream.is_null() {
-        return Err(bad(
-            "stream must be NULL: the C API takes host memory only (device buffers are not supported through it yet)"
-                .into(),
-        ));
-    }
     let dtype = DataType::from_code(r.datatype as u32)
         .filter(|_| r.datatype >= 0)
         .ok_or_else(|| bad(format!("unknown data type {}", r.datatype)))?;
@@ -718,15 +784,11 @@ fn prepare(c: &Comm, r: &RawCall, stream: *mut c_void) -> Result<(OpDesc, RawBuf
     }
     // In place, the one buffer starts where NCCL says the operation's full buffer starts.
     let recv_start = if in_place && r.kind == OpKind::ReduceScatter { send_p } else { recv_p };
-    // SAFETY: the caller promises the buffers hold what the operation needs (NCCL's contract);
-    // the lengths are computed from the count and checked against overflow above.
-    let (send, recv) = unsafe {
-        (RawBuf::from_raw(send_p as *mut u8, slen, false), RawBuf::from_raw(recv_start as *mut u8, rlen, true))
-    };
-    if !in_place && send.overlaps(&recv) {
+    let (send, recv) = ((send_p, slen), (recv_start, rlen));
+    if !in_place && ranges_overlap(send, recv) {
         return Err(bad("send and receive buffers overlap but are not the in-place layout".into()));
     }
-    Ok((desc, send, recv))
+    Ok(Checked { desc, send, recv })
 }
 
 /// Runs one call: records it in the current group, or posts it (and waits, on a blocking
@@ -736,15 +798,41 @@ fn run(comm: mwComm_t, call: RawCall, stream: *mut c_void) -> mwResult_t {
         Ok(c) => c,
         Err(r) => return r,
     };
-    let (desc, send, recv) = match prepare(&c, &call, stream) {
+    let checked = match prepare(&c, &call) {
         Ok(x) => x,
         Err(e) => return c.record(&e),
     };
+    if !stream.is_null() && !cfg!(feature = "cuda") {
+        return c.record(&Error::invalid_arg(format!(
+            "{}: a stream means device buffers, which need a build with the cuda feature (host buffers take a NULL stream)",
+            call.kind.name()
+        )));
+    }
     if in_group() {
-        GROUP.with(|g| g.borrow_mut().ops.push((c, desc, send, recv)));
+        GROUP.with(|g| g.borrow_mut().ops.push((c, checked, stream as usize)));
         return mwSuccess;
     }
-    post(&c, vec![(desc, send, recv)])
+    if stream.is_null() {
+        // SAFETY: host buffers under the C caller's contract.
+        post(&c, vec![unsafe { checked.host() }])
+    } else {
+        device(&c, stream as usize, &[checked])
+    }
+}
+
+/// Enqueues operations on device buffers on `stream` (builds with the `cuda` feature).
+fn device(c: &Comm, stream: usize, ops: &[Checked]) -> mwResult_t {
+    #[cfg(feature = "cuda")]
+    let r = c.enqueue_device(stream, ops);
+    #[cfg(not(feature = "cuda"))]
+    let r = {
+        let _ = (stream, ops);
+        Err(Error::invalid_arg("device buffers need a build with the cuda feature"))
+    };
+    match r {
+        Ok(()) => mwSuccess,
+        Err(e) => c.record(&e),
+    }
 }
 
 fn post(c: &Comm, ops: Vec<(OpDesc, RawBuf, RawBuf)>) -> mwResult_t {
@@ -1097,21 +1185,39 @@ pub unsafe extern "C" fn mwGroupEnd() -> mwResult_t {
             }
         }
         // Then each communicator's operations, as one batch each, in the order recorded.
-        let mut order: Vec<Arc<Comm>> = Vec::new();
-        let mut by_comm: Vec<Vec<(OpDesc, RawBuf, RawBuf)>> = Vec::new();
-        for (c, d, s, r) in group.ops {
-            match order.iter().position(|o| Arc::ptr_eq(o, &c)) {
-                Some(i) => by_comm[i].push((d, s, r)),
+        let mut order: Vec<(Arc<Comm>, usize)> = Vec::new();
+        let mut by_comm: Vec<Vec<Checked>> = Vec::new();
+        let mut mixed: Vec<Arc<Comm>> = Vec::new();
+        for (c, op, stream) in group.ops {
+            match order.iter().position(|(o, _)| Arc::ptr_eq(o, &c)) {
+                Some(i) if order[i].1 != stream => {
+                    if !mixed.iter().any(|m| Arc::ptr_eq(m, &c)) {
+                        mixed.push(c);
+                    }
+                }
+                Some(i) => by_comm[i].push(op),
                 None => {
-                    order.push(c);
-                    by_comm.push(vec![(d, s, r)]);
+                    order.push((c, stream));
+                    by_comm.push(vec![op]);
                 }
             }
         }
         // Post every communicator's batch before waiting for any: the ranks of one world may
         // live in this very thread.
         let mut waits = Vec::new();
-        for (c, ops) in order.iter().zip(by_comm) {
+        for ((c, stream), ops) in order.iter().zip(by_comm) {
+            if mixed.iter().any(|m| Arc::ptr_eq(m, c)) {
+                keep(c.record(&Error::invalid_usage(
+                    "mwGroupEnd: one communicator's calls in a group must all use the same stream (or all NULL)",
+                )));
+                continue;
+            }
+            if *stream != 0 {
+                keep(device(c, *stream, &ops));
+                continue;
+            }
+            // SAFETY: host buffers under the C caller's contract.
+            let ops = ops.iter().map(|o| unsafe { o.host() }).collect();
             match start(c, ops) {
                 Err(r) => keep(r),
                 Ok(None) => keep(mwInProgress),

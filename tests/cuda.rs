@@ -17,7 +17,7 @@ use multiworld::{bf16, f16, DeviceWorld, Element, ErrorKind, ReduceOp, WorldMana
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
 fn worker() {
-    common::worker_main(&[("collectives", collectives), ("kill", kill)]);
+    common::worker_main(&[("collectives", collectives), ("kill", kill), ("c_api", c_api)]);
 }
 
 /// Whether a GPU is here; prints why not.
@@ -124,6 +124,13 @@ impl Dev<'_> {
                 dw.send(&send, right).unwrap();
             }
             self.check(&what("send/recv"), &got, &input(d, left, 0, count));
+            // The same exchange as a group: every rank sends and receives at once.
+            let mut got = self.zeros::<T>(count);
+            let mut g = dw.group();
+            g.send(&send, right).unwrap();
+            g.recv(&mut got, left).unwrap();
+            g.end().unwrap();
+            self.check(&what("grouped send/recv"), &got, &input(d, left, 0, count));
         }
         dw.synchronize().unwrap();
     }
@@ -236,4 +243,70 @@ fn device_stream_drains_when_peer_is_killed() {
     let mut dead = procs.remove(1);
     dead.wait_for(Duration::from_secs(120));
     common::finish(&mut procs, Duration::from_secs(120));
+}
+
+/// The C API with device pointers and a stream: an all-reduce, an in-place all-gather and a
+/// grouped exchange around the ring, enqueued and then checked after a stream synchronize.
+fn c_api(ctx: &Ctx) {
+    use multiworld::ffi::*;
+    use std::ffi::c_void;
+    let (n, rank) = (ctx.size, ctx.rank);
+    let s = stream_for(rank);
+    let mut id = mwUniqueId { internal: [0; MW_UNIQUE_ID_BYTES] };
+    for (d, b) in id.internal.iter_mut().zip(ctx.id().to_bytes()) {
+        *d = b as std::ffi::c_char;
+    }
+    let mut comm: mwComm_t = std::ptr::null_mut();
+    // SAFETY: out-pointer to a local; the id is a value.
+    assert_eq!(unsafe { mwCommInitRank(&mut comm, n as i32, id, rank as i32) }, mwSuccess);
+    let d = multiworld::DataType::F32;
+    let count = 4097;
+    let mine = input(d, rank, 0, count);
+    let send = s.clone_htod(&typed::<f32>(&mine)).unwrap();
+    let mut sum = s.alloc_zeros::<f32>(count).unwrap();
+    let mut all = s.alloc_zeros::<f32>(count * n).unwrap();
+    let mut got = s.alloc_zeros::<f32>(count).unwrap();
+    // The rank's own block goes in place first.
+    s.memcpy_htod(&typed::<f32>(&mine), &mut all.slice_mut(rank * count..(rank + 1) * count)).unwrap();
+    let st = s.cu_stream() as *mut c_void;
+    let (right, left) = ((rank + 1) % n, (rank + n - 1) % n);
+    {
+        use multiworld::cuda::cudarc::driver::{DevicePtr, DevicePtrMut};
+        let (sp, _g1) = send.device_ptr(&s);
+        let (rp, _g2) = sum.device_ptr_mut(&s);
+        let (ap, _g3) = all.device_ptr_mut(&s);
+        let (gp, _g4) = got.device_ptr_mut(&s);
+        let own = (ap + (rank * count * 4) as u64) as *const c_void;
+        // SAFETY: device buffers of the sizes the calls need, alive until the stream is
+        // synchronized below; `comm` is live.
+        unsafe {
+            assert_eq!(mwAllReduce(sp as *const c_void, rp as *mut c_void, count, mwFloat, mwSum, comm, st), mwSuccess);
+            assert_eq!(mwAllGather(own, ap as *mut c_void, count, mwFloat, comm, st), mwSuccess);
+            assert_eq!(mwGroupStart(), mwSuccess);
+            assert_eq!(mwSend(sp as *const c_void, count, mwFloat, right as i32, comm, st), mwSuccess);
+            assert_eq!(mwRecv(gp as *mut c_void, count, mwFloat, left as i32, comm, st), mwSuccess);
+            assert_eq!(mwGroupEnd(), mwSuccess);
+        }
+    }
+    s.synchronize().unwrap();
+    let bytes = |v: Vec<f32>| bytemuck::cast_slice::<f32, u8>(&v).to_vec();
+    assert_eq!(bytes(s.clone_dtoh(&sum).unwrap()), reduced(d, ReduceOp::Sum, n, 0, count), "mwAllReduce");
+    assert_eq!(bytes(s.clone_dtoh(&all).unwrap()), gathered(d, n, 0, count), "mwAllGather in place");
+    assert_eq!(bytes(s.clone_dtoh(&got).unwrap()), input(d, left, 0, count), "grouped mwSend/mwRecv");
+    let mut state = mwInternalError;
+    // SAFETY: out-pointer to a local.
+    assert_eq!(unsafe { mwCommGetAsyncError(comm, &mut state) }, mwSuccess);
+    assert_eq!(state, mwSuccess);
+    // Host memory on the same communicator, with the stream drained: a NULL stream.
+    // SAFETY: `comm` is live.
+    assert_eq!(unsafe { mwBarrier(comm, std::ptr::null_mut()) }, mwSuccess);
+    // SAFETY: as above; destroyed once.
+    assert_eq!(unsafe { mwCommDestroy(comm) }, mwSuccess);
+}
+
+#[test]
+fn device_pointers_through_the_c_api() {
+    if have_gpu() {
+        common::run_ranks("c_api", 3, &[], Duration::from_secs(120));
+    }
 }
