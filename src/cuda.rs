@@ -41,8 +41,9 @@ pub(crate) fn check(what: &str, r: sys::CUresult) -> Result<()> {
 /// Fails with a clear error when the CUDA driver library cannot be loaded (cudarc would
 /// panic on first use).
 pub(crate) fn driver_present() -> Result<()> {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     // SAFETY: only tries to open the library; no CUDA call is made.
-    if unsafe { sys::is_culib_present() } {
+    if *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() }) {
         Ok(())
     } else {
         Err(Error::new(
@@ -229,10 +230,12 @@ unsafe impl Send for RawContext {}
 unsafe impl Sync for RawContext {}
 
 impl RawContext {
-    /// Makes the context current on this thread (raw driver calls act in the current one).
-    pub(crate) fn bind(self) -> Result<()> {
+    /// Makes the context current on this thread until the guard drops, which restores the
+    /// caller's own (raw driver calls act in the current context; the caller's must survive).
+    pub(crate) fn push(self) -> Result<Current> {
         // SAFETY: a live context handle (the maker's promise).
-        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.0) })
+        check("cuCtxPushCurrent", unsafe { sys::cuCtxPushCurrent_v2(self.0) })?;
+        Ok(Current(std::marker::PhantomData))
     }
 
     /// The context `stream` belongs to.
@@ -246,6 +249,77 @@ impl RawContext {
         check("cuStreamGetCtx", unsafe { sys::cuStreamGetCtx(stream, &mut ctx) })?;
         Ok(RawContext(ctx))
     }
+}
+
+/// A context pushed on this thread by [`RawContext::push`]; popped on drop (on this thread:
+/// hence not `Send`).
+pub(crate) struct Current(std::marker::PhantomData<*const ()>);
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: pops what `push` pushed on this thread; the result cannot be acted on.
+        unsafe { sys::cuCtxPopCurrent_v2(&mut ctx) };
+    }
+}
+
+/// What CUDA knows of the memory at `ptr`: `None` for memory it does not know (plain host
+/// memory, wild pointers) or when the driver is absent or not initialized.
+pub(crate) fn memory_type(ptr: usize) -> Option<sys::CUmemorytype> {
+    driver_present().ok()?;
+    let mut t: u32 = 0;
+    // SAFETY: an out-pointer to a local of the attribute's size (an unsigned int); the driver
+    // only looks the address up.
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut t as *mut u32).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            ptr as CUdeviceptr,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return None;
+    }
+    [
+        sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+        sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED,
+    ]
+    .into_iter()
+    .find(|m| *m as u32 == t)
+}
+
+/// Checks that the first and last byte of a buffer are memory CUDA knows, so that a host or
+/// wild pointer passed as device memory is refused before any copy is enqueued. (Only the two
+/// ends: one buffer may span several mappings of one virtual range.)
+pub(crate) fn check_device_buffer(what: &str, ptr: usize, len: usize) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let last = ptr.checked_add(len - 1);
+    if memory_type(ptr).is_none() || last.and_then(memory_type).is_none() {
+        return Err(Error::invalid_arg(format!(
+            "{what}: {len} bytes at {ptr:#x} are not memory CUDA knows (host buffers take a NULL stream)"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a stream that is capturing a CUDA graph: a staged operation waits on a flag its
+/// host thread writes once the stream reaches it, which a graph would only replay later.
+///
+/// # Safety
+/// `stream` is a live stream handle, or one of the driver's special streams.
+pub(crate) unsafe fn check_not_capturing(stream: sys::CUstream) -> Result<()> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: an out-pointer to a local; the caller vouches for the stream.
+    check("cuStreamIsCapturing", unsafe { sys::cuStreamIsCapturing(stream, &mut status) })?;
+    if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+        return Err(Error::invalid_usage(
+            "operations cannot be captured into a CUDA graph: they wait on their host thread",
+        ));
+    }
+    Ok(())
 }
 
 /// Pinned host memory mapped into the device's address space: what both the host and the
@@ -267,7 +341,7 @@ impl Pinned {
     /// Allocates `len` bytes (at least one) of mapped pinned memory in `ctx`, zeroed. The
     /// context must outlive the block.
     pub(crate) fn new(ctx: RawContext, len: usize) -> Result<Pinned> {
-        ctx.bind()?;
+        let _current = ctx.push()?;
         let len = len.max(8);
         let mut host: *mut c_void = std::ptr::null_mut();
         let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
@@ -302,7 +376,7 @@ impl Pinned {
 impl Drop for Pinned {
     fn drop(&mut self) {
         // A failure here cannot be acted on: the memory is then leaked, never used again.
-        if self.ctx.bind().is_ok() {
+        if let Ok(_current) = self.ctx.push() {
             // SAFETY: allocated by cuMemHostAlloc in `new`, freed once.
             unsafe { sys::cuMemFreeHost(self.host as *mut c_void) };
         }

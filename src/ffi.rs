@@ -248,6 +248,17 @@ impl Comm {
         code(e.kind())
     }
 
+    /// Waits until the operations enqueued on streams so far have entered the world's order,
+    /// so that a host operation called now comes after them on every rank, as it was called.
+    fn wait_device_posted(&self) {
+        #[cfg(feature = "cuda")]
+        let staging = lock(&self.staging).clone();
+        #[cfg(feature = "cuda")]
+        if let Some(s) = staging {
+            s.wait_posted();
+        }
+    }
+
     /// The first failure of an operation on device buffers.
     fn device_error(&self) -> Option<Error> {
         #[cfg(feature = "cuda")]
@@ -653,9 +664,16 @@ fn release(comm: mwComm_t, abort: bool) -> mwResult_t {
     let Some(c) = lock(table()).comms.remove(&key).filter(|_| key != 0) else {
         return invalid(None, format!("{comm:p} is not a live communicator"));
     };
+    // Operations on streams: a destroy lets those enqueued finish first (as NCCL's does); an
+    // abort fails them. Either way no stream is left waiting, and every staging block is
+    // freed before this returns.
     #[cfg(feature = "cuda")]
-    if let Some(s) = lock(&c.staging).take() {
-        // Its stager releases whatever the streams still wait on, then exits.
+    let staging = lock(&c.staging).take();
+    #[cfg(feature = "cuda")]
+    if let Some(s) = &staging {
+        if !abort {
+            s.drain();
+        }
         s.close();
     }
     if let Ok(w) = c.settle() {
@@ -663,6 +681,10 @@ fn release(comm: mwComm_t, abort: bool) -> mwResult_t {
             w.abort();
         }
         let _ = c.manager.remove_world(w.name());
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(s) = staging {
+        s.join();
     }
     mwSuccess
 }
@@ -675,8 +697,8 @@ pub unsafe extern "C" fn mwCommAbort(comm: mwComm_t) -> mwResult_t {
 }
 
 /// Frees a communicator. An idle one leaves its world gracefully (its peers see it leave);
-/// operations still in flight are aborted — wait for them with `mwCommGetAsyncError` first
-/// (`ncclCommDestroy`).
+/// host operations still in flight are aborted — wait for them with `mwCommGetAsyncError`
+/// first; operations enqueued on streams run first (`ncclCommDestroy`).
 #[no_mangle]
 pub unsafe extern "C" fn mwCommDestroy(comm: mwComm_t) -> mwResult_t {
     guard(|| release(comm, false))
@@ -732,6 +754,22 @@ struct Checked {
 }
 
 impl Checked {
+    /// In a CUDA build, refuses device memory passed with a NULL stream (host memory): the
+    /// host would fault on it.
+    fn check_host(&self) -> Result<(), Error> {
+        #[cfg(feature = "cuda")]
+        for (p, n) in [self.send, self.recv] {
+            use cudarc::driver::sys::CUmemorytype;
+            if n > 0 && crate::cuda::memory_type(p) == Some(CUmemorytype::CU_MEMORYTYPE_DEVICE) {
+                return Err(Error::invalid_arg(format!(
+                    "{}: {p:#x} is device memory, which needs a stream (a NULL stream means host memory)",
+                    self.desc.kind.name()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The operation on views of host buffers.
     ///
     /// # Safety
@@ -773,8 +811,12 @@ fn prepare(c: &Comm, r: &RawCall) -> Result<Checked, Error> {
     // NCCL's in-place layouts.
     let in_place = match r.kind {
         OpKind::AllReduce | OpKind::Broadcast | OpKind::Reduce => send_p == recv_p && send_p != 0,
-        OpKind::AllGather => send_p != 0 && Some(send_p) == recv_p.checked_add(block * c.rank),
-        OpKind::ReduceScatter => recv_p != 0 && Some(recv_p) == send_p.checked_add(block * c.rank),
+        OpKind::AllGather => {
+            send_p != 0 && Some(send_p) == block.checked_mul(c.rank).and_then(|o| recv_p.checked_add(o))
+        }
+        OpKind::ReduceScatter => {
+            recv_p != 0 && Some(recv_p) == block.checked_mul(c.rank).and_then(|o| send_p.checked_add(o))
+        }
         _ => false,
     };
     let desc = OpDesc { kind: r.kind, dtype, redop, count: r.count, root, is_send: r.is_send, in_place };
@@ -807,6 +849,11 @@ fn run(comm: mwComm_t, call: RawCall, stream: *mut c_void) -> mwResult_t {
             "{}: a stream means device buffers, which need a build with the cuda feature (host buffers take a NULL stream)",
             call.kind.name()
         )));
+    }
+    if stream.is_null() {
+        if let Err(e) = checked.check_host() {
+            return c.record(&e);
+        }
     }
     if in_group() {
         GROUP.with(|g| g.borrow_mut().ops.push((c, checked, stream as usize)));
@@ -848,6 +895,7 @@ fn post(c: &Comm, ops: Vec<(OpDesc, RawBuf, RawBuf)>) -> mwResult_t {
 #[allow(clippy::type_complexity)]
 fn start(c: &Comm, ops: Vec<(OpDesc, RawBuf, RawBuf)>) -> Result<Option<(World, Vec<Arc<Completion>>)>, mwResult_t> {
     let w = (if c.blocking { c.settle() } else { c.world() }).map_err(|e| c.record(&e))?;
+    c.wait_device_posted();
     // SAFETY: the views come from `prepare`, under the C caller's contract that the buffers
     // stay valid until the operation is done.
     let done = unsafe { w.post_raw(ops, false) }.map_err(|e| c.record(&e))?;

@@ -16,13 +16,15 @@
 //! pointers and a `CUstream`) enqueue through here.
 
 use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 
 use crate::buf::RawBuf;
 use crate::coll::OpDesc;
-use crate::cuda::{check, Pinned, RawContext};
+use crate::cuda::{check, check_device_buffer, check_not_capturing, Pinned, RawContext};
 use crate::error::{Error, Result};
 use crate::request::Completion;
 use crate::sync::{fence, lock, wait_timeout, Arc, AtomicBool, Condvar, Mutex, Ordering};
@@ -100,8 +102,12 @@ pub(crate) struct Staging {
     pool: Mutex<Vec<Pinned>>,
     /// The first error of a batch, reported to the caller.
     error: Mutex<Option<Error>>,
+    /// Set (under `enqueue`) when the owner goes: no more batches; the stager exits once the
+    /// streams are done with the ones it has.
     closed: AtomicBool,
+    /// Rung by enqueues (for the stager) and by the stager when batches move (for waiters).
     bell: Condvar,
+    stager: Mutex<Option<JoinHandle<()>>>,
     /// Keeps a cudarc-owned context alive as long as the blocks (declared last: dropped last).
     _keep: Option<Arc<cudarc::driver::CudaContext>>,
 }
@@ -124,13 +130,15 @@ impl Staging {
             error: Mutex::new(None),
             closed: AtomicBool::new(false),
             bell: Condvar::new(),
+            stager: Mutex::new(None),
             _keep: keep,
         });
         let s = staging.clone();
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name(format!("mw-dev-{}", staging.world.name().chars().take(8).collect::<String>()))
             .spawn(move || s.run())
             .map_err(|e| Error::system("spawning a device staging thread", e))?;
+        *lock(&staging.stager) = Some(handle);
         Ok(staging)
     }
 
@@ -147,10 +155,40 @@ impl Staging {
         lock(&self.error).clone()
     }
 
-    /// Lets the stager exit once the streams are done with every block.
+    /// Takes no more batches, and lets the stager exit once the streams are done with the
+    /// ones it has.
     pub(crate) fn close(&self) {
+        let _order = lock(&self.enqueue);
         self.closed.store(true, Ordering::Release);
         self.bell.notify_all();
+    }
+
+    /// Waits for the stager to exit (after [`Staging::close`]): every block is then freed.
+    /// Bounded by the streams reaching the batches they hold; a world that broke or was
+    /// removed releases them at once.
+    pub(crate) fn join(&self) {
+        let handle = lock(&self.stager).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    /// Waits until every batch enqueued so far has been posted to the world (or failed), so
+    /// that an operation posted next comes after them in the world's order on every rank.
+    pub(crate) fn wait_posted(&self) {
+        self.wait_until(|b| !matches!(b.stage, Stage::Waiting));
+    }
+
+    /// Waits until every batch enqueued so far has completed (or failed).
+    pub(crate) fn drain(&self) {
+        self.wait_until(|b| matches!(b.stage, Stage::Releasing));
+    }
+
+    fn wait_until(&self, done: impl Fn(&Batch) -> bool) {
+        let mut pending = lock(&self.pending);
+        while !pending.iter().all(&done) {
+            pending = wait_timeout(&self.bell, pending, Duration::from_millis(1));
+        }
     }
 
     /// Enqueues `ops` as one batch on `stream`. The world runs them together, as a group.
@@ -169,21 +207,36 @@ impl Staging {
             return Ok(());
         }
         let mut off = DATA;
-        let mut place = |len: usize| {
+        let mut place = |len: usize| -> Result<(usize, usize)> {
             let at = off;
-            off += len.next_multiple_of(ALIGN);
-            (at, len)
+            off = len
+                .checked_next_multiple_of(ALIGN)
+                .and_then(|l| off.checked_add(l))
+                .ok_or_else(|| Error::invalid_arg("the operations' buffers do not fit in memory"))?;
+            Ok((at, len))
         };
-        let slots: Vec<Slot> = ops
-            .iter()
-            .map(|(desc, send, recv)| Slot {
+        let mut slots = Vec::with_capacity(ops.len());
+        for (desc, send, recv) in ops {
+            let name = desc.kind.name();
+            for (p, n) in send.iter().chain(recv) {
+                check_device_buffer(name, *p as usize, *n)?;
+            }
+            slots.push(Slot {
                 desc: *desc,
-                send: place(send.map_or(0, |s| s.1)),
-                recv: place(recv.map_or(0, |r| r.1)),
-            })
-            .collect();
+                send: place(send.map_or(0, |s| s.1))?,
+                recv: place(recv.map_or(0, |r| r.1))?,
+            });
+        }
         let _order = lock(&self.enqueue);
-        self.ctx.bind()?;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::invalid_usage(format!(
+                "world '{}': its device operations were closed",
+                self.world.name()
+            )));
+        }
+        let _current = self.ctx.push()?;
+        // SAFETY: the caller's promise about the stream.
+        unsafe { check_not_capturing(stream) }?;
         let block = take_block(self, off)?;
         let batch = Batch { block, slots, stage: Stage::Waiting };
         // SAFETY: the caller's promises, passed on.
@@ -208,56 +261,77 @@ impl Staging {
     }
 
     /// The stager: posts batches in stream order as their `READY` appears, writes `DONE` as
-    /// they end, and returns blocks to the pool as their `FINISHED` appears.
+    /// they end, and returns blocks to the pool as their `FINISHED` appears. A panic in a pass
+    /// fails the outstanding batches (so no stream waits on a thread that is gone) and the
+    /// stager goes on draining.
     fn run(&self) {
         loop {
-            let mut moved = false;
-            let mut pending = lock(&self.pending);
-            let usable = matches!(self.world.state(), WorldState::Ready);
-            // Batches are posted in stream order: none before the ones ahead of it.
-            let mut in_order = true;
-            for b in pending.iter_mut() {
-                match &b.stage {
-                    Stage::Waiting if !in_order => {}
-                    Stage::Waiting if !usable => {
-                        self.fail(b, unusable(&self.world));
-                        moved = true;
+            match catch_unwind(AssertUnwindSafe(|| self.pass())) {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(_) => {
+                    let mut pending = lock(&self.pending);
+                    for b in pending.iter_mut().filter(|b| !matches!(b.stage, Stage::Releasing)) {
+                        self.fail(b, Error::internal("the device staging thread panicked"));
                     }
-                    Stage::Waiting if b.flag(READY) == 1 => {
-                        self.post(b);
-                        moved = true;
-                    }
-                    Stage::Waiting => in_order = false,
-                    Stage::Running(c) if c.iter().all(|c| c.is_done()) => {
-                        match c.iter().find_map(|c| c.result().and_then(|r| r.err())) {
-                            Some(e) => self.fail(b, e),
-                            None => {
-                                b.set_done(DONE_OK);
-                                b.stage = Stage::Releasing;
-                            }
-                        }
-                        moved = true;
-                    }
-                    Stage::Running(_) | Stage::Releasing => {}
                 }
-            }
-            // Blocks the stream has finished with go back to the pool, in order.
-            while pending.front().is_some_and(|b| matches!(b.stage, Stage::Releasing) && b.flag(FINISHED) == 1) {
-                if let Some(b) = pending.pop_front() {
-                    lock(&self.pool).push(b.block);
-                    moved = true;
-                }
-            }
-            if pending.is_empty() && self.closed.load(Ordering::Acquire) {
-                return;
-            }
-            if !moved {
-                // Flags written by the GPU raise no event: while batches are outstanding, look
-                // again shortly; otherwise sleep until the next enqueue rings.
-                let nap = if pending.is_empty() { Duration::from_millis(100) } else { Duration::from_micros(50) };
-                drop(wait_timeout(&self.bell, pending, nap));
             }
         }
+        // No stream uses any block now: free them here, not on a caller's thread.
+        lock(&self.pool).clear();
+    }
+
+    /// One pass over the batches, then a nap if nothing moved. True when the stager is done.
+    fn pass(&self) -> bool {
+        let mut moved = false;
+        let mut pending = lock(&self.pending);
+        let usable = matches!(self.world.state(), WorldState::Ready);
+        // Batches are posted in stream order: none before the ones ahead of it.
+        let mut in_order = true;
+        for b in pending.iter_mut() {
+            match &b.stage {
+                Stage::Waiting if !in_order => {}
+                Stage::Waiting if !usable => {
+                    self.fail(b, unusable(&self.world));
+                    moved = true;
+                }
+                Stage::Waiting if b.flag(READY) == 1 => {
+                    self.post(b);
+                    moved = true;
+                }
+                Stage::Waiting => in_order = false,
+                Stage::Running(c) if c.iter().all(|c| c.is_done()) => {
+                    match c.iter().find_map(|c| c.result().and_then(|r| r.err())) {
+                        Some(e) => self.fail(b, e),
+                        None => {
+                            b.set_done(DONE_OK);
+                            b.stage = Stage::Releasing;
+                        }
+                    }
+                    moved = true;
+                }
+                Stage::Running(_) | Stage::Releasing => {}
+            }
+        }
+        // Blocks the stream has finished with go back to the pool, in order.
+        while pending.front().is_some_and(|b| matches!(b.stage, Stage::Releasing) && b.flag(FINISHED) == 1) {
+            if let Some(b) = pending.pop_front() {
+                lock(&self.pool).push(b.block);
+                moved = true;
+            }
+        }
+        if pending.is_empty() && self.closed.load(Ordering::Acquire) {
+            return true;
+        }
+        if moved {
+            self.bell.notify_all();
+        } else {
+            // Flags written by the GPU raise no event: while batches are outstanding, look
+            // again shortly; otherwise sleep until the next enqueue rings.
+            let nap = if pending.is_empty() { Duration::from_millis(100) } else { Duration::from_micros(50) };
+            drop(wait_timeout(&self.bell, pending, nap));
+        }
+        false
     }
 
     /// Posts a batch whose inputs are in its block.

@@ -297,6 +297,30 @@ fn c_api(ctx: &Ctx) {
     // SAFETY: out-pointer to a local.
     assert_eq!(unsafe { mwCommGetAsyncError(comm, &mut state) }, mwSuccess);
     assert_eq!(state, mwSuccess);
+    // Mistakes are refused and lose nothing: device memory with a NULL stream, host memory
+    // with a stream.
+    let host = vec![0f32; count];
+    let mut host_out = vec![0f32; count];
+    {
+        use multiworld::cuda::cudarc::driver::DevicePtr;
+        let (sp, _g) = send.device_ptr(&s);
+        // SAFETY: the calls only check their arguments and refuse.
+        unsafe {
+            let dev_as_host = mwAllReduce(
+                sp as *const c_void,
+                host_out.as_mut_ptr().cast(),
+                count,
+                mwFloat,
+                mwSum,
+                comm,
+                std::ptr::null_mut(),
+            );
+            assert_eq!(dev_as_host, mwInvalidArgument, "device memory with a NULL stream");
+            let host_as_dev =
+                mwAllReduce(host.as_ptr().cast(), host_out.as_mut_ptr().cast(), count, mwFloat, mwSum, comm, st);
+            assert_eq!(host_as_dev, mwInvalidArgument, "host memory with a stream");
+        }
+    }
     // Host memory on the same communicator, with the stream drained: a NULL stream.
     // SAFETY: `comm` is live.
     assert_eq!(unsafe { mwBarrier(comm, std::ptr::null_mut()) }, mwSuccess);

@@ -338,8 +338,8 @@ mwResult_t mwCommAbort(mwComm_t comm);
 
 /*
  Frees a communicator. An idle one leaves its world gracefully (its peers see it leave);
- operations still in flight are aborted — wait for them with `mwCommGetAsyncError` first
- (`ncclCommDestroy`).
+ host operations still in flight are aborted — wait for them with `mwCommGetAsyncError`
+ first; operations enqueued on streams run first (`ncclCommDestroy`).
  */
 mwResult_t mwCommDestroy(mwComm_t comm);
 
