@@ -14,6 +14,11 @@
 //!
 //! Both the Rust API ([`crate::DeviceWorld`], cudarc buffers) and the C API (raw device
 //! pointers and a `CUstream`) enqueue through here.
+//!
+//! What the stream does for a batch is written once, as a list of [`StreamCmd`]s, and handed
+//! to a [`Device`], which turns each into its own call: [`CudaDevice`] into CUDA driver calls.
+//! The tests run the same batches on a stand-in device whose "stream" is a host thread, so the
+//! stager's logic — ordering, failure, release — is checked on machines without a GPU.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -24,7 +29,7 @@ use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 
 use crate::buf::RawBuf;
 use crate::coll::OpDesc;
-use crate::cuda::{check, check_device_buffer, check_not_capturing, Pinned, RawContext};
+use crate::cuda::{check, check_device_buffer, check_not_capturing, Current, Pinned, RawContext};
 use crate::error::{Error, Result};
 use crate::request::Completion;
 use crate::sync::{fence, lock, wait_timeout, Arc, AtomicBool, Condvar, Mutex, Ordering};
@@ -45,6 +50,127 @@ const ALIGN: usize = 64;
 /// laid out as [`OpDesc::buffer_bytes`] says (in place: no input, the output holds it).
 pub(crate) type DeviceOp = (OpDesc, Option<(CUdeviceptr, usize)>, Option<(CUdeviceptr, usize)>);
 
+/// One step of a batch on the stream. Offsets are into the batch's block; addresses are the
+/// device buffers the caller passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StreamCmd {
+    /// Copy `len` bytes from the device buffer at `from` into the block at `at`.
+    ToBlock { from: CUdeviceptr, at: usize, len: usize },
+    /// Copy `len` bytes from the block at `at` into the device buffer at `to`.
+    FromBlock { at: usize, to: CUdeviceptr, len: usize },
+    /// Set the flag word at `at` to 1, after everything before it on the stream.
+    Raise { at: usize },
+    /// Hold the stream until the flag word at `at` is at least `value`.
+    WaitFor { at: usize, value: u32 },
+}
+
+/// Memory that both this process and a device's streams reach: a batch's block.
+pub(crate) trait Block: Send + 'static {
+    /// The block's first byte, as this process sees it.
+    fn host_ptr(&self) -> *mut u8;
+    fn len(&self) -> usize;
+}
+
+impl Block for Pinned {
+    fn host_ptr(&self) -> *mut u8 {
+        Pinned::host_ptr(self)
+    }
+    fn len(&self) -> usize {
+        Pinned::len(self)
+    }
+}
+
+/// What staging needs of a device: its blocks, checks of the caller's buffers and streams,
+/// and a way to put a batch's commands on a stream.
+pub(crate) trait Device: Send + Sync + 'static {
+    /// A stream, as callers name it.
+    type Stream: Copy;
+    type Block: Block;
+    /// Held while a batch is being enqueued (for CUDA: the context made current).
+    type Entered;
+    fn enter(&self) -> Result<Self::Entered>;
+    /// Refuses a buffer that is not this device's memory.
+    fn check_buffer(&self, what: &str, addr: CUdeviceptr, len: usize) -> Result<()>;
+    /// Refuses a stream that cannot take a staged batch.
+    ///
+    /// # Safety
+    /// `stream` is one of this device's streams.
+    unsafe fn check_stream(&self, stream: Self::Stream) -> Result<()>;
+    /// A new block of at least `len` bytes.
+    fn alloc(&self, len: usize) -> Result<Self::Block>;
+    /// Puts `cmds` on `stream`, in order. On an error some of them may be on the stream.
+    ///
+    /// # Safety
+    /// As [`Staging::enqueue`]; `block` stays alive until the stream has run the commands.
+    unsafe fn submit(&self, stream: Self::Stream, block: &Self::Block, cmds: &[StreamCmd]) -> Result<()>;
+}
+
+/// A CUDA context's streams (`CUstream`) and mapped pinned blocks.
+pub(crate) struct CudaDevice {
+    ctx: RawContext,
+    /// Keeps a cudarc-owned context alive as long as the blocks.
+    _keep: Option<Arc<cudarc::driver::CudaContext>>,
+}
+
+impl Device for CudaDevice {
+    type Stream = CUstream;
+    type Block = Pinned;
+    type Entered = Current;
+
+    fn enter(&self) -> Result<Current> {
+        self.ctx.push()
+    }
+
+    fn check_buffer(&self, what: &str, addr: CUdeviceptr, len: usize) -> Result<()> {
+        check_device_buffer(what, addr as usize, len)
+    }
+
+    unsafe fn check_stream(&self, stream: CUstream) -> Result<()> {
+        // SAFETY: the caller's promise.
+        unsafe { check_not_capturing(stream) }
+    }
+
+    fn alloc(&self, len: usize) -> Result<Pinned> {
+        Pinned::new(self.ctx, len)
+    }
+
+    unsafe fn submit(&self, s: CUstream, block: &Pinned, cmds: &[StreamCmd]) -> Result<()> {
+        let (host, dev) = (block.host_ptr(), block.dev_ptr());
+        for c in cmds {
+            // SAFETY (each call): offsets come from the batch's layout, inside the block; the
+            // addresses are the caller's device buffers (the caller's promise).
+            let r = match *c {
+                StreamCmd::ToBlock { from, at, len } => {
+                    check("cuMemcpyDtoHAsync", unsafe { sys::cuMemcpyDtoHAsync_v2(host.add(at).cast(), from, len, s) })
+                }
+                StreamCmd::FromBlock { at, to, len } => {
+                    check("cuMemcpyHtoDAsync", unsafe { sys::cuMemcpyHtoDAsync_v2(to, host.add(at).cast(), len, s) })
+                }
+                // The default flags order the stream's earlier writes (the copies) before the
+                // flag.
+                StreamCmd::Raise { at } => check("cuStreamWriteValue32", unsafe {
+                    sys::cuStreamWriteValue32_v2(
+                        s,
+                        dev + at as u64,
+                        1,
+                        sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+                    )
+                }),
+                StreamCmd::WaitFor { at, value } => check("cuStreamWaitValue32", unsafe {
+                    sys::cuStreamWaitValue32_v2(
+                        s,
+                        dev + at as u64,
+                        value,
+                        sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+                    )
+                }),
+            };
+            r?;
+        }
+        Ok(())
+    }
+}
+
 /// Where a staged batch stands.
 enum Stage {
     /// Enqueued; the stream has not raised `READY` yet.
@@ -63,13 +189,13 @@ struct Slot {
     recv: (usize, usize),
 }
 
-struct Batch {
-    block: Pinned,
+struct Batch<B> {
+    block: B,
     slots: Vec<Slot>,
     stage: Stage,
 }
 
-impl Batch {
+impl<B: Block> Batch<B> {
     fn flag(&self, at: usize) -> u32 {
         // SAFETY: the block holds at least DATA bytes; the flag words are aligned u32s that the
         // device writes through its mapping, hence the volatile read.
@@ -87,19 +213,18 @@ impl Batch {
     }
 }
 
-/// Stages one world's operations from streams of one CUDA context.
-pub(crate) struct Staging {
+/// Stages one world's operations from streams of one device (for CUDA: of one context).
+pub(crate) struct Staging<D: Device = CudaDevice> {
     world: World,
-    ctx: RawContext,
     /// Held from an enqueue's first stream call until its batch joins `pending`, so that
     /// `pending` is in the order the stream runs the batches.
     enqueue: Mutex<()>,
     /// Batches on the stream, in stream order.
-    pending: Mutex<VecDeque<Batch>>,
+    pending: Mutex<VecDeque<Batch<D::Block>>>,
     /// Blocks no stream uses any more. They are freed only when the staging goes (freeing
     /// pinned memory may wait for the whole device, including streams that wait on a stager),
     /// so the pool holds as much as was ever in flight at once.
-    pool: Mutex<Vec<Pinned>>,
+    pool: Mutex<Vec<D::Block>>,
     /// The first error of a batch, reported to the caller.
     error: Mutex<Option<Error>>,
     /// Set (under `enqueue`) when the owner goes: no more batches; the stager exits once the
@@ -108,11 +233,11 @@ pub(crate) struct Staging {
     /// Rung by enqueues (for the stager) and by the stager when batches move (for waiters).
     bell: Condvar,
     stager: Mutex<Option<JoinHandle<()>>>,
-    /// Keeps a cudarc-owned context alive as long as the blocks (declared last: dropped last).
-    _keep: Option<Arc<cudarc::driver::CudaContext>>,
+    /// Declared last, dropped last: the device outlives the blocks.
+    device: D,
 }
 
-impl Staging {
+impl Staging<CudaDevice> {
     /// Starts staging `world`'s operations from streams of `ctx`; `keep` holds the context
     /// alive where cudarc owns it (a C caller keeps its own context alive).
     pub(crate) fn start(
@@ -121,9 +246,19 @@ impl Staging {
         keep: Option<Arc<cudarc::driver::CudaContext>>,
     ) -> Result<Arc<Staging>> {
         crate::cuda::driver_present()?;
+        Staging::with_device(world, CudaDevice { ctx, _keep: keep })
+    }
+
+    pub(crate) fn context(&self) -> RawContext {
+        self.device.ctx
+    }
+}
+
+impl<D: Device> Staging<D> {
+    /// Starts staging `world`'s operations on `device`'s streams: the stager thread starts.
+    pub(crate) fn with_device(world: World, device: D) -> Result<Arc<Staging<D>>> {
         let staging = Arc::new(Staging {
             world,
-            ctx,
             enqueue: Mutex::new(()),
             pending: Mutex::new(VecDeque::new()),
             pool: Mutex::new(Vec::new()),
@@ -131,7 +266,7 @@ impl Staging {
             closed: AtomicBool::new(false),
             bell: Condvar::new(),
             stager: Mutex::new(None),
-            _keep: keep,
+            device,
         });
         let s = staging.clone();
         let handle = std::thread::Builder::new()
@@ -144,10 +279,6 @@ impl Staging {
 
     pub(crate) fn world(&self) -> &World {
         &self.world
-    }
-
-    pub(crate) fn context(&self) -> RawContext {
-        self.ctx
     }
 
     /// The first error of a batch that already ran, if any.
@@ -184,7 +315,7 @@ impl Staging {
         self.wait_until(|b| matches!(b.stage, Stage::Releasing));
     }
 
-    fn wait_until(&self, done: impl Fn(&Batch) -> bool) {
+    fn wait_until(&self, done: impl Fn(&Batch<D::Block>) -> bool) {
         let mut pending = lock(&self.pending);
         while !pending.iter().all(&done) {
             pending = wait_timeout(&self.bell, pending, Duration::from_millis(1));
@@ -194,9 +325,12 @@ impl Staging {
     /// Enqueues `ops` as one batch on `stream`. The world runs them together, as a group.
     ///
     /// # Safety
-    /// `stream` belongs to this staging's context; each address is device memory of at least
-    /// its length, valid until the stream has run the batch.
-    pub(crate) unsafe fn enqueue(&self, stream: CUstream, ops: &[DeviceOp]) -> Result<()> {
+    /// `stream` belongs to this staging's device (for CUDA: its context); each address is
+    /// device memory of at least its length, valid until the stream has run the batch.
+    pub(crate) unsafe fn enqueue(&self, stream: D::Stream, ops: &[DeviceOp]) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
         if let Some(e) = self.error() {
             return Err(e);
         }
@@ -219,7 +353,7 @@ impl Staging {
         for (desc, send, recv) in ops {
             let name = desc.kind.name();
             for (p, n) in send.iter().chain(recv) {
-                check_device_buffer(name, *p as usize, *n)?;
+                self.device.check_buffer(name, *p, *n)?;
             }
             slots.push(Slot {
                 desc: *desc,
@@ -229,18 +363,17 @@ impl Staging {
         }
         let _order = lock(&self.enqueue);
         if self.closed.load(Ordering::Acquire) {
-            return Err(Error::invalid_usage(format!(
-                "world '{}': its device operations were closed",
-                self.world.name()
-            )));
+            return Err(self.closed_error());
         }
-        let _current = self.ctx.push()?;
+        let _entered = self.device.enter()?;
         // SAFETY: the caller's promise about the stream.
-        unsafe { check_not_capturing(stream) }?;
-        let block = take_block(self, off)?;
+        unsafe { self.device.check_stream(stream) }?;
+        let block = self.take_block(off)?;
         let batch = Batch { block, slots, stage: Stage::Waiting };
-        // SAFETY: the caller's promises, passed on.
-        match unsafe { stage_on_stream(&batch, stream, ops) } {
+        let cmds = program(&batch.slots, ops);
+        // SAFETY: the caller's promises, passed on; the block stays alive (pooled, or leaked
+        // below) until the stream has run the commands.
+        match unsafe { self.device.submit(stream, &batch.block, &cmds) } {
             Ok(()) => {
                 lock(&self.pending).push_back(batch);
                 self.bell.notify_all();
@@ -335,7 +468,7 @@ impl Staging {
     }
 
     /// Posts a batch whose inputs are in its block.
-    fn post(&self, b: &mut Batch) {
+    fn post(&self, b: &mut Batch<D::Block>) {
         let base = b.block.host_ptr();
         let ops = b
             .slots
@@ -359,8 +492,29 @@ impl Staging {
         }
     }
 
+    fn closed_error(&self) -> Error {
+        Error::invalid_usage(format!("world '{}': its device operations were closed", self.world.name()))
+    }
+
+    /// The smallest pooled block of at least `len` bytes, or a new one; its flags cleared.
+    fn take_block(&self, len: usize) -> Result<D::Block> {
+        let mut pool = lock(&self.pool);
+        let best = pool.iter().enumerate().filter(|(_, b)| b.len() >= len).min_by_key(|(_, b)| b.len()).map(|(i, _)| i);
+        let block = match best {
+            Some(i) => pool.swap_remove(i),
+            None => {
+                drop(pool);
+                self.device.alloc(len)?
+            }
+        };
+        // SAFETY: a pooled block is no longer used by any stream (its FINISHED flag was seen);
+        // a new one is at least DATA bytes (the layout starts there).
+        unsafe { std::ptr::write_bytes(block.host_ptr(), 0, DATA) };
+        Ok(block)
+    }
+
     /// Fails one batch: the error is kept for the caller, and the stream released.
-    fn fail(&self, b: &mut Batch, e: Error) {
+    fn fail(&self, b: &mut Batch<D::Block>, e: Error) {
         lock(&self.error).get_or_insert(e);
         b.set_done(DONE_FAILED);
         b.stage = Stage::Releasing;
@@ -376,70 +530,30 @@ fn unusable(world: &World) -> Error {
     }
 }
 
-/// The stream's part of one batch.
-///
-/// # Safety
-/// As [`Staging::enqueue`].
-unsafe fn stage_on_stream(b: &Batch, s: CUstream, ops: &[DeviceOp]) -> Result<()> {
-    let (host, dev) = (b.block.host_ptr(), b.block.dev_ptr());
-    let write = |at: usize| -> Result<()> {
-        // SAFETY: the flag word is inside the mapped block. The default flags order the
-        // stream's earlier writes (the copies) before the flag.
-        check("cuStreamWriteValue32", unsafe {
-            sys::cuStreamWriteValue32_v2(
-                s,
-                dev + at as u64,
-                1,
-                sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
-            )
-        })
-    };
-    for (slot, (desc, send, recv)) in b.slots.iter().zip(ops) {
-        let copy_in = |at: usize, (p, n): (CUdeviceptr, usize)| {
-            // SAFETY: `at..at + n` is inside the block; `p` is the caller's device buffer.
-            check("cuMemcpyDtoHAsync", unsafe { sys::cuMemcpyDtoHAsync_v2(host.add(at).cast(), p, n, s) })
-        };
-        if let Some(x) = send {
-            copy_in(slot.send.0, *x)?;
+/// The stream's part of one batch: copy the inputs in, raise `READY`, wait for `DONE`, copy
+/// the outputs out, raise `FINISHED`.
+fn program(slots: &[Slot], ops: &[DeviceOp]) -> Vec<StreamCmd> {
+    let mut cmds = Vec::with_capacity(2 * ops.len() + 3);
+    for (slot, (desc, send, recv)) in slots.iter().zip(ops) {
+        if let Some((from, len)) = *send {
+            cmds.push(StreamCmd::ToBlock { from, at: slot.send.0, len });
         }
         if desc.in_place {
-            if let Some(x) = recv {
-                copy_in(slot.recv.0, *x)?;
+            if let Some((from, len)) = *recv {
+                cmds.push(StreamCmd::ToBlock { from, at: slot.recv.0, len });
             }
         }
     }
-    write(READY)?;
-    // SAFETY: as above.
-    check("cuStreamWaitValue32", unsafe {
-        sys::cuStreamWaitValue32_v2(
-            s,
-            dev + DONE as u64,
-            DONE_OK,
-            sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
-        )
-    })?;
-    for (slot, (_, _, recv)) in b.slots.iter().zip(ops) {
-        if let Some((p, n)) = recv {
-            // SAFETY: the block's output area to the caller's device buffer.
-            let src = unsafe { host.add(slot.recv.0) };
-            check("cuMemcpyHtoDAsync", unsafe { sys::cuMemcpyHtoDAsync_v2(*p, src.cast(), *n, s) })?;
+    cmds.push(StreamCmd::Raise { at: READY });
+    cmds.push(StreamCmd::WaitFor { at: DONE, value: DONE_OK });
+    for (slot, (_, _, recv)) in slots.iter().zip(ops) {
+        if let Some((to, len)) = *recv {
+            cmds.push(StreamCmd::FromBlock { at: slot.recv.0, to, len });
         }
     }
-    write(FINISHED)
+    cmds.push(StreamCmd::Raise { at: FINISHED });
+    cmds
 }
 
-/// The smallest pooled block of at least `len` bytes, or a new one; its flags cleared.
-fn take_block(st: &Staging, len: usize) -> Result<Pinned> {
-    let mut pool = lock(&st.pool);
-    let best = pool.iter().enumerate().filter(|(_, b)| b.len() >= len).min_by_key(|(_, b)| b.len()).map(|(i, _)| i);
-    let block = match best {
-        Some(i) => pool.swap_remove(i),
-        None => {
-            drop(pool);
-            Pinned::new(st.ctx, len)?
-        }
-    };
-    // SAFETY: a pooled block is no longer used by any stream (its FINISHED flag was seen).
-    unsafe { std::ptr::write_bytes(block.host_ptr(), 0, DATA) };
-    Ok(block)
-}
+#[cfg(test)]
+mod tests;
