@@ -113,7 +113,7 @@ MW_KERNELS(f64, double)
 MW_KERNELS(bf16, Half<1>)
 
 // Copies `bytes` bytes, 16 at a time where both ends are aligned.
-extern "C" __global__ void mw_copy(unsigned char* dst, const unsigned char* src, size_t bytes) {
+__device__ void mw_copy_bytes(unsigned char* dst, const unsigned char* src, size_t bytes) {
   size_t start = 0;
   if (mw_aligned(dst) && mw_aligned(src)) {
     size_t nvec = bytes / 16;
@@ -121,4 +121,23 @@ extern "C" __global__ void mw_copy(unsigned char* dst, const unsigned char* src,
     start = nvec * 16;
   }
   for (size_t i = start + mw_tid(); i < bytes; i += mw_threads()) dst[i] = src[i];
+}
+
+extern "C" __global__ void mw_copy(unsigned char* dst, const unsigned char* src, size_t bytes) {
+  mw_copy_bytes(dst, src, bytes);
+}
+
+// Copies what a descriptor in host-mapped memory says: {source, destination, bytes}, written
+// by the host before it released the stream to this launch (zero bytes: nothing to do). For
+// copies whose addresses are known only when the stream gets there, such as a peer's buffer
+// mapped through CUDA IPC. One thread per block reads the descriptor (a read over the bus).
+extern "C" __global__ void mw_copy_told(const volatile unsigned long long* desc) {
+  __shared__ unsigned long long d[3];
+  if (threadIdx.x == 0) {
+    d[0] = desc[0];
+    d[1] = desc[1];
+    d[2] = desc[2];
+  }
+  __syncthreads();
+  mw_copy_bytes((unsigned char*)d[1], (const unsigned char*)d[0], (size_t)d[2]);
 }

@@ -22,6 +22,13 @@ use crate::types::{DataType, ReduceOp};
 /// The kernels, compiled by build.rs (SASS for sm_80 and sm_90, PTX for newer GPUs).
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
 
+/// The embedded kernels as an 8-byte aligned image, for the driver's `cuModuleLoadData`.
+pub(crate) fn fatbin_image() -> Vec<u64> {
+    let mut image = vec![0u64; FATBIN.len().div_ceil(8)];
+    bytemuck::cast_slice_mut::<u64, u8>(&mut image)[..FATBIN.len()].copy_from_slice(FATBIN);
+    image
+}
+
 /// Most sources one combine kernel takes.
 pub const MAX_SOURCES: usize = 8;
 

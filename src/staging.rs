@@ -21,6 +21,7 @@
 //! stager's logic — ordering, failure, release — is checked on machines without a GPU.
 
 use std::collections::VecDeque;
+use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -33,7 +34,11 @@ use crate::cuda::{check, check_device_buffer, check_not_capturing, Current, Pinn
 use crate::error::{Error, Result};
 use crate::request::Completion;
 use crate::sync::{fence, lock, wait_timeout, Arc, AtomicBool, Condvar, Mutex, Ordering};
+use crate::transport::TransportKind;
 use crate::world::{World, WorldState};
+
+mod cuda_ipc;
+use cuda_ipc::IpcOp;
 
 /// Flag words at the start of each staging block; the data follows from `DATA`.
 const READY: usize = 0;
@@ -62,6 +67,11 @@ pub(crate) enum StreamCmd {
     Raise { at: usize },
     /// Hold the stream until the flag word at `at` is at least `value`.
     WaitFor { at: usize, value: u32 },
+    /// Copy what the three words at `at` say when the stream gets there — source, destination,
+    /// bytes (at most `max`; zero: nothing) — as the stager wrote them before releasing the
+    /// stream to this point. For addresses known only then: a peer's buffer mapped through
+    /// CUDA IPC (`cuda_ipc.rs`).
+    CopyAsTold { at: usize, max: usize },
 }
 
 /// Memory that both this process and a device's streams reach: a batch's block.
@@ -103,13 +113,111 @@ pub(crate) trait Device: Send + Sync + 'static {
     /// # Safety
     /// As [`Staging::enqueue`]; `block` stays alive until the stream has run the commands.
     unsafe fn submit(&self, stream: Self::Stream, block: &Self::Block, cmds: &[StreamCmd]) -> Result<()>;
+
+    // What the CUDA IPC path (`cuda_ipc.rs`) needs; the stager calls these inside `enter`.
+
+    /// Whether buffers may be shared with peer processes at all.
+    fn can_share(&self) -> bool;
+    /// What a peer process needs to map the allocation holding `addr`: a handle and the offset
+    /// of `addr` in the allocation. `None` when it cannot be shared.
+    fn export(&self, addr: CUdeviceptr) -> Option<([u8; HANDLE_LEN], u64)>;
+    /// Maps a peer's allocation; returns its base address here.
+    fn open(&self, handle: &[u8; HANDLE_LEN]) -> Result<CUdeviceptr>;
+    /// Unmaps what [`Device::open`] mapped, once no stream uses it.
+    fn close(&self, base: CUdeviceptr);
+    /// Copies device memory into host memory, or back, on none of the callers' streams, and
+    /// returns when it is done.
+    ///
+    /// # Safety
+    /// Both ranges are valid for `len` bytes and not written by anyone else meanwhile.
+    unsafe fn copy_to_host(&self, to: *mut u8, from: CUdeviceptr, len: usize) -> Result<()>;
+    /// # Safety
+    /// As [`Device::copy_to_host`].
+    unsafe fn copy_to_device(&self, to: CUdeviceptr, from: *const u8, len: usize) -> Result<()>;
 }
+
+/// Bytes of a CUDA IPC memory handle.
+pub(crate) const HANDLE_LEN: usize = 64;
 
 /// A CUDA context's streams (`CUstream`) and mapped pinned blocks.
 pub(crate) struct CudaDevice {
     ctx: RawContext,
+    /// Made on first use, in `ctx`: a stream of the stager's own and the copy kernel.
+    aux: Mutex<Aux>,
     /// Keeps a cudarc-owned context alive as long as the blocks.
     _keep: Option<Arc<cudarc::driver::CudaContext>>,
+}
+
+#[derive(Default)]
+struct Aux {
+    stream: Option<CUstream>,
+    module: Option<(sys::CUmodule, sys::CUfunction)>,
+}
+
+// SAFETY: driver handles of one context, used under the mutex with the context current.
+unsafe impl Send for Aux {}
+
+impl CudaDevice {
+    /// The stager's own stream (non-blocking: it never waits on the legacy default stream,
+    /// nor that on it, so it runs while the callers' streams wait on flags). Called with the
+    /// context current.
+    fn own_stream(&self) -> Result<CUstream> {
+        let mut aux = lock(&self.aux);
+        if let Some(s) = aux.stream {
+            return Ok(s);
+        }
+        let mut s: CUstream = std::ptr::null_mut();
+        let flags = sys::CUstream_flags_enum::CU_STREAM_NON_BLOCKING as u32;
+        // SAFETY: an out-pointer to a local.
+        check("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut s, flags) })?;
+        aux.stream = Some(s);
+        Ok(s)
+    }
+
+    /// `mw_copy_told`, loaded into the context from the embedded kernels. Called with the
+    /// context current.
+    fn copy_told(&self) -> Result<sys::CUfunction> {
+        let mut aux = lock(&self.aux);
+        if let Some((_, f)) = aux.module {
+            return Ok(f);
+        }
+        let mut module: sys::CUmodule = std::ptr::null_mut();
+        let image = crate::cuda::fatbin_image();
+        // SAFETY: the embedded fatbin, aligned; the driver copies what it needs.
+        check("cuModuleLoadData", unsafe { sys::cuModuleLoadData(&mut module, image.as_ptr().cast()) })?;
+        let mut f: sys::CUfunction = std::ptr::null_mut();
+        // SAFETY: a module just loaded and a NUL-terminated name.
+        let r = unsafe { sys::cuModuleGetFunction(&mut f, module, c"mw_copy_told".as_ptr()) };
+        if let Err(e) = check("cuModuleGetFunction(mw_copy_told)", r) {
+            // SAFETY: unloading what was loaded above, once.
+            unsafe { sys::cuModuleUnload(module) };
+            return Err(e);
+        }
+        aux.module = Some((module, f));
+        Ok(f)
+    }
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        let aux = std::mem::take(&mut *lock(&self.aux));
+        if aux.stream.is_none() && aux.module.is_none() {
+            return;
+        }
+        // Failures cannot be acted on here: the handles are then leaked.
+        if let Ok(_current) = self.ctx.push() {
+            // SAFETY: handles made in this context by this device, released once; nothing is
+            // queued on the stream any more (the stager waits for each of its copies).
+            unsafe {
+                if let Some(s) = aux.stream {
+                    sys::cuStreamDestroy_v2(s);
+                }
+                if let Some((m, _)) = aux.module {
+                    sys::cuModuleUnload(m);
+                }
+            }
+        }
+    }
 }
 
 impl Device for CudaDevice {
@@ -164,10 +272,78 @@ impl Device for CudaDevice {
                         sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
                     )
                 }),
+                StreamCmd::CopyAsTold { at, max } => {
+                    let f = self.copy_told()?;
+                    // 256 threads a block, 16 bytes a thread, at most 1024 blocks (the kernel
+                    // strides over the rest).
+                    let blocks = max.div_ceil(16 * 256).clamp(1, 1024) as u32;
+                    let mut desc = dev + at as u64;
+                    let mut params = [(&mut desc as *mut u64).cast::<c_void>()];
+                    check("cuLaunchKernel(mw_copy_told)", unsafe {
+                        sys::cuLaunchKernel(f, blocks, 1, 1, 256, 1, 1, 0, s, params.as_mut_ptr(), std::ptr::null_mut())
+                    })
+                }
             };
             r?;
         }
         Ok(())
+    }
+
+    fn can_share(&self) -> bool {
+        true
+    }
+
+    fn export(&self, addr: CUdeviceptr) -> Option<([u8; HANDLE_LEN], u64)> {
+        let mut base: CUdeviceptr = 0;
+        // SAFETY: an out-pointer to a local of the attribute's size; the driver only looks the
+        // address up.
+        let r = unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut base as *mut CUdeviceptr).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+                addr,
+            )
+        };
+        check("cuPointerGetAttribute(RANGE_START_ADDR)", r).ok()?;
+        // SAFETY: plain bytes, written by the driver below.
+        let mut h: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
+        // Fails for memory that legacy IPC cannot share (stream-ordered pools, virtual memory
+        // management): the operation then moves the bytes through host memory.
+        // SAFETY: an out-pointer to a local; the base of a device allocation.
+        check("cuIpcGetMemHandle", unsafe { sys::cuIpcGetMemHandle(&mut h, base) }).ok()?;
+        let handle: [u8; HANDLE_LEN] = bytemuck::cast(h.reserved);
+        Some((handle, addr - base))
+    }
+
+    fn open(&self, handle: &[u8; HANDLE_LEN]) -> Result<CUdeviceptr> {
+        let h = sys::CUipcMemHandle { reserved: bytemuck::cast(*handle) };
+        let mut base: CUdeviceptr = 0;
+        let flags = sys::CUipcMem_flags_enum::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
+        // SAFETY: an out-pointer to a local; the driver checks the handle.
+        check("cuIpcOpenMemHandle", unsafe { sys::cuIpcOpenMemHandle_v2(&mut base, h, flags) })?;
+        Ok(base)
+    }
+
+    fn close(&self, base: CUdeviceptr) {
+        // SAFETY: a mapping made by `open`, no longer used by any stream; a failure leaves it
+        // mapped, which cannot be acted on.
+        unsafe { sys::cuIpcCloseMemHandle(base) };
+    }
+
+    unsafe fn copy_to_host(&self, to: *mut u8, from: CUdeviceptr, len: usize) -> Result<()> {
+        let s = self.own_stream()?;
+        // SAFETY: the caller's promise.
+        check("cuMemcpyDtoHAsync", unsafe { sys::cuMemcpyDtoHAsync_v2(to.cast(), from, len, s) })?;
+        // SAFETY: a stream of this device.
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(s) })
+    }
+
+    unsafe fn copy_to_device(&self, to: CUdeviceptr, from: *const u8, len: usize) -> Result<()> {
+        let s = self.own_stream()?;
+        // SAFETY: the caller's promise.
+        check("cuMemcpyHtoDAsync", unsafe { sys::cuMemcpyHtoDAsync_v2(to, from.cast(), len, s) })?;
+        // SAFETY: a stream of this device.
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(s) })
     }
 }
 
@@ -187,12 +363,18 @@ struct Slot {
     desc: OpDesc,
     send: (usize, usize),
     recv: (usize, usize),
+    /// Moved by the CUDA IPC path (its place is in `Batch::ipc`), not staged.
+    ipc: bool,
 }
 
 struct Batch<B> {
     block: B,
     slots: Vec<Slot>,
     stage: Stage,
+    /// The batch's point-to-point operations that go through CUDA IPC, in batch order.
+    ipc: Vec<IpcOp>,
+    /// Every message posted for `ipc`: the block is reused only once all of them have ended.
+    messages: Vec<Arc<Completion>>,
 }
 
 impl<B: Block> Batch<B> {
@@ -206,10 +388,15 @@ impl<B: Block> Batch<B> {
     }
 
     fn set_done(&self, v: u32) {
-        // The results are written before the flag that lets the stream copy them out.
+        self.set_flag(DONE, v);
+    }
+
+    /// Writes a flag word the stream waits on.
+    fn set_flag(&self, at: usize, v: u32) {
+        // What the stream reads once released (results, descriptors) is written before.
         fence(Ordering::SeqCst);
         // SAFETY: as in `flag`.
-        unsafe { std::ptr::write_volatile(self.block.host_ptr().add(DONE) as *mut u32, v) };
+        unsafe { std::ptr::write_volatile(self.block.host_ptr().add(at) as *mut u32, v) };
     }
 }
 
@@ -233,6 +420,9 @@ pub(crate) struct Staging<D: Device = CudaDevice> {
     /// Rung by enqueues (for the stager) and by the stager when batches move (for waiters).
     bell: Condvar,
     stager: Mutex<Option<JoinHandle<()>>>,
+    /// Per rank: whether point-to-point operations with it go through CUDA IPC (a peer on
+    /// this host, a device that can share buffers, and `MW_DEVICE_IPC` not `0`).
+    shares: Vec<bool>,
     /// Declared last, dropped last: the device outlives the blocks.
     device: D,
 }
@@ -246,7 +436,7 @@ impl Staging<CudaDevice> {
         keep: Option<Arc<cudarc::driver::CudaContext>>,
     ) -> Result<Arc<Staging>> {
         crate::cuda::driver_present()?;
-        Staging::with_device(world, CudaDevice { ctx, _keep: keep })
+        Staging::with_device(world, CudaDevice { ctx, aux: Mutex::new(Aux::default()), _keep: keep })
     }
 
     pub(crate) fn context(&self) -> RawContext {
@@ -257,7 +447,10 @@ impl Staging<CudaDevice> {
 impl<D: Device> Staging<D> {
     /// Starts staging `world`'s operations on `device`'s streams: the stager thread starts.
     pub(crate) fn with_device(world: World, device: D) -> Result<Arc<Staging<D>>> {
+        let on = device.can_share() && std::env::var("MW_DEVICE_IPC").map_or(true, |v| v.trim() != "0");
+        let shares = world.transports().iter().map(|t| on && *t == Some(TransportKind::Shm)).collect();
         let staging = Arc::new(Staging {
+            shares,
             world,
             enqueue: Mutex::new(()),
             pending: Mutex::new(VecDeque::new()),
@@ -307,7 +500,11 @@ impl<D: Device> Staging<D> {
     /// Waits until every batch enqueued so far has been posted to the world (or failed), so
     /// that an operation posted next comes after them in the world's order on every rank.
     pub(crate) fn wait_posted(&self) {
-        self.wait_until(|b| !matches!(b.stage, Stage::Waiting));
+        self.wait_until(|b| match b.stage {
+            Stage::Waiting => false,
+            Stage::Running(_) => b.ipc.iter().all(|o| o.all_posted()),
+            Stage::Releasing => true,
+        });
     }
 
     /// Waits until every batch enqueued so far has completed (or failed).
@@ -350,15 +547,22 @@ impl<D: Device> Staging<D> {
             Ok((at, len))
         };
         let mut slots = Vec::with_capacity(ops.len());
+        let mut ipc = Vec::new();
         for (desc, send, recv) in ops {
             let name = desc.kind.name();
             for (p, n) in send.iter().chain(recv) {
                 self.device.check_buffer(name, *p, *n)?;
             }
+            if let Some(op) = IpcOp::plan(desc, *send, *recv, &self.shares, &mut place)? {
+                slots.push(Slot { desc: *desc, send: (DATA, 0), recv: (DATA, 0), ipc: true });
+                ipc.push(op);
+                continue;
+            }
             slots.push(Slot {
                 desc: *desc,
                 send: place(send.map_or(0, |s| s.1))?,
                 recv: place(recv.map_or(0, |r| r.1))?,
+                ipc: false,
             });
         }
         let _order = lock(&self.enqueue);
@@ -369,8 +573,11 @@ impl<D: Device> Staging<D> {
         // SAFETY: the caller's promise about the stream.
         unsafe { self.device.check_stream(stream) }?;
         let block = self.take_block(off)?;
-        let batch = Batch { block, slots, stage: Stage::Waiting };
-        let cmds = program(&batch.slots, ops);
+        for op in &ipc {
+            op.clear(block.host_ptr());
+        }
+        let batch = Batch { block, slots, stage: Stage::Waiting, ipc, messages: Vec::new() };
+        let cmds = program(&batch.slots, ops, &batch.ipc);
         // SAFETY: the caller's promises, passed on; the block stays alive (pooled, or leaked
         // below) until the stream has run the commands.
         match unsafe { self.device.submit(stream, &batch.block, &cmds) } {
@@ -433,22 +640,28 @@ impl<D: Device> Staging<D> {
                     moved = true;
                 }
                 Stage::Waiting => in_order = false,
-                Stage::Running(c) if c.iter().all(|c| c.is_done()) => {
-                    match c.iter().find_map(|c| c.result().and_then(|r| r.err())) {
-                        Some(e) => self.fail(b, e),
-                        None => {
-                            b.set_done(DONE_OK);
-                            b.stage = Stage::Releasing;
-                        }
+                Stage::Running(_) => match self.advance(b) {
+                    Ok(m) => moved |= m,
+                    Err(e) => {
+                        self.fail(b, e);
+                        moved = true;
                     }
-                    moved = true;
-                }
-                Stage::Running(_) | Stage::Releasing => {}
+                },
+                Stage::Releasing => {}
             }
         }
-        // Blocks the stream has finished with go back to the pool, in order.
-        while pending.front().is_some_and(|b| matches!(b.stage, Stage::Releasing) && b.flag(FINISHED) == 1) {
+        // Blocks the stream has finished with go back to the pool, in order; peer allocations
+        // still mapped (a failed batch's) are unmapped.
+        while pending.front().is_some_and(|b| {
+            matches!(b.stage, Stage::Releasing) && b.flag(FINISHED) == 1 && b.messages.iter().all(|c| c.is_done())
+        }) {
             if let Some(b) = pending.pop_front() {
+                let mapped: Vec<_> = b.ipc.iter().filter_map(|o| o.mapping).collect();
+                if !mapped.is_empty() {
+                    if let Ok(_entered) = self.device.enter() {
+                        mapped.into_iter().for_each(|m| self.device.close(m));
+                    }
+                }
                 lock(&self.pool).push(b.block);
                 moved = true;
             }
@@ -470,9 +683,10 @@ impl<D: Device> Staging<D> {
     /// Posts a batch whose inputs are in its block.
     fn post(&self, b: &mut Batch<D::Block>) {
         let base = b.block.host_ptr();
-        let ops = b
+        let ops: Vec<_> = b
             .slots
             .iter()
+            .filter(|s| !s.ipc)
             .map(|s| {
                 // SAFETY: both views lie inside the pinned block, which stays alive (and
                 // untouched by the stream, which waits on DONE) until the batch completes.
@@ -485,11 +699,34 @@ impl<D: Device> Staging<D> {
                 }
             })
             .collect();
-        // SAFETY: as above.
-        match unsafe { self.world.post_raw(ops, false) } {
-            Ok(c) => b.stage = Stage::Running(c),
-            Err(e) => self.fail(b, e),
+        if ops.is_empty() {
+            b.stage = Stage::Running(Vec::new());
+        } else {
+            // SAFETY: as above.
+            match unsafe { self.world.post_raw(ops, false) } {
+                Ok(c) => b.stage = Stage::Running(c),
+                Err(e) => return self.fail(b, e),
+            }
         }
+        if let Err(e) = self.advance(b) {
+            self.fail(b, e);
+        }
+    }
+
+    /// Moves a running batch on: its CUDA IPC operations, then, when everything has
+    /// completed, `DONE`. True if anything moved.
+    fn advance(&self, b: &mut Batch<D::Block>) -> Result<bool> {
+        let mut moved = if b.ipc.is_empty() { false } else { self.advance_ipc(b)? };
+        let Stage::Running(c) = &b.stage else { return Ok(moved) };
+        if c.iter().all(|c| c.is_done()) && b.ipc.iter().all(|o| o.finished()) {
+            if let Some(e) = c.iter().find_map(|c| c.result().and_then(|r| r.err())) {
+                return Err(e);
+            }
+            b.set_done(DONE_OK);
+            b.stage = Stage::Releasing;
+            moved = true;
+        }
+        Ok(moved)
     }
 
     fn closed_error(&self) -> Error {
@@ -516,8 +753,14 @@ impl<D: Device> Staging<D> {
     /// Fails one batch: the error is kept for the caller, and the stream released.
     fn fail(&self, b: &mut Batch<D::Block>, e: Error) {
         lock(&self.error).get_or_insert(e);
+        cuda_ipc::release(b);
         b.set_done(DONE_FAILED);
         b.stage = Stage::Releasing;
+        // Messages still in flight write into the block: a world that is not broken yet is
+        // broken now, so that they end at once (this rank cannot finish its part anyway).
+        if b.messages.iter().any(|c| !c.is_done()) {
+            self.world.abort();
+        }
     }
 }
 
@@ -532,9 +775,9 @@ fn unusable(world: &World) -> Error {
 
 /// The stream's part of one batch: copy the inputs in, raise `READY`, wait for `DONE`, copy
 /// the outputs out, raise `FINISHED`.
-fn program(slots: &[Slot], ops: &[DeviceOp]) -> Vec<StreamCmd> {
-    let mut cmds = Vec::with_capacity(2 * ops.len() + 3);
-    for (slot, (desc, send, recv)) in slots.iter().zip(ops) {
+fn program(slots: &[Slot], ops: &[DeviceOp], ipc: &[IpcOp]) -> Vec<StreamCmd> {
+    let mut cmds = Vec::with_capacity(2 * ops.len() + 3 * ipc.len() + 3);
+    for (slot, (desc, send, recv)) in slots.iter().zip(ops).filter(|(s, _)| !s.ipc) {
         if let Some((from, len)) = *send {
             cmds.push(StreamCmd::ToBlock { from, at: slot.send.0, len });
         }
@@ -545,8 +788,9 @@ fn program(slots: &[Slot], ops: &[DeviceOp]) -> Vec<StreamCmd> {
         }
     }
     cmds.push(StreamCmd::Raise { at: READY });
+    cmds.extend(ipc.iter().flat_map(|o| o.stream_cmds()));
     cmds.push(StreamCmd::WaitFor { at: DONE, value: DONE_OK });
-    for (slot, (_, _, recv)) in slots.iter().zip(ops) {
+    for (slot, (_, _, recv)) in slots.iter().zip(ops).filter(|(s, _)| !s.ipc) {
         if let Some((to, len)) = *recv {
             cmds.push(StreamCmd::FromBlock { at: slot.recv.0, to, len });
         }

@@ -1,6 +1,7 @@
 //! Operations on CUDA device memory (feature `cuda`), across real processes sharing one GPU:
-//! every collective against the host reference, and a peer killed while the survivor's stream
-//! waits on it. Each test prints why it skips where there is no GPU.
+//! every collective against the host reference (sends and receives through CUDA IPC, and
+//! again staged through host memory), and a peer killed while the survivor's stream waits on
+//! it. Each test prints why it skips where there is no GPU.
 
 #![cfg(feature = "cuda")]
 
@@ -168,6 +169,14 @@ fn device_collectives_two_ranks() {
 fn device_collectives_three_ranks() {
     if have_gpu() {
         common::run_ranks("collectives", 3, &[], Duration::from_secs(400));
+    }
+}
+
+/// The same with CUDA IPC off: sends and receives go through host staging, as between hosts.
+#[test]
+fn device_collectives_two_ranks_staged_without_ipc() {
+    if have_gpu() {
+        common::run_ranks("collectives", 2, &[("MW_DEVICE_IPC", "0".into())], Duration::from_secs(400));
     }
 }
 

@@ -98,8 +98,38 @@ fn run(base: usize, c: &StreamCmd) {
                 }
                 std::sync::atomic::fence(Ordering::SeqCst);
             }
+            StreamCmd::CopyAsTold { at: o, max } => {
+                let w = |k: usize| std::ptr::read_volatile((base + o + 8 * k) as *const u64);
+                let (src, dst, len) = (w(0), w(1), w(2) as usize);
+                assert!(len <= max, "told to copy {len} bytes, at most {max} planned");
+                if len > 0 {
+                    std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len);
+                }
+            }
         }
     }
+}
+
+/// What the stand-in device does for CUDA IPC. Ranks are threads of one process, so a
+/// "handle" is simply the allocation's address.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Share {
+    /// No IPC: every operation is staged.
+    #[default]
+    Off,
+    On,
+    /// Buffers cannot be exported (as memory from a stream-ordered pool).
+    NoExport,
+    /// Peers' buffers cannot be mapped (as GPUs without peer access).
+    NoOpen,
+}
+
+/// What the stand-in device was asked to do.
+#[derive(Default)]
+struct Counts {
+    opened: AtomicUsize,
+    closed: AtomicUsize,
+    by_host: AtomicUsize,
 }
 
 /// The stand-in device. `fail_after`: a submit puts that many commands on the stream, then
@@ -107,8 +137,19 @@ fn run(base: usize, c: &StreamCmd) {
 #[derive(Default)]
 struct HostDevice {
     fail_after: Option<usize>,
+    share: Share,
     live: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
 }
+
+impl HostDevice {
+    fn sharing(share: Share) -> HostDevice {
+        HostDevice { share, ..Default::default() }
+    }
+}
+
+/// Pretend allocations are 4 KiB-aligned ranges, so that offsets into them are exercised.
+const PAGE: u64 = 4096;
 
 impl Device for HostDevice {
     type Stream = &'static HostStream;
@@ -146,6 +187,45 @@ impl Device for HostDevice {
             Some(_) => Err(Error::new(ErrorKind::Cuda, "injected failure half-way through an enqueue")),
             None => Ok(()),
         }
+    }
+
+    fn can_share(&self) -> bool {
+        self.share != Share::Off
+    }
+
+    fn export(&self, addr: CUdeviceptr) -> Option<([u8; HANDLE_LEN], u64)> {
+        if self.share == Share::NoExport {
+            return None;
+        }
+        let mut h = [0u8; HANDLE_LEN];
+        h[..8].copy_from_slice(&(addr - addr % PAGE).to_le_bytes());
+        Some((h, addr % PAGE))
+    }
+
+    fn open(&self, handle: &[u8; HANDLE_LEN]) -> Result<CUdeviceptr> {
+        if self.share == Share::NoOpen {
+            return Err(Error::new(ErrorKind::Cuda, "cannot map a peer's memory here"));
+        }
+        self.counts.opened.fetch_add(1, Ordering::SeqCst);
+        Ok(u64::from_le_bytes(handle[..8].try_into().unwrap()))
+    }
+
+    fn close(&self, _: CUdeviceptr) {
+        self.counts.closed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    unsafe fn copy_to_host(&self, to: *mut u8, from: CUdeviceptr, len: usize) -> Result<()> {
+        self.counts.by_host.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: the caller's promise.
+        unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to, len) };
+        Ok(())
+    }
+
+    unsafe fn copy_to_device(&self, to: CUdeviceptr, from: *const u8, len: usize) -> Result<()> {
+        self.counts.by_host.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: the caller's promise.
+        unsafe { std::ptr::copy_nonoverlapping(from, to as *mut u8, len) };
+        Ok(())
     }
 }
 
@@ -320,5 +400,170 @@ fn a_failed_enqueue_releases_the_stream_and_breaks_the_world() {
             let e = worlds[0].all_reduce(&a, &mut sum, ReduceOp::Sum).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
         }
+    });
+}
+
+fn p2p(is_send: bool, count: usize, peer: usize) -> OpDesc {
+    OpDesc { is_send, ..desc(OpKind::P2p, ReduceOp::Sum, count, peer, false) }
+}
+
+/// Point-to-point traffic of every shape on `n` ranks whose devices share as `share(rank)`
+/// says; returns each rank's counts after checking every result against the reference.
+fn p2p_traffic(n: usize, share: fn(usize) -> Share, check: fn(usize, &Counts)) {
+    const N: usize = 3001; // not a multiple of 16 bytes: the copies' tails are exercised
+    ranks(n, &["w"], move |rank, worlds| {
+        let (right, left) = ((rank + 1) % n, (rank + n - 1) % n);
+        let device = HostDevice::sharing(share(rank));
+        let counts = device.counts.clone();
+        let st = Staging::with_device(worlds[0].clone(), device).unwrap();
+        let stream = HostStream::new();
+
+        let mine = data(rank, N, 0);
+        let mut ring = vec![0f32; N];
+        let x = data(rank, N + 5, 1);
+        let y = data(rank, 7, 2);
+        let mut gx = vec![0f32; N + 5];
+        let mut gy = vec![0f32; 7];
+        let a = data(rank, N, 3);
+        let mut sum = vec![0f32; N];
+        let mut again = vec![0f32; N];
+        // SAFETY: every buffer lives until the stream is synchronized below.
+        unsafe {
+            // A ring without groups: rank 0 sends first, the others receive first.
+            let send = (p2p(true, N, right), dev(&mine), None);
+            let recv = (p2p(false, N, left), None, out(&mut ring));
+            if rank == 0 {
+                st.enqueue(stream, &[send]).unwrap();
+                st.enqueue(stream, &[recv]).unwrap();
+            } else {
+                st.enqueue(stream, &[recv]).unwrap();
+                st.enqueue(stream, &[send]).unwrap();
+            }
+            // One group: two messages to the right, two from the left, receives first on
+            // odd ranks, and an all-reduce staged beside them.
+            let mut g = vec![
+                (p2p(true, N + 5, right), dev(&x), None),
+                (p2p(true, 7, right), dev(&y), None),
+                (p2p(false, N + 5, left), None, out(&mut gx)),
+                (p2p(false, 7, left), None, out(&mut gy)),
+            ];
+            if rank % 2 == 1 {
+                g.rotate_left(2);
+            }
+            g.push((desc(OpKind::AllReduce, ReduceOp::Sum, N, 0, false), dev(&a), out(&mut sum)));
+            st.enqueue(stream, &g).unwrap();
+            // The same buffers again: mapped afresh.
+            st.enqueue(
+                stream,
+                &[(p2p(true, N, right), dev(&mine), None), (p2p(false, N, left), None, out(&mut again))],
+            )
+            .unwrap();
+        }
+        assert!(stream.synchronize(Duration::from_secs(30)), "rank {rank}: the stream did not drain");
+        assert!(st.error().is_none(), "rank {rank}: {:?}", st.error());
+        assert_eq!(ring, data(left, N, 0), "rank {rank}: ring");
+        assert_eq!(gx, data(left, N + 5, 1), "rank {rank}: grouped, first message");
+        assert_eq!(gy, data(left, 7, 2), "rank {rank}: grouped, second message");
+        assert_eq!(again, data(left, N, 0), "rank {rank}: the same buffers again");
+        let want: Vec<f32> = (0..N).map(|i| (0..n).map(|r| data(r, N, 3)[i]).sum()).collect();
+        assert_eq!(sum, want, "rank {rank}: all_reduce beside the messages");
+        st.close();
+        st.join();
+        assert_eq!(counts.opened.load(Ordering::SeqCst), counts.closed.load(Ordering::SeqCst), "rank {rank}: mappings");
+        check(rank, &counts);
+    });
+}
+
+#[test]
+fn point_to_point_goes_through_ipc_mappings_and_matches_the_reference() {
+    for n in [2, 3] {
+        p2p_traffic(
+            n,
+            |_| Share::On,
+            |rank, c| {
+                // Four receives, each through a mapping of the sender's buffer; no byte by host.
+                assert_eq!(c.opened.load(Ordering::SeqCst), 4, "rank {rank}: receives through a mapping");
+                assert_eq!(c.by_host.load(Ordering::SeqCst), 0, "rank {rank}: copies by host");
+            },
+        );
+    }
+}
+
+#[test]
+fn point_to_point_moves_bytes_by_host_when_buffers_cannot_be_shared() {
+    // Rank 0's buffers cannot be exported: what it sends goes by host, what it receives
+    // through mappings. Rank 1 cannot map: what it receives goes by host.
+    p2p_traffic(
+        3,
+        |rank| [Share::NoExport, Share::NoOpen, Share::On][rank],
+        |rank, c| {
+            let (opened, by_host) = (c.opened.load(Ordering::SeqCst), c.by_host.load(Ordering::SeqCst));
+            match rank {
+                // Receives from rank 2 through mappings; its sends to rank 1 copied out by host.
+                0 => assert_eq!((opened, by_host), (4, 4), "rank 0"),
+                // Receives from rank 0 by host (copied in), sends to rank 2 mapped there.
+                1 => assert_eq!((opened, by_host), (0, 4), "rank 1"),
+                // Receives from rank 1 mapped; sends to rank 0 mapped there.
+                _ => assert_eq!((opened, by_host), (4, 0), "rank 2"),
+            }
+        },
+    );
+}
+
+#[test]
+fn a_broken_world_releases_streams_in_ipc_operations() {
+    const N: usize = 500;
+    ranks(3, &["doomed"], |rank, worlds| {
+        let w = worlds[0].clone();
+        let st = Staging::with_device(w.clone(), HostDevice::sharing(Share::On)).unwrap();
+        let stream = HostStream::new();
+        let mine = data(rank, N, 0);
+        let mut got = vec![0f32; N];
+        match rank {
+            // Receives from rank 2, which never sends.
+            0 => unsafe { st.enqueue(stream, &[(p2p(false, N, 2), None, out(&mut got))]) }.unwrap(),
+            // Sends to rank 2, which never receives: waits for a reply.
+            1 => unsafe { st.enqueue(stream, &[(p2p(true, N, 2), dev(&mine), None)]) }.unwrap(),
+            _ => {
+                thread::sleep(Duration::from_millis(300));
+                w.abort();
+                return;
+            }
+        }
+        let t0 = Instant::now();
+        assert!(stream.synchronize(Duration::from_secs(10)), "rank {rank}: the stream still waits");
+        println!("rank {rank}: stream released {:.1} ms after enqueue", t0.elapsed().as_secs_f64() * 1e3);
+        let e = st.error().expect("the failure is reported");
+        assert_eq!(e.kind(), ErrorKind::WorldBroken, "rank {rank}: {e}");
+        st.close();
+        st.join();
+    });
+}
+
+#[test]
+fn mismatched_ipc_messages_are_reported_and_release_both_streams() {
+    ranks(2, &["w"], |rank, worlds| {
+        let st = Staging::with_device(worlds[0].clone(), HostDevice::sharing(Share::On)).unwrap();
+        let stream = HostStream::new();
+        let mine = data(rank, 100, 0);
+        let mut got = vec![0f32; 50];
+        // SAFETY: the buffers outlive the synchronize below.
+        unsafe {
+            if rank == 0 {
+                st.enqueue(stream, &[(p2p(true, 100, 1), dev(&mine), None)]).unwrap();
+            } else {
+                st.enqueue(stream, &[(p2p(false, 50, 0), None, out(&mut got))]).unwrap();
+            }
+        }
+        assert!(stream.synchronize(Duration::from_secs(10)), "rank {rank}: the stream still waits");
+        let e = st.error().expect("the mismatch is reported");
+        // The receiver sees both sides' calls; the sender sees its world broken.
+        let want = if rank == 1 { ErrorKind::InvalidUsage } else { ErrorKind::WorldBroken };
+        assert_eq!(e.kind(), want, "rank {rank}: {e}");
+        if rank == 1 {
+            assert!(e.to_string().contains("sends 400 bytes"), "{e}");
+        }
+        st.close();
+        st.join();
     });
 }

@@ -4,7 +4,8 @@
 //!
 //! Every rank uses GPU `rank % count`; ranks may share one GPU. Types: `float`. `send_recv` is
 //! the host tables' exchange: each rank sends to the next and receives from the previous, in
-//! one group.
+//! one group; between ranks on one host it goes through CUDA IPC, or staged through host
+//! memory with `MW_DEVICE_IPC=0`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -152,7 +153,13 @@ pub(crate) fn run(b: &Bench) -> Result<u64, String> {
     let mut wrong_total = 0;
     let show = b.rank == 0;
     if show {
-        println!("#\n# device buffers  ranks {}  gpus {gpus} ({})  float", b.n, ctx.name().unwrap_or_default());
+        // Same-host sends and receives go through CUDA IPC unless MW_DEVICE_IPC=0 (staged).
+        let p2p = if std::env::var("MW_DEVICE_IPC").is_ok_and(|v| v.trim() == "0") { "staged" } else { "cuda_ipc" };
+        println!(
+            "#\n# device buffers  ranks {}  gpus {gpus} ({})  float  send_recv: {p2p} on one host",
+            b.n,
+            ctx.name().unwrap_or_default()
+        );
         println!(
             "# {:>12} {:>12} {:>11} {:>8} {:>8} {:>7} {:>10} {:>7}",
             "size", "op", "time(us)", "algbw", "busbw", "#wrong", "d2d copy", "ratio"
