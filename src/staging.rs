@@ -756,9 +756,10 @@ impl<D: Device> Staging<D> {
         cuda_ipc::release(b);
         b.set_done(DONE_FAILED);
         b.stage = Stage::Releasing;
-        // Messages still in flight write into the block: a world that is not broken yet is
-        // broken now, so that they end at once (this rank cannot finish its part anyway).
-        if b.messages.iter().any(|c| !c.is_done()) {
+        // This rank cannot finish its part, so its peers must not wait for it: a world that
+        // is not broken yet (a local failure, a mismatch seen here) is broken now. That also
+        // ends at once any message still in flight into the block.
+        if matches!(self.world.state(), WorldState::Ready) {
             self.world.abort();
         }
     }

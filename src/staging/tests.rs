@@ -542,7 +542,10 @@ fn a_broken_world_releases_streams_in_ipc_operations() {
 
 #[test]
 fn mismatched_ipc_messages_are_reported_and_release_both_streams() {
-    ranks(2, &["w"], |rank, worlds| {
+    // Both ranks stay until both have checked: the sender must be released by the mismatch
+    // breaking the world, not by the receiver leaving.
+    let both = Arc::new(AtomicUsize::new(0));
+    ranks(2, &["w"], move |rank, worlds| {
         let st = Staging::with_device(worlds[0].clone(), HostDevice::sharing(Share::On)).unwrap();
         let stream = HostStream::new();
         let mine = data(rank, 100, 0);
@@ -565,5 +568,11 @@ fn mismatched_ipc_messages_are_reported_and_release_both_streams() {
         }
         st.close();
         st.join();
+        // Meet the other rank (bounded: a rank that failed must not hang this one).
+        both.fetch_add(1, Ordering::SeqCst);
+        let t = Instant::now();
+        while both.load(Ordering::SeqCst) < 2 && t.elapsed() < Duration::from_secs(20) {
+            thread::sleep(Duration::from_millis(1));
+        }
     });
 }
