@@ -18,6 +18,16 @@ use crate::types::{DataType, Element, ReduceOp};
 use crate::wire::OpKind;
 use crate::world::World;
 
+/// Counts of a [`DeviceWorld`]'s point-to-point operations through CUDA IPC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcStats {
+    /// Receives whose stream copied straight from the sender's mapped buffer.
+    pub receives_mapped: u64,
+    /// Sends and receives whose bytes went through host memory instead (a buffer that cannot
+    /// be shared or mapped).
+    pub by_host: u64,
+}
+
 /// A world whose operations run on device buffers, ordered on one CUDA stream.
 pub struct DeviceWorld {
     staging: Arc<Staging>,
@@ -40,6 +50,13 @@ impl DeviceWorld {
     /// The stream the operations are ordered on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// How this world's sends and receives went through CUDA IPC so far (`MW_DEVICE_IPC=1`,
+    /// peers on this host; `docs/cuda.md`).
+    pub fn ipc_stats(&self) -> IpcStats {
+        let (receives_mapped, by_host) = self.staging.ipc_counts();
+        IpcStats { receives_mapped, by_host }
     }
 
     /// The first error of an operation that already ran, if any (operations report their

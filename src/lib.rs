@@ -66,7 +66,7 @@ mod wire;
 mod world;
 
 #[cfg(feature = "cuda")]
-pub use device::{DeviceGroup, DeviceWorld};
+pub use device::{DeviceGroup, DeviceWorld, IpcStats};
 pub use engine::WorldStats;
 pub use error::{BrokenCause, Error, ErrorKind, Result};
 pub use id::{UniqueId, UNIQUE_ID_BYTES};

@@ -33,7 +33,7 @@ use crate::coll::OpDesc;
 use crate::cuda::{check, check_device_buffer, check_not_capturing, Current, Pinned, RawContext};
 use crate::error::{Error, Result};
 use crate::request::Completion;
-use crate::sync::{fence, lock, wait_timeout, Arc, AtomicBool, Condvar, Mutex, Ordering};
+use crate::sync::{fence, lock, wait_timeout, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 use crate::transport::TransportKind;
 use crate::world::{World, WorldState};
 
@@ -78,12 +78,17 @@ pub(crate) enum StreamCmd {
 pub(crate) trait Block: Send + 'static {
     /// The block's first byte, as this process sees it.
     fn host_ptr(&self) -> *mut u8;
+    /// The block's first byte, as the device's kernels see it.
+    fn dev_ptr(&self) -> CUdeviceptr;
     fn len(&self) -> usize;
 }
 
 impl Block for Pinned {
     fn host_ptr(&self) -> *mut u8 {
         Pinned::host_ptr(self)
+    }
+    fn dev_ptr(&self) -> CUdeviceptr {
+        Pinned::dev_ptr(self)
     }
     fn len(&self) -> usize {
         Pinned::len(self)
@@ -116,24 +121,15 @@ pub(crate) trait Device: Send + Sync + 'static {
 
     // What the CUDA IPC path (`cuda_ipc.rs`) needs; the stager calls these inside `enter`.
 
-    /// Whether buffers may be shared with peer processes at all.
+    /// Whether point-to-point operations with peers on this host go through CUDA IPC.
     fn can_share(&self) -> bool;
     /// What a peer process needs to map the allocation holding `addr`: a handle and the offset
     /// of `addr` in the allocation. `None` when it cannot be shared.
     fn export(&self, addr: CUdeviceptr) -> Option<([u8; HANDLE_LEN], u64)>;
-    /// Maps a peer's allocation; returns its base address here.
-    fn open(&self, handle: &[u8; HANDLE_LEN]) -> Result<CUdeviceptr>;
+    /// Maps a peer's allocation; returns its base address here and its size.
+    fn open(&self, handle: &[u8; HANDLE_LEN]) -> Result<(CUdeviceptr, usize)>;
     /// Unmaps what [`Device::open`] mapped, once no stream uses it.
     fn close(&self, base: CUdeviceptr);
-    /// Copies device memory into host memory, or back, on none of the callers' streams, and
-    /// returns when it is done.
-    ///
-    /// # Safety
-    /// Both ranges are valid for `len` bytes and not written by anyone else meanwhile.
-    unsafe fn copy_to_host(&self, to: *mut u8, from: CUdeviceptr, len: usize) -> Result<()>;
-    /// # Safety
-    /// As [`Device::copy_to_host`].
-    unsafe fn copy_to_device(&self, to: CUdeviceptr, from: *const u8, len: usize) -> Result<()>;
 }
 
 /// Bytes of a CUDA IPC memory handle.
@@ -142,49 +138,22 @@ pub(crate) const HANDLE_LEN: usize = 64;
 /// A CUDA context's streams (`CUstream`) and mapped pinned blocks.
 pub(crate) struct CudaDevice {
     ctx: RawContext,
-    /// Made on first use, in `ctx`: a stream of the stager's own and the copy kernel.
-    aux: Mutex<Aux>,
+    /// `mw_copy_told`, loaded into `ctx` when the staging starts (loading may synchronize the
+    /// context, which must not happen while a stream waits on a flag of ours).
+    copy_told: Option<(sys::CUmodule, sys::CUfunction)>,
     /// Keeps a cudarc-owned context alive as long as the blocks.
     _keep: Option<Arc<cudarc::driver::CudaContext>>,
 }
 
-#[derive(Default)]
-struct Aux {
-    stream: Option<CUstream>,
-    module: Option<(sys::CUmodule, sys::CUfunction)>,
-}
-
-// SAFETY: driver handles of one context, used under the mutex with the context current.
-unsafe impl Send for Aux {}
-
 impl CudaDevice {
-    /// The stager's own stream (non-blocking: it never waits on the legacy default stream,
-    /// nor that on it, so it runs while the callers' streams wait on flags). Called with the
-    /// context current.
-    fn own_stream(&self) -> Result<CUstream> {
-        let mut aux = lock(&self.aux);
-        if let Some(s) = aux.stream {
-            return Ok(s);
-        }
-        let mut s: CUstream = std::ptr::null_mut();
-        let flags = sys::CUstream_flags_enum::CU_STREAM_NON_BLOCKING as u32;
-        // SAFETY: an out-pointer to a local.
-        check("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut s, flags) })?;
-        aux.stream = Some(s);
-        Ok(s)
-    }
-
-    /// `mw_copy_told`, loaded into the context from the embedded kernels. Called with the
-    /// context current.
-    fn copy_told(&self) -> Result<sys::CUfunction> {
-        let mut aux = lock(&self.aux);
-        if let Some((_, f)) = aux.module {
-            return Ok(f);
-        }
+    fn new(ctx: RawContext, keep: Option<Arc<cudarc::driver::CudaContext>>) -> Result<CudaDevice> {
+        let mut device = CudaDevice { ctx, copy_told: None, _keep: keep };
+        let _current = ctx.push()?;
         let mut module: sys::CUmodule = std::ptr::null_mut();
         let image = crate::cuda::fatbin_image();
         // SAFETY: the embedded fatbin, aligned; the driver copies what it needs.
-        check("cuModuleLoadData", unsafe { sys::cuModuleLoadData(&mut module, image.as_ptr().cast()) })?;
+        let r = unsafe { sys::cuModuleLoadData(&mut module, image.as_ptr().cast()) };
+        check("cuModuleLoadData (multiworld's kernels, built for CUDA 13.0: the driver must support it)", r)?;
         let mut f: sys::CUfunction = std::ptr::null_mut();
         // SAFETY: a module just loaded and a NUL-terminated name.
         let r = unsafe { sys::cuModuleGetFunction(&mut f, module, c"mw_copy_told".as_ptr()) };
@@ -193,28 +162,26 @@ impl CudaDevice {
             unsafe { sys::cuModuleUnload(module) };
             return Err(e);
         }
-        aux.module = Some((module, f));
-        Ok(f)
+        device.copy_told = Some((module, f));
+        Ok(device)
     }
 }
 
+// SAFETY: the module and function handles belong to the context, usable from any thread
+// that makes it current; they are only read after `new`.
+unsafe impl Send for CudaDevice {}
+// SAFETY: as above.
+unsafe impl Sync for CudaDevice {}
+
 impl Drop for CudaDevice {
     fn drop(&mut self) {
-        let aux = std::mem::take(&mut *lock(&self.aux));
-        if aux.stream.is_none() && aux.module.is_none() {
-            return;
-        }
-        // Failures cannot be acted on here: the handles are then leaked.
-        if let Ok(_current) = self.ctx.push() {
-            // SAFETY: handles made in this context by this device, released once; nothing is
-            // queued on the stream any more (the stager waits for each of its copies).
-            unsafe {
-                if let Some(s) = aux.stream {
-                    sys::cuStreamDestroy_v2(s);
-                }
-                if let Some((m, _)) = aux.module {
-                    sys::cuModuleUnload(m);
-                }
+        // Dropped after the stager is gone: no stream still runs a batch of ours, except a
+        // batch whose enqueue failed, which was left to the stream (its kernel keeps the
+        // module loaded until it ends). A failure cannot be acted on: the module then stays.
+        if let Some((m, _)) = self.copy_told.take() {
+            if let Ok(_current) = self.ctx.push() {
+                // SAFETY: a module loaded by `new`, unloaded once.
+                unsafe { sys::cuModuleUnload(m) };
             }
         }
     }
@@ -273,7 +240,7 @@ impl Device for CudaDevice {
                     )
                 }),
                 StreamCmd::CopyAsTold { at, max } => {
-                    let f = self.copy_told()?;
+                    let (_, f) = self.copy_told.ok_or_else(|| Error::internal("copy kernel not loaded"))?;
                     // 256 threads a block, 16 bytes a thread, at most 1024 blocks (the kernel
                     // strides over the rest).
                     let blocks = max.div_ceil(16 * 256).clamp(1, 1024) as u32;
@@ -290,7 +257,7 @@ impl Device for CudaDevice {
     }
 
     fn can_share(&self) -> bool {
-        true
+        ipc_enabled()
     }
 
     fn export(&self, addr: CUdeviceptr) -> Option<([u8; HANDLE_LEN], u64)> {
@@ -315,35 +282,26 @@ impl Device for CudaDevice {
         Some((handle, addr - base))
     }
 
-    fn open(&self, handle: &[u8; HANDLE_LEN]) -> Result<CUdeviceptr> {
+    fn open(&self, handle: &[u8; HANDLE_LEN]) -> Result<(CUdeviceptr, usize)> {
         let h = sys::CUipcMemHandle { reserved: bytemuck::cast(*handle) };
         let mut base: CUdeviceptr = 0;
         let flags = sys::CUipcMem_flags_enum::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
         // SAFETY: an out-pointer to a local; the driver checks the handle.
         check("cuIpcOpenMemHandle", unsafe { sys::cuIpcOpenMemHandle_v2(&mut base, h, flags) })?;
-        Ok(base)
+        let (mut start, mut size): (CUdeviceptr, usize) = (0, 0);
+        // SAFETY: out-pointers to locals; `base` was just mapped.
+        let r = unsafe { sys::cuMemGetAddressRange_v2(&mut start, &mut size, base) };
+        if let Err(e) = check("cuMemGetAddressRange", r) {
+            self.close(base);
+            return Err(e);
+        }
+        Ok((base, size - (base - start) as usize))
     }
 
     fn close(&self, base: CUdeviceptr) {
         // SAFETY: a mapping made by `open`, no longer used by any stream; a failure leaves it
         // mapped, which cannot be acted on.
         unsafe { sys::cuIpcCloseMemHandle(base) };
-    }
-
-    unsafe fn copy_to_host(&self, to: *mut u8, from: CUdeviceptr, len: usize) -> Result<()> {
-        let s = self.own_stream()?;
-        // SAFETY: the caller's promise.
-        check("cuMemcpyDtoHAsync", unsafe { sys::cuMemcpyDtoHAsync_v2(to.cast(), from, len, s) })?;
-        // SAFETY: a stream of this device.
-        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(s) })
-    }
-
-    unsafe fn copy_to_device(&self, to: CUdeviceptr, from: *const u8, len: usize) -> Result<()> {
-        let s = self.own_stream()?;
-        // SAFETY: the caller's promise.
-        check("cuMemcpyHtoDAsync", unsafe { sys::cuMemcpyHtoDAsync_v2(to, from.cast(), len, s) })?;
-        // SAFETY: a stream of this device.
-        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(s) })
     }
 }
 
@@ -421,8 +379,12 @@ pub(crate) struct Staging<D: Device = CudaDevice> {
     bell: Condvar,
     stager: Mutex<Option<JoinHandle<()>>>,
     /// Per rank: whether point-to-point operations with it go through CUDA IPC (a peer on
-    /// this host, a device that can share buffers, and `MW_DEVICE_IPC` not `0`).
+    /// this host, and a device that shares: for CUDA, with `MW_DEVICE_IPC=1`).
     shares: Vec<bool>,
+    /// CUDA IPC operations so far: receives copied through a mapping, and operations (either
+    /// side) whose bytes went by host.
+    ipc_mapped: AtomicU64,
+    ipc_by_host: AtomicU64,
     /// Declared last, dropped last: the device outlives the blocks.
     device: D,
 }
@@ -436,7 +398,7 @@ impl Staging<CudaDevice> {
         keep: Option<Arc<cudarc::driver::CudaContext>>,
     ) -> Result<Arc<Staging>> {
         crate::cuda::driver_present()?;
-        Staging::with_device(world, CudaDevice { ctx, aux: Mutex::new(Aux::default()), _keep: keep })
+        Staging::with_device(world, CudaDevice::new(ctx, keep)?)
     }
 
     pub(crate) fn context(&self) -> RawContext {
@@ -447,10 +409,12 @@ impl Staging<CudaDevice> {
 impl<D: Device> Staging<D> {
     /// Starts staging `world`'s operations on `device`'s streams: the stager thread starts.
     pub(crate) fn with_device(world: World, device: D) -> Result<Arc<Staging<D>>> {
-        let on = device.can_share() && std::env::var("MW_DEVICE_IPC").map_or(true, |v| v.trim() != "0");
+        let on = device.can_share();
         let shares = world.transports().iter().map(|t| on && *t == Some(TransportKind::Shm)).collect();
         let staging = Arc::new(Staging {
             shares,
+            ipc_mapped: AtomicU64::new(0),
+            ipc_by_host: AtomicU64::new(0),
             world,
             enqueue: Mutex::new(()),
             pending: Mutex::new(VecDeque::new()),
@@ -472,6 +436,20 @@ impl<D: Device> Staging<D> {
 
     pub(crate) fn world(&self) -> &World {
         &self.world
+    }
+
+    /// CUDA IPC operations so far: (receives copied through a mapping, operations whose bytes
+    /// went by host).
+    pub(crate) fn ipc_counts(&self) -> (u64, u64) {
+        (self.ipc_mapped.load(Ordering::Relaxed), self.ipc_by_host.load(Ordering::Relaxed))
+    }
+
+    fn count_mapped(&self) {
+        self.ipc_mapped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_by_host(&self) {
+        self.ipc_by_host.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The first error of a batch that already ran, if any.
@@ -591,6 +569,7 @@ impl<D: Device> Staging<D> {
                 // out of reuse and unfreed (the stream may still write it). This rank cannot
                 // take part in what the peers run, so the world breaks rather than leave them
                 // waiting.
+                cuda_ipc::release(&batch);
                 batch.set_done(DONE_FAILED);
                 std::mem::forget(batch.block);
                 lock(&self.error).get_or_insert(e.clone());
@@ -765,6 +744,11 @@ impl<D: Device> Staging<D> {
     }
 }
 
+/// Whether `MW_DEVICE_IPC=1` asks for the CUDA IPC path (off by default: see `cuda_ipc.rs`).
+pub(crate) fn ipc_enabled() -> bool {
+    std::env::var("MW_DEVICE_IPC").is_ok_and(|v| v.trim() == "1")
+}
+
 /// The error of an operation that cannot run because the world is no longer usable.
 fn unusable(world: &World) -> Error {
     match world.state() {
@@ -789,8 +773,9 @@ fn program(slots: &[Slot], ops: &[DeviceOp], ipc: &[IpcOp]) -> Vec<StreamCmd> {
         }
     }
     cmds.push(StreamCmd::Raise { at: READY });
-    cmds.extend(ipc.iter().flat_map(|o| o.stream_cmds()));
+    cmds.extend(IpcOp::stream_cmds(ipc));
     cmds.push(StreamCmd::WaitFor { at: DONE, value: DONE_OK });
+    cmds.extend(IpcOp::stream_cmds_after(ipc));
     for (slot, (_, _, recv)) in slots.iter().zip(ops).filter(|(s, _)| !s.ipc) {
         if let Some((to, len)) = *recv {
             cmds.push(StreamCmd::FromBlock { at: slot.recv.0, to, len });

@@ -1,7 +1,7 @@
 //! Operations on CUDA device memory (feature `cuda`), across real processes sharing one GPU:
-//! every collective against the host reference (sends and receives through CUDA IPC, and
-//! again staged through host memory), and a peer killed while the survivor's stream waits on
-//! it. Each test prints why it skips where there is no GPU.
+//! every collective against the host reference (staged, and with CUDA IPC for sends and
+//! receives), sends and receives through CUDA IPC mappings, and a peer killed while the
+//! survivor's stream waits on it. Each test prints why it skips where there is no GPU.
 
 #![cfg(feature = "cuda")]
 
@@ -18,7 +18,7 @@ use multiworld::{bf16, f16, DeviceWorld, Element, ErrorKind, ReduceOp, WorldMana
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
 fn worker() {
-    common::worker_main(&[("collectives", collectives), ("kill", kill), ("c_api", c_api)]);
+    common::worker_main(&[("collectives", collectives), ("ipc", ipc), ("kill", kill), ("c_api", c_api)]);
 }
 
 /// Whether a GPU is here; prints why not.
@@ -172,11 +172,86 @@ fn device_collectives_three_ranks() {
     }
 }
 
-/// The same with CUDA IPC off: sends and receives go through host staging, as between hosts.
+/// The same with CUDA IPC on: sends and receives between these ranks (one host) go through
+/// it. cudarc allocates from the stream-ordered pool, which CUDA IPC cannot share, so here
+/// the bytes take IPC's by-host fallback (the `ipc` role below maps buffers).
 #[test]
-fn device_collectives_two_ranks_staged_without_ipc() {
+fn device_collectives_three_ranks_with_ipc() {
     if have_gpu() {
-        common::run_ranks("collectives", 2, &[("MW_DEVICE_IPC", "0".into())], Duration::from_secs(400));
+        common::run_ranks("collectives", 3, &[("MW_DEVICE_IPC", "1".into())], Duration::from_secs(400));
+    }
+}
+
+/// A device buffer from `cuMemAlloc` (which CUDA IPC can share, unlike cudarc's pool memory),
+/// wrapped as a cudarc slice; freed by `free`.
+fn shareable(s: &Arc<CudaStream>, data: &[f32]) -> CudaSlice<f32> {
+    use multiworld::cuda::cudarc::driver::sys;
+    s.context().bind_to_thread().expect("bind");
+    let mut p = 0;
+    // SAFETY: an out-pointer to a local, with the context current.
+    let r = unsafe { sys::cuMemAlloc_v2(&mut p, std::mem::size_of_val(data).max(4)) };
+    assert_eq!(r, sys::CUresult::CUDA_SUCCESS, "cuMemAlloc");
+    // SAFETY: a fresh allocation of `data.len()` floats in the stream's context.
+    let mut slice = unsafe { s.upgrade_device_ptr::<f32>(p, data.len()) };
+    s.memcpy_htod(data, &mut slice).expect("upload");
+    slice
+}
+
+fn free(s: &Arc<CudaStream>, slice: CudaSlice<f32>) {
+    s.synchronize().expect("synchronize");
+    let p = slice.leak();
+    // SAFETY: allocated by `shareable`, no longer used by any stream.
+    unsafe { multiworld::cuda::cudarc::driver::sys::cuMemFree_v2(p) };
+}
+
+/// Sends and receives through CUDA IPC mappings (`MW_DEVICE_IPC=1`, `cuMemAlloc` buffers):
+/// a ring and a grouped exchange, for three sizes, against the values sent; every receive
+/// must have copied through a mapping.
+fn ipc(ctx: &Ctx) {
+    let s = stream_for(ctx.rank);
+    let m = WorldManager::new();
+    let w = m.init_world("ipc", &ctx.id(), ctx.rank, ctx.size).unwrap();
+    let dw = DeviceWorld::new(w, s.clone()).unwrap();
+    let (n, rank) = (ctx.size, ctx.rank);
+    let (right, left) = ((rank + 1) % n, (rank + n - 1) % n);
+    let values =
+        |r: usize, count: usize| -> Vec<f32> { (0..count).map(|i| (i % 4093) as f32 + 5000.0 * r as f32).collect() };
+    let mut receives = 0;
+    for count in [1usize, 4097, 1 << 22] {
+        let send = shareable(&s, &values(rank, count));
+        let mut got = shareable(&s, &vec![0f32; count]);
+        if rank == 0 {
+            dw.send(&send, right).unwrap();
+            dw.recv(&mut got, left).unwrap();
+        } else {
+            dw.recv(&mut got, left).unwrap();
+            dw.send(&send, right).unwrap();
+        }
+        assert!(s.clone_dtoh(&got).unwrap() == values(left, count), "rank {rank}: ring, {count} floats");
+        let mut again = shareable(&s, &vec![0f32; count]);
+        let mut g = dw.group();
+        g.send(&send, right).unwrap();
+        g.recv(&mut again, left).unwrap();
+        g.end().unwrap();
+        assert!(s.clone_dtoh(&again).unwrap() == values(left, count), "rank {rank}: grouped, {count} floats");
+        receives += 2;
+        for b in [send, got, again] {
+            free(&s, b);
+        }
+    }
+    dw.synchronize().unwrap();
+    let stats = dw.ipc_stats();
+    assert_eq!((stats.receives_mapped, stats.by_host), (receives, 0), "rank {rank}: {stats:?}");
+    dw.world().barrier().unwrap();
+    println!("rank {rank}: {receives} receives through CUDA IPC mappings");
+}
+
+#[test]
+fn device_point_to_point_through_ipc_mappings() {
+    if have_gpu() {
+        for n in [2, 3] {
+            common::run_ranks("ipc", n, &[("MW_DEVICE_IPC", "1".into())], Duration::from_secs(200));
+        }
     }
 }
 

@@ -1,35 +1,36 @@
-//! The CUDA IPC transport: point-to-point operations between ranks on the same host move
-//! device bytes straight from the sender's buffer into the receiver's, with one copy on the
-//! receiver's stream, instead of through host memory.
+//! The CUDA IPC transport (`MW_DEVICE_IPC=1`): point-to-point operations between ranks on
+//! the same host move device bytes straight from the sender's buffer into the receiver's, with
+//! one copy on the receiver's stream, instead of through host memory.
 //!
 //! The receiver *pulls*: it maps the sender's allocation (CUDA IPC handle) and its stream
-//! copies from there into its own buffer. Every write therefore happens on the writer's own
-//! stream, in its own order; a peer only ever reads our memory, and only while our stream
-//! holds the buffer still. Per operation, three small messages travel over the world (its
-//! ordinary host transport, with its fault handling):
+//! copies from there into its own buffer. Every write happens on the writer's own stream, in
+//! its own order; a peer only reads a send buffer while the sender's stream holds it. Per
+//! operation, three small messages travel over the world (its ordinary host transport, with
+//! its fault handling):
 //!
 //! 1. **token**, sender → receiver, when the sender's stream reaches the operation: the IPC
 //!    handle of the send buffer's allocation, the offset, the byte count and the type (or
 //!    "cannot share").
 //! 2. **reply**, receiver → sender: "copied" once the receiver's stream has copied through
-//!    the mapping, or "send the bytes" when the buffer cannot be shared or mapped (memory from
-//!    stream-ordered pools, ranks in one process, GPUs without peer access).
+//!    the mapping (and the mapping is closed), or "send the bytes" when the buffer cannot be
+//!    shared or mapped (stream-ordered pool memory, ranks in one process, GPUs without peer
+//!    access).
 //! 3. **final**, sender → receiver: an acknowledgement of "copied" — the send buffer stayed
-//!    untouched through the copy, so the receiver's result is good — or the bytes themselves,
-//!    which the stagers move between device and host on a stream of their own.
+//!    untouched through the copy, so the receiver's result is good — or the bytes themselves.
 //!
-//! Streams wait only on flags this process's stager writes (as for staged operations): the
-//! receiver's stream waits for `GO` before its copy, and every stream waits for the batch's
-//! `DONE` at its end. A sender's stream is held until the reply, so the receiver never reads
-//! a buffer the sender has moved on from; a receiver's result counts only after the final
-//! message. If the world breaks at any point, the stager writes the flags as failed and the
-//! streams move on: a failed operation leaves the receive buffer unspecified, as everywhere.
+//! Streams wait only on flags this process's stager writes (as for staged operations). Each
+//! operation's stream part is: wait for `GO`, copy what the stager told (`mw_copy_told`),
+//! raise `COPIED`: the receiver's copy through the mapping, or the sender's copy into the
+//! block when the bytes go by host; a receiver whose bytes came by host copies them out of
+//! the block after the batch's `DONE`. A receive's `GO` needs only the peer's token, a send's
+//! needs the peer's reply; receives come first on the stream, so no stream waits on a stream
+//! that waits on it. If the world breaks at any point, the stager writes the flags as failed
+//! and the streams move on: a failed operation leaves the receive buffer unspecified, as
+//! everywhere.
 //!
-//! `GO` depends only on the token, which a sender posts as soon as its stream gets there, so
-//! no stream waits on another stream's progress past its own operation: batches with sends and
-//! receives in any order (an exchange in one group, a ring) cannot deadlock. Per peer and
-//! direction, a side posts all its tokens, then its replies, then its final messages, each in
-//! batch order, so that the two sides match them one for one.
+//! Per peer and direction, a side posts all its tokens, then its replies, then its final
+//! messages, each in batch order, so that the two sides match them one for one; this asks
+//! both sides to batch the operations between them the same way (`docs/cuda.md`).
 
 use cudarc::driver::sys::CUdeviceptr;
 
@@ -42,12 +43,14 @@ use crate::types::{DataType, ReduceOp};
 use crate::wire::OpKind;
 
 // An operation's control area in the block (`CTL_LEN` bytes at `IpcOp::ctl`).
-/// Flag the receiver's stream waits on before its copy.
+/// Flag the stream waits on before the operation's copy.
 const GO: usize = 0;
-/// Raised by the receiver's stream after its copy.
+/// Raised by the stream after that copy.
 const COPIED: usize = 4;
-/// What the copy does: source, destination, bytes (three u64).
+/// What that copy does: source, destination, bytes (three u64; zero bytes: nothing).
 const TOLD: usize = 8;
+/// What a receiver's stream copies after the batch's `DONE` (bytes that came by host).
+const TOLD_AFTER: usize = 32;
 /// The token, sent or received.
 const TOKEN: usize = 64;
 const TOKEN_LEN: usize = 32 + HANDLE_LEN;
@@ -133,17 +136,30 @@ impl IpcOp {
         unsafe { std::ptr::write_bytes(base.add(self.ctl), 0, CTL_LEN) };
     }
 
-    /// The stream's part: a receiver waits for `GO`, copies as told, raises `COPIED`. A sender
-    /// has none (its stream waits for the batch's `DONE`).
-    pub(super) fn stream_cmds(&self) -> Vec<StreamCmd> {
-        if self.sends {
-            return Vec::new();
-        }
-        vec![
-            StreamCmd::WaitFor { at: self.ctl + GO, value: 1 },
-            StreamCmd::CopyAsTold { at: self.ctl + TOLD, max: self.len },
-            StreamCmd::Raise { at: self.ctl + COPIED },
-        ]
+    /// The stream's part before the batch's `DONE`: wait for `GO`, copy as told, raise
+    /// `COPIED`. A receiver is told to copy through the mapping (or nothing, when the bytes
+    /// come by host); a sender, to copy its buffer into the block when the bytes must go by
+    /// host (or nothing). Every receive of a batch comes before every send: a receive's `GO`
+    /// needs only the peer's token, a send's needs the peer's reply, which needs the peer's
+    /// receive copy — so receives first, and no stream waits on one that waits on it.
+    pub(super) fn stream_cmds(ops: &[IpcOp]) -> Vec<StreamCmd> {
+        let receives = ops.iter().filter(|o| !o.sends);
+        receives
+            .chain(ops.iter().filter(|o| o.sends))
+            .flat_map(|o| {
+                [
+                    StreamCmd::WaitFor { at: o.ctl + GO, value: 1 },
+                    StreamCmd::CopyAsTold { at: o.ctl + TOLD, max: o.len },
+                    StreamCmd::Raise { at: o.ctl + COPIED },
+                ]
+            })
+            .collect()
+    }
+
+    /// The stream's part after `DONE`: receives whose bytes came by host copy them from the
+    /// block into the caller's buffer.
+    pub(super) fn stream_cmds_after(ops: &[IpcOp]) -> Vec<StreamCmd> {
+        ops.iter().filter(|o| !o.sends).map(|o| StreamCmd::CopyAsTold { at: o.ctl + TOLD_AFTER, max: o.len }).collect()
     }
 
     pub(super) fn all_posted(&self) -> bool {
@@ -166,10 +182,10 @@ impl IpcOp {
     }
 }
 
-/// Releases a failed batch's receive copies that have not been told anything: their streams
-/// copy nothing and move on.
+/// Releases a failed batch's copies that have not been told anything: their streams copy
+/// nothing and move on.
 pub(super) fn release<B: Block>(b: &Batch<B>) {
-    for o in b.ipc.iter().filter(|o| !o.sends) {
+    for o in &b.ipc {
         if b.flag(o.ctl + GO) == 0 {
             // TOLD is still zero (cleared at enqueue): nothing to copy.
             b.set_flag(o.ctl + GO, DONE_FAILED);
@@ -215,7 +231,8 @@ impl<D: Device> Staging<D> {
             let mut posted = false;
             for i in 0..b.ipc.len() {
                 let round = b.ipc[i].posted + 1;
-                if round <= ROUNDS && ready(&b.ipc[i], round) && in_turn(&b.ipc, i, round) {
+                let copied = b.flag(b.ipc[i].ctl + COPIED) == 1;
+                if round <= ROUNDS && ready(&b.ipc[i], round, copied) && in_turn(&b.ipc, i, round) {
                     let c = self.post_message(base, &b.ipc[i], round)?;
                     b.messages.push(c.clone());
                     b.ipc[i].rounds.push(c);
@@ -253,7 +270,8 @@ impl<D: Device> Staging<D> {
                 put(base, t + 24, o.dtype as u64);
                 Ok(false)
             }
-            // Sender, once the reply is in: acknowledge, or copy the bytes out to send them.
+            // Sender, once the reply is in: acknowledge, or have the stream copy the bytes into
+            // the block to send them.
             (true, None) if o.round_done(2) => {
                 let how = match get(base, o.ctl + REPLY) {
                     COPIED_THROUGH_IPC => {
@@ -261,14 +279,16 @@ impl<D: Device> Staging<D> {
                         How::Mapped
                     }
                     SEND_THE_BYTES => {
-                        let _entered = self.device.enter()?;
-                        // SAFETY: the caller's buffer (its stream waits on DONE, so it stays
-                        // untouched) into the block's room for it.
-                        unsafe { self.device.copy_to_host(base.add(o.data), o.addr, o.len) }?;
+                        let told = o.ctl + TOLD;
+                        put(base, told, o.addr);
+                        put(base, told + 8, b.block.dev_ptr() + o.data as u64);
+                        put(base, told + 16, o.len as u64);
+                        self.count_by_host();
                         How::Bytes
                     }
                     v => return Err(Error::internal(format!("CUDA IPC: rank {} replied {v}", o.peer))),
                 };
+                b.set_flag(o.ctl + GO, 1);
                 b.ipc[i].how = Some(how);
                 Ok(true)
             }
@@ -290,23 +310,38 @@ impl<D: Device> Staging<D> {
                 let mut handle = [0u8; HANDLE_LEN];
                 // SAFETY: the handle's bytes lie inside the token area.
                 unsafe { std::ptr::copy_nonoverlapping(base.add(t + 32), handle.as_mut_ptr(), HANDLE_LEN) };
+                let offset = get(base, t + 8);
                 let mapped = if get(base, t) == 1 {
                     let _entered = self.device.enter()?;
-                    self.device.open(&handle).ok()
+                    match self.device.open(&handle) {
+                        // The token's range must lie inside the allocation it names.
+                        Ok((m, size)) if offset.checked_add(len).is_some_and(|end| end <= size as u64) => Some(m),
+                        Ok((m, _)) => {
+                            self.device.close(m);
+                            return Err(Error::invalid_usage(format!(
+                                "world '{}': rank {}'s send buffer ({len} bytes at offset {offset}) is not inside                                  the allocation it names",
+                                self.world.name(),
+                                o.peer
+                            )));
+                        }
+                        Err(_) => None,
+                    }
                 } else {
                     None
                 };
                 let how = match mapped {
                     Some(m) => {
                         let told = o.ctl + TOLD;
-                        put(base, told, m + get(base, t + 8));
+                        put(base, told, m + offset);
                         put(base, told + 8, o.addr);
                         put(base, told + 16, o.len as u64);
                         put(base, o.ctl + REPLY, COPIED_THROUGH_IPC);
+                        self.count_mapped();
                         How::Mapped
                     }
                     None => {
                         put(base, o.ctl + REPLY, SEND_THE_BYTES);
+                        self.count_by_host();
                         How::Bytes
                     }
                 };
@@ -325,12 +360,13 @@ impl<D: Device> Staging<D> {
                 }
                 v => Err(Error::internal(format!("CUDA IPC: rank {} acknowledged with {v}", o.peer))),
             },
-            // Receiver whose bytes came by host: into the caller's buffer.
+            // Receiver whose bytes came by host: its stream copies them from the block into
+            // the caller's buffer after DONE.
             (false, Some(How::Bytes)) if !o.landed && o.round_done(3) => {
-                let _entered = self.device.enter()?;
-                // SAFETY: the block's copy of the bytes into the caller's buffer, which its
-                // stream holds untouched until DONE.
-                unsafe { self.device.copy_to_device(o.addr, base.add(o.data), o.len) }?;
+                let told = o.ctl + TOLD_AFTER;
+                put(base, told, b.block.dev_ptr() + o.data as u64);
+                put(base, told + 8, o.addr);
+                put(base, told + 16, o.len as u64);
                 b.ipc[i].landed = true;
                 Ok(true)
             }
@@ -366,8 +402,8 @@ impl<D: Device> Staging<D> {
     }
 }
 
-/// Whether message `round` of `o` has what it needs.
-fn ready(o: &IpcOp, round: u8) -> bool {
+/// Whether message `round` of `o` has what it needs (`copied`: its stream raised `COPIED`).
+fn ready(o: &IpcOp, round: u8, copied: bool) -> bool {
     match (round, o.sends) {
         // Tokens go (or are awaited) at once; a sender awaits its reply at once.
         (1, _) | (2, true) => true,
@@ -378,8 +414,12 @@ fn ready(o: &IpcOp, round: u8) -> bool {
             Some(How::Bytes) => true,
             None => false,
         },
-        // Final messages: once the reply decided how.
-        _ => o.how.is_some(),
+        // Final messages: once the reply decided how, and bytes once the stream copied them
+        // into the block.
+        _ => match o.how {
+            Some(How::Bytes) if o.sends => copied,
+            how => how.is_some(),
+        },
     }
 }
 

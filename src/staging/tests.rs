@@ -31,6 +31,9 @@ impl Block for HostBlock {
     fn host_ptr(&self) -> *mut u8 {
         self.ptr
     }
+    fn dev_ptr(&self) -> CUdeviceptr {
+        self.ptr as CUdeviceptr
+    }
     fn len(&self) -> usize {
         self.layout.size()
     }
@@ -129,7 +132,6 @@ enum Share {
 struct Counts {
     opened: AtomicUsize,
     closed: AtomicUsize,
-    by_host: AtomicUsize,
 }
 
 /// The stand-in device. `fail_after`: a submit puts that many commands on the stream, then
@@ -202,30 +204,17 @@ impl Device for HostDevice {
         Some((h, addr % PAGE))
     }
 
-    fn open(&self, handle: &[u8; HANDLE_LEN]) -> Result<CUdeviceptr> {
+    fn open(&self, handle: &[u8; HANDLE_LEN]) -> Result<(CUdeviceptr, usize)> {
         if self.share == Share::NoOpen {
             return Err(Error::new(ErrorKind::Cuda, "cannot map a peer's memory here"));
         }
         self.counts.opened.fetch_add(1, Ordering::SeqCst);
-        Ok(u64::from_le_bytes(handle[..8].try_into().unwrap()))
+        // The tests' buffers are far smaller than this "allocation".
+        Ok((u64::from_le_bytes(handle[..8].try_into().unwrap()), 1 << 40))
     }
 
     fn close(&self, _: CUdeviceptr) {
         self.counts.closed.fetch_add(1, Ordering::SeqCst);
-    }
-
-    unsafe fn copy_to_host(&self, to: *mut u8, from: CUdeviceptr, len: usize) -> Result<()> {
-        self.counts.by_host.fetch_add(1, Ordering::SeqCst);
-        // SAFETY: the caller's promise.
-        unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to, len) };
-        Ok(())
-    }
-
-    unsafe fn copy_to_device(&self, to: CUdeviceptr, from: *const u8, len: usize) -> Result<()> {
-        self.counts.by_host.fetch_add(1, Ordering::SeqCst);
-        // SAFETY: the caller's promise.
-        unsafe { std::ptr::copy_nonoverlapping(from, to as *mut u8, len) };
-        Ok(())
     }
 }
 
@@ -409,7 +398,7 @@ fn p2p(is_send: bool, count: usize, peer: usize) -> OpDesc {
 
 /// Point-to-point traffic of every shape on `n` ranks whose devices share as `share(rank)`
 /// says; returns each rank's counts after checking every result against the reference.
-fn p2p_traffic(n: usize, share: fn(usize) -> Share, check: fn(usize, &Counts)) {
+fn p2p_traffic(n: usize, share: fn(usize) -> Share, check: fn(usize, (u64, u64))) {
     const N: usize = 3001; // not a multiple of 16 bytes: the copies' tails are exercised
     ranks(n, &["w"], move |rank, worlds| {
         let (right, left) = ((rank + 1) % n, (rank + n - 1) % n);
@@ -470,7 +459,7 @@ fn p2p_traffic(n: usize, share: fn(usize) -> Share, check: fn(usize, &Counts)) {
         st.close();
         st.join();
         assert_eq!(counts.opened.load(Ordering::SeqCst), counts.closed.load(Ordering::SeqCst), "rank {rank}: mappings");
-        check(rank, &counts);
+        check(rank, st.ipc_counts());
     });
 }
 
@@ -480,11 +469,8 @@ fn point_to_point_goes_through_ipc_mappings_and_matches_the_reference() {
         p2p_traffic(
             n,
             |_| Share::On,
-            |rank, c| {
-                // Four receives, each through a mapping of the sender's buffer; no byte by host.
-                assert_eq!(c.opened.load(Ordering::SeqCst), 4, "rank {rank}: receives through a mapping");
-                assert_eq!(c.by_host.load(Ordering::SeqCst), 0, "rank {rank}: copies by host");
-            },
+            // Four receives, each through a mapping of the sender's buffer; no byte by host.
+            |rank, c| assert_eq!(c, (4, 0), "rank {rank}: (receives mapped, operations by host)"),
         );
     }
 }
@@ -497,15 +483,15 @@ fn point_to_point_moves_bytes_by_host_when_buffers_cannot_be_shared() {
         3,
         |rank| [Share::NoExport, Share::NoOpen, Share::On][rank],
         |rank, c| {
-            let (opened, by_host) = (c.opened.load(Ordering::SeqCst), c.by_host.load(Ordering::SeqCst));
-            match rank {
-                // Receives from rank 2 through mappings; its sends to rank 1 copied out by host.
-                0 => assert_eq!((opened, by_host), (4, 4), "rank 0"),
-                // Receives from rank 0 by host (copied in), sends to rank 2 mapped there.
-                1 => assert_eq!((opened, by_host), (0, 4), "rank 1"),
-                // Receives from rank 1 mapped; sends to rank 0 mapped there.
-                _ => assert_eq!((opened, by_host), (4, 0), "rank 2"),
-            }
+            let want = match rank {
+                // Receives from rank 2 through mappings; its sends to rank 1 go by host.
+                0 => (4, 4),
+                // Receives from rank 0 by host; its sends to rank 2 are mapped there.
+                1 => (0, 4),
+                // Receives from rank 1 mapped; its sends to rank 0 are mapped there.
+                _ => (4, 0),
+            };
+            assert_eq!(c, want, "rank {rank}: (receives mapped, operations by host)");
         },
     );
 }
@@ -574,5 +560,26 @@ fn mismatched_ipc_messages_are_reported_and_release_both_streams() {
         while both.load(Ordering::SeqCst) < 2 && t.elapsed() < Duration::from_secs(20) {
             thread::sleep(Duration::from_millis(1));
         }
+    });
+}
+
+#[test]
+fn a_failed_enqueue_releases_an_ipc_receive_waiting_for_its_go() {
+    ranks(2, &["w"], |rank, worlds| {
+        if rank == 1 {
+            // The failed enqueue on rank 0 breaks the world for this rank too.
+            let e = worlds[0].barrier().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+            return;
+        }
+        // READY and the wait for GO reach the stream; then the enqueue fails.
+        let device = HostDevice { fail_after: Some(2), share: Share::On, ..Default::default() };
+        let st = Staging::with_device(worlds[0].clone(), device).unwrap();
+        let stream = HostStream::new();
+        let mut got = vec![0f32; 10];
+        // SAFETY: the buffer outlives the synchronize below.
+        let e = unsafe { st.enqueue(stream, &[(p2p(false, 10, 1), None, out(&mut got))]) }.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Cuda, "{e}");
+        assert!(stream.synchronize(Duration::from_secs(10)), "the stream still waits for GO");
     });
 }

@@ -4,13 +4,13 @@
 //!
 //! Every rank uses GPU `rank % count`; ranks may share one GPU. Types: `float`. `send_recv` is
 //! the host tables' exchange: each rank sends to the next and receives from the previous, in
-//! one group; between ranks on one host it goes through CUDA IPC, or staged through host
-//! memory with `MW_DEVICE_IPC=0`.
+//! one group: staged through host memory, or with `MW_DEVICE_IPC=1` through CUDA IPC (then on
+//! `cuMemAlloc` buffers, which IPC can share).
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use multiworld::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use multiworld::cuda::cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use multiworld::cuda::Kernels;
 use multiworld::{DataType, DeviceWorld, ReduceOp};
 
@@ -39,6 +39,8 @@ struct Device<'a> {
     b: &'a Bench,
     dw: DeviceWorld,
     s: Arc<CudaStream>,
+    /// `MW_DEVICE_IPC=1`: sends and receives go through CUDA IPC.
+    ipc: bool,
 }
 
 impl Device<'_> {
@@ -48,8 +50,15 @@ impl Device<'_> {
         let (n, r) = (self.b.n, self.b.rank);
         let d = DataType::F32;
         let redop = self.b.args.redop;
-        let send: CudaSlice<f32> = self.s.clone_htod(&typed::<f32>(&reference::input(d, r, 0, count))).expect("upload");
-        let mut recv: CudaSlice<f32> = self.s.alloc_zeros(count).expect("alloc");
+        let input = typed::<f32>(&reference::input(d, r, 0, count));
+        // Through CUDA IPC, buffers from cuMemAlloc (which it can share; cudarc's pool memory
+        // it cannot, and would move by host).
+        let shareable = op == DevOp::SendRecv && self.ipc;
+        let (send, mut recv): (CudaSlice<f32>, CudaSlice<f32>) = if shareable {
+            (self.shareable(&input), self.shareable(&vec![0f32; count]))
+        } else {
+            (self.s.clone_htod(&input).expect("upload"), self.s.alloc_zeros(count).expect("alloc"))
+        };
         let (right, left) = ((r + 1) % n, (r + n - 1) % n);
         let once = |recv: &mut CudaSlice<f32>| {
             let res = match op {
@@ -87,7 +96,27 @@ impl Device<'_> {
         let got = self.s.clone_dtoh(&recv).expect("download");
         let got: &[u8] = bytemuck::cast_slice(&got);
         let wrong = got.chunks(4).zip(want.chunks(4)).filter(|(a, b)| a != b).count() as u64;
+        if shareable {
+            self.s.synchronize().expect("synchronize");
+            for b in [send, recv] {
+                // SAFETY: allocated by `shareable`; the stream is done with it.
+                unsafe { sys::cuMemFree_v2(b.leak()) };
+            }
+        }
         (self.b.max_over_ranks(secs), self.b.sum_over_ranks(wrong))
+    }
+
+    /// A buffer from `cuMemAlloc` holding `data`, as a cudarc slice (freed by the caller).
+    fn shareable(&self, data: &[f32]) -> CudaSlice<f32> {
+        self.s.context().bind_to_thread().expect("bind");
+        let mut p = 0;
+        // SAFETY: an out-pointer to a local, with the context current.
+        let r = unsafe { sys::cuMemAlloc_v2(&mut p, std::mem::size_of_val(data).max(4)) };
+        assert_eq!(r, sys::CUresult::CUDA_SUCCESS, "cuMemAlloc");
+        // SAFETY: a fresh allocation of `data.len()` floats in the stream's context.
+        let mut slice = unsafe { self.s.upgrade_device_ptr::<f32>(p, data.len()) };
+        self.s.memcpy_htod(data, &mut slice).expect("upload");
+        slice
     }
 
     /// Device-to-device copy bandwidth (bytes copied per second, GB/s) of `bytes`.
@@ -149,12 +178,12 @@ pub(crate) fn run(b: &Bench) -> Result<u64, String> {
     let ctx = multiworld::cuda::context(b.rank % gpus).expect("CUDA context");
     let s = ctx.new_stream().expect("stream");
     let dw = DeviceWorld::new(b.w.clone(), s.clone()).expect("device world");
-    let dev = Device { b, dw, s };
+    let ipc = std::env::var("MW_DEVICE_IPC").is_ok_and(|v| v.trim() == "1");
+    let dev = Device { b, dw, s, ipc };
     let mut wrong_total = 0;
     let show = b.rank == 0;
     if show {
-        // Same-host sends and receives go through CUDA IPC unless MW_DEVICE_IPC=0 (staged).
-        let p2p = if std::env::var("MW_DEVICE_IPC").is_ok_and(|v| v.trim() == "0") { "staged" } else { "cuda_ipc" };
+        let p2p = if dev.ipc { "cuda_ipc (MW_DEVICE_IPC=1)" } else { "staged" };
         println!(
             "#\n# device buffers  ranks {}  gpus {gpus} ({})  float  send_recv: {p2p} on one host",
             b.n,
@@ -195,6 +224,10 @@ pub(crate) fn run(b: &Bench) -> Result<u64, String> {
                 );
             }
         }
+    }
+    if show && dev.ipc {
+        let st = dev.dw.ipc_stats();
+        println!("# cuda_ipc: {} receives through mappings, {} operations by host", st.receives_mapped, st.by_host);
     }
     if show {
         println!("#\n# reduction kernel (sum of 2 float buffers), GB/s of bytes read and written");
