@@ -157,7 +157,12 @@ impl CudaDevice {
         let mut f: sys::CUfunction = std::ptr::null_mut();
         // SAFETY: a module just loaded and a NUL-terminated name.
         let r = unsafe { sys::cuModuleGetFunction(&mut f, module, c"mw_copy_told".as_ptr()) };
-        if let Err(e) = check("cuModuleGetFunction(mw_copy_told)", r) {
+        // Loaded now, not lazily at the first launch (which may synchronize the context while
+        // a stream waits on a flag of ours).
+        // SAFETY: a function of the module just loaded.
+        let r = check("cuModuleGetFunction(mw_copy_told)", r)
+            .and_then(|_| check("cuFuncLoad", unsafe { sys::cuFuncLoad(f) }));
+        if let Err(e) = r {
             // SAFETY: unloading what was loaded above, once.
             unsafe { sys::cuModuleUnload(module) };
             return Err(e);
@@ -628,6 +633,12 @@ impl<D: Device> Staging<D> {
                 },
                 Stage::Releasing => {}
             }
+            // A batch on another stream of this world may reach `READY` before an earlier
+            // one is done; it is posted only once every earlier batch has posted all its CUDA
+            // IPC messages, whose order per peer the other side relies on (`cuda_ipc.rs`).
+            if matches!(b.stage, Stage::Running(_)) && !b.ipc.iter().all(|o| o.all_posted()) {
+                in_order = false;
+            }
         }
         // Blocks the stream has finished with go back to the pool, in order; peer allocations
         // still mapped (a failed batch's) are unmapped.
@@ -698,7 +709,8 @@ impl<D: Device> Staging<D> {
         let mut moved = if b.ipc.is_empty() { false } else { self.advance_ipc(b)? };
         let Stage::Running(c) = &b.stage else { return Ok(moved) };
         if c.iter().all(|c| c.is_done()) && b.ipc.iter().all(|o| o.finished()) {
-            if let Some(e) = c.iter().find_map(|c| c.result().and_then(|r| r.err())) {
+            // Any failure, of an operation or of an IPC message, fails the batch.
+            if let Some(e) = c.iter().chain(&b.messages).find_map(|c| c.result().and_then(|r| r.err())) {
                 return Err(e);
             }
             b.set_done(DONE_OK);
@@ -734,7 +746,11 @@ impl<D: Device> Staging<D> {
         lock(&self.error).get_or_insert(e);
         cuda_ipc::release(b);
         b.set_done(DONE_FAILED);
-        b.stage = Stage::Releasing;
+        // Staged operations still running write into the block too: it is reused only once
+        // they have ended, like the IPC messages.
+        if let Stage::Running(c) = std::mem::replace(&mut b.stage, Stage::Releasing) {
+            b.messages.extend(c);
+        }
         // This rank cannot finish its part, so its peers must not wait for it: a world that
         // is not broken yet (a local failure, a mismatch seen here) is broken now. That also
         // ends at once any message still in flight into the block.

@@ -169,7 +169,7 @@ impl IpcOp {
     /// Every message completed (successfully: failures fail the batch first), and a receiver
     /// has its bytes.
     pub(super) fn finished(&self) -> bool {
-        self.all_posted() && self.rounds.iter().all(|c| c.is_done()) && (self.sends || self.landed)
+        self.all_posted() && (1..=ROUNDS).all(|r| self.round_done(r)) && (self.sends || self.landed)
     }
 
     /// Whether this rank sends (rather than receives) the message of `round`.
@@ -177,8 +177,9 @@ impl IpcOp {
         self.sends == (round != 2)
     }
 
+    /// Message `round` completed successfully (a failed one fails the batch instead).
     fn round_done(&self, round: u8) -> bool {
-        self.rounds.get(round as usize - 1).is_some_and(|c| c.is_done())
+        self.rounds.get(round as usize - 1).is_some_and(|c| matches!(c.result(), Some(Ok(()))))
     }
 }
 
@@ -189,6 +190,10 @@ pub(super) fn release<B: Block>(b: &Batch<B>) {
         if b.flag(o.ctl + GO) == 0 {
             // TOLD is still zero (cleared at enqueue): nothing to copy.
             b.set_flag(o.ctl + GO, DONE_FAILED);
+        } else if b.flag(o.ctl + COPIED) == 0 {
+            // Told, but the stream has not copied yet: copy nothing, so that a failed peer's
+            // buffer is read as little as possible (a copy already running goes on).
+            put(b.block.host_ptr(), o.ctl + TOLD + 16, 0);
         }
     }
 }
@@ -382,10 +387,13 @@ impl<D: Device> Staging<D> {
             (_, Some(How::Bytes)) => (o.data, o.len),
             _ => (o.ctl + ACK, 8),
         };
+        // Control messages travel as `int8`, the bytes as `uint8`: the engine's check of each
+        // message's type and count then tells a control message from data.
+        let dtype = if round == 3 && o.how == Some(How::Bytes) { DataType::U8 } else { DataType::I8 };
         let out = o.outgoing(round);
         let desc = OpDesc {
             kind: OpKind::P2p,
-            dtype: DataType::U8,
+            dtype,
             redop: ReduceOp::Sum,
             count: len,
             root: o.peer,

@@ -583,3 +583,46 @@ fn a_failed_enqueue_releases_an_ipc_receive_waiting_for_its_go() {
         assert!(stream.synchronize(Duration::from_secs(10)), "the stream still waits for GO");
     });
 }
+
+#[test]
+fn batches_on_two_streams_keep_their_ipc_messages_apart() {
+    // Rank 0 sends a large buffer on one stream and a small one on another, then overwrites
+    // the large one on the first stream, which its send allows once the send is over. If the
+    // second batch's messages went out between the first one's, the replies would cross and
+    // the large send would end before the receiver had copied it.
+    const BIG: usize = 8 << 20;
+    const SMALL: usize = 16;
+    ranks(2, &["w"], |rank, worlds| {
+        let st = Staging::with_device(worlds[0].clone(), HostDevice::sharing(Share::On)).unwrap();
+        let (s1, s2) = (HostStream::new(), HostStream::new());
+        if rank == 0 {
+            let x = vec![1.0f32; BIG];
+            let y = vec![2.0f32; SMALL];
+            let poison = vec![-7.0f32; BIG];
+            // SAFETY: the buffers outlive the synchronizes below.
+            unsafe {
+                st.enqueue(s1, &[(p2p(true, BIG, 1), dev(&x), None)]).unwrap();
+                st.enqueue(s2, &[(p2p(true, SMALL, 1), dev(&y), None)]).unwrap();
+            }
+            let overwrite = StreamCmd::FromBlock { at: 0, to: x.as_ptr() as u64, len: BIG * 4 };
+            s1.tx.lock().unwrap().send(Work::Run(poison.as_ptr() as usize, vec![overwrite])).unwrap();
+            assert!(s1.synchronize(Duration::from_secs(60)) && s2.synchronize(Duration::from_secs(60)));
+            assert!(st.error().is_none(), "rank 0: {:?}", st.error());
+        } else {
+            let mut gx = vec![0f32; BIG];
+            let mut gy = vec![0f32; SMALL];
+            // SAFETY: as above.
+            unsafe {
+                st.enqueue(s1, &[(p2p(false, BIG, 0), None, out(&mut gx))]).unwrap();
+                st.enqueue(s1, &[(p2p(false, SMALL, 0), None, out(&mut gy))]).unwrap();
+            }
+            assert!(s1.synchronize(Duration::from_secs(60)), "rank 1: the stream did not drain");
+            assert!(st.error().is_none(), "rank 1: {:?}", st.error());
+            let wrong = gx.iter().filter(|v| **v != 1.0).count();
+            assert_eq!(wrong, 0, "rank 1: {wrong} of {BIG} values received wrong");
+            assert!(gy.iter().all(|v| *v == 2.0), "rank 1: the small message");
+        }
+        st.close();
+        st.join();
+    });
+}
