@@ -200,9 +200,9 @@ pub(super) fn release<B: Block>(b: &Batch<B>) {
 
 /// Reads and writes of u64 words in a block.
 fn get(base: *mut u8, at: usize) -> u64 {
-    // SAFETY: `at` is a word of a control area inside the block; messages land there before
-    // their completion is seen, so a plain read after an acquire is enough.
+    // Messages land before their completion is seen: a plain read after an acquire will do.
     crate::sync::fence(Ordering::Acquire);
+    // SAFETY: `at` is a word of a control area inside the block.
     unsafe { std::ptr::read_unaligned(base.add(at) as *const u64) }
 }
 
