@@ -217,10 +217,11 @@ impl<D: Device> Staging<D> {
     pub(super) fn advance_ipc(&self, b: &mut Batch<D::Block>) -> Result<bool> {
         let base = b.block.host_ptr();
         let mut moved = false;
+        // A failed message fails the batch (rounds count only when they succeeded).
+        if let Some(e) = b.messages.iter().find_map(|c| c.result().and_then(|r| r.err())) {
+            return Err(e);
+        }
         for i in 0..b.ipc.len() {
-            if let Some(e) = b.ipc[i].rounds.iter().find_map(|c| c.result().and_then(|r| r.err())) {
-                return Err(e);
-            }
             moved |= self.decide(b, i)?;
             // The copy through a mapping is done: unmap before replying, so that the sender,
             // free to release its buffer once it has the reply, never frees mapped memory.
