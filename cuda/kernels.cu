@@ -61,8 +61,10 @@ struct Combine<Half<BF>> {
   __device__ static Half<BF> div(Half<BF> x, int n) { return Half<BF>{mw_div_16(x.bits, BF, n)}; }
 };
 
+// `divide` > 0: each result is then divided by it, as `mw_scale` would (the end of an average
+// done in one pass; the same arithmetic, rounded to T in between).
 template <typename T>
-__device__ void mw_combine(int op, T* dst, MwSources src, int nsrc, size_t n) {
+__device__ void mw_combine(int op, T* dst, MwSources src, int nsrc, size_t n, int divide) {
   const T* s[MW_MAX_SOURCES];
   bool aligned = mw_aligned(dst);
   for (int k = 0; k < nsrc; k++) {
@@ -82,12 +84,38 @@ __device__ void mw_combine(int op, T* dst, MwSources src, int nsrc, size_t n) {
       }
       uint4 out;
       T* o = (T*)&out;
-      for (int j = 0; j < lanes; j++) o[j] = Combine<T>::run(op, lane_src, nsrc, j);
+      for (int j = 0; j < lanes; j++) {
+        o[j] = Combine<T>::run(op, lane_src, nsrc, j);
+        if (divide > 0) o[j] = Combine<T>::div(o[j], divide);
+      }
       ((uint4*)dst)[v] = out;
     }
     start = nvec * lanes;
   }
-  for (size_t i = start + mw_tid(); i < n; i += mw_threads()) dst[i] = Combine<T>::run(op, s, nsrc, i);
+  for (size_t i = start + mw_tid(); i < n; i += mw_threads()) {
+    T r = Combine<T>::run(op, s, nsrc, i);
+    dst[i] = divide > 0 ? Combine<T>::div(r, divide) : r;
+  }
+}
+
+// What a combine descriptor in host-mapped memory holds (u64 words), written by the host
+// before it released the stream to the launch: destination, elements (zero: nothing to do),
+// sources, reduction, divisor (zero: none), then the sources' addresses.
+enum { MW_TOLD_DST = 0, MW_TOLD_N, MW_TOLD_NSRC, MW_TOLD_OP, MW_TOLD_DIVIDE, MW_TOLD_SRC, MW_TOLD_WORDS = MW_TOLD_SRC + MW_MAX_SOURCES };
+
+// Combines as a descriptor says; for reductions over a peer's buffer mapped through CUDA IPC,
+// whose address is known only when the stream gets there. One thread per block reads the
+// descriptor (reads over the bus).
+template <typename T>
+__device__ void mw_combine_told(const volatile unsigned long long* desc) {
+  __shared__ unsigned long long d[MW_TOLD_WORDS];
+  if (threadIdx.x < MW_TOLD_WORDS) d[threadIdx.x] = desc[threadIdx.x];
+  __syncthreads();
+  int nsrc = (int)d[MW_TOLD_NSRC];
+  if (d[MW_TOLD_N] == 0 || nsrc < 1 || nsrc > MW_MAX_SOURCES) return;
+  MwSources src;
+  for (int k = 0; k < MW_MAX_SOURCES; k++) src.p[k] = (const void*)d[MW_TOLD_SRC + k];
+  mw_combine<T>((int)d[MW_TOLD_OP], (T*)d[MW_TOLD_DST], src, nsrc, (size_t)d[MW_TOLD_N], (int)d[MW_TOLD_DIVIDE]);
 }
 
 template <typename T>
@@ -97,7 +125,10 @@ __device__ void mw_scale(T* dst, size_t n, int ranks) {
 
 #define MW_KERNELS(NAME, T)                                                                       \
   extern "C" __global__ void mw_combine_##NAME(int op, T* dst, MwSources src, int nsrc, size_t n) { \
-    mw_combine<T>(op, dst, src, nsrc, n);                                                         \
+    mw_combine<T>(op, dst, src, nsrc, n, 0);                                                      \
+  }                                                                                               \
+  extern "C" __global__ void mw_combine_told_##NAME(const volatile unsigned long long* desc) {    \
+    mw_combine_told<T>(desc);                                                                     \
   }                                                                                               \
   extern "C" __global__ void mw_scale_##NAME(T* dst, size_t n, int ranks) { mw_scale<T>(dst, n, ranks); }
 
@@ -127,17 +158,22 @@ extern "C" __global__ void mw_copy(unsigned char* dst, const unsigned char* src,
   mw_copy_bytes(dst, src, bytes);
 }
 
-// Copies what a descriptor in host-mapped memory says: {source, destination, bytes}, written
-// by the host before it released the stream to this launch (zero bytes: nothing to do). For
-// copies whose addresses are known only when the stream gets there, such as a peer's buffer
-// mapped through CUDA IPC. One thread per block reads the descriptor (a read over the bus).
-extern "C" __global__ void mw_copy_told(const volatile unsigned long long* desc) {
+// Copies what `count` descriptors in host-mapped memory say, one after the other: {source,
+// destination, bytes} each, written by the host before it released the stream to this launch
+// (zero bytes: nothing to do). For copies whose addresses are known only when the stream gets
+// there, such as a peer's buffer mapped through CUDA IPC. One thread per block reads each
+// descriptor (a read over the bus).
+extern "C" __global__ void mw_copy_told(const volatile unsigned long long* desc, int count) {
   __shared__ unsigned long long d[3];
-  if (threadIdx.x == 0) {
-    d[0] = desc[0];
-    d[1] = desc[1];
-    d[2] = desc[2];
+  for (int k = 0; k < count; k++) {
+    if (threadIdx.x == 0) {
+      d[0] = desc[3 * k];
+      d[1] = desc[3 * k + 1];
+      d[2] = desc[3 * k + 2];
+    }
+    __syncthreads();
+    mw_copy_bytes((unsigned char*)d[1], (const unsigned char*)d[0], (size_t)d[2]);
+    // Every thread has read `d` before the next descriptor replaces it.
+    __syncthreads();
   }
-  __syncthreads();
-  mw_copy_bytes((unsigned char*)d[1], (const unsigned char*)d[0], (size_t)d[2]);
 }

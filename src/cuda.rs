@@ -87,7 +87,7 @@ struct Sources {
 unsafe impl DeviceRepr for Sources {}
 
 /// Short kernel name of each data type, as in `cuda/kernels.cu`.
-fn type_name(d: DataType) -> &'static str {
+pub(crate) fn type_name(d: DataType) -> &'static str {
     match d {
         DataType::I8 => "i8",
         DataType::U8 => "u8",
@@ -392,7 +392,7 @@ impl Drop for Pinned {
 
 /// Host builds of the kernels' per-element arithmetic (`cuda/host_check.cpp`), for tests.
 #[cfg(test)]
-mod host {
+pub(crate) mod host {
     extern "C" {
         pub fn mw_host_combine(dtype: i32, op: i32, dst: *mut u8, src: *const *const u8, nsrc: i32, n: usize);
         pub fn mw_host_scale(dtype: i32, dst: *mut u8, n: usize, ranks: i32);

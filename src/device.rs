@@ -18,7 +18,7 @@ use crate::types::{DataType, Element, ReduceOp};
 use crate::wire::OpKind;
 use crate::world::World;
 
-/// Counts of a [`DeviceWorld`]'s point-to-point operations through CUDA IPC.
+/// Counts of a [`DeviceWorld`]'s operations through CUDA IPC.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IpcStats {
     /// Receives whose stream copied straight from the sender's mapped buffer.
@@ -26,6 +26,12 @@ pub struct IpcStats {
     /// Sends and receives whose bytes went through host memory instead (a buffer that cannot
     /// be shared or mapped).
     pub by_host: u64,
+    /// Collectives whose streams read the peers' buffers through mappings and reduced them
+    /// on the GPU.
+    pub collectives_mapped: u64,
+    /// Collectives that ran through host memory instead, because some rank could not share or
+    /// map a buffer it needed.
+    pub collectives_by_host: u64,
 }
 
 /// A world whose operations run on device buffers, ordered on one CUDA stream.
@@ -55,8 +61,8 @@ impl DeviceWorld {
     /// How this world's sends and receives went through CUDA IPC so far (`MW_DEVICE_IPC=1`,
     /// peers on this host; `docs/cuda.md`).
     pub fn ipc_stats(&self) -> IpcStats {
-        let (receives_mapped, by_host) = self.staging.ipc_counts();
-        IpcStats { receives_mapped, by_host }
+        let [receives_mapped, by_host, collectives_mapped, collectives_by_host] = self.staging.ipc_counts();
+        IpcStats { receives_mapped, by_host, collectives_mapped, collectives_by_host }
     }
 
     /// The first error of an operation that already ran, if any (operations report their

@@ -35,10 +35,13 @@ use crate::error::{Error, Result};
 use crate::request::Completion;
 use crate::sync::{fence, lock, wait_timeout, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 use crate::transport::TransportKind;
+use crate::types::DataType;
 use crate::world::{World, WorldState};
 
 mod cuda_ipc;
+mod ipc_coll;
 use cuda_ipc::IpcOp;
+use ipc_coll::IpcColl;
 
 /// Flag words at the start of each staging block; the data follows from `DATA`.
 const READY: usize = 0;
@@ -67,11 +70,15 @@ pub(crate) enum StreamCmd {
     Raise { at: usize },
     /// Hold the stream until the flag word at `at` is at least `value`.
     WaitFor { at: usize, value: u32 },
-    /// Copy what the three words at `at` say when the stream gets there — source, destination,
-    /// bytes (at most `max`; zero: nothing) — as the stager wrote them before releasing the
-    /// stream to this point. For addresses known only then: a peer's buffer mapped through
-    /// CUDA IPC (`cuda_ipc.rs`).
-    CopyAsTold { at: usize, max: usize },
+    /// Copy what `count` descriptors from `at` on say when the stream gets there, one after
+    /// the other: three words each, source, destination, bytes (at most `max`; zero: nothing),
+    /// as the stager wrote them before releasing the stream to this point. For addresses known
+    /// only then: a peer's buffer mapped through CUDA IPC (`cuda_ipc.rs`, `ipc_coll.rs`).
+    CopyAsTold { at: usize, count: usize, max: usize },
+    /// Combine elements of `dtype` as the descriptor at `at` says when the stream gets there
+    /// (destination, elements — at most `max`, zero: nothing — sources, reduction, divisor,
+    /// source addresses: `cuda/kernels.cu`'s `mw_combine_told`), written as for `CopyAsTold`.
+    CombineAsTold { at: usize, dtype: DataType, max: usize },
 }
 
 /// Memory that both this process and a device's streams reach: a batch's block.
@@ -121,7 +128,7 @@ pub(crate) trait Device: Send + Sync + 'static {
 
     // What the CUDA IPC path (`cuda_ipc.rs`) needs; the stager calls these inside `enter`.
 
-    /// Whether point-to-point operations with peers on this host go through CUDA IPC.
+    /// Whether operations with peers on this host go through CUDA IPC.
     fn can_share(&self) -> bool;
     /// What a peer process needs to map the allocation holding `addr`: a handle and the offset
     /// of `addr` in the allocation. `None` when it cannot be shared.
@@ -138,36 +145,46 @@ pub(crate) const HANDLE_LEN: usize = 64;
 /// A CUDA context's streams (`CUstream`) and mapped pinned blocks.
 pub(crate) struct CudaDevice {
     ctx: RawContext,
-    /// `mw_copy_told`, loaded into `ctx` when the staging starts (loading may synchronize the
-    /// context, which must not happen while a stream waits on a flag of ours).
-    copy_told: Option<(sys::CUmodule, sys::CUfunction)>,
+    /// The kernels' module, loaded into `ctx` when the staging starts (loading may synchronize
+    /// the context, which must not happen while a stream waits on a flag of ours).
+    module: Option<sys::CUmodule>,
+    /// `mw_copy_told`, and `mw_combine_told_<type>` for each type (in `DataType::ALL`'s order).
+    copy_told: sys::CUfunction,
+    combine_told: Vec<sys::CUfunction>,
     /// Keeps a cudarc-owned context alive as long as the blocks.
     _keep: Option<Arc<cudarc::driver::CudaContext>>,
 }
 
 impl CudaDevice {
     fn new(ctx: RawContext, keep: Option<Arc<cudarc::driver::CudaContext>>) -> Result<CudaDevice> {
-        let mut device = CudaDevice { ctx, copy_told: None, _keep: keep };
+        let mut device =
+            CudaDevice { ctx, module: None, copy_told: std::ptr::null_mut(), combine_told: Vec::new(), _keep: keep };
         let _current = ctx.push()?;
         let mut module: sys::CUmodule = std::ptr::null_mut();
         let image = crate::cuda::fatbin_image();
         // SAFETY: the embedded fatbin, aligned; the driver copies what it needs.
         let r = unsafe { sys::cuModuleLoadData(&mut module, image.as_ptr().cast()) };
         check("cuModuleLoadData (multiworld's kernels, built for CUDA 13.0: the driver must support it)", r)?;
-        let mut f: sys::CUfunction = std::ptr::null_mut();
-        // SAFETY: a module just loaded and a NUL-terminated name.
-        let r = unsafe { sys::cuModuleGetFunction(&mut f, module, c"mw_copy_told".as_ptr()) };
-        // Loaded now, not lazily at the first launch (which may synchronize the context while
-        // a stream waits on a flag of ours).
-        // SAFETY: a function of the module just loaded.
-        let r = check("cuModuleGetFunction(mw_copy_told)", r)
-            .and_then(|_| check("cuFuncLoad", unsafe { sys::cuFuncLoad(f) }));
-        if let Err(e) = r {
-            // SAFETY: unloading what was loaded above, once.
-            unsafe { sys::cuModuleUnload(module) };
-            return Err(e);
-        }
-        device.copy_told = Some((module, f));
+        // Unloaded by `drop` from here on, whatever fails below.
+        device.module = Some(module);
+        let function = |name: &str| -> Result<sys::CUfunction> {
+            let cname = std::ffi::CString::new(name).map_err(|_| Error::internal("kernel name"))?;
+            let mut f: sys::CUfunction = std::ptr::null_mut();
+            // SAFETY: a module just loaded and a NUL-terminated name.
+            check(&format!("cuModuleGetFunction({name})"), unsafe {
+                sys::cuModuleGetFunction(&mut f, module, cname.as_ptr())
+            })?;
+            // Loaded now, not lazily at the first launch (which may synchronize the context
+            // while a stream waits on a flag of ours).
+            // SAFETY: a function of the module just loaded.
+            check(&format!("cuFuncLoad({name})"), unsafe { sys::cuFuncLoad(f) })?;
+            Ok(f)
+        };
+        device.copy_told = function("mw_copy_told")?;
+        device.combine_told = DataType::ALL
+            .iter()
+            .map(|d| function(&format!("mw_combine_told_{}", crate::cuda::type_name(*d))))
+            .collect::<Result<_>>()?;
         Ok(device)
     }
 }
@@ -183,7 +200,7 @@ impl Drop for CudaDevice {
         // Dropped after the stager is gone: no stream still runs a batch of ours, except a
         // batch whose enqueue failed, which was left to the stream (its kernel keeps the
         // module loaded until it ends). A failure cannot be acted on: the module then stays.
-        if let Some((m, _)) = self.copy_told.take() {
+        if let Some(m) = self.module.take() {
             if let Ok(_current) = self.ctx.push() {
                 // SAFETY: a module loaded by `new`, unloaded once.
                 unsafe { sys::cuModuleUnload(m) };
@@ -244,15 +261,53 @@ impl Device for CudaDevice {
                         sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
                     )
                 }),
-                StreamCmd::CopyAsTold { at, max } => {
-                    let (_, f) = self.copy_told.ok_or_else(|| Error::internal("copy kernel not loaded"))?;
-                    // 256 threads a block, 16 bytes a thread, at most 1024 blocks (the kernel
-                    // strides over the rest).
+                // 256 threads a block, 16 bytes a thread, at most 1024 blocks (the kernels
+                // stride over the rest).
+                StreamCmd::CopyAsTold { at, count, max } => {
                     let blocks = max.div_ceil(16 * 256).clamp(1, 1024) as u32;
                     let mut desc = dev + at as u64;
-                    let mut params = [(&mut desc as *mut u64).cast::<c_void>()];
+                    let mut count = i32::try_from(count).map_err(|_| Error::internal("too many copies"))?;
+                    let mut params =
+                        [(&mut desc as *mut u64).cast::<c_void>(), (&mut count as *mut i32).cast::<c_void>()];
                     check("cuLaunchKernel(mw_copy_told)", unsafe {
-                        sys::cuLaunchKernel(f, blocks, 1, 1, 256, 1, 1, 0, s, params.as_mut_ptr(), std::ptr::null_mut())
+                        sys::cuLaunchKernel(
+                            self.copy_told,
+                            blocks,
+                            1,
+                            1,
+                            256,
+                            1,
+                            1,
+                            0,
+                            s,
+                            params.as_mut_ptr(),
+                            std::ptr::null_mut(),
+                        )
+                    })
+                }
+                StreamCmd::CombineAsTold { at, dtype, max } => {
+                    let f = DataType::ALL
+                        .iter()
+                        .position(|d| *d == dtype)
+                        .and_then(|i| self.combine_told.get(i))
+                        .ok_or_else(|| Error::internal("combine kernel not loaded"))?;
+                    let blocks = (max * dtype.size()).div_ceil(16 * 256).clamp(1, 1024) as u32;
+                    let mut desc = dev + at as u64;
+                    let mut params = [(&mut desc as *mut u64).cast::<c_void>()];
+                    check("cuLaunchKernel(mw_combine_told)", unsafe {
+                        sys::cuLaunchKernel(
+                            *f,
+                            blocks,
+                            1,
+                            1,
+                            256,
+                            1,
+                            1,
+                            0,
+                            s,
+                            params.as_mut_ptr(),
+                            std::ptr::null_mut(),
+                        )
                     })
                 }
             };
@@ -336,31 +391,50 @@ struct Batch<B> {
     stage: Stage,
     /// The batch's point-to-point operations that go through CUDA IPC, in batch order.
     ipc: Vec<IpcOp>,
-    /// Every message posted for `ipc`: the block is reused only once all of them have ended.
+    /// The batch's collective, if it goes through CUDA IPC (then it is the batch's only
+    /// operation).
+    coll: Option<IpcColl>,
+    /// Every message posted for `ipc` and `coll`: the block is reused only once all of them
+    /// have ended.
     messages: Vec<Arc<Completion>>,
 }
 
 impl<B: Block> Batch<B> {
     fn flag(&self, at: usize) -> u32 {
-        // SAFETY: the block holds at least DATA bytes; the flag words are aligned u32s that the
-        // device writes through its mapping, hence the volatile read.
-        let v = unsafe { std::ptr::read_volatile(self.block.host_ptr().add(at) as *const u32) };
-        // What the device wrote before the flag is read after it (weakly ordered hosts).
-        fence(Ordering::Acquire);
-        v
+        read_flag(self.block.host_ptr(), at)
     }
 
     fn set_done(&self, v: u32) {
         self.set_flag(DONE, v);
     }
 
-    /// Writes a flag word the stream waits on.
     fn set_flag(&self, at: usize, v: u32) {
-        // What the stream reads once released (results, descriptors) is written before.
-        fence(Ordering::SeqCst);
-        // SAFETY: as in `flag`.
-        unsafe { std::ptr::write_volatile(self.block.host_ptr().add(at) as *mut u32, v) };
+        write_flag(self.block.host_ptr(), at, v)
     }
+
+    /// Every message of its CUDA IPC operations has been posted: a later batch may post its
+    /// own (their order per peer is what the other side relies on).
+    fn all_posted(&self) -> bool {
+        self.ipc.iter().all(|o| o.all_posted()) && self.coll.as_ref().is_none_or(|c| c.all_posted())
+    }
+}
+
+/// Reads a flag word of the block at `base`, which the device writes through its mapping.
+fn read_flag(base: *mut u8, at: usize) -> u32 {
+    // SAFETY: callers pass flag offsets of a batch's layout, aligned u32s inside its block;
+    // the device writes them, hence the volatile read.
+    let v = unsafe { std::ptr::read_volatile(base.add(at) as *const u32) };
+    // What the device wrote before the flag is read after it (weakly ordered hosts).
+    fence(Ordering::Acquire);
+    v
+}
+
+/// Writes a flag word that a stream waits on.
+fn write_flag(base: *mut u8, at: usize, v: u32) {
+    // What the stream reads once released (results, descriptors) is written before.
+    fence(Ordering::SeqCst);
+    // SAFETY: as in `read_flag`.
+    unsafe { std::ptr::write_volatile(base.add(at) as *mut u32, v) };
 }
 
 /// Stages one world's operations from streams of one device (for CUDA: of one context).
@@ -387,9 +461,11 @@ pub(crate) struct Staging<D: Device = CudaDevice> {
     /// this host, and a device that shares: for CUDA, with `MW_DEVICE_IPC=1`).
     shares: Vec<bool>,
     /// CUDA IPC operations so far: receives copied through a mapping, and operations (either
-    /// side) whose bytes went by host.
+    /// side) whose bytes went by host; collectives run through mappings, and by host.
     ipc_mapped: AtomicU64,
     ipc_by_host: AtomicU64,
+    coll_mapped: AtomicU64,
+    coll_by_host: AtomicU64,
     /// Declared last, dropped last: the device outlives the blocks.
     device: D,
 }
@@ -420,6 +496,8 @@ impl<D: Device> Staging<D> {
             shares,
             ipc_mapped: AtomicU64::new(0),
             ipc_by_host: AtomicU64::new(0),
+            coll_mapped: AtomicU64::new(0),
+            coll_by_host: AtomicU64::new(0),
             world,
             enqueue: Mutex::new(()),
             pending: Mutex::new(VecDeque::new()),
@@ -443,10 +521,15 @@ impl<D: Device> Staging<D> {
         &self.world
     }
 
-    /// CUDA IPC operations so far: (receives copied through a mapping, operations whose bytes
-    /// went by host).
-    pub(crate) fn ipc_counts(&self) -> (u64, u64) {
-        (self.ipc_mapped.load(Ordering::Relaxed), self.ipc_by_host.load(Ordering::Relaxed))
+    /// CUDA IPC operations so far: (receives copied through a mapping, point-to-point
+    /// operations whose bytes went by host, collectives through mappings, collectives by host).
+    pub(crate) fn ipc_counts(&self) -> [u64; 4] {
+        [&self.ipc_mapped, &self.ipc_by_host, &self.coll_mapped, &self.coll_by_host].map(|c| c.load(Ordering::Relaxed))
+    }
+
+    fn count_coll(&self, mapped: bool) {
+        let c = if mapped { &self.coll_mapped } else { &self.coll_by_host };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     fn count_mapped(&self) {
@@ -485,7 +568,7 @@ impl<D: Device> Staging<D> {
     pub(crate) fn wait_posted(&self) {
         self.wait_until(|b| match b.stage {
             Stage::Waiting => false,
-            Stage::Running(_) => b.ipc.iter().all(|o| o.all_posted()),
+            Stage::Running(_) => b.all_posted(),
             Stage::Releasing => true,
         });
     }
@@ -531,10 +614,18 @@ impl<D: Device> Staging<D> {
         };
         let mut slots = Vec::with_capacity(ops.len());
         let mut ipc = Vec::new();
-        for (desc, send, recv) in ops {
+        let mut coll = None;
+        for op in ops {
+            let (desc, send, recv) = op;
             let name = desc.kind.name();
             for (p, n) in send.iter().chain(recv) {
                 self.device.check_buffer(name, *p, *n)?;
+            }
+            let (rank, alone) = (self.world.rank(), ops.len() == 1);
+            if let Some(c) = IpcColl::plan(op, alone, rank, &self.shares, &mut place)? {
+                slots.push(Slot { desc: *desc, send: (DATA, 0), recv: (DATA, 0), ipc: true });
+                coll = Some(c);
+                continue;
             }
             if let Some(op) = IpcOp::plan(desc, *send, *recv, &self.shares, &mut place)? {
                 slots.push(Slot { desc: *desc, send: (DATA, 0), recv: (DATA, 0), ipc: true });
@@ -559,8 +650,11 @@ impl<D: Device> Staging<D> {
         for op in &ipc {
             op.clear(block.host_ptr());
         }
-        let batch = Batch { block, slots, stage: Stage::Waiting, ipc, messages: Vec::new() };
-        let cmds = program(&batch.slots, ops, &batch.ipc);
+        if let Some(c) = &coll {
+            c.clear(block.host_ptr());
+        }
+        let batch = Batch { block, slots, stage: Stage::Waiting, ipc, coll, messages: Vec::new() };
+        let cmds = program(&batch, ops);
         // SAFETY: the caller's promises, passed on; the block stays alive (pooled, or leaked
         // below) until the stream has run the commands.
         match unsafe { self.device.submit(stream, &batch.block, &cmds) } {
@@ -575,6 +669,7 @@ impl<D: Device> Staging<D> {
                 // take part in what the peers run, so the world breaks rather than leave them
                 // waiting.
                 cuda_ipc::release(&batch);
+                ipc_coll::release(&batch);
                 batch.set_done(DONE_FAILED);
                 std::mem::forget(batch.block);
                 lock(&self.error).get_or_insert(e.clone());
@@ -636,7 +731,7 @@ impl<D: Device> Staging<D> {
             // A batch on another stream of this world may reach `READY` before an earlier
             // one is done; it is posted only once every earlier batch has posted all its CUDA
             // IPC messages, whose order per peer the other side relies on (`cuda_ipc.rs`).
-            if matches!(b.stage, Stage::Running(_)) && !b.ipc.iter().all(|o| o.all_posted()) {
+            if matches!(b.stage, Stage::Running(_)) && !b.all_posted() {
                 in_order = false;
             }
         }
@@ -646,7 +741,8 @@ impl<D: Device> Staging<D> {
             matches!(b.stage, Stage::Releasing) && b.flag(FINISHED) == 1 && b.messages.iter().all(|c| c.is_done())
         }) {
             if let Some(b) = pending.pop_front() {
-                let mapped: Vec<_> = b.ipc.iter().filter_map(|o| o.mapping).collect();
+                let coll_mapped = b.coll.iter().flat_map(|c| c.mappings.iter().copied());
+                let mapped: Vec<_> = b.ipc.iter().filter_map(|o| o.mapping).chain(coll_mapped).collect();
                 if !mapped.is_empty() {
                     if let Ok(_entered) = self.device.enter() {
                         mapped.into_iter().for_each(|m| self.device.close(m));
@@ -706,10 +802,18 @@ impl<D: Device> Staging<D> {
     /// Moves a running batch on: its CUDA IPC operations, then, when everything has
     /// completed, `DONE`. True if anything moved.
     fn advance(&self, b: &mut Batch<D::Block>) -> Result<bool> {
+        // A failed message fails the batch (the IPC paths count a message only when it
+        // succeeded).
+        if let Some(e) = b.messages.iter().find_map(|c| c.result().and_then(|r| r.err())) {
+            return Err(e);
+        }
         let mut moved = if b.ipc.is_empty() { false } else { self.advance_ipc(b)? };
+        moved |= self.advance_coll(b)?;
         let Stage::Running(c) = &b.stage else { return Ok(moved) };
-        if c.iter().all(|c| c.is_done()) && b.ipc.iter().all(|o| o.finished()) {
-            // (A failed IPC message already failed the batch in `advance_ipc`.)
+        if c.iter().all(|c| c.is_done())
+            && b.ipc.iter().all(|o| o.finished())
+            && b.coll.as_ref().is_none_or(|c| c.finished())
+        {
             if let Some(e) = c.iter().find_map(|c| c.result().and_then(|r| r.err())) {
                 return Err(e);
             }
@@ -745,6 +849,7 @@ impl<D: Device> Staging<D> {
     fn fail(&self, b: &mut Batch<D::Block>, e: Error) {
         lock(&self.error).get_or_insert(e);
         cuda_ipc::release(b);
+        ipc_coll::release(b);
         b.set_done(DONE_FAILED);
         // Staged operations still running write into the block too: it is reused only once
         // they have ended, like the IPC messages.
@@ -775,8 +880,9 @@ fn unusable(world: &World) -> Error {
 }
 
 /// The stream's part of one batch: copy the inputs in, raise `READY`, wait for `DONE`, copy
-/// the outputs out, raise `FINISHED`.
-fn program(slots: &[Slot], ops: &[DeviceOp], ipc: &[IpcOp]) -> Vec<StreamCmd> {
+/// the outputs out, raise `FINISHED`; the CUDA IPC operations' parts around `DONE`.
+fn program<B>(batch: &Batch<B>, ops: &[DeviceOp]) -> Vec<StreamCmd> {
+    let (slots, ipc) = (&batch.slots, &batch.ipc);
     let mut cmds = Vec::with_capacity(2 * ops.len() + 3 * ipc.len() + 3);
     for (slot, (desc, send, recv)) in slots.iter().zip(ops).filter(|(s, _)| !s.ipc) {
         if let Some((from, len)) = *send {
@@ -790,8 +896,10 @@ fn program(slots: &[Slot], ops: &[DeviceOp], ipc: &[IpcOp]) -> Vec<StreamCmd> {
     }
     cmds.push(StreamCmd::Raise { at: READY });
     cmds.extend(IpcOp::stream_cmds(ipc));
+    cmds.extend(batch.coll.iter().flat_map(|c| c.stream_cmds()));
     cmds.push(StreamCmd::WaitFor { at: DONE, value: DONE_OK });
     cmds.extend(IpcOp::stream_cmds_after(ipc));
+    cmds.extend(batch.coll.iter().flat_map(|c| c.stream_cmds_after()));
     for (slot, (_, _, recv)) in slots.iter().zip(ops).filter(|(s, _)| !s.ipc) {
         if let Some((to, len)) = *recv {
             cmds.push(StreamCmd::FromBlock { at: slot.recv.0, to, len });

@@ -101,12 +101,29 @@ fn run(base: usize, c: &StreamCmd) {
                 }
                 std::sync::atomic::fence(Ordering::SeqCst);
             }
-            StreamCmd::CopyAsTold { at: o, max } => {
-                let w = |k: usize| std::ptr::read_volatile((base + o + 8 * k) as *const u64);
-                let (src, dst, len) = (w(0), w(1), w(2) as usize);
-                assert!(len <= max, "told to copy {len} bytes, at most {max} planned");
-                if len > 0 {
-                    std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len);
+            StreamCmd::CopyAsTold { at: o, count, max } => {
+                for k in 0..count {
+                    let w = |j: usize| std::ptr::read_volatile((base + o + 24 * k + 8 * j) as *const u64);
+                    let (src, dst, len) = (w(0), w(1), w(2) as usize);
+                    assert!(len <= max, "told to copy {len} bytes, at most {max} planned");
+                    if len > 0 {
+                        std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len);
+                    }
+                }
+            }
+            // The kernel's arithmetic, as built for the host (`cuda/host_check.cpp`).
+            StreamCmd::CombineAsTold { at: o, dtype, max } => {
+                let w = |j: usize| std::ptr::read_volatile((base + o + 8 * j) as *const u64);
+                let (dst, n, nsrc, op, divide) = (w(0), w(1) as usize, w(2) as usize, w(3), w(4));
+                assert!(n <= max, "told to combine {n} elements, at most {max} planned");
+                if n > 0 {
+                    assert!((1..=8).contains(&nsrc), "{nsrc} sources");
+                    let srcs: Vec<*const u8> = (0..nsrc).map(|k| w(5 + k) as *const u8).collect();
+                    let (t, dst) = (dtype as i32, dst as *mut u8);
+                    crate::cuda::host::mw_host_combine(t, op as i32, dst, srcs.as_ptr(), nsrc as i32, n);
+                    if divide > 0 {
+                        crate::cuda::host::mw_host_scale(t, dst, n, divide as i32);
+                    }
                 }
             }
         }
@@ -219,18 +236,27 @@ impl Device for HostDevice {
 }
 
 /// Runs `f(rank, worlds)` on `n` threads, each rank with its own manager and the worlds
-/// `names` formed among them.
+/// `names` formed among them. A rank's manager, and so its worlds, stay until every rank has
+/// returned from `f` (bounded, so that a rank that failed does not hang the others): a rank
+/// that left would break its worlds for the ranks still at work in them.
 fn ranks(n: usize, names: &[&str], f: impl Fn(usize, Vec<World>) + Send + Sync + 'static) {
     let ids: Vec<UniqueId> = names.iter().map(|_| UniqueId::new().unwrap()).collect();
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     let f = Arc::new(f);
+    let returned = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..n)
         .map(|r| {
-            let (ids, names, f) = (ids.clone(), names.clone(), f.clone());
+            let (ids, names, f, returned) = (ids.clone(), names.clone(), f.clone(), returned.clone());
             thread::spawn(move || {
                 let m = WorldManager::new();
                 let worlds = names.iter().zip(&ids).map(|(name, id)| m.init_world(name, id, r, n).unwrap()).collect();
                 f(r, worlds);
+                returned.fetch_add(1, Ordering::SeqCst);
+                let t = Instant::now();
+                while returned.load(Ordering::SeqCst) < n && t.elapsed() < Duration::from_secs(20) {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                drop(m);
             })
         })
         .collect();
@@ -398,7 +424,7 @@ fn p2p(is_send: bool, count: usize, peer: usize) -> OpDesc {
 
 /// Point-to-point traffic of every shape on `n` ranks whose devices share as `share(rank)`
 /// says; returns each rank's counts after checking every result against the reference.
-fn p2p_traffic(n: usize, share: fn(usize) -> Share, check: fn(usize, (u64, u64))) {
+fn p2p_traffic(n: usize, share: fn(usize) -> Share, check: fn(usize, [u64; 4])) {
     const N: usize = 3001; // not a multiple of 16 bytes: the copies' tails are exercised
     ranks(n, &["w"], move |rank, worlds| {
         let (right, left) = ((rank + 1) % n, (rank + n - 1) % n);
@@ -470,7 +496,7 @@ fn point_to_point_goes_through_ipc_mappings_and_matches_the_reference() {
             n,
             |_| Share::On,
             // Four receives, each through a mapping of the sender's buffer; no byte by host.
-            |rank, c| assert_eq!(c, (4, 0), "rank {rank}: (receives mapped, operations by host)"),
+            |rank, c| assert_eq!(c, [4, 0, 0, 0], "rank {rank}: (receives mapped, operations by host, -, -)"),
         );
     }
 }
@@ -485,11 +511,11 @@ fn point_to_point_moves_bytes_by_host_when_buffers_cannot_be_shared() {
         |rank, c| {
             let want = match rank {
                 // Receives from rank 2 through mappings; its sends to rank 1 go by host.
-                0 => (4, 4),
+                0 => [4, 4, 0, 0],
                 // Receives from rank 0 by host; its sends to rank 2 are mapped there.
-                1 => (0, 4),
+                1 => [0, 4, 0, 0],
                 // Receives from rank 1 mapped; its sends to rank 0 are mapped there.
-                _ => (4, 0),
+                _ => [4, 0, 0, 0],
             };
             assert_eq!(c, want, "rank {rank}: (receives mapped, operations by host)");
         },
@@ -528,9 +554,8 @@ fn a_broken_world_releases_streams_in_ipc_operations() {
 
 #[test]
 fn mismatched_ipc_messages_are_reported_and_release_both_streams() {
-    // Both ranks stay until both have checked: the sender must be released by the mismatch
-    // breaking the world, not by the receiver leaving.
-    let both = Arc::new(AtomicUsize::new(0));
+    // (Both ranks stay until both have checked, as `ranks` keeps them: the sender must be
+    // released by the mismatch breaking the world, not by the receiver leaving.)
     ranks(2, &["w"], move |rank, worlds| {
         let st = Staging::with_device(worlds[0].clone(), HostDevice::sharing(Share::On)).unwrap();
         let stream = HostStream::new();
@@ -554,12 +579,6 @@ fn mismatched_ipc_messages_are_reported_and_release_both_streams() {
         }
         st.close();
         st.join();
-        // Meet the other rank (bounded: a rank that failed must not hang this one).
-        both.fetch_add(1, Ordering::SeqCst);
-        let t = Instant::now();
-        while both.load(Ordering::SeqCst) < 2 && t.elapsed() < Duration::from_secs(20) {
-            thread::sleep(Duration::from_millis(1));
-        }
     });
 }
 
@@ -622,6 +641,258 @@ fn batches_on_two_streams_keep_their_ipc_messages_apart() {
             assert_eq!(wrong, 0, "rank 1: {wrong} of {BIG} values received wrong");
             assert!(gy.iter().all(|v| *v == 2.0), "rank 1: the small message");
         }
+        st.close();
+        st.join();
+    });
+}
+
+/// Checks `got` against `want`, naming the first difference (not printing both whole).
+fn same(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let wrong: Vec<usize> = (0..got.len()).filter(|&i| got[i].to_bits() != want[i].to_bits()).collect();
+    if let Some(&i) = wrong.first() {
+        panic!(
+            "{what}: {} of {} values wrong, the first at {i}: {} where {} is due",
+            wrong.len(),
+            got.len(),
+            got[i],
+            want[i]
+        );
+    }
+}
+
+/// Collectives of every kind that goes through CUDA IPC, on `n` ranks whose devices share as
+/// `share(rank)` says, with point-to-point messages between them; every result is checked
+/// against a reference computed here. Returns each rank's counts to `check`.
+fn collective_traffic(n: usize, share: fn(usize) -> Share, check: fn(usize, [u64; 4])) {
+    // Not a multiple of 16 bytes, nor of the ranks: uneven chunks and the kernels' tails.
+    const N: usize = 4097;
+    ranks(n, &["w"], move |rank, worlds| {
+        let device = HostDevice::sharing(share(rank));
+        let counts = device.counts.clone();
+        let st = Staging::with_device(worlds[0].clone(), device).unwrap();
+        let stream = HostStream::new();
+        let op = |kind, redop, count, root, in_place| desc(kind, redop, count, root, in_place);
+        // Small values: products of up to 8 ranks and sums stay exact in f32.
+        let small = |r: usize, len: usize, salt: usize| -> Vec<f32> {
+            (0..len).map(|i| ((i * 3 + r * 5 + salt) % 7) as f32 - 3.0).collect()
+        };
+
+        let a = data(rank, N, 0);
+        let mut sum = vec![0f32; N];
+        let mut avg = data(rank, N, 1);
+        let one = data(rank, 1, 2);
+        let mut one_max = vec![0f32; 1];
+        let rs_in = data(rank, n * N, 3);
+        let mut rs_out = vec![0f32; N];
+        let mut rs_inplace = data(rank, n * N, 4);
+        let mut gathered = vec![0f32; n * N];
+        let mut gathered_inplace = vec![0f32; n * N];
+        gathered_inplace[rank * N..(rank + 1) * N].copy_from_slice(&data(rank, N, 5));
+        let b_in = data(rank, N, 6);
+        let mut bcast = vec![0f32; N];
+        let mut bcast_inplace = if rank == 1 { data(1, N, 7) } else { vec![0f32; N] };
+        let p_in = small(rank, N, 8);
+        let mut prod = vec![0f32; N];
+        let mine = data(rank, N, 9);
+        let mut from_left = vec![0f32; N];
+        let (right, left) = ((rank + 1) % n, (rank + n - 1) % n);
+        // SAFETY: every buffer lives until the stream is synchronized below.
+        unsafe {
+            let go = |o: OpDesc, send, recv| st.enqueue(stream, &[(o, send, recv)]).unwrap();
+            go(op(OpKind::AllReduce, ReduceOp::Sum, N, 0, false), dev(&a), out(&mut sum));
+            go(op(OpKind::AllReduce, ReduceOp::Avg, N, 0, true), None, out(&mut avg));
+            go(op(OpKind::AllReduce, ReduceOp::Max, 1, 0, false), dev(&one), out(&mut one_max));
+            go(op(OpKind::ReduceScatter, ReduceOp::Sum, N, 0, false), dev(&rs_in), out(&mut rs_out));
+            go(op(OpKind::ReduceScatter, ReduceOp::Min, N, 0, true), None, out(&mut rs_inplace));
+            go(op(OpKind::AllGather, ReduceOp::Sum, N, 0, false), dev(&a), out(&mut gathered));
+            go(op(OpKind::AllGather, ReduceOp::Sum, N, 0, true), None, out(&mut gathered_inplace));
+            // A ring of messages between the collectives, through the same peers.
+            let (send, recv) =
+                ((p2p(true, N, right), dev(&mine), None), (p2p(false, N, left), None, out(&mut from_left)));
+            st.enqueue(stream, &if rank % 2 == 0 { [send, recv] } else { [recv, send] }).unwrap();
+            let b_send = if rank == 1 { dev(&b_in) } else { None };
+            go(op(OpKind::Broadcast, ReduceOp::Sum, N, 1, false), b_send, out(&mut bcast));
+            go(op(OpKind::Broadcast, ReduceOp::Sum, N, 1, true), None, out(&mut bcast_inplace));
+            let p_out = if rank == 0 { out(&mut prod) } else { None };
+            go(op(OpKind::Reduce, ReduceOp::Prod, N, 0, false), dev(&p_in), p_out);
+        }
+        assert!(stream.synchronize(Duration::from_secs(60)), "rank {rank}: the stream did not drain");
+        assert!(st.error().is_none(), "rank {rank}: {:?}", st.error());
+
+        let each = |f: &dyn Fn(usize) -> Vec<f32>| -> Vec<Vec<f32>> { (0..n).map(f).collect() };
+        let fold = |v: &[Vec<f32>], g: fn(f32, f32) -> f32| -> Vec<f32> {
+            (0..v[0].len()).map(|i| v[1..].iter().fold(v[0][i], |acc, x| g(acc, x[i]))).collect()
+        };
+        let sums = fold(&each(&|r| data(r, N, 0)), |x, y| x + y);
+        same(&sum, &sums, &format!("rank {rank}: all_reduce sum"));
+        let avgs: Vec<f32> = fold(&each(&|r| data(r, N, 1)), |x, y| x + y).iter().map(|x| x / n as f32).collect();
+        same(&avg, &avgs, &format!("rank {rank}: in-place all_reduce avg"));
+        same(&one_max, &fold(&each(&|r| data(r, 1, 2)), f32::max), &format!("rank {rank}: all_reduce of one element"));
+        let chunk = |v: Vec<f32>| v[rank * N..(rank + 1) * N].to_vec();
+        same(
+            &rs_out,
+            &fold(&each(&|r| chunk(data(r, n * N, 3))), |x, y| x + y),
+            &format!("rank {rank}: reduce_scatter"),
+        );
+        let mins = fold(&each(&|r| chunk(data(r, n * N, 4))), f32::min);
+        same(&rs_inplace[rank * N..(rank + 1) * N], &mins, &format!("rank {rank}: in-place reduce_scatter min"));
+        same(&gathered, &each(&|r| data(r, N, 0)).concat(), &format!("rank {rank}: all_gather"));
+        same(&gathered_inplace, &each(&|r| data(r, N, 5)).concat(), &format!("rank {rank}: in-place all_gather"));
+        same(&from_left, &data(left, N, 9), &format!("rank {rank}: messages between collectives"));
+        same(&bcast, &data(1, N, 6), &format!("rank {rank}: broadcast from rank 1"));
+        same(&bcast_inplace, &data(1, N, 7), &format!("rank {rank}: in-place broadcast from rank 1"));
+        if rank == 0 {
+            same(&prod, &fold(&each(&|r| small(r, N, 8)), |x, y| x * y), "reduce prod at rank 0");
+        }
+        st.close();
+        st.join();
+        assert_eq!(counts.opened.load(Ordering::SeqCst), counts.closed.load(Ordering::SeqCst), "rank {rank}: mappings");
+        check(rank, st.ipc_counts());
+    });
+}
+
+/// Collectives in `collective_traffic`, and messages in its ring.
+const COLLECTIVES: u64 = 10;
+const RING_RECEIVES: u64 = 1;
+
+#[test]
+fn collectives_read_peers_through_ipc_mappings_and_match_the_reference() {
+    for n in [2, 3, 4] {
+        collective_traffic(
+            n,
+            |_| Share::On,
+            |rank, c| {
+                assert_eq!(
+                    c,
+                    [RING_RECEIVES, 0, COLLECTIVES, 0],
+                    "rank {rank}: (p2p mapped, p2p by host, coll mapped, by host)"
+                )
+            },
+        );
+    }
+}
+
+#[test]
+fn collectives_go_by_host_on_every_rank_when_one_cannot_map_or_share() {
+    // Rank 1 cannot map its peers' buffers: every collective in which it reads them goes by
+    // host, on every rank alike; the broadcasts from rank 1 and the reduce to rank 0 have it
+    // read nothing and are mapped.
+    collective_traffic(
+        3,
+        |rank| if rank == 1 { Share::NoOpen } else { Share::On },
+        |rank, c| assert_eq!(c[2..], [3, COLLECTIVES - 3], "rank {rank}: (collectives mapped, by host)"),
+    );
+    // Rank 0's buffers cannot be exported: the collectives that read them go by host; the
+    // broadcasts from rank 1 and the reduce to rank 0 read none of them and are mapped.
+    collective_traffic(
+        3,
+        |rank| if rank == 0 { Share::NoExport } else { Share::On },
+        |rank, c| assert_eq!(c[2..], [3, COLLECTIVES - 3], "rank {rank}: (collectives mapped, by host)"),
+    );
+}
+
+#[test]
+fn mismatched_ipc_collectives_are_reported_and_release_every_stream() {
+    let told = Arc::new(AtomicUsize::new(0));
+    let t = told.clone();
+    ranks(3, &["w"], move |rank, worlds| {
+        let st = Staging::with_device(worlds[0].clone(), HostDevice::sharing(Share::On)).unwrap();
+        let stream = HostStream::new();
+        // Rank 2 reduces 50 elements where the others reduce 100.
+        let count = if rank == 2 { 50 } else { 100 };
+        let a = data(rank, count, 0);
+        let mut sum = vec![0f32; count];
+        // SAFETY: the buffers outlive the synchronize below.
+        unsafe {
+            st.enqueue(stream, &[(desc(OpKind::AllReduce, ReduceOp::Sum, count, 0, false), dev(&a), out(&mut sum))])
+        }
+        .unwrap();
+        assert!(stream.synchronize(Duration::from_secs(10)), "rank {rank}: the stream still waits");
+        let e = st.error().expect("the mismatch is reported");
+        // A rank that saw the other call says what differs; one whose peer saw it first may
+        // see its world broken by that peer instead.
+        match e.kind() {
+            ErrorKind::InvalidUsage => {
+                assert!(e.to_string().contains("calls all_reduce of 50") || e.to_string().contains("of 100"), "{e}");
+                t.fetch_add(1, Ordering::SeqCst);
+            }
+            ErrorKind::WorldBroken => {}
+            k => panic!("rank {rank}: {k:?}: {e}"),
+        }
+        st.close();
+        st.join();
+    });
+    assert!(told.load(Ordering::SeqCst) >= 1, "no rank reported the mismatch itself");
+}
+
+#[test]
+fn a_broken_world_releases_streams_in_ipc_collectives() {
+    const N: usize = 5000;
+    ranks(3, &["doomed"], |rank, worlds| {
+        let w = worlds[0].clone();
+        if rank == 2 {
+            // Never calls: the others wait for its token until the world breaks.
+            thread::sleep(Duration::from_millis(300));
+            w.abort();
+            return;
+        }
+        let st = Staging::with_device(w, HostDevice::sharing(Share::On)).unwrap();
+        let stream = HostStream::new();
+        let a = data(rank, N, 0);
+        let mut sum = vec![0f32; N];
+        let t0 = Instant::now();
+        // SAFETY: the buffers outlive the synchronize below.
+        unsafe {
+            st.enqueue(stream, &[(desc(OpKind::AllReduce, ReduceOp::Sum, N, 0, false), dev(&a), out(&mut sum))])
+                .unwrap();
+            // A batch queued behind it is released too.
+            st.enqueue(
+                stream,
+                &[(desc(OpKind::AllGather, ReduceOp::Sum, 1, 0, false), dev(&a[..1]), out(&mut sum[..3]))],
+            )
+            .unwrap();
+        }
+        assert!(stream.synchronize(Duration::from_secs(10)), "rank {rank}: the stream still waits");
+        println!("rank {rank}: stream released {:.1} ms after enqueue", t0.elapsed().as_secs_f64() * 1e3);
+        let e = st.error().expect("the failure is reported");
+        assert_eq!(e.kind(), ErrorKind::WorldBroken, "rank {rank}: {e}");
+        st.close();
+        st.join();
+    });
+}
+
+#[test]
+fn a_stream_leaves_an_ipc_collective_only_once_every_peer_has_read_its_buffer() {
+    // The root broadcasts a large buffer and at once overwrites it on its stream. Its own
+    // part of the broadcast is nothing; had its stream left before the other rank's copy
+    // through the mapping was done, that copy would read the overwritten values.
+    const BIG: usize = 8 << 20;
+    ranks(2, &["w"], |rank, worlds| {
+        let st = Staging::with_device(worlds[0].clone(), HostDevice::sharing(Share::On)).unwrap();
+        let stream = HostStream::new();
+        let op = desc(OpKind::Broadcast, ReduceOp::Sum, BIG, 0, true);
+        if rank == 0 {
+            let x = vec![1.0f32; BIG];
+            let poison = vec![-7.0f32; BIG];
+            // SAFETY: the buffers outlive the synchronize below.
+            unsafe { st.enqueue(stream, &[(op, None, dev(&x))]) }.unwrap();
+            let overwrite = StreamCmd::FromBlock { at: 0, to: x.as_ptr() as u64, len: BIG * 4 };
+            stream.tx.lock().unwrap().send(Work::Run(poison.as_ptr() as usize, vec![overwrite])).unwrap();
+            assert!(stream.synchronize(Duration::from_secs(60)), "rank 0: the stream did not drain");
+            // The buffer stays until the other rank is done, whatever happened.
+            worlds[0].barrier().unwrap();
+        } else {
+            let mut got = vec![0f32; BIG];
+            // SAFETY: as above.
+            unsafe { st.enqueue(stream, &[(op, None, out(&mut got))]) }.unwrap();
+            assert!(stream.synchronize(Duration::from_secs(60)), "rank 1: the stream did not drain");
+            worlds[0].barrier().unwrap();
+            let wrong = got.iter().filter(|v| **v != 1.0).count();
+            assert_eq!(wrong, 0, "rank 1: {wrong} of {BIG} values received wrong");
+        }
+        assert!(st.error().is_none(), "rank {rank}: {:?}", st.error());
+        assert_eq!(st.ipc_counts()[2], 1, "rank {rank}: the broadcast went through the mapping");
         st.close();
         st.join();
     });
