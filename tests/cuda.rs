@@ -18,7 +18,13 @@ use multiworld::{bf16, f16, DeviceWorld, Element, ErrorKind, ReduceOp, WorldMana
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
 fn worker() {
-    common::worker_main(&[("collectives", collectives), ("ipc", ipc), ("kill", kill), ("c_api", c_api)]);
+    common::worker_main(&[
+        ("collectives", collectives),
+        ("ipc", ipc),
+        ("ipc_collectives", ipc_collectives),
+        ("kill", kill),
+        ("c_api", c_api),
+    ]);
 }
 
 /// Whether a GPU is here; prints why not.
@@ -172,9 +178,10 @@ fn device_collectives_three_ranks() {
     }
 }
 
-/// The same with CUDA IPC on: sends and receives between these ranks (one host) go through
-/// it. cudarc allocates from the stream-ordered pool, which CUDA IPC cannot share, so here
-/// the bytes take IPC's by-host fallback (the `ipc` role below maps buffers).
+/// The same with CUDA IPC on: operations between these ranks (one host) go through it.
+/// cudarc allocates from the stream-ordered pool, which CUDA IPC cannot share, so here the
+/// bytes take IPC's by-host fallback, for sends and receives and for collectives alike (the
+/// `ipc` and `ipc_collectives` roles below map buffers).
 #[test]
 fn device_collectives_three_ranks_with_ipc() {
     if have_gpu() {
@@ -251,6 +258,75 @@ fn device_point_to_point_through_ipc_mappings() {
     if have_gpu() {
         for n in [2, 3] {
             common::run_ranks("ipc", n, &[("MW_DEVICE_IPC", "1".into())], Duration::from_secs(200));
+        }
+    }
+}
+
+/// Collectives through CUDA IPC mappings (`MW_DEVICE_IPC=1`, `cuMemAlloc` buffers): the
+/// streams read each other's buffers and reduce them with the crate's kernel. Every kind
+/// that takes this path, in and out of place, for three sizes, against a reference computed
+/// here; every collective must have gone through the mappings.
+fn ipc_collectives(ctx: &Ctx) {
+    let s = stream_for(ctx.rank);
+    let m = WorldManager::new();
+    let w = m.init_world("ipc-coll", &ctx.id(), ctx.rank, ctx.size).unwrap();
+    let dw = DeviceWorld::new(w, s.clone()).unwrap();
+    let (n, rank, root) = (ctx.size, ctx.rank, ctx.size - 1);
+    // Whole numbers: sums, maxima and the division of an average are exact or rounded alike.
+    let values = |r: usize, count: usize, salt: usize| -> Vec<f32> {
+        (0..count).map(|i| ((i * 7 + salt) % 4093) as f32 + 5000.0 * r as f32).collect()
+    };
+    let fold = |count: usize, salt: usize, f: fn(f32, f32) -> f32| -> Vec<f32> {
+        (0..count).map(|i| (1..n).fold(values(0, count, salt)[i], |acc, r| f(acc, values(r, count, salt)[i]))).collect()
+    };
+    let check = |what: &str, buf: &CudaSlice<f32>, want: &[f32]| {
+        let got = s.clone_dtoh(buf).unwrap();
+        let wrong = got.iter().zip(want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert!(got.len() == want.len() && wrong == 0, "rank {rank}: {what}: {wrong} of {} wrong", want.len());
+    };
+    let mut collectives = 0;
+    for count in [1usize, 4097, 1 << 22] {
+        let what = |op: &str| format!("{op}, {count} floats, {n} ranks");
+        let send = shareable(&s, &values(rank, count, 0));
+        let mut sum = shareable(&s, &vec![0f32; count]);
+        dw.all_reduce(&send, &mut sum, &ReduceOp::Sum).unwrap();
+        check(&what("all_reduce sum"), &sum, &fold(count, 0, |a, b| a + b));
+        let mut avg = shareable(&s, &values(rank, count, 1));
+        dw.all_reduce_in_place(&mut avg, &ReduceOp::Avg).unwrap();
+        let want: Vec<f32> = fold(count, 1, |a, b| a + b).iter().map(|x| x / n as f32).collect();
+        check(&what("all_reduce avg in place"), &avg, &want);
+        let blocks = shareable(&s, &values(rank, count * n, 2));
+        let mut mine = shareable(&s, &vec![0f32; count]);
+        dw.reduce_scatter(&blocks, &mut mine, &ReduceOp::Max).unwrap();
+        check(&what("reduce_scatter max"), &mine, &fold(count * n, 2, f32::max)[rank * count..(rank + 1) * count]);
+        let mut all = shareable(&s, &vec![0f32; count * n]);
+        dw.all_gather(&send, &mut all).unwrap();
+        check(&what("all_gather"), &all, &(0..n).flat_map(|r| values(r, count, 0)).collect::<Vec<_>>());
+        let mut b = shareable(&s, &if rank == root { values(root, count, 3) } else { vec![0f32; count] });
+        dw.broadcast_in_place(&mut b, root).unwrap();
+        check(&what("broadcast in place"), &b, &values(root, count, 3));
+        let mut r = shareable(&s, &vec![0f32; count]);
+        dw.reduce(&send, &mut r, &ReduceOp::Sum, root).unwrap();
+        if rank == root {
+            check(&what("reduce sum"), &r, &fold(count, 0, |a, b| a + b));
+        }
+        collectives += 6;
+        for buf in [send, sum, avg, blocks, mine, all, b, r] {
+            free(&s, buf);
+        }
+    }
+    dw.synchronize().unwrap();
+    let stats = dw.ipc_stats();
+    assert_eq!((stats.collectives_mapped, stats.collectives_by_host), (collectives, 0), "rank {rank}: {stats:?}");
+    dw.world().barrier().unwrap();
+    println!("rank {rank}: {collectives} collectives through CUDA IPC mappings");
+}
+
+#[test]
+fn device_collectives_through_ipc_mappings() {
+    if have_gpu() {
+        for n in [2, 3] {
+            common::run_ranks("ipc_collectives", n, &[("MW_DEVICE_IPC", "1".into())], Duration::from_secs(200));
         }
     }
 }

@@ -39,7 +39,7 @@ struct Device<'a> {
     b: &'a Bench,
     dw: DeviceWorld,
     s: Arc<CudaStream>,
-    /// `MW_DEVICE_IPC=1`: sends and receives go through CUDA IPC.
+    /// `MW_DEVICE_IPC=1`: operations between ranks on this host go through CUDA IPC.
     ipc: bool,
 }
 
@@ -53,7 +53,7 @@ impl Device<'_> {
         let input = typed::<f32>(&reference::input(d, r, 0, count));
         // Through CUDA IPC, buffers from cuMemAlloc (which it can share; cudarc's pool memory
         // it cannot, and would move by host).
-        let shareable = op == DevOp::SendRecv && self.ipc;
+        let shareable = self.ipc;
         let (send, mut recv): (CudaSlice<f32>, CudaSlice<f32>) = if shareable {
             (self.shareable(&input), self.shareable(&vec![0f32; count]))
         } else {
@@ -183,9 +183,9 @@ pub(crate) fn run(b: &Bench) -> Result<u64, String> {
     let mut wrong_total = 0;
     let show = b.rank == 0;
     if show {
-        let p2p = if dev.ipc { "cuda_ipc (MW_DEVICE_IPC=1)" } else { "staged" };
+        let path = if dev.ipc { "cuda_ipc (MW_DEVICE_IPC=1)" } else { "staged through host memory" };
         println!(
-            "#\n# device buffers  ranks {}  gpus {gpus} ({})  float  send_recv: {p2p} on one host",
+            "#\n# device buffers  ranks {}  gpus {gpus} ({})  float  {path} on one host",
             b.n,
             ctx.name().unwrap_or_default()
         );
@@ -227,7 +227,10 @@ pub(crate) fn run(b: &Bench) -> Result<u64, String> {
     }
     if show && dev.ipc {
         let st = dev.dw.ipc_stats();
-        println!("# cuda_ipc: {} receives through mappings, {} operations by host", st.receives_mapped, st.by_host);
+        println!(
+            "# cuda_ipc: {} receives through mappings, {} sends/receives by host; {} collectives through mappings, {} by host",
+            st.receives_mapped, st.by_host, st.collectives_mapped, st.collectives_by_host
+        );
     }
     if show {
         println!("#\n# reduction kernel (sum of 2 float buffers), GB/s of bytes read and written");
