@@ -23,8 +23,9 @@
 use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::task::{Wake, Waker};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 
@@ -454,8 +455,11 @@ pub(crate) struct Staging<D: Device = CudaDevice> {
     /// Set (under `enqueue`) when the owner goes: no more batches; the stager exits once the
     /// streams are done with the ones it has.
     closed: AtomicBool,
-    /// Rung by enqueues (for the stager) and by the stager when batches move (for waiters).
-    bell: Condvar,
+    /// Rung by enqueues and by the completion of anything the stager posted (for the stager),
+    /// and by the stager when batches move (for waiters).
+    bell: Arc<Bell>,
+    /// Rings `bell`; registered with every completion the stager waits for.
+    waker: Waker,
     stager: Mutex<Option<JoinHandle<()>>>,
     /// Per rank: whether point-to-point operations with it go through CUDA IPC (a peer on
     /// this host, and a device that shares: for CUDA, with `MW_DEVICE_IPC=1`).
@@ -491,6 +495,7 @@ impl<D: Device> Staging<D> {
     /// Starts staging `world`'s operations on `device`'s streams: the stager thread starts.
     pub(crate) fn with_device(world: World, device: D) -> Result<Arc<Staging<D>>> {
         let on = device.can_share();
+        let bell = Arc::new(Bell { cv: Condvar::new(), rung: AtomicBool::new(false) });
         let shares = world.transports().iter().map(|t| on && *t == Some(TransportKind::Shm)).collect();
         let staging = Arc::new(Staging {
             shares,
@@ -504,7 +509,8 @@ impl<D: Device> Staging<D> {
             pool: Mutex::new(Vec::new()),
             error: Mutex::new(None),
             closed: AtomicBool::new(false),
-            bell: Condvar::new(),
+            bell: bell.clone(),
+            waker: Waker::from(bell),
             stager: Mutex::new(None),
             device,
         });
@@ -550,7 +556,7 @@ impl<D: Device> Staging<D> {
     pub(crate) fn close(&self) {
         let _order = lock(&self.enqueue);
         self.closed.store(true, Ordering::Release);
-        self.bell.notify_all();
+        self.bell.ring();
     }
 
     /// Waits for the stager to exit (after [`Staging::close`]): every block is then freed.
@@ -581,7 +587,7 @@ impl<D: Device> Staging<D> {
     fn wait_until(&self, done: impl Fn(&Batch<D::Block>) -> bool) {
         let mut pending = lock(&self.pending);
         while !pending.iter().all(&done) {
-            pending = wait_timeout(&self.bell, pending, Duration::from_millis(1));
+            pending = wait_timeout(&self.bell.cv, pending, Duration::from_millis(1));
         }
     }
 
@@ -660,7 +666,7 @@ impl<D: Device> Staging<D> {
         match unsafe { self.device.submit(stream, &batch.block, &cmds) } {
             Ok(()) => {
                 lock(&self.pending).push_back(batch);
-                self.bell.notify_all();
+                self.bell.ring();
                 Ok(())
             }
             Err(e) => {
@@ -684,10 +690,15 @@ impl<D: Device> Staging<D> {
     /// fails the outstanding batches (so no stream waits on a thread that is gone) and the
     /// stager goes on draining.
     fn run(&self) {
+        let mut last_moved = Instant::now();
         loop {
-            match catch_unwind(AssertUnwindSafe(|| self.pass())) {
-                Ok(true) => break,
-                Ok(false) => {}
+            // Flags written by the GPU raise no event: shortly after anything moved, when the
+            // next flag is likely close, look again at once (yielding the core); otherwise nap.
+            let spin = last_moved.elapsed() < SPIN;
+            match catch_unwind(AssertUnwindSafe(|| self.pass(spin))) {
+                Ok(Pass::Done) => break,
+                Ok(Pass::Moved) => last_moved = Instant::now(),
+                Ok(Pass::Still) => {}
                 Err(_) => {
                     let mut pending = lock(&self.pending);
                     for b in pending.iter_mut().filter(|b| !matches!(b.stage, Stage::Releasing)) {
@@ -700,8 +711,8 @@ impl<D: Device> Staging<D> {
         lock(&self.pool).clear();
     }
 
-    /// One pass over the batches, then a nap if nothing moved. True when the stager is done.
-    fn pass(&self) -> bool {
+    /// One pass over the batches, then, if nothing moved, a yield (`spin`) or a nap.
+    fn pass(&self, spin: bool) -> Pass {
         let mut moved = false;
         let mut pending = lock(&self.pending);
         let usable = matches!(self.world.state(), WorldState::Ready);
@@ -753,17 +764,26 @@ impl<D: Device> Staging<D> {
             }
         }
         if pending.is_empty() && self.closed.load(Ordering::Acquire) {
-            return true;
+            return Pass::Done;
         }
+        // A completion that came during the pass rang too early to wake a nap: pass again.
+        let rung = self.bell.rung.swap(false, Ordering::AcqRel);
         if moved {
-            self.bell.notify_all();
-        } else {
-            // Flags written by the GPU raise no event: while batches are outstanding, look
-            // again shortly; otherwise sleep until the next enqueue rings.
-            let nap = if pending.is_empty() { Duration::from_millis(100) } else { Duration::from_micros(50) };
-            drop(wait_timeout(&self.bell, pending, nap));
+            self.bell.cv.notify_all();
+            return Pass::Moved;
         }
-        false
+        if !rung {
+            if spin && !pending.is_empty() {
+                drop(pending);
+                std::thread::yield_now();
+            } else {
+                // While batches are outstanding, look at the GPU's flags again shortly;
+                // otherwise sleep until an enqueue or a completion rings.
+                let nap = if pending.is_empty() { Duration::from_millis(100) } else { Duration::from_micros(50) };
+                drop(wait_timeout(&self.bell.cv, pending, nap));
+            }
+        }
+        Pass::Still
     }
 
     /// Posts a batch whose inputs are in its block.
@@ -789,7 +809,7 @@ impl<D: Device> Staging<D> {
             b.stage = Stage::Running(Vec::new());
         } else {
             // SAFETY: as above.
-            match unsafe { self.world.post_raw(ops, false) } {
+            match unsafe { self.post_watched(ops) } {
                 Ok(c) => b.stage = Stage::Running(c),
                 Err(e) => return self.fail(b, e),
             }
@@ -822,6 +842,19 @@ impl<D: Device> Staging<D> {
             moved = true;
         }
         Ok(moved)
+    }
+
+    /// Posts operations to the world; their completions ring the stager's bell.
+    ///
+    /// # Safety
+    /// As [`World::post_raw`].
+    unsafe fn post_watched(&self, ops: Vec<(OpDesc, RawBuf, RawBuf)>) -> Result<Vec<Arc<Completion>>> {
+        // SAFETY: the caller's promise.
+        let done = unsafe { self.world.post_raw(ops, false) }?;
+        for c in &done {
+            c.register(&self.waker);
+        }
+        Ok(done)
     }
 
     fn closed_error(&self) -> Error {
@@ -862,6 +895,41 @@ impl<D: Device> Staging<D> {
         if matches!(self.world.state(), WorldState::Ready) {
             self.world.abort();
         }
+    }
+}
+
+/// How long the stager keeps looking at the flags without napping after something moved.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// What a pass of the stager did.
+enum Pass {
+    Moved,
+    Still,
+    /// Closed, and every batch released.
+    Done,
+}
+
+/// The stager's doorbell: a condition variable, and a flag for rings that came while the
+/// stager was not waiting. It is a waker too, so that the completion of a message wakes the
+/// stager at once.
+struct Bell {
+    cv: Condvar,
+    rung: AtomicBool,
+}
+
+impl Bell {
+    fn ring(&self) {
+        self.rung.store(true, Ordering::Release);
+        self.cv.notify_all();
+    }
+}
+
+impl Wake for Bell {
+    fn wake(self: Arc<Self>) {
+        self.ring();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ring();
     }
 }
 

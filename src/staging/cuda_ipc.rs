@@ -405,7 +405,7 @@ impl<D: Device> Staging<D> {
         let buf = unsafe { RawBuf::from_raw(base.wrapping_add(at), len, !out) };
         let (send, recv) = if out { (buf, RawBuf::EMPTY) } else { (RawBuf::EMPTY, buf) };
         // SAFETY: as above.
-        let mut c = unsafe { self.world.post_raw(vec![(desc, send, recv)], false) }?;
+        let mut c = unsafe { self.post_watched(vec![(desc, send, recv)]) }?;
         c.pop().ok_or_else(|| Error::internal("posting a CUDA IPC message gave no completion"))
     }
 }

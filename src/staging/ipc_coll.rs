@@ -654,7 +654,7 @@ impl<D: Device> Staging<D> {
                     )
                 };
                 // SAFETY: as above.
-                let mut done = unsafe { self.world.post_raw(vec![(c.desc, send, recv)], false) }?;
+                let mut done = unsafe { self.post_watched(vec![(c.desc, send, recv)]) }?;
                 let done = done.pop().ok_or_else(|| Error::internal("posting an operation gave no completion"))?;
                 p.messages.push(done.clone());
                 c.host_op = Some(done);
@@ -706,7 +706,7 @@ impl<D: Device> Staging<D> {
             ops.push((desc(s, false), RawBuf::EMPTY, inc));
         }
         // SAFETY: as above.
-        let done = unsafe { self.world.post_raw(ops, false) }?;
+        let done = unsafe { self.post_watched(ops) }?;
         p.messages.extend(done.iter().cloned());
         c.received.push(done.into_iter().skip(1).step_by(2).collect());
         c.posted = round;
