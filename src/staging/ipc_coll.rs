@@ -564,6 +564,7 @@ impl<D: Device> Staging<D> {
                 return Err(mismatch(self.world.name(), c, s, w));
             }
             let (need_in, need_out) = c.needs(s);
+            let mut opened: Vec<([u8; HANDLE_LEN], CUdeviceptr, usize)> = Vec::new();
             for (need, bit, off, handle, len, out) in [
                 (need_in, IN_SHARED, T_IN_OFF, T_IN_HANDLE, c.in_len(), false),
                 (need_out, OUT_SHARED, T_OUT_OFF, T_OUT_HANDLE, c.out_len(), true),
@@ -579,12 +580,24 @@ impl<D: Device> Staging<D> {
                 // SAFETY: the handle's bytes lie inside the token area.
                 unsafe { std::ptr::copy_nonoverlapping(base.add(t + handle), h.as_mut_ptr(), HANDLE_LEN) };
                 let offset = w(off);
-                // A mapping that fails (GPUs without peer access, ranks in one process): by host.
-                let Ok((m, size)) = self.device.open(&h) else {
-                    all = false;
-                    continue;
+                // A peer's input and output in one allocation (in place, for one) are mapped
+                // once.
+                let (m, size) = match opened.iter().find(|(k, ..)| *k == h) {
+                    Some(&(_, m, size)) => (m, size),
+                    None => match self.device.open(&h) {
+                        Ok((m, size)) => {
+                            c.mappings.push(m);
+                            opened.push((h, m, size));
+                            (m, size)
+                        }
+                        // A mapping that fails (GPUs without peer access, ranks in one
+                        // process): by host.
+                        Err(_) => {
+                            all = false;
+                            continue;
+                        }
+                    },
                 };
-                c.mappings.push(m);
                 // The token's range must lie inside the allocation it names.
                 if offset.checked_add(len as u64).is_none_or(|end| end > size as u64) {
                     return Err(Error::invalid_usage(format!(

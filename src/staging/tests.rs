@@ -904,6 +904,29 @@ fn a_stream_leaves_an_ipc_collective_only_once_every_peer_has_read_its_buffer() 
     });
 }
 
+#[test]
+fn an_in_place_collective_maps_each_peer_allocation_once() {
+    // In place, a peer's input and output are one buffer: one mapping of it, not two (each
+    // would count against the driver's mappings, and some drivers refuse a second).
+    ranks(3, &["w"], |rank, worlds| {
+        let device = HostDevice::sharing(Share::On);
+        let counts = device.counts.clone();
+        let st = Staging::with_device(worlds[0].clone(), device).unwrap();
+        let stream = HostStream::new();
+        let mut buf = data(rank, 1000, 0);
+        // SAFETY: the buffer outlives the synchronize below.
+        unsafe { st.enqueue(stream, &[(desc(OpKind::AllReduce, ReduceOp::Sum, 1000, 0, true), None, out(&mut buf))]) }
+            .unwrap();
+        assert!(stream.synchronize(Duration::from_secs(30)), "rank {rank}: the stream did not drain");
+        assert!(st.error().is_none(), "rank {rank}: {:?}", st.error());
+        same(&buf, &(0..1000).map(|i| (0..3).map(|r| data(r, 1000, 0)[i]).sum()).collect::<Vec<f32>>(), "sum");
+        assert_eq!(counts.opened.load(Ordering::SeqCst), 2, "rank {rank}: one mapping per peer");
+        st.close();
+        st.join();
+        assert_eq!(counts.closed.load(Ordering::SeqCst), 2, "rank {rank}: every mapping closed");
+    });
+}
+
 /// Not a test: a measurement of the stager's own cost on the stand-in device, whose streams
 /// poll their flags as a GPU does. Run by hand:
 /// `cargo test --release --features cuda --lib stager_latency -- --ignored --nocapture`.
