@@ -556,6 +556,9 @@ impl<D: Device> Staging<D> {
     pub(crate) fn close(&self) {
         let _order = lock(&self.enqueue);
         self.closed.store(true, Ordering::Release);
+        // Rung under the stager's lock, so that it is either in a pass (and sees `closed`) or
+        // already waiting (and wakes).
+        let _pending = lock(&self.pending);
         self.bell.ring();
     }
 

@@ -13,7 +13,8 @@
 //! 2. **status**: whether this rank mapped every peer buffer it reads. Unless all ranks did,
 //!    the operation moves its bytes by host, as a staged operation does, on every rank alike.
 //! 3. **phase 1 done**, once the stream has run phase 1 and so will read no more of the peers'
-//!    inputs. `all_reduce` has a phase 2 and a round 4 after it.
+//!    inputs. `all_reduce` has a phase 2 and a round 4 after it. By host, round 3 says
+//!    instead that this rank has closed its mappings (then unused).
 //!
 //! The phases, run by each rank's stream between flags that its own stager writes:
 //! - `all_reduce`: phase 1 combines chunk `rank` of every rank's input into this rank's
@@ -28,7 +29,8 @@
 //! peer reads this rank's buffers any more. A rank unmaps its peers' buffers before sending
 //! its last round, so that no rank frees memory that another still maps. If the world breaks
 //! at any point, the stager writes the flags as failed and the streams move on, as everywhere
-//! (`cuda_ipc.rs`); the output of a failed operation is unspecified.
+//! (`cuda_ipc.rs`); the output of a failed operation is unspecified. (A peer's stream may then
+//! still be reading this rank's buffer: nothing a broken world says can be waited for.)
 //!
 //! The choice of this path is made at enqueue, from what every rank knows alike: an
 //! operation alone in its batch (not grouped), of one of those kinds, with some bytes, in a
@@ -80,9 +82,12 @@ const TOKEN_LEN: usize = T_OUT_HANDLE + HANDLE_LEN;
 const IN_SHARED: u64 = 1;
 const OUT_SHARED: u64 = 2;
 
-/// Round 2's values, and rounds 3 and 4's (distinct, so that a message out of place is caught).
-const MAPPED_ALL: u64 = 1;
-const BY_HOST: u64 = 2;
+/// Round 2's values; round 3's by host; rounds 3 and 4's mapped (`PHASE_DONE` + round). All
+/// distinct, and distinct from the point-to-point protocol's, so that a message out of place
+/// is caught.
+const MAPPED_ALL: u64 = 0x4d57_1001;
+const BY_HOST: u64 = 0x4d57_1002;
+const UNMAPPED: u64 = 0x4d57_1003;
 const PHASE_DONE: u64 = 0x4d57_0000;
 
 /// How the operation's bytes move, once every rank's status is in.
@@ -196,10 +201,14 @@ impl IpcColl {
         let mut cmds = vec![
             StreamCmd::WaitFor { at: c + GO1, value: 1 },
             StreamCmd::CopyAsTold { at: c + IN_COPY, count: 1, max: self.stage_send.1.max(self.stage_recv.1) },
-            StreamCmd::CombineAsTold { at: c + COMBINE, dtype: self.desc.dtype, max: self.desc.count },
-            StreamCmd::CopyAsTold { at: c + COPIES, count: n, max: b },
-            StreamCmd::Raise { at: c + P1 },
         ];
+        // Only the launches the kind can need (an empty one still reads its descriptor).
+        if matches!(self.desc.kind, OpKind::AllReduce | OpKind::ReduceScatter | OpKind::Reduce) {
+            cmds.push(StreamCmd::CombineAsTold { at: c + COMBINE, dtype: self.desc.dtype, max: self.desc.count });
+        } else {
+            cmds.push(StreamCmd::CopyAsTold { at: c + COPIES, count: n, max: b });
+        }
+        cmds.push(StreamCmd::Raise { at: c + P1 });
         if self.phases == 2 {
             cmds.extend([
                 StreamCmd::WaitFor { at: c + GO2, value: 1 },
@@ -217,7 +226,7 @@ impl IpcColl {
 
     fn rounds(&self) -> u8 {
         match self.mode {
-            Some(Mode::ByHost) => 2,
+            Some(Mode::ByHost) => 3,
             _ => 2 + self.phases,
         }
     }
@@ -633,11 +642,13 @@ impl<D: Device> Staging<D> {
             c.mode = Some(Mode::Mapped);
             self.count_coll(true);
         } else {
-            // Nothing is read through the mappings: they go now.
+            // Nothing is read through the mappings: they go now, and round 3 says so (no rank
+            // may let its caller free a buffer that a peer still maps).
             if !c.mappings.is_empty() {
                 let _entered = self.device.enter()?;
                 c.mappings.drain(..).for_each(|m| self.device.close(m));
             }
+            put(base, c.out_at(3), UNMAPPED);
             // The stream copies the input into the block, as a staged operation does.
             let copy = if c.desc.in_place {
                 c.recv.map(|(a, len)| (a, p.dev + c.stage_recv.0 as u64, len as u64))
@@ -652,9 +663,13 @@ impl<D: Device> Staging<D> {
         Ok(())
     }
 
-    /// By host: once the stream copied the input into the block, the staged operation; once
-    /// it is done, the copy out. True if anything moved.
+    /// By host: round 3 (this rank's mappings are closed); once the stream copied the input
+    /// into the block, the staged operation; once it is done and every peer's round 3 is in,
+    /// the copy out. True if anything moved.
     fn step_by_host(&self, p: &mut Parts) -> Result<bool> {
+        if p.c.posted == 2 {
+            return self.post_round(p, 3);
+        }
         let (base, c) = (p.base, &mut *p.c);
         match &c.host_op {
             None if read_flag(base, c.ctl + P1) == 1 => {
@@ -673,9 +688,15 @@ impl<D: Device> Staging<D> {
                 c.host_op = Some(done);
                 Ok(true)
             }
-            Some(done) if !c.landed && done.is_done() => {
+            Some(done) if !c.landed && done.is_done() && c.round_in(3) => {
                 if let Some(Err(e)) = done.result() {
                     return Err(e);
+                }
+                for s in c.peers() {
+                    let v = get(base, c.in_at(3, s));
+                    if v != UNMAPPED {
+                        return Err(Error::internal(format!("CUDA IPC: rank {s} sent {v} in round 3")));
+                    }
                 }
                 let copy = c.recv.map(|(a, len)| (p.dev + c.stage_recv.0 as u64, a, len as u64));
                 tell_copies(base, c.ctl + AFTER, copy.as_slice());

@@ -158,14 +158,20 @@ struct Counts {
 }
 
 /// The stand-in device. `fail_after`: a submit puts that many commands on the stream, then
-/// fails (as a CUDA call failing half-way through an enqueue would).
+/// fails (as a CUDA call failing half-way through an enqueue would). `slow_close`: unmapping
+/// takes that long.
 #[derive(Default)]
 struct HostDevice {
     fail_after: Option<usize>,
     share: Share,
+    slow_close: Option<Duration>,
     live: Arc<AtomicUsize>,
     counts: Arc<Counts>,
 }
+
+/// Every "allocation" some rank of this process maps now (with repeats), as the stand-in
+/// device's `open` and `close` see them.
+static MAPPED: Mutex<Vec<CUdeviceptr>> = Mutex::new(Vec::new());
 
 impl HostDevice {
     fn sharing(share: Share) -> HostDevice {
@@ -232,11 +238,19 @@ impl Device for HostDevice {
             return Err(Error::new(ErrorKind::Cuda, "cannot map a peer's memory here"));
         }
         self.counts.opened.fetch_add(1, Ordering::SeqCst);
+        let base = u64::from_le_bytes(handle[..8].try_into().unwrap());
+        MAPPED.lock().unwrap().push(base);
         // The tests' buffers are far smaller than this "allocation".
-        Ok((u64::from_le_bytes(handle[..8].try_into().unwrap()), 1 << 40))
+        Ok((base, 1 << 40))
     }
 
-    fn close(&self, _: CUdeviceptr) {
+    fn close(&self, base: CUdeviceptr) {
+        if let Some(d) = self.slow_close {
+            thread::sleep(d);
+        }
+        let mut mapped = MAPPED.lock().unwrap();
+        let i = mapped.iter().position(|m| *m == base).expect("closing what is not mapped");
+        mapped.swap_remove(i);
         self.counts.closed.fetch_add(1, Ordering::SeqCst);
     }
 }
@@ -924,6 +938,94 @@ fn an_in_place_collective_maps_each_peer_allocation_once() {
         st.close();
         st.join();
         assert_eq!(counts.closed.load(Ordering::SeqCst), 2, "rank {rank}: every mapping closed");
+    });
+}
+
+/// A page of floats: its own stand-in "allocation", which no other buffer shares.
+#[repr(align(4096))]
+struct Page([f32; 1024]);
+
+#[test]
+fn no_stream_leaves_a_collective_while_a_peer_still_maps_its_buffer() {
+    // By host, a rank whose bytes are sent is done with its part at once (small messages
+    // wait at the receiver). One rank maps a peer's buffer and is slow to unmap it; another
+    // rank cannot share or map, so the operation goes by host. No rank's stream may leave
+    // while a peer still maps its buffer: its caller may free the buffer then.
+    // A broadcast from rank 0: rank 1 maps rank 0's buffer; rank 2 cannot map.
+    // A reduce to rank 0: rank 0 maps rank 1's buffer; rank 2's cannot be shared.
+    for (kind, slow, odd) in [(OpKind::Broadcast, 1, Share::NoOpen), (OpKind::Reduce, 0, Share::NoExport)] {
+        ranks(3, &["w"], move |rank, worlds| {
+            let share = if rank == 2 { odd } else { Share::On };
+            let slow_close = (rank == slow).then_some(Duration::from_millis(300));
+            let device = HostDevice { share, slow_close, ..Default::default() };
+            let st = Staging::with_device(worlds[0].clone(), device).unwrap();
+            let stream = HostStream::new();
+            let mut buf = Box::new(Page([rank as f32; 1024]));
+            let op = (desc(kind, ReduceOp::Sum, 1024, 0, true), None, out(&mut buf.0));
+            // SAFETY: the buffer outlives the synchronize below.
+            unsafe { st.enqueue(stream, &[op]) }.unwrap();
+            assert!(stream.synchronize(Duration::from_secs(30)), "rank {rank}: the stream did not drain");
+            let page = buf.0.as_ptr() as u64;
+            let still = MAPPED.lock().unwrap().iter().filter(|m| **m == page).count();
+            assert_eq!(still, 0, "rank {rank}, {kind:?}: the stream left while a peer still mapped its buffer");
+            assert!(st.error().is_none(), "rank {rank}: {:?}", st.error());
+            assert_eq!(st.ipc_counts()[2..], [0, 1], "rank {rank}: (collectives mapped, by host)");
+            let want = if kind == OpKind::Reduce { 3.0 } else { 0.0 };
+            if rank == 0 || kind == OpKind::Broadcast {
+                assert!(buf.0.iter().all(|v| *v == want), "rank {rank}, {kind:?}: result");
+            }
+            st.close();
+            st.join();
+        });
+    }
+}
+
+#[test]
+fn ipc_collectives_on_two_streams_and_a_failed_enqueue() {
+    const N: usize = 3000;
+    ranks(2, &["w"], |rank, worlds| {
+        let st = Staging::with_device(worlds[0].clone(), HostDevice::sharing(Share::On)).unwrap();
+        let (s1, s2) = (HostStream::new(), HostStream::new());
+        let a = data(rank, N, 0);
+        let b = data(rank, N, 1);
+        let (mut sum, mut all) = (vec![0f32; N], vec![0f32; 2 * N]);
+        // SAFETY: the buffers outlive the synchronizes below.
+        unsafe {
+            st.enqueue(s1, &[(desc(OpKind::AllReduce, ReduceOp::Sum, N, 0, false), dev(&a), out(&mut sum))]).unwrap();
+            st.enqueue(s2, &[(desc(OpKind::AllGather, ReduceOp::Sum, N, 0, false), dev(&b), out(&mut all))]).unwrap();
+        }
+        assert!(s1.synchronize(Duration::from_secs(30)) && s2.synchronize(Duration::from_secs(30)));
+        assert!(st.error().is_none(), "rank {rank}: {:?}", st.error());
+        same(&sum, &(0..N).map(|i| data(0, N, 0)[i] + data(1, N, 0)[i]).collect::<Vec<_>>(), "all_reduce on stream 1");
+        same(&all, &[data(0, N, 1), data(1, N, 1)].concat(), "all_gather on stream 2");
+        assert_eq!(st.ipc_counts()[2], 2, "rank {rank}: both through mappings");
+        st.close();
+        st.join();
+    });
+    // An enqueue that fails after the wait for GO1 reached the stream: the stream is released
+    // and the peer's collective fails with the world.
+    ranks(2, &["w"], |rank, worlds| {
+        let fail_after = (rank == 0).then_some(3);
+        let st =
+            Staging::with_device(worlds[0].clone(), HostDevice { fail_after, share: Share::On, ..Default::default() })
+                .unwrap();
+        let stream = HostStream::new();
+        let a = data(rank, N, 0);
+        let mut sum = vec![0f32; N];
+        // SAFETY: the buffers outlive the synchronize below.
+        let r = unsafe {
+            st.enqueue(stream, &[(desc(OpKind::AllReduce, ReduceOp::Sum, N, 0, false), dev(&a), out(&mut sum))])
+        };
+        assert!(stream.synchronize(Duration::from_secs(10)), "rank {rank}: the stream still waits");
+        if rank == 0 {
+            assert_eq!(r.unwrap_err().kind(), ErrorKind::Cuda);
+        } else {
+            // Refused at once if rank 0 already broke the world, else failed on the stream.
+            let e = r.err().or_else(|| st.error());
+            assert_eq!(e.map(|e| e.kind()), Some(ErrorKind::WorldBroken), "rank 1");
+        }
+        st.close();
+        st.join();
     });
 }
 
