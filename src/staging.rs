@@ -430,6 +430,21 @@ fn read_flag(base: *mut u8, at: usize) -> u32 {
     v
 }
 
+/// Reads a u64 word of a control area in the block at `base` (a message or a descriptor).
+fn get(base: *mut u8, at: usize) -> u64 {
+    // Messages land before their completion is seen: a plain read after an acquire will do.
+    fence(Ordering::Acquire);
+    // SAFETY: callers pass offsets of words inside a batch's block.
+    unsafe { std::ptr::read_unaligned(base.add(at) as *const u64) }
+}
+
+/// Writes a u64 word of a control area; the stream reads such words only after a flag
+/// written later (`write_flag`).
+fn put(base: *mut u8, at: usize, v: u64) {
+    // SAFETY: as in `get`.
+    unsafe { std::ptr::write_unaligned(base.add(at) as *mut u64, v) };
+}
+
 /// Writes a flag word that a stream waits on.
 fn write_flag(base: *mut u8, at: usize, v: u32) {
     // What the stream reads once released (results, descriptors) is written before.

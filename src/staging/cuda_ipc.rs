@@ -34,11 +34,11 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::{Batch, Block, Device, Staging, StreamCmd, DONE_FAILED, HANDLE_LEN};
+use super::{get, put, Batch, Block, Device, Staging, StreamCmd, DONE_FAILED, HANDLE_LEN};
 use crate::buf::RawBuf;
 use crate::coll::OpDesc;
 use crate::error::{Error, Result};
-use crate::sync::{Arc, Ordering};
+use crate::sync::Arc;
 use crate::types::{DataType, ReduceOp};
 use crate::wire::OpKind;
 
@@ -199,19 +199,6 @@ pub(super) fn release<B: Block>(b: &Batch<B>) {
             put(b.block.host_ptr(), o.ctl + TOLD + 16, 0);
         }
     }
-}
-
-/// Reads and writes of u64 words in a block.
-fn get(base: *mut u8, at: usize) -> u64 {
-    // Messages land before their completion is seen: a plain read after an acquire will do.
-    crate::sync::fence(Ordering::Acquire);
-    // SAFETY: `at` is a word of a control area inside the block.
-    unsafe { std::ptr::read_unaligned(base.add(at) as *const u64) }
-}
-
-fn put(base: *mut u8, at: usize, v: u64) {
-    // SAFETY: as in `get`; the stream reads these words only after a flag written later.
-    unsafe { std::ptr::write_unaligned(base.add(at) as *mut u64, v) };
 }
 
 impl<D: Device> Staging<D> {

@@ -39,7 +39,9 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::{read_flag, write_flag, Batch, Block, Device, DeviceOp, Staging, StreamCmd, DONE_FAILED, HANDLE_LEN};
+use super::{
+    get, put, read_flag, write_flag, Batch, Block, Device, DeviceOp, Staging, StreamCmd, DONE_FAILED, HANDLE_LEN,
+};
 use crate::buf::RawBuf;
 use crate::coll::OpDesc;
 use crate::error::{Error, Result};
@@ -423,18 +425,6 @@ pub(super) fn release<B: Block>(b: &Batch<B>) {
             }
         }
     }
-}
-
-fn get(base: *mut u8, at: usize) -> u64 {
-    // Messages land before their completion is seen: a plain read after an acquire will do.
-    crate::sync::fence(crate::sync::Ordering::Acquire);
-    // SAFETY: `at` is a word of a control area inside the block.
-    unsafe { std::ptr::read_unaligned(base.add(at) as *const u64) }
-}
-
-fn put(base: *mut u8, at: usize, v: u64) {
-    // SAFETY: as in `get`; the stream reads these words only after a flag written later.
-    unsafe { std::ptr::write_unaligned(base.add(at) as *mut u64, v) };
 }
 
 /// What a step of the stager works on: the block (as this process and as the device see it),
