@@ -23,6 +23,7 @@ fn worker() {
         ("ipc", ipc),
         ("ipc_collectives", ipc_collectives),
         ("kill", kill),
+        ("kill_ipc", kill_ipc),
         ("c_api", c_api),
     ]);
 }
@@ -399,6 +400,89 @@ fn device_stream_drains_when_peer_is_killed() {
         ("MW_ID_B", multiworld::UniqueId::new_on(ip).unwrap().to_string()),
     ];
     let mut procs: Vec<_> = (0..3).map(|r| common::spawn("kill", r, 3, &env, &[])).collect();
+    // Rank 1 dies by design; ranks 0 and 2 must succeed.
+    let mut dead = procs.remove(1);
+    dead.wait_for(Duration::from_secs(120));
+    common::finish(&mut procs, Duration::from_secs(120));
+}
+
+/// Three ranks with CUDA IPC on (`MW_DEVICE_IPC=1`): world "a" joins 0 and 1, world "b"
+/// joins 0 and 2. Ranks 0 and 1 start a large all-reduce through IPC mappings, and rank 1
+/// SIGKILLs itself moments later — while rank 0's stream may be waiting for it, or copying
+/// from its mapped buffer. Rank 0's stream must drain (the operation fails, or had finished),
+/// and its context must stay usable: world "b" on the same GPU still works afterwards.
+fn kill_ipc(ctx: &Ctx) {
+    let s = stream_for(ctx.rank);
+    let m = WorldManager::new();
+    let id = |k: &str| ctx.env(k).parse::<multiworld::UniqueId>().expect("id");
+    const N: usize = 16 << 20;
+    match ctx.rank {
+        0 => {
+            let a = DeviceWorld::new(m.init_world("a", &id("MW_ID_A"), 0, 2).unwrap(), s.clone()).unwrap();
+            let sb = stream_for(0);
+            let b = DeviceWorld::new(m.init_world("b", &id("MW_ID_B"), 0, 2).unwrap(), sb.clone()).unwrap();
+            let send = shareable(&s, &vec![1f32; N]);
+            let mut sum = shareable(&s, &vec![0f32; N]);
+            let t = Instant::now();
+            // Refused at once if the world already broke, else failed (or done) on the stream.
+            let r = a.all_reduce(&send, &mut sum, &ReduceOp::Sum).and_then(|_| a.synchronize());
+            let drained = t.elapsed();
+            assert!(drained < Duration::from_secs(10), "stream drained only after {drained:?}");
+            match &r {
+                Ok(()) => println!("rank 0: the all-reduce finished before the kill"),
+                Err(e) => assert_eq!(e.kind(), ErrorKind::WorldBroken, "error {e}"),
+            }
+            // The context still works: world b, on the same GPU.
+            let one = shareable(&sb, &[1f32; 1024]);
+            let mut out = shareable(&sb, &[0f32; 1024]);
+            b.all_reduce(&one, &mut out, &ReduceOp::Sum).unwrap();
+            b.synchronize().unwrap();
+            assert_eq!(sb.clone_dtoh(&out).unwrap(), vec![2f32; 1024], "world b after the kill");
+            b.world().barrier().unwrap();
+            for buf in [send, sum] {
+                free(&s, buf);
+            }
+            for buf in [one, out] {
+                free(&sb, buf);
+            }
+            println!("rank 0: stream drained {drained:?} after the start ({r:?}); world b unaffected");
+        }
+        1 => {
+            let a = DeviceWorld::new(m.init_world("a", &id("MW_ID_A"), 1, 2).unwrap(), s.clone()).unwrap();
+            let send = shareable(&s, &vec![1f32; N]);
+            let mut sum = shareable(&s, &vec![0f32; N]);
+            a.all_reduce(&send, &mut sum, &ReduceOp::Sum).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+            // SAFETY: kill(2) on this process.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        _ => {
+            let b = DeviceWorld::new(m.init_world("b", &id("MW_ID_B"), 1, 2).unwrap(), s.clone()).unwrap();
+            let one = shareable(&s, &[1f32; 1024]);
+            let mut out = shareable(&s, &[0f32; 1024]);
+            b.all_reduce(&one, &mut out, &ReduceOp::Sum).unwrap();
+            b.synchronize().unwrap();
+            assert_eq!(s.clone_dtoh(&out).unwrap(), vec![2f32; 1024], "world b");
+            b.world().barrier().unwrap();
+            for buf in [one, out] {
+                free(&s, buf);
+            }
+        }
+    }
+}
+
+#[test]
+fn device_ipc_collective_drains_when_peer_is_killed() {
+    if !have_gpu() {
+        return;
+    }
+    let ip = "127.0.0.1".parse().unwrap();
+    let env = [
+        ("MW_ID_A", multiworld::UniqueId::new_on(ip).unwrap().to_string()),
+        ("MW_ID_B", multiworld::UniqueId::new_on(ip).unwrap().to_string()),
+        ("MW_DEVICE_IPC", "1".into()),
+    ];
+    let mut procs: Vec<_> = (0..3).map(|r| common::spawn("kill_ipc", r, 3, &env, &[])).collect();
     // Rank 1 dies by design; ranks 0 and 2 must succeed.
     let mut dead = procs.remove(1);
     dead.wait_for(Duration::from_secs(120));
