@@ -491,6 +491,8 @@ fn device_ipc_collective_drains_when_peer_is_killed() {
 
 /// The C API with device pointers and a stream: an all-reduce, an in-place all-gather and a
 /// grouped exchange around the ring, enqueued and then checked after a stream synchronize.
+/// With `MW_DEVICE_IPC=1` the buffers come from `cuMemAlloc`, so that the collectives and
+/// the grouped exchange go through CUDA IPC mappings.
 fn c_api(ctx: &Ctx) {
     use multiworld::ffi::*;
     use std::ffi::c_void;
@@ -506,10 +508,12 @@ fn c_api(ctx: &Ctx) {
     let d = multiworld::DataType::F32;
     let count = 4097;
     let mine = input(d, rank, 0, count);
-    let send = s.clone_htod(&typed::<f32>(&mine)).unwrap();
-    let mut sum = s.alloc_zeros::<f32>(count).unwrap();
-    let mut all = s.alloc_zeros::<f32>(count * n).unwrap();
-    let mut got = s.alloc_zeros::<f32>(count).unwrap();
+    let ipc = std::env::var("MW_DEVICE_IPC").is_ok_and(|v| v == "1");
+    let buf = |data: &[f32]| if ipc { shareable(&s, data) } else { s.clone_htod(data).unwrap() };
+    let send = buf(&typed::<f32>(&mine));
+    let mut sum = buf(&vec![0f32; count]);
+    let mut all = buf(&vec![0f32; count * n]);
+    let mut got = buf(&vec![0f32; count]);
     // The rank's own block goes in place first.
     s.memcpy_htod(&typed::<f32>(&mine), &mut all.slice_mut(rank * count..(rank + 1) * count)).unwrap();
     let st = s.cu_stream() as *mut c_void;
@@ -570,11 +574,17 @@ fn c_api(ctx: &Ctx) {
     assert_eq!(unsafe { mwBarrier(comm, std::ptr::null_mut()) }, mwSuccess);
     // SAFETY: as above; destroyed once.
     assert_eq!(unsafe { mwCommDestroy(comm) }, mwSuccess);
+    if ipc {
+        for b in [send, sum, all, got] {
+            free(&s, b);
+        }
+    }
 }
 
 #[test]
 fn device_pointers_through_the_c_api() {
     if have_gpu() {
         common::run_ranks("c_api", 3, &[], Duration::from_secs(120));
+        common::run_ranks("c_api", 3, &[("MW_DEVICE_IPC", "1".into())], Duration::from_secs(120));
     }
 }
