@@ -158,44 +158,80 @@ MW_HD double mw_f64_op(int op, double a, double b) {
   }
 }
 
+// One element's accumulator across sources, in order: `init` with the first source's value,
+// `step` with each next one, `finish` for the result. The kernels keep one per vector lane in
+// registers while they walk the sources; the scalar combines below are the same folds. Half and
+// bfloat16 accumulate in f32 and round once at the end; max and min of them return the winning
+// operand's own bits.
+template <typename T, typename U>
+struct MwIntAcc {
+  T acc;
+  MW_HD void init(int, T v) { acc = v; }
+  MW_HD void step(int op, T v) { acc = mw_int_op<T, U>(op, acc, v); }
+  MW_HD T finish(int) const { return acc; }
+};
+
+struct MwF32Acc {
+  float acc;
+  MW_HD void init(int, float v) { acc = v; }
+  MW_HD void step(int op, float v) { acc = mw_f32_op(op, acc, v); }
+  MW_HD float finish(int) const { return acc; }
+};
+
+struct MwF64Acc {
+  double acc;
+  MW_HD void init(int, double v) { acc = v; }
+  MW_HD void step(int op, double v) { acc = mw_f64_op(op, acc, v); }
+  MW_HD double finish(int) const { return acc; }
+};
+
+// 16-bit floats, carried as their bits; `BF` selects bfloat16 over IEEE half.
+template <int BF>
+struct Mw16Acc {
+  uint16_t best;
+  float acc;
+  MW_HD static float widen(uint16_t raw) { return BF ? mw_bf16_to_f32(raw) : mw_f16_to_f32(raw); }
+  MW_HD void init(int, uint16_t raw) {
+    best = raw;
+    acc = widen(raw);
+  }
+  MW_HD void step(int op, uint16_t raw) {
+    float r = mw_f32_op(op, acc, widen(raw));
+    // Max and min keep the bits of whichever operand won.
+    if ((op == MW_MAX || op == MW_MIN) && mw_f32_bits(r) != mw_f32_bits(acc)) best = raw;
+    acc = r;
+  }
+  MW_HD uint16_t finish(int op) const {
+    if (op == MW_MAX || op == MW_MIN) return best;
+    return BF ? mw_f32_to_bf16(acc) : mw_f32_to_f16(acc);
+  }
+};
+
 // Combines element i of `nsrc` sources into one value: sources[0] op sources[1] op ... in
-// order. Half and bfloat16 accumulate in f32 and round once at the end; max and min of them
-// return the winning operand's own bits.
+// order, with accumulator A.
+template <typename A, typename T>
+MW_HD T mw_fold(int op, const T* const* src, int nsrc, size_t i) {
+  A a;
+  a.init(op, src[0][i]);
+  for (int s = 1; s < nsrc; s++) a.step(op, src[s][i]);
+  return a.finish(op);
+}
+
 template <typename T, typename U>
 MW_HD T mw_combine_int(int op, const T* const* src, int nsrc, size_t i) {
-  T acc = src[0][i];
-  for (int s = 1; s < nsrc; s++) acc = mw_int_op<T, U>(op, acc, src[s][i]);
-  return acc;
+  return mw_fold<MwIntAcc<T, U>, T>(op, src, nsrc, i);
 }
 
 MW_HD float mw_combine_f32(int op, const float* const* src, int nsrc, size_t i) {
-  float acc = src[0][i];
-  for (int s = 1; s < nsrc; s++) acc = mw_f32_op(op, acc, src[s][i]);
-  return acc;
+  return mw_fold<MwF32Acc, float>(op, src, nsrc, i);
 }
 
 MW_HD double mw_combine_f64(int op, const double* const* src, int nsrc, size_t i) {
-  double acc = src[0][i];
-  for (int s = 1; s < nsrc; s++) acc = mw_f64_op(op, acc, src[s][i]);
-  return acc;
+  return mw_fold<MwF64Acc, double>(op, src, nsrc, i);
 }
 
-// 16-bit floats; `bf` selects bfloat16 over IEEE half.
 MW_HD uint16_t mw_combine_16(int op, int bf, const uint16_t* const* src, int nsrc, size_t i) {
-  uint16_t best = src[0][i];
-  float acc = bf ? mw_bf16_to_f32(best) : mw_f16_to_f32(best);
-  for (int s = 1; s < nsrc; s++) {
-    uint16_t raw = src[s][i];
-    float v = bf ? mw_bf16_to_f32(raw) : mw_f16_to_f32(raw);
-    float r = mw_f32_op(op, acc, v);
-    if (op == MW_MAX || op == MW_MIN) {
-      // Keep the bits of whichever operand won.
-      if (mw_f32_bits(r) != mw_f32_bits(acc)) best = raw;
-    }
-    acc = r;
-  }
-  if (op == MW_MAX || op == MW_MIN) return best;
-  return bf ? mw_f32_to_bf16(acc) : mw_f32_to_f16(acc);
+  return bf ? mw_fold<Mw16Acc<1>, uint16_t>(op, src, nsrc, i) : mw_fold<Mw16Acc<0>, uint16_t>(op, src, nsrc, i);
 }
 
 // The last step of an average: x / n.

@@ -18,84 +18,81 @@ __device__ __forceinline__ bool mw_aligned(const void* p) { return ((uintptr_t)p
 __device__ __forceinline__ size_t mw_tid() { return (size_t)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ size_t mw_threads() { return (size_t)gridDim.x * blockDim.x; }
 
-// One element (or one lane of a vector) of type T: the per-type combine of arith.cuh.
-template <typename T>
-struct Combine;
+// The arithmetic of one data type: its storage `T`, its accumulator (arith.cuh) and the
+// division that ends an average.
+template <typename Storage, typename Accumulator>
+struct Arith {
+  typedef Storage T;
+  typedef Accumulator Acc;
+};
 
-#define MW_INT_COMBINE(T, U)                                                                      \
-  template <>                                                                                     \
-  struct Combine<T> {                                                                             \
-    __device__ static T run(int op, const T* const* s, int n, size_t i) {                         \
-      return mw_combine_int<T, U>(op, s, n, i);                                                   \
-    }                                                                                             \
-    __device__ static T div(T x, int n) { return mw_div_int<T>(x, n); }                           \
-  };
-MW_INT_COMBINE(int8_t, uint8_t)
-MW_INT_COMBINE(uint8_t, uint8_t)
-MW_INT_COMBINE(int32_t, uint32_t)
-MW_INT_COMBINE(uint32_t, uint32_t)
-MW_INT_COMBINE(int64_t, uint64_t)
-MW_INT_COMBINE(uint64_t, uint64_t)
-
-template <>
-struct Combine<float> {
-  __device__ static float run(int op, const float* const* s, int n, size_t i) { return mw_combine_f32(op, s, n, i); }
+template <typename T, typename U>
+struct IntArith : Arith<T, MwIntAcc<T, U> > {
+  __device__ static T div(T x, int n) { return mw_div_int<T>(x, n); }
+};
+struct F32Arith : Arith<float, MwF32Acc> {
   __device__ static float div(float x, int n) { return x / (float)n; }
 };
-template <>
-struct Combine<double> {
-  __device__ static double run(int op, const double* const* s, int n, size_t i) { return mw_combine_f64(op, s, n, i); }
+struct F64Arith : Arith<double, MwF64Acc> {
   __device__ static double div(double x, int n) { return x / (double)n; }
 };
-
-// 16-bit floats are carried as raw uint16_t; BF selects bfloat16.
 template <int BF>
-struct Half {
-  uint16_t bits;
-};
-template <int BF>
-struct Combine<Half<BF>> {
-  __device__ static Half<BF> run(int op, const Half<BF>* const* s, int n, size_t i) {
-    return Half<BF>{mw_combine_16(op, BF, (const uint16_t* const*)s, n, i)};
-  }
-  __device__ static Half<BF> div(Half<BF> x, int n) { return Half<BF>{mw_div_16(x.bits, BF, n)}; }
+struct HalfArith : Arith<uint16_t, Mw16Acc<BF> > {
+  __device__ static uint16_t div(uint16_t x, int n) { return mw_div_16(x, BF, n); }
 };
 
-// `divide` > 0: each result is then divided by it, as `mw_scale` would (the end of an average
-// done in one pass; the same arithmetic, rounded to T in between).
-template <typename T>
-__device__ void mw_combine(int op, T* dst, MwSources src, int nsrc, size_t n, int divide) {
-  const T* s[MW_MAX_SOURCES];
+// dst[i] = src[0][i] op src[1][i] op ..., `nsrc` sources whose addresses are in shared memory
+// (the caller puts them there: indexing a kernel parameter by a variable would copy it to
+// local memory). `divide` > 0: each result is then divided by it, as `mw_scale` would (the end
+// of an average in the same pass; the same arithmetic, rounded to T in between).
+//
+// The vector path keeps one accumulator per lane in registers and walks the sources one 16-byte
+// load at a time, so that nothing goes to local memory whatever the number of sources.
+template <typename A>
+__device__ void mw_combine(int op, typename A::T* dst, const void* const* src, int nsrc, size_t n, int divide) {
+  typedef typename A::T T;
+  typedef typename A::Acc Acc;
   bool aligned = mw_aligned(dst);
-  for (int k = 0; k < nsrc; k++) {
-    s[k] = (const T*)src.p[k];
-    aligned = aligned && mw_aligned(s[k]);
-  }
+  for (int k = 0; k < nsrc; k++) aligned = aligned && mw_aligned(src[k]);
   size_t start = 0;
-  if (aligned && sizeof(T) <= 16) {
+  if (aligned) {
     const int lanes = 16 / sizeof(T);
     size_t nvec = n / lanes;
     for (size_t v = mw_tid(); v < nvec; v += mw_threads()) {
-      uint4 in[MW_MAX_SOURCES];
-      const T* lane_src[MW_MAX_SOURCES];
-      for (int k = 0; k < nsrc; k++) {
-        in[k] = ((const uint4*)s[k])[v];
-        lane_src[k] = (const T*)&in[k];
+      Acc acc[lanes];
+      union {
+        uint4 u;
+        T e[lanes];
+      } x;
+      x.u = ((const uint4*)src[0])[v];
+#pragma unroll
+      for (int j = 0; j < lanes; j++) acc[j].init(op, x.e[j]);
+      for (int k = 1; k < nsrc; k++) {
+        x.u = ((const uint4*)src[k])[v];
+#pragma unroll
+        for (int j = 0; j < lanes; j++) acc[j].step(op, x.e[j]);
       }
-      uint4 out;
-      T* o = (T*)&out;
+#pragma unroll
       for (int j = 0; j < lanes; j++) {
-        o[j] = Combine<T>::run(op, lane_src, nsrc, j);
-        if (divide > 0) o[j] = Combine<T>::div(o[j], divide);
+        T r = acc[j].finish(op);
+        x.e[j] = divide > 0 ? A::div(r, divide) : r;
       }
-      ((uint4*)dst)[v] = out;
+      ((uint4*)dst)[v] = x.u;
     }
     start = nvec * lanes;
   }
   for (size_t i = start + mw_tid(); i < n; i += mw_threads()) {
-    T r = Combine<T>::run(op, s, nsrc, i);
-    dst[i] = divide > 0 ? Combine<T>::div(r, divide) : r;
+    Acc a;
+    a.init(op, ((const T*)src[0])[i]);
+    for (int k = 1; k < nsrc; k++) a.step(op, ((const T*)src[k])[i]);
+    T r = a.finish(op);
+    dst[i] = divide > 0 ? A::div(r, divide) : r;
   }
+}
+
+template <typename A>
+__device__ void mw_scale(typename A::T* dst, size_t n, int ranks) {
+  for (size_t i = mw_tid(); i < n; i += mw_threads()) dst[i] = A::div(dst[i], ranks);
 }
 
 // What a combine descriptor in host-mapped memory holds (u64 words), written by the host
@@ -103,45 +100,48 @@ __device__ void mw_combine(int op, T* dst, MwSources src, int nsrc, size_t n, in
 // sources, reduction, divisor (zero: none), then the sources' addresses.
 enum { MW_TOLD_DST = 0, MW_TOLD_N, MW_TOLD_NSRC, MW_TOLD_OP, MW_TOLD_DIVIDE, MW_TOLD_SRC, MW_TOLD_WORDS = MW_TOLD_SRC + MW_MAX_SOURCES };
 
-// Combines as a descriptor says; for reductions over a peer's buffer mapped through CUDA IPC,
-// whose address is known only when the stream gets there. One thread per block reads the
-// descriptor (reads over the bus).
-template <typename T>
-__device__ void mw_combine_told(const volatile unsigned long long* desc) {
-  __shared__ unsigned long long d[MW_TOLD_WORDS];
-  if (threadIdx.x < MW_TOLD_WORDS) d[threadIdx.x] = desc[threadIdx.x];
-  __syncthreads();
-  int nsrc = (int)d[MW_TOLD_NSRC];
-  if (d[MW_TOLD_N] == 0 || nsrc < 1 || nsrc > MW_MAX_SOURCES) return;
-  MwSources src;
-  for (int k = 0; k < MW_MAX_SOURCES; k++) src.p[k] = (const void*)d[MW_TOLD_SRC + k];
-  mw_combine<T>((int)d[MW_TOLD_OP], (T*)d[MW_TOLD_DST], src, nsrc, (size_t)d[MW_TOLD_N], (int)d[MW_TOLD_DIVIDE]);
-}
-
-template <typename T>
-__device__ void mw_scale(T* dst, size_t n, int ranks) {
-  for (size_t i = mw_tid(); i < n; i += mw_threads()) dst[i] = Combine<T>::div(dst[i], ranks);
-}
-
-#define MW_KERNELS(NAME, T)                                                                       \
-  extern "C" __global__ void mw_combine_##NAME(int op, T* dst, MwSources src, int nsrc, size_t n) { \
-    mw_combine<T>(op, dst, src, nsrc, n, 0);                                                      \
-  }                                                                                               \
+#define MW_KERNELS(NAME, A)                                                                          \
+  extern "C" __global__ void mw_combine_##NAME(int op, A::T* dst, MwSources src, int nsrc, size_t n) { \
+    __shared__ const void* p[MW_MAX_SOURCES];                                                      \
+    if (threadIdx.x == 0) {                                                                        \
+      _Pragma("unroll") for (int k = 0; k < MW_MAX_SOURCES; k++) p[k] = src.p[k];                  \
+    }                                                                                              \
+    __syncthreads();                                                                               \
+    mw_combine<A>(op, dst, p, nsrc, n, 0);                                                         \
+  }                                                                                                \
+  /* Combines as a descriptor in host-mapped memory says when the kernel runs: for reductions   \
+     over a peer's buffer mapped through CUDA IPC, whose address is known only then. One thread \
+     per word reads the descriptor (reads over the bus). */                                     \
   extern "C" __global__ void mw_combine_told_##NAME(const volatile unsigned long long* desc) {    \
-    mw_combine_told<T>(desc);                                                                     \
-  }                                                                                               \
-  extern "C" __global__ void mw_scale_##NAME(T* dst, size_t n, int ranks) { mw_scale<T>(dst, n, ranks); }
+    __shared__ unsigned long long d[MW_TOLD_WORDS];                                                \
+    if (threadIdx.x < MW_TOLD_WORDS) d[threadIdx.x] = desc[threadIdx.x];                           \
+    __syncthreads();                                                                               \
+    int nsrc = (int)d[MW_TOLD_NSRC];                                                               \
+    if (d[MW_TOLD_N] == 0 || nsrc < 1 || nsrc > MW_MAX_SOURCES) return;                            \
+    mw_combine<A>((int)d[MW_TOLD_OP], (A::T*)d[MW_TOLD_DST], (const void* const*)&d[MW_TOLD_SRC], nsrc, \
+                  (size_t)d[MW_TOLD_N], (int)d[MW_TOLD_DIVIDE]);                                   \
+  }                                                                                                \
+  extern "C" __global__ void mw_scale_##NAME(A::T* dst, size_t n, int ranks) { mw_scale<A>(dst, n, ranks); }
 
-MW_KERNELS(i8, int8_t)
-MW_KERNELS(u8, uint8_t)
-MW_KERNELS(i32, int32_t)
-MW_KERNELS(u32, uint32_t)
-MW_KERNELS(i64, int64_t)
-MW_KERNELS(u64, uint64_t)
-MW_KERNELS(f16, Half<0>)
-MW_KERNELS(f32, float)
-MW_KERNELS(f64, double)
-MW_KERNELS(bf16, Half<1>)
+typedef IntArith<int8_t, uint8_t> I8Arith;
+typedef IntArith<uint8_t, uint8_t> U8Arith;
+typedef IntArith<int32_t, uint32_t> I32Arith;
+typedef IntArith<uint32_t, uint32_t> U32Arith;
+typedef IntArith<int64_t, uint64_t> I64Arith;
+typedef IntArith<uint64_t, uint64_t> U64Arith;
+typedef HalfArith<0> F16Arith;
+typedef HalfArith<1> BF16Arith;
+
+MW_KERNELS(i8, I8Arith)
+MW_KERNELS(u8, U8Arith)
+MW_KERNELS(i32, I32Arith)
+MW_KERNELS(u32, U32Arith)
+MW_KERNELS(i64, I64Arith)
+MW_KERNELS(u64, U64Arith)
+MW_KERNELS(f16, F16Arith)
+MW_KERNELS(f32, F32Arith)
+MW_KERNELS(f64, F64Arith)
+MW_KERNELS(bf16, BF16Arith)
 
 // Copies `bytes` bytes, 16 at a time where both ends are aligned.
 __device__ void mw_copy_bytes(unsigned char* dst, const unsigned char* src, size_t bytes) {
