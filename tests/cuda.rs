@@ -28,16 +28,18 @@ fn worker() {
     ]);
 }
 
-/// Whether a GPU is here; prints why not.
+/// Whether a GPU is here; prints which test skips and why not.
 fn have_gpu() -> bool {
+    // The test harness names each test's thread after the test.
+    let test = std::thread::current().name().unwrap_or("a GPU test").to_string();
     match multiworld::cuda::device_count() {
         Ok(n) if n > 0 => true,
         Ok(_) => {
-            println!("SKIPPED: no CUDA device on this machine");
+            println!("SKIPPED {test}: no CUDA device on this machine");
             false
         }
         Err(e) => {
-            println!("SKIPPED: {e}");
+            println!("SKIPPED {test}: {e}");
             false
         }
     }
