@@ -226,3 +226,74 @@ fn kernels_on_the_gpu_match_the_host_build() {
     }
     println!("kernels checked on {:?}", ctx.ordinal());
 }
+
+/// On a GPU: the kernels that read what to do from host-mapped memory when they run (the CUDA
+/// IPC paths' `mw_combine_told_<type>` and `mw_copy_told`), against the host build: three
+/// sources combined for every type, with and without an average's division, and a list of
+/// copies, one of them empty.
+#[test]
+fn told_kernels_on_the_gpu_match_the_host_build() {
+    let ctx = match context(0) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("SKIPPED told_kernels_on_the_gpu_match_the_host_build: needs a CUDA GPU: {e}");
+            return;
+        }
+    };
+    let stream = ctx.default_stream();
+    let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec())).expect("kernels load");
+    let desc = Pinned::new(RawContext(ctx.cu_ctx()), 4096).expect("pinned descriptor");
+    let tell = |words: &[u64]| {
+        for (k, w) in words.iter().enumerate() {
+            // SAFETY: inside the 4096-byte block; no kernel runs while the host writes it.
+            unsafe { std::ptr::write_unaligned(desc.host_ptr().add(8 * k) as *mut u64, *w) };
+        }
+    };
+    let launch = |name: &str, count: Option<i32>| {
+        let f = module.load_function(name).expect("kernel");
+        let dp = desc.dev_ptr();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&dp);
+        if let Some(c) = &count {
+            b.arg(c);
+        }
+        let cfg = cudarc::driver::LaunchConfig { grid_dim: (8, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the descriptor says what the kernel touches: buffers below, alive until the
+        // stream is synchronized by the download that follows.
+        unsafe { b.launch(cfg) }.expect("launch");
+    };
+    let addr = |s: &cudarc::driver::CudaSlice<u8>| cudarc::driver::DevicePtr::device_ptr(s, &stream).0;
+    let mut rng = Rng::new(11);
+    for d in DataType::ALL {
+        let n = 4099;
+        let srcs: Vec<Vec<u8>> = (0..3).map(|_| random(&mut rng, d, n)).collect();
+        let devs: Vec<_> = srcs.iter().map(|s| stream.clone_htod(s).expect("upload")).collect();
+        for (op, divide) in [(ReduceOp::Sum, 0u64), (ReduceOp::Max, 0), (ReduceOp::Avg, 3)] {
+            let out = stream.alloc_zeros::<u8>(n * d.size()).expect("alloc");
+            let mut words = vec![addr(&out), n as u64, 3, op as u64, divide];
+            words.extend(devs.iter().map(addr));
+            words.resize(5 + MAX_SOURCES, 0);
+            tell(&words);
+            launch(&format!("mw_combine_told_{}", type_name(d)), None);
+            let got = stream.clone_dtoh(&out).expect("download");
+            let mut want = host_combine(d, op, &srcs);
+            if divide > 0 {
+                scale_avg(d, &mut want, divide as usize);
+            }
+            assert!(same(d, &got, &want), "{d} {op}: the told combine differs from the host build");
+        }
+    }
+    // Three copies told at once: two of them between offsets that are not aligned, one empty.
+    let src: Vec<u8> = (0..70_000).map(|i| (i * 13 + 7) as u8).collect();
+    let dsrc = stream.clone_htod(&src).expect("upload");
+    let ddst = stream.alloc_zeros::<u8>(70_000).expect("alloc");
+    let (s, t) = (addr(&dsrc), addr(&ddst));
+    tell(&[s, t, 30_000, s + 30_003, t + 30_001, 39_990, s, t + 69_999, 0]);
+    launch("mw_copy_told", Some(3));
+    let got = stream.clone_dtoh(&ddst).expect("download");
+    assert_eq!(&got[..30_000], &src[..30_000], "first copy");
+    assert_eq!(got[30_000], 0, "between the copies");
+    assert_eq!(&got[30_001..69_991], &src[30_003..69_993], "second copy");
+    assert!(got[69_991..].iter().all(|b| *b == 0), "the empty copy wrote nothing");
+    println!("told kernels checked on {:?}", ctx.ordinal());
+}
