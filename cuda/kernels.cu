@@ -114,7 +114,7 @@ enum { MW_TOLD_DST = 0, MW_TOLD_N, MW_TOLD_NSRC, MW_TOLD_OP, MW_TOLD_DIVIDE, MW_
      per word reads the descriptor (reads over the bus). */                                     \
   extern "C" __global__ void mw_combine_told_##NAME(const volatile unsigned long long* desc) {    \
     __shared__ unsigned long long d[MW_TOLD_WORDS];                                                \
-    if (threadIdx.x < MW_TOLD_WORDS) d[threadIdx.x] = desc[threadIdx.x];                           \
+    for (int i = threadIdx.x; i < MW_TOLD_WORDS; i += blockDim.x) d[i] = desc[i];                  \
     __syncthreads();                                                                               \
     int nsrc = (int)d[MW_TOLD_NSRC];                                                               \
     if (d[MW_TOLD_N] == 0 || nsrc < 1 || nsrc > MW_MAX_SOURCES) return;                            \
@@ -158,11 +158,14 @@ extern "C" __global__ void mw_copy(unsigned char* dst, const unsigned char* src,
   mw_copy_bytes(dst, src, bytes);
 }
 
-// Copies what `count` descriptors in host-mapped memory say, one after the other: {source,
-// destination, bytes} each, written by the host before it released the stream to this launch
-// (zero bytes: nothing to do). For copies whose addresses are known only when the stream gets
-// there, such as a peer's buffer mapped through CUDA IPC. One thread per block reads each
-// descriptor (a read over the bus).
+// Copies what `count` descriptors in host-mapped memory say: {source, destination, bytes}
+// each, written by the host before it released the stream to this launch (zero bytes: nothing
+// to do). For copies whose addresses are known only when the stream gets there, such as a
+// peer's buffer mapped through CUDA IPC. One thread per block reads each descriptor (a read
+// over the bus). Each block walks the list in order, but blocks run side by side: the copies
+// of one launch must not depend on each other (the callers' never overlap). A descriptor the
+// host empties while the kernel runs (a failed operation) may be seen by some blocks and not
+// others: a partial copy, into an output that failure leaves unspecified anyway.
 extern "C" __global__ void mw_copy_told(const volatile unsigned long long* desc, int count) {
   __shared__ unsigned long long d[3];
   for (int k = 0; k < count; k++) {
