@@ -445,6 +445,20 @@ fn put(base: *mut u8, at: usize, v: u64) {
     unsafe { std::ptr::write_unaligned(base.add(at) as *mut u64, v) };
 }
 
+/// Bytes of one copy descriptor: source, destination, bytes (u64 each), as `mw_copy_told`
+/// reads them.
+const COPY_LEN: usize = 24;
+
+/// Writes copy descriptors from `at` on, for `StreamCmd::CopyAsTold`; one not written stays
+/// zero (cleared at enqueue): nothing to copy.
+fn tell_copies(base: *mut u8, at: usize, copies: &[(CUdeviceptr, CUdeviceptr, u64)]) {
+    for (k, (from, to, len)) in copies.iter().enumerate() {
+        put(base, at + k * COPY_LEN, *from);
+        put(base, at + k * COPY_LEN + 8, *to);
+        put(base, at + k * COPY_LEN + 16, *len);
+    }
+}
+
 /// Writes a flag word that a stream waits on.
 fn write_flag(base: *mut u8, at: usize, v: u32) {
     // What the stream reads once released (results, descriptors) is written before.

@@ -34,7 +34,7 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::{get, put, Batch, Block, Device, Staging, StreamCmd, DONE_FAILED, HANDLE_LEN};
+use super::{get, put, tell_copies, Batch, Block, Device, Staging, StreamCmd, DONE_FAILED, HANDLE_LEN};
 use crate::buf::RawBuf;
 use crate::coll::OpDesc;
 use crate::error::{Error, Result};
@@ -271,10 +271,7 @@ impl<D: Device> Staging<D> {
                         How::Mapped
                     }
                     SEND_THE_BYTES => {
-                        let told = o.ctl + TOLD;
-                        put(base, told, o.addr);
-                        put(base, told + 8, b.block.dev_ptr() + o.data as u64);
-                        put(base, told + 16, o.len as u64);
+                        tell_copies(base, o.ctl + TOLD, &[(o.addr, b.block.dev_ptr() + o.data as u64, o.len as u64)]);
                         self.count_by_host();
                         How::Bytes
                     }
@@ -323,10 +320,7 @@ impl<D: Device> Staging<D> {
                 };
                 let how = match mapped {
                     Some(m) => {
-                        let told = o.ctl + TOLD;
-                        put(base, told, m + offset);
-                        put(base, told + 8, o.addr);
-                        put(base, told + 16, o.len as u64);
+                        tell_copies(base, o.ctl + TOLD, &[(m + offset, o.addr, o.len as u64)]);
                         put(base, o.ctl + REPLY, COPIED_THROUGH_IPC);
                         self.count_mapped();
                         How::Mapped
@@ -355,10 +349,7 @@ impl<D: Device> Staging<D> {
             // Receiver whose bytes came by host: its stream copies them from the block into
             // the caller's buffer after DONE.
             (false, Some(How::Bytes)) if !o.landed && o.round_done(3) => {
-                let told = o.ctl + TOLD_AFTER;
-                put(base, told, b.block.dev_ptr() + o.data as u64);
-                put(base, told + 8, o.addr);
-                put(base, told + 16, o.len as u64);
+                tell_copies(base, o.ctl + TOLD_AFTER, &[(b.block.dev_ptr() + o.data as u64, o.addr, o.len as u64)]);
                 b.ipc[i].landed = true;
                 Ok(true)
             }

@@ -40,7 +40,8 @@
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::{
-    get, put, read_flag, write_flag, Batch, Block, Device, DeviceOp, Staging, StreamCmd, DONE_FAILED, HANDLE_LEN,
+    get, put, read_flag, tell_copies, write_flag, Batch, Block, Device, DeviceOp, Staging, StreamCmd, COPY_LEN,
+    DONE_FAILED, HANDLE_LEN,
 };
 use crate::buf::RawBuf;
 use crate::coll::OpDesc;
@@ -66,7 +67,6 @@ const AFTER: usize = IN_COPY + COPY_LEN;
 const COMBINE: usize = AFTER + COPY_LEN;
 const COMBINE_LEN: usize = 8 * (5 + MAX_RANKS);
 const COPIES: usize = COMBINE + COMBINE_LEN;
-const COPY_LEN: usize = 24;
 
 // The token's words (then the two handles).
 const T_KIND: usize = 0;
@@ -398,15 +398,6 @@ impl IpcColl {
 fn ctl_len(n: usize) -> usize {
     // Descriptors; the outgoing token and three words; the incoming tokens and words.
     COPIES + 2 * n * COPY_LEN + TOKEN_LEN + 24 + n * (TOKEN_LEN + 24)
-}
-
-/// Writes copy descriptors from `at` on; an unused one stays zero (cleared at enqueue).
-fn tell_copies(base: *mut u8, at: usize, copies: &[(CUdeviceptr, CUdeviceptr, u64)]) {
-    for (k, (from, to, len)) in copies.iter().enumerate() {
-        put(base, at + k * COPY_LEN, *from);
-        put(base, at + k * COPY_LEN + 8, *to);
-        put(base, at + k * COPY_LEN + 16, *len);
-    }
 }
 
 /// Releases a failed batch's collective: flags not written yet are written as failed (their
