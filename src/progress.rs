@@ -43,7 +43,7 @@ pub(crate) struct Driver {
     name: Arc<str>,
     engine: Mutex<Engine>,
     /// Held by the one thread that drives.
-    driving: AtomicBool,
+    token: Token,
     /// Signalled once, on abort; never drained; every sleeper polls it.
     abort_fd: EventFd,
     /// Tells the driver that new work was posted; polled and drained by the driver only.
@@ -72,7 +72,7 @@ impl Driver {
         let d = Arc::new(Driver {
             name: name.clone(),
             engine: Mutex::new(engine),
-            driving: AtomicBool::new(false),
+            token: Token::default(),
             abort_fd: efd()?,
             kick_fd: efd()?,
             wake_fd: efd()?,
@@ -89,11 +89,12 @@ impl Driver {
     }
 
     fn take_token(&self) -> bool {
-        self.driving.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        self.token.take()
     }
 
-    fn give_token(&self) {
-        self.driving.store(false, Ordering::Release);
+    /// Gives the token back; true if work is left that nobody will drive unless told.
+    fn give_token(&self) -> bool {
+        self.token.give_back(|| lock(&self.engine).has_work())
     }
 
     /// One pass under the lock, with a pending abort applied first.
@@ -160,9 +161,13 @@ impl Driver {
                     self.drive(|e| !e.has_work() || e.broken().is_some(), None);
                 }
                 let broken = lock(&self.engine).broken().is_some();
-                self.give_token();
+                let left = self.give_token();
                 if broken {
                     break;
+                }
+                if left {
+                    // Posted while we drove: the post only kicked us, so drive it now.
+                    continue;
                 }
             }
             // Idle (or another thread drives): watch for hang-ups, work, abort, the next tick.
@@ -177,7 +182,7 @@ impl Driver {
     /// (a blocking call) and drive them itself if it can.
     pub(crate) fn post(&self, ops: impl IntoIterator<Item = Posted>, driven: bool) {
         lock(&self.engine).post(ops, Instant::now);
-        if self.driving.load(Ordering::Acquire) {
+        if self.token.held() {
             self.kick_fd.signal();
         } else if !driven {
             self.wake_fd.signal();
@@ -234,8 +239,7 @@ impl Progress for Driver {
             }
             if self.take_token() {
                 self.drive(|_| all_done(), deadline);
-                self.give_token();
-                if lock(&self.engine).has_work() {
+                if self.give_token() {
                     // Work of other callers is left: the progress thread carries it on.
                     self.wake_fd.signal();
                 }
@@ -264,8 +268,35 @@ impl Progress for Driver {
                 let mut e = lock(&self.engine);
                 self.pass(&mut e, Instant::now());
             }
-            self.give_token();
+            if self.give_token() {
+                // Work is left (ours, or posted meanwhile, whose post only kicked us): the
+                // progress thread drives it, so a future is woken without another poll.
+                self.wake_fd.signal();
+            }
         }
+    }
+}
+
+/// The driving token. Whoever gives it back must look for work posted while it was held: such
+/// a post saw the token held and only kicked the driver, who may no longer be listening. The
+/// look happens under the engine lock, which the post also takes before it reads the token, so
+/// one of the two always sees the other (`loom_token_*` below).
+#[derive(Default)]
+struct Token(AtomicBool);
+
+impl Token {
+    fn take(&self) -> bool {
+        self.0.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    fn held(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Gives the token back and then looks for work; true if some is left.
+    fn give_back(&self, has_work: impl FnOnce() -> bool) -> bool {
+        self.0.store(false, Ordering::Release);
+        has_work()
     }
 }
 
@@ -273,5 +304,94 @@ impl Drop for Driver {
     fn drop(&mut self) {
         // The last handle is gone (the thread holds one, so it has exited): close the links.
         lock(&self.engine).abort(BrokenCause::LocalAbort);
+    }
+}
+
+/// Loom models of the driving token, the kick and the wake-up: run with
+/// `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_`.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::Token;
+    use crate::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
+
+    /// The driver's side and a poster's side of `Driver`, over a work counter for the engine
+    /// and flags for the two event descriptors.
+    struct World {
+        token: Token,
+        work: Mutex<u32>,
+        kick: AtomicBool,
+        wake: AtomicBool,
+    }
+
+    impl World {
+        /// `Driver::post`: queue under the lock, then kick a driver or wake the idle thread.
+        fn post(&self) {
+            *lock(&self.work) += 1;
+            if self.token.held() {
+                self.kick.store(true, Ordering::Release);
+            } else {
+                self.wake.store(true, Ordering::Release);
+            }
+        }
+
+        /// One round of `Driver::run` (or a blocking caller's drive): take the token, do all the
+        /// work there is, give the token back and go again while work is left.
+        fn drive_until_idle(&self) {
+            while self.token.take() {
+                *lock(&self.work) = 0;
+                if !self.token.give_back(|| *lock(&self.work) > 0) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A post racing with the driver giving the token back is never lost: when the driver goes
+    /// idle, either no work is left or the idle thread's wake-up was signalled.
+    #[test]
+    fn loom_token_a_post_during_the_hand_back_is_never_lost() {
+        loom::model(|| {
+            let w = Arc::new(World {
+                token: Token::default(),
+                work: Mutex::new(1),
+                kick: AtomicBool::new(false),
+                wake: AtomicBool::new(false),
+            });
+            let poster = {
+                let w = w.clone();
+                loom::thread::spawn(move || w.post())
+            };
+            w.drive_until_idle();
+            poster.join().unwrap();
+            let left = *lock(&w.work);
+            assert!(left == 0 || w.wake.load(Ordering::Acquire), "work {left} left with nobody told");
+        });
+    }
+
+    /// Two drivers (a blocking caller and the progress thread) and a poster: the token is held
+    /// by one at a time, and no work is stranded.
+    #[test]
+    fn loom_token_two_drivers_and_a_poster() {
+        loom::model(|| {
+            let w = Arc::new(World {
+                token: Token::default(),
+                work: Mutex::new(0),
+                kick: AtomicBool::new(false),
+                wake: AtomicBool::new(false),
+            });
+            let poster = {
+                let w = w.clone();
+                loom::thread::spawn(move || w.post())
+            };
+            let other = {
+                let w = w.clone();
+                loom::thread::spawn(move || w.drive_until_idle())
+            };
+            w.drive_until_idle();
+            poster.join().unwrap();
+            other.join().unwrap();
+            let left = *lock(&w.work);
+            assert!(left == 0 || w.wake.load(Ordering::Acquire), "work {left} left with nobody told");
+        });
     }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{block_on, spawn, Ctx};
+use common::{block_on, block_on_woken, spawn, Ctx};
 use multiworld::{ReduceOp, Rendezvous, UniqueId, WorldManager, WorldOptions};
 
 #[test]
@@ -18,6 +18,7 @@ fn worker() {
         ("async_ops", async_ops),
         ("busy_during_formation", busy_during_formation),
         ("late_joiner", late_joiner),
+        ("awaited", awaited),
     ]);
 }
 
@@ -227,4 +228,72 @@ fn forming_a_world_does_not_stall_the_others() {
     procs.push(spawn("late_joiner", 1, 2, &e, &[]));
     let logs = common::finish(&mut procs, Duration::from_secs(60));
     assert!(logs[0].contains("while world B formed"));
+}
+
+/// Each rank belongs to two worlds and awaits many small all-reduces on each from its own
+/// thread, on an executor that polls again only when woken. Every one must complete promptly:
+/// a post that races with the driver giving its token back must still get the world driven,
+/// whatever the heartbeat interval (`MW_TEST_ARG`: `5s`, or `off`).
+fn awaited(ctx: &Ctx) {
+    const OPS: usize = 1500;
+    let m = WorldManager::new();
+    let opts = match ctx.arg.as_str() {
+        "off" => WorldOptions::default().without_heartbeat(),
+        _ => WorldOptions::default().with_heartbeat(Duration::from_secs(5), Duration::from_secs(30)),
+    };
+    let id_b: UniqueId = ctx.env("MW_TEST_ID_B").parse().unwrap();
+    let worlds = [
+        m.init_world_with("awaited-a", ctx.id().into(), ctx.rank, ctx.size, &opts).unwrap(),
+        m.init_world_with("awaited-b", id_b.into(), ctx.rank, ctx.size, &opts).unwrap(),
+    ];
+    let limit = Duration::from_secs(1);
+    let slowest = std::thread::scope(|s| {
+        let threads: Vec<_> = worlds
+            .iter()
+            .enumerate()
+            .map(|(w, world)| {
+                s.spawn(move || {
+                    let mut slowest = Duration::ZERO;
+                    for i in 0..OPS {
+                        let t = Instant::now();
+                        let v = vec![(ctx.rank + i + w) as f32; 1000];
+                        let got = block_on_woken(world.all_reduce_async(v, ReduceOp::Sum), limit)
+                            .unwrap_or_else(|| panic!("world {w}: awaited all-reduce {i} not woken within {limit:?}"))
+                            .unwrap();
+                        let n = ctx.size;
+                        let want = (n * (i + w) + n * (n - 1) / 2) as f32;
+                        assert!(got.iter().all(|x| *x == want), "world {w} op {i}: {} != {want}", got[0]);
+                        slowest = slowest.max(t.elapsed());
+                    }
+                    slowest
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).max().unwrap()
+    });
+    println!(
+        "rank {}: {} awaited all-reduces on 2 worlds, slowest {:.2} ms",
+        ctx.rank,
+        2 * OPS,
+        slowest.as_secs_f64() * 1e3
+    );
+}
+
+fn run_awaited(heartbeat: &str) {
+    let id_b = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let env = [("MW_TEST_ID_B", id_b.to_string()), ("MW_TEST_ARG", heartbeat.to_string())];
+    let logs = common::run_ranks("awaited", 3, &env, Duration::from_secs(120));
+    for l in logs.iter().flat_map(|l| l.lines()).filter(|l| l.contains("awaited all-reduces")) {
+        println!("{l}");
+    }
+}
+
+#[test]
+fn awaited_operations_complete_without_heartbeat_ticks() {
+    run_awaited("5s");
+}
+
+#[test]
+fn awaited_operations_complete_with_heartbeats_off() {
+    run_awaited("off");
 }

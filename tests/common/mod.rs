@@ -198,6 +198,42 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
     }
 }
 
+struct FlagWaker {
+    woken: std::sync::Mutex<bool>,
+    cond: std::sync::Condvar,
+}
+
+impl Wake for FlagWaker {
+    fn wake(self: Arc<Self>) {
+        *self.woken.lock().unwrap() = true;
+        self.cond.notify_all();
+    }
+}
+
+/// Runs a future as a real executor does: it is polled again only after it woke its waker.
+/// Returns `None` if it stayed pending, unwoken, for `limit` (a lost wake-up).
+pub fn block_on_woken<F: Future>(f: F, limit: Duration) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let flag = Arc::new(FlagWaker { woken: std::sync::Mutex::new(false), cond: std::sync::Condvar::new() });
+    let waker = Waker::from(flag.clone());
+    let mut cx = Context::from_waker(&waker);
+    let end = Instant::now() + limit;
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return Some(v);
+        }
+        let mut woken = flag.woken.lock().unwrap();
+        while !*woken {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            woken = flag.cond.wait_timeout(woken, left).unwrap().0;
+        }
+        *woken = false;
+    }
+}
+
 /// A free TCP port on 127.0.0.1 for a rank to listen on, chosen below the kernel's ephemeral
 /// range (32768 and up by default), so that no outgoing connection of another test takes it
 /// between the moment it is chosen and the moment it is bound.
