@@ -25,7 +25,7 @@ use crate::sys;
 use crate::transport::loopback::QueueLink;
 use crate::transport::shm::{Segment, ShmLink};
 use crate::transport::tcp::TcpLink;
-use crate::transport::Link;
+use crate::transport::{Link, TransportKind};
 use crate::wire::{MsgReader, MsgWriter};
 
 const HELLO_MAGIC: u32 = 0x4D57_4231; // "MWB1"
@@ -407,6 +407,8 @@ pub(crate) struct Formed {
     pub generation: u32,
     pub world_id: u64,
     pub links: Vec<Option<Box<dyn Link>>>,
+    /// Links to peers on this host that use TCP although shared memory was wanted.
+    pub shm_fallbacks: u64,
 }
 
 fn formation_err(name: &str, rank: usize, e: impl std::fmt::Display) -> String {
@@ -480,8 +482,9 @@ fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline: Insta
         return Err(Error::internal(formation_err(name, rank, "the root sent a table of the wrong size")));
     }
     drop(to_root);
-    let links = connect_links(spec, &table, &secret, listener, deadline)?;
-    Ok(Formed { generation: table.generation, world_id: table.world_id, links })
+    let mut shm_fallbacks = 0;
+    let links = connect_links(spec, &table, &secret, listener, deadline, &mut shm_fallbacks)?;
+    Ok(Formed { generation: table.generation, world_id: table.world_id, links, shm_fallbacks })
 }
 
 fn link_hello(world_id: u64, generation: u32, from: usize, to: usize, secret: &[u8]) -> Vec<u8> {
@@ -503,6 +506,7 @@ fn connect_links(
     secret: &[u8],
     listener: TcpListener,
     deadline: Instant,
+    shm_fallbacks: &mut u64,
 ) -> Result<Vec<Option<Box<dyn Link>>>> {
     let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
     let mut links: Vec<Option<Box<dyn Link>>> = (0..size).map(|_| None).collect();
@@ -525,7 +529,10 @@ fn connect_links(
         }
         s.set_read_timeout(None).map_err(|e| Error::system(what(), e))?;
         let same_host = t.peers[peer].1 == t.peers[rank].1;
-        links[peer] = Some(offer_transport(s, spec.shm && same_host, deadline).map_err(|e| Error::system(what(), e))?);
+        let want_shm = spec.shm && same_host;
+        let link = offer_transport(s, want_shm, deadline).map_err(|e| Error::system(what(), e))?;
+        *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
+        links[peer] = Some(link);
     }
     let expected = size - rank - 1;
     let mut accepted = 0;
@@ -586,12 +593,14 @@ fn connect_links(
             ));
         }
         let same_host = t.peers[from].1 == t.peers[rank].1;
-        let link = answer_transport(s, spec.shm && same_host, deadline).map_err(|e| {
+        let want_shm = spec.shm && same_host;
+        let link = answer_transport(s, want_shm, deadline).map_err(|e| {
             Error::new(
                 ErrorKind::WorldBroken,
                 formation_err(name, rank, format!("setting up the link to rank {from}: {e}")),
             )
         })?;
+        *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
         links[from] = Some(link);
         accepted += 1;
     }
@@ -620,7 +629,7 @@ fn offer_transport(s: TcpStream, shm: bool, deadline: Instant) -> io::Result<Box
                 info!("shared memory refused by the peer; using TCP");
                 return Ok(Box::new(TcpLink::new(s)?));
             }
-            Err(e) => warn!("cannot create a shared-memory segment ({e}); using TCP"),
+            Err(e) => warn!("cannot create a shared-memory segment ({e}; is /dev/shm full?); using TCP"),
         }
     }
     net::send_msg(&s, b"T", deadline)?;

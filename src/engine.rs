@@ -75,6 +75,9 @@ pub struct WorldStats {
     pub bytes_sent: u64,
     /// Payload bytes received.
     pub bytes_received: u64,
+    /// Peers on this host that wanted shared memory but were linked over TCP instead (a full
+    /// `/dev/shm`, a segment the peer could not map).
+    pub shm_fallbacks: u64,
 }
 
 /// Where one step of a plan stands.
@@ -281,6 +284,11 @@ impl Engine {
 
     pub(crate) fn stats(&self) -> WorldStats {
         self.stats
+    }
+
+    /// Records how many of this rank's links fell back from shared memory to TCP.
+    pub(crate) fn set_shm_fallbacks(&mut self, n: u64) {
+        self.stats.shm_fallbacks = n;
     }
 
     /// True while operations are posted and not finished.

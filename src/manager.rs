@@ -461,6 +461,7 @@ fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions) -> Re
         heartbeat: options.heartbeat,
     };
     let mut engine = Engine::new(cfg, formed.links, Instant::now());
+    engine.set_shm_fallbacks(formed.shm_fallbacks);
     let events = inner.events.clone();
     let (ev_name, generation) = (spec.name.clone(), formed.generation);
     engine.set_on_broken(Box::new(move |cause: &BrokenCause| {

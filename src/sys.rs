@@ -32,6 +32,22 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], deadline: Option<Instant>) -> io::R
     }
 }
 
+/// Gives a file `len` bytes backed by real storage (`posix_fallocate`). On tmpfs this takes
+/// the pages now, so a full `/dev/shm` is an error here rather than a `SIGBUS` at the first
+/// store into a mapping of it.
+pub(crate) fn reserve(fd: RawFd, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    loop {
+        // SAFETY: takes no pointers; `fd` is a descriptor the caller owns.
+        let r = unsafe { libc::posix_fallocate(fd, 0, len) };
+        match r {
+            0 => return Ok(()),
+            libc::EINTR => continue,
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
 /// A `pollfd` entry asking for `events` on `fd`.
 pub(crate) fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
     libc::pollfd { fd, events, revents: 0 }

@@ -10,8 +10,10 @@
 //!
 //! The segment is a file in `/dev/shm` made with `O_EXCL` and mode 0600 by the higher rank,
 //! opened by the lower rank, and unlinked as soon as both have mapped it (or the set-up
-//! failed), so nothing else can open it and nothing is left behind. If anything in the set-up
-//! fails, the pair uses TCP instead.
+//! failed), so nothing else can open it and nothing is left behind. Its pages are reserved
+//! before it is mapped, so a full `/dev/shm` fails the set-up instead of raising `SIGBUS`
+//! later. If anything in the set-up fails, the pair uses TCP instead, and the world counts it
+//! in `WorldStats::shm_fallbacks`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -44,16 +46,15 @@ pub(crate) struct Segment {
 }
 
 impl Segment {
-    /// Makes a new segment file only this user can open, sized and zeroed (a zeroed control
-    /// block is an empty ring), and maps it.
+    /// Makes a new segment file only this user can open, with all its pages reserved and zeroed
+    /// (a zeroed control block is an empty ring), and maps it. A full `/dev/shm` is an error.
     pub(crate) fn create() -> io::Result<Segment> {
         let name = format!("mw-{}-{:016x}", std::process::id(), crate::sys::random_u64());
         let path = Path::new("/dev/shm").join(name);
         let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path)?;
-        let seg = (|| {
-            file.set_len(SEGMENT_BYTES as u64)?;
-            map(&file)
-        })();
+        // Every page is reserved before it is mapped: an unbacked page of a full tmpfs would
+        // raise SIGBUS at the first store and kill the whole process, every world with it.
+        let seg = crate::sys::reserve(file.as_raw_fd(), SEGMENT_BYTES as u64).and_then(|()| map(&file));
         match seg {
             Ok(map) => Ok(Segment { map, path: Some(path) }),
             Err(e) => {
@@ -69,8 +70,13 @@ impl Segment {
         if path.parent() != Some(Path::new("/dev/shm")) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "segment outside /dev/shm"));
         }
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        if file.metadata()?.len() != SEGMENT_BYTES as u64 {
+        // The path comes from a peer: never follow a link out of /dev/shm, map only a plain file.
+        let file = OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "segment is not a plain file"));
+        }
+        if meta.len() != SEGMENT_BYTES as u64 {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "segment of the wrong size"));
         }
         Ok(Segment { map: map(&file)?, path: None })

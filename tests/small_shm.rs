@@ -1,0 +1,90 @@
+//! A nearly full `/dev/shm` (a private mount namespace with a 1 MiB tmpfs, as in a container
+//! with a small shared-memory allowance): worlds that cannot get a segment fall back to TCP,
+//! say so in their stats, and deliver; nothing dies of `SIGBUS`. Needs root (`unshare -m`);
+//! elsewhere it prints why it skipped.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{spawn, Ctx};
+use multiworld::{ReduceOp, TransportKind, UniqueId, WorldManager};
+
+#[test]
+#[ignore = "worker process entry, run by the other tests"]
+fn worker() {
+    common::worker_main(&[("runner", runner), ("crowded", crowded)]);
+}
+
+/// Worlds formed, one after the other, between the same two processes: one 530 KiB segment
+/// fits in 1 MiB, the rest cannot.
+const WORLDS: usize = 4;
+const LEN: usize = 1 << 18;
+
+/// Inside the namespace: starts both ranks there, so they share its `/dev/shm`.
+fn runner(_ctx: &Ctx) {
+    let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let env = [("MW_TEST_ID", id.to_string())];
+    let mut procs: Vec<_> = (0..2).map(|r| spawn("crowded", r, 2, &env, &[])).collect();
+    for l in common::finish(&mut procs, Duration::from_secs(90)).iter().flat_map(|l| l.lines()) {
+        if l.starts_with("rank") {
+            println!("{l}");
+        }
+    }
+}
+
+fn crowded(ctx: &Ctx) {
+    let m = WorldManager::new();
+    // Each world gets its own id from rank 0, passed over the first world... which itself
+    // needs an id: the first comes from the parent, the others are made by rank 0 and sent.
+    let first = m.init_world("crowded-0", &ctx.id(), ctx.rank, 2).unwrap();
+    let mut worlds = vec![first];
+    for w in 1..WORLDS {
+        let mut text = [0u8; 256];
+        if ctx.rank == 0 {
+            let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap().to_string();
+            text[..id.len()].copy_from_slice(id.as_bytes());
+            worlds[0].send(&text, 1).unwrap();
+        } else {
+            worlds[0].recv(&mut text, 0).unwrap();
+        }
+        let id: UniqueId = std::str::from_utf8(&text).unwrap().trim_end_matches('\0').parse().unwrap();
+        worlds.push(m.init_world(&format!("crowded-{w}"), &id, ctx.rank, 2).unwrap());
+    }
+    let peer = 1 - ctx.rank;
+    let mut fallbacks = 0;
+    let mut kinds = Vec::new();
+    for (w, world) in worlds.iter().enumerate() {
+        let send: Vec<f32> = (0..LEN).map(|i| (i % 101) as f32 + (ctx.rank * 1000 + w) as f32).collect();
+        let mut got = vec![0f32; LEN];
+        world.all_reduce(&send, &mut got, ReduceOp::Sum).unwrap();
+        let want = |i: usize| 2.0 * ((i % 101) as f32 + w as f32) + 1000.0;
+        assert!(got.iter().enumerate().all(|(i, v)| *v == want(i)), "world {w}: wrong sum");
+        let stats = world.stats();
+        let kind = world.transports()[peer].unwrap();
+        assert_eq!(stats.shm_fallbacks, u64::from(kind == TransportKind::Tcp), "world {w}: {stats:?}");
+        fallbacks += stats.shm_fallbacks;
+        kinds.push(kind);
+    }
+    println!("rank {}: worlds over {kinds:?}, {fallbacks} fell back to TCP", ctx.rank);
+    assert!(kinds.contains(&TransportKind::Shm), "no world got shared memory: {kinds:?}");
+    assert!(fallbacks >= 2, "expected most worlds to find /dev/shm full: {kinds:?}");
+}
+
+#[test]
+fn full_dev_shm_falls_back_to_tcp_without_sigbus() {
+    let probe = Command::new("unshare").args(["-m", "--propagation", "private", "true"]).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        println!("SKIPPED: unshare -m is refused here (needs root): cannot make a small /dev/shm");
+        return;
+    }
+    let script = "mount -t tmpfs -o size=1m tmpfs /dev/shm && exec \"$@\"";
+    let wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"];
+    let mut p = vec![spawn("runner", 0, 1, &[], &wrapper)];
+    for l in common::finish(&mut p, Duration::from_secs(120)).iter().flat_map(|l| l.lines()) {
+        if l.starts_with("rank") {
+            println!("{l}");
+        }
+    }
+}
