@@ -386,14 +386,13 @@ impl Engine {
                 }
             }
         }
-        // Timers first (heartbeats to queue, silent peers, deadlines), so that whatever they
-        // start or find is handled by the loop below in this same pass. Between their
-        // deadlines they have nothing to say, which keeps a spinning pass short.
-        if self.next_timer.is_none_or(|t| now >= t) {
-            self.sample_traffic(now);
-            self.timers(now)?;
-            self.next_timer = self.timer_deadline();
-        }
+        // Timers (heartbeats to queue, silent peers, deadlines) run after the links were read
+        // once: a rank that was itself stalled (descheduled, SIGSTOPped) finds its peers'
+        // heartbeats, or their abort, waiting there, and must not accuse a live peer of a
+        // silence that was its own. What the timers start is handled by the next round of
+        // this same pass. Between their deadlines they have nothing to say, which keeps a
+        // spinning pass short.
+        let mut timers_due = self.next_timer.is_none_or(|t| now >= t);
         loop {
             let mut progress = self.activate()?;
             progress |= self.run_local_steps()?;
@@ -402,6 +401,13 @@ impl Engine {
             }
             progress |= self.retire();
             moved_any |= progress;
+            if timers_due {
+                timers_due = false;
+                self.sample_traffic(now);
+                self.timers(now)?;
+                self.next_timer = self.timer_deadline();
+                continue;
+            }
             let moved = self.stats.bytes_sent + self.stats.bytes_received - start;
             if !progress || moved > PASS_BUDGET {
                 break;

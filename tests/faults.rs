@@ -27,6 +27,7 @@ fn worker() {
         ("sender", sender),
         ("formation_survivor", formation_survivor),
         ("formation_victim", formation_victim),
+        ("sleeper", sleeper),
     ]);
 }
 
@@ -514,4 +515,60 @@ fn sigkill_during_formation_and_a_joiner_that_never_comes() {
             logs[0].lines().find(|l| l.contains("formation") || l.contains("formed")).unwrap_or("")
         );
     }
+}
+
+/// Both ranks form a world, say so, and sleep 4 s (rank 1 is SIGSTOPped for 2 s of that by the
+/// test), then all-reduce once. `MW_TEST_ARG`: `forgiving` gives rank 0 a 30 s heartbeat
+/// timeout, so only the stalled rank 1 (1 s) could judge; `strict` gives both 1 s.
+fn sleeper(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let timeout = if ctx.arg == "forgiving" && ctx.rank == 0 { 30 } else { 1 };
+    let opts = WorldOptions::default().with_heartbeat(Duration::from_millis(100), Duration::from_secs(timeout));
+    let w = m.init_world_with("sleeper", ctx.id().into(), ctx.rank, 2, &opts).unwrap();
+    println!("rank {} formed", ctx.rank);
+    std::thread::sleep(Duration::from_secs(4));
+    let mut v = vec![1f32; 1000];
+    let r = w.all_reduce_in_place(&mut v, multiworld::ReduceOp::Sum);
+    match r {
+        Ok(()) => println!("rank {}: all-reduce ok", ctx.rank),
+        Err(e) => println!("rank {}: all-reduce failed: {:?}", ctx.rank, e.broken_cause()),
+    }
+}
+
+/// Runs two sleepers and SIGSTOPs rank 1 for 2 s once both formed; returns both logs.
+fn stall_rank_1(mode: &str) -> Vec<String> {
+    let _s = serial();
+    let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let env = [("MW_TEST_ID", id.to_string()), ("MW_TEST_ARG", mode.to_string())];
+    let mut procs: Vec<_> = (0..2).map(|r| spawn("sleeper", r, 2, &env, &[])).collect();
+    let t0 = Instant::now();
+    while !procs.iter().all(|p| p.log_text().contains("formed")) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the sleepers did not form");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    procs[1].signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(2));
+    procs[1].signal(libc::SIGCONT);
+    let logs = common::finish(&mut procs, Duration::from_secs(60));
+    for l in logs.iter().flat_map(|l| l.lines()).filter(|l| l.contains("all-reduce")) {
+        println!("{l}");
+    }
+    logs
+}
+
+#[test]
+fn a_rank_resumed_after_sigstop_does_not_accuse_its_live_peer() {
+    let logs = stall_rank_1("forgiving");
+    assert!(logs[0].contains("rank 0: all-reduce ok"), "{}", logs[0]);
+    assert!(logs[1].contains("rank 1: all-reduce ok"), "{}", logs[1]);
+}
+
+#[test]
+fn a_rank_resumed_after_sigstop_reports_the_peer_that_gave_up_on_it() {
+    let logs = stall_rank_1("strict");
+    // Rank 0 rightly found rank 1 silent; rank 1 must report that rank 0 gave up on it (its
+    // abort, or its closed link), not accuse rank 0 of a silence that was rank 1's own.
+    assert!(logs[0].contains("PeerUnresponsive { peer: 1"), "{}", logs[0]);
+    assert!(!logs[1].contains("PeerUnresponsive"), "{}", logs[1]);
+    assert!(logs[1].contains("PeerAborted { peer: 0") || logs[1].contains("PeerClosed { peer: 0"), "{}", logs[1]);
 }

@@ -24,6 +24,11 @@ struct Net {
 
 /// `n` engines, every pair joined by a queue link holding at most `cap` bytes each way.
 fn net(n: usize, cap: usize) -> Net {
+    net_with(n, cap, |_| hb())
+}
+
+/// Like [`net`], with each rank's heartbeat settings.
+fn net_with(n: usize, cap: usize, heartbeat: impl Fn(usize) -> Heartbeat) -> Net {
     let mut links: Vec<Vec<Option<Box<dyn Link>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
     let mut faults = vec![vec![None; n]; n];
     for a in 0..n {
@@ -47,7 +52,7 @@ fn net(n: usize, cap: usize) -> Net {
                 size: n,
                 world_id: 42,
                 generation: 1,
-                heartbeat: Some(hb()),
+                heartbeat: Some(heartbeat(rank)),
             };
             Engine::new(cfg, l, now)
         })
@@ -375,6 +380,56 @@ fn silent_peer_breaks_the_world_after_the_heartbeat_timeout() {
     let e = ca.result().unwrap().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::WorldBroken);
     assert!(matches!(e.broken_cause(), Some(BrokenCause::PeerUnresponsive { peer: 1, .. })), "{e}");
+}
+
+/// Passes the engines in `ranks` every 10 ms for `span`.
+fn pass_for(net: &mut Net, ranks: &[usize], span: Duration) {
+    let end = net.now + span;
+    while net.now < end {
+        net.now += Duration::from_millis(10);
+        for &r in ranks {
+            net.engines[r].pass(net.now);
+        }
+    }
+}
+
+#[test]
+fn a_rank_that_was_stalled_does_not_accuse_a_live_peer() {
+    // Rank 1 (timeout 1 s) stops passing for 2 s; rank 0 (timeout 10 s) keeps sending
+    // heartbeats, which wait in the link. On resume rank 1 reads them before it judges.
+    let long = Heartbeat { interval: Duration::from_millis(100), timeout: Duration::from_secs(10) };
+    let mut net = net_with(2, 1 << 20, |r| if r == 0 { long } else { hb() });
+    pass_for(&mut net, &[0, 1], Duration::from_millis(500));
+    pass_for(&mut net, &[0], Duration::from_secs(2));
+    let now = net.now;
+    net.engines[1].pass(now);
+    assert!(net.engines[1].broken().is_none(), "{:?}", net.engines[1].broken());
+    pass_for(&mut net, &[0, 1], Duration::from_millis(500));
+    let mut a = Buf::new(64);
+    let mut b = Buf::new(64);
+    let now = net.now;
+    let ca = post_all_reduce(&mut net.engines[0], now, &mut a, 16, DataType::F32);
+    let cb = post_all_reduce(&mut net.engines[1], now, &mut b, 16, DataType::F32);
+    net.run(&[ca.clone(), cb.clone()], Duration::from_millis(1), 1000);
+    assert!(ca.result().unwrap().is_ok() && cb.result().unwrap().is_ok());
+}
+
+#[test]
+fn a_stalled_rank_reports_the_peer_that_gave_up_on_it() {
+    // Rank 1 stalls past the timeout: rank 0 rightly finds it silent and aborts. On resume
+    // rank 1 must report that abort, not accuse rank 0 of the silence it caused itself.
+    let mut net = net(2, 1 << 20);
+    pass_for(&mut net, &[0, 1], Duration::from_millis(500));
+    pass_for(&mut net, &[0], Duration::from_secs(2));
+    assert!(
+        matches!(net.engines[0].broken(), Some(BrokenCause::PeerUnresponsive { peer: 1, .. })),
+        "{:?}",
+        net.engines[0].broken()
+    );
+    let now = net.now;
+    net.engines[1].pass(now);
+    let cause = net.engines[1].broken().cloned();
+    assert!(matches!(cause, Some(BrokenCause::PeerAborted { peer: 0, .. })), "{cause:?}");
 }
 
 #[test]
