@@ -34,6 +34,10 @@ const PROTOCOL_VERSION: u32 = 1;
 /// A connection must say hello within this time, or the root drops it.
 const HELLO_GRACE: Duration = Duration::from_secs(5);
 /// How long a root made by `UniqueId::new` waits for its first rank.
+/// The most ranks a world may have. Every size is checked against it before anything is sized
+/// by it: a hello from a stranger that knows the secret must not make the root allocate what
+/// it claims. The table of addresses of a world this large still fits one formation message.
+pub(crate) const MAX_WORLD_SIZE: usize = 8192;
 const ROOT_IDLE_LIFETIME: Duration = Duration::from_secs(600);
 
 /// A rank's hello to the root.
@@ -352,8 +356,10 @@ fn accept_hello(c: &mut Conn, cfg: &RootConfig, expect: &Option<(String, u32)>, 
         refuse(c, ErrorKind::InvalidUsage, "refused: wrong secret for this world");
         return Outcome::Drop;
     }
-    if h.size == 0 || h.rank >= h.size {
-        refuse(c, ErrorKind::InvalidArgument, &format!("rank {} is out of range for size {}", h.rank, h.size));
+    if h.size == 0 || h.size as usize > MAX_WORLD_SIZE || h.rank >= h.size {
+        warn!("rendezvous: refused {}: rank {} of a world of {} ranks", c.peer, h.rank, h.size);
+        let msg = format!("rank {} of {} ranks: a world has 1 to {MAX_WORLD_SIZE} ranks", h.rank, h.size);
+        refuse(c, ErrorKind::InvalidArgument, &msg);
         return Outcome::Drop;
     }
     if let Some((name, size)) = expect {
@@ -688,6 +694,31 @@ mod tests {
             rng.fill(&mut g);
             let _ = Hello::decode(&g);
             let _ = decode_reply(&g);
+        }
+    }
+
+    #[test]
+    fn a_root_refuses_a_hello_that_claims_a_huge_world() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let secret = [7u8; crate::id::SECRET_LEN];
+        spawn_root(listener, RootConfig::for_id(secret)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for size in [u32::MAX, MAX_WORLD_SIZE as u32 + 1] {
+            let h = Hello {
+                secret: secret.to_vec(),
+                name: "w".into(),
+                rank: 0,
+                size,
+                generation: 1,
+                addr: "127.0.0.1:1".into(),
+                host: "h".into(),
+                timeout_ms: 1000,
+            };
+            let s = TcpStream::connect(addr).unwrap();
+            net::send_msg(&s, &h.encode(), deadline).unwrap();
+            let e = decode_reply(&net::recv_msg(&s, deadline).unwrap()).unwrap().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{}", e.message());
         }
     }
 

@@ -677,7 +677,18 @@ impl Engine {
         if h.seq != op.seq {
             return Err(mismatch("operations out of step"));
         }
-        if mine != theirs {
+        if !same_call {
+            if mine == theirs {
+                // A field this operation does not use differs (a root on an all-reduce, a
+                // reduction on a broadcast): not a call we can name, so a broken protocol.
+                return Err(BrokenCause::Protocol {
+                    peer,
+                    detail: format!(
+                        "frame for {mine} carries root {} and reduction {} where {root} and {redop} were due",
+                        h.root, h.redop
+                    ),
+                });
+            }
             return Err(mismatch("different arguments"));
         }
         if h.total as usize != total {

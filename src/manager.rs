@@ -205,8 +205,11 @@ impl WorldManager {
         if name.is_empty() || name.len() > 255 || name.contains('\0') {
             return Err(Error::invalid_arg(format!("'{name}' is not a world name (1 to 255 bytes, no NUL)")));
         }
-        if size == 0 {
-            return Err(Error::invalid_arg(format!("world '{name}': a world needs at least one rank")));
+        if size == 0 || size > crate::bootstrap::MAX_WORLD_SIZE {
+            return Err(Error::invalid_arg(format!(
+                "world '{name}': {size} ranks; a world has 1 to {} ranks",
+                crate::bootstrap::MAX_WORLD_SIZE
+            )));
         }
         if rank >= size {
             return Err(Error::invalid_arg(format!(

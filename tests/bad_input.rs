@@ -31,7 +31,7 @@ fn formation_arguments_are_checked_locally() {
     let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
     let e = m.init_world("w", &id, 0, 0).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
-    assert!(e.message().contains("at least one rank"), "{e}");
+    assert!(e.message().contains("1 to 8192 ranks"), "{e}");
     let e = m.init_world("w", &id, 3, 3).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     assert!(e.message().contains("rank 3 is out of range"), "{e}");

@@ -362,13 +362,40 @@ fn mismatched_operations_and_types_are_reported() {
 }
 
 #[test]
+fn a_frame_with_any_header_field_altered_breaks_the_world() {
+    // Each field the receiver checks, altered in rank 1's frames of an all-reduce.
+    let tampers: [(&str, fn(&mut FrameHeader)); 6] = [
+        ("root", |h| h.root ^= 1),
+        ("redop", |h| h.redop ^= 1),
+        ("dtype", |h| h.dtype ^= 1),
+        ("count", |h| h.count += 1),
+        ("seq", |h| h.seq += 1),
+        ("offset", |h| h.offset += 4),
+    ];
+    for (field, t) in tampers {
+        let mut net = net(2, 1 << 20);
+        net.faults[1][0].as_ref().unwrap().lock().unwrap().tamper = Some(t);
+        let mut a = Buf::new(64);
+        let mut b = Buf::new(64);
+        let now = net.now;
+        let ca = post_all_reduce(&mut net.engines[0], now, &mut a, 16, DataType::F32);
+        let cb = post_all_reduce(&mut net.engines[1], now, &mut b, 16, DataType::F32);
+        net.run(&[ca.clone(), cb.clone()], Duration::from_millis(1), 1000);
+        let e = ca.result().unwrap().unwrap_err();
+        assert!(matches!(e.kind(), ErrorKind::WorldBroken | ErrorKind::InvalidUsage), "{field}: {e}");
+        assert!(e.broken_cause().is_some(), "{field}: {e}");
+        assert!(cb.result().unwrap().is_err(), "{field}");
+    }
+}
+
+#[test]
 fn silent_peer_breaks_the_world_after_the_heartbeat_timeout() {
     let mut net = net(2, 1 << 20);
     let mut a = Buf::new(64);
     let start = net.now;
     let ca = post_all_reduce(&mut net.engines[0], start, &mut a, 16, DataType::F32);
     // Rank 1 never posts and the link is cut: rank 0 hears nothing.
-    *net.faults[0][1].as_ref().unwrap().lock().unwrap() = Faults { cut: true };
+    *net.faults[0][1].as_ref().unwrap().lock().unwrap() = Faults { cut: true, tamper: None };
     let mut t = start;
     while !ca.is_done() {
         t += Duration::from_millis(10);

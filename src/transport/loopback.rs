@@ -25,6 +25,8 @@ type Shared = Arc<Mutex<Queue>>;
 pub(crate) struct Faults {
     /// Everything written is silently dropped (a network partition).
     pub cut: bool,
+    /// Rewrites the header of every data frame written (a peer that lies, or bits flipped).
+    pub tamper: Option<fn(&mut FrameHeader)>,
 }
 
 pub(crate) struct QueueLink {
@@ -98,6 +100,15 @@ impl Link for QueueLink {
         }
         let mut f = Vec::with_capacity(header.len() + payload.len());
         f.extend_from_slice(header);
+        let tamper = lock(&self.faults).tamper;
+        if let Some(t) = tamper {
+            if let Ok(mut h) = FrameHeader::decode(&f[..HEADER_LEN]) {
+                if h.kind == crate::wire::FrameKind::Data {
+                    t(&mut h);
+                    f[..HEADER_LEN].copy_from_slice(&h.encode());
+                }
+            }
+        }
         f.extend_from_slice(payload);
         *written = f.len();
         self.traffic.1 += f.len() as u64;
