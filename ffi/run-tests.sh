@@ -2,8 +2,9 @@
 # Builds and runs the C API checks against target/release/libmultiworld.{so,a}:
 #   - the header compiles as C11 and as C++17 with -Wall -Wextra -Werror -pedantic;
 #   - the example and the tests link against the shared and the static library;
-#   - the tests and the example run, then the tests run once more under valgrind
-#     (every rank process checked, no memory errors, no definite leaks).
+#   - the tests and the example run, then the tests run again built with AddressSanitizer and
+#     UBSan, and once more under valgrind (every rank process checked, no memory errors, no
+#     definite leaks).
 # Usage (from the project root): ffi/run-tests.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,11 @@ export MW_LOG=off
 timeout 300 "$out/test_api"
 timeout 120 "$out/allreduce" 4
 timeout 120 "$out/allreduce_static" 3
+# The tests built with AddressSanitizer and UBSan: the C side's memory and arithmetic, and
+# every libc copy the library makes on its behalf, checked as it runs.
+cc -std=c11 -D_DEFAULT_SOURCE -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+    -fno-omit-frame-pointer "${flags[@]}" ffi/tests/test_api.c -L"$lib" -lmultiworld -o "$out/test_api_asan"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 timeout 300 "$out/test_api_asan"
 timeout 900 valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite \
     --trace-children=yes "$out/test_api"
 echo "C API checks passed"

@@ -820,9 +820,13 @@ fn prepare(c: &Comm, r: &RawCall) -> Result<Checked, Error> {
         _ => false,
     };
     let desc = OpDesc { kind: r.kind, dtype, redop, count: r.count, root, is_send: r.is_send, in_place };
-    let (slen, rlen) = desc.buffer_bytes_checked(c.rank, c.size).ok_or_else(|| bad("count overflows".into()))?;
+    let too_big = || bad(format!("count overflows: {} elements of {dtype} are more bytes than PTRDIFF_MAX", r.count));
+    let (slen, rlen) = desc.buffer_bytes_checked(c.rank, c.size).ok_or_else(too_big)?;
     if (slen > 0 && send_p == 0) || (rlen > 0 && recv_p == 0) {
         return Err(bad("a buffer is NULL".into()));
+    }
+    if send_p.checked_add(slen).is_none() || recv_p.checked_add(rlen).is_none() {
+        return Err(bad("a buffer runs past the end of the address space".into()));
     }
     // In place, the one buffer starts where NCCL says the operation's full buffer starts.
     let recv_start = if in_place && r.kind == OpKind::ReduceScatter { send_p } else { recv_p };

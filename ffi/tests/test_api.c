@@ -81,6 +81,16 @@ static void test_operation_arguments(void) {
   CHECK(mwAllReduce(a, NULL, 4, mwFloat, mwSum, comm, NULL) == mwInvalidArgument);
   CHECK(mwAllReduce(a, b, SIZE_MAX / 2, mwFloat, mwSum, comm, NULL) == mwInvalidArgument);
   CHECK(strstr(mwGetLastError(comm), "overflow") != NULL);
+  /* Byte sizes beyond PTRDIFF_MAX can only run past the buffer: refused, also in place. */
+  int8_t *c8 = (int8_t *)a;
+  size_t huge = (size_t)PTRDIFF_MAX + 1;
+  CHECK(mwSend(c8, SIZE_MAX, mwInt8, 0, comm, NULL) == mwInvalidArgument);
+  CHECK(strstr(mwGetLastError(comm), "PTRDIFF_MAX") != NULL);
+  CHECK(mwRecv(c8, huge, mwInt8, 0, comm, NULL) == mwInvalidArgument);
+  CHECK(mwAllGather(c8, c8, huge, mwInt8, comm, NULL) == mwInvalidArgument);
+  CHECK(mwBroadcast(c8, c8, huge, mwInt8, 0, comm, NULL) == mwInvalidArgument);
+  CHECK(mwReduce(c8, c8, huge, mwInt8, mwSum, 0, comm, NULL) == mwInvalidArgument);
+  CHECK(mwAllReduce(c8, c8, huge, mwInt8, mwSum, comm, NULL) == mwInvalidArgument);
   CHECK(mwAllReduce(a, a + 1, 3, mwFloat, mwSum, comm, NULL) == mwInvalidArgument); /* overlap */
   CHECK(mwAllReduce(a, b, 4, mwFloat, mwSum, comm, (void *)1) == mwInvalidArgument); /* stream */
   CHECK(mwSend(a, 4, mwFloat, 1, comm, NULL) == mwInvalidArgument);

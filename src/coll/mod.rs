@@ -61,7 +61,12 @@ impl OpDesc {
     /// `(send, recv)`, or `None` if that does not fit in memory. In-place operations have no
     /// send buffer; their receive buffer holds the input as NCCL lays it out.
     pub(crate) fn buffer_bytes_checked(&self, rank: usize, size: usize) -> Option<(usize, usize)> {
-        self.count.checked_mul(self.dtype.size())?.checked_mul(size.max(1))?;
+        // No buffer may be larger than `isize::MAX` bytes (C's PTRDIFF_MAX): Rust slices cannot
+        // be, and a C count beyond it can only mean reading or writing past the buffer.
+        let all = self.count.checked_mul(self.dtype.size())?.checked_mul(size.max(1))?;
+        if all > isize::MAX as usize {
+            return None;
+        }
         Some(self.buffer_bytes(rank, size))
     }
 
