@@ -196,6 +196,9 @@ pub(crate) struct WaitSet {
 pub(crate) type OnBroken = Box<dyn FnMut(&BrokenCause) + Send>;
 
 pub(crate) struct Engine {
+    /// Tests: the next pass panics, as a bug in it would.
+    #[cfg(test)]
+    pub(crate) panic_in_pass: bool,
     cfg: EngineConfig,
     peers: Vec<Option<Peer>>,
     ops: VecDeque<OpState>,
@@ -270,6 +273,8 @@ impl Engine {
             stats: WorldStats::default(),
             on_broken: None,
             next_timer: None,
+            #[cfg(test)]
+            panic_in_pass: false,
         }
     }
 
@@ -376,6 +381,10 @@ impl Engine {
     }
 
     fn pass_inner(&mut self, now: Instant) -> Result<bool, BrokenCause> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.panic_in_pass) {
+            panic!("a bug in a pass (injected by a test)");
+        }
         let mut moved_any = false;
         let start = self.stats.bytes_sent + self.stats.bytes_received;
         for p in self.peers.iter_mut().flatten() {

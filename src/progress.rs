@@ -99,11 +99,26 @@ impl Driver {
 
     /// One pass under the lock, with a pending abort applied first.
     /// True if the pass moved anything.
+    ///
+    /// A panic in the pass (a bug) must not strand the world: its thread, a progress thread or
+    /// a caller, would die or unwind holding the token with every operation pending for ever.
+    /// It breaks the world instead, every operation completing with the internal error.
     fn pass(&self, e: &mut Engine, now: Instant) -> bool {
         if self.aborted.load(Ordering::Acquire) {
             e.abort(BrokenCause::LocalAbort);
         }
-        e.pass(now)
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| e.pass(now))) {
+            Ok(moved) => moved,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                e.abort(BrokenCause::Internal { detail: format!("the engine panicked: {what}") });
+                true
+            }
+        }
     }
 
     /// Drives (the caller holds the token) until `done` says so or `deadline` passes.
@@ -304,6 +319,57 @@ impl Drop for Driver {
     fn drop(&mut self) {
         // The last handle is gone (the thread holds one, so it has exited): close the links.
         lock(&self.engine).abort(BrokenCause::LocalAbort);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::coll::OpDesc;
+    use crate::engine::EngineConfig;
+    use crate::error::ErrorKind;
+    use crate::request::Completion;
+    use crate::transport::loopback::QueueLink;
+    use crate::transport::Link;
+    use crate::types::{DataType, ReduceOp};
+    use crate::wire::OpKind;
+
+    #[test]
+    fn a_panic_in_a_pass_breaks_the_world_and_completes_its_operations() {
+        let (a, _b, _f) = QueueLink::pair(1 << 20);
+        let links: Vec<Option<Box<dyn Link>>> = vec![Some(Box::new(QueueLink::loopback())), Some(Box::new(a))];
+        let cfg = EngineConfig { name: Arc::from("p"), rank: 0, size: 2, world_id: 1, generation: 1, heartbeat: None };
+        let mut engine = Engine::new(cfg, links, Instant::now());
+        engine.panic_in_pass = true;
+        let d = Driver::start(Arc::from("p"), engine, None).unwrap();
+        let desc = OpDesc {
+            kind: OpKind::Barrier,
+            dtype: DataType::U8,
+            redop: ReduceOp::Sum,
+            count: 0,
+            root: 0,
+            is_send: false,
+            in_place: false,
+        };
+        let c = Completion::new();
+        let posted = Posted {
+            desc,
+            send: crate::buf::RawBuf::EMPTY,
+            recv: crate::buf::RawBuf::EMPTY,
+            completion: c.clone(),
+            timeout: None,
+            keepalive: None,
+        };
+        // Posted without a caller: the progress thread passes, and panics.
+        d.post([posted], false);
+        assert!(c.wait_until(Some(Instant::now() + Duration::from_secs(10))), "the operation was stranded");
+        let e = c.result().unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+        assert!(matches!(e.broken_cause(), Some(BrokenCause::Internal { .. })), "{e}");
+        assert!(matches!(d.broken(), Some(BrokenCause::Internal { .. })), "{:?}", d.broken());
+        // The token was given back: a later caller is answered at once, not left waiting.
+        d.nudge();
+        d.close();
     }
 }
 
