@@ -364,7 +364,8 @@ fn mismatched_operations_and_types_are_reported() {
 #[test]
 fn a_frame_with_any_header_field_altered_breaks_the_world() {
     // Each field the receiver checks, altered in rank 1's frames of an all-reduce.
-    let tampers: [(&str, fn(&mut FrameHeader)); 6] = [
+    type Tamper = fn(&mut FrameHeader);
+    let tampers: [(&str, Tamper); 6] = [
         ("root", |h| h.root ^= 1),
         ("redop", |h| h.redop ^= 1),
         ("dtype", |h| h.dtype ^= 1),
