@@ -34,48 +34,33 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+// The layers, one folder each (docs/architecture.md), from the system calls up to the API.
 #[macro_use]
-mod log;
-
+mod sys;
+mod api;
 mod backend;
 mod bootstrap;
-mod buf;
 mod coll;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-#[cfg(feature = "cuda")]
-mod device;
+mod driver;
 mod engine;
-mod error;
 pub mod ffi;
-mod health;
-mod id;
-mod manager;
-mod net;
-mod options;
-mod progress;
-mod request;
-mod ring;
 #[cfg(feature = "cuda")]
-mod staging;
-mod sync;
-mod sys;
+mod gpu;
 mod transport;
-mod types;
-mod wire;
-mod world;
 
-#[cfg(feature = "cuda")]
-pub use device::{DeviceGroup, DeviceWorld, IpcStats};
+pub use api::error::{BrokenCause, Error, ErrorKind, Result};
+pub use api::id::{UniqueId, UNIQUE_ID_BYTES};
+pub use api::manager::{Event, Formation, NextEvent, Rendezvous, WorldManager};
+pub use api::options::{Heartbeat, TransportChoice, WorldOptions};
+pub use api::request::{Failed, Request};
+pub use api::types::{DataType, Element, ReduceOp};
+pub use api::world::{Group, World, WorldState};
 pub use engine::WorldStats;
-pub use error::{BrokenCause, Error, ErrorKind, Result};
-pub use id::{UniqueId, UNIQUE_ID_BYTES};
-pub use manager::{Event, Formation, NextEvent, Rendezvous, WorldManager};
-pub use options::{Heartbeat, TransportChoice, WorldOptions};
-pub use request::{Failed, Request};
+#[cfg(feature = "cuda")]
+pub use gpu::cuda;
+#[cfg(feature = "cuda")]
+pub use gpu::device_world::{DeviceGroup, DeviceWorld, IpcStats};
 pub use transport::TransportKind;
-pub use types::{DataType, Element, ReduceOp};
-pub use world::{Group, World, WorldState};
 
 /// Re-exported so that users name the 16-bit float types without depending on `half`.
 pub use half::{bf16, f16};

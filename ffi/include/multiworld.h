@@ -8,7 +8,7 @@
 #ifndef MULTIWORLD_H
 #define MULTIWORLD_H
 
-/* Generated from src/ffi.rs by cbindgen (build.rs): do not edit by hand. */
+/* Generated from src/ffi/mod.rs by cbindgen (build.rs): do not edit by hand. */
 
 #include <stddef.h>
 #include <stdint.h>

@@ -7,9 +7,9 @@
 
 mod native;
 
+use crate::api::error::BrokenCause;
+use crate::api::request::Progress;
 use crate::engine::{Posted, WorldStats};
-use crate::error::BrokenCause;
-use crate::request::Progress;
 use crate::transport::TransportKind;
 
 /// Executes the operations of one world.

@@ -1,9 +1,9 @@
 //! The native backend: the engine (collective plans over links) behind a driver.
 
 use super::Backend;
+use crate::api::error::BrokenCause;
+use crate::driver::Driver;
 use crate::engine::{Posted, WorldStats};
-use crate::error::BrokenCause;
-use crate::progress::Driver;
 use crate::transport::TransportKind;
 
 impl Backend for Driver {

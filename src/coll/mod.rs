@@ -26,8 +26,8 @@ mod ring;
 mod simple;
 mod tree;
 
-use crate::types::{DataType, ReduceOp};
-use crate::wire::OpKind;
+use crate::api::types::{DataType, ReduceOp};
+use crate::engine::wire::OpKind;
 
 /// Messages at or above this many bytes use the bandwidth-optimal algorithms.
 pub(crate) const RING_MIN_BYTES: usize = 256 << 10;

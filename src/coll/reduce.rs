@@ -6,7 +6,7 @@
 //! zeros (`max(-0, +0) = +0` whichever comes first), because the ranks of an all-reduce combine
 //! their operands in different orders and must still agree bit for bit.
 
-use crate::types::{DataType, ReduceOp};
+use crate::api::types::{DataType, ReduceOp};
 use half::{bf16, f16};
 
 /// Arithmetic of one element type.

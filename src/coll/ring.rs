@@ -4,7 +4,7 @@
 //! the whole ring runs as one pipeline at frame granularity.
 
 use super::{segment, Act, BufId, Dep, OpDesc, Plan, Region};
-use crate::types::ReduceOp;
+use crate::api::types::ReduceOp;
 
 /// Neighbours of `rank`: (right, left).
 fn neighbours(rank: usize, n: usize) -> (usize, usize) {

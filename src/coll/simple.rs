@@ -2,7 +2,7 @@
 //! of all-gather and reduce-scatter (every rank exchanges with every other at once).
 
 use super::{Act, BufId, OpDesc, Plan, Region};
-use crate::types::ReduceOp;
+use crate::api::types::ReduceOp;
 
 pub(super) fn p2p(d: &OpDesc) -> Plan {
     let mut p = Plan::default();

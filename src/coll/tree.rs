@@ -2,7 +2,7 @@
 //! trees for small broadcast and reduce, pipelined chains for large ones.
 
 use super::{Act, BufId, Dep, OpDesc, Plan, Region};
-use crate::types::ReduceOp;
+use crate::api::types::ReduceOp;
 
 /// Recursive doubling on the whole buffer. Ranks beyond the largest power of two first fold
 /// their data into a partner and get the result back at the end. Every pairwise step computes

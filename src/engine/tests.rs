@@ -7,9 +7,9 @@
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::api::error::ErrorKind;
 use crate::coll::RING_MIN_BYTES;
-use crate::error::ErrorKind;
-use crate::sync::Mutex;
+use crate::sys::sync::Mutex;
 use crate::transport::loopback::{Faults, QueueLink};
 
 fn hb() -> Heartbeat {

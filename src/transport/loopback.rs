@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 use std::os::fd::RawFd;
 
 use super::{Armed, Link, LinkError, Sink, TransportKind};
-use crate::sync::{lock, Arc, Mutex};
-use crate::wire::{FrameHeader, HEADER_LEN};
+use crate::engine::wire::{FrameHeader, HEADER_LEN};
+use crate::sys::sync::{lock, Arc, Mutex};
 
 #[derive(Default)]
 struct Queue {
@@ -103,7 +103,7 @@ impl Link for QueueLink {
         let tamper = lock(&self.faults).tamper;
         if let Some(t) = tamper {
             if let Ok(mut h) = FrameHeader::decode(&f[..HEADER_LEN]) {
-                if h.kind == crate::wire::FrameKind::Data {
+                if h.kind == crate::engine::wire::FrameKind::Data {
                     t(&mut h);
                     f[..HEADER_LEN].copy_from_slice(&h.encode());
                 }

@@ -19,7 +19,7 @@ pub(crate) mod tcp;
 
 use std::os::fd::RawFd;
 
-use crate::wire::FrameHeader;
+use crate::engine::wire::FrameHeader;
 
 /// The transports a world can use for a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -11,9 +11,9 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 
 use super::{Armed, Link, LinkError, Sink, TransportKind};
-use crate::buf::Scratch;
+use crate::engine::wire::{FrameHeader, HEADER_LEN};
 use crate::sys;
-use crate::wire::{FrameHeader, HEADER_LEN};
+use crate::sys::buf::Scratch;
 
 /// Largest payload per frame on TCP.
 pub(crate) const TCP_MAX_PAYLOAD: usize = 512 << 10;
@@ -270,7 +270,7 @@ impl Link for TcpLink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{FrameKind, OpKind};
+    use crate::engine::wire::{FrameKind, OpKind};
     use std::io::Write;
     use std::net::TcpListener;
 

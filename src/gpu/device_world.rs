@@ -9,14 +9,14 @@
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
+use crate::api::error::{Error, ErrorKind, Result};
+use crate::api::types::{DataType, Element, ReduceOp};
+use crate::api::world::World;
 use crate::coll::OpDesc;
-use crate::cuda::RawContext;
-use crate::error::{Error, ErrorKind, Result};
-use crate::staging::{DeviceOp, Staging};
-use crate::sync::Arc;
-use crate::types::{DataType, Element, ReduceOp};
-use crate::wire::OpKind;
-use crate::world::World;
+use crate::engine::wire::OpKind;
+use crate::gpu::cuda::RawContext;
+use crate::gpu::staging::{DeviceOp, Staging};
+use crate::sys::sync::Arc;
 
 /// Counts of a [`DeviceWorld`]'s operations through CUDA IPC.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

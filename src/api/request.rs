@@ -10,8 +10,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
-use crate::sync::{lock, wait_timeout, Arc, AtomicBool, Condvar, Mutex, Ordering};
+use crate::api::error::{Error, Result};
+use crate::sys::sync::{lock, wait_timeout, Arc, AtomicBool, Condvar, Mutex, Ordering};
 
 #[derive(Default)]
 struct State {

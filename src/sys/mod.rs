@@ -1,6 +1,12 @@
-//! Thin, checked wrappers over the few system calls the standard library lacks: `poll`,
-//! `eventfd`, vectored `sendmsg` without `SIGPIPE`, interface addresses, and host identity.
-//! Every `unsafe` block for these calls lives here.
+//! The system layer: thin, checked wrappers over the few system calls the standard library
+//! lacks (`poll`, `eventfd`, vectored `sendmsg` without `SIGPIPE`, `fallocate`, interface
+//! addresses, host identity), raw views of user buffers (`buf`), the one source of atomics and
+//! locks (`sync`) and the logger (`log`). Every `unsafe` block for these calls lives here.
+
+#[macro_use]
+pub(crate) mod log;
+pub(crate) mod buf;
+pub(crate) mod sync;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

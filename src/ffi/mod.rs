@@ -30,16 +30,16 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::buf::{ranges_overlap, RawBuf};
+use crate::api::error::{BrokenCause, Error, ErrorKind};
+use crate::api::manager::{Event, EventQueue, Formation, Rendezvous, WorldManager};
+use crate::api::options::{TransportChoice, WorldOptions};
+use crate::api::request::Completion;
+use crate::api::types::{DataType, ReduceOp};
+use crate::api::world::World;
 use crate::coll::OpDesc;
-use crate::error::{BrokenCause, Error, ErrorKind};
-use crate::manager::{Event, EventQueue, Formation, Rendezvous, WorldManager};
-use crate::options::{TransportChoice, WorldOptions};
-use crate::request::Completion;
-use crate::sync::{lock, Arc, Mutex};
-use crate::types::{DataType, ReduceOp};
-use crate::wire::OpKind;
-use crate::world::World;
+use crate::engine::wire::OpKind;
+use crate::sys::buf::{ranges_overlap, RawBuf};
+use crate::sys::sync::{lock, Arc, Mutex};
 use crate::UniqueId;
 
 /// Result of every call, numbered as NCCL's `ncclResult_t`.
@@ -207,7 +207,7 @@ struct Comm {
     last_error: Mutex<String>,
     /// Where operations on device buffers are staged, from the first one on.
     #[cfg(feature = "cuda")]
-    staging: Mutex<Option<Arc<crate::staging::Staging>>>,
+    staging: Mutex<Option<Arc<crate::gpu::staging::Staging>>>,
 }
 
 impl Comm {
@@ -271,8 +271,8 @@ impl Comm {
     /// Enqueues operations on device buffers as one batch on `stream`.
     #[cfg(feature = "cuda")]
     fn enqueue_device(&self, stream: usize, ops: &[Checked]) -> Result<(), Error> {
-        use crate::cuda::RawContext;
-        use crate::staging::Staging;
+        use crate::gpu::cuda::RawContext;
+        use crate::gpu::staging::Staging;
         let w = if self.blocking { self.settle() } else { self.world() }?;
         let stream = stream as cudarc::driver::sys::CUstream;
         // SAFETY: the C caller passes a live stream (NCCL's contract).
@@ -760,7 +760,7 @@ impl Checked {
         #[cfg(feature = "cuda")]
         for (p, n) in [self.send, self.recv] {
             use cudarc::driver::sys::CUmemorytype;
-            if n > 0 && crate::cuda::memory_type(p) == Some(CUmemorytype::CU_MEMORYTYPE_DEVICE) {
+            if n > 0 && crate::gpu::cuda::memory_type(p) == Some(CUmemorytype::CU_MEMORYTYPE_DEVICE) {
                 return Err(Error::invalid_arg(format!(
                     "{}: {p:#x} is device memory, which needs a stream (a NULL stream means host memory)",
                     self.desc.kind.name()

@@ -29,15 +29,15 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 
-use crate::buf::RawBuf;
+use crate::api::error::{Error, Result};
+use crate::api::request::Completion;
+use crate::api::types::DataType;
+use crate::api::world::{World, WorldState};
 use crate::coll::OpDesc;
-use crate::cuda::{check, check_device_buffer, check_not_capturing, Current, Pinned, RawContext};
-use crate::error::{Error, Result};
-use crate::request::Completion;
-use crate::sync::{fence, lock, wait_timeout, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
+use crate::gpu::cuda::{check, check_device_buffer, check_not_capturing, Current, Pinned, RawContext};
+use crate::sys::buf::RawBuf;
+use crate::sys::sync::{fence, lock, wait_timeout, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 use crate::transport::TransportKind;
-use crate::types::DataType;
-use crate::world::{World, WorldState};
 
 mod cuda_ipc;
 mod ipc_coll;
@@ -162,7 +162,7 @@ impl CudaDevice {
             CudaDevice { ctx, module: None, copy_told: std::ptr::null_mut(), combine_told: Vec::new(), _keep: keep };
         let _current = ctx.push()?;
         let mut module: sys::CUmodule = std::ptr::null_mut();
-        let image = crate::cuda::fatbin_image();
+        let image = crate::gpu::cuda::fatbin_image();
         // SAFETY: the embedded fatbin, aligned; the driver copies what it needs.
         let r = unsafe { sys::cuModuleLoadData(&mut module, image.as_ptr().cast()) };
         check("cuModuleLoadData (multiworld's kernels, built for CUDA 13.0: the driver must support it)", r)?;
@@ -184,7 +184,7 @@ impl CudaDevice {
         device.copy_told = function("mw_copy_told")?;
         device.combine_told = DataType::ALL
             .iter()
-            .map(|d| function(&format!("mw_combine_told_{}", crate::cuda::type_name(*d))))
+            .map(|d| function(&format!("mw_combine_told_{}", crate::gpu::cuda::type_name(*d))))
             .collect::<Result<_>>()?;
         Ok(device)
     }
@@ -511,7 +511,7 @@ impl Staging<CudaDevice> {
         ctx: RawContext,
         keep: Option<Arc<cudarc::driver::CudaContext>>,
     ) -> Result<Arc<Staging>> {
-        crate::cuda::driver_present()?;
+        crate::gpu::cuda::driver_present()?;
         Staging::with_device(world, CudaDevice::new(ctx, keep)?)
     }
 

@@ -37,20 +37,20 @@ pub(crate) fn write(level: Level, args: std::fmt::Arguments<'_>) {
 
 macro_rules! log_at {
     ($level:expr, $($arg:tt)*) => {
-        if $crate::log::level() >= $level {
-            $crate::log::write($level, format_args!($($arg)*));
+        if $crate::sys::log::level() >= $level {
+            $crate::sys::log::write($level, format_args!($($arg)*));
         }
     };
 }
 
 macro_rules! warn {
-    ($($arg:tt)*) => { log_at!($crate::log::Level::Warn, $($arg)*) };
+    ($($arg:tt)*) => { log_at!($crate::sys::log::Level::Warn, $($arg)*) };
 }
 
 macro_rules! info {
-    ($($arg:tt)*) => { log_at!($crate::log::Level::Info, $($arg)*) };
+    ($($arg:tt)*) => { log_at!($crate::sys::log::Level::Info, $($arg)*) };
 }
 
 macro_rules! debug {
-    ($($arg:tt)*) => { log_at!($crate::log::Level::Debug, $($arg)*) };
+    ($($arg:tt)*) => { log_at!($crate::sys::log::Level::Debug, $($arg)*) };
 }

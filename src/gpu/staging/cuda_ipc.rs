@@ -35,12 +35,12 @@
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::{get, put, tell_copies, Batch, Block, Device, Staging, StreamCmd, DONE_FAILED, HANDLE_LEN};
-use crate::buf::RawBuf;
+use crate::api::error::{Error, Result};
+use crate::api::types::{DataType, ReduceOp};
 use crate::coll::OpDesc;
-use crate::error::{Error, Result};
-use crate::sync::Arc;
-use crate::types::{DataType, ReduceOp};
-use crate::wire::OpKind;
+use crate::engine::wire::OpKind;
+use crate::sys::buf::RawBuf;
+use crate::sys::sync::Arc;
 
 // An operation's control area in the block (`CTL_LEN` bytes at `IpcOp::ctl`).
 /// Flag the stream waits on before the operation's copy.
@@ -89,7 +89,7 @@ pub(super) struct IpcOp {
     data: usize,
     /// Messages posted so far (rounds 1..=3, in order) and their completions.
     posted: u8,
-    rounds: Vec<Arc<crate::request::Completion>>,
+    rounds: Vec<Arc<crate::api::request::Completion>>,
     how: Option<How>,
     /// The sender's allocation, mapped here until this rank's copy from it is done.
     pub(super) mapping: Option<CUdeviceptr>,
@@ -358,7 +358,7 @@ impl<D: Device> Staging<D> {
     }
 
     /// Posts message `round` of `o` to the world.
-    fn post_message(&self, base: *mut u8, o: &IpcOp, round: u8) -> Result<Arc<crate::request::Completion>> {
+    fn post_message(&self, base: *mut u8, o: &IpcOp, round: u8) -> Result<Arc<crate::api::request::Completion>> {
         let (at, len) = match (round, o.how) {
             (1, _) => (o.ctl + TOKEN, TOKEN_LEN),
             (2, _) => (o.ctl + REPLY, 8),

@@ -12,9 +12,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::error::ErrorKind;
-use crate::types::{DataType, ReduceOp};
-use crate::wire::OpKind;
+use crate::api::error::ErrorKind;
+use crate::api::types::{DataType, ReduceOp};
+use crate::engine::wire::OpKind;
 use crate::{UniqueId, WorldManager};
 
 /// Host memory standing in for a mapped pinned block.
@@ -126,9 +126,9 @@ fn run(base: usize, c: &StreamCmd) {
                     assert!((1..=8).contains(&nsrc), "{nsrc} sources");
                     let srcs: Vec<*const u8> = (0..nsrc).map(|k| w(5 + k) as *const u8).collect();
                     let (t, dst) = (dtype as i32, dst as *mut u8);
-                    crate::cuda::host::mw_host_combine(t, op as i32, dst, srcs.as_ptr(), nsrc as i32, n);
+                    crate::gpu::cuda::host::mw_host_combine(t, op as i32, dst, srcs.as_ptr(), nsrc as i32, n);
                     if divide > 0 {
-                        crate::cuda::host::mw_host_scale(t, dst, n, divide as i32);
+                        crate::gpu::cuda::host::mw_host_scale(t, dst, n, divide as i32);
                     }
                 }
             }

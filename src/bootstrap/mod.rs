@@ -14,19 +14,21 @@
 //!
 //! Every step is bounded by the formation deadline; nothing here touches another world.
 
+pub(crate) mod addr;
+
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::net::{self, MAX_MESSAGE};
+use crate::api::error::{Error, ErrorKind, Result};
+use crate::engine::wire::{MsgReader, MsgWriter};
 use crate::sys;
 use crate::transport::loopback::QueueLink;
 use crate::transport::shm::{Segment, ShmLink};
 use crate::transport::tcp::TcpLink;
 use crate::transport::{Link, TransportKind};
-use crate::wire::{MsgReader, MsgWriter};
+use addr::MAX_MESSAGE;
 
 const HELLO_MAGIC: u32 = 0x4D57_4231; // "MWB1"
 const LINK_MAGIC: u32 = 0x4D57_4C31; // "MWL1"
@@ -160,7 +162,7 @@ pub(crate) struct RootConfig {
 }
 
 impl RootConfig {
-    pub(crate) fn for_id(secret: [u8; crate::id::SECRET_LEN]) -> RootConfig {
+    pub(crate) fn for_id(secret: [u8; crate::api::id::SECRET_LEN]) -> RootConfig {
         RootConfig { secret: secret.to_vec(), expect: None, deadline: None }
     }
 
@@ -188,7 +190,7 @@ struct Conn {
 }
 
 fn refuse(c: &Conn, kind: ErrorKind, msg: &str) {
-    let _ = net::send_msg(&c.s, &encode_refusal(kind, msg), Instant::now() + Duration::from_millis(200));
+    let _ = addr::send_msg(&c.s, &encode_refusal(kind, msg), Instant::now() + Duration::from_millis(200));
 }
 
 /// What to do with a connection after reading from it.
@@ -294,7 +296,7 @@ fn serve_root(listener: TcpListener, cfg: RootConfig) {
                 };
                 let msg = encode_table(&t);
                 for c in conns.iter().filter(|c| c.hello.is_some()) {
-                    let _ = net::send_msg(&c.s, &msg, Instant::now() + Duration::from_secs(2));
+                    let _ = addr::send_msg(&c.s, &msg, Instant::now() + Duration::from_secs(2));
                 }
                 info!("rendezvous: world '{name}' of {size} ranks formed, generation {}", t.generation);
                 return;
@@ -432,7 +434,7 @@ pub(crate) fn join(spec: &JoinSpec) -> Result<Formed> {
     let (root, secret) = match &spec.rendezvous {
         Rendezvous::Id(id) => (id.root, id.secret.to_vec()),
         Rendezvous::Address(a) => {
-            let root = net::resolve(a)?;
+            let root = addr::resolve(a)?;
             if rank == 0 {
                 let listener = TcpListener::bind(root)
                     .map_err(|e| Error::system(formation_err(name, rank, format!("listening on {root}")), e))?;
@@ -452,12 +454,12 @@ pub(crate) fn join(spec: &JoinSpec) -> Result<Formed> {
 fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline: Instant) -> Result<Formed> {
     let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
     let what = || formation_err(name, rank, "deadline passed while reaching the root");
-    let to_root = net::connect_retry(root, deadline, &what)?;
+    let to_root = addr::connect_retry(root, deadline, &what)?;
     let local_ip: IpAddr = match &spec.interface {
-        Some(i) => net::interface_ip(i)?,
+        Some(i) => addr::interface_ip(i)?,
         None => to_root.local_addr().map_err(|e| Error::system("local address", e))?.ip(),
     };
-    let listener = net::listen_any_port(local_ip)?;
+    let listener = addr::listen_any_port(local_ip)?;
     let my_addr = listener.local_addr().map_err(|e| Error::system("listener address", e))?;
     info!("world '{name}' rank {rank}: listening for peers on {my_addr}");
     let hello = Hello {
@@ -470,9 +472,9 @@ fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline: Insta
         host: sys::host_identity(),
         timeout_ms: spec.timeout.as_millis() as u64,
     };
-    net::send_msg(&to_root, &hello.encode(), deadline)
+    addr::send_msg(&to_root, &hello.encode(), deadline)
         .map_err(|e| Error::system(formation_err(name, rank, "sending hello to the root"), e))?;
-    let reply = net::recv_msg(&to_root, deadline).map_err(|e| {
+    let reply = addr::recv_msg(&to_root, deadline).map_err(|e| {
         if e.kind() == io::ErrorKind::TimedOut {
             Error::timeout(formation_err(name, rank, "the other ranks did not all arrive before the deadline"))
         } else {
@@ -520,11 +522,11 @@ fn connect_links(
     for (peer, (addr, _host)) in t.peers.iter().enumerate().take(rank) {
         let what = || formation_err(name, rank, format!("connecting to rank {peer}"));
         let a: SocketAddr = addr.parse().map_err(|_| Error::internal(what()))?;
-        let s = net::connect_once(a, deadline, &what)?;
-        net::send_msg(&s, &link_hello(t.world_id, t.generation, rank, peer, secret), deadline)
+        let s = addr::connect_once(a, deadline, &what)?;
+        addr::send_msg(&s, &link_hello(t.world_id, t.generation, rank, peer, secret), deadline)
             .map_err(|e| Error::new(ErrorKind::WorldBroken, format!("{}: {e}", what())))?;
         let mut ack = [0u8; 1];
-        s.set_read_timeout(Some(net::left(deadline, &what)?)).map_err(|e| Error::system(what(), e))?;
+        s.set_read_timeout(Some(addr::left(deadline, &what)?)).map_err(|e| Error::system(what(), e))?;
         match (&s).read(&mut ack) {
             Ok(1) if ack[0] == 1 => {}
             Ok(_) => return Err(Error::new(ErrorKind::WorldBroken, format!("{}: refused or closed", what()))),
@@ -548,7 +550,7 @@ fn connect_links(
             let m: Vec<usize> = (rank + 1..size).filter(|r| links[*r].is_none()).collect();
             formation_err(name, rank, format!("ranks {m:?} did not connect before the deadline"))
         };
-        net::left(deadline, &missing)?;
+        addr::left(deadline, &missing)?;
         let mut fds = [sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
         let _ = sys::poll(&mut fds, Some(deadline));
         let (s, from_addr) = match listener.accept() {
@@ -559,7 +561,7 @@ fn connect_links(
         let _ = s.set_nonblocking(false);
         // A peer must say who it is promptly; a silent or garbage connection is dropped.
         let hello_deadline = deadline.min(Instant::now() + HELLO_GRACE);
-        let msg = match net::recv_msg(&s, hello_deadline) {
+        let msg = match addr::recv_msg(&s, hello_deadline) {
             Ok(m) => m,
             Err(e) => {
                 warn!("world '{name}' rank {rank}: refused link connection from {from_addr}: {e}");
@@ -621,7 +623,7 @@ fn offer_transport(s: TcpStream, shm: bool, deadline: Instant) -> io::Result<Box
         match Segment::create() {
             Ok(mut seg) => {
                 let path = seg.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-                net::send_msg(&s, format!("S{path}").as_bytes(), deadline)?;
+                addr::send_msg(&s, format!("S{path}").as_bytes(), deadline)?;
                 s.set_read_timeout(Some(
                     deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
                 ))?;
@@ -638,12 +640,12 @@ fn offer_transport(s: TcpStream, shm: bool, deadline: Instant) -> io::Result<Box
             Err(e) => warn!("cannot create a shared-memory segment ({e}; is /dev/shm full?); using TCP"),
         }
     }
-    net::send_msg(&s, b"T", deadline)?;
+    addr::send_msg(&s, b"T", deadline)?;
     Ok(Box::new(TcpLink::new(s)?))
 }
 
 fn answer_transport(s: TcpStream, shm: bool, deadline: Instant) -> io::Result<Box<dyn Link>> {
-    let offer = net::recv_msg(&s, deadline)?;
+    let offer = addr::recv_msg(&s, deadline)?;
     match offer.split_first() {
         Some((b'T', [])) => Ok(Box::new(TcpLink::new(s)?)),
         Some((b'S', path)) => {
@@ -701,7 +703,7 @@ mod tests {
     fn a_root_refuses_a_hello_that_claims_a_huge_world() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let secret = [7u8; crate::id::SECRET_LEN];
+        let secret = [7u8; crate::api::id::SECRET_LEN];
         spawn_root(listener, RootConfig::for_id(secret)).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         for size in [u32::MAX, MAX_WORLD_SIZE as u32 + 1] {
@@ -716,8 +718,8 @@ mod tests {
                 timeout_ms: 1000,
             };
             let s = TcpStream::connect(addr).unwrap();
-            net::send_msg(&s, &h.encode(), deadline).unwrap();
-            let e = decode_reply(&net::recv_msg(&s, deadline).unwrap()).unwrap().unwrap_err();
+            addr::send_msg(&s, &h.encode(), deadline).unwrap();
+            let e = decode_reply(&addr::recv_msg(&s, deadline).unwrap()).unwrap().unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{}", e.message());
         }
     }

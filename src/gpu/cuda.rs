@@ -15,9 +15,9 @@ pub use cudarc;
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::sync::Arc;
-use crate::types::{DataType, ReduceOp};
+use crate::api::error::{Error, ErrorKind, Result};
+use crate::api::types::{DataType, ReduceOp};
+use crate::sys::sync::Arc;
 
 /// The kernels, compiled by build.rs (SASS for sm_80 and sm_90, PTX for newer GPUs).
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));

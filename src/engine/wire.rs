@@ -2,7 +2,7 @@
 //! bootstrap messages use. Pure functions, no I/O: every decoder takes untrusted bytes and
 //! answers `Err` with a reason, never panics (fuzzed by the `wire` tests).
 
-use crate::types::{DataType, ReduceOp};
+use crate::api::types::{DataType, ReduceOp};
 
 /// Size of every frame header in bytes.
 pub(crate) const HEADER_LEN: usize = 64;

@@ -12,15 +12,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crate::api::error::{BrokenCause, Error, Result};
+use crate::api::id::UniqueId;
+use crate::api::options::WorldOptions;
+use crate::api::request::{Completion, Slot};
+use crate::api::world::{World, WorldInner};
 use crate::bootstrap::{self, JoinSpec};
+use crate::driver::Driver;
 use crate::engine::{Engine, EngineConfig};
-use crate::error::{BrokenCause, Error, Result};
-use crate::id::UniqueId;
-use crate::options::WorldOptions;
-use crate::progress::Driver;
-use crate::request::{Completion, Slot};
-use crate::sync::{lock, wait_timeout, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
-use crate::world::{World, WorldInner};
+use crate::sys::sync::{lock, wait_timeout, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 
 /// How the ranks of a world find each other.
 #[derive(Debug, Clone)]
@@ -254,7 +254,7 @@ impl WorldManager {
             },
             secret: options.secret.clone().unwrap_or_default(),
             interface: options.interface.clone(),
-            shm: options.transport.effective() == crate::options::TransportChoice::Auto,
+            shm: options.transport.effective() == crate::api::options::TransportChoice::Auto,
             generation,
             timeout: options.timeout,
         };

@@ -10,16 +10,16 @@
 use std::marker::PhantomData;
 use std::time::Duration;
 
+use crate::api::error::{BrokenCause, Error, Result};
+use crate::api::request::{Completion, Failed, KeepAlive, Progress, Request, Slot};
+use crate::api::types::{DataType, Element, ReduceOp};
 use crate::backend::Backend;
-use crate::buf::RawBuf;
 use crate::coll::OpDesc;
+use crate::engine::wire::OpKind;
 use crate::engine::{Posted, WorldStats};
-use crate::error::{BrokenCause, Error, Result};
-use crate::request::{Completion, Failed, KeepAlive, Progress, Request, Slot};
-use crate::sync::{Arc, AtomicBool, AtomicU64, Ordering};
+use crate::sys::buf::RawBuf;
+use crate::sys::sync::{Arc, AtomicBool, AtomicU64, Ordering};
 use crate::transport::TransportKind;
-use crate::types::{DataType, Element, ReduceOp};
-use crate::wire::OpKind;
 
 /// Where a world stands.
 #[derive(Debug, Clone, PartialEq, Eq)]

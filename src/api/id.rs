@@ -6,8 +6,9 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
-use crate::error::{Error, Result};
-use crate::{bootstrap, net, sys};
+use crate::api::error::{Error, Result};
+use crate::bootstrap::{self, addr};
+use crate::sys;
 
 const MAGIC: &[u8; 4] = b"MWID";
 const VERSION: u8 = 1;
@@ -30,13 +31,13 @@ impl UniqueId {
     /// of `MW_SOCKET_IFNAME` (interface name or IP) or else of the first non-loopback
     /// interface that is up.
     pub fn new() -> Result<UniqueId> {
-        let ip = net::default_ip(None)?;
+        let ip = addr::default_ip(None)?;
         UniqueId::new_on(ip)
     }
 
     /// Like [`UniqueId::new`], with the root listening on `ip`.
     pub fn new_on(ip: IpAddr) -> Result<UniqueId> {
-        let listener = net::listen_any_port(ip)?;
+        let listener = addr::listen_any_port(ip)?;
         let root = listener.local_addr().map_err(|e| Error::system("root listener address", e))?;
         let mut secret = [0u8; SECRET_LEN];
         sys::random_bytes(&mut secret).map_err(|e| Error::system("getrandom", e))?;

@@ -43,13 +43,13 @@ use super::{
     get, put, read_flag, tell_copies, write_flag, Batch, Block, Device, DeviceOp, Staging, StreamCmd, COPY_LEN,
     DONE_FAILED, HANDLE_LEN,
 };
-use crate::buf::RawBuf;
+use crate::api::error::{Error, Result};
+use crate::api::request::Completion;
+use crate::api::types::{DataType, ReduceOp};
 use crate::coll::OpDesc;
-use crate::error::{Error, Result};
-use crate::request::Completion;
-use crate::sync::Arc;
-use crate::types::{DataType, ReduceOp};
-use crate::wire::OpKind;
+use crate::engine::wire::OpKind;
+use crate::sys::buf::RawBuf;
+use crate::sys::sync::Arc;
 
 /// Most ranks a collective runs over IPC with: the sources the combine kernel takes at once.
 pub(super) const MAX_RANKS: usize = 8;

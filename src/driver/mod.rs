@@ -25,10 +25,10 @@
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::api::error::{BrokenCause, Error, Result};
+use crate::api::request::{Completion, Progress};
 use crate::engine::{Engine, Posted, WaitSet, WorldStats};
-use crate::error::{BrokenCause, Error, Result};
-use crate::request::{Completion, Progress};
-use crate::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
+use crate::sys::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
 use crate::sys::{self, EventFd};
 
 /// How long a driver keeps passing without progress before it goes to sleep. Long enough to
@@ -325,14 +325,14 @@ impl Drop for Driver {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use crate::api::error::ErrorKind;
+    use crate::api::request::Completion;
+    use crate::api::types::{DataType, ReduceOp};
     use crate::coll::OpDesc;
+    use crate::engine::wire::OpKind;
     use crate::engine::EngineConfig;
-    use crate::error::ErrorKind;
-    use crate::request::Completion;
     use crate::transport::loopback::QueueLink;
     use crate::transport::Link;
-    use crate::types::{DataType, ReduceOp};
-    use crate::wire::OpKind;
 
     #[test]
     fn a_panic_in_a_pass_breaks_the_world_and_completes_its_operations() {
@@ -354,8 +354,8 @@ mod tests {
         let c = Completion::new();
         let posted = Posted {
             desc,
-            send: crate::buf::RawBuf::EMPTY,
-            recv: crate::buf::RawBuf::EMPTY,
+            send: crate::sys::buf::RawBuf::EMPTY,
+            recv: crate::sys::buf::RawBuf::EMPTY,
             completion: c.clone(),
             timeout: None,
             keepalive: None,
@@ -378,7 +378,7 @@ mod tests {
 #[cfg(all(test, loom))]
 mod loom_models {
     use super::Token;
-    use crate::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
+    use crate::sys::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
 
     /// The driver's side and a poster's side of `Driver`, over a work counter for the engine
     /// and flags for the two event descriptors.

@@ -9,7 +9,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::api::error::{Error, ErrorKind, Result};
 use crate::sys;
 
 /// Largest bootstrap message accepted (a table for thousands of ranks fits).

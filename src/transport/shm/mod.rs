@@ -15,6 +15,8 @@
 //! later. If anything in the set-up fails, the pair uses TCP instead, and the world counts it
 //! in `WorldStats::shm_fallbacks`.
 
+pub(crate) mod ring;
+
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -25,8 +27,8 @@ use std::path::{Path, PathBuf};
 use memmap2::MmapMut;
 
 use super::{Armed, Link, LinkError, Sink, TransportKind};
-use crate::ring::{RingCtrl, CTRL_BYTES};
-use crate::wire::{FrameHeader, HEADER_LEN};
+use crate::engine::wire::{FrameHeader, HEADER_LEN};
+use crate::transport::shm::ring::{RingCtrl, CTRL_BYTES};
 
 /// Slots per ring.
 const SLOTS: u64 = 8;

@@ -18,19 +18,22 @@
 //! - Any failure breaks the whole world at once: every operation in flight fails with the
 //!   cause, peers get a best-effort abort frame, links are closed. Nothing is retried.
 
+pub(crate) mod health;
+pub(crate) mod wire;
+
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::buf::{RawBuf, Scratch};
+use crate::api::error::{BrokenCause, Error};
+use crate::api::request::{Completion, KeepAlive};
+use crate::api::types::{DataType, ReduceOp};
 use crate::coll::reduce::{reduce3, reduce_into, scale_avg};
 use crate::coll::{plan, Act, BufId, Dep, OpDesc, Plan};
-use crate::error::{BrokenCause, Error};
-use crate::health::{Heartbeat, Liveness, Verdict};
-use crate::request::{Completion, KeepAlive};
-use crate::sync::Arc;
+use crate::engine::health::{Heartbeat, Liveness, Verdict};
+use crate::engine::wire::{FrameHeader, FrameKind, OpKind, HEADER_LEN};
+use crate::sys::buf::{RawBuf, Scratch};
+use crate::sys::sync::Arc;
 use crate::transport::{Armed, Link, LinkError, Sink, TransportKind};
-use crate::types::{DataType, ReduceOp};
-use crate::wire::{FrameHeader, FrameKind, OpKind, HEADER_LEN};
 
 /// Bytes of early frames buffered per peer before the link stops being read.
 pub(crate) const UNEXPECTED_CAP: usize = 16 << 20;
@@ -532,7 +535,7 @@ impl Engine {
                             }
                             // SAFETY: both views belong to this operation (buf.rs contract);
                             // `copy_region` handles overlap.
-                            unsafe { crate::buf::copy_region(sb, src.off, db, dst.off, src.len) }
+                            unsafe { crate::sys::buf::copy_region(sb, src.off, db, dst.off, src.len) }
                                 .ok_or_else(|| internal("copy region out of range"))?;
                         }
                     }

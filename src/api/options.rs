@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-pub use crate::health::Heartbeat;
+pub use crate::engine::health::Heartbeat;
 
 /// Which transports a world may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

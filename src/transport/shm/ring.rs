@@ -17,7 +17,7 @@
 //!
 //! A zeroed control block is a valid empty ring.
 
-use crate::sync::{fence, AtomicBool, AtomicU64, Ordering};
+use crate::sys::sync::{fence, AtomicBool, AtomicU64, Ordering};
 
 /// One cache line per field, so that producer and consumer do not false-share.
 #[repr(C, align(64))]
