@@ -1,6 +1,6 @@
 //! Build steps beyond Rust:
 //!
-//! - the C header `ffi/include/multiworld.h`, from `src/ffi/mod.rs` with cbindgen (committed; CI
+//! - the C header `ffi/include/multiworld.h`, from `src/ffi/` with cbindgen (committed; CI
 //!   regenerates it and fails if it changed; a failure here is a warning so that a read-only
 //!   source tree still builds);
 //! - with the `cuda` feature: the kernels of `cuda/kernels.cu`, compiled by nvcc into a fatbin
@@ -20,7 +20,7 @@ fn main() {
 }
 
 fn header(dir: &Path) {
-    println!("cargo:rerun-if-changed=src/ffi/mod.rs");
+    println!("cargo:rerun-if-changed=src/ffi");
     println!("cargo:rerun-if-changed=cbindgen.toml");
     let config = match cbindgen::Config::from_file(dir.join("cbindgen.toml")) {
         Ok(c) => c,
@@ -29,6 +29,7 @@ fn header(dir: &Path) {
             return;
         }
     };
+    // cbindgen follows the `mod` declarations of src/ffi/mod.rs into the other files.
     match cbindgen::Builder::new().with_config(config).with_src(dir.join("src/ffi/mod.rs")).generate() {
         Ok(bindings) => {
             let out = dir.join("ffi/include/multiworld.h");

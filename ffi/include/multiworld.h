@@ -8,7 +8,7 @@
 #ifndef MULTIWORLD_H
 #define MULTIWORLD_H
 
-/* Generated from src/ffi/mod.rs by cbindgen (build.rs): do not edit by hand. */
+/* Generated from src/ffi/ by cbindgen (build.rs): do not edit by hand. */
 
 #include <stddef.h>
 #include <stdint.h>
@@ -42,6 +42,11 @@ typedef struct mwComm mwComm;
  Result of every call, numbered as NCCL's `ncclResult_t`.
  */
 typedef int mwResult_t;
+
+/*
+ A communicator handle.
+ */
+typedef struct mwComm *mwComm_t;
 
 /*
  Identifies one world formation; made by `mwGetUniqueId`, copied to every rank.
@@ -90,21 +95,6 @@ typedef struct mwConfig_t {
 } mwConfig_t;
 
 /*
- A communicator handle.
- */
-typedef struct mwComm *mwComm_t;
-
-/*
- Element type, numbered as NCCL's `ncclDataType_t`.
- */
-typedef int mwDataType_t;
-
-/*
- Reduction, numbered as NCCL's `ncclRedOp_t`.
- */
-typedef int mwRedOp_t;
-
-/*
  An event of one of the process's communicators.
  */
 typedef struct mwEvent_t {
@@ -129,6 +119,16 @@ typedef struct mwEvent_t {
    */
   char cause[512];
 } mwEvent_t;
+
+/*
+ Element type, numbered as NCCL's `ncclDataType_t`.
+ */
+typedef int mwDataType_t;
+
+/*
+ Reduction, numbered as NCCL's `ncclRedOp_t`.
+ */
+typedef int mwRedOp_t;
 
 /*
  The call succeeded.
@@ -288,6 +288,18 @@ extern "C" {
 mwResult_t mwGetVersion(int *version);
 
 /*
+ A static description of a result code (`ncclGetErrorString`).
+ */
+const char *mwGetErrorString(mwResult_t result);
+
+/*
+ The message of the last error on `comm` (or, with `comm` NULL or unknown, of the last error
+ that had no communicator). The string stays valid until this thread calls
+ `mwGetLastError` again (`ncclGetLastError`).
+ */
+const char *mwGetLastError(mwComm_t comm);
+
+/*
  Makes a unique id and starts its rendezvous root in this process (`ncclGetUniqueId`).
  */
 mwResult_t mwGetUniqueId(struct mwUniqueId *uniqueId);
@@ -352,6 +364,30 @@ mwResult_t mwCommCount(mwComm_t comm, int *count);
  This process's rank (`ncclCommUserRank`).
  */
 mwResult_t mwCommUserRank(mwComm_t comm, int *rank);
+
+/*
+ Takes the next event of any communicator of this process: `mwSuccess` with `*event`
+ filled, or `mwInProgress` when there is none. Never blocks.
+ */
+mwResult_t mwPollEvent(struct mwEvent_t *event);
+
+/*
+ Like `mwPollEvent`, waiting up to `timeoutMs` milliseconds (negative: for ever).
+ */
+mwResult_t mwWaitEvent(struct mwEvent_t *event, int timeoutMs);
+
+/*
+ Starts a group: calls until the matching `mwGroupEnd` are posted together, so that sends
+ and receives between the same ranks cannot deadlock, and several communicators can be
+ initialized from one thread (`ncclGroupStart`; groups nest).
+ */
+mwResult_t mwGroupStart(void);
+
+/*
+ Ends a group; the outermost end posts everything recorded and, for blocking
+ communicators, waits for it (`ncclGroupEnd`). Returns the first error.
+ */
+mwResult_t mwGroupEnd(void);
 
 /*
  Sends `count` elements to `peer`, which posts a matching `mwRecv` (`ncclSend`).
@@ -470,42 +506,6 @@ mwResult_t mwScatter(const void *sendbuff,
  Returns once every rank has called it.
  */
 mwResult_t mwBarrier(mwComm_t comm, void *stream);
-
-/*
- Starts a group: calls until the matching `mwGroupEnd` are posted together, so that sends
- and receives between the same ranks cannot deadlock, and several communicators can be
- initialized from one thread (`ncclGroupStart`; groups nest).
- */
-mwResult_t mwGroupStart(void);
-
-/*
- Ends a group; the outermost end posts everything recorded and, for blocking
- communicators, waits for it (`ncclGroupEnd`). Returns the first error.
- */
-mwResult_t mwGroupEnd(void);
-
-/*
- A static description of a result code (`ncclGetErrorString`).
- */
-const char *mwGetErrorString(mwResult_t result);
-
-/*
- The message of the last error on `comm` (or, with `comm` NULL or unknown, of the last error
- that had no communicator). The string stays valid until this thread calls
- `mwGetLastError` again (`ncclGetLastError`).
- */
-const char *mwGetLastError(mwComm_t comm);
-
-/*
- Takes the next event of any communicator of this process: `mwSuccess` with `*event`
- filled, or `mwInProgress` when there is none. Never blocks.
- */
-mwResult_t mwPollEvent(struct mwEvent_t *event);
-
-/*
- Like `mwPollEvent`, waiting up to `timeoutMs` milliseconds (negative: for ever).
- */
-mwResult_t mwWaitEvent(struct mwEvent_t *event, int timeoutMs);
 
 #ifdef __cplusplus
 }  // extern "C"

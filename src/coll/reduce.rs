@@ -31,72 +31,46 @@ macro_rules! int_arith {
 }
 int_arith!(i8, u8, i32, u32, i64, u64);
 
-/// Maximum that both orders agree on bit for bit: equal values (like `-0` and `+0`) give the
-/// bits both share (`+0`), a NaN operand wins. Written with selects so that it vectorizes.
-#[inline(always)]
-fn fmax32(a: f32, b: f32) -> f32 {
-    let pick = if a == b {
-        f32::from_bits(a.to_bits() & b.to_bits())
-    } else if a > b {
-        a
-    } else {
-        b
-    };
-    if a.is_nan() {
-        a
-    } else {
-        pick
-    }
-}
+/// Maximum and minimum that both orders agree on bit for bit, for one float type: equal values
+/// (like `-0` and `+0`) give the bits both share for the maximum (`+0`) and either has for the
+/// minimum (`-0`); a NaN operand wins. Written with selects so that they vectorize.
+macro_rules! symmetric_min_max {
+    ($t:ty, $max:ident, $min:ident) => {
+        #[inline(always)]
+        fn $max(a: $t, b: $t) -> $t {
+            let pick = if a == b {
+                <$t>::from_bits(a.to_bits() & b.to_bits())
+            } else if a > b {
+                a
+            } else {
+                b
+            };
+            if a.is_nan() {
+                a
+            } else {
+                pick
+            }
+        }
 
-/// Minimum, symmetric the same way (`min(-0, +0) = -0`).
-#[inline(always)]
-fn fmin32(a: f32, b: f32) -> f32 {
-    let pick = if a == b {
-        f32::from_bits(a.to_bits() | b.to_bits())
-    } else if a < b {
-        a
-    } else {
-        b
+        #[inline(always)]
+        fn $min(a: $t, b: $t) -> $t {
+            let pick = if a == b {
+                <$t>::from_bits(a.to_bits() | b.to_bits())
+            } else if a < b {
+                a
+            } else {
+                b
+            };
+            if a.is_nan() {
+                a
+            } else {
+                pick
+            }
+        }
     };
-    if a.is_nan() {
-        a
-    } else {
-        pick
-    }
 }
-
-#[inline(always)]
-fn fmax64(a: f64, b: f64) -> f64 {
-    let pick = if a == b {
-        f64::from_bits(a.to_bits() & b.to_bits())
-    } else if a > b {
-        a
-    } else {
-        b
-    };
-    if a.is_nan() {
-        a
-    } else {
-        pick
-    }
-}
-
-#[inline(always)]
-fn fmin64(a: f64, b: f64) -> f64 {
-    let pick = if a == b {
-        f64::from_bits(a.to_bits() | b.to_bits())
-    } else if a < b {
-        a
-    } else {
-        b
-    };
-    if a.is_nan() {
-        a
-    } else {
-        pick
-    }
-}
+symmetric_min_max!(f32, fmax32, fmin32);
+symmetric_min_max!(f64, fmax64, fmin64);
 
 impl Arith for f32 {
     #[inline(always)]

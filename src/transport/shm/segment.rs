@@ -1,0 +1,74 @@
+//! A pair's shared-memory segment: a file in `/dev/shm` made with `O_EXCL` and mode 0600 by
+//! the higher rank, its pages reserved before it is mapped (a full `/dev/shm` is an error at
+//! set-up, never a `SIGBUS` later), opened by the lower rank without following links, and
+//! unlinked as soon as both have mapped it.
+
+use super::*;
+
+/// A mapped segment, and its file until it is unlinked.
+pub(crate) struct Segment {
+    pub(super) map: MmapMut,
+    path: Option<PathBuf>,
+}
+
+impl Segment {
+    /// Makes a new segment file only this user can open, with all its pages reserved and zeroed
+    /// (a zeroed control block is an empty ring), and maps it. A full `/dev/shm` is an error.
+    pub(crate) fn create() -> io::Result<Segment> {
+        let name = format!("mw-{}-{:016x}", std::process::id(), crate::sys::random_u64());
+        let path = Path::new("/dev/shm").join(name);
+        let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path)?;
+        // Every page is reserved before it is mapped: an unbacked page of a full tmpfs would
+        // raise SIGBUS at the first store and kill the whole process, every world with it.
+        let seg = crate::sys::reserve(file.as_raw_fd(), SEGMENT_BYTES as u64).and_then(|()| map(&file));
+        match seg {
+            Ok(map) => Ok(Segment { map, path: Some(path) }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Maps the segment a peer made.
+    pub(crate) fn open(path: &str) -> io::Result<Segment> {
+        let path = Path::new(path);
+        if path.parent() != Some(Path::new("/dev/shm")) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "segment outside /dev/shm"));
+        }
+        // The path comes from a peer: never follow a link out of /dev/shm, map only a plain file.
+        let file = OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "segment is not a plain file"));
+        }
+        if meta.len() != SEGMENT_BYTES as u64 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "segment of the wrong size"));
+        }
+        Ok(Segment { map: map(&file)?, path: None })
+    }
+
+    /// The file's path, while it exists.
+    pub(crate) fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Removes the file; the mappings stay.
+    pub(crate) fn unlink(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        self.unlink();
+    }
+}
+
+fn map(file: &File) -> io::Result<MmapMut> {
+    // SAFETY: the file is a private 0600 segment of fixed size that only the two ranks of the
+    // pair map; its contents are only read through the checked ring protocol below.
+    unsafe { MmapMut::map_mut(file) }
+}
