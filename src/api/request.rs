@@ -37,10 +37,20 @@ impl Completion {
 
     /// Sets the result; the first call wins, later calls are ignored.
     pub(crate) fn complete(&self, r: Result<()>) {
+        for w in self.settle(r) {
+            w.wake();
+        }
+    }
+
+    /// Sets the result (the first call wins) and wakes the threads blocked on it, but hands the
+    /// tasks' wakers back instead of running them: a waker is user code, which may poll inline
+    /// and call back into the world, so whoever holds a lock runs them after releasing it.
+    #[must_use = "the wakers must be run"]
+    pub(crate) fn settle(&self, r: Result<()>) -> Vec<Waker> {
         let (wakers, sleepers) = {
             let mut s = lock(&self.state);
             if s.result.is_some() || self.done.load(Ordering::Acquire) {
-                return;
+                return Vec::new();
             }
             s.result = Some(r);
             self.done.store(true, Ordering::Release);
@@ -49,9 +59,7 @@ impl Completion {
         if sleepers > 0 {
             self.cond.notify_all();
         }
-        for w in wakers {
-            w.wake();
-        }
+        wakers
     }
 
     pub(crate) fn is_done(&self) -> bool {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use crate::api::error::{BrokenCause, Error, Result};
 use crate::api::request::{Completion, Progress};
 use crate::engine::{Engine, Posted, WaitSet, WorldStats};
-use crate::sys::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
+use crate::sys::sync::{lock, Arc, AtomicBool, Mutex, MutexGuard, Ordering};
 use crate::sys::{self, EventFd};
 
 /// How long a driver keeps passing without progress before it goes to sleep. Long enough to
@@ -52,6 +52,35 @@ pub(crate) struct Driver {
     wake_fd: EventFd,
     aborted: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The world's engine, locked. When the guard goes, the lock is let go of first, and then
+/// whatever the engine left in its outbox (log lines, task wake-ups, the break's event) runs,
+/// so that nothing outside the world ever runs while the world is held.
+struct Locked<'a>(Option<MutexGuard<'a, Engine>>);
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        self.0.as_deref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Engine {
+        self.0.as_deref_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let Some(mut g) = self.0.take() else { return };
+        let out = g.take_outbox();
+        drop(g);
+        if !out.is_empty() {
+            out.run();
+        }
+    }
 }
 
 fn poll_with(ws: &WaitSet, extra: &[&EventFd], deadline: Option<Instant>) {
@@ -88,13 +117,18 @@ impl Driver {
         Ok(d)
     }
 
+    /// Locks the engine; see [`Locked`].
+    fn engine(&self) -> Locked<'_> {
+        Locked(Some(lock(&self.engine)))
+    }
+
     fn take_token(&self) -> bool {
         self.token.take()
     }
 
     /// Gives the token back; true if work is left that nobody will drive unless told.
     fn give_token(&self) -> bool {
-        self.token.give_back(|| lock(&self.engine).has_work())
+        self.token.give_back(|| self.engine().has_work())
     }
 
     /// One pass under the lock, with a pending abort applied first.
@@ -134,7 +168,7 @@ impl Driver {
             }
             passes = passes.wrapping_add(1);
             let ws = {
-                let mut e = lock(&self.engine);
+                let mut e = self.engine();
                 if self.pass(&mut e, now) {
                     // Progress: the spinning window starts again.
                     spinning_since = None;
@@ -168,14 +202,14 @@ impl Driver {
         loop {
             if self.take_token() {
                 let work = {
-                    let mut e = lock(&self.engine);
+                    let mut e = self.engine();
                     self.pass(&mut e, Instant::now());
                     e.has_work() && e.broken().is_none()
                 };
                 if work {
                     self.drive(|e| !e.has_work() || e.broken().is_some(), None);
                 }
-                let broken = lock(&self.engine).broken().is_some();
+                let broken = self.engine().broken().is_some();
                 let left = self.give_token();
                 if broken {
                     break;
@@ -186,7 +220,7 @@ impl Driver {
                 }
             }
             // Idle (or another thread drives): watch for hang-ups, work, abort, the next tick.
-            let ws = lock(&self.engine).watch_set();
+            let ws = self.engine().watch_set();
             poll_with(&ws, &[&self.wake_fd, &self.abort_fd], interval.map(|i| Instant::now() + i));
             self.wake_fd.drain();
         }
@@ -196,7 +230,7 @@ impl Driver {
     /// Hands operations to the engine. `driven` means the caller will wait for them at once
     /// (a blocking call) and drive them itself if it can.
     pub(crate) fn post(&self, ops: impl IntoIterator<Item = Posted>, driven: bool) {
-        lock(&self.engine).post(ops, Instant::now);
+        self.engine().post(ops, Instant::now);
         if self.token.held() {
             self.kick_fd.signal();
         } else if !driven {
@@ -215,7 +249,7 @@ impl Driver {
     /// abort event).
     pub(crate) fn close(&self) {
         {
-            let mut e = lock(&self.engine);
+            let mut e = self.engine();
             if self.aborted.load(Ordering::Acquire) {
                 e.abort(BrokenCause::LocalAbort);
             } else {
@@ -232,15 +266,15 @@ impl Driver {
     }
 
     pub(crate) fn broken(&self) -> Option<BrokenCause> {
-        lock(&self.engine).broken().cloned()
+        self.engine().broken().cloned()
     }
 
     pub(crate) fn stats(&self) -> WorldStats {
-        lock(&self.engine).stats()
+        self.engine().stats()
     }
 
     pub(crate) fn transports(&self) -> Vec<Option<crate::transport::TransportKind>> {
-        lock(&self.engine).transports()
+        self.engine().transports()
     }
 }
 
@@ -272,7 +306,7 @@ impl Progress for Driver {
     }
 
     fn timed_out(&self, after: Duration) {
-        lock(&self.engine).abort(BrokenCause::OperationTimeout { after_ms: after.as_millis() as u64 });
+        self.engine().abort(BrokenCause::OperationTimeout { after_ms: after.as_millis() as u64 });
         // Wake whoever sleeps on this world so that it sees the break.
         self.kick_fd.signal();
     }
@@ -280,7 +314,7 @@ impl Progress for Driver {
     fn nudge(&self) {
         if self.take_token() {
             {
-                let mut e = lock(&self.engine);
+                let mut e = self.engine();
                 self.pass(&mut e, Instant::now());
             }
             if self.give_token() {
@@ -318,7 +352,7 @@ impl Token {
 impl Drop for Driver {
     fn drop(&mut self) {
         // The last handle is gone (the thread holds one, so it has exited): close the links.
-        lock(&self.engine).abort(BrokenCause::LocalAbort);
+        self.engine().abort(BrokenCause::LocalAbort);
     }
 }
 
@@ -378,7 +412,7 @@ mod tests {
 #[cfg(all(test, loom))]
 mod loom_models {
     use super::Token;
-    use crate::sys::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
+    use crate::sys::sync::{lock, Arc, AtomicBool, Mutex, MutexGuard, Ordering};
 
     /// The driver's side and a poster's side of `Driver`, over a work counter for the engine
     /// and flags for the two event descriptors.

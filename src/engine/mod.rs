@@ -200,6 +200,38 @@ pub(crate) struct WaitSet {
 /// Called once when the world breaks.
 pub(crate) type OnBroken = Box<dyn FnMut(&BrokenCause) + Send>;
 
+/// What a pass must not do itself, because it runs under the world's lock: wake tasks (a
+/// waker is user code that may poll inline and call back into the world) and report the break
+/// (the manager's event queue, its waiters and their wakers). The engine collects them here;
+/// the driver runs them once it has let go of the lock ([`Engine::take_outbox`]), so nothing
+/// outside the world runs while the world is held. (Log lines need no such care: the logger
+/// only queues them, `sys/log.rs`.)
+#[derive(Default)]
+pub(crate) struct Outbox {
+    wakers: Vec<std::task::Waker>,
+    broken: Option<(OnBroken, BrokenCause)>,
+}
+
+impl Outbox {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.wakers.is_empty() && self.broken.is_none()
+    }
+
+    /// Runs what was collected. Each piece runs on its own: a waker or callback that panics
+    /// loses only itself.
+    pub(crate) fn run(self) {
+        let once = |f: &mut dyn FnMut()| {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        };
+        if let Some((mut f, cause)) = self.broken {
+            once(&mut || f(&cause));
+        }
+        for w in self.wakers {
+            once(&mut || w.wake_by_ref());
+        }
+    }
+}
+
 pub(crate) struct Engine {
     /// Tests: the next pass panics, as a bug in it would.
     #[cfg(test)]
@@ -212,6 +244,7 @@ pub(crate) struct Engine {
     broken: Option<BrokenCause>,
     stats: WorldStats,
     on_broken: Option<OnBroken>,
+    outbox: Outbox,
     /// When the timers (heartbeats, silence, deadlines) next need a look; `None`: at once.
     next_timer: Option<Instant>,
 }
@@ -277,6 +310,7 @@ impl Engine {
             broken: None,
             stats: WorldStats::default(),
             on_broken: None,
+            outbox: Outbox::default(),
             next_timer: None,
             #[cfg(test)]
             panic_in_pass: false,
@@ -286,6 +320,17 @@ impl Engine {
     /// Sets what to call when the world breaks.
     pub(crate) fn set_on_broken(&mut self, f: OnBroken) {
         self.on_broken = Some(f);
+    }
+
+    /// What the passes since the last call left to do outside the lock.
+    pub(crate) fn take_outbox(&mut self) -> Outbox {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Completes an operation; its tasks' wakers wait in the outbox.
+    fn complete(&mut self, c: &Completion, r: crate::api::error::Result<()>) {
+        let wakers = c.settle(r);
+        self.outbox.wakers.extend(wakers);
     }
 
     pub(crate) fn broken(&self) -> Option<&BrokenCause> {
@@ -324,15 +369,17 @@ impl Engine {
                 self.next_timer = None;
             }
             if let Some(cause) = &self.broken {
-                p.completion.complete(Err(Error::broken(&self.cfg.name, self.cfg.rank, cause.clone(), false)));
+                let e = Error::broken(&self.cfg.name, self.cfg.rank, cause.clone(), false);
+                self.complete(&p.completion, Err(e));
                 continue;
             }
             let seq = if p.desc.kind == OpKind::P2p {
                 let Some(peer) = self.peers.get_mut(p.desc.root).and_then(|x| x.as_mut()) else {
-                    p.completion.complete(Err(Error::invalid_arg(format!(
+                    let e = Error::invalid_arg(format!(
                         "world '{}': rank {} has no link to rank {}",
                         self.cfg.name, self.cfg.rank, p.desc.root
-                    ))));
+                    ));
+                    self.complete(&p.completion, Err(e));
                     continue;
                 };
                 let c = if p.desc.is_send { &mut peer.tx_seq } else { &mut peer.rx_seq };
@@ -574,7 +621,7 @@ impl Engine {
             if self.ops[i].active && self.ops[i].left == 0 {
                 let op = self.ops.remove(i).expect("index in range");
                 self.stats.ops_completed += 1;
-                op.completion.complete(Ok(()));
+                self.complete(&op.completion, Ok(()));
                 progress = true;
             } else {
                 i += 1;
@@ -729,8 +776,8 @@ impl Engine {
             _ => warn!("world '{name}' (rank {rank}, generation {generation}) broke: {cause}"),
         }
         self.broken = Some(cause.clone());
-        for op in self.ops.drain(..) {
-            op.completion.complete(Err(Error::broken(&self.cfg.name, self.cfg.rank, cause.clone(), true)));
+        for op in std::mem::take(&mut self.ops) {
+            self.complete(&op.completion, Err(Error::broken(&self.cfg.name, self.cfg.rank, cause.clone(), true)));
         }
         // Tell the others: a world that ended because a peer left ends quietly for them too
         // (a close frame); any other break is passed on with its reason (an abort frame).
@@ -739,8 +786,8 @@ impl Engine {
             _ => (FrameKind::Abort, cause.to_string().into_bytes()),
         };
         self.say_goodbye(kind, &reason);
-        if let Some(mut f) = self.on_broken.take() {
-            f(&cause);
+        if let Some(f) = self.on_broken.take() {
+            self.outbox.broken = Some((f, cause));
         }
     }
 }

@@ -1,0 +1,240 @@
+//! What a world shares with the rest of the process must never let it stall: a waker that
+//! calls back into its world, a standard error that nobody reads, an abort while the world is
+//! still forming.
+
+mod common;
+
+use std::future::Future;
+use std::io::Read;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use common::Ctx;
+use multiworld::{ErrorKind, ReduceOp, UniqueId, World, WorldManager, WorldOptions};
+
+#[test]
+#[ignore = "worker process entry, run by the other tests"]
+fn worker() {
+    common::worker_main(&[("unread_stderr", unread_stderr), ("unread_stderr_peer", unread_stderr_peer)]);
+}
+
+/// Forms a two-rank world with both ranks in this process (two managers, as two C
+/// communicators would be).
+fn pair(name: &str) -> (WorldManager, WorldManager, World, World) {
+    let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let (m0, m1) = (WorldManager::new(), WorldManager::new());
+    let o = WorldOptions::default();
+    let f0 = m0.form(name, (&id).into(), 0, 2, &o);
+    let f1 = m1.form(name, (&id).into(), 1, 2, &o);
+    let (w0, w1) = (f0.wait().unwrap(), f1.wait().unwrap());
+    (m0, m1, w0, w1)
+}
+
+/// A waker that, when woken, calls back into the world it waits on (as an executor that polls
+/// inline does), then records that it got through.
+struct Reentrant {
+    world: World,
+    through: AtomicUsize,
+}
+
+impl Wake for Reentrant {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        let _ = self.world.state();
+        let _ = self.world.stats();
+        self.through.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The progress thread completes an awaited operation; the completion wakes the task's waker,
+/// which calls into the same world. Woken under the world's lock, that deadlocked the world's
+/// only driver for good.
+#[test]
+fn a_waker_that_calls_back_into_its_world_does_not_deadlock() {
+    // Bounded: a deadlock fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        reentrant_waker();
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the world deadlocked in its waker"),
+        r => r.expect("the test body panicked"),
+    }
+}
+
+fn reentrant_waker() {
+    let (_m0, _m1, w0, w1) = pair("reentrant");
+    let peer = std::thread::spawn(move || {
+        for _ in 0..20 {
+            let mut out = vec![0f32; 1000];
+            w1.all_reduce(&vec![2f32; 1000], &mut out, ReduceOp::Sum).unwrap();
+        }
+        w1
+    });
+    let waker_state = Arc::new(Reentrant { world: w0.clone(), through: AtomicUsize::new(0) });
+    let waker = Waker::from(waker_state.clone());
+    let mut cx = Context::from_waker(&waker);
+    for round in 0..20 {
+        let mut req = std::pin::pin!(w0.all_reduce_async(vec![1f32; 1000], ReduceOp::Sum));
+        let end = Instant::now() + Duration::from_secs(10);
+        let out = loop {
+            if let Poll::Ready(r) = req.as_mut().poll(&mut cx) {
+                break r.unwrap();
+            }
+            assert!(Instant::now() < end, "round {round}: the awaited all_reduce never completed");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert!(out.iter().all(|x| *x == 3.0), "round {round}");
+    }
+    let w1 = peer.join().unwrap();
+    // The wakers ran, and got through their calls into the world.
+    assert!(waker_state.through.load(Ordering::SeqCst) > 0, "no waker ran");
+    assert_eq!(w0.stats().ops_completed, 20);
+    drop(w1);
+}
+
+/// Rank 0 of two worlds with one peer, its standard error a pipe that nobody reads, already
+/// full. World `a` breaks (the peer aborts it) while a call waits on it: the break is logged,
+/// and the call must still return `WorldBroken` promptly; world `b` must keep working.
+fn unread_stderr(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let o = WorldOptions::default();
+    let fa = m.form("a", ctx.env("MW_ADDR_A").as_str().into(), 0, 2, &o);
+    let fb = m.form("b", ctx.env("MW_ADDR_B").as_str().into(), 0, 2, &o);
+    let (a, b) = (fa.wait().unwrap(), fb.wait().unwrap());
+    // Fill standard error until a write blocks: that thread then holds the stream's lock for
+    // good, as a logger stuck on a stalled pipe would.
+    let written = Arc::new(AtomicUsize::new(0));
+    {
+        let written = written.clone();
+        std::thread::spawn(move || loop {
+            eprintln!("{:>1023}", "filler");
+            written.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let mut last = usize::MAX;
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = written.load(Ordering::SeqCst);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    println!("stderr blocked after {last} lines");
+    let waiting = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 16];
+            let r = a.recv(&mut buf, 1);
+            (r, Instant::now())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    // Tell the peer to abort `a`, then keep `b` busy.
+    let told = Instant::now();
+    b.send(&[1u8], 1).unwrap();
+    for i in 0..50 {
+        let mut out = vec![0f32; 4096];
+        b.all_reduce(&vec![i as f32; 4096], &mut out, ReduceOp::Sum).unwrap();
+        assert!(out.iter().all(|x| *x == 2.0 * i as f32));
+    }
+    println!("world b: 50 all_reduces after the abort");
+    let done = Arc::new(AtomicBool::new(false));
+    {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(20));
+            if !done.load(Ordering::SeqCst) {
+                println!("FAIL: the call on the broken world never returned");
+                std::process::exit(3);
+            }
+        });
+    }
+    // A panic message would block on standard error too: failures are told on stdout.
+    let check = |ok: bool, what: String| {
+        if !ok {
+            println!("FAIL: {what}");
+            std::process::exit(4);
+        }
+    };
+    let (r, at) = waiting.join().unwrap();
+    let kind = r.as_ref().err().map(|e| e.kind());
+    check(kind == Some(ErrorKind::WorldBroken), format!("the call on the aborted world returned {r:?}"));
+    println!("world a: the waiting call returned {kind:?} after {:?}", at.saturating_duration_since(told));
+    // The break was reported as an event too (after the two worlds' `Ready`).
+    let broken = (0..3).any(|_| {
+        matches!(m.next_event(Some(Duration::from_secs(5))), Some(multiworld::Event::Broken { ref name, .. }) if name == "a")
+    });
+    check(broken, "no Broken event for world a".into());
+    done.store(true, Ordering::SeqCst);
+    println!("OK");
+}
+
+fn unread_stderr_peer(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let o = WorldOptions::default();
+    let fa = m.form("a", ctx.env("MW_ADDR_A").as_str().into(), 1, 2, &o);
+    let fb = m.form("b", ctx.env("MW_ADDR_B").as_str().into(), 1, 2, &o);
+    let (a, b) = (fa.wait().unwrap(), fb.wait().unwrap());
+    let mut go = [0u8; 1];
+    b.recv(&mut go, 0).unwrap();
+    a.abort();
+    for i in 0..50 {
+        let mut out = vec![0f32; 4096];
+        b.all_reduce(&vec![i as f32; 4096], &mut out, ReduceOp::Sum).unwrap();
+    }
+    // Stay until rank 0 is done with `b`.
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+/// A process whose standard error nobody reads: a world that breaks there still fails its
+/// pending call at once, and its other world keeps going. Before logging was queued, the
+/// thread that broke the world blocked in the log write, holding the world, and the pending
+/// call never returned.
+#[test]
+fn a_standard_error_nobody_reads_stalls_no_world() {
+    let env = vec![
+        ("MW_ADDR_A", format!("127.0.0.1:{}", common::free_port())),
+        ("MW_ADDR_B", format!("127.0.0.1:{}", common::free_port())),
+    ];
+    let out = std::env::temp_dir().join(format!("mw-test-{}-unread-stderr.out", std::process::id()));
+    let mut cmd = common::worker_command(&[]);
+    cmd.env("MW_TEST_ROLE", "unread_stderr")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::piped());
+    for (k, v) in &env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    // Held open and never read until the worker is done.
+    let mut stderr = child.stderr.take().unwrap();
+    let mut peer = common::spawn("unread_stderr_peer", 1, 2, &env, &[]);
+    let end = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    let mut rest = Vec::new();
+    let _ = stderr.read_to_end(&mut rest);
+    peer.wait_for(Duration::from_secs(10));
+    println!("{text}");
+    assert!(status.is_some_and(|s| s.success()), "rank 0 failed ({status:?}):\n{text}\npeer:\n{}", peer.log_text());
+    assert!(text.contains("stderr blocked after") && text.contains("OK"), "{text}");
+}
