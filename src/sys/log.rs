@@ -172,7 +172,9 @@ mod tests {
     /// written once the output drains.
     #[test]
     fn a_blocked_output_never_blocks_a_caller() {
-        struct Gate(Arc<(std::sync::Mutex<(bool, Vec<u8>)>, std::sync::Condvar)>);
+        /// Whether the output is open, and what came out; a write waits while it is closed.
+        type Shared = (std::sync::Mutex<(bool, Vec<u8>)>, std::sync::Condvar);
+        struct Gate(Arc<Shared>);
         impl Write for Gate {
             fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
                 let (m, c) = &*self.0;
