@@ -238,3 +238,64 @@ fn a_standard_error_nobody_reads_stalls_no_world() {
     assert!(status.is_some_and(|s| s.success()), "rank 0 failed ({status:?}):\n{text}\npeer:\n{}", peer.log_text());
     assert!(text.contains("stderr blocked after") && text.contains("OK"), "{text}");
 }
+
+/// Abandoning a formation whose other rank never comes returns at once, ends the formation
+/// with `WorldBroken` and frees the name for a new formation at once (the formation's own
+/// thread stops within a look, `bootstrap/link.rs`'s tests).
+#[test]
+fn aborting_a_formation_returns_at_once_and_frees_the_name() {
+    let m = WorldManager::new();
+    let o = WorldOptions::default().with_timeout(Duration::from_secs(30));
+    let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let f = m.form("lonely", (&id).into(), 0, 2, &o);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!f.test(), "the formation finished without its peer");
+    let t = Instant::now();
+    f.abort();
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(500), "abort took {took:?}");
+    let e = f.wait().expect_err("an abandoned formation");
+    assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+    assert!(matches!(e.broken_cause(), Some(multiworld::BrokenCause::LocalAbort)), "{e}");
+    // The name is free again: a new world of that name forms (with a peer this time).
+    let id2 = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let m1 = WorldManager::new();
+    let f1 = m1.form("lonely", (&id2).into(), 1, 2, &o);
+    let w0 = m.init_world("lonely", &id2, 0, 2).unwrap();
+    let w1 = f1.wait().unwrap();
+    let mut out = vec![0u32; 10];
+    std::thread::scope(|s| {
+        s.spawn(|| w1.all_reduce(&[1u32; 10], &mut [0u32; 10], ReduceOp::Sum).unwrap());
+        w0.all_reduce(&[2u32; 10], &mut out, ReduceOp::Sum).unwrap();
+    });
+    assert_eq!(out, vec![3u32; 10]);
+    drop((w0, w1, m, m1));
+}
+
+/// `mwCommAbort` and `mwCommDestroy` on non-blocking communicators still forming (their other
+/// rank never comes) return at once instead of waiting out the 30 s formation deadline.
+#[test]
+fn c_abort_and_destroy_of_a_forming_communicator_return_at_once() {
+    use multiworld::ffi::*;
+    for abort in [true, false] {
+        let mut id = mwUniqueId { internal: [0; MW_UNIQUE_ID_BYTES] };
+        // SAFETY: valid pointers to locals.
+        unsafe {
+            assert_eq!(mwGetUniqueId(&mut id), mwSuccess);
+            let mut cfg: mwConfig_t = std::mem::zeroed();
+            assert_eq!(mwConfigInit(&mut cfg), mwSuccess);
+            cfg.blocking = 0;
+            cfg.timeoutMs = 30_000;
+            let mut comm: mwComm_t = std::ptr::null_mut();
+            assert_eq!(mwCommInitRankConfig(&mut comm, 2, id, 0, &mut cfg), mwInProgress);
+            std::thread::sleep(Duration::from_millis(100));
+            let t = Instant::now();
+            let r = if abort { mwCommAbort(comm) } else { mwCommDestroy(comm) };
+            let took = t.elapsed();
+            assert_eq!(r, mwSuccess);
+            assert!(took < Duration::from_millis(500), "abort={abort}: took {took:?}");
+            // The handle is gone.
+            assert_eq!(mwCommDestroy(comm), mwInvalidArgument);
+        }
+    }
+}

@@ -120,3 +120,39 @@ fn hostile_connections_are_refused_and_the_world_forms_anyway() {
     assert!(refusals >= 7, "{log0}");
     assert!(!log0.contains("panicked"));
 }
+
+/// Forty idle connections (some with one byte) sit on rank 0's peer listener before the real
+/// rank 1 links up; the world must still form at once. Read one at a time, each stranger held
+/// the listener for its grace of seconds and the formation missed its 30 s deadline.
+#[test]
+fn idle_connections_on_the_peer_listener_do_not_stall_formation() {
+    let root = format!("127.0.0.1:{}", common::free_port());
+    let env = [("MW_TEST_ADDR", root.clone()), ("MW_LOG", "info".to_string())];
+    let rank0 = spawn("guarded", 0, 2, &env, &[]);
+    let t = Instant::now();
+    let peer_addr = loop {
+        let log = rank0.log_text();
+        if let Some(l) = log.lines().find(|l| l.contains("listening for peers on")) {
+            break l.rsplit(' ').next().unwrap().to_string();
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "rank 0 never listened:\n{log}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let idle: Vec<TcpStream> = (0..40)
+        .filter_map(|k| {
+            let mut s = TcpStream::connect(&peer_addr).ok()?;
+            if k % 2 == 0 {
+                let _ = s.write_all(&[1]);
+            }
+            Some(s)
+        })
+        .collect();
+    assert_eq!(idle.len(), 40);
+    let joined = Instant::now();
+    let rank1 = spawn("guarded", 1, 2, &[("MW_TEST_ADDR", root)], &[]);
+    let logs = common::finish(&mut [rank0, rank1], Duration::from_secs(60));
+    let took = joined.elapsed();
+    println!("formed and worked {took:?} after rank 1 started, with 40 idle connections held open");
+    assert!(logs[0].contains("world formed and works"), "{}", logs[0]);
+    drop(idle);
+}

@@ -99,8 +99,16 @@ impl EventQueue {
 }
 
 enum Entry {
-    Forming,
+    /// Being formed; the flag, shared with the formation, says it was abandoned (and tells
+    /// one formation of the name from the next).
+    Forming(Arc<AtomicBool>),
     Ready(World),
+}
+
+impl Entry {
+    fn is_formation(&self, cancel: &Arc<AtomicBool>) -> bool {
+        matches!(self, Entry::Forming(c) if Arc::ptr_eq(c, cancel))
+    }
 }
 
 struct Inner {
@@ -136,6 +144,7 @@ impl WorldManager {
 
     /// A manager whose events go to `events` (shared with other managers).
     pub(crate) fn with_event_queue(defaults: WorldOptions, events: Arc<EventQueue>) -> WorldManager {
+        crate::sys::log::start();
         WorldManager {
             inner: Arc::new(Inner {
                 defaults,
@@ -186,7 +195,12 @@ impl WorldManager {
         size: usize,
         options: &WorldOptions,
     ) -> Formation {
-        let f = Formation { completion: Completion::new(), slot: Slot::new(None) };
+        let f = Formation {
+            completion: Completion::new(),
+            slot: Slot::new(None),
+            cancel: Arc::new(AtomicBool::new(false)),
+            owner: (self.inner.clone(), name.to_owned(), rank),
+        };
         if let Err(e) = self.start_formation(name, rendezvous, rank, size, options, &f) {
             f.completion.complete(Err(e));
         }
@@ -222,7 +236,7 @@ impl WorldManager {
         {
             let mut worlds = lock(&self.inner.worlds);
             match worlds.get(name) {
-                Some(Entry::Forming) => {
+                Some(Entry::Forming(_)) => {
                     return Err(Error::invalid_usage(format!("world '{name}' is already being formed")))
                 }
                 Some(Entry::Ready(w)) if w.inner.backend.broken().is_none() => {
@@ -234,12 +248,12 @@ impl WorldManager {
                 Some(Entry::Ready(w)) => {
                     // Broken: release it and reuse the name.
                     let old = w.clone();
-                    worlds.insert(name.to_owned(), Entry::Forming);
+                    worlds.insert(name.to_owned(), Entry::Forming(f.cancel.clone()));
                     drop(worlds);
                     self.release(&old);
                 }
                 None => {
-                    worlds.insert(name.to_owned(), Entry::Forming);
+                    worlds.insert(name.to_owned(), Entry::Forming(f.cancel.clone()));
                 }
             }
         }
@@ -257,22 +271,14 @@ impl WorldManager {
             shm: options.transport.effective() == crate::api::options::TransportChoice::Auto,
             generation,
             timeout: options.timeout,
+            cancel: f.cancel.clone(),
         };
         let inner = self.inner.clone();
         let options = options.clone();
-        let (completion, slot) = (f.completion.clone(), f.slot.clone());
+        let (completion, slot, cancel) = (f.completion.clone(), f.slot.clone(), f.cancel.clone());
         let spawned = std::thread::Builder::new().name("mw-form".into()).spawn(move || {
             let r = form_world(&inner, &spec, &options);
-            match r {
-                Ok(w) => {
-                    slot.with(|s| *s = Some(w));
-                    completion.complete(Ok(()));
-                }
-                Err(e) => {
-                    lock(&inner.worlds).remove(&spec.name);
-                    completion.complete(Err(e));
-                }
-            }
+            settle_formation(&inner, &spec, r, &completion, &slot, &cancel);
         });
         if let Err(e) = spawned {
             lock(&self.inner.worlds).remove(name);
@@ -295,7 +301,7 @@ impl WorldManager {
             .values()
             .filter_map(|e| match e {
                 Entry::Ready(w) => Some(w.clone()),
-                Entry::Forming => None,
+                Entry::Forming(_) => None,
             })
             .collect();
         v.sort_by(|a, b| a.name().cmp(b.name()));
@@ -313,7 +319,11 @@ impl WorldManager {
                     worlds.remove(name);
                     w
                 }
-                Some(Entry::Forming) => return Err(Error::invalid_usage(format!("world '{name}' is still forming"))),
+                Some(Entry::Forming(_)) => {
+                    return Err(Error::invalid_usage(format!(
+                        "world '{name}' is still forming (abort its Formation to abandon it)"
+                    )))
+                }
                 None => return Err(Error::invalid_arg(format!("there is no world named '{name}'"))),
             }
         };
@@ -375,7 +385,7 @@ impl Drop for WorldManager {
             .drain()
             .filter_map(|(_, e)| match e {
                 Entry::Ready(w) => Some(w),
-                Entry::Forming => None,
+                Entry::Forming(_) => None,
             })
             .collect();
         for w in worlds {
@@ -412,6 +422,10 @@ impl Future for NextEvent {
 pub struct Formation {
     completion: Arc<Completion>,
     slot: Arc<Slot<Option<World>>>,
+    /// Set when the formation is abandoned.
+    cancel: Arc<AtomicBool>,
+    /// The manager, the world's name and this rank.
+    owner: (Arc<Inner>, String, usize),
 }
 
 impl Formation {
@@ -436,6 +450,28 @@ impl Formation {
     /// True once formation has finished (either way); never blocks.
     pub fn test(&self) -> bool {
         self.completion.is_done()
+    }
+
+    /// Abandons the formation, and returns at once (NCCL's `ncclCommAbort` on a communicator
+    /// still initializing): the formation ends with `WorldBroken` (cause `LocalAbort`), the
+    /// name is free for a new formation at once, and the formation thread stops at its next
+    /// look (within about 50 ms) and releases what it had set up; peers that had already
+    /// linked see the world break. If the formation had already finished, this does nothing:
+    /// abort the [`World`] instead.
+    pub fn abort(&self) {
+        let (inner, name, rank) = &self.owner;
+        let wakers = {
+            let mut worlds = lock(&inner.worlds);
+            if self.completion.is_done() {
+                return;
+            }
+            self.cancel.store(true, Ordering::Release);
+            if worlds.get(name).is_some_and(|e| e.is_formation(&self.cancel)) {
+                worlds.remove(name);
+            }
+            self.completion.settle(Err(Error::broken(name, *rank, BrokenCause::LocalAbort, false)))
+        };
+        wakers.into_iter().for_each(|w| w.wake());
     }
 }
 
@@ -486,11 +522,6 @@ fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions) -> Re
         let e = g.entry(spec.name.clone()).or_insert(0);
         *e = (*e).max(formed.generation);
     }
-    if inner.closed.load(Ordering::Acquire) {
-        world.inner.backend.close();
-        return Err(Error::invalid_usage("the world manager was shut down during formation"));
-    }
-    lock(&inner.worlds).insert(spec.name.clone(), Entry::Ready(world.clone()));
     info!(
         "world '{}' rank {}/{} generation {} ready in {:?}",
         spec.name,
@@ -499,6 +530,59 @@ fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions) -> Re
         formed.generation,
         started.elapsed()
     );
-    inner.events.push(Event::Ready { name: spec.name.clone(), generation: formed.generation });
     Ok(world)
+}
+
+/// Ends a formation: registers its world and completes it, unless it was abandoned (or the
+/// manager shut down) meanwhile, in which case the world is closed again. Registry and
+/// completion change under the registry's lock, so that [`Formation::abort`] sees either a
+/// finished formation or one it may still abandon, never a half of each.
+fn settle_formation(
+    inner: &Arc<Inner>,
+    spec: &JoinSpec,
+    r: Result<World>,
+    completion: &Completion,
+    slot: &Slot<Option<World>>,
+    cancel: &Arc<AtomicBool>,
+) {
+    let mut discard = None;
+    let mut ready = None;
+    let wakers = {
+        let mut worlds = lock(&inner.worlds);
+        let ours = worlds.get(&spec.name).is_some_and(|e| e.is_formation(cancel));
+        let closed = inner.closed.load(Ordering::Acquire);
+        match r {
+            Ok(w) if ours && !closed => {
+                worlds.insert(spec.name.clone(), Entry::Ready(w.clone()));
+                ready = Some(Event::Ready { name: spec.name.clone(), generation: w.generation() });
+                slot.with(|s| *s = Some(w));
+                completion.settle(Ok(()))
+            }
+            r => {
+                if ours {
+                    worlds.remove(&spec.name);
+                }
+                let e = match r {
+                    Ok(w) => {
+                        discard = Some(w);
+                        if closed {
+                            Error::invalid_usage("the world manager was shut down during formation")
+                        } else {
+                            Error::broken(&spec.name, spec.rank, BrokenCause::LocalAbort, false)
+                        }
+                    }
+                    Err(e) => e,
+                };
+                completion.settle(Err(e))
+            }
+        }
+    };
+    if let Some(w) = discard {
+        w.inner.removed.store(true, Ordering::Release);
+        w.inner.backend.close();
+    }
+    if let Some(ev) = ready {
+        inner.events.push(ev);
+    }
+    wakers.into_iter().for_each(|w| w.wake());
 }

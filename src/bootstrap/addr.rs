@@ -5,15 +5,49 @@
 //! such as `eth0`, or an IP address), else the address this host uses to reach the
 //! rendezvous root — which is, by construction, one that the other ranks can reach too.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::api::error::{Error, ErrorKind, Result};
 use crate::sys;
+use crate::sys::sync::{AtomicBool, Ordering};
 
 /// Largest bootstrap message accepted (a table for thousands of ranks fits).
 pub(crate) const MAX_MESSAGE: usize = 1 << 20;
+/// How often a formation step that waits looks whether its formation was abandoned.
+pub(crate) const CANCEL_CHECK: Duration = Duration::from_millis(50);
+
+/// The error of a step whose formation was abandoned ([`crate::Formation::abort`]).
+pub(crate) fn abandoned() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, "the formation was abandoned")
+}
+
+/// True once `cancel` (if any) is set.
+pub(crate) fn is_cancelled(cancel: Option<&AtomicBool>) -> bool {
+    cancel.is_some_and(|c| c.load(Ordering::Acquire))
+}
+
+/// Waits until `fd` has one of `events`: `TimedOut` once `deadline` passes, the
+/// [`abandoned`] error once `cancel` is set. The deadline is kept by `poll(2)` itself, not by
+/// socket timeouts, so a step ends on time.
+pub(crate) fn wait_for(fd: RawFd, events: i16, deadline: Instant, cancel: Option<&AtomicBool>) -> io::Result<()> {
+    loop {
+        if is_cancelled(cancel) {
+            return Err(abandoned());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        let step = if cancel.is_some() { deadline.min(now + CANCEL_CHECK) } else { deadline };
+        let mut fds = [sys::pollfd(fd, events)];
+        if sys::poll(&mut fds, Some(step))? > 0 {
+            return Ok(());
+        }
+    }
+}
 
 /// The IP of interface `spec` (a name like `eth0`, or an IP address literal).
 pub(crate) fn interface_ip(spec: &str) -> Result<IpAddr> {
@@ -66,9 +100,17 @@ pub(crate) fn left(deadline: Instant, what: &dyn Fn() -> String) -> Result<Durat
 
 /// Connects to `addr`, retrying while nobody listens yet (the peer may start later), until
 /// `deadline`.
-pub(crate) fn connect_retry(addr: SocketAddr, deadline: Instant, what: &dyn Fn() -> String) -> Result<TcpStream> {
+pub(crate) fn connect_retry(
+    addr: SocketAddr,
+    deadline: Instant,
+    cancel: Option<&AtomicBool>,
+    what: &dyn Fn() -> String,
+) -> Result<TcpStream> {
     let mut backoff = Duration::from_micros(200);
     loop {
+        if is_cancelled(cancel) {
+            return Err(Error::system(what(), abandoned()));
+        }
         let remaining = left(deadline, what)?;
         match TcpStream::connect_timeout(&addr, remaining) {
             Ok(s) => {
@@ -116,37 +158,42 @@ pub(crate) fn send_msg(s: &TcpStream, msg: &[u8], deadline: Instant) -> io::Resu
     w.write_all(&framed)
 }
 
-/// Reads one length-prefixed message (blocking, bounded by `deadline`; refuses oversized ones).
-pub(crate) fn recv_msg(s: &TcpStream, deadline: Instant) -> io::Result<Vec<u8>> {
-    let mut r = s;
+/// Reads one length-prefixed message (bounded by `deadline` and `cancel`; refuses oversized
+/// ones).
+pub(crate) fn recv_msg(s: &TcpStream, deadline: Instant, cancel: Option<&AtomicBool>) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
-    read_exact_until(&mut r, &mut len, deadline)?;
+    read_exact_until(s, &mut len, deadline, cancel)?;
     let n = u32::from_le_bytes(len) as usize;
     if n > MAX_MESSAGE {
         return Err(io::Error::new(io::ErrorKind::InvalidData, format!("message of {n} bytes is too large")));
     }
     let mut buf = vec![0u8; n];
-    read_exact_until(&mut r, &mut buf, deadline)?;
+    read_exact_until(s, &mut buf, deadline, cancel)?;
     Ok(buf)
 }
 
-fn read_exact_until(r: &mut &TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+/// Fills `buf` from `s`, waiting in `poll(2)` (see [`wait_for`]); each read after a ready
+/// poll takes what is there and never blocks.
+pub(crate) fn read_exact_until(
+    s: &TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+    cancel: Option<&AtomicBool>,
+) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        let t = deadline.saturating_duration_since(Instant::now());
-        if t.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
-        }
-        r.set_read_timeout(Some(t))?;
-        match r.read(&mut buf[done..]) {
+        wait_for(s.as_raw_fd(), libc::POLLIN, deadline, cancel)?;
+        match recv_now(s, &mut buf[done..]) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed")),
             Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"))
-            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// One `recv(2)` that does not wait, whatever the socket's mode.
+pub(crate) fn recv_now(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    sys::recv_nowait(s.as_raw_fd(), buf)
 }

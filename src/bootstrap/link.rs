@@ -2,10 +2,23 @@
 //! listener and accepts every higher rank; a link hello (world id, generation, secret, ranks)
 //! opens each connection, and the pair then picks its transport (shared memory on one host,
 //! else TCP).
+//!
+//! The listener is open to anyone who can reach it, so its connections are served side by
+//! side: every pending connection's bytes are read as they come, an honest hello is answered
+//! the moment it is complete, and a connection that says nothing useful within
+//! [`LINK_HELLO_GRACE`], or that comes past [`MAX_PENDING`] others, is dropped. A stranger's
+//! connection never holds up an honest one.
 
 use super::*;
 
 pub(super) const LINK_MAGIC: u32 = 0x4D57_4C31; // "MWL1"
+/// A connection to a rank's peer listener must complete its link hello within this time.
+pub(super) const LINK_HELLO_GRACE: Duration = Duration::from_secs(2);
+/// Connections waiting for their hello at once; past this the oldest is dropped.
+pub(super) const MAX_PENDING: usize = 128;
+/// Bytes of a link hello at the most (its secret is the id's, 32 bytes; any is accepted up to
+/// this).
+const MAX_LINK_HELLO: usize = 4 + 8 + 4 + 4 + 4 + 4 + 256;
 
 pub(super) fn link_hello(world_id: u64, generation: u32, from: usize, to: usize, secret: &[u8]) -> Vec<u8> {
     MsgWriter::new()
@@ -16,6 +29,175 @@ pub(super) fn link_hello(world_id: u64, generation: u32, from: usize, to: usize,
         .u32(to as u32)
         .bytes(secret)
         .finish()
+}
+
+/// Who may link to this rank: the world, its generation and secret, and this rank.
+pub(super) struct Expect<'a> {
+    pub name: &'a str,
+    pub world_id: u64,
+    pub generation: u32,
+    pub secret: &'a [u8],
+    pub rank: usize,
+    pub size: usize,
+}
+
+impl Expect<'_> {
+    /// The rank a link hello comes from, if it is one this rank waits for.
+    fn check(&self, msg: &[u8], taken: &[bool]) -> std::result::Result<usize, String> {
+        let mut r = MsgReader::new(msg);
+        if r.u32()? != LINK_MAGIC {
+            return Err("not a multiworld link hello".into());
+        }
+        let (wid, generation, from, to, sec) = (r.u64()?, r.u32()?, r.u32()?, r.u32()?, r.bytes()?);
+        r.end()?;
+        if wid != self.world_id || generation != self.generation || sec != self.secret {
+            return Err("wrong world, generation or secret".into());
+        }
+        let from = from as usize;
+        if to as usize != self.rank || from <= self.rank || from >= self.size || taken[from] {
+            return Err(format!("unexpected rank {from}"));
+        }
+        Ok(from)
+    }
+}
+
+/// A connection to the peer listener, until its hello is complete.
+struct Pending {
+    s: TcpStream,
+    from: SocketAddr,
+    buf: Vec<u8>,
+    since: Instant,
+}
+
+impl Pending {
+    /// Reads what is there. `Ok(Some(msg))` once a whole hello arrived (also when the peer
+    /// closed right after sending it); `Err` to drop the connection.
+    fn read(&mut self) -> std::result::Result<Option<Vec<u8>>, String> {
+        let mut chunk = [0u8; 512];
+        let mut closed = false;
+        while self.buf.len() <= 4 + MAX_LINK_HELLO {
+            match addr::recv_now(&self.s, &mut chunk) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let incomplete = || if closed { Err("closed before its hello was complete".to_string()) } else { Ok(None) };
+        if self.buf.len() < 4 {
+            return incomplete();
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > MAX_LINK_HELLO {
+            return Err(format!("a link hello of {len} bytes"));
+        }
+        match self.buf.len().cmp(&(4 + len)) {
+            std::cmp::Ordering::Less => incomplete(),
+            std::cmp::Ordering::Equal => Ok(Some(self.buf.split_off(4))),
+            std::cmp::Ordering::Greater => Err("bytes after its link hello".into()),
+        }
+    }
+}
+
+/// Accepts the `want` higher ranks' connections on `listener` and returns each checked
+/// connection by rank, its hello acknowledged. Ends with an error at `deadline` or when
+/// `cancel` is set.
+pub(super) fn accept_links(
+    listener: &TcpListener,
+    expect: &Expect<'_>,
+    want: usize,
+    deadline: Instant,
+    cancel: Option<&AtomicBool>,
+    what: &dyn Fn(&[bool]) -> String,
+) -> Result<Vec<(usize, TcpStream)>> {
+    let (name, rank) = (expect.name, expect.rank);
+    listener.set_nonblocking(true).map_err(|e| Error::system("peer listener", e))?;
+    let mut taken = vec![false; expect.size];
+    let mut done: Vec<(usize, TcpStream)> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
+    while done.len() < want {
+        if addr::is_cancelled(cancel) {
+            return Err(Error::system(what(&taken), addr::abandoned()));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Error::timeout(what(&taken)));
+        }
+        // Sleep until something arrives, or the oldest pending connection's grace ends.
+        let mut fds = vec![sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
+        fds.extend(pending.iter().map(|p| sys::pollfd(p.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
+        let mut until = deadline;
+        if let Some(p) = pending.first() {
+            until = until.min(p.since + LINK_HELLO_GRACE);
+        }
+        if cancel.is_some() {
+            until = until.min(now + addr::CANCEL_CHECK);
+        }
+        let _ = sys::poll(&mut fds, Some(until));
+        // New connections: all of them, each only queued.
+        loop {
+            match listener.accept() {
+                Ok((s, from)) => {
+                    if s.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if pending.len() >= MAX_PENDING {
+                        let old = pending.remove(0);
+                        warn!(
+                            "world '{name}' rank {rank}: dropped link connection from {} (too many pending)",
+                            old.from
+                        );
+                    }
+                    pending.push(Pending { s, from, buf: Vec::new(), since: Instant::now() });
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // Out of descriptors, say: the pending ones still get served.
+                Err(_) => break,
+            }
+        }
+        // Input on pending connections; complete hellos are checked and answered.
+        let now = Instant::now();
+        let mut i = 0;
+        while i < pending.len() {
+            let outcome = match pending[i].read() {
+                Ok(Some(msg)) => match expect.check(&msg, &taken) {
+                    Ok(from) => Ok(Some(from)),
+                    Err(why) => Err(why),
+                },
+                Ok(None) if now.duration_since(pending[i].since) >= LINK_HELLO_GRACE => {
+                    Err(format!("no link hello within {LINK_HELLO_GRACE:?}"))
+                }
+                Ok(None) => Ok(None),
+                Err(why) => Err(why),
+            };
+            match outcome {
+                Ok(None) => i += 1,
+                Ok(Some(from)) => {
+                    let p = pending.remove(i);
+                    let mut w = &p.s;
+                    if io::Write::write_all(&mut w, &[1]).is_err() {
+                        return Err(Error::new(
+                            ErrorKind::WorldBroken,
+                            format!("rank {from} went away while connecting"),
+                        ));
+                    }
+                    taken[from] = true;
+                    let _ = p.s.set_nonblocking(false);
+                    done.push((from, p.s));
+                }
+                Err(why) => {
+                    let p = pending.remove(i);
+                    warn!("world '{name}' rank {rank}: refused link connection from {}: {why}", p.from);
+                }
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// Connects to every lower rank and accepts every higher one. Lower ranks accept only after
@@ -29,6 +211,7 @@ pub(super) fn connect_links(
     shm_fallbacks: &mut u64,
 ) -> Result<Vec<Option<Box<dyn Link>>>> {
     let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
+    let cancel = Some(&*spec.cancel);
     let mut links: Vec<Option<Box<dyn Link>>> = (0..size).map(|_| None).collect();
     links[rank] = Some(Box::new(QueueLink::loopback()));
     for (peer, (addr, _host)) in t.peers.iter().enumerate().take(rank) {
@@ -38,83 +221,29 @@ pub(super) fn connect_links(
         addr::send_msg(&s, &link_hello(t.world_id, t.generation, rank, peer, secret), deadline)
             .map_err(|e| Error::new(ErrorKind::WorldBroken, format!("{}: {e}", what())))?;
         let mut ack = [0u8; 1];
-        s.set_read_timeout(Some(addr::left(deadline, &what)?)).map_err(|e| Error::system(what(), e))?;
-        match (&s).read(&mut ack) {
-            Ok(1) if ack[0] == 1 => {}
-            Ok(_) => return Err(Error::new(ErrorKind::WorldBroken, format!("{}: refused or closed", what()))),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+        match addr::read_exact_until(&s, &mut ack, deadline, cancel) {
+            Ok(()) if ack[0] == 1 => {}
+            Ok(()) => return Err(Error::new(ErrorKind::WorldBroken, format!("{}: refused", what()))),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                 return Err(Error::timeout(format!("{}: no answer before the deadline", what())))
             }
             Err(e) => return Err(Error::new(ErrorKind::WorldBroken, format!("{}: {e}", what()))),
         }
-        s.set_read_timeout(None).map_err(|e| Error::system(what(), e))?;
         let same_host = t.peers[peer].1 == t.peers[rank].1;
         let want_shm = spec.shm && same_host;
-        let link = offer_transport(s, want_shm, deadline).map_err(|e| Error::system(what(), e))?;
+        let link = offer_transport(s, want_shm, deadline, cancel).map_err(|e| Error::system(what(), e))?;
         *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
         links[peer] = Some(link);
     }
-    let expected = size - rank - 1;
-    let mut accepted = 0;
-    listener.set_nonblocking(true).map_err(|e| Error::system("peer listener", e))?;
-    while accepted < expected {
-        let missing = || {
-            let m: Vec<usize> = (rank + 1..size).filter(|r| links[*r].is_none()).collect();
-            formation_err(name, rank, format!("ranks {m:?} did not connect before the deadline"))
-        };
-        addr::left(deadline, &missing)?;
-        let mut fds = [sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
-        let _ = sys::poll(&mut fds, Some(deadline));
-        let (s, from_addr) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
-            Err(e) => return Err(Error::system(formation_err(name, rank, "accepting a peer"), e)),
-        };
-        let _ = s.set_nonblocking(false);
-        // A peer must say who it is promptly; a silent or garbage connection is dropped.
-        let hello_deadline = deadline.min(Instant::now() + HELLO_GRACE);
-        let msg = match addr::recv_msg(&s, hello_deadline) {
-            Ok(m) => m,
-            Err(e) => {
-                warn!("world '{name}' rank {rank}: refused link connection from {from_addr}: {e}");
-                continue;
-            }
-        };
-        let parsed = (|| -> std::result::Result<(u64, u32, u32, u32, Vec<u8>), String> {
-            let mut r = MsgReader::new(&msg);
-            if r.u32()? != LINK_MAGIC {
-                return Err("not a multiworld link hello".into());
-            }
-            let v = (r.u64()?, r.u32()?, r.u32()?, r.u32()?, r.bytes()?.to_vec());
-            r.end()?;
-            Ok(v)
-        })();
-        let (wid, generation, from, to, sec) = match parsed {
-            Ok(v) => v,
-            Err(why) => {
-                warn!("world '{name}' rank {rank}: refused link connection from {from_addr}: {why}");
-                continue;
-            }
-        };
-        let from = from as usize;
-        if wid != t.world_id || generation != t.generation || sec != secret {
-            warn!("world '{name}' rank {rank}: refused link connection from {from_addr}: wrong world, generation or secret");
-            continue;
-        }
-        if to as usize != rank || from <= rank || from >= size || links[from].is_some() {
-            warn!("world '{name}' rank {rank}: refused link connection from {from_addr}: unexpected rank {from}");
-            continue;
-        }
-        let mut w = &s;
-        if io::Write::write_all(&mut w, &[1]).is_err() {
-            return Err(Error::new(
-                ErrorKind::WorldBroken,
-                formation_err(name, rank, format!("rank {from} went away while connecting")),
-            ));
-        }
+    let expect = Expect { name, world_id: t.world_id, generation: t.generation, secret, rank, size };
+    let missing = |taken: &[bool]| {
+        let m: Vec<usize> = (rank + 1..size).filter(|r| !taken.get(*r).copied().unwrap_or(false)).collect();
+        formation_err(name, rank, format!("ranks {m:?} did not connect before the deadline"))
+    };
+    for (from, s) in accept_links(&listener, &expect, size - rank - 1, deadline, cancel, &missing)? {
         let same_host = t.peers[from].1 == t.peers[rank].1;
         let want_shm = spec.shm && same_host;
-        let link = answer_transport(s, want_shm, deadline).map_err(|e| {
+        let link = answer_transport(s, want_shm, deadline, cancel).map_err(|e| {
             Error::new(
                 ErrorKind::WorldBroken,
                 formation_err(name, rank, format!("setting up the link to rank {from}: {e}")),
@@ -122,7 +251,6 @@ pub(super) fn connect_links(
         })?;
         *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
         links[from] = Some(link);
-        accepted += 1;
     }
     Ok(links)
 }
@@ -130,18 +258,19 @@ pub(super) fn connect_links(
 /// The connecting (higher) rank of a pair proposes the transport: `T` for TCP, or `S` and the
 /// path of a fresh shared-memory segment. The acceptor answers an `S` with one byte, 1 if it
 /// mapped the segment; the connector then unlinks the file either way.
-pub(super) fn offer_transport(s: TcpStream, shm: bool, deadline: Instant) -> io::Result<Box<dyn Link>> {
+pub(super) fn offer_transport(
+    s: TcpStream,
+    shm: bool,
+    deadline: Instant,
+    cancel: Option<&AtomicBool>,
+) -> io::Result<Box<dyn Link>> {
     if shm {
         match Segment::create() {
             Ok(mut seg) => {
                 let path = seg.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
                 addr::send_msg(&s, format!("S{path}").as_bytes(), deadline)?;
-                s.set_read_timeout(Some(
-                    deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
-                ))?;
                 let mut ok = [0u8; 1];
-                (&s).read_exact(&mut ok)?;
-                s.set_read_timeout(None)?;
+                addr::read_exact_until(&s, &mut ok, deadline, cancel)?;
                 seg.unlink();
                 if ok[0] == 1 {
                     return Ok(Box::new(ShmLink::new(s, seg, true)?));
@@ -156,8 +285,13 @@ pub(super) fn offer_transport(s: TcpStream, shm: bool, deadline: Instant) -> io:
     Ok(Box::new(TcpLink::new(s)?))
 }
 
-pub(super) fn answer_transport(s: TcpStream, shm: bool, deadline: Instant) -> io::Result<Box<dyn Link>> {
-    let offer = addr::recv_msg(&s, deadline)?;
+pub(super) fn answer_transport(
+    s: TcpStream,
+    shm: bool,
+    deadline: Instant,
+    cancel: Option<&AtomicBool>,
+) -> io::Result<Box<dyn Link>> {
+    let offer = addr::recv_msg(&s, deadline, cancel)?;
     match offer.split_first() {
         Some((b'T', [])) => Ok(Box::new(TcpLink::new(s)?)),
         Some((b'S', path)) => {
@@ -178,5 +312,102 @@ pub(super) fn answer_transport(s: TcpStream, shm: bool, deadline: Instant) -> io
             }
         }
         _ => Err(io::Error::new(io::ErrorKind::InvalidData, "bad transport offer")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Forty strangers connect to a rank's peer listener first and say nothing (or one byte);
+    /// the honest peer's hello that comes after them is answered at once. Read one at a time,
+    /// each stranger held the listener for its whole grace and the formation missed its
+    /// deadline.
+    #[test]
+    fn idle_strangers_do_not_hold_up_an_honest_link() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        let secret = [9u8; 32];
+        let strangers: Vec<TcpStream> = (0..40)
+            .map(|k| {
+                let s = TcpStream::connect(at).unwrap();
+                if k % 2 == 0 {
+                    (&s).write_all(&[7]).unwrap();
+                }
+                s
+            })
+            .collect();
+        let honest = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let s = TcpStream::connect(at).unwrap();
+            addr::send_msg(&s, &link_hello(5, 2, 1, 0, &secret), Instant::now() + Duration::from_secs(5)).unwrap();
+            let mut ack = [0u8; 1];
+            addr::read_exact_until(&s, &mut ack, Instant::now() + Duration::from_secs(20), None).unwrap();
+            (ack[0], s)
+        });
+        let expect = Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 0, size: 2 };
+        let t = Instant::now();
+        // The deadline is below the strangers' graces added up (40 x 2 s).
+        let got = accept_links(&listener, &expect, 1, t + Duration::from_secs(20), None, &|_| "w".into()).unwrap();
+        let took = t.elapsed();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, 1);
+        let (ack, _s) = honest.join().unwrap();
+        assert_eq!(ack, 1);
+        // Well under one stranger's grace, even on a loaded machine.
+        assert!(took < LINK_HELLO_GRACE, "the honest hello waited {took:?}");
+        drop(strangers);
+    }
+
+    /// A wrong secret, another generation, a rank that is not higher, garbage: each refused,
+    /// and the right peer still gets in.
+    #[test]
+    fn bad_link_hellos_are_refused_and_the_right_one_accepted() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        let secret = [3u8; 32];
+        let d = || Instant::now() + Duration::from_secs(5);
+        let bad = [
+            link_hello(5, 2, 2, 1, &[4u8; 32]),
+            link_hello(5, 3, 2, 1, &secret),
+            link_hello(5, 2, 0, 1, &secret),
+            link_hello(5, 2, 2, 0, &secret),
+            b"garbage".to_vec(),
+        ];
+        let mut refused = Vec::new();
+        for m in &bad {
+            let s = TcpStream::connect(at).unwrap();
+            addr::send_msg(&s, m, d()).unwrap();
+            refused.push(s);
+        }
+        let good = TcpStream::connect(at).unwrap();
+        addr::send_msg(&good, &link_hello(5, 2, 2, 1, &secret), d()).unwrap();
+        let expect = Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 1, size: 3 };
+        let got = accept_links(&listener, &expect, 1, d(), None, &|_| "w".into()).unwrap();
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![2]);
+        // Every refused connection was closed without an acknowledgement.
+        for s in &refused {
+            let mut b = [0u8; 1];
+            let r = addr::read_exact_until(s, &mut b, d(), None);
+            assert!(r.is_err(), "a bad hello was acknowledged");
+        }
+    }
+
+    /// Abandoning the formation ends the wait at once, long before the deadline.
+    #[test]
+    fn an_abandoned_formation_stops_accepting() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let c2 = cancel.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            c2.store(true, crate::sys::sync::Ordering::Release);
+        });
+        let expect = Expect { name: "w", world_id: 1, generation: 1, secret: &[], rank: 0, size: 2 };
+        let t = Instant::now();
+        let r = accept_links(&listener, &expect, 1, t + Duration::from_secs(60), Some(&cancel), &|_| "w".into());
+        assert!(r.is_err());
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     }
 }

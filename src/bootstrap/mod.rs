@@ -19,7 +19,7 @@ mod link;
 mod root;
 
 use link::*;
-use root::{decode_reply, Hello, Table, HELLO_GRACE};
+use root::{decode_reply, Hello, Table};
 pub(crate) use root::{spawn_root, RootConfig, MAX_WORLD_SIZE};
 
 use std::io::{self, Read};
@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use crate::api::error::{Error, ErrorKind, Result};
 use crate::engine::wire::{MsgReader, MsgWriter};
 use crate::sys;
+use crate::sys::sync::{Arc, AtomicBool};
 use crate::transport::loopback::QueueLink;
 use crate::transport::shm::{Segment, ShmLink};
 use crate::transport::tcp::TcpLink;
@@ -56,6 +57,8 @@ pub(crate) struct JoinSpec {
     pub shm: bool,
     pub generation: u32,
     pub timeout: Duration,
+    /// Set when the formation is abandoned: every step that waits looks at it.
+    pub cancel: Arc<AtomicBool>,
 }
 
 /// A formed world's connections.
@@ -86,7 +89,8 @@ pub(crate) fn join(spec: &JoinSpec) -> Result<Formed> {
             if rank == 0 {
                 let listener = TcpListener::bind(root)
                     .map_err(|e| Error::system(formation_err(name, rank, format!("listening on {root}")), e))?;
-                let cfg = RootConfig::for_address(spec.secret.clone(), name, size as u32, deadline);
+                let cfg = RootConfig::for_address(spec.secret.clone(), name, size as u32, deadline)
+                    .with_cancel(spec.cancel.clone());
                 own_root = Some(spawn_root(listener, cfg)?);
             }
             (root, spec.secret.clone())
@@ -102,7 +106,8 @@ pub(crate) fn join(spec: &JoinSpec) -> Result<Formed> {
 fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline: Instant) -> Result<Formed> {
     let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
     let what = || formation_err(name, rank, "deadline passed while reaching the root");
-    let to_root = addr::connect_retry(root, deadline, &what)?;
+    let cancel = Some(&*spec.cancel);
+    let to_root = addr::connect_retry(root, deadline, cancel, &what)?;
     let local_ip: IpAddr = match &spec.interface {
         Some(i) => addr::interface_ip(i)?,
         None => to_root.local_addr().map_err(|e| Error::system("local address", e))?.ip(),
@@ -122,7 +127,7 @@ fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline: Insta
     };
     addr::send_msg(&to_root, &hello.encode(), deadline)
         .map_err(|e| Error::system(formation_err(name, rank, "sending hello to the root"), e))?;
-    let reply = addr::recv_msg(&to_root, deadline).map_err(|e| {
+    let reply = addr::recv_msg(&to_root, deadline, cancel).map_err(|e| {
         if e.kind() == io::ErrorKind::TimedOut {
             Error::timeout(formation_err(name, rank, "the other ranks did not all arrive before the deadline"))
         } else {

@@ -136,15 +136,23 @@ pub(crate) struct RootConfig {
     expect: Option<(String, u32)>,
     /// Final deadline, when known in advance (address form); else the first rank's.
     deadline: Option<Instant>,
+    /// The formation of the rank that runs this root (address form): abandoning it ends the
+    /// root too.
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 impl RootConfig {
     pub(crate) fn for_id(secret: [u8; crate::api::id::SECRET_LEN]) -> RootConfig {
-        RootConfig { secret: secret.to_vec(), expect: None, deadline: None }
+        RootConfig { secret: secret.to_vec(), expect: None, deadline: None, cancel: None }
     }
 
     pub(crate) fn for_address(secret: Vec<u8>, name: &str, size: u32, deadline: Instant) -> RootConfig {
-        RootConfig { secret, expect: Some((name.to_owned(), size)), deadline: Some(deadline) }
+        RootConfig { secret, expect: Some((name.to_owned(), size)), deadline: Some(deadline), cancel: None }
+    }
+
+    pub(crate) fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> RootConfig {
+        self.cancel = Some(cancel);
+        self
     }
 }
 
@@ -182,6 +190,8 @@ pub(super) fn serve_root(listener: TcpListener, cfg: RootConfig) {
     let mut conns: Vec<Conn> = Vec::new();
     let mut deadline = cfg.deadline.unwrap_or_else(|| Instant::now() + ROOT_IDLE_LIFETIME);
     let mut expect = cfg.expect.clone();
+    // Ranks that said hello and then went away before the world formed.
+    let mut left: Vec<u32> = Vec::new();
     let fail_all = |conns: &[Conn], kind: ErrorKind, msg: &str| {
         warn!("rendezvous failed: {msg}");
         for c in conns.iter().filter(|c| c.hello.is_some()) {
@@ -190,20 +200,20 @@ pub(super) fn serve_root(listener: TcpListener, cfg: RootConfig) {
     };
     loop {
         let now = Instant::now();
+        if addr::is_cancelled(cfg.cancel.as_deref()) {
+            info!("rendezvous: the formation that runs this root was abandoned");
+            return;
+        }
         if now >= deadline {
             let (name, size) = expect.clone().unwrap_or_default();
             let present: Vec<u32> = conns.iter().filter_map(|c| c.hello.as_ref().map(|h| h.rank)).collect();
-            let missing: Vec<u32> = (0..size).filter(|r| !present.contains(r)).collect();
-            fail_all(
-                &conns,
-                ErrorKind::Timeout,
-                &format!("world '{name}' did not form in time: ranks {missing:?} of {size} never arrived"),
-            );
+            fail_all(&conns, ErrorKind::Timeout, &missing_ranks(&name, size, &present, &left));
             return;
         }
         let mut fds = vec![sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
         fds.extend(conns.iter().map(|c| sys::pollfd(c.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
-        let _ = sys::poll(&mut fds, Some(deadline.min(now + Duration::from_secs(1))));
+        let step = if cfg.cancel.is_some() { addr::CANCEL_CHECK } else { Duration::from_secs(1) };
+        let _ = sys::poll(&mut fds, Some(deadline.min(now + step)));
         // New connections.
         loop {
             match listener.accept() {
@@ -249,6 +259,9 @@ pub(super) fn serve_root(listener: TcpListener, cfg: RootConfig) {
                     i += 1;
                 }
                 Outcome::Drop => {
+                    if let Some(h) = &conns[i].hello {
+                        left.push(h.rank);
+                    }
                     conns.remove(i);
                 }
                 Outcome::FailAll(kind, msg) => {
@@ -280,6 +293,23 @@ pub(super) fn serve_root(listener: TcpListener, cfg: RootConfig) {
             }
         }
     }
+}
+
+/// What the root says when its deadline passes: which ranks never came, and which came and
+/// went away again.
+pub(super) fn missing_ranks(name: &str, size: u32, present: &[u32], left: &[u32]) -> String {
+    let missing: Vec<u32> = (0..size).filter(|r| !present.contains(r) && !left.contains(r)).collect();
+    let mut gone: Vec<u32> = left.iter().copied().filter(|r| !present.contains(r)).collect();
+    gone.sort_unstable();
+    gone.dedup();
+    let mut msg = format!("world '{name}' did not form in time:");
+    if !missing.is_empty() {
+        msg += &format!(" ranks {missing:?} of {size} never arrived");
+    }
+    if !gone.is_empty() {
+        msg += &format!("{} ranks {gone:?} arrived and left", if missing.is_empty() { "" } else { ";" });
+    }
+    msg
 }
 
 pub(super) fn read_conn(c: &mut Conn, cfg: &RootConfig, expect: &Option<(String, u32)>, claimed: &[u32]) -> Outcome {
@@ -415,9 +445,23 @@ mod tests {
             };
             let s = TcpStream::connect(addr).unwrap();
             addr::send_msg(&s, &h.encode(), deadline).unwrap();
-            let e = decode_reply(&addr::recv_msg(&s, deadline).unwrap()).unwrap().unwrap_err();
+            let e = decode_reply(&addr::recv_msg(&s, deadline, None).unwrap()).unwrap().unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{}", e.message());
         }
+    }
+
+    #[test]
+    fn a_timed_out_root_tells_missing_ranks_from_ranks_that_left() {
+        assert_eq!(
+            missing_ranks("w", 3, &[2], &[0]),
+            "world 'w' did not form in time: ranks [1] of 3 never arrived; ranks [0] arrived and left"
+        );
+        assert_eq!(
+            missing_ranks("w", 2, &[], &[0, 0]),
+            "world 'w' did not form in time: ranks [1] of 2 never arrived; ranks [0] arrived and left"
+        );
+        // A rank that left and came back is present.
+        assert_eq!(missing_ranks("w", 2, &[0], &[0]), "world 'w' did not form in time: ranks [1] of 2 never arrived");
     }
 
     #[test]

@@ -278,33 +278,41 @@ pub unsafe extern "C" fn mwCommGetAsyncError(comm: mwComm_t, asyncError: *mut mw
     })
 }
 
+/// Frees a communicator without ever waiting on a peer, a formation or a stream: what could
+/// wait is handed to a thread of its own.
+///
+/// - Forming: the formation is abandoned (destroy too: there is nothing to leave gracefully).
+/// - Host operations: an abort, or a destroy with operations still in flight, aborts the
+///   world; an idle world is left gracefully, which does not wait on the peers.
+/// - Operations on streams: a destroy lets those enqueued finish first (as NCCL's does), an
+///   abort fails them; either way no stream is left waiting, and the staging blocks are freed
+///   once the streams are past them, in the background.
 pub(super) fn release(comm: mwComm_t, abort: bool) -> mwResult_t {
     let key = comm as usize as u64;
     let Some(c) = lock(table()).comms.remove(&key).filter(|_| key != 0) else {
         return invalid(None, format!("{comm:p} is not a live communicator"));
     };
-    // Operations on streams: a destroy lets those enqueued finish first (as NCCL's does); an
-    // abort fails them. Either way no stream is left waiting, and every staging block is
-    // freed before this returns.
-    #[cfg(feature = "cuda")]
-    let staging = lock(&c.staging).take();
-    #[cfg(feature = "cuda")]
-    if let Some(s) = &staging {
-        if !abort {
-            s.drain();
-        }
-        s.close();
-    }
-    if let Ok(w) = c.settle() {
-        if abort || lock(&c.pending).iter().any(|k| !k.is_done()) {
+    c.abandon_formation();
+    let world = c.world().ok();
+    let busy = lock(&c.pending).iter().any(|k| !k.is_done());
+    if let Some(w) = &world {
+        if abort || busy {
             w.abort();
         }
-        let _ = c.manager.remove_world(w.name());
     }
     #[cfg(feature = "cuda")]
+    let staging = lock(&c.staging).take();
+    let leave = move || {
+        if let Some(w) = world {
+            let _ = c.manager.remove_world(w.name());
+        }
+    };
+    #[cfg(feature = "cuda")]
     if let Some(s) = staging {
-        s.join();
+        s.release_in_background(abort, leave);
+        return mwSuccess;
     }
+    leave();
     mwSuccess
 }
 

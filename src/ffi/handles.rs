@@ -60,6 +60,19 @@ impl Comm {
         }
     }
 
+    /// Abandons the formation if it is still under way (returns at once); the communicator
+    /// then reads as failed.
+    pub(super) fn abandon_formation(&self) {
+        let mut p = lock(&self.phase);
+        if let Phase::Forming(f) = &*p {
+            if !f.test() {
+                f.abort();
+                let e = Error::new(ErrorKind::InvalidUsage, "the communicator was aborted while it formed");
+                *p = Phase::Failed(e);
+            }
+        }
+    }
+
     /// Blocks until formation has finished.
     pub(super) fn settle(&self) -> Result<World, Error> {
         loop {

@@ -94,6 +94,16 @@ impl EventFd {
     }
 }
 
+/// One `recv(2)` that takes what is there and never waits, whatever the socket's mode.
+pub(crate) fn recv_nowait(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid, exclusively borrowed buffer of the given length.
+    let r = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
 /// Writes `bufs` in order with one `sendmsg`, without raising `SIGPIPE` on a closed peer (the
 /// process may be a C program that did not ignore it). Returns the bytes written.
 pub(crate) fn send_vectored(fd: RawFd, bufs: &[&[u8]]) -> io::Result<usize> {

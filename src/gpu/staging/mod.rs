@@ -370,6 +370,42 @@ impl<D: Device> Staging<D> {
         self.bell.ring();
     }
 
+    /// Closes the staging and lets it go without waiting: what can take long (batches still
+    /// to run on their streams, the streams getting past them) happens on a thread of its own,
+    /// which then calls `leave` (the world's removal) and waits for the stager to free every
+    /// block. `abort` fails the batches not yet done (the caller has aborted the world);
+    /// without it they run first, as a communicator's destroy lets them.
+    pub(crate) fn release_in_background(self: &Arc<Self>, abort: bool, leave: impl FnOnce() + Send + 'static) {
+        if abort {
+            self.close();
+        }
+        let me = self.clone();
+        let work = move || {
+            if !abort {
+                me.drain();
+                me.close();
+            }
+            leave();
+            me.join();
+        };
+        // Without a thread to spare it is done here: slower, but nothing is leaked.
+        let slot = Arc::new(Mutex::new(Some(work)));
+        let theirs = slot.clone();
+        let spawned = std::thread::Builder::new().name("mw-release".into()).spawn(move || {
+            let work = lock(&theirs).take();
+            if let Some(w) = work {
+                w();
+            }
+        });
+        if let Err(e) = spawned {
+            warn!("releasing a communicator's staging on the caller's thread: {e}");
+            let work = lock(&slot).take();
+            if let Some(w) = work {
+                w();
+            }
+        }
+    }
+
     /// Waits for the stager to exit (after [`Staging::close`]): every block is then freed.
     /// Bounded by the streams reaching the batches they hold; a world that broke or was
     /// removed releases them at once.

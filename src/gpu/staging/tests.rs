@@ -50,6 +50,8 @@ impl Drop for HostBlock {
 enum Work {
     Run(usize, Vec<StreamCmd>),
     Mark(mpsc::Sender<()>),
+    /// Stops the stream until the sender is dropped (a stream busy with other work).
+    Hold(mpsc::Receiver<()>),
 }
 
 /// A stream: a thread that runs the commands it is given, in order, on host memory.
@@ -68,10 +70,20 @@ impl HostStream {
                     Work::Mark(done) => {
                         let _ = done.send(());
                     }
+                    Work::Hold(until) => {
+                        let _ = until.recv();
+                    }
                 }
             }
         });
         Box::leak(Box::new(HostStream { tx: Mutex::new(tx) }))
+    }
+
+    /// Holds the stream (what is put on it later waits) until the returned sender is dropped.
+    fn hold(&self) -> mpsc::Sender<()> {
+        let (tx, rx) = mpsc::channel();
+        self.tx.lock().unwrap().send(Work::Hold(rx)).unwrap();
+        tx
     }
 
     /// True when everything put on the stream so far has run within `limit`.
@@ -155,6 +167,69 @@ enum Share {
 struct Counts {
     opened: AtomicUsize,
     closed: AtomicUsize,
+}
+
+/// Releasing a communicator's staging (C `mwCommAbort` / `mwCommDestroy`) returns at once
+/// even when its stream never gets to the batch it holds; the world is left, and the blocks
+/// are freed once the stream moves on. Both an abort (the batch fails) and a destroy (the
+/// batch runs first, then the world is left).
+#[test]
+fn releasing_a_staging_never_waits_for_its_stream() {
+    const N: usize = 1000;
+    for abort in [true, false] {
+        ranks(2, &["held"], move |rank, worlds| {
+            let w = worlds[0].clone();
+            if rank == 1 {
+                // Takes part in the all-reduce when the held stream finally posts it (destroy),
+                // or sees the world aborted (abort).
+                let mut sum = vec![0f32; N];
+                let r = w.all_reduce(&data(1, N, 0), &mut sum, ReduceOp::Sum);
+                assert_eq!(r.is_err(), abort, "rank 1: {r:?}");
+                return;
+            }
+            let stream = HostStream::new();
+            let device = HostDevice::default();
+            let live = device.live.clone();
+            let st = Arc::new(Staging::with_device(w.clone(), device).unwrap());
+            let gate = stream.hold();
+            let a = data(0, N, 0);
+            let mut sum = vec![0f32; N];
+            // SAFETY: the buffers outlive the synchronize below.
+            unsafe {
+                st.enqueue(stream, &[(desc(OpKind::AllReduce, ReduceOp::Sum, N, 0, false), dev(&a), out(&mut sum))])
+            }
+            .unwrap();
+            if abort {
+                w.abort();
+            }
+            let left = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let l2 = left.clone();
+            let t = Instant::now();
+            st.release_in_background(abort, move || l2.store(true, Ordering::SeqCst));
+            let took = t.elapsed();
+            assert!(took < Duration::from_millis(500), "abort={abort}: release took {took:?}");
+            if abort {
+                // The world is left at once; the stream still holds its batch.
+                let end = Instant::now() + Duration::from_secs(10);
+                while !left.load(Ordering::SeqCst) {
+                    assert!(Instant::now() < end, "the world was not left");
+                    thread::sleep(Duration::from_millis(5));
+                }
+            }
+            assert!(live.load(Ordering::SeqCst) > 0, "a block was freed while the stream still needed it");
+            drop(gate);
+            assert!(stream.synchronize(Duration::from_secs(20)), "abort={abort}: the stream did not drain");
+            let end = Instant::now() + Duration::from_secs(10);
+            while live.load(Ordering::SeqCst) > 0 || !left.load(Ordering::SeqCst) {
+                assert!(Instant::now() < end, "abort={abort}: blocks not freed or world not left");
+                thread::sleep(Duration::from_millis(5));
+            }
+            if !abort {
+                let want: Vec<f32> = data(0, N, 0).iter().zip(&data(1, N, 0)).map(|(x, y)| x + y).collect();
+                assert_eq!(sum, want, "the destroyed communicator's last batch");
+            }
+        });
+    }
 }
 
 /// The stand-in device. `fail_after`: a submit puts that many commands on the stream, then
