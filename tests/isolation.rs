@@ -299,3 +299,26 @@ fn c_abort_and_destroy_of_a_forming_communicator_return_at_once() {
         }
     }
 }
+
+/// A deadline set once for a whole manager reaches its worlds, formed and to come: a receive
+/// whose peer lives but never sends fails with `Timeout` instead of waiting for ever.
+#[test]
+fn a_manager_wide_operation_deadline_catches_a_peer_that_never_calls() {
+    let (m0, _m1, w0, _w1) = pair("deadline-now");
+    m0.set_op_timeout(Some(Duration::from_millis(300)));
+    for w in [w0, {
+        // Formed after the call: gets the deadline too.
+        let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+        let m2 = WorldManager::new();
+        let f = m2.form("deadline-later", (&id).into(), 1, 2, &WorldOptions::default());
+        let w = m0.init_world("deadline-later", &id, 0, 2).unwrap();
+        std::mem::forget((f.wait().unwrap(), m2));
+        w
+    }] {
+        let t = Instant::now();
+        let e = w.recv(&mut [0u8; 4], 1).expect_err("nobody sends");
+        let took = t.elapsed();
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{}: {e}", w.name());
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(10), "{}: {took:?}", w.name());
+    }
+}

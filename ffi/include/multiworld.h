@@ -85,7 +85,9 @@ typedef struct mwConfig_t {
    */
   int heartbeatTimeoutMs;
   /*
-   Deadline of every operation in milliseconds; 0: none (default).
+   Deadline of every operation in milliseconds. 0 (the default): the process's default,
+   `MW_OP_TIMEOUT_MS` if set, else none; -1: none, whatever the environment says. The
+   only guard against a live peer that never makes the matching call.
    */
   int opTimeoutMs;
   /*

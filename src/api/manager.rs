@@ -117,6 +117,9 @@ struct Inner {
     generations: Mutex<HashMap<String, u32>>,
     events: Arc<EventQueue>,
     closed: AtomicBool,
+    /// Set by [`WorldManager::set_op_timeout`]: the operation deadline of every world, those
+    /// still forming included (outer `None`: each world keeps its own options').
+    op_timeout: Mutex<Option<Option<Duration>>>,
 }
 
 /// The registry of a process's worlds. Make one per process (more work, but share nothing).
@@ -152,6 +155,7 @@ impl WorldManager {
                 generations: Mutex::new(HashMap::new()),
                 events,
                 closed: AtomicBool::new(false),
+                op_timeout: Mutex::new(None),
             }),
         }
     }
@@ -272,6 +276,7 @@ impl WorldManager {
             generation,
             timeout: options.timeout,
             cancel: f.cancel.clone(),
+            socket_buffer: options.socket_buffer,
         };
         let inner = self.inner.clone();
         let options = options.clone();
@@ -306,6 +311,28 @@ impl WorldManager {
             .collect();
         v.sort_by(|a, b| a.name().cmp(b.name()));
         v
+    }
+
+    /// Sets the operation deadline (`None`: none) of every world of this manager, now and
+    /// formed later, overriding their options: an operation not done in that time fails with
+    /// `Timeout` and breaks its world. The one knob that catches a peer whose process lives but
+    /// never makes the matching call (see `docs/fault-model.md`). Per world:
+    /// [`World::set_op_timeout`].
+    pub fn set_op_timeout(&self, t: Option<Duration>) {
+        let worlds: Vec<World> = {
+            let worlds = lock(&self.inner.worlds);
+            *lock(&self.inner.op_timeout) = Some(t);
+            worlds
+                .values()
+                .filter_map(|e| match e {
+                    Entry::Ready(w) => Some(w.clone()),
+                    Entry::Forming(_) => None,
+                })
+                .collect()
+        };
+        for w in worlds {
+            w.set_op_timeout(t);
+        }
     }
 
     /// Removes world `name`: aborts it if it still runs, releases its sockets and threads, and
@@ -498,6 +525,7 @@ fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions) -> Re
         world_id: formed.world_id,
         generation: formed.generation,
         heartbeat: options.heartbeat,
+        checksum: options.checksum.effective(),
     };
     let mut engine = Engine::new(cfg, formed.links, Instant::now());
     engine.set_shm_fallbacks(formed.shm_fallbacks);
@@ -553,6 +581,9 @@ fn settle_formation(
         let closed = inner.closed.load(Ordering::Acquire);
         match r {
             Ok(w) if ours && !closed => {
+                if let Some(t) = *lock(&inner.op_timeout) {
+                    w.set_op_timeout(t);
+                }
                 worlds.insert(spec.name.clone(), Entry::Ready(w.clone()));
                 ready = Some(Event::Ready { name: spec.name.clone(), generation: w.generation() });
                 slot.with(|s| *s = Some(w));

@@ -26,6 +26,34 @@ impl TransportChoice {
     }
 }
 
+/// Which links of a world checksum their payloads (CRC32C in every data frame's header,
+/// checked by the receiver before it uses a byte; a mismatch breaks the world with a
+/// `Protocol` cause naming the peer). `docs/fault-model.md` says what it does and does not
+/// catch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Checksum {
+    /// None (the default): TCP's own checksum and the shared memory's integrity are trusted.
+    #[default]
+    Off,
+    /// Links over TCP.
+    Tcp,
+    /// Every link to another rank, shared memory included.
+    All,
+}
+
+impl Checksum {
+    /// The choice after the `MW_CHECKSUM` environment variable (`off`, `tcp` or `all`; unset
+    /// leaves the world's own choice).
+    pub(crate) fn effective(self) -> Checksum {
+        match std::env::var("MW_CHECKSUM").as_deref() {
+            Ok("off") => Checksum::Off,
+            Ok("tcp") => Checksum::Tcp,
+            Ok("all") => Checksum::All,
+            _ => self,
+        }
+    }
+}
+
 /// How a world forms and watches its peers. Build with the `with_*` methods:
 ///
 /// ```
@@ -45,7 +73,9 @@ pub struct WorldOptions {
     /// or cut-off one only by operation deadlines).
     pub heartbeat: Option<Heartbeat>,
     /// Deadline of every operation of the world; an operation that passes it fails with
-    /// `Timeout` and breaks the world. Default: none.
+    /// `Timeout` and breaks the world. Default: `MW_OP_TIMEOUT_MS` if set (0: none), else
+    /// none. This is what catches a live peer whose application never posts the matching
+    /// call: its links stay healthy, so nothing else will.
     pub op_timeout: Option<Duration>,
     /// Secret that every rank must present when the world forms by address (the id form
     /// carries a random secret of its own). Default: none.
@@ -56,6 +86,12 @@ pub struct WorldOptions {
     /// Transports the world may use (default: shared memory where possible, else TCP;
     /// `MW_TRANSPORT=tcp` forces TCP).
     pub transport: TransportChoice,
+    /// Which links checksum their payloads (default: none; `MW_CHECKSUM=tcp|all|off`).
+    pub checksum: Checksum,
+    /// Socket buffer size for TCP links, in bytes. Default `None`: the kernel's own sizing,
+    /// which grows the buffers with the traffic (setting a size turns that off, and the
+    /// kernel caps it at `net.core.rmem_max`/`wmem_max`).
+    pub socket_buffer: Option<usize>,
 }
 
 impl Default for WorldOptions {
@@ -63,15 +99,36 @@ impl Default for WorldOptions {
         WorldOptions {
             timeout: Duration::from_secs(30),
             heartbeat: Some(Heartbeat::default()),
-            op_timeout: None,
+            op_timeout: op_timeout_from_env(),
             secret: None,
             interface: None,
             transport: TransportChoice::Auto,
+            checksum: Checksum::Off,
+            socket_buffer: None,
         }
     }
 }
 
+/// `MW_OP_TIMEOUT_MS`: the default operation deadline for every world of the process (0 or
+/// unset: none).
+pub(crate) fn op_timeout_from_env() -> Option<Duration> {
+    let ms: u64 = std::env::var("MW_OP_TIMEOUT_MS").ok()?.trim().parse().ok()?;
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
 impl WorldOptions {
+    /// Sets which links checksum their payloads.
+    pub fn with_checksum(mut self, c: Checksum) -> Self {
+        self.checksum = c;
+        self
+    }
+
+    /// Sets the socket buffer size of TCP links (`None`: the kernel's own sizing).
+    pub fn with_socket_buffer(mut self, bytes: Option<usize>) -> Self {
+        self.socket_buffer = bytes;
+        self
+    }
+
     /// Sets the formation deadline.
     pub fn with_timeout(mut self, t: Duration) -> Self {
         self.timeout = t;

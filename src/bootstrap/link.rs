@@ -231,7 +231,8 @@ pub(super) fn connect_links(
         }
         let same_host = t.peers[peer].1 == t.peers[rank].1;
         let want_shm = spec.shm && same_host;
-        let link = offer_transport(s, want_shm, deadline, cancel).map_err(|e| Error::system(what(), e))?;
+        let link =
+            offer_transport(s, want_shm, spec.socket_buffer, deadline, cancel).map_err(|e| Error::system(what(), e))?;
         *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
         links[peer] = Some(link);
     }
@@ -243,7 +244,7 @@ pub(super) fn connect_links(
     for (from, s) in accept_links(&listener, &expect, size - rank - 1, deadline, cancel, &missing)? {
         let same_host = t.peers[from].1 == t.peers[rank].1;
         let want_shm = spec.shm && same_host;
-        let link = answer_transport(s, want_shm, deadline, cancel).map_err(|e| {
+        let link = answer_transport(s, want_shm, spec.socket_buffer, deadline, cancel).map_err(|e| {
             Error::new(
                 ErrorKind::WorldBroken,
                 formation_err(name, rank, format!("setting up the link to rank {from}: {e}")),
@@ -261,6 +262,7 @@ pub(super) fn connect_links(
 pub(super) fn offer_transport(
     s: TcpStream,
     shm: bool,
+    buffer: Option<usize>,
     deadline: Instant,
     cancel: Option<&AtomicBool>,
 ) -> io::Result<Box<dyn Link>> {
@@ -276,24 +278,25 @@ pub(super) fn offer_transport(
                     return Ok(Box::new(ShmLink::new(s, seg, true)?));
                 }
                 info!("shared memory refused by the peer; using TCP");
-                return Ok(Box::new(TcpLink::new(s)?));
+                return Ok(Box::new(TcpLink::new(s, buffer)?));
             }
             Err(e) => warn!("cannot create a shared-memory segment ({e}; is /dev/shm full?); using TCP"),
         }
     }
     addr::send_msg(&s, b"T", deadline)?;
-    Ok(Box::new(TcpLink::new(s)?))
+    Ok(Box::new(TcpLink::new(s, buffer)?))
 }
 
 pub(super) fn answer_transport(
     s: TcpStream,
     shm: bool,
+    buffer: Option<usize>,
     deadline: Instant,
     cancel: Option<&AtomicBool>,
 ) -> io::Result<Box<dyn Link>> {
     let offer = addr::recv_msg(&s, deadline, cancel)?;
     match offer.split_first() {
-        Some((b'T', [])) => Ok(Box::new(TcpLink::new(s)?)),
+        Some((b'T', [])) => Ok(Box::new(TcpLink::new(s, buffer)?)),
         Some((b'S', path)) => {
             let seg = if shm { std::str::from_utf8(path).ok().map(Segment::open) } else { None };
             let mut w = &s;
@@ -307,7 +310,7 @@ pub(super) fn answer_transport(
                         warn!("cannot map the peer's shared-memory segment ({e}); using TCP");
                     }
                     io::Write::write_all(&mut w, &[0])?;
-                    Ok(Box::new(TcpLink::new(s)?))
+                    Ok(Box::new(TcpLink::new(s, buffer)?))
                 }
             }
         }

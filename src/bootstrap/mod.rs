@@ -59,6 +59,8 @@ pub(crate) struct JoinSpec {
     pub timeout: Duration,
     /// Set when the formation is abandoned: every step that waits looks at it.
     pub cancel: Arc<AtomicBool>,
+    /// Socket buffer size of TCP links (`None`: the kernel's).
+    pub socket_buffer: Option<usize>,
 }
 
 /// A formed world's connections.

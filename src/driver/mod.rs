@@ -372,7 +372,15 @@ mod tests {
     fn a_panic_in_a_pass_breaks_the_world_and_completes_its_operations() {
         let (a, _b, _f) = QueueLink::pair(1 << 20);
         let links: Vec<Option<Box<dyn Link>>> = vec![Some(Box::new(QueueLink::loopback())), Some(Box::new(a))];
-        let cfg = EngineConfig { name: Arc::from("p"), rank: 0, size: 2, world_id: 1, generation: 1, heartbeat: None };
+        let cfg = EngineConfig {
+            name: Arc::from("p"),
+            rank: 0,
+            size: 2,
+            world_id: 1,
+            generation: 1,
+            heartbeat: None,
+            checksum: Default::default(),
+        };
         let mut engine = Engine::new(cfg, links, Instant::now());
         engine.panic_in_pass = true;
         let d = Driver::start(Arc::from("p"), engine, None).unwrap();

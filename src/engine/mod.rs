@@ -27,12 +27,13 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::api::error::{BrokenCause, Error};
+use crate::api::options::Checksum;
 use crate::api::request::{Completion, KeepAlive};
 use crate::api::types::{DataType, ReduceOp};
 use crate::coll::reduce::{reduce3, reduce_into, scale_avg};
 use crate::coll::{plan, Act, BufId, Dep, OpDesc, Plan};
 use crate::engine::health::{Heartbeat, Liveness, Verdict};
-use crate::engine::wire::{FrameHeader, FrameKind, OpKind, HEADER_LEN};
+use crate::engine::wire::{world_tag, FrameHeader, FrameKind, OpKind, HEADER_LEN};
 use crate::sys::buf::{RawBuf, Scratch};
 use crate::sys::sync::Arc;
 use crate::transport::{Armed, Link, LinkError, Sink, TransportKind};
@@ -53,6 +54,8 @@ pub(crate) struct EngineConfig {
     pub generation: u32,
     /// `None`: no heartbeats, no silence detection.
     pub heartbeat: Option<Heartbeat>,
+    /// Which links carry payload checksums.
+    pub checksum: Checksum,
 }
 
 /// An operation handed to the engine.
@@ -186,6 +189,8 @@ struct Peer {
     /// The peer left (closed, aborted or died), and why; its link is no longer used, but what
     /// it sent before leaving can still be received.
     gone: Option<BrokenCause>,
+    /// Data frames to this peer carry the payload's CRC32C.
+    checksum: bool,
 }
 
 /// Where to sleep until the engine can do more.
@@ -284,6 +289,11 @@ impl Engine {
                 l.map(|link| {
                     let live =
                         cfg.heartbeat.filter(|_| link.kind() != TransportKind::Loopback).map(|h| Liveness::new(h, now));
+                    let checksum = match cfg.checksum {
+                        Checksum::Off => false,
+                        Checksum::Tcp => link.kind() == TransportKind::Tcp,
+                        Checksum::All => link.kind() != TransportKind::Loopback,
+                    };
                     Peer {
                         link,
                         live,
@@ -297,6 +307,7 @@ impl Engine {
                         tx_seq: 0,
                         rx_seq: 0,
                         gone: None,
+                        checksum,
                     }
                 })
             })
@@ -656,7 +667,12 @@ impl Engine {
                 Verdict::Fine => {}
                 Verdict::SendHeartbeat => {
                     if p.tx.is_none() {
-                        let h = FrameHeader::control(FrameKind::Heartbeat, self.cfg.world_id, self.cfg.generation, 0);
+                        let h = FrameHeader::control(
+                            FrameKind::Heartbeat,
+                            world_tag(self.cfg.world_id),
+                            self.cfg.generation,
+                            0,
+                        );
                         p.tx = Some(TxFrame {
                             header: h.encode(),
                             payload: TxPayload::None,
@@ -746,7 +762,8 @@ impl Engine {
     /// where that can be done without blocking, then closes the links. A frame not yet
     /// started gives way to it; one half written cannot be cut, so that link just closes.
     fn say_goodbye(&mut self, kind: FrameKind, reason: &[u8]) {
-        let h = FrameHeader::control(kind, self.cfg.world_id, self.cfg.generation, reason.len() as u32).encode();
+        let h =
+            FrameHeader::control(kind, world_tag(self.cfg.world_id), self.cfg.generation, reason.len() as u32).encode();
         for p in
             self.peers.iter_mut().flatten().filter(|p| p.gone.is_none() && p.link.kind() != TransportKind::Loopback)
         {

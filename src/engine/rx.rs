@@ -3,6 +3,7 @@
 //! kept in the bounded queue of early frames until its receive is posted.
 
 use super::*;
+use crate::sys::crc32c::crc32c;
 
 impl Engine {
     /// Checks an incoming data frame against the receive it is for.
@@ -113,7 +114,22 @@ impl Engine {
         let Some(dslice) = (unsafe { dbuf.bytes_mut(dst.off + off, len) }) else {
             return Err(internal("receive region out of range"));
         };
+        // A checksummed payload is checked before any of it is combined; a copied one right
+        // after it landed (a mismatch fails the operation, whose output is then unspecified).
+        let verify = |payload: &[u8]| {
+            match h.crc {
+            Some(sent) if crc32c(payload) != sent => Err(BrokenCause::Protocol {
+                peer,
+                detail: format!(
+                    "a frame of {len} bytes failed its CRC32C check (sent {sent:#010x}, received {:#010x}): bytes changed on the way",
+                    crc32c(payload)
+                ),
+            }),
+            _ => Ok(()),
+        }
+        };
         let apply = |payload: &[u8], dslice: &mut [u8]| -> Result<(), BrokenCause> {
+            verify(payload)?;
             match cbuf {
                 None => dslice.copy_from_slice(payload),
                 Some((_, c)) if c == dst => reduce_into(dtype, redop, dslice, payload),
@@ -134,7 +150,11 @@ impl Engine {
             None => {
                 let Some(p) = self.peers[peer].as_mut() else { return Ok(false) };
                 if cbuf.is_none() {
-                    p.link.consume(Sink::Copy(dslice)).map_err(|e| link_cause(peer, e))?
+                    let done = p.link.consume(Sink::Copy(&mut *dslice)).map_err(|e| link_cause(peer, e))?;
+                    if done {
+                        verify(dslice)?;
+                    }
+                    done
                 } else {
                     let mut result = Ok(());
                     let mut visit = |payload: &[u8]| result = apply(payload, &mut *dslice);
@@ -207,14 +227,14 @@ impl Engine {
                     }
                     return Err(BrokenCause::PeerAborted { peer, reason });
                 }
-                FrameKind::Data if h.world != self.cfg.world_id || h.generation != self.cfg.generation => {
+                FrameKind::Data if h.world != world_tag(self.cfg.world_id) || h.generation != self.cfg.generation => {
                     if !p.link.consume(Sink::Discard).map_err(|e| link_cause(peer, e))? {
                         return Ok(progress);
                     }
                     self.stats.stale_frames_dropped += 1;
                     warn!(
                         "world '{}' rank {}: dropped a frame of world {:#x} generation {} from rank {peer} (this is {:#x} generation {})",
-                        self.cfg.name, self.cfg.rank, h.world, h.generation, self.cfg.world_id, self.cfg.generation
+                        self.cfg.name, self.cfg.rank, h.world, h.generation, world_tag(self.cfg.world_id), self.cfg.generation
                     );
                     progress = true;
                 }

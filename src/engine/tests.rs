@@ -29,6 +29,11 @@ fn net(n: usize, cap: usize) -> Net {
 
 /// Like [`net`], with each rank's heartbeat settings.
 fn net_with(n: usize, cap: usize, heartbeat: impl Fn(usize) -> Heartbeat) -> Net {
+    net_checked(n, cap, heartbeat, Checksum::Off)
+}
+
+/// Like [`net_with`], with payload checksums as `checksum` says.
+fn net_checked(n: usize, cap: usize, heartbeat: impl Fn(usize) -> Heartbeat, checksum: Checksum) -> Net {
     let mut links: Vec<Vec<Option<Box<dyn Link>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
     let mut faults = vec![vec![None; n]; n];
     for a in 0..n {
@@ -53,6 +58,7 @@ fn net_with(n: usize, cap: usize, heartbeat: impl Fn(usize) -> Heartbeat) -> Net
                 world_id: 42,
                 generation: 1,
                 heartbeat: Some(heartbeat(rank)),
+                checksum,
             };
             Engine::new(cfg, l, now)
         })
@@ -90,6 +96,13 @@ impl Buf {
     }
     fn raw(&mut self) -> RawBuf {
         RawBuf::from_mut(self.bytes())
+    }
+    fn fill_f32(&mut self, v: &[f32]) {
+        self.bytes()[..v.len() * 4].copy_from_slice(bytemuck::cast_slice(v));
+    }
+    fn f32s(&mut self) -> Vec<f32> {
+        let n = self.1 / 4;
+        bytemuck::cast_slice::<u8, f32>(self.bytes())[..n].to_vec()
     }
 }
 
@@ -389,6 +402,39 @@ fn a_frame_with_any_header_field_altered_breaks_the_world() {
     }
 }
 
+/// One bit flipped in every data payload from rank 1: without checksums the all-reduce
+/// completes with a wrong result (what a corrupting network does to an unchecked world); with
+/// them both ranks fail, rank 0 naming the CRC32C mismatch and rank 1.
+#[test]
+fn a_flipped_payload_bit_is_caught_by_the_checksum_and_only_by_it() {
+    for checksum in [Checksum::Off, Checksum::All] {
+        let mut net = net_checked(2, 1 << 20, |_| hb(), checksum);
+        net.faults[1][0].as_ref().unwrap().lock().unwrap().flip_payload = true;
+        let mut a = Buf::new(64);
+        let mut b = Buf::new(64);
+        a.fill_f32(&[1.0; 16]);
+        b.fill_f32(&[2.0; 16]);
+        let now = net.now;
+        let ca = post_all_reduce(&mut net.engines[0], now, &mut a, 16, DataType::F32);
+        let cb = post_all_reduce(&mut net.engines[1], now, &mut b, 16, DataType::F32);
+        net.run(&[ca.clone(), cb.clone()], Duration::from_millis(1), 1000);
+        match checksum {
+            Checksum::Off => {
+                assert!(ca.result().unwrap().is_ok(), "unchecked: {:?}", ca.result());
+                assert!(a.f32s().iter().any(|x| *x != 3.0), "the flipped bit did not show: {:?}", a.f32s());
+            }
+            _ => {
+                let e = ca.result().unwrap().unwrap_err();
+                assert!(
+                    matches!(e.broken_cause(), Some(BrokenCause::Protocol { peer: 1, detail }) if detail.contains("CRC32C")),
+                    "{e}"
+                );
+                assert!(cb.result().unwrap().is_err());
+            }
+        }
+    }
+}
+
 #[test]
 fn silent_peer_breaks_the_world_after_the_heartbeat_timeout() {
     let mut net = net(2, 1 << 20);
@@ -396,7 +442,7 @@ fn silent_peer_breaks_the_world_after_the_heartbeat_timeout() {
     let start = net.now;
     let ca = post_all_reduce(&mut net.engines[0], start, &mut a, 16, DataType::F32);
     // Rank 1 never posts and the link is cut: rank 0 hears nothing.
-    *net.faults[0][1].as_ref().unwrap().lock().unwrap() = Faults { cut: true, tamper: None };
+    *net.faults[0][1].as_ref().unwrap().lock().unwrap() = Faults { cut: true, ..Default::default() };
     let mut t = start;
     while !ca.is_done() {
         t += Duration::from_millis(10);

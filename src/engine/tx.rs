@@ -2,6 +2,7 @@
 //! send queue, one frame at a time, never blocking (a full link just stops the loop).
 
 use super::*;
+use crate::sys::crc32c::crc32c;
 
 impl Engine {
     pub(super) fn service_tx(&mut self, peer: usize) -> Result<bool, BrokenCause> {
@@ -41,7 +42,7 @@ impl Engine {
             }
             // Start the next frame of the head send, if it has bytes ready.
             let Some(&(id, step)) = p.tx_queue.front() else { return Ok(progress) };
-            let max = p.link.max_payload();
+            let (max, checksum) = (p.link.max_payload(), p.checksum);
             let i = self.op_index(id)?;
             let op = &self.ops[i];
             let Act::Send { src, .. } = op.plan.steps[step].act else {
@@ -62,8 +63,14 @@ impl Engine {
                 let max = (max / e).max(1) * e;
                 (avail - sent).min(max)
             };
-            let header = self.data_header(op, step, sent, chunk, src.len).encode();
+            let mut header = self.data_header(op, step, sent, chunk, src.len);
             let buf = op.buf(src.buf);
+            if checksum {
+                // SAFETY: as for the frame's payload above: the operation owns this view.
+                let payload = unsafe { buf.bytes(src.off + sent, chunk) }.unwrap_or(&[]);
+                header.crc = Some(crc32c(payload));
+            }
+            let header = header.encode();
             let frame = TxFrame {
                 header,
                 payload: TxPayload::Raw(buf, src.off + sent, chunk),
@@ -92,7 +99,8 @@ impl Engine {
             redop: if d.kind.reduces() { d.redop as u8 } else { 0 },
             generation: self.cfg.generation,
             msg: op.steps[step].msg,
-            world: self.cfg.world_id,
+            world: world_tag(self.cfg.world_id),
+            crc: None,
             seq: op.seq,
             count: d.count as u64,
             root: if d.kind.rooted() { d.root as u32 } else { 0 },

@@ -12,6 +12,15 @@ pub(crate) const FRAME_MAGIC: u32 = 0x4D57_4631;
 /// before anything is allocated.
 pub(crate) const MAX_FRAME_PAYLOAD: usize = 4 << 20;
 
+/// Bit of the kind byte that says the header carries the payload's CRC32C.
+const CHECKSUMMED: u8 = 0x80;
+
+/// The 32 bits of a world instance's random 64-bit id that its frames carry (with the
+/// generation, they tell frames of one instance of a name from another's).
+pub(crate) fn world_tag(id: u64) -> u32 {
+    (id ^ (id >> 32)) as u32
+}
+
 /// What a frame is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -102,8 +111,10 @@ pub(crate) struct FrameHeader {
     pub generation: u32,
     /// Index of this message among the operation's messages from the sender to the receiver.
     pub msg: u32,
-    /// Random id of the world instance, fixed at formation.
-    pub world: u64,
+    /// The world instance's tag ([`world_tag`] of its random id, fixed at formation).
+    pub world: u32,
+    /// CRC32C of the payload, on links whose world checksums them (`WorldOptions::checksum`).
+    pub crc: Option<u32>,
     /// Operation sequence number: collectives count per world, send/recv per pair.
     pub seq: u64,
     /// The operation's element count, as the sender called it.
@@ -120,7 +131,7 @@ pub(crate) struct FrameHeader {
 
 impl FrameHeader {
     /// A header for a frame that carries no operation (heartbeat, abort).
-    pub(crate) fn control(kind: FrameKind, world: u64, generation: u32, len: u32) -> Self {
+    pub(crate) fn control(kind: FrameKind, world: u32, generation: u32, len: u32) -> Self {
         FrameHeader {
             kind,
             op: None,
@@ -129,6 +140,7 @@ impl FrameHeader {
             generation,
             msg: 0,
             world,
+            crc: None,
             seq: 0,
             count: 0,
             root: 0,
@@ -141,13 +153,14 @@ impl FrameHeader {
     pub(crate) fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
-        b[4] = self.kind as u8;
+        b[4] = self.kind as u8 | if self.crc.is_some() { CHECKSUMMED } else { 0 };
         b[5] = self.op.map_or(0, |o| o as u8);
         b[6] = self.dtype;
         b[7] = self.redop;
         b[8..12].copy_from_slice(&self.generation.to_le_bytes());
         b[12..16].copy_from_slice(&self.msg.to_le_bytes());
-        b[16..24].copy_from_slice(&self.world.to_le_bytes());
+        b[16..20].copy_from_slice(&self.world.to_le_bytes());
+        b[20..24].copy_from_slice(&self.crc.unwrap_or(0).to_le_bytes());
         b[24..32].copy_from_slice(&self.seq.to_le_bytes());
         b[32..40].copy_from_slice(&self.count.to_le_bytes());
         b[40..44].copy_from_slice(&self.root.to_le_bytes());
@@ -168,7 +181,7 @@ impl FrameHeader {
         if magic != FRAME_MAGIC {
             return Err(format!("bad frame magic {magic:#010x}"));
         }
-        let kind = match b[4] {
+        let kind = match b[4] & !CHECKSUMMED {
             1 => FrameKind::Data,
             2 => FrameKind::Heartbeat,
             3 => FrameKind::Abort,
@@ -187,7 +200,8 @@ impl FrameHeader {
             redop: b[7],
             generation: u32_at(8),
             msg: u32_at(12),
-            world: u64_at(16),
+            world: u32_at(16),
+            crc: (b[4] & CHECKSUMMED != 0).then(|| u32_at(20)),
             seq: u64_at(24),
             count: u64_at(32),
             root: u32_at(40),
@@ -311,7 +325,8 @@ mod tests {
             redop: ReduceOp::Sum as u8,
             generation: 3,
             msg: 2,
-            world: 0x1234_5678_9abc_def0,
+            world: 0x1234_5678,
+            crc: Some(0x9abc_def0),
             seq: 17,
             count: 4097,
             root: 0,
@@ -327,6 +342,10 @@ mod tests {
         assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);
         let c = FrameHeader::control(FrameKind::Heartbeat, 9, 1, 0);
         assert_eq!(FrameHeader::decode(&c.encode()).unwrap(), c);
+        // Without a checksum the flag is off and the field reads as none.
+        let plain = FrameHeader { crc: None, ..h };
+        assert_eq!(FrameHeader::decode(&plain.encode()).unwrap().crc, None);
+        assert_eq!(plain.encode()[4], FrameKind::Data as u8);
     }
 
     #[test]

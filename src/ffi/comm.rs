@@ -78,8 +78,8 @@ pub(super) unsafe fn options(config: *const mwConfig_t) -> Result<(WorldOptions,
         // SAFETY: as above, and the size matches this version's struct.
         unsafe { *config }
     };
-    if c.timeoutMs <= 0 || c.heartbeatIntervalMs < 0 || c.heartbeatTimeoutMs < 0 || c.opTimeoutMs < 0 {
-        return Err("config: timeouts must be positive (heartbeat and operation timeouts may be 0)".into());
+    if c.timeoutMs <= 0 || c.heartbeatIntervalMs < 0 || c.heartbeatTimeoutMs < 0 || c.opTimeoutMs < -1 {
+        return Err("config: timeouts must be positive (the heartbeat ones may be 0, the operation one 0 for the default or -1 for none)".into());
     }
     if !(0..=1).contains(&c.transport) || !(0..=1).contains(&c.blocking) {
         return Err("config: blocking and transport are 0 or 1".into());
@@ -87,7 +87,11 @@ pub(super) unsafe fn options(config: *const mwConfig_t) -> Result<(WorldOptions,
     let ms = |v: c_int| Duration::from_millis(v as u64);
     let mut o = WorldOptions::default()
         .with_timeout(ms(c.timeoutMs))
-        .with_op_timeout((c.opTimeoutMs > 0).then(|| ms(c.opTimeoutMs)))
+        .with_op_timeout(match c.opTimeoutMs {
+            -1 => None,
+            0 => crate::api::options::op_timeout_from_env(),
+            t => Some(ms(t)),
+        })
         .with_transport(if c.transport == 1 { TransportChoice::Tcp } else { TransportChoice::Auto });
     o = if c.heartbeatIntervalMs == 0 {
         o.without_heartbeat()
@@ -357,4 +361,26 @@ pub unsafe extern "C" fn mwCommUserRank(comm: mwComm_t, rank: *mut c_int) -> mwR
             mwSuccess
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_operation_deadline_of_a_config() {
+        let mut c = default_config();
+        let op = |c: &mwConfig_t| {
+            // SAFETY: a pointer to a live, initialized config.
+            unsafe { options(c) }.map(|(o, _)| o.op_timeout)
+        };
+        c.opTimeoutMs = 250;
+        assert_eq!(op(&c), Ok(Some(Duration::from_millis(250))));
+        c.opTimeoutMs = -1;
+        assert_eq!(op(&c), Ok(None));
+        c.opTimeoutMs = 0;
+        assert_eq!(op(&c), Ok(crate::api::options::op_timeout_from_env()));
+        c.opTimeoutMs = -2;
+        assert!(op(&c).is_err());
+    }
 }

@@ -147,7 +147,9 @@ pub struct mwConfig_t {
     pub heartbeatIntervalMs: c_int,
     /// Silence, in milliseconds, after which a peer is declared hung (default 3000).
     pub heartbeatTimeoutMs: c_int,
-    /// Deadline of every operation in milliseconds; 0: none (default).
+    /// Deadline of every operation in milliseconds. 0 (the default): the process's default,
+    /// `MW_OP_TIMEOUT_MS` if set, else none; -1: none, whatever the environment says. The
+    /// only guard against a live peer that never makes the matching call.
     pub opTimeoutMs: c_int,
     /// 0: shared memory where possible, else TCP (default); 1: TCP only.
     pub transport: c_int,

@@ -6,6 +6,7 @@
 #[macro_use]
 pub(crate) mod log;
 pub(crate) mod buf;
+pub(crate) mod crc32c;
 pub(crate) mod sync;
 
 use std::io;
@@ -141,6 +142,20 @@ pub(crate) fn set_sockopt(fd: RawFd, level: i32, name: i32, value: i32) -> io::R
     };
     if r == 0 {
         Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `getsockopt(2)` of an `int` option (tests read socket settings with it).
+#[cfg(test)]
+pub(crate) fn get_sockopt(fd: RawFd, level: i32, name: i32) -> io::Result<i32> {
+    let mut value: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: passes a pointer to a live c_int and its size.
+    let r = unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut i32).cast(), &mut len) };
+    if r == 0 {
+        Ok(value)
     } else {
         Err(io::Error::last_os_error())
     }

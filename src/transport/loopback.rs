@@ -27,6 +27,8 @@ pub(crate) struct Faults {
     pub cut: bool,
     /// Rewrites the header of every data frame written (a peer that lies, or bits flipped).
     pub tamper: Option<fn(&mut FrameHeader)>,
+    /// Flips one bit of the payload of every data frame written (corruption on the way).
+    pub flip_payload: bool,
 }
 
 pub(crate) struct QueueLink {
@@ -110,6 +112,12 @@ impl Link for QueueLink {
             }
         }
         f.extend_from_slice(payload);
+        if lock(&self.faults).flip_payload
+            && f.len() > HEADER_LEN
+            && f[4] & 0x7f == crate::engine::wire::FrameKind::Data as u8
+        {
+            f[HEADER_LEN] ^= 0x10;
+        }
         *written = f.len();
         self.traffic.1 += f.len() as u64;
         if !lock(&self.faults).cut {

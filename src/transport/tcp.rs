@@ -3,8 +3,9 @@
 //! Writes go out with one vectored `sendmsg` (header and payload together, no copy). Reads fill
 //! a staging buffer so that many small frames cost one system call; a large payload headed for
 //! a plain copy is read straight into its destination instead. `TCP_NODELAY` is on (latency of
-//! small messages), and socket buffers are enlarged so that one link can keep a fast network
-//! busy.
+//! small messages). Socket buffers are left to the kernel, which grows them with the traffic
+//! (asking for a size turns that growth off, and a stock kernel caps the size far below what a
+//! fast link wants); `WorldOptions::socket_buffer` sets one where an operator knows better.
 
 use std::io::{self, Read};
 use std::net::TcpStream;
@@ -21,8 +22,6 @@ pub(crate) const TCP_MAX_PAYLOAD: usize = 512 << 10;
 const STAGING: usize = TCP_MAX_PAYLOAD + 4 * HEADER_LEN + (64 << 10);
 /// Payload remainders at least this large are read straight into their destination.
 const DIRECT_READ_MIN: usize = 32 << 10;
-/// Socket buffer size asked for; the kernel may grant less.
-const SOCKET_BUFFER: i32 = 4 << 20;
 
 pub(crate) struct TcpLink {
     sock: TcpStream,
@@ -35,13 +34,17 @@ pub(crate) struct TcpLink {
     tx_bytes: u64,
 }
 
-/// Tunes a connected stream for carrying frames: no Nagle delay, big buffers, non-blocking.
-pub(crate) fn tune(sock: &TcpStream) -> io::Result<()> {
+/// Tunes a connected stream for carrying frames: no Nagle delay, non-blocking, and socket
+/// buffers of `buffer` bytes if asked (else the kernel's own, growing sizing).
+pub(crate) fn tune(sock: &TcpStream, buffer: Option<usize>) -> io::Result<()> {
     sock.set_nodelay(true)?;
-    let fd = sock.as_raw_fd();
-    // Best effort: a kernel limit below our wish is not an error.
-    let _ = sys::set_sockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, SOCKET_BUFFER);
-    let _ = sys::set_sockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, SOCKET_BUFFER);
+    if let Some(b) = buffer {
+        let fd = sock.as_raw_fd();
+        let b = b.min(i32::MAX as usize) as i32;
+        // Best effort: a kernel limit below the wish is not an error.
+        let _ = sys::set_sockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, b);
+        let _ = sys::set_sockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, b);
+    }
     sock.set_nonblocking(true)
 }
 
@@ -57,8 +60,8 @@ fn io_err(e: io::Error) -> LinkError {
 
 impl TcpLink {
     /// Wraps a connected stream (already past the link handshake).
-    pub(crate) fn new(sock: TcpStream) -> io::Result<TcpLink> {
-        tune(&sock)?;
+    pub(crate) fn new(sock: TcpStream, buffer: Option<usize>) -> io::Result<TcpLink> {
+        tune(&sock, buffer)?;
         Ok(TcpLink { sock, staging: Scratch::new(STAGING), start: 0, end: 0, current: None, rx_bytes: 0, tx_bytes: 0 })
     }
 
@@ -278,7 +281,27 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let raw = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, _) = l.accept().unwrap();
-        (TcpLink::new(s).unwrap(), raw)
+        (TcpLink::new(s, None).unwrap(), raw)
+    }
+
+    /// By default the kernel keeps sizing the buffers (they stay what an untouched socket has,
+    /// and grow with the traffic); a size is set only when asked. Setting 4 MiB by default
+    /// turned the growth off and got clamped to a fraction of it on a stock kernel.
+    #[test]
+    fn socket_buffers_are_the_kernels_unless_asked() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let rcvbuf = |s: &TcpStream| sys::get_sockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF).unwrap();
+        let untouched = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        let default = rcvbuf(&peer);
+        let link = TcpLink::new(peer, None).unwrap();
+        assert_eq!(rcvbuf(&link.sock), default);
+        drop(untouched);
+        let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let asked = TcpLink::new(s, Some(16 << 10)).unwrap();
+        // Linux doubles what it is asked for (bookkeeping), within its limits.
+        assert_ne!(rcvbuf(&asked.sock), default);
     }
 
     /// Polls `f` until it stops answering `Ok(None)`/`Ok(false)`, for at most a second.
@@ -340,7 +363,7 @@ mod tests {
     #[test]
     fn frames_round_trip_in_pieces() {
         let (mut a, b) = pair();
-        let mut b = TcpLink::new(b).unwrap();
+        let mut b = TcpLink::new(b, None).unwrap();
         let payload: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
         let mut h = FrameHeader::control(FrameKind::Data, 9, 2, 0);
         h.op = Some(OpKind::P2p);
