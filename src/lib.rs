@@ -51,7 +51,7 @@ mod transport;
 pub use api::error::{BrokenCause, Error, ErrorKind, Result};
 pub use api::id::{UniqueId, UNIQUE_ID_BYTES};
 pub use api::manager::{Event, Formation, NextEvent, Rendezvous, WorldManager};
-pub use api::options::{Heartbeat, TransportChoice, WorldOptions};
+pub use api::options::{Checksum, Heartbeat, TransportChoice, WorldOptions};
 pub use api::request::{Failed, Request};
 pub use api::types::{DataType, Element, ReduceOp};
 pub use api::world::{Group, World, WorldState};

@@ -35,11 +35,11 @@ fn have_gpu() -> bool {
     match multiworld::cuda::device_count() {
         Ok(n) if n > 0 => true,
         Ok(_) => {
-            println!("SKIPPED {test}: no CUDA device on this machine");
+            common::skipped(&test, "no CUDA device on this machine");
             false
         }
         Err(e) => {
-            println!("SKIPPED {test}: {e}");
+            common::skipped(&test, &e.to_string());
             false
         }
     }

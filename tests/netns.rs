@@ -68,13 +68,13 @@ static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::ne
 fn hosts_or_skip(test: &str) -> Option<Hosts> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED {test}: needs root to create network namespaces");
+        common::skipped(test, "needs root to create network namespaces");
         return None;
     }
     match Hosts::make() {
         Ok(h) => Some(h),
         Err(why) => {
-            println!("SKIPPED {test}: cannot create network namespaces: {why}");
+            common::skipped(test, &format!("cannot create network namespaces: {why}"));
             None
         }
     }

@@ -76,7 +76,10 @@ fn crowded(ctx: &Ctx) {
 fn full_dev_shm_falls_back_to_tcp_without_sigbus() {
     let probe = Command::new("unshare").args(["-m", "--propagation", "private", "true"]).status();
     if !probe.is_ok_and(|s| s.success()) {
-        println!("SKIPPED: unshare -m is refused here (needs root): cannot make a small /dev/shm");
+        common::skipped(
+            "full_dev_shm_falls_back_to_tcp_without_sigbus",
+            "unshare -m is refused here (needs root): cannot make a small /dev/shm",
+        );
         return;
     }
     let script = "mount -t tmpfs -o size=1m tmpfs /dev/shm && exec \"$@\"";

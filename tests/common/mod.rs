@@ -53,6 +53,14 @@ pub fn worker_main(roles: &[(&str, Role)]) {
     f(&ctx);
 }
 
+/// Says that `test` skipped and why, on standard error as written by the process itself: the
+/// test harness captures `println!` of passing tests, and a skip must show in every log. CI
+/// counts these lines (`SKIPPED <test>: <why>`), since the harness counts a skip as a pass.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("SKIPPED {test}: {why}\n").as_bytes());
+}
+
 /// A spawned worker process and where its output goes.
 pub struct Proc {
     pub child: Child,
