@@ -1,6 +1,6 @@
 //! Backends: what executes a world's operations.
 //!
-//! The API (`world.rs`) validates a call, turns it into [`Posted`] operations and hands them to
+//! The API (`api/world.rs`) validates a call, turns it into [`Posted`] operations and hands them to
 //! the world's backend. `native` runs them with the crate's own collectives over its own
 //! transports. Every backend breaks the world on failure and completes each operation exactly
 //! once, so the API layer never needs to know which one it talks to.

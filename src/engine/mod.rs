@@ -2,7 +2,7 @@
 //!
 //! No threads, no clock, no blocking: [`Engine::pass`] does all the work that can be done now
 //! (given `now`), and [`Engine::wait_set`] says what to sleep on until more can be done. The
-//! driver (`progress.rs`) owns the threads and the sleeping. This keeps every rule of the
+//! driver (`driver/`) owns the threads and the sleeping. This keeps every rule of the
 //! world in one place that tests can drive with in-memory links and a virtual clock.
 //!
 //! Rules:

@@ -14,7 +14,7 @@
 //! - **Streams.** With a `NULL` stream the buffers are host memory and the call completes on
 //!   the host, like a host-side NCCL call followed by a stream synchronize. With a stream (a
 //!   `CUstream`/`cudaStream_t`, in a build with the `cuda` feature) the buffers are device
-//!   memory and the call only enqueues its work on the stream, as NCCL does (`staging.rs`);
+//!   memory and the call only enqueues its work on the stream, as NCCL does (`gpu/staging/`);
 //!   failures then show in `mwCommGetAsyncError`. Without the feature a stream is refused.
 //!
 //! Each communicator is a world of its own `WorldManager` (so that one process may hold several

@@ -2,7 +2,7 @@
 //!
 //! [`DeviceWorld`] reads like cudarc's NCCL `Comm`: it binds a world to a stream, takes cudarc
 //! device buffers in the same positions, and each call only *enqueues* its work on the stream
-//! and returns, as NCCL does. The work goes through `staging.rs`, whose stream flags are
+//! and returns, as NCCL does. The work goes through `gpu/staging/`, whose stream flags are
 //! always released by this process, so a failed peer never holds the stream: the failure is
 //! reported by [`DeviceWorld::error`], [`DeviceWorld::synchronize`] and the next call.
 
