@@ -420,7 +420,7 @@ mod tests {
 #[cfg(all(test, loom))]
 mod loom_models {
     use super::Token;
-    use crate::sys::sync::{lock, Arc, AtomicBool, Mutex, MutexGuard, Ordering};
+    use crate::sys::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
 
     /// The driver's side and a poster's side of `Driver`, over a work counter for the engine
     /// and flags for the two event descriptors.

@@ -12,6 +12,7 @@
 //! out. Past [`MAX_QUEUED`] lines waiting, new lines are dropped and counted; the count is
 //! written once standard error drains. Lines still queued when the process exits are lost.
 
+#[cfg(not(loom))]
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::OnceLock;
