@@ -67,6 +67,19 @@ fn link_hello() -> Vec<u8> {
     v
 }
 
+/// The address of a rank's peer listener, from its log (`MW_LOG=info`).
+fn peer_listener(rank: &common::Proc) -> String {
+    let t = Instant::now();
+    loop {
+        let log = rank.log_text();
+        if let Some(l) = log.lines().find(|l| l.contains("listening for peers on")) {
+            return l.rsplit(' ').next().unwrap().to_string();
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "the rank never listened:\n{log}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn attack(addr: &str, bytes: &[u8]) {
     if let Ok(mut s) = TcpStream::connect(addr) {
         let _ = s.write_all(bytes);
@@ -81,15 +94,7 @@ fn hostile_connections_are_refused_and_the_world_forms_anyway() {
     let env = [("MW_TEST_ADDR", root.clone()), ("MW_LOG", "info".to_string())];
     let rank0 = spawn("guarded", 0, 2, &env, &[]);
     // Wait for rank 0 to announce its peer listener.
-    let t = Instant::now();
-    let peer_addr = loop {
-        let log = rank0.log_text();
-        if let Some(l) = log.lines().find(|l| l.contains("listening for peers on")) {
-            break l.rsplit(' ').next().unwrap().to_string();
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "rank 0 never listened:\n{log}");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let peer_addr = peer_listener(&rank0);
     // At the root.
     attack(&root, b"GET / HTTP/1.0\r\n\r\n"); // oversized length prefix
     attack(&root, &framed(&[0xAB; 40])); // garbage inside a frame
@@ -129,15 +134,7 @@ fn idle_connections_on_the_peer_listener_do_not_stall_formation() {
     let root = format!("127.0.0.1:{}", common::free_port());
     let env = [("MW_TEST_ADDR", root.clone()), ("MW_LOG", "info".to_string())];
     let rank0 = spawn("guarded", 0, 2, &env, &[]);
-    let t = Instant::now();
-    let peer_addr = loop {
-        let log = rank0.log_text();
-        if let Some(l) = log.lines().find(|l| l.contains("listening for peers on")) {
-            break l.rsplit(' ').next().unwrap().to_string();
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "rank 0 never listened:\n{log}");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let peer_addr = peer_listener(&rank0);
     let idle: Vec<TcpStream> = (0..40)
         .filter_map(|k| {
             let mut s = TcpStream::connect(&peer_addr).ok()?;

@@ -39,6 +39,7 @@ pub(crate) fn level() -> Level {
 }
 
 /// Lines that may wait for standard error before new ones are dropped.
+#[cfg_attr(loom, allow(dead_code))]
 pub(crate) const MAX_QUEUED: usize = 4096;
 
 fn format_line(level: Level, args: std::fmt::Arguments<'_>) -> Option<String> {
