@@ -269,6 +269,8 @@ pub(super) fn offer_transport(
     if shm {
         match Segment::create() {
             Ok(mut seg) => {
+                // Before the offer, so that the peer can read this side's probe when it maps.
+                crate::transport::shm::publish_probe(&seg, 0);
                 let path = seg.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
                 addr::send_msg(&s, format!("S{path}").as_bytes(), deadline)?;
                 let mut ok = [0u8; 1];
@@ -302,8 +304,11 @@ pub(super) fn answer_transport(
             let mut w = &s;
             match seg {
                 Some(Ok(seg)) => {
+                    // The link (and its probe) first, the answer after: the connector probes
+                    // this side once it has the answer.
+                    let link = ShmLink::new(s.try_clone()?, seg, false)?;
                     io::Write::write_all(&mut w, &[1])?;
-                    Ok(Box::new(ShmLink::new(s, seg, false)?))
+                    Ok(Box::new(link))
                 }
                 other => {
                     if let Some(Err(e)) = other {

@@ -86,6 +86,9 @@ pub struct WorldStats {
     /// Peers on this host that wanted shared memory but were linked over TCP instead (a full
     /// `/dev/shm`, a segment the peer could not map).
     pub shm_fallbacks: u64,
+    /// Payload bytes received by single copy from a peer's memory (shared memory's large
+    /// frames; `docs/architecture.md`).
+    pub single_copy_bytes: u64,
 }
 
 /// Where one step of a plan stands.
@@ -349,7 +352,9 @@ impl Engine {
     }
 
     pub(crate) fn stats(&self) -> WorldStats {
-        self.stats
+        let mut s = self.stats;
+        s.single_copy_bytes += self.peers.iter().flatten().map(|p| p.link.single_copy_bytes()).sum::<u64>();
+        s
     }
 
     /// Records how many of this rank's links fell back from shared memory to TCP.
@@ -775,6 +780,8 @@ impl Engine {
                 p.link.shutdown();
             }
         }
+        // The links go; what they counted stays.
+        self.stats.single_copy_bytes += self.peers.iter().flatten().map(|p| p.link.single_copy_bytes()).sum::<u64>();
         self.peers.clear();
     }
 
@@ -793,6 +800,10 @@ impl Engine {
             _ => warn!("world '{name}' (rank {rank}, generation {generation}) broke: {cause}"),
         }
         self.broken = Some(cause.clone());
+        // Before any call returns: a peer must not go on reading a buffer handed back.
+        for p in self.peers.iter_mut().flatten() {
+            p.link.revoke();
+        }
         for op in std::mem::take(&mut self.ops) {
             self.complete(&op.completion, Err(Error::broken(&self.cfg.name, self.cfg.rank, cause.clone(), true)));
         }

@@ -42,12 +42,13 @@ impl Engine {
             }
             // Start the next frame of the head send, if it has bytes ready.
             let Some(&(id, step)) = p.tx_queue.front() else { return Ok(progress) };
-            let (max, checksum) = (p.link.max_payload(), p.checksum);
             let i = self.op_index(id)?;
             let op = &self.ops[i];
             let Act::Send { src, .. } = op.plan.steps[step].act else {
                 return Err(internal("receive step in a send queue"));
             };
+            let Some(p) = self.peers[peer].as_ref() else { return Ok(progress) };
+            let (max, checksum) = (p.link.max_payload(op.desc.kind, src.len), p.checksum);
             let sent = op.steps[step].progress;
             let chunk = if src.len == 0 {
                 if !op.deps_done(step) {

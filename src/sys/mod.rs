@@ -95,6 +95,26 @@ impl EventFd {
     }
 }
 
+/// Copies from address `addr` of process `pid` into `dst` with `process_vm_readv(2)` (the
+/// single copy of large shared-memory frames; needs the right to trace `pid`). Returns the
+/// bytes copied, which may be fewer than asked on a partial read.
+pub(crate) fn read_process(pid: i32, addr: u64, dst: &mut [u8]) -> io::Result<usize> {
+    let local = libc::iovec { iov_base: dst.as_mut_ptr() as *mut libc::c_void, iov_len: dst.len() };
+    let remote = libc::iovec { iov_base: addr as usize as *mut libc::c_void, iov_len: dst.len() };
+    loop {
+        // SAFETY: `local` describes `dst`, a live and exclusively borrowed buffer; the remote
+        // range is only read, in the other process, by the kernel, which checks it.
+        let r = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// One `recv(2)` that takes what is there and never waits, whatever the socket's mode.
 pub(crate) fn recv_nowait(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is a valid, exclusively borrowed buffer of the given length.

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::os::fd::RawFd;
 
 use super::{Armed, Link, LinkError, Sink, TransportKind};
-use crate::engine::wire::{FrameHeader, HEADER_LEN};
+use crate::engine::wire::{FrameHeader, OpKind, HEADER_LEN};
 use crate::sys::sync::{lock, Arc, Mutex};
 
 #[derive(Default)]
@@ -90,7 +90,7 @@ impl Link for QueueLink {
         self.kind
     }
 
-    fn max_payload(&self) -> usize {
+    fn max_payload(&self, _op: OpKind, _total: usize) -> usize {
         64 << 10
     }
 

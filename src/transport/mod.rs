@@ -19,7 +19,7 @@ pub(crate) mod tcp;
 
 use std::os::fd::RawFd;
 
-use crate::engine::wire::FrameHeader;
+use crate::engine::wire::{FrameHeader, OpKind};
 
 /// The transports a world can use for a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -93,8 +93,19 @@ pub(crate) trait Link: Send {
     /// The transport of this link.
     fn kind(&self) -> TransportKind;
 
-    /// Largest payload this link puts in one frame.
-    fn max_payload(&self) -> usize;
+    /// Payload bytes received by single copy (shared memory's cross-memory reads).
+    fn single_copy_bytes(&self) -> u64 {
+        0
+    }
+
+    /// Abandons a frame that the peer may still be reading from this process's memory, so that
+    /// it fails there rather than read a buffer that changes: called when the world breaks,
+    /// before its calls return.
+    fn revoke(&mut self) {}
+
+    /// Largest payload this link puts in one frame of a message of `total` bytes of an
+    /// operation of kind `op`.
+    fn max_payload(&self, op: OpKind, total: usize) -> usize;
 
     /// Writes as much as it can of `header` followed by `payload`; `written` counts the bytes
     /// already written (header first) and is advanced. True once all bytes are written.

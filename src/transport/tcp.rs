@@ -12,7 +12,7 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 
 use super::{Armed, Link, LinkError, Sink, TransportKind};
-use crate::engine::wire::{FrameHeader, HEADER_LEN};
+use crate::engine::wire::{FrameHeader, OpKind, HEADER_LEN};
 use crate::sys;
 use crate::sys::buf::Scratch;
 
@@ -118,7 +118,7 @@ impl Link for TcpLink {
         TransportKind::Tcp
     }
 
-    fn max_payload(&self) -> usize {
+    fn max_payload(&self, _op: OpKind, _total: usize) -> usize {
         TCP_MAX_PAYLOAD
     }
 

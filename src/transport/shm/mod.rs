@@ -8,6 +8,17 @@
 //! handshake carries only doorbell bytes and, by closing, the news that the peer died
 //! (`ring.rs` has the protocol and its loom models).
 //!
+//! **Single copy.** A frame larger than a slot (up to [`CMA_MAX_PAYLOAD`]) does not go through
+//! the ring: its slot carries the header and the address of the payload in the sender's
+//! memory, the receiver copies the payload straight from there into its destination with
+//! `process_vm_readv` (the kernel's cross-memory attach, as Open MPI's vader uses), then
+//! releases the slot, and only that release lets the sender's frame complete, so the sender's
+//! buffer stays put while it is read. One copy instead of two, and no slot-sized chunks. It is
+//! used toward a peer only once that peer proved at set-up that it can read this process (each
+//! side publishes its pid and the address and value of a random word; the other reads it back):
+//! other pid namespaces, `ptrace` restrictions or `MW_SHM_SINGLE_COPY=0` leave the pair on the
+//! ring alone. A peer that dies mid-read fails the read (`ESRCH`), which breaks the world.
+//!
 //! The segment is a file in `/dev/shm` made with `O_EXCL` and mode 0600 by the higher rank,
 //! opened by the lower rank, and unlinked as soon as both have mapped it (or the set-up
 //! failed), so nothing else can open it and nothing is left behind. Its pages are reserved
@@ -30,7 +41,8 @@ use std::path::{Path, PathBuf};
 use memmap2::MmapMut;
 
 use super::{Armed, Link, LinkError, Sink, TransportKind};
-use crate::engine::wire::{FrameHeader, HEADER_LEN};
+use crate::engine::wire::{FrameHeader, OpKind, HEADER_LEN};
+use crate::sys::sync::{AtomicU64, Ordering};
 use crate::transport::shm::ring::{RingCtrl, CTRL_BYTES};
 
 /// Slots per ring.
@@ -38,8 +50,20 @@ const SLOTS: u64 = 8;
 /// Largest payload of one frame (one slot).
 pub(crate) const SHM_MAX_PAYLOAD: usize = 32 << 10;
 const SLOT_BYTES: usize = HEADER_LEN + SHM_MAX_PAYLOAD;
-/// The two control blocks sit in the first page; the rings follow.
+/// Largest payload of a single-copy frame: the wire's limit (a few round trips per message).
+pub(crate) const CMA_MAX_PAYLOAD: usize = crate::engine::wire::MAX_FRAME_PAYLOAD;
+/// Sizes of the messages that go by single copy (`max_payload`).
+const SINGLE_COPY_MESSAGES: std::ops::RangeInclusive<usize> = (512 << 10)..=(8 << 20);
+/// The two control blocks sit in the first page, then each side's probe (for single copy);
+/// the rings follow.
+const PROBE_AT: usize = 2 * CTRL_BYTES;
+/// Per side: pid, address of the probe word, its value, and "this side can read the other".
+const PROBE_BYTES: usize = 32;
 const RINGS_AT: usize = 4096;
+const _: () = assert!(PROBE_AT + 2 * PROBE_BYTES <= RINGS_AT);
+/// Bytes of a single-copy descriptor in its slot, after the header: address, length, and a
+/// word the sender sets if it abandons the frame (its buffer may change from then on).
+const REMOTE_DESC: usize = 24;
 const RING_BYTES: usize = SLOTS as usize * SLOT_BYTES;
 /// Size of a pair's segment.
 pub(crate) const SEGMENT_BYTES: usize = RINGS_AT + 2 * RING_BYTES;
@@ -57,6 +81,25 @@ pub(crate) struct ShmLink {
     hung_up: bool,
     rx_seen: u64,
     traffic: (u64, u64),
+    /// 0 for the side that made the segment (it writes ring 0), 1 for the other.
+    side: usize,
+    /// The peer's pid, once this side proved it can read the peer's memory.
+    peer_pid: Option<i32>,
+    /// The slot of this side's single-copy frame in flight, until the peer releases it.
+    remote_tx: Option<u64>,
+    /// Payload bytes received by single copy.
+    single_copy_bytes: u64,
+}
+
+/// A word of this process that peers read back to prove they can read this process's memory.
+fn probe_word() -> &'static u64 {
+    static WORD: std::sync::OnceLock<&'static u64> = std::sync::OnceLock::new();
+    WORD.get_or_init(|| Box::leak(Box::new(crate::sys::random_u64() | 1)))
+}
+
+/// Single copy is on unless `MW_SHM_SINGLE_COPY=0`.
+fn single_copy_enabled() -> bool {
+    std::env::var("MW_SHM_SINGLE_COPY").map_or(true, |v| v != "0")
 }
 
 fn closed(e: io::Error) -> LinkError {
@@ -69,7 +112,129 @@ impl ShmLink {
         ctl.set_nonblocking(true)?;
         ctl.set_nodelay(true)?;
         let (tx, rx) = if creator { (0, 1) } else { (1, 0) };
-        Ok(ShmLink { ctl, seg, tx, rx, current: None, armed: false, hung_up: false, rx_seen: 0, traffic: (0, 0) })
+        let side = tx;
+        let mut link = ShmLink {
+            ctl,
+            seg,
+            tx,
+            rx,
+            current: None,
+            armed: false,
+            hung_up: false,
+            rx_seen: 0,
+            traffic: (0, 0),
+            side,
+            peer_pid: None,
+            remote_tx: None,
+            single_copy_bytes: 0,
+        };
+        publish_probe(&link.seg, side);
+        link.probe_peer();
+        Ok(link)
+    }
+
+    /// Reads the peer's probe word; if it reads back right, marks that this side can read the
+    /// peer, so the peer may send single-copy frames here.
+    fn probe_peer(&mut self) {
+        if !single_copy_enabled() {
+            return;
+        }
+        let peer = 1 - self.side;
+        let (pid, addr, value) =
+            (probe_field(&self.seg, peer, 0), probe_field(&self.seg, peer, 1), probe_field(&self.seg, peer, 2));
+        let pid = pid.load(Ordering::Acquire);
+        if pid == 0 || pid > i32::MAX as u64 {
+            return;
+        }
+        let mut got = [0u8; 8];
+        let ok = matches!(crate::sys::read_process(pid as i32, addr.load(Ordering::Acquire), &mut got), Ok(8))
+            && u64::from_ne_bytes(got) == value.load(Ordering::Acquire);
+        if ok {
+            self.peer_pid = Some(pid as i32);
+            probe_field(&self.seg, self.side, 3).store(1, Ordering::Release);
+        }
+    }
+
+    /// True when the peer proved it can read this process: frames larger than a slot may go
+    /// by single copy.
+    fn single_copy_out(&self) -> bool {
+        probe_field(&self.seg, 1 - self.side, 3).load(Ordering::Acquire) == 1 && single_copy_enabled()
+    }
+
+    /// Writes a frame larger than a slot: its slot carries the header and where the payload
+    /// is; the frame is complete only once the peer has read the payload and released the
+    /// slot (the engine keeps calling with the same frame until then).
+    fn write_single_copy(&mut self, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError> {
+        if !self.single_copy_out() || payload.len() > CMA_MAX_PAYLOAD {
+            return Err(LinkError::Io("frame does not fit a slot".into()));
+        }
+        if let Some(slot) = self.remote_tx {
+            if !self.ctrl(self.tx).released(slot) {
+                return Ok(false);
+            }
+            self.remote_tx = None;
+            *written = HEADER_LEN + payload.len();
+            self.traffic.1 += *written as u64;
+            return Ok(true);
+        }
+        let Some(slot) = self.ctrl(self.tx).free_slot(SLOTS).map_err(|_| Self::corrupt())? else {
+            return Ok(false);
+        };
+        let p = self.slot_ptr(self.tx, slot);
+        let mut desc = [0u8; REMOTE_DESC];
+        desc[..8].copy_from_slice(&(payload.as_ptr() as u64).to_le_bytes());
+        desc[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        // SAFETY: the slot is the producer's alone until published; header and descriptor fit.
+        unsafe {
+            std::ptr::copy_nonoverlapping(header.as_ptr(), p, HEADER_LEN);
+            std::ptr::copy_nonoverlapping(desc.as_ptr(), p.add(HEADER_LEN), REMOTE_DESC - 8);
+        }
+        self.revoked(self.tx, slot).store(0, Ordering::Relaxed);
+        if self.ctrl(self.tx).publish(slot) {
+            self.doorbell()?;
+        }
+        self.remote_tx = Some(slot);
+        Ok(false)
+    }
+
+    /// The word of `slot` of `ring` that says its single-copy frame was abandoned.
+    fn revoked(&self, ring: usize, slot: u64) -> &AtomicU64 {
+        // SAFETY: the word lies in the slot after the header (64 bytes) and two descriptor
+        // words, so it is 8-byte aligned in a page-aligned map; both sides only ever use it
+        // atomically.
+        unsafe { &*(self.slot_ptr(ring, slot).add(HEADER_LEN + 16) as *const AtomicU64) }
+    }
+
+    /// Copies a single-copy frame's payload from the peer's memory into `dst`.
+    fn read_remote(&mut self, addr: u64, dst: &mut [u8]) -> Result<(), LinkError> {
+        let Some(pid) = self.peer_pid else {
+            return Err(LinkError::Protocol("a single-copy frame from a peer this rank cannot read".into()));
+        };
+        let mut done = 0;
+        while done < dst.len() {
+            match crate::sys::read_process(pid, addr + done as u64, &mut dst[done..]) {
+                Ok(0) => return Err(LinkError::Closed("the peer's buffer vanished mid-read".into())),
+                Ok(n) => done += n,
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                    return Err(LinkError::Closed(format!("the peer process is gone ({e})")))
+                }
+                Err(e) => return Err(LinkError::Io(format!("reading the peer's buffer: {e}"))),
+            }
+        }
+        self.single_copy_bytes += dst.len() as u64;
+        Ok(())
+    }
+
+    /// After a single-copy read: fails if the sender abandoned the frame, since its buffer may
+    /// have changed under the read. The sender marks the slot before its call returns (and so
+    /// before its buffer can change); the fence orders the copy before this check, so a read
+    /// that saw a changed byte sees the mark too.
+    fn check_not_revoked(&self, slot: u64) -> Result<(), LinkError> {
+        crate::sys::sync::fence(Ordering::SeqCst);
+        if self.revoked(self.rx, slot).load(Ordering::SeqCst) != 0 {
+            return Err(LinkError::Closed("the peer abandoned a frame while it was read".into()));
+        }
+        Ok(())
     }
 
     fn ctrl(&self, ring: usize) -> &RingCtrl {
@@ -117,21 +282,66 @@ impl ShmLink {
     }
 }
 
+impl Drop for ShmLink {
+    fn drop(&mut self) {
+        self.revoke();
+    }
+}
+
+thread_local! {
+    /// Where a single-copy payload lands when the engine wants to see it whole (a receive that
+    /// combines): one buffer per thread, reused, not one per link.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Word `field` (0 pid, 1 address, 2 value, 3 can-read flag) of `side`'s probe.
+fn probe_field(seg: &Segment, side: usize, field: usize) -> &AtomicU64 {
+    let at = PROBE_AT + side * PROBE_BYTES + field * 8;
+    // SAFETY: the probe area lies in the segment's first page, 8-byte aligned, zeroed at
+    // creation; an AtomicU64 has the layout of a u64.
+    unsafe { &*(seg.map.as_ptr().add(at) as *const AtomicU64) }
+}
+
+/// Publishes this process's probe as `side` of the segment (pid last, so a peer that sees
+/// the pid sees the rest).
+pub(crate) fn publish_probe(seg: &Segment, side: usize) {
+    if !single_copy_enabled() {
+        return;
+    }
+    let word = probe_word();
+    probe_field(seg, side, 1).store(word as *const u64 as u64, Ordering::Relaxed);
+    probe_field(seg, side, 2).store(*word, Ordering::Relaxed);
+    probe_field(seg, side, 0).store(std::process::id() as u64, Ordering::Release);
+}
+
 impl Link for ShmLink {
     fn kind(&self) -> TransportKind {
         TransportKind::Shm
     }
 
-    fn max_payload(&self) -> usize {
-        SHM_MAX_PAYLOAD
+    fn max_payload(&self, op: OpKind, total: usize) -> usize {
+        // Single copy only where it is faster (docs/benchmarks.md): where the receiver copies
+        // the payload as it is (a reduction is faster through the ring on two cores: the
+        // sender's copy into a slot runs beside the receiver's reduction), and for messages
+        // of SINGLE_COPY_MESSAGES. A smaller message would hold its sender until the receiver
+        // woke and read it, where the ring lets a window of them stream; a larger one is
+        // faster copied twice, by both cores at once, than once by the receiver alone.
+        if self.single_copy_out() && !op.reduces() && SINGLE_COPY_MESSAGES.contains(&total) {
+            CMA_MAX_PAYLOAD
+        } else {
+            SHM_MAX_PAYLOAD
+        }
     }
 
     fn write(&mut self, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError> {
-        if header.len() != HEADER_LEN || payload.len() > SHM_MAX_PAYLOAD {
-            return Err(LinkError::Io("frame does not fit a slot".into()));
+        if header.len() != HEADER_LEN {
+            return Err(LinkError::Io("frame header of the wrong size".into()));
         }
         if self.hung_up {
             return Err(Self::gone());
+        }
+        if payload.len() > SHM_MAX_PAYLOAD {
+            return self.write_single_copy(header, payload, written);
         }
         let ring = self.ctrl(self.tx);
         let Some(slot) = ring.free_slot(SLOTS).map_err(|_| Self::corrupt())? else {
@@ -150,6 +360,10 @@ impl Link for ShmLink {
         *written = HEADER_LEN + payload.len();
         self.traffic.1 += *written as u64;
         Ok(true)
+    }
+
+    fn single_copy_bytes(&self) -> u64 {
+        self.single_copy_bytes
     }
 
     fn peek(&mut self) -> Result<Option<FrameHeader>, LinkError> {
@@ -175,7 +389,7 @@ impl Link for ShmLink {
         // are in bounds.
         let hb = unsafe { std::slice::from_raw_parts(p, HEADER_LEN) };
         let h = FrameHeader::decode(hb).map_err(LinkError::Protocol)?;
-        if h.len as usize > SHM_MAX_PAYLOAD {
+        if h.len as usize > SHM_MAX_PAYLOAD && (self.peer_pid.is_none() || h.len as usize > CMA_MAX_PAYLOAD) {
             return Err(LinkError::Protocol(format!("frame of {} bytes is over the slot size", h.len)));
         }
         self.current = Some((h, slot));
@@ -188,6 +402,40 @@ impl Link for ShmLink {
         };
         let len = h.len as usize;
         let p = self.slot_ptr(self.rx, slot);
+        if len > SHM_MAX_PAYLOAD {
+            // SAFETY: as in peek; the descriptor lies in the slot after the header.
+            let desc = unsafe { std::slice::from_raw_parts(p.add(HEADER_LEN), REMOTE_DESC) };
+            let word = |i: usize| u64::from_le_bytes(desc[i..i + 8].try_into().unwrap_or([0; 8]));
+            let (addr, n) = (word(0), word(8));
+            if n != len as u64 {
+                return Err(LinkError::Protocol(format!("single-copy frame of {len} bytes describes {n}")));
+            }
+            match sink {
+                Sink::Copy(dst) if dst.len() != len => {
+                    self.current = Some((h, slot));
+                    return Err(LinkError::Io("copy target does not match the payload".into()));
+                }
+                Sink::Copy(dst) => {
+                    self.read_remote(addr, dst)?;
+                    self.check_not_revoked(slot)?;
+                }
+                Sink::Visit(f) => {
+                    let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+                    scratch.resize(len, 0);
+                    let r = self.read_remote(addr, &mut scratch).and_then(|()| self.check_not_revoked(slot));
+                    if r.is_ok() {
+                        f(&scratch);
+                    }
+                    SCRATCH.with(|s| *s.borrow_mut() = scratch);
+                    r?;
+                }
+                Sink::Discard => {}
+            }
+            if self.ctrl(self.rx).release(slot) {
+                self.doorbell()?;
+            }
+            return Ok(true);
+        }
         // SAFETY: as in peek; the payload length was checked against the slot size.
         let payload = unsafe { std::slice::from_raw_parts(p.add(HEADER_LEN), len) };
         match sink {
@@ -218,8 +466,15 @@ impl Link for ShmLink {
         if read && self.current.is_none() && !self.ctrl(self.rx).consumer_may_sleep(SLOTS) {
             return Armed::Ready;
         }
-        if write && !self.ctrl(self.tx).producer_may_sleep(SLOTS) {
-            return Armed::Ready;
+        if write {
+            let may_sleep = match self.remote_tx {
+                // Waiting for the peer to finish reading this side's buffer.
+                Some(slot) => self.ctrl(self.tx).producer_may_sleep_until_released(slot),
+                None => self.ctrl(self.tx).producer_may_sleep(SLOTS),
+            };
+            if !may_sleep {
+                return Armed::Ready;
+            }
         }
         self.armed = true;
         Armed::Wait(fd, libc::POLLIN | libc::POLLRDHUP)
@@ -236,8 +491,20 @@ impl Link for ShmLink {
 
     fn drain_early_frames(&self) -> bool {
         // Move frames out only when the ring is full, so that a peer that sends ahead is never
-        // stuck behind receives not yet posted (up to the engine's early-frame limit).
+        // stuck behind receives not yet posted (up to the engine's early-frame limit). A
+        // single-copy frame holds its sender until it is read, full ring or not: it is moved
+        // out at once, so that sends stay as eager as they are through the ring.
+        if self.current.is_some_and(|(h, _)| h.len as usize > SHM_MAX_PAYLOAD) {
+            return true;
+        }
         matches!(self.ctrl(self.rx).full_slot(SLOTS), Ok(Some(_))) && self.ctrl(self.rx).in_use(SLOTS) >= SLOTS
+    }
+
+    fn revoke(&mut self) {
+        if let Some(slot) = self.remote_tx.take() {
+            self.revoked(self.tx, slot).store(1, Ordering::SeqCst);
+            crate::sys::sync::fence(Ordering::SeqCst);
+        }
     }
 
     fn shutdown(&mut self) {
@@ -246,5 +513,106 @@ impl Link for ShmLink {
         let _ = self.ctl.shutdown(std::net::Shutdown::Write);
         let mut sink = [0u8; 256];
         while matches!((&self.ctl).read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::engine::wire::FrameKind;
+    use std::net::{TcpListener, TcpStream};
+
+    /// Both ends of a pair in this process, set up in the order the handshake uses.
+    fn pair() -> (ShmLink, ShmLink) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let mut seg = Segment::create().unwrap();
+        publish_probe(&seg, 0);
+        let path = seg.path().unwrap().to_string_lossy().into_owned();
+        let opener = ShmLink::new(b, Segment::open(&path).unwrap(), false).unwrap();
+        seg.unlink();
+        let creator = ShmLink::new(a, seg, true).unwrap();
+        (creator, opener)
+    }
+
+    fn header(len: usize) -> [u8; HEADER_LEN] {
+        FrameHeader::control(FrameKind::Abort, 7, 1, len as u32).encode()
+    }
+
+    /// Bytes that differ at every offset and between calls, computed independently of the link.
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u32).wrapping_mul(2654435761).rotate_left(seed as u32) as u8 ^ seed).collect()
+    }
+
+    #[test]
+    fn a_frame_larger_than_a_slot_is_read_straight_from_the_senders_memory() {
+        let (mut tx, mut rx) = pair();
+        assert_eq!(
+            tx.max_payload(OpKind::P2p, 1 << 20),
+            CMA_MAX_PAYLOAD,
+            "this process can read itself, so single copy is on"
+        );
+        for (len, seed) in [(SHM_MAX_PAYLOAD + 1, 1u8), (200 << 10, 2), (CMA_MAX_PAYLOAD, 3)] {
+            let data = pattern(len, seed);
+            let h = header(len);
+            let mut written = 0;
+            // Not complete until the receiver has read it.
+            assert!(!tx.write(&h, &data, &mut written).unwrap());
+            assert!(!tx.write(&h, &data, &mut written).unwrap());
+            let got = rx.peek().unwrap().expect("the header is in the ring");
+            assert_eq!(got.len as usize, len);
+            let mut out = vec![0u8; len];
+            assert!(rx.consume(Sink::Copy(&mut out)).unwrap());
+            assert!(out == data, "payload of {len} bytes differs");
+            assert!(tx.write(&h, &data, &mut written).unwrap(), "released once read");
+            assert_eq!(written, HEADER_LEN + len);
+        }
+        // A receive that wants to see the payload whole (a combining receive).
+        let data = pattern(100 << 10, 9);
+        let mut written = 0;
+        assert!(!tx.write(&header(data.len()), &data, &mut written).unwrap());
+        rx.peek().unwrap().unwrap();
+        let mut seen = Vec::new();
+        let mut visit = |b: &[u8]| seen.extend_from_slice(b);
+        assert!(rx.consume(Sink::Visit(&mut visit)).unwrap());
+        assert!(seen == data);
+        assert!(tx.write(&header(data.len()), &data, &mut written).unwrap());
+        assert_eq!(rx.single_copy_bytes(), (SHM_MAX_PAYLOAD + 1 + (200 << 10) + CMA_MAX_PAYLOAD + (100 << 10)) as u64);
+    }
+
+    #[test]
+    fn a_frame_its_sender_abandoned_fails_at_the_reader() {
+        let (mut tx, mut rx) = pair();
+        let data = pattern(64 << 10, 4);
+        let mut written = 0;
+        assert!(!tx.write(&header(data.len()), &data, &mut written).unwrap());
+        tx.revoke();
+        rx.peek().unwrap().unwrap();
+        let mut out = vec![0u8; data.len()];
+        match rx.consume(Sink::Copy(&mut out)) {
+            Err(LinkError::Closed(why)) => assert!(why.contains("abandoned"), "{why}"),
+            other => panic!("expected the read to fail, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_single_copy_frame_to_a_peer_that_cannot_read_is_refused() {
+        let (mut tx, mut rx) = pair();
+        // As if the opener's probe had failed (another pid namespace, ptrace rules).
+        probe_field(&rx.seg, rx.side, 3).store(0, Ordering::SeqCst);
+        rx.peer_pid = None;
+        assert_eq!(tx.max_payload(OpKind::P2p, 1 << 20), SHM_MAX_PAYLOAD, "the ring alone");
+        let data = pattern(SHM_MAX_PAYLOAD + 8, 5);
+        let mut written = 0;
+        assert!(matches!(tx.write(&header(data.len()), &data, &mut written), Err(LinkError::Io(_))));
+        // Frames of a slot still go through the ring, copied twice.
+        let data = pattern(SHM_MAX_PAYLOAD, 6);
+        assert!(tx.write(&header(data.len()), &data, &mut written).unwrap());
+        rx.peek().unwrap().unwrap();
+        let mut out = vec![0u8; data.len()];
+        assert!(rx.consume(Sink::Copy(&mut out)).unwrap());
+        assert!(out == data);
+        assert_eq!(rx.single_copy_bytes(), 0);
     }
 }

@@ -87,6 +87,26 @@ impl RingCtrl {
         true
     }
 
+    /// Producer: true once the consumer has released slot `slot` (and every slot before it).
+    pub(crate) fn released(&self, slot: u64) -> bool {
+        let tail = self.tail.0.load(Ordering::Acquire);
+        (tail.wrapping_sub(slot.wrapping_add(1)) as i64) >= 0
+    }
+
+    /// Producer, about to sleep until the consumer releases `slot` (a frame whose payload the
+    /// consumer reads from the producer's memory, which must stay put until then): raises its
+    /// flag and looks again. True when it may sleep; false when the slot is released after all
+    /// (flag lowered). The consumer's `release` rings when it sees the flag.
+    pub(crate) fn producer_may_sleep_until_released(&self, slot: u64) -> bool {
+        self.producer_sleeping.0.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if self.released(slot) {
+            self.producer_sleeping.0.store(false, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
     /// Consumer: the number of the oldest published slot not yet released, if any.
     pub(crate) fn full_slot(&self, n: u64) -> Result<Option<u64>, Corrupt> {
         let tail = self.tail.0.load(Ordering::Relaxed);
@@ -151,6 +171,25 @@ mod tests {
     }
 
     #[test]
+    fn a_producer_waits_for_the_release_of_one_slot() {
+        let r = RingCtrl::new();
+        let a = r.free_slot(4).unwrap().unwrap();
+        r.publish(a);
+        let b = r.free_slot(4).unwrap().unwrap();
+        r.publish(b);
+        assert!(!r.released(a) && !r.released(b));
+        // Free slots do not wake a producer that waits for `b` in particular.
+        assert!(r.producer_may_sleep_until_released(b));
+        // Any release rings a sleeping producer; it looks, and sleeps again for `b`.
+        assert!(r.release(a));
+        assert!(r.released(a) && !r.released(b));
+        assert!(r.producer_may_sleep_until_released(b));
+        assert!(r.release(b), "the sleeping producer must be rung");
+        assert!(r.released(b));
+        assert!(!r.producer_may_sleep_until_released(b));
+    }
+
+    #[test]
     fn control_block_is_four_cache_lines() {
         assert_eq!(CTRL_BYTES, 256);
     }
@@ -187,6 +226,52 @@ mod loom_models {
 
     const N: u64 = 2;
     const ITEMS: u64 = 3;
+
+    /// A single-copy frame: the producer publishes a descriptor and must not reuse its
+    /// buffer until the consumer has released the slot; the consumer reads the buffer (in the
+    /// producer's memory) before releasing. The producer sleeps until released, the consumer
+    /// rings only when the producer sleeps: the producer is always woken, and never sees its
+    /// slot released before the consumer read the buffer.
+    #[test]
+    fn loom_ring_single_copy_frame_is_released_after_it_is_read() {
+        loom::model(|| {
+            let ring = Arc::new(RingCtrl::new());
+            let buffer = Arc::new(UnsafeCell::new(0u64));
+            let (to_consumer, to_producer) = (Arc::new(Bell::default()), Arc::new(Bell::default()));
+            let consumer = {
+                let (ring, buffer, tc, tp) = (ring.clone(), buffer.clone(), to_consumer.clone(), to_producer.clone());
+                loom::thread::spawn(move || loop {
+                    if let Some(s) = ring.full_slot(N).unwrap() {
+                        // SAFETY: the producer does not touch its buffer until released.
+                        let got = buffer.with(|p| unsafe { *p });
+                        assert_eq!(got, 7);
+                        if ring.release(s) {
+                            tp.ring();
+                        }
+                        break;
+                    }
+                    if ring.consumer_may_sleep(N) {
+                        tc.sleep();
+                    }
+                })
+            };
+            // SAFETY: nobody reads the buffer before the slot is published.
+            buffer.with_mut(|p| unsafe { *p = 7 });
+            let s = ring.free_slot(N).unwrap().unwrap();
+            if ring.publish(s) {
+                to_consumer.ring();
+            }
+            while !ring.released(s) {
+                if ring.producer_may_sleep_until_released(s) {
+                    to_producer.sleep();
+                }
+            }
+            // Released: the buffer is the producer's again.
+            // SAFETY: the consumer read it before releasing the slot.
+            buffer.with_mut(|p| unsafe { *p = 0 });
+            consumer.join().unwrap();
+        });
+    }
 
     /// The producer fills slots with 1, 2, 3; the consumer must read exactly those, in order,
     /// and neither may sleep through the other's progress (loom reports a deadlock if one
