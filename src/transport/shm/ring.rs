@@ -13,7 +13,11 @@
 //!   Both sides put a sequentially consistent fence between their store and their load, so at
 //!   least one of them sees the other's store: either the sleeper sees the new slot and does
 //!   not sleep, or the waker sees the flag and rings. No wake-up is lost (checked by the loom
-//!   models below).
+//!   models below). The flag is raised with a swap, not a plain store: the same under the
+//!   C++ memory model, but loom judges the fence argument soundly only then (with a store
+//!   after the other side's swap had lowered the flag, loom reported a lost wake-up that the
+//!   model forbids; a read-modify-write always reads the latest value). It costs nothing
+//!   that matters: the flag is raised only on the way to sleep.
 //!
 //! A zeroed control block is a valid empty ring.
 
@@ -78,7 +82,7 @@ impl RingCtrl {
     /// Producer, about to sleep until a slot frees: raises its flag and looks again. True when
     /// it may sleep; false when a slot is free after all (flag lowered).
     pub(crate) fn producer_may_sleep(&self, n: u64) -> bool {
-        self.producer_sleeping.0.store(true, Ordering::Relaxed);
+        self.producer_sleeping.0.swap(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         if matches!(self.free_slot(n), Ok(Some(_)) | Err(_)) {
             self.producer_sleeping.0.store(false, Ordering::Relaxed);
@@ -98,7 +102,7 @@ impl RingCtrl {
     /// flag and looks again. True when it may sleep; false when the slot is released after all
     /// (flag lowered). The consumer's `release` rings when it sees the flag.
     pub(crate) fn producer_may_sleep_until_released(&self, slot: u64) -> bool {
-        self.producer_sleeping.0.store(true, Ordering::Relaxed);
+        self.producer_sleeping.0.swap(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         if self.released(slot) {
             self.producer_sleeping.0.store(false, Ordering::Relaxed);
@@ -125,7 +129,7 @@ impl RingCtrl {
     /// Consumer, about to sleep until a slot is published: raises its flag and looks again.
     /// True when it may sleep; false when a slot arrived after all (flag lowered).
     pub(crate) fn consumer_may_sleep(&self, n: u64) -> bool {
-        self.consumer_sleeping.0.store(true, Ordering::Relaxed);
+        self.consumer_sleeping.0.swap(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         if matches!(self.full_slot(n), Ok(Some(_)) | Err(_)) {
             self.consumer_sleeping.0.store(false, Ordering::Relaxed);
