@@ -1,6 +1,7 @@
 //! Shared memory's single-copy path across real processes: frames larger than a ring slot are
 //! read straight from the sender's memory (`process_vm_readv`) when the peer proved at set-up
-//! that it may; the two-copy ring is the fallback (`MW_SHM_SINGLE_COPY=0` forces it). Data is
+//! that it may and single copy is asked for (`MW_SHM_SINGLE_COPY=1`); the two-copy ring
+//! carries everything otherwise. Data is
 //! checked against a reference computed independently in each process, and a peer killed
 //! while a large message is in flight fails the survivor's call without a hang or a crash.
 
@@ -17,7 +18,7 @@ fn worker() {
     common::worker_main(&[("exchange", exchange), ("streamer", streamer), ("cma_killer", cma_killer)]);
 }
 
-/// Message sizes around the slot (32 KiB) and the single-copy frame (1 MiB) boundaries.
+/// Message sizes around the slot (128 KiB) and the single-copy range (512 KiB to 8 MiB).
 const SIZES: [usize; 7] = [8, (32 << 10) + 1, 200 << 10, 1 << 20, (3 << 20) + 5, 8 << 20, 16 << 20];
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
@@ -64,7 +65,7 @@ fn copied(lines: &[String]) -> Vec<u64> {
 
 #[test]
 fn large_messages_are_read_straight_from_the_senders_memory() {
-    let logs = common::run_ranks("exchange", 2, &[], Duration::from_secs(120));
+    let logs = common::run_ranks("exchange", 2, &[("MW_SHM_SINGLE_COPY", "1".into())], Duration::from_secs(120));
     let each = copied(&logs);
     println!("single-copy bytes per rank: {each:?}");
     // The messages from 512 KiB to 8 MiB came by single copy (smaller and larger ones, and
@@ -77,8 +78,7 @@ fn large_messages_are_read_straight_from_the_senders_memory() {
 
 #[test]
 fn without_single_copy_the_ring_carries_everything() {
-    let env = [("MW_SHM_SINGLE_COPY", "0".to_string())];
-    let logs = common::run_ranks("exchange", 2, &env, Duration::from_secs(120));
+    let logs = common::run_ranks("exchange", 2, &[], Duration::from_secs(120));
     assert_eq!(copied(&logs), vec![0, 0]);
 }
 
@@ -159,7 +159,11 @@ fn cma_killer(ctx: &Ctx) {
 
 fn kill_mid_transfer(victim_role: &str) {
     let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
-    let mut env = vec![("MW_TEST_ID", id.to_string()), ("MW_TEST_VICTIM_DOES", victim_role.to_string())];
+    let mut env = vec![
+        ("MW_TEST_ID", id.to_string()),
+        ("MW_TEST_VICTIM_DOES", victim_role.to_string()),
+        ("MW_SHM_SINGLE_COPY", "1".to_string()),
+    ];
     let mut victim = spawn("streamer", 1, 2, &env, &[]);
     env.push(("MW_TEST_VICTIM", victim.pid().to_string()));
     let mut survivor = spawn("cma_killer", 0, 2, &env, &[]);

@@ -1,4 +1,4 @@
-//! A nearly full `/dev/shm` (a private mount namespace with a 1 MiB tmpfs, as in a container
+//! A nearly full `/dev/shm` (a private mount namespace with a 3 MiB tmpfs, as in a container
 //! with a small shared-memory allowance): worlds that cannot get a segment fall back to TCP,
 //! say so in their stats, and deliver; nothing dies of `SIGBUS`. Needs root (`unshare -m`);
 //! elsewhere it prints why it skipped.
@@ -17,8 +17,8 @@ fn worker() {
     common::worker_main(&[("runner", runner), ("crowded", crowded)]);
 }
 
-/// Worlds formed, one after the other, between the same two processes: one 530 KiB segment
-/// fits in 1 MiB, the rest cannot.
+/// Worlds formed, one after the other, between the same two processes: one 2 MiB segment
+/// fits in 3 MiB, the rest cannot.
 const WORLDS: usize = 4;
 const LEN: usize = 1 << 18;
 
@@ -82,7 +82,7 @@ fn full_dev_shm_falls_back_to_tcp_without_sigbus() {
         );
         return;
     }
-    let script = "mount -t tmpfs -o size=1m tmpfs /dev/shm && exec \"$@\"";
+    let script = "mount -t tmpfs -o size=3m tmpfs /dev/shm && exec \"$@\"";
     let wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"];
     let mut p = vec![spawn("runner", 0, 1, &[], &wrapper)];
     for l in common::finish(&mut p, Duration::from_secs(120)).iter().flat_map(|l| l.lines()) {

@@ -4,7 +4,7 @@
 //! ```text
 //! mw-bench [--ranks N] [--ops all_reduce,send_recv,...|all] [--dtype float|all] [--redop sum]
 //!          [-b MIN] [-e MAX] [-f FACTOR] [--iters N] [--warmup N] [--transport auto|tcp]
-//!          [--json] [--targets] [--smoke] [--device]
+//!          [--json] [--targets] [--smoke] [--device] [--osu] [--osu-table FILE]
 //! ```
 //!
 //! - default: a table per operation: size, count, type, redop, time (us), algbw, busbw (GB/s,
@@ -13,6 +13,8 @@
 //! - `--targets`: the performance targets of `docs/benchmarks.md`, each as a ratio against its
 //!   baseline measured in the same run.
 //! - `--smoke`: every operation and type at a few sizes; exits non-zero if any result is wrong.
+//! - `--osu`: the OSU-style shapes of Open MPI's side of the comparison, same line format
+//!   (`osu.rs`); `--osu-table FILE` sets interleaved runs of both side by side.
 //! - `--device` (feature `cuda`): operations on GPU buffers beside the device-to-device copy
 //!   bandwidth, and the reduction kernel against that copy (`device.rs`).
 //!
@@ -32,6 +34,7 @@ mod reference;
 
 #[cfg(feature = "cuda")]
 mod device;
+mod osu;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -119,6 +122,7 @@ enum Mode {
     Targets,
     Smoke,
     Device,
+    Osu,
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -193,6 +197,14 @@ fn parse() -> Result<Args, String> {
             "--json" => a.json = true,
             "--targets" => a.mode = Mode::Targets,
             "--smoke" => a.mode = Mode::Smoke,
+            "--osu" => a.mode = Mode::Osu,
+            "--osu-table" => {
+                let f = v()?;
+                if let Err(e) = osu::table(&f) {
+                    return Err(format!("--osu-table: {e}"));
+                }
+                std::process::exit(0);
+            }
             "--device" if cfg!(feature = "cuda") => a.mode = Mode::Device,
             "--device" => return Err("--device needs a build with the cuda feature".into()),
             "-h" | "--help" => {
@@ -238,8 +250,8 @@ fn median(v: &mut [f64]) -> f64 {
 /// the cross-core copy rate this machine allows.
 fn bare_ring_gbps(size: usize, iters: usize) -> f64 {
     use std::sync::atomic::{AtomicU64, Ordering};
-    const SLOT: usize = 128 << 10;
-    const SLOTS: usize = 16;
+    const SLOT: usize = 32 << 10;
+    const SLOTS: usize = 32;
     struct Ring {
         head: AtomicU64,
         _pad: [u64; 7],
@@ -827,6 +839,7 @@ fn run(rank: usize, args: Args) -> Result<u64, String> {
             }
         }
         Mode::Targets => b.targets(),
+        Mode::Osu => osu::run(&b),
         #[cfg(feature = "cuda")]
         Mode::Device => b.wrong_total += device::run(&b).map_err(|e| format!("--device: {e}"))?,
         #[cfg(not(feature = "cuda"))]

@@ -16,8 +16,9 @@
 //! buffer stays put while it is read. One copy instead of two, and no slot-sized chunks. It is
 //! used toward a peer only once that peer proved at set-up that it can read this process (each
 //! side publishes its pid and the address and value of a random word; the other reads it back):
-//! other pid namespaces, `ptrace` restrictions or `MW_SHM_SINGLE_COPY=0` leave the pair on the
-//! ring alone. A peer that dies mid-read fails the read (`ESRCH`), which breaks the world.
+//! other pid namespaces, `ptrace` restrictions leave the pair on the ring alone. It is off unless
+//! `MW_SHM_SINGLE_COPY=1`: measured here, the ring beats it at every size (one core copying
+//! through the kernel against two copying at once, `docs/benchmarks.md`). A peer that dies mid-read fails the read (`ESRCH`), which breaks the world.
 //!
 //! The segment is a file in `/dev/shm` made with `O_EXCL` and mode 0600 by the higher rank,
 //! opened by the lower rank, and unlinked as soon as both have mapped it (or the set-up
@@ -46,8 +47,13 @@ use crate::sys::sync::{AtomicU64, Ordering};
 use crate::transport::shm::ring::{RingCtrl, CTRL_BYTES};
 
 /// Slots per ring.
-const SLOTS: u64 = 8;
-/// Largest payload of one frame (one slot).
+const SLOTS: u64 = 32;
+/// Largest payload of one frame (one slot). A ring holds 1 MiB, twice a core's L2 here: a
+/// slot is rewritten only after its lines left the reader's L2, so the writer does not pull
+/// them back from the other core; with 256 KiB rings (8 x 32 KiB) a 1 MiB stream ran at a third
+/// of the speed. Slots of 32 KiB rather than fewer larger ones: a 64 KiB message is two frames
+/// that both cores copy at once, and small frames still cycle through the whole ring
+/// (`docs/benchmarks.md`).
 pub(crate) const SHM_MAX_PAYLOAD: usize = 32 << 10;
 const SLOT_BYTES: usize = HEADER_LEN + SHM_MAX_PAYLOAD;
 /// Largest payload of a single-copy frame: the wire's limit (a few round trips per message).
@@ -89,6 +95,8 @@ pub(crate) struct ShmLink {
     remote_tx: Option<u64>,
     /// Payload bytes received by single copy.
     single_copy_bytes: u64,
+    /// Single copy wanted (`MW_SHM_SINGLE_COPY=1`), read once at set-up.
+    single_copy: bool,
 }
 
 /// A word of this process that peers read back to prove they can read this process's memory.
@@ -97,9 +105,10 @@ fn probe_word() -> &'static u64 {
     WORD.get_or_init(|| Box::leak(Box::new(crate::sys::random_u64() | 1)))
 }
 
-/// Single copy is on unless `MW_SHM_SINGLE_COPY=0`.
+/// Single copy is off unless `MW_SHM_SINGLE_COPY=1`: on this project's reference machine the
+/// ring, with both cores copying, moves every size faster (`docs/benchmarks.md`).
 fn single_copy_enabled() -> bool {
-    std::env::var("MW_SHM_SINGLE_COPY").map_or(true, |v| v != "0")
+    std::env::var("MW_SHM_SINGLE_COPY").is_ok_and(|v| v == "1")
 }
 
 fn closed(e: io::Error) -> LinkError {
@@ -127,18 +136,18 @@ impl ShmLink {
             peer_pid: None,
             remote_tx: None,
             single_copy_bytes: 0,
+            single_copy: single_copy_enabled(),
         };
-        publish_probe(&link.seg, side);
-        link.probe_peer();
+        if link.single_copy {
+            write_probe(&link.seg, side);
+            link.probe_peer();
+        }
         Ok(link)
     }
 
     /// Reads the peer's probe word; if it reads back right, marks that this side can read the
     /// peer, so the peer may send single-copy frames here.
     fn probe_peer(&mut self) {
-        if !single_copy_enabled() {
-            return;
-        }
         let peer = 1 - self.side;
         let (pid, addr, value) =
             (probe_field(&self.seg, peer, 0), probe_field(&self.seg, peer, 1), probe_field(&self.seg, peer, 2));
@@ -158,7 +167,7 @@ impl ShmLink {
     /// True when the peer proved it can read this process: frames larger than a slot may go
     /// by single copy.
     fn single_copy_out(&self) -> bool {
-        probe_field(&self.seg, 1 - self.side, 3).load(Ordering::Acquire) == 1 && single_copy_enabled()
+        self.single_copy && probe_field(&self.seg, 1 - self.side, 3).load(Ordering::Acquire) == 1
     }
 
     /// Writes a frame larger than a slot: its slot carries the header and where the payload
@@ -305,9 +314,12 @@ fn probe_field(seg: &Segment, side: usize, field: usize) -> &AtomicU64 {
 /// Publishes this process's probe as `side` of the segment (pid last, so a peer that sees
 /// the pid sees the rest).
 pub(crate) fn publish_probe(seg: &Segment, side: usize) {
-    if !single_copy_enabled() {
-        return;
+    if single_copy_enabled() {
+        write_probe(seg, side);
     }
+}
+
+fn write_probe(seg: &Segment, side: usize) {
     let word = probe_word();
     probe_field(seg, side, 1).store(word as *const u64 as u64, Ordering::Relaxed);
     probe_field(seg, side, 2).store(*word, Ordering::Relaxed);
@@ -530,9 +542,17 @@ mod tests {
         let mut seg = Segment::create().unwrap();
         publish_probe(&seg, 0);
         let path = seg.path().unwrap().to_string_lossy().into_owned();
-        let opener = ShmLink::new(b, Segment::open(&path).unwrap(), false).unwrap();
+        let mut opener = ShmLink::new(b, Segment::open(&path).unwrap(), false).unwrap();
         seg.unlink();
-        let creator = ShmLink::new(a, seg, true).unwrap();
+        let mut creator = ShmLink::new(a, seg, true).unwrap();
+        // Single copy on for both, as MW_SHM_SINGLE_COPY=1 would have it (without touching
+        // the environment of a process whose other tests run in parallel).
+        for l in [&mut creator, &mut opener] {
+            l.single_copy = true;
+            write_probe(&l.seg, l.side);
+        }
+        creator.probe_peer();
+        opener.probe_peer();
         (creator, opener)
     }
 
@@ -553,7 +573,7 @@ mod tests {
             CMA_MAX_PAYLOAD,
             "this process can read itself, so single copy is on"
         );
-        for (len, seed) in [(SHM_MAX_PAYLOAD + 1, 1u8), (200 << 10, 2), (CMA_MAX_PAYLOAD, 3)] {
+        for (len, seed) in [(SHM_MAX_PAYLOAD + 1, 1u8), (300 << 10, 2), (CMA_MAX_PAYLOAD, 3)] {
             let data = pattern(len, seed);
             let h = header(len);
             let mut written = 0;
@@ -569,7 +589,7 @@ mod tests {
             assert_eq!(written, HEADER_LEN + len);
         }
         // A receive that wants to see the payload whole (a combining receive).
-        let data = pattern(100 << 10, 9);
+        let data = pattern(300 << 10, 9);
         let mut written = 0;
         assert!(!tx.write(&header(data.len()), &data, &mut written).unwrap());
         rx.peek().unwrap().unwrap();
@@ -578,13 +598,13 @@ mod tests {
         assert!(rx.consume(Sink::Visit(&mut visit)).unwrap());
         assert!(seen == data);
         assert!(tx.write(&header(data.len()), &data, &mut written).unwrap());
-        assert_eq!(rx.single_copy_bytes(), (SHM_MAX_PAYLOAD + 1 + (200 << 10) + CMA_MAX_PAYLOAD + (100 << 10)) as u64);
+        assert_eq!(rx.single_copy_bytes(), (SHM_MAX_PAYLOAD + 1 + (300 << 10) + CMA_MAX_PAYLOAD + (300 << 10)) as u64);
     }
 
     #[test]
     fn a_frame_its_sender_abandoned_fails_at_the_reader() {
         let (mut tx, mut rx) = pair();
-        let data = pattern(64 << 10, 4);
+        let data = pattern(SHM_MAX_PAYLOAD * 2, 4);
         let mut written = 0;
         assert!(!tx.write(&header(data.len()), &data, &mut written).unwrap());
         tx.revoke();
