@@ -22,11 +22,15 @@ build=$(mktemp -d)
 (cd "$root" && cargo build --release --bin mw-bench >&2)
 bench="$root/target/release/mw-bench"
 : > "$out"
+probe() { "$build/memcpy_bench" --c2c-only --quick | sed "s/\$/ rep=$rep side=$1/" | tee -a "$out" >&2; }
 for rep in $(seq 1 "$reps"); do
   echo "# repetition $rep of $reps" >&2
+  # The probe before and after each side's run: a run counts on a plateau only if both agree.
   bash "$mpi_dir/run_mpi.sh" --reps 1 --out "$build" | sed "s/rep=1/rep=$rep/" | tee -a "$out" >&2
-  "$build/memcpy_bench" --c2c-only --quick | sed "s/\$/ rep=$rep side=mw/" | tee -a "$out" >&2
+  probe mpi-after
+  probe mw
   "$bench" --osu | grep '^mw ' | sed "s/\$/ rep=$rep/" | tee -a "$out" >&2
+  probe mw-after
 done
 echo "# lines in $out" >&2
 "$bench" --osu-table "$out"

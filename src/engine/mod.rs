@@ -113,6 +113,9 @@ struct OpState {
     /// Where each step of the plan stands.
     steps: Vec<StepState>,
     left: usize,
+    /// Local steps (copies, reductions, scaling) not yet done: an operation without any is
+    /// skipped by `run_local_steps`, which every pass runs.
+    local_left: usize,
     active: bool,
     completion: Arc<Completion>,
     deadline: Option<(Instant, Duration)>,
@@ -151,11 +154,15 @@ impl OpState {
         a
     }
 
-    fn finish_step(&mut self, step: usize) {
+    /// Marks a step done; true when that was the operation's last step.
+    #[must_use]
+    fn finish_step(&mut self, step: usize) -> bool {
         if !self.steps[step].done {
             self.steps[step].done = true;
             self.left -= 1;
+            return self.left == 0;
         }
+        false
     }
 }
 
@@ -248,6 +255,10 @@ pub(crate) struct Engine {
     peers: Vec<Option<Peer>>,
     ops: VecDeque<OpState>,
     next_id: u64,
+    /// Operations posted and not yet started (`activate` has nothing to do at 0).
+    inactive: usize,
+    /// Operations whose every step is done, not yet retired (`retire` has nothing to do at 0).
+    finished: usize,
     coll_seq: u64,
     broken: Option<BrokenCause>,
     stats: WorldStats,
@@ -320,6 +331,8 @@ impl Engine {
             peers,
             ops: VecDeque::new(),
             next_id: 0,
+            inactive: 0,
+            finished: 0,
             coll_seq: 0,
             broken: None,
             stats: WorldStats::default(),
@@ -407,6 +420,12 @@ impl Engine {
             };
             let plan = plan(&p.desc, self.cfg.rank, self.cfg.size);
             let n = plan.steps.len();
+            let local_left =
+                plan.steps.iter().filter(|s| !matches!(s.act, Act::Send { .. } | Act::Recv { .. })).count();
+            self.inactive += 1;
+            if n == 0 {
+                self.finished += 1;
+            }
             let mut scratch_mem = Scratch::new(plan.scratch);
             let scratch = scratch_mem.raw();
             self.next_id += 1;
@@ -421,6 +440,7 @@ impl Engine {
                 plan,
                 steps: vec![StepState::default(); n],
                 left: n,
+                local_left,
                 active: false,
                 completion: p.completion,
                 deadline: p.timeout.map(|t| (now() + t, t)),
@@ -535,11 +555,15 @@ impl Engine {
     /// point-to-point operations together.
     fn activate(&mut self) -> Result<bool, BrokenCause> {
         let mut progress = false;
+        if self.inactive == 0 {
+            return Ok(false);
+        }
+        // The loop stops at the first collective, so every operation before `i` is a send or
+        // a receive: a p2p operation may start, a collective only when it is the first.
         for i in 0..self.ops.len() {
             let op = &self.ops[i];
             if !op.active {
-                let may = if op.is_p2p() { self.ops.iter().take(i).all(|o| o.is_p2p()) } else { i == 0 };
-                if !may {
+                if !op.is_p2p() && i != 0 {
                     break;
                 }
                 self.start_op(i)?;
@@ -553,6 +577,7 @@ impl Engine {
     }
 
     fn start_op(&mut self, i: usize) -> Result<(), BrokenCause> {
+        self.inactive -= 1;
         let op = &mut self.ops[i];
         op.active = true;
         let mut tx_count = vec![0u32; self.peers.len()];
@@ -585,7 +610,7 @@ impl Engine {
     fn run_local_steps(&mut self) -> Result<bool, BrokenCause> {
         let mut progress = false;
         let size = self.cfg.size;
-        for op in self.ops.iter_mut().filter(|o| o.active) {
+        for op in self.ops.iter_mut().filter(|o| o.active && o.local_left > 0) {
             for s in 0..op.plan.steps.len() {
                 if op.steps[s].done || !op.deps_done(s) {
                     continue;
@@ -622,7 +647,10 @@ impl Engine {
                     }
                     Act::Send { .. } | Act::Recv { .. } => continue,
                 }
-                op.finish_step(s);
+                op.local_left -= 1;
+                if op.finish_step(s) {
+                    self.finished += 1;
+                }
                 progress = true;
             }
         }
@@ -632,9 +660,15 @@ impl Engine {
     /// Completes finished operations.
     fn retire(&mut self) -> bool {
         let mut progress = false;
+        debug_assert_eq!(self.finished, self.ops.iter().filter(|o| o.left == 0).count());
+        debug_assert_eq!(self.inactive, self.ops.iter().filter(|o| !o.active).count());
+        if self.finished == 0 {
+            return false;
+        }
         let mut i = 0;
         while i < self.ops.len() {
             if self.ops[i].active && self.ops[i].left == 0 {
+                self.finished -= 1;
                 let op = self.ops.remove(i).expect("index in range");
                 self.stats.ops_completed += 1;
                 self.complete(&op.completion, Ok(()));
@@ -804,6 +838,7 @@ impl Engine {
         for p in self.peers.iter_mut().flatten() {
             p.link.revoke();
         }
+        (self.inactive, self.finished) = (0, 0);
         for op in std::mem::take(&mut self.ops) {
             self.complete(&op.completion, Err(Error::broken(&self.cfg.name, self.cfg.rank, cause.clone(), true)));
         }

@@ -169,7 +169,9 @@ impl Engine {
             let op = &mut self.ops[i];
             op.steps[step].progress += len;
             if op.steps[step].progress >= dst.len {
-                op.finish_step(step);
+                if op.finish_step(step) {
+                    self.finished += 1;
+                }
                 if let Some(p) = self.peers[peer].as_mut() {
                     p.rx_queue.pop_front();
                 }

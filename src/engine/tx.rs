@@ -32,7 +32,9 @@ impl Engine {
                         _ => 0,
                     };
                     if o.steps[step].progress >= len {
-                        o.finish_step(step);
+                        if o.finish_step(step) {
+                            self.finished += 1;
+                        }
                         if let Some(p) = self.peers[peer].as_mut() {
                             p.tx_queue.pop_front();
                         }

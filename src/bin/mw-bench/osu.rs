@@ -185,8 +185,19 @@ pub(crate) fn run(b: &Bench) {
     }
 }
 
-/// One measurement line: who, metric, size, value.
-fn parse_line(l: &str) -> Option<(String, String, usize, f64)> {
+/// One line of a side-by-side run (`bench/side_by_side.sh`).
+struct Line {
+    /// `mw`, `mpi-cma`, `mpi-none`, or for a probe `memcpy`.
+    who: String,
+    metric: String,
+    bytes: usize,
+    value: f64,
+    rep: String,
+    /// Probes only: which run they bracket (`mpi`, `mpi-after`, `mw`, `mw-after`).
+    side: String,
+}
+
+fn parse_line(l: &str) -> Option<Line> {
     let mut it = l.split_whitespace();
     let who = it.next()?;
     let metric = it.next()?;
@@ -197,26 +208,74 @@ fn parse_line(l: &str) -> Option<(String, String, usize, f64)> {
         "c2c_lat" => "ns",
         _ => return None,
     };
-    let bytes = kv.get("bytes").and_then(|b| b.parse().ok()).unwrap_or(0);
-    let v: f64 = kv.get(value_key)?.parse().ok()?;
     let who = match (who, kv.get("sc")) {
         ("mpi", Some(sc)) => format!("mpi-{sc}"),
         (w, _) => w.to_string(),
     };
-    Some((who, metric.to_string(), bytes, v))
+    Some(Line {
+        who,
+        metric: metric.to_string(),
+        bytes: kv.get("bytes").and_then(|b| b.parse().ok()).unwrap_or(0),
+        value: kv.get(value_key)?.parse().ok()?,
+        rep: kv.get("rep").unwrap_or(&"0").to_string(),
+        side: kv.get("side").unwrap_or(&"mpi").to_string(),
+    })
 }
 
+/// Core-to-core latency above which the two vCPUs are taken to be placed apart (the far
+/// plateau: ~170 ns against ~27 ns).
+const FAR_NS: f64 = 60.0;
+
 /// `--osu-table FILE`: reads the lines of interleaved runs (`bench/side_by_side.sh`) and prints
-/// one table of medians: Open MPI's better single-copy setting per row, multiworld, the ratio.
+/// one table of medians per plateau: Open MPI's better single-copy setting per row, multiworld,
+/// the ratio. A run counts on the near plateau when the probes before and after it both read
+/// under 60 ns; runs that straddle the two plateaus are left out and counted.
 pub(crate) fn table(path: &str) -> Result<(), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
-    let mut by: BTreeMap<(String, usize, String), Vec<f64>> = BTreeMap::new();
-    for (who, metric, bytes, v) in text.lines().filter_map(parse_line) {
-        by.entry((metric, bytes, who)).or_default().push(v);
+    let lines: Vec<Line> = text.lines().filter_map(parse_line).collect();
+    let probe: BTreeMap<(String, String), f64> =
+        lines.iter().filter(|l| l.metric == "c2c_lat").map(|l| ((l.rep.clone(), l.side.clone()), l.value)).collect();
+    // Each run's plateau from the probes that bracket it: Some(true) near, Some(false) far.
+    let plateau = |l: &Line| -> Option<bool> {
+        let (before, after) = if l.who == "mw" { ("mw", "mw-after") } else { ("mpi", "mpi-after") };
+        let b = probe.get(&(l.rep.clone(), before.to_string()))?;
+        let a = probe.get(&(l.rep.clone(), after.to_string())).unwrap_or(b);
+        match (*b < FAR_NS, *a < FAR_NS) {
+            (true, true) => Some(true),
+            (false, false) => Some(false),
+            _ => None,
+        }
+    };
+    let probes: Vec<f64> = probe.values().copied().collect();
+    if !probes.is_empty() {
+        let near = probes.iter().filter(|&&v| v < FAR_NS).count();
+        println!(
+            "core-to-core probes: {near} of {} near (~27 ns: the vCPUs share a cache), the others far (~170 ns: placed apart)\n",
+            probes.len()
+        );
     }
+    let straddling = lines.iter().filter(|l| l.metric != "c2c_lat" && plateau(l).is_none()).count();
+    for (near, title) in [(true, "near plateau"), (false, "far plateau")] {
+        let mut by: BTreeMap<(String, usize, String), Vec<f64>> = BTreeMap::new();
+        for l in lines.iter().filter(|l| l.metric != "c2c_lat" && plateau(l) == Some(near)) {
+            by.entry((l.metric.clone(), l.bytes, l.who.clone())).or_default().push(l.value);
+        }
+        if !by.keys().any(|k| k.2 == "mw") {
+            continue;
+        }
+        print_table(title, &by);
+    }
+    if straddling > 0 {
+        println!("({straddling} measurements left out: their run straddled the two plateaus)");
+    }
+    Ok(())
+}
+
+fn print_table(title: &str, by: &BTreeMap<(String, usize, String), Vec<f64>>) {
     let med = |k: (String, usize, String)| by.get(&k).map(|v| median(&mut v.clone()));
-    let c2c: Vec<f64> = by.iter().filter(|((m, _, _), _)| m == "c2c_lat").flat_map(|(_, v)| v.clone()).collect();
-    println!("| metric | Open MPI, best of CMA / copy-in-out | multiworld | ratio (mw / mpi) | runs |");
+    let runs = |k: (String, usize, String)| by.get(&k).map_or(0, |v| v.len());
+    println!("{title}:\n");
+    println!("| metric | Open MPI, best of CMA / copy-in-out | multiworld | ratio (mw / mpi) | runs (mpi, mw) |");
     println!("|---|---|---|---|---|");
     let rows: Vec<(&str, usize)> = [8, 1024, 65536]
         .into_iter()
@@ -235,7 +294,8 @@ pub(crate) fn table(path: &str) -> Result<(), String> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let runs = by.get(&(m.clone(), bytes, "mw".into())).map_or(0, |v| v.len());
+        let mpi_runs = runs((m.clone(), bytes, "mpi-cma".into())).max(runs((m.clone(), bytes, "mpi-none".into())));
+        let mw_runs = runs((m.clone(), bytes, "mw".into()));
         let unit = if higher_better { "GB/s" } else { "µs" };
         let size = if bytes >= 1 << 20 {
             format!("{} MiB", bytes >> 20)
@@ -254,17 +314,7 @@ pub(crate) fn table(path: &str) -> Result<(), String> {
             (Some(p), Some(w)) if p > 0.0 => format!("{:.2}", w / p),
             _ => "—".into(),
         };
-        println!("| {name} | {} | {} | {ratio} | {runs} |", fmt(best), fmt(mw));
+        println!("| {name} | {} | {} | {ratio} | {mpi_runs}, {mw_runs} |", fmt(best), fmt(mw));
     }
-    if !c2c.is_empty() {
-        let mut v = c2c.clone();
-        println!(
-            "\ncore-to-core probe: median {:.0} ns, range {:.0}–{:.0} ns over {} probes (~27 ns: the vCPUs share a cache; ~170 ns: placed apart)",
-            median(&mut v),
-            c2c.iter().cloned().fold(f64::MAX, f64::min),
-            c2c.iter().cloned().fold(0.0, f64::max),
-            c2c.len()
-        );
-    }
-    Ok(())
+    println!();
 }
