@@ -67,6 +67,8 @@ fn crowded(ctx: &Ctx) {
         fallbacks += stats.shm_fallbacks;
         kinds.push(kind);
     }
+    // Neither rank leaves (closing every world) while the other still looks at them.
+    worlds[0].barrier().unwrap();
     println!("rank {}: worlds over {kinds:?}, {fallbacks} fell back to TCP", ctx.rank);
     assert!(kinds.contains(&TransportKind::Shm), "no world got shared memory: {kinds:?}");
     assert!(fallbacks >= 2, "expected most worlds to find /dev/shm full: {kinds:?}");
