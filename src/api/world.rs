@@ -8,7 +8,7 @@
 //! engine.
 
 use std::marker::PhantomData;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::api::error::{BrokenCause, Error, Result};
 use crate::api::request::{Completion, Failed, KeepAlive, Progress, Request, Slot};
@@ -67,6 +67,12 @@ struct Call {
     send: RawBuf,
     recv: RawBuf,
 }
+
+/// How long a blocking receive keeps looking for its frame on the direct path before it posts
+/// the call and lets the driver spin and sleep.
+const DIRECT_RECV_SPIN: Duration = Duration::from_micros(20);
+/// Receives larger than this post at once (a frame the direct path could take fits a slot).
+const DIRECT_RECV_SPIN_MAX_BYTES: usize = 32 << 10;
 
 fn desc(kind: OpKind, dtype: DataType, count: usize) -> OpDesc {
     OpDesc { kind, dtype, redop: ReduceOp::Sum, count, root: 0, is_send: false, in_place: false }
@@ -171,6 +177,30 @@ impl World {
     /// Posts one call and waits for it.
     fn run_one(&self, call: Call) -> Result<()> {
         self.usable()?;
+        if call.desc.kind == OpKind::P2p {
+            // A lone small send or receive on shared memory: done at once when the ring allows
+            // (`engine/direct.rs`). A receive looks again for a few microseconds, as the
+            // driver would spin before sleeping, since its frame is usually just behind.
+            let backend = &self.inner.backend;
+            let mut spin_until = None;
+            let mut tries = 0u32;
+            loop {
+                if backend.run_direct(&call.desc, call.send, call.recv).is_some() {
+                    return Ok(());
+                }
+                if call.desc.is_send || call.desc.bytes() > DIRECT_RECV_SPIN_MAX_BYTES {
+                    break;
+                }
+                tries += 1;
+                if tries % 16 == 0 {
+                    let now = Instant::now();
+                    if now >= *spin_until.get_or_insert(now + DIRECT_RECV_SPIN) {
+                        break;
+                    }
+                }
+                std::hint::spin_loop();
+            }
+        }
         let c = Completion::new();
         self.inner.backend.post_one(self.posted(call, c.clone(), None), true);
         self.inner.backend.wait(&[&c], None);

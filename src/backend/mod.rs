@@ -9,7 +9,9 @@ mod native;
 
 use crate::api::error::BrokenCause;
 use crate::api::request::Progress;
+use crate::coll::OpDesc;
 use crate::engine::{Posted, WorldStats};
+use crate::sys::buf::RawBuf;
 use crate::transport::TransportKind;
 
 /// Executes the operations of one world.
@@ -19,6 +21,11 @@ pub(crate) trait Backend: Progress {
     fn post(&self, ops: Vec<Posted>, driven: bool);
     /// [`Backend::post`] for one operation (the common case, without a vector).
     fn post_one(&self, op: Posted, driven: bool);
+    /// Runs a lone send or receive at once if this backend can (the shared-memory direct path,
+    /// `engine/direct.rs`); `None` when the call must be posted.
+    fn run_direct(&self, _desc: &OpDesc, _send: RawBuf, _recv: RawBuf) -> Option<()> {
+        None
+    }
     /// Breaks the world from this side: local, non-blocking, idempotent.
     fn abort(&self);
     /// Aborts and releases everything (threads, sockets, memory); returns when done.

@@ -2,8 +2,10 @@
 
 use super::Backend;
 use crate::api::error::BrokenCause;
+use crate::coll::OpDesc;
 use crate::driver::Driver;
 use crate::engine::{Posted, WorldStats};
+use crate::sys::buf::RawBuf;
 use crate::transport::TransportKind;
 
 impl Backend for Driver {
@@ -13,6 +15,10 @@ impl Backend for Driver {
 
     fn post_one(&self, op: Posted, driven: bool) {
         Driver::post(self, std::iter::once(op), driven)
+    }
+
+    fn run_direct(&self, desc: &OpDesc, send: RawBuf, recv: RawBuf) -> Option<()> {
+        Driver::run_direct(self, desc, send, recv)
     }
 
     fn abort(&self) {

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use crate::api::error::{BrokenCause, Error, Result};
 use crate::api::request::{Completion, Progress};
 use crate::engine::{Engine, Posted, WaitSet, WorldStats};
+use crate::sys::buf::RawBuf;
 use crate::sys::sync::{lock, Arc, AtomicBool, Mutex, MutexGuard, Ordering};
 use crate::sys::{self, EventFd};
 
@@ -229,6 +230,11 @@ impl Driver {
 
     /// Hands operations to the engine. `driven` means the caller will wait for them at once
     /// (a blocking call) and drive them itself if it can.
+    /// A lone send or receive done at once, if it can be (`engine/direct.rs`).
+    pub(crate) fn run_direct(&self, desc: &crate::coll::OpDesc, send: RawBuf, recv: RawBuf) -> Option<()> {
+        self.engine().run_direct(desc, send, recv)
+    }
+
     pub(crate) fn post(&self, ops: impl IntoIterator<Item = Posted>, driven: bool) {
         self.engine().post(ops, Instant::now);
         if self.token.held() {

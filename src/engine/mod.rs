@@ -18,6 +18,7 @@
 //! - Any failure breaks the whole world at once: every operation in flight fails with the
 //!   cause, peers get a best-effort abort frame, links are closed. Nothing is retried.
 
+mod direct;
 pub(crate) mod health;
 mod rx;
 mod tx;
@@ -89,6 +90,10 @@ pub struct WorldStats {
     /// Payload bytes received by single copy from a peer's memory (shared memory's large
     /// frames; `docs/architecture.md`).
     pub single_copy_bytes: u64,
+    /// Sends and receives done on the direct path (a lone small send or receive on shared
+    /// memory, straight through the ring: `docs/architecture.md`); counted in `ops_completed`
+    /// too.
+    pub direct_ops: u64,
 }
 
 /// Where one step of a plan stands.

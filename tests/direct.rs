@@ -1,0 +1,174 @@
+//! The direct path of lone small sends and receives on shared memory (`src/engine/direct.rs`),
+//! across real processes: it is taken (counted in `WorldStats::direct_ops`), it delivers every
+//! message in order and intact, it keeps its place among collectives and non-blocking calls,
+//! it is not taken on TCP, and a call that differs from its peer's is still refused with the
+//! general path's error rather than delivered.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Ctx;
+use multiworld::{ErrorKind, ReduceOp, WorldManager, WorldOptions};
+
+#[test]
+#[ignore = "worker process entry, run by the other tests"]
+fn worker() {
+    common::worker_main(&[("pingpong", pingpong), ("mismatch", mismatch), ("dies", dies)]);
+}
+
+const ROUNDS: u64 = 20_000;
+
+/// A payload that differs per round and per byte, computed the same way on both sides.
+fn payload(round: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (round.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8).collect()
+}
+
+/// Ping-pong of small messages of changing sizes, with a collective and a non-blocking receive
+/// mixed in now and then; prints the stats the test checks.
+fn pingpong(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let tcp = ctx.env("MW_TEST_TCP") == "1";
+    let opts = if tcp {
+        WorldOptions::default().with_transport(multiworld::TransportChoice::Tcp)
+    } else {
+        WorldOptions::default()
+    };
+    let w = m.init_world_with("direct", ctx.id().into(), ctx.rank, 2, &opts).unwrap();
+    let peer = 1 - ctx.rank;
+    for round in 0..ROUNDS {
+        let len = [0usize, 1, 8, 100, 1024, 4096, 32 << 10][round as usize % 7];
+        let want = payload(round, len);
+        if (round % 2 == 0) == (ctx.rank == 0) {
+            w.send(&want, peer).unwrap();
+        } else {
+            let mut got = vec![0xEEu8; len];
+            w.recv(&mut got, peer).unwrap();
+            assert!(got == want, "round {round}: {len} bytes differ");
+        }
+        if round % 1000 == 999 {
+            // A collective between the sends: it must neither overtake nor be overtaken.
+            let mut v = [round as f32 + ctx.rank as f32];
+            w.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+            assert_eq!(v[0], 2.0 * round as f32 + 1.0);
+            // A non-blocking receive posted first, then the blocking send the peer waits for:
+            // the message after it must still land in order.
+            if ctx.rank == 0 {
+                let r = w.recv_async(vec![0u8; 16], peer);
+                w.send(&payload(round + 1, 16), peer).unwrap();
+                let got = r.wait().map_err(|f| f.error).unwrap();
+                assert!(got == payload(round + 2, 16), "the posted receive got another message");
+            } else {
+                let mut got = vec![0u8; 16];
+                w.recv(&mut got, peer).unwrap();
+                assert!(got == payload(round + 1, 16));
+                w.send(&payload(round + 2, 16), peer).unwrap();
+            }
+        }
+    }
+    let s = w.stats();
+    println!("direct_ops={} ops_completed={}", s.direct_ops, s.ops_completed);
+    w.barrier().unwrap();
+}
+
+fn stats_of(logs: &[String]) -> Vec<(u64, u64)> {
+    logs.iter()
+        .map(|l| {
+            let line = l.lines().find(|l| l.starts_with("direct_ops=")).expect("stats line");
+            let mut it = line.split_whitespace().map(|f| f.split_once('=').unwrap().1.parse::<u64>().unwrap());
+            (it.next().unwrap(), it.next().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn small_sends_and_receives_take_the_direct_path_in_order() {
+    let logs = common::run_ranks("pingpong", 2, &[], Duration::from_secs(120));
+    let stats = stats_of(&logs);
+    println!("(direct, completed) per rank: {stats:?}");
+    for (rank, (direct, completed)) in stats.into_iter().enumerate() {
+        // Every send can go direct (nothing else in flight: half of the rounds); receives go
+        // direct when their frame arrives within the short look (nearly all on an idle
+        // machine, fewer on a loaded one). Without the direct path: 0.
+        assert!(direct >= ROUNDS / 4, "rank {rank}: only {direct} of {completed} operations went direct");
+        assert!(direct <= completed);
+    }
+}
+
+#[test]
+fn over_tcp_nothing_goes_direct() {
+    let logs = common::run_ranks("pingpong", 2, &[("MW_TEST_TCP", "1".into())], Duration::from_secs(180));
+    for (rank, (direct, completed)) in stats_of(&logs).into_iter().enumerate() {
+        assert_eq!(direct, 0, "rank {rank}");
+        assert!(completed > ROUNDS);
+    }
+}
+
+/// Rank 0 sends 9 floats where rank 1 receives 8: the receive must fail with the general
+/// path's error naming both calls (invalid usage, the world broken), not deliver.
+fn mismatch(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let w = m.init_world("direct-mismatch", &ctx.id(), ctx.rank, 2).unwrap();
+    // A first exchange; then the differing frame waits in the ring when the receive comes, so
+    // the direct path looks at it first and must leave it to the general path.
+    if ctx.rank == 0 {
+        w.send(&[1f32; 4], 1).unwrap();
+        let _ = w.send(&[2f32; 9], 1);
+    } else {
+        let mut v = [0f32; 4];
+        w.recv(&mut v, 0).unwrap();
+        assert_eq!(v, [1.0; 4]);
+        std::thread::sleep(Duration::from_millis(50));
+        let mut v = [0f32; 8];
+        let e = w.recv(&mut v, 0).unwrap_err();
+        println!("mismatch: {e}");
+        // The general path's verdict on calls that differ: invalid usage, naming both.
+        assert_eq!(e.kind(), ErrorKind::InvalidUsage, "{e}");
+        assert!(e.message().contains("count=9") && e.message().contains("count=8"), "{e}");
+        assert_eq!(v, [0.0; 8], "nothing of the refused message was delivered");
+    }
+}
+
+#[test]
+fn a_receive_that_differs_from_its_send_is_refused_not_delivered() {
+    common::run_ranks("mismatch", 2, &[], Duration::from_secs(60));
+}
+
+/// Ping-pong until rank 1 kills itself (SIGKILL) after 1000 rounds, in the middle of the
+/// exchange: rank 0's next call fails with `WorldBroken` promptly, whichever path it was on.
+fn dies(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let w = m.init_world("direct-dies", &ctx.id(), ctx.rank, 2).unwrap();
+    let peer = 1 - ctx.rank;
+    let mut buf = [0u8; 8];
+    for round in 0u64.. {
+        if ctx.rank == 1 && round == 1000 {
+            // SAFETY: kill(2) on this very process.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        let t = Instant::now();
+        let r = if (round % 2 == 0) == (ctx.rank == 0) { w.send(&buf, peer) } else { w.recv(&mut buf, peer) };
+        if let Err(e) = r {
+            let took = t.elapsed();
+            println!("round {round}: failed after {:.2} ms: {e}", took.as_secs_f64() * 1e3);
+            assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+            assert!(round >= 1000, "failed at round {round}, before the peer died");
+            assert!(took < Duration::from_secs(2), "{took:?}");
+            assert!(w.stats().direct_ops > 500);
+            return;
+        }
+        assert!(round < 100_000, "no failure although the peer died");
+    }
+}
+
+#[test]
+fn a_peer_killed_mid_exchange_fails_the_next_call() {
+    let id = multiworld::UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let env = [("MW_TEST_ID", id.to_string())];
+    let mut survivor = common::spawn("dies", 0, 2, &env, &[]);
+    let mut victim = common::spawn("dies", 1, 2, &env, &[]);
+    let ok = survivor.wait_for(Duration::from_secs(60)).is_some_and(|s| s.success());
+    victim.wait_for(Duration::from_secs(5));
+    assert!(ok, "survivor failed:\n{}", survivor.log_text());
+    println!("{}", survivor.log_text().lines().find(|l| l.contains("failed after")).unwrap_or(""));
+}
