@@ -204,6 +204,36 @@ impl<B: Send + 'static> Request<B> {
         self.finish()
     }
 
+    /// Waits for every request, in order, and returns each one's outcome in the same order.
+    /// The requests may belong to different worlds; a failed one does not stop the others.
+    pub fn wait_all(requests: Vec<Request<B>>) -> Vec<std::result::Result<B, Failed<B>>> {
+        requests.into_iter().map(Request::wait).collect()
+    }
+
+    /// Blocks until one of `requests` completes (successfully or not), takes it out of the
+    /// vector and returns its index (in the vector as it was) and its outcome; `None` when the
+    /// vector is empty. The requests may belong to different worlds: their worlds' progress
+    /// threads move them while this thread sleeps, and a completion wakes it.
+    pub fn wait_any(requests: &mut Vec<Request<B>>) -> Option<(usize, std::result::Result<B, Failed<B>>)> {
+        if requests.is_empty() {
+            return None;
+        }
+        let waker = Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+        loop {
+            // Registered before the last look: a completion after it unparks this thread, and
+            // a pending unpark makes the next park return at once, so none is missed.
+            let done = requests.iter().position(|r| r.completion.is_done() || !r.completion.register(&waker));
+            if let Some(i) = done {
+                let r = requests.remove(i);
+                return Some((i, r.finish()));
+            }
+            for r in requests.iter() {
+                r.progress.nudge();
+            }
+            std::thread::park_timeout(Duration::from_millis(100));
+        }
+    }
+
     /// True once the operation has completed (successfully or not); never blocks.
     pub fn test(&self) -> bool {
         if !self.completion.is_done() {
@@ -222,6 +252,15 @@ impl<B: Send + Unpin + 'static> Future for Request<B> {
         }
         self.progress.nudge();
         Poll::Pending
+    }
+}
+
+/// Wakes a thread parked in [`Request::wait_any`].
+struct Unpark(std::thread::Thread);
+
+impl std::task::Wake for Unpark {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.unpark();
     }
 }
 
