@@ -1,18 +1,19 @@
-//! Waiting on several non-blocking requests at once, across real processes: `wait_any`
-//! returns the request that completed first (not the first in the vector), and `wait_all`
-//! returns every outcome in order, a failed one included.
+//! Several operations at once, across real processes: `wait_any` returns the request that
+//! completed first (not the first in the vector), `wait_all` returns every outcome in order, a
+//! failed one included, and one group takes every operation, each result checked against
+//! what is computed here independently.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::Ctx;
-use multiworld::{ErrorKind, Request, WorldManager};
+use multiworld::{ErrorKind, ReduceOp, Request, WorldManager};
 
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
 fn worker() {
-    common::worker_main(&[("any", any)]);
+    common::worker_main(&[("any", any), ("group", group)]);
 }
 
 /// Rank 0 posts a receive from rank 1 and one from rank 2; rank 2 sends at once, rank 1 only
@@ -69,4 +70,62 @@ fn any(ctx: &Ctx) {
 fn wait_any_returns_the_first_to_complete_and_wait_all_every_outcome() {
     let logs = common::run_ranks("any", 3, &[], Duration::from_secs(60));
     println!("{}", logs[0].lines().find(|l| l.starts_with("wait_any")).unwrap_or(""));
+}
+
+/// Rank r's input for an operation of `n` elements: r * 1000 + i + 1.
+fn input(r: usize, n: usize) -> Vec<i64> {
+    (0..n).map(|i| (r * 1000 + i + 1) as i64).collect()
+}
+
+/// Every operation in one group of 3 ranks, then each result checked.
+fn group(ctx: &Ctx) {
+    const N: usize = 3;
+    const C: usize = 4;
+    let m = WorldManager::new();
+    let w = m.init_world("group-all", &ctx.id(), ctx.rank, N).unwrap();
+    let r = ctx.rank;
+    let mine = input(r, C);
+    let blocks = input(r, C * N);
+    let (mut ag, mut rs, mut ga, mut sc, mut a2a) =
+        (vec![0i64; C * N], vec![0i64; C], vec![0i64; C * N], vec![0i64; C], vec![0i64; C * N]);
+    let (mut red, mut ar, mut bc, mut got) = (vec![0i64; C], vec![0i64; C], vec![0i64; C], vec![0i64; C]);
+    let bc_in = input(2, C);
+    {
+        let mut g = w.group();
+        g.all_reduce(&mine, &mut ar, ReduceOp::Sum).unwrap();
+        g.broadcast(if r == 2 { Some(&bc_in[..]) } else { None }, &mut bc, 2).unwrap();
+        g.reduce(&mine, &mut red, ReduceOp::Max, 1).unwrap();
+        g.all_gather(&mine, &mut ag).unwrap();
+        g.reduce_scatter(&blocks, &mut rs, ReduceOp::Sum).unwrap();
+        g.gather(&mine, &mut ga, 0).unwrap();
+        g.scatter(&blocks, &mut sc, 1).unwrap();
+        g.all_to_all(&blocks, &mut a2a).unwrap();
+        g.barrier().unwrap();
+        g.send(&mine, (r + 1) % N).unwrap();
+        g.recv(&mut got, (r + N - 1) % N).unwrap();
+        g.end().unwrap();
+    }
+    let sum = |i: usize| (0..N).map(|q| input(q, C)[i]).sum::<i64>();
+    assert_eq!(ar, (0..C).map(sum).collect::<Vec<_>>(), "all_reduce");
+    assert_eq!(bc, input(2, C), "broadcast");
+    if r == 1 {
+        assert_eq!(red, input(N - 1, C), "reduce (max) at the root");
+    }
+    let gathered: Vec<i64> = (0..N).flat_map(|q| input(q, C)).collect();
+    assert_eq!(ag, gathered, "all_gather");
+    if r == 0 {
+        assert_eq!(ga, gathered, "gather at the root");
+    }
+    let rs_want: Vec<i64> = (0..C).map(|i| (0..N).map(|q| input(q, C * N)[r * C + i]).sum()).collect();
+    assert_eq!(rs, rs_want, "reduce_scatter");
+    assert_eq!(sc, input(1, C * N)[r * C..(r + 1) * C].to_vec(), "scatter from rank 1");
+    let a2a_want: Vec<i64> = (0..N).flat_map(|q| input(q, C * N)[r * C..(r + 1) * C].to_vec()).collect();
+    assert_eq!(a2a, a2a_want, "all_to_all");
+    assert_eq!(got, input((r + N - 1) % N, C), "send/recv");
+    println!("rank {r}: every operation of the group checked");
+}
+
+#[test]
+fn one_group_takes_every_operation() {
+    common::run_ranks("group", 3, &[], Duration::from_secs(60));
 }

@@ -591,6 +591,48 @@ impl<'a> Group<'a> {
         Ok(())
     }
 
+    /// Records a reduce to `root` (`recv` matters on the root only, as in [`World::reduce`]).
+    pub fn reduce<T: Element>(&mut self, send: &'a [T], recv: &'a mut [T], op: ReduceOp, root: usize) -> Result<()> {
+        self.calls.push(self.world.reduce_call(Some(send), recv, op, root)?);
+        Ok(())
+    }
+
+    /// Records an all-gather.
+    pub fn all_gather<T: Element>(&mut self, send: &'a [T], recv: &'a mut [T]) -> Result<()> {
+        self.calls.push(self.world.all_gather_call(Some(send), recv)?);
+        Ok(())
+    }
+
+    /// Records a reduce-scatter.
+    pub fn reduce_scatter<T: Element>(&mut self, send: &'a [T], recv: &'a mut [T], op: ReduceOp) -> Result<()> {
+        self.calls.push(self.world.reduce_scatter_call(Some(send), recv, op)?);
+        Ok(())
+    }
+
+    /// Records a gather to `root`.
+    pub fn gather<T: Element>(&mut self, send: &'a [T], recv: &'a mut [T], root: usize) -> Result<()> {
+        self.calls.push(self.world.gather_call(send, recv, root)?);
+        Ok(())
+    }
+
+    /// Records a scatter from `root`.
+    pub fn scatter<T: Element>(&mut self, send: &'a [T], recv: &'a mut [T], root: usize) -> Result<()> {
+        self.calls.push(self.world.scatter_call(send, recv, root)?);
+        Ok(())
+    }
+
+    /// Records an all-to-all.
+    pub fn all_to_all<T: Element>(&mut self, send: &'a [T], recv: &'a mut [T]) -> Result<()> {
+        self.calls.push(self.world.all_to_all_call(send, recv)?);
+        Ok(())
+    }
+
+    /// Records a barrier.
+    pub fn barrier(&mut self) -> Result<()> {
+        self.calls.push(self.world.barrier_call());
+        Ok(())
+    }
+
     /// Posts everything recorded and waits for all of it; returns the first error.
     pub fn end(mut self) -> Result<()> {
         self.ended = true;
