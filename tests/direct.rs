@@ -14,7 +14,7 @@ use multiworld::{ErrorKind, ReduceOp, WorldManager, WorldOptions};
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
 fn worker() {
-    common::worker_main(&[("pingpong", pingpong), ("mismatch", mismatch), ("dies", dies)]);
+    common::worker_main(&[("pingpong", pingpong), ("mismatch", mismatch), ("dies", dies), ("aborts", aborts)]);
 }
 
 const ROUNDS: u64 = 20_000;
@@ -171,4 +171,34 @@ fn a_peer_killed_mid_exchange_fails_the_next_call() {
     victim.wait_for(Duration::from_secs(5));
     assert!(ok, "survivor failed:\n{}", survivor.log_text());
     println!("{}", survivor.log_text().lines().find(|l| l.contains("failed after")).unwrap_or(""));
+}
+
+/// A send or receive right after `abort()` fails, even where the direct path would take it:
+/// the abort reaches the engine only at its next pass, and the direct path must not run ahead.
+fn aborts(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let w = m.init_world("direct-abort", &ctx.id(), ctx.rank, 2).unwrap();
+    let peer = 1 - ctx.rank;
+    // Warm: one exchange each way on the direct path.
+    if ctx.rank == 0 {
+        w.send(&[1u8; 4], peer).unwrap();
+        w.recv(&mut [0u8; 4], peer).unwrap();
+        w.abort();
+        let e = w.send(&[7u8; 4], peer).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WorldBroken, "send after abort: {e}");
+        let e = w.recv(&mut [0u8; 4], peer).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WorldBroken, "recv after abort: {e}");
+        println!("after abort: {e}");
+    } else {
+        w.recv(&mut [0u8; 4], peer).unwrap();
+        w.send(&[2u8; 4], peer).unwrap();
+        let mut got = [0u8; 4];
+        let r = w.recv(&mut got, peer);
+        assert!(r.is_err(), "a message sent after the peer's abort arrived: {got:?}");
+    }
+}
+
+#[test]
+fn nothing_goes_through_after_abort() {
+    common::run_ranks("aborts", 2, &[], Duration::from_secs(60));
 }

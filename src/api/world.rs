@@ -16,7 +16,7 @@ use crate::api::types::{DataType, Element, ReduceOp};
 use crate::backend::Backend;
 use crate::coll::OpDesc;
 use crate::engine::wire::OpKind;
-use crate::engine::{Posted, WorldStats};
+use crate::engine::{Direct, Posted, WorldStats};
 use crate::sys::buf::RawBuf;
 use crate::sys::sync::{Arc, AtomicBool, AtomicU64, Ordering};
 use crate::transport::TransportKind;
@@ -71,8 +71,6 @@ struct Call {
 /// How long a blocking receive keeps looking for its frame on the direct path before it posts
 /// the call and lets the driver spin and sleep.
 const DIRECT_RECV_SPIN: Duration = Duration::from_micros(20);
-/// Receives larger than this post at once (a frame the direct path could take fits a slot).
-const DIRECT_RECV_SPIN_MAX_BYTES: usize = 32 << 10;
 
 fn desc(kind: OpKind, dtype: DataType, count: usize) -> OpDesc {
     OpDesc { kind, dtype, redop: ReduceOp::Sum, count, root: 0, is_send: false, in_place: false }
@@ -179,17 +177,17 @@ impl World {
         self.usable()?;
         if call.desc.kind == OpKind::P2p {
             // A lone small send or receive on shared memory: done at once when the ring allows
-            // (`engine/direct.rs`). A receive looks again for a few microseconds, as the
-            // driver would spin before sleeping, since its frame is usually just behind.
+            // (`engine/direct.rs`). A receive whose frame is not there yet looks again for a
+            // few microseconds, as the driver would spin before sleeping, since the frame is
+            // usually just behind.
             let backend = &self.inner.backend;
             let mut spin_until = None;
             let mut tries = 0u32;
             loop {
-                if backend.run_direct(&call.desc, call.send, call.recv).is_some() {
-                    return Ok(());
-                }
-                if call.desc.is_send || call.desc.bytes() > DIRECT_RECV_SPIN_MAX_BYTES {
-                    break;
+                match backend.run_direct(&call.desc, call.send, call.recv) {
+                    Direct::Done => return Ok(()),
+                    Direct::No => break,
+                    Direct::Later => {}
                 }
                 tries += 1;
                 if tries % 16 == 0 {

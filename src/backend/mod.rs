@@ -10,7 +10,7 @@ mod native;
 use crate::api::error::BrokenCause;
 use crate::api::request::Progress;
 use crate::coll::OpDesc;
-use crate::engine::{Posted, WorldStats};
+use crate::engine::{Direct, Posted, WorldStats};
 use crate::sys::buf::RawBuf;
 use crate::transport::TransportKind;
 
@@ -23,8 +23,8 @@ pub(crate) trait Backend: Progress {
     fn post_one(&self, op: Posted, driven: bool);
     /// Runs a lone send or receive at once if this backend can (the shared-memory direct path,
     /// `engine/direct.rs`); `None` when the call must be posted.
-    fn run_direct(&self, _desc: &OpDesc, _send: RawBuf, _recv: RawBuf) -> Option<()> {
-        None
+    fn run_direct(&self, _desc: &OpDesc, _send: RawBuf, _recv: RawBuf) -> Direct {
+        Direct::No
     }
     /// Breaks the world from this side: local, non-blocking, idempotent.
     fn abort(&self);

@@ -4,7 +4,7 @@ use super::Backend;
 use crate::api::error::BrokenCause;
 use crate::coll::OpDesc;
 use crate::driver::Driver;
-use crate::engine::{Posted, WorldStats};
+use crate::engine::{Direct, Posted, WorldStats};
 use crate::sys::buf::RawBuf;
 use crate::transport::TransportKind;
 
@@ -17,7 +17,7 @@ impl Backend for Driver {
         Driver::post(self, std::iter::once(op), driven)
     }
 
-    fn run_direct(&self, desc: &OpDesc, send: RawBuf, recv: RawBuf) -> Option<()> {
+    fn run_direct(&self, desc: &OpDesc, send: RawBuf, recv: RawBuf) -> Direct {
         Driver::run_direct(self, desc, send, recv)
     }
 

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::error::{BrokenCause, Error, Result};
 use crate::api::request::{Completion, Progress};
-use crate::engine::{Engine, Posted, WaitSet, WorldStats};
+use crate::engine::{Direct, Engine, Posted, WaitSet, WorldStats};
 use crate::sys::buf::RawBuf;
 use crate::sys::sync::{lock, Arc, AtomicBool, Mutex, MutexGuard, Ordering};
 use crate::sys::{self, EventFd};
@@ -228,13 +228,18 @@ impl Driver {
         debug!("world '{}': progress thread exits", self.name);
     }
 
-    /// Hands operations to the engine. `driven` means the caller will wait for them at once
-    /// (a blocking call) and drive them itself if it can.
-    /// A lone send or receive done at once, if it can be (`engine/direct.rs`).
-    pub(crate) fn run_direct(&self, desc: &crate::coll::OpDesc, send: RawBuf, recv: RawBuf) -> Option<()> {
+    /// A lone send or receive done at once, if it can be (`engine/direct.rs`). An aborted
+    /// world is left to the general path, which fails the call (the abort reaches the engine
+    /// only at the next pass).
+    pub(crate) fn run_direct(&self, desc: &crate::coll::OpDesc, send: RawBuf, recv: RawBuf) -> Direct {
+        if self.aborted.load(Ordering::Acquire) {
+            return Direct::No;
+        }
         self.engine().run_direct(desc, send, recv)
     }
 
+    /// Hands operations to the engine. `driven` means the caller will wait for them at once
+    /// (a blocking call) and drive them itself if it can.
     pub(crate) fn post(&self, ops: impl IntoIterator<Item = Posted>, driven: bool) {
         self.engine().post(ops, Instant::now);
         if self.token.held() {

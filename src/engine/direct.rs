@@ -8,20 +8,46 @@
 //! (an earlier frame in flight, frames moved out of the ring early), and, for a receive, a frame
 //! at the head of the ring whose every field (world, generation, operation, sequence, type,
 //! count, offset, length) is the one the general path would expect. Anything else, including a
-//! full ring, a frame not there yet, a heartbeat, a checksummed frame or a broken world, leaves
-//! every state as it was and returns `None`: the caller then posts the call as usual, and the
-//! general path handles it, reporting mismatches and failures as it always does.
+//! full ring, a heartbeat, a checksummed frame or a broken world, leaves every state as it was
+//! and answers [`Direct::No`] (or, for a receive whose frame is not there yet, [`Direct::Later`]):
+//! the caller then posts the call as usual, and the general path handles it, reporting
+//! mismatches and failures as it always does. The one change before a `No` is a link that
+//! failed under the direct path: the world breaks then, as the general path would break it.
 
 use super::*;
 use crate::transport::shm::SHM_MAX_PAYLOAD;
 
+/// What the direct path did with a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direct {
+    /// Done: the call succeeded.
+    Done,
+    /// A receive whose frame is not in the ring yet, all else being right: worth another look.
+    Later,
+    /// Not for the direct path (nothing was changed): post the call.
+    No,
+}
+
 impl Engine {
-    /// Runs a lone send or receive at once if it can be, as described above. `Some(())` when it
-    /// is done (the call succeeded); `None` to take the general path.
-    pub(crate) fn run_direct(&mut self, desc: &OpDesc, send: RawBuf, recv: RawBuf) -> Option<()> {
+    /// Runs a lone send or receive at once if it can be, as described above.
+    pub(crate) fn run_direct(&mut self, desc: &OpDesc, send: RawBuf, recv: RawBuf) -> Direct {
         if self.broken.is_some() || !self.ops.is_empty() || desc.kind != OpKind::P2p {
-            return None;
+            return Direct::No;
         }
+        match self.p2p_direct(desc, send, recv) {
+            Some(true) => {
+                self.stats.ops_completed += 1;
+                self.stats.direct_ops += 1;
+                Direct::Done
+            }
+            Some(false) => Direct::Later,
+            None => Direct::No,
+        }
+    }
+
+    /// `Some(true)` done, `Some(false)` a receive whose frame is not there yet, `None` not for
+    /// this path.
+    fn p2p_direct(&mut self, desc: &OpDesc, send: RawBuf, recv: RawBuf) -> Option<bool> {
         let (tag, generation) = (world_tag(self.cfg.world_id), self.cfg.generation);
         let len = desc.bytes();
         // One ring slot at most: a larger frame (several frames, or single copy) is not done
@@ -58,9 +84,17 @@ impl Engine {
             }
             .encode();
             let mut written = 0;
-            // A ring frame goes in whole or not at all: a full ring changes nothing.
-            if !matches!(p.link.write(&header, payload, &mut written), Ok(true)) {
-                return None;
+            // A ring frame goes in whole or not at all: a full ring changes nothing. An error
+            // may come after the frame went in (its doorbell failed: the peer is gone), so it
+            // breaks the world here, as the general path would.
+            match p.link.write(&header, payload, &mut written) {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => {
+                    let cause = link_cause(desc.root, e);
+                    self.fail(cause);
+                    return None;
+                }
             }
             p.tx_seq = seq;
             self.stats.bytes_sent += len as u64;
@@ -68,7 +102,11 @@ impl Engine {
             if p.paused || !p.rx_queue.is_empty() || !p.unexpected.is_empty() {
                 return None;
             }
-            let h = p.link.peek().ok()??;
+            let h = match p.link.peek() {
+                Ok(Some(h)) => h,
+                Ok(None) => return Some(false),
+                Err(_) => return None,
+            };
             let expected = h.kind == FrameKind::Data
                 && h.world == tag
                 && h.generation == generation
@@ -100,8 +138,6 @@ impl Engine {
             p.rx_seq += 1;
             self.stats.bytes_received += len as u64;
         }
-        self.stats.ops_completed += 1;
-        self.stats.direct_ops += 1;
-        Some(())
+        Some(true)
     }
 }

@@ -19,6 +19,7 @@
 //!   cause, peers get a best-effort abort frame, links are closed. Nothing is retried.
 
 mod direct;
+pub(crate) use direct::Direct;
 pub(crate) mod health;
 mod rx;
 mod tx;
