@@ -304,11 +304,11 @@ pub(super) fn answer_transport(
             let mut w = &s;
             match seg {
                 Some(Ok(seg)) => {
-                    // The link (and its probe) first, the answer after: the connector probes
-                    // this side once it has the answer.
-                    let link = ShmLink::new(s.try_clone()?, seg, false)?;
+                    // This side's probe before the answer: the connector probes it once it has
+                    // the answer.
+                    crate::transport::shm::publish_probe(&seg, 1);
                     io::Write::write_all(&mut w, &[1])?;
-                    Ok(Box::new(link))
+                    Ok(Box::new(ShmLink::new(s, seg, false)?))
                 }
                 other => {
                     if let Some(Err(e)) = other {

@@ -48,17 +48,19 @@ impl Engine {
     /// `Some(true)` done, `Some(false)` a receive whose frame is not there yet, `None` not for
     /// this path.
     fn p2p_direct(&mut self, desc: &OpDesc, send: RawBuf, recv: RawBuf) -> Option<bool> {
-        let (tag, generation) = (world_tag(self.cfg.world_id), self.cfg.generation);
         let len = desc.bytes();
         // One ring slot at most: a larger frame (several frames, or single copy) is not done
         // in one step.
         if len > SHM_MAX_PAYLOAD {
             return None;
         }
-        let p = self.peers.get_mut(desc.root)?.as_mut()?;
+        let peer = desc.root;
+        let p = self.peers.get_mut(peer)?.as_mut()?;
         if p.gone.is_some() || p.link.kind() != TransportKind::Shm || p.checksum {
             return None;
         }
+        // The only frame of a message of one frame: what the general path sends, and expects.
+        let only_frame = |e: &Self, seq| e.frame_header(desc, seq, 0, 0, len, len);
         if desc.is_send {
             if p.tx.is_some() || !p.tx_queue.is_empty() {
                 return None;
@@ -66,37 +68,13 @@ impl Engine {
             // SAFETY: the caller's buffer, alive and unchanged for the whole call.
             let payload = unsafe { send.bytes(0, len) }?;
             let seq = p.tx_seq + 1;
-            let header = FrameHeader {
-                kind: FrameKind::Data,
-                op: Some(OpKind::P2p),
-                dtype: desc.dtype as u8,
-                redop: 0,
-                generation,
-                msg: 0,
-                world: tag,
-                crc: None,
-                seq,
-                count: desc.count as u64,
-                root: 0,
-                len: len as u32,
-                offset: 0,
-                total: len as u64,
-            }
-            .encode();
+            let header = only_frame(self, seq).encode();
+            let p = self.peers[peer].as_mut()?;
             let mut written = 0;
-            // A ring frame goes in whole or not at all: a full ring changes nothing. An error
-            // may come after the frame went in (its doorbell failed: the peer is gone), so it
-            // breaks the world here, as the general path would.
-            match p.link.write(&header, payload, &mut written) {
-                Ok(true) => {}
-                Ok(false) => return None,
-                Err(e) => {
-                    let cause = link_cause(desc.root, e);
-                    self.fail(cause);
-                    return None;
-                }
-            }
-            p.tx_seq = seq;
+            // A ring frame goes in whole or not at all: a full ring changes nothing.
+            let r = p.link.write(&header, payload, &mut written);
+            self.link_step(peer, r)?;
+            self.peers[peer].as_mut()?.tx_seq = seq;
             self.stats.bytes_sent += len as u64;
         } else {
             if p.paused || !p.rx_queue.is_empty() || !p.unexpected.is_empty() {
@@ -107,37 +85,32 @@ impl Engine {
                 Ok(None) => return Some(false),
                 Err(_) => return None,
             };
-            let expected = h.kind == FrameKind::Data
-                && h.world == tag
-                && h.generation == generation
-                && h.op == Some(OpKind::P2p)
-                && h.crc.is_none()
-                && h.seq == p.rx_seq + 1
-                && h.dtype == desc.dtype as u8
-                && h.redop == 0
-                && h.root == 0
-                && h.msg == 0
-                && h.count == desc.count as u64
-                && h.offset == 0
-                && h.total == len as u64
-                && h.len as usize == len;
-            if !expected {
+            let seq = p.rx_seq + 1;
+            if h != only_frame(self, seq) {
                 return None;
             }
             // SAFETY: the caller's buffer, exclusively theirs for the whole call.
             let dst = unsafe { recv.bytes_mut(0, len) }?;
-            match p.link.consume(Sink::Copy(dst)) {
-                Ok(true) => {}
-                Ok(false) => return None,
-                Err(e) => {
-                    let cause = link_cause(desc.root, e);
-                    self.fail(cause);
-                    return None;
-                }
-            }
-            p.rx_seq += 1;
+            let r = self.peers[peer].as_mut()?.link.consume(Sink::Copy(dst));
+            self.link_step(peer, r)?;
+            self.peers[peer].as_mut()?.rx_seq = seq;
             self.stats.bytes_received += len as u64;
         }
         Some(true)
+    }
+
+    /// The outcome of one write or read of the direct path: `Some` when it completed, `None`
+    /// when it could not (nothing changed). A link error may come after the frame went in or
+    /// out (a doorbell to a peer that is gone), so it breaks the world here, as the general
+    /// path would.
+    fn link_step(&mut self, peer: usize, r: Result<bool, LinkError>) -> Option<()> {
+        match r {
+            Ok(true) => Some(()),
+            Ok(false) => None,
+            Err(e) => {
+                self.fail(link_cause(peer, e));
+                None
+            }
+        }
     }
 }

@@ -372,8 +372,14 @@ impl Engine {
 
     pub(crate) fn stats(&self) -> WorldStats {
         let mut s = self.stats;
-        s.single_copy_bytes += self.peers.iter().flatten().map(|p| p.link.single_copy_bytes()).sum::<u64>();
+        s.single_copy_bytes += self.links_single_copy_bytes();
         s
+    }
+
+    /// What the links still open counted as single-copy bytes (folded into the stats when
+    /// they close).
+    fn links_single_copy_bytes(&self) -> u64 {
+        self.peers.iter().flatten().map(|p| p.link.single_copy_bytes()).sum()
     }
 
     /// Records how many of this rank's links fell back from shared memory to TCP.
@@ -821,7 +827,7 @@ impl Engine {
             }
         }
         // The links go; what they counted stays.
-        self.stats.single_copy_bytes += self.peers.iter().flatten().map(|p| p.link.single_copy_bytes()).sum::<u64>();
+        self.stats.single_copy_bytes += self.links_single_copy_bytes();
         self.peers.clear();
     }
 

@@ -94,17 +94,31 @@ impl Engine {
         len: usize,
         total: usize,
     ) -> FrameHeader {
-        let d = &op.desc;
+        self.frame_header(&op.desc, op.seq, op.steps[step].msg, offset, len, total)
+    }
+
+    /// The header of a data frame of an operation described by `d`, numbered `seq`: its
+    /// message `msg`, bytes `[offset, offset + len)` of `total` (no checksum yet). The direct
+    /// path builds its frames, and the frames it expects, with it too.
+    pub(super) fn frame_header(
+        &self,
+        d: &OpDesc,
+        seq: u64,
+        msg: u32,
+        offset: usize,
+        len: usize,
+        total: usize,
+    ) -> FrameHeader {
         FrameHeader {
             kind: FrameKind::Data,
             op: Some(d.kind),
             dtype: d.dtype as u8,
             redop: if d.kind.reduces() { d.redop as u8 } else { 0 },
             generation: self.cfg.generation,
-            msg: op.steps[step].msg,
+            msg,
             world: world_tag(self.cfg.world_id),
             crc: None,
-            seq: op.seq,
+            seq,
             count: d.count as u64,
             root: if d.kind.rooted() { d.root as u32 } else { 0 },
             len: len as u32,

@@ -138,8 +138,9 @@ impl ShmLink {
             single_copy_bytes: 0,
             single_copy: single_copy_enabled(),
         };
+        // Each side published its probe during the handshake (`bootstrap/link.rs`), before
+        // the other could look for it.
         if link.single_copy {
-            write_probe(&link.seg, side);
             link.probe_peer();
         }
         Ok(link)
