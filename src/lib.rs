@@ -53,6 +53,7 @@ pub use api::id::{UniqueId, UNIQUE_ID_BYTES};
 pub use api::manager::{Event, Formation, NextEvent, Rendezvous, WorldManager};
 pub use api::options::{Checksum, Heartbeat, TransportChoice, WorldOptions};
 pub use api::request::{Failed, Request};
+pub use api::scope::{Scope, ScopedGroup, ScopedRequest};
 pub use api::types::{DataType, Element, ReduceOp};
 pub use api::world::{Group, World, WorldState};
 pub use engine::WorldStats;

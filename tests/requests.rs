@@ -1,19 +1,22 @@
 //! Several operations at once, across real processes: `wait_any` returns the request that
 //! completed first (not the first in the vector), `wait_all` returns every outcome in order, a
 //! failed one included, and one group takes every operation, each result checked against
-//! what is computed here independently.
+//! what is computed here independently. Scoped requests borrow their buffers: a window of
+//! sends of one buffer, receives into pieces of one buffer, a group posted without waiting,
+//! and a scope that returns only once everything posted in it is done, also when the world
+//! breaks.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::Ctx;
-use multiworld::{ErrorKind, ReduceOp, Request, WorldManager};
+use multiworld::{ErrorKind, ReduceOp, Request, ScopedRequest, WorldManager};
 
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
 fn worker() {
-    common::worker_main(&[("any", any), ("group", group)]);
+    common::worker_main(&[("any", any), ("group", group), ("scoped", scoped)]);
 }
 
 /// Rank 0 posts a receive from rank 1 and one from rank 2; rank 2 sends at once, rank 1 only
@@ -128,4 +131,98 @@ fn group(ctx: &Ctx) {
 #[test]
 fn one_group_takes_every_operation() {
     common::run_ranks("group", 3, &[], Duration::from_secs(60));
+}
+
+/// Message `k` of the scoped test: distinct per message and per element.
+fn message(k: u32) -> Vec<u32> {
+    (0..1024u32).map(|i| i.wrapping_mul(7) + 1 + k * 100_000).collect()
+}
+
+/// Two ranks. Rank 0 sends a window of 16 messages from one buffer, rank 1 receives them into
+/// 16 pieces of one buffer and takes them with `wait_any`; then rank 1 answers with 8 messages
+/// sent by a group posted without waiting, which rank 0 receives into pieces of one buffer
+/// without ever waiting on them (the scope waits); an all-reduce in a posted group; a call
+/// with a bad peer; and a scope whose world breaks while a receive is pending.
+fn scoped(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let w = m.init_world("scoped", &ctx.id(), ctx.rank, 2).unwrap();
+    let same = message(0);
+    let answers: Vec<Vec<u32>> = (1..=8).map(message).collect();
+    if ctx.rank == 0 {
+        let mut back = vec![0u32; 8 * 1024];
+        let mut sum = vec![0i64; 3];
+        w.scope(|s| {
+            let window: Vec<_> = (0..16).map(|_| s.send(&same, 1)).collect();
+            let bad = s.send(&same, 5).wait().unwrap_err();
+            assert_eq!(bad.kind(), ErrorKind::InvalidArgument, "{bad}");
+            for r in ScopedRequest::wait_all(window) {
+                r.unwrap();
+            }
+        });
+        // Rank 1 answers only after 100 ms: the receives are still pending at the end of the
+        // scope, which must wait for them.
+        w.scope(|s| {
+            for piece in back.chunks_mut(1024) {
+                let _ = s.recv(piece, 1);
+            }
+        });
+        for (k, piece) in back.chunks(1024).enumerate() {
+            assert_eq!(piece, &answers[k][..], "answer {k}, received in a scope without a wait");
+        }
+        w.scope(|s| {
+            let mut g = s.group();
+            g.all_reduce(&[1i64, 2, 3][..], &mut sum, ReduceOp::Sum).unwrap();
+            let posted = g.post();
+            posted.wait().unwrap();
+        });
+        assert_eq!(sum, vec![11, 22, 33], "all_reduce of a posted group");
+        // The world breaks (rank 1 aborts) while two receives are pending: the scope returns
+        // with the error, and does not hang on the one never waited on.
+        let t = Instant::now();
+        let (mut x, mut y) = (vec![0u8; 8], vec![0u8; 8]);
+        let e = w.scope(|s| {
+            let _never_waited = s.recv(&mut x, 1);
+            s.recv(&mut y, 1).wait()
+        });
+        let e = e.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(20), "the broken scope took {:?}", t.elapsed());
+        println!("scoped: window, answers, posted group and broken scope checked");
+    } else {
+        let mut window = vec![0u32; 16 * 1024];
+        w.scope(|s| {
+            let mut reqs: Vec<_> = window.chunks_mut(1024).map(|piece| s.recv(piece, 0)).collect();
+            let mut seen = Vec::new();
+            while let Some((i, r)) = ScopedRequest::wait_any(&mut reqs) {
+                r.unwrap();
+                seen.push(i);
+            }
+            assert_eq!(seen.len(), 16);
+        });
+        for piece in window.chunks(1024) {
+            assert_eq!(piece, &same[..]);
+        }
+        let mut sum = vec![0i64; 3];
+        std::thread::sleep(Duration::from_millis(100));
+        w.scope(|s| {
+            let mut g = s.group();
+            for a in &answers {
+                g.send(a, 0).unwrap();
+            }
+            let answered = g.post();
+            let mut g = s.group();
+            g.all_reduce(&[10i64, 20, 30][..], &mut sum, ReduceOp::Sum).unwrap();
+            g.end().unwrap();
+            answered.wait().unwrap();
+        });
+        assert_eq!(sum, vec![11, 22, 33]);
+        std::thread::sleep(Duration::from_millis(200));
+        w.abort();
+    }
+}
+
+#[test]
+fn scoped_requests_borrow_buffers_and_the_scope_waits_for_them() {
+    let logs = common::run_ranks("scoped", 2, &[], Duration::from_secs(60));
+    assert!(logs[0].contains("scoped: window, answers"), "{}", logs[0]);
 }

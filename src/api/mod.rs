@@ -8,5 +8,6 @@ pub(crate) mod id;
 pub(crate) mod manager;
 pub(crate) mod options;
 pub(crate) mod request;
+pub(crate) mod scope;
 pub(crate) mod types;
 pub(crate) mod world;

@@ -215,23 +215,13 @@ impl<B: Send + 'static> Request<B> {
     /// vector is empty. The requests may belong to different worlds: their worlds' progress
     /// threads move them while this thread sleeps, and a completion wakes it.
     pub fn wait_any(requests: &mut Vec<Request<B>>) -> Option<(usize, std::result::Result<B, Failed<B>>)> {
-        if requests.is_empty() {
-            return None;
-        }
-        let waker = Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
-        loop {
-            // Registered before the last look: a completion after it unparks this thread, and
-            // a pending unpark makes the next park return at once, so none is missed.
-            let done = requests.iter().position(|r| r.completion.is_done() || !r.completion.register(&waker));
-            if let Some(i) = done {
-                let r = requests.remove(i);
-                return Some((i, r.finish()));
-            }
-            for r in requests.iter() {
-                r.progress.nudge();
-            }
-            std::thread::park_timeout(Duration::from_millis(100));
-        }
+        let i = wait_any_of(
+            requests.len(),
+            |i, waker| requests[i].completion.is_done() || !requests[i].completion.register(waker),
+            |i| requests[i].progress.nudge(),
+        )?;
+        let r = requests.remove(i);
+        Some((i, r.finish()))
     }
 
     /// True once the operation has completed (successfully or not); never blocks.
@@ -255,7 +245,28 @@ impl<B: Send + Unpin + 'static> Future for Request<B> {
     }
 }
 
-/// Wakes a thread parked in [`Request::wait_any`].
+/// Blocks until one of `n` requests is done and returns its index; `None` when `n` is 0.
+/// `done(i, waker)` says whether request `i` is done, registering `waker` on what it still
+/// waits for (a completion that is done by then counts as done); `nudge(i)` asks request `i`'s
+/// world to make progress. The requests may belong to different worlds: their progress threads
+/// move them while this thread sleeps, and a completion wakes it.
+pub(crate) fn wait_any_of(n: usize, done: impl Fn(usize, &Waker) -> bool, nudge: impl Fn(usize)) -> Option<usize> {
+    if n == 0 {
+        return None;
+    }
+    let waker = Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    loop {
+        // Registered before the last look: a completion after it unparks this thread, and a
+        // pending unpark makes the next park return at once, so none is missed.
+        if let Some(i) = (0..n).find(|&i| done(i, &waker)) {
+            return Some(i);
+        }
+        (0..n).for_each(&nudge);
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+}
+
+/// Wakes a thread parked in [`wait_any_of`].
 struct Unpark(std::thread::Thread);
 
 impl std::task::Wake for Unpark {

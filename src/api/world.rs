@@ -2,7 +2,8 @@
 //!
 //! Every operation exists in a blocking form on borrowed slices (returns when done, like a
 //! host-side NCCL call followed by a stream synchronize) and a non-blocking form on owned
-//! vectors that returns a [`Request`]. Arguments are checked here, on this rank, before
+//! vectors that returns a [`Request`]; inside [`World::scope`] (`api/scope.rs`), non-blocking
+//! operations borrow their buffers instead. Arguments are checked here, on this rank, before
 //! anything is sent: a bad call gets an `InvalidArgument` error and changes nothing. Checks
 //! that need the other ranks' calls (counts, types, ops, roots) happen on the wire, in the
 //! engine.
@@ -62,7 +63,7 @@ impl std::fmt::Debug for World {
 }
 
 /// What one call looks like before it is posted.
-struct Call {
+pub(crate) struct Call {
     desc: OpDesc,
     send: RawBuf,
     recv: RawBuf,
@@ -216,14 +217,8 @@ impl World {
         ops: Vec<(OpDesc, RawBuf, RawBuf)>,
         wait: bool,
     ) -> Result<Vec<Arc<Completion>>> {
-        self.usable()?;
-        let completions: Vec<_> = ops.iter().map(|_| Completion::new()).collect();
-        let posted = ops
-            .into_iter()
-            .zip(&completions)
-            .map(|((desc, send, recv), k)| self.posted(Call { desc, send, recv }, k.clone(), None))
-            .collect();
-        self.inner.backend.post(posted, wait);
+        let completions =
+            self.post_calls(ops.into_iter().map(|(desc, send, recv)| Call { desc, send, recv }).collect(), wait)?;
         if wait {
             self.wait_for(&completions);
         }
@@ -236,14 +231,20 @@ impl World {
         self.inner.backend.wait(&all, None);
     }
 
-    /// Posts calls as one batch and waits for all of them; the first error wins.
-    fn run(&self, calls: Vec<Call>) -> Result<()> {
+    /// Posts calls as one batch and returns their completions at once, in order. `driven`: the
+    /// caller waits for them right away (and drives them itself if it can).
+    pub(crate) fn post_calls(&self, calls: Vec<Call>, driven: bool) -> Result<Vec<Arc<Completion>>> {
         self.usable()?;
         let completions: Vec<_> = calls.iter().map(|_| Completion::new()).collect();
         let posted = calls.into_iter().zip(&completions).map(|(c, k)| self.posted(c, k.clone(), None)).collect();
-        self.inner.backend.post(posted, true);
-        let all: Vec<&Completion> = completions.iter().map(|c| &**c).collect();
-        self.inner.backend.wait(&all, None);
+        self.inner.backend.post(posted, driven);
+        Ok(completions)
+    }
+
+    /// Posts calls as one batch and waits for all of them; the first error wins.
+    fn run(&self, calls: Vec<Call>) -> Result<()> {
+        let completions = self.post_calls(calls, true)?;
+        self.wait_for(&completions);
         let mut first = Ok(());
         for c in &completions {
             let r = c.result().unwrap_or_else(|| Err(Error::internal("operation ended without a result")));
@@ -275,7 +276,7 @@ impl World {
 
     // ----- argument checks, shared by blocking and non-blocking forms -----
 
-    fn p2p_call<T: Element>(&self, send: Option<&[T]>, recv: Option<&mut [T]>, peer: usize) -> Result<Call> {
+    pub(crate) fn p2p_call<T: Element>(&self, send: Option<&[T]>, recv: Option<&mut [T]>, peer: usize) -> Result<Call> {
         self.check_rank(peer, "peer")?;
         let is_send = send.is_some();
         let (count, s, r) = match (send, recv) {
@@ -287,7 +288,7 @@ impl World {
         Ok(Call { desc: d, send: s, recv: r })
     }
 
-    fn broadcast_call<T: Element>(
+    pub(crate) fn broadcast_call<T: Element>(
         &self,
         send: Option<&[T]>,
         recv: &mut [T],
@@ -319,7 +320,7 @@ impl World {
         Ok(Call { desc: d, send: send.map_or(RawBuf::EMPTY, RawBuf::from_slice), recv })
     }
 
-    fn all_reduce_call<T: Element>(&self, send: Option<&[T]>, recv: &mut [T], op: ReduceOp) -> Result<Call> {
+    pub(crate) fn all_reduce_call<T: Element>(&self, send: Option<&[T]>, recv: &mut [T], op: ReduceOp) -> Result<Call> {
         if let Some(s) = send {
             self.check_len("all_reduce", "receive", recv.len(), s.len())?;
         }
@@ -554,7 +555,8 @@ impl World {
 }
 
 /// Operations recorded to be posted together (see [`World::group`]). The buffers stay
-/// borrowed until [`Group::end`] returns. Dropping a group without calling `end` ends it too
+/// borrowed until [`Group::end`] returns; a group started in a scope
+/// ([`Scope::group`](crate::Scope::group)) can also be posted without waiting. Dropping a group without calling `end` ends it too
 /// (like cudarc's group guard), but then its result is lost: call `end` to see errors.
 #[must_use = "a group posts nothing until it ends"]
 pub struct Group<'a> {
@@ -629,6 +631,12 @@ impl<'a> Group<'a> {
     pub fn barrier(&mut self) -> Result<()> {
         self.calls.push(self.world.barrier_call());
         Ok(())
+    }
+
+    /// Takes the recorded calls out (the group is then ended, and posts nothing when dropped).
+    pub(crate) fn take_calls(mut self) -> Vec<Call> {
+        self.ended = true;
+        std::mem::take(&mut self.calls)
     }
 
     /// Posts everything recorded and waits for all of it; returns the first error.
