@@ -42,9 +42,9 @@ use std::path::{Path, PathBuf};
 use memmap2::MmapMut;
 
 use super::{Armed, Link, LinkError, Sink, TransportKind};
-use crate::engine::wire::{FrameHeader, OpKind, HEADER_LEN};
-use crate::sys::sync::{AtomicU64, Ordering};
-use crate::transport::shm::ring::{RingCtrl, CTRL_BYTES};
+use crate::engine::wire::{FrameHeader, OpKind, FRAME_MAGIC, HEADER_LEN};
+use crate::sys::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::transport::shm::ring::{RingCtrl, SlotWords, CTRL_BYTES};
 
 /// Slots per ring.
 const SLOTS: u64 = 32;
@@ -85,7 +85,8 @@ pub(crate) struct ShmLink {
     armed: bool,
     /// The socket ended: the peer is gone. Frames still in the ring can be read.
     hung_up: bool,
-    rx_seen: u64,
+    /// This side's copy of the tail of the ring it writes (`ring.rs`).
+    seen_tail: u64,
     traffic: (u64, u64),
     /// 0 for the side that made the segment (it writes ring 0), 1 for the other.
     side: usize,
@@ -130,7 +131,7 @@ impl ShmLink {
             current: None,
             armed: false,
             hung_up: false,
-            rx_seen: 0,
+            seen_tail: 0,
             traffic: (0, 0),
             side,
             peer_pid: None,
@@ -187,7 +188,7 @@ impl ShmLink {
             self.traffic.1 += *written as u64;
             return Ok(true);
         }
-        let Some(slot) = self.ctrl(self.tx).free_slot(SLOTS).map_err(|_| Self::corrupt())? else {
+        let Some(slot) = self.free_slot()? else {
             return Ok(false);
         };
         let p = self.slot_ptr(self.tx, slot);
@@ -196,11 +197,11 @@ impl ShmLink {
         desc[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
         // SAFETY: the slot is the producer's alone until published; header and descriptor fit.
         unsafe {
-            std::ptr::copy_nonoverlapping(header.as_ptr(), p, HEADER_LEN);
+            put_header(p, header);
             std::ptr::copy_nonoverlapping(desc.as_ptr(), p.add(HEADER_LEN), REMOTE_DESC - 8);
         }
         self.revoked(self.tx, slot).store(0, Ordering::Relaxed);
-        if self.ctrl(self.tx).publish(slot) {
+        if self.ctrl(self.tx).publish(slot, &self.words(self.tx)) {
             self.doorbell()?;
         }
         self.remote_tx = Some(slot);
@@ -247,6 +248,19 @@ impl ShmLink {
         Ok(())
     }
 
+    /// The next free slot of the ring this side writes, if any.
+    fn free_slot(&mut self) -> Result<Option<u64>, LinkError> {
+        let mut seen = self.seen_tail;
+        let r = self.ctrl(self.tx).free_slot(SLOTS, &mut seen).map_err(|_| Self::corrupt());
+        self.seen_tail = seen;
+        r
+    }
+
+    /// The sequence words of ring `ring`'s slots.
+    fn words(&self, ring: usize) -> RingWords<'_> {
+        RingWords { link: self, ring }
+    }
+
     fn ctrl(&self, ring: usize) -> &RingCtrl {
         // SAFETY: the segment is SEGMENT_BYTES long and page aligned; control block `ring`
         // (0 or 1) lies in its first page, suitably aligned, and a zeroed block is valid.
@@ -289,6 +303,41 @@ impl ShmLink {
 
     fn gone() -> LinkError {
         LinkError::Closed("peer closed the connection".into())
+    }
+}
+
+/// A slot's sequence word is its first four bytes, where a frame header has its magic number:
+/// on a ring the word marks where a frame starts (and that it is complete), which is what the
+/// magic does on a byte stream. The writer copies the header without them and publishes the
+/// word last; the reader puts the magic back before decoding.
+const WORD_BYTES: usize = 4;
+const _: () = assert!(SLOT_BYTES % 64 == 0 && RINGS_AT % 64 == 0);
+
+/// Writes `header` into the slot at `p`, all but the bytes of its sequence word.
+///
+/// # Safety
+/// `p` is a slot this side may write (free, not yet published), and `header` is
+/// `HEADER_LEN` bytes long (`Link::write` checks it first).
+unsafe fn put_header(p: *mut u8, header: &[u8]) {
+    debug_assert_eq!(header.len(), HEADER_LEN);
+    // SAFETY: the caller's slot has room for a header; `header` is a whole one.
+    unsafe {
+        std::ptr::copy_nonoverlapping(header.as_ptr().add(WORD_BYTES), p.add(WORD_BYTES), HEADER_LEN - WORD_BYTES)
+    }
+}
+
+/// The sequence words of one ring of a link's segment.
+struct RingWords<'a> {
+    link: &'a ShmLink,
+    ring: usize,
+}
+
+impl SlotWords for RingWords<'_> {
+    fn word(&self, slot: u64) -> &AtomicU32 {
+        // SAFETY: a slot starts 64-byte aligned in a page-aligned map (asserted above), so its
+        // first four bytes are a valid, aligned AtomicU32 for as long as the link (and its map)
+        // lives; both sides only use them atomically.
+        unsafe { &*(self.link.slot_ptr(self.ring, slot) as *const AtomicU32) }
     }
 }
 
@@ -356,18 +405,17 @@ impl Link for ShmLink {
         if payload.len() > SHM_MAX_PAYLOAD {
             return self.write_single_copy(header, payload, written);
         }
-        let ring = self.ctrl(self.tx);
-        let Some(slot) = ring.free_slot(SLOTS).map_err(|_| Self::corrupt())? else {
+        let Some(slot) = self.free_slot()? else {
             return Ok(false);
         };
         let p = self.slot_ptr(self.tx, slot);
         // SAFETY: the ring protocol gives this slot to the producer alone until it is
         // published; header and payload fit the slot (checked above).
         unsafe {
-            std::ptr::copy_nonoverlapping(header.as_ptr(), p, HEADER_LEN);
+            put_header(p, header);
             std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(HEADER_LEN), payload.len());
         }
-        if self.ctrl(self.tx).publish(slot) {
+        if self.ctrl(self.tx).publish(slot, &self.words(self.tx)) {
             self.doorbell()?;
         }
         *written = HEADER_LEN + payload.len();
@@ -386,22 +434,19 @@ impl Link for ShmLink {
         if std::mem::take(&mut self.armed) {
             self.drain_doorbells();
         }
-        let published = self.ctrl(self.rx).published();
-        if published != self.rx_seen {
-            self.rx_seen = published;
-            self.traffic.0 += 1;
-        }
-        let slot = match self.ctrl(self.rx).full_slot(SLOTS).map_err(|_| Self::corrupt())? {
+        let slot = match self.ctrl(self.rx).full_slot(&self.words(self.rx)) {
             Some(s) => s,
             // Everything the peer sent has been read: if it is gone, that is the end.
             None if self.hung_up => return Err(Self::gone()),
             None => return Ok(None),
         };
         let p = self.slot_ptr(self.rx, slot);
+        let mut hb = [0u8; HEADER_LEN];
         // SAFETY: a published slot belongs to the consumer until released; its header bytes
         // are in bounds.
-        let hb = unsafe { std::slice::from_raw_parts(p, HEADER_LEN) };
-        let h = FrameHeader::decode(hb).map_err(LinkError::Protocol)?;
+        unsafe { std::ptr::copy_nonoverlapping(p, hb.as_mut_ptr(), HEADER_LEN) };
+        hb[..WORD_BYTES].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+        let h = FrameHeader::decode(&hb).map_err(LinkError::Protocol)?;
         if h.len as usize > SHM_MAX_PAYLOAD && (self.peer_pid.is_none() || h.len as usize > CMA_MAX_PAYLOAD) {
             return Err(LinkError::Protocol(format!("frame of {} bytes is over the slot size", h.len)));
         }
@@ -467,7 +512,9 @@ impl Link for ShmLink {
     }
 
     fn traffic(&self) -> (u64, u64) {
-        self.traffic
+        // Frames the peer published (read here, when liveness asks, not on every look at the
+        // ring: the counter's line stays in the peer's cache meanwhile).
+        (self.ctrl(self.rx).published(), self.traffic.1)
     }
 
     fn arm(&mut self, read: bool, write: bool) -> Armed {
@@ -476,14 +523,19 @@ impl Link for ShmLink {
             // The socket stays readable for ever now; only the ring can change, and it cannot.
             return Armed::Idle;
         }
-        if read && self.current.is_none() && !self.ctrl(self.rx).consumer_may_sleep(SLOTS) {
+        if read && self.current.is_none() && !self.ctrl(self.rx).consumer_may_sleep(&self.words(self.rx)) {
             return Armed::Ready;
         }
         if write {
             let may_sleep = match self.remote_tx {
                 // Waiting for the peer to finish reading this side's buffer.
                 Some(slot) => self.ctrl(self.tx).producer_may_sleep_until_released(slot),
-                None => self.ctrl(self.tx).producer_may_sleep(SLOTS),
+                None => {
+                    let mut seen = self.seen_tail;
+                    let may = self.ctrl(self.tx).producer_may_sleep(SLOTS, &mut seen);
+                    self.seen_tail = seen;
+                    may
+                }
             };
             if !may_sleep {
                 return Armed::Ready;
@@ -510,7 +562,7 @@ impl Link for ShmLink {
         if self.current.is_some_and(|(h, _)| h.len as usize > SHM_MAX_PAYLOAD) {
             return true;
         }
-        matches!(self.ctrl(self.rx).full_slot(SLOTS), Ok(Some(_))) && self.ctrl(self.rx).in_use(SLOTS) >= SLOTS
+        self.ctrl(self.rx).full_slot(&self.words(self.rx)).is_some() && self.ctrl(self.rx).in_use(SLOTS) >= SLOTS
     }
 
     fn revoke(&mut self) {

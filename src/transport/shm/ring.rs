@@ -1,12 +1,22 @@
 //! The protocol of a single-producer, single-consumer ring of slots, and its sleep/wake
 //! handshake. The control block lives in memory shared by two processes (`transport/shm.rs`
-//! places it in a mapped segment); the slots' contents are the caller's business.
+//! places it in a mapped segment); the slots' contents are the caller's business, but for one
+//! word per slot: its sequence word.
 //!
 //! - `head` counts slots the producer has filled and published; `tail` counts slots the
 //!   consumer has finished with. Slot `i` lives at index `i % n`. The producer fills a slot
-//!   only while `head - tail < n`, the consumer reads one only while `tail < head`, so the two
-//!   never touch the same slot at once. Publishing is a release store, observing an acquire
-//!   load, so a slot's bytes are visible before its index is.
+//!   only while `head - tail < n`, the consumer reads one only while it is published, so the
+//!   two never touch the same slot at once.
+//! - **Publishing** writes the slot's sequence word, `(i + 1) as u32`, with a release store
+//!   after the slot's bytes; the consumer polls the word of slot `tail` with an acquire load
+//!   and takes the slot when it reads `tail + 1`. So the consumer waits on the line it is about
+//!   to read anyway (with the frame header beside the word), not on a counter on a line of its
+//!   own: a small frame crosses cores in one or two cache lines instead of three or four. A
+//!   word left from the lap before reads `tail + 1 - n`, never `tail + 1`. The producer still
+//!   advances `head`, on its own line, for liveness and for the sleep handshake below.
+//! - **Releasing** stores `tail`. The producer keeps the last `tail` it read and reads the
+//!   shared one again only when that copy says the ring is full, so `tail`'s line crosses
+//!   cores about once per lap, not once per frame.
 //! - Either side spins briefly, then sleeps on a doorbell (a byte on a socket, in the shm
 //!   transport). Before sleeping it raises its `sleeping` flag and looks once more; after
 //!   publishing (or releasing) the other side looks at that flag and rings if it is raised.
@@ -19,9 +29,9 @@
 //!   model forbids; a read-modify-write always reads the latest value). It costs nothing
 //!   that matters: the flag is raised only on the way to sleep.
 //!
-//! A zeroed control block is a valid empty ring.
+//! A zeroed control block and zeroed slots are a valid empty ring.
 
-use crate::sys::sync::{fence, AtomicBool, AtomicU64, Ordering};
+use crate::sys::sync::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// One cache line per field, so that producer and consumer do not false-share.
 #[repr(C, align(64))]
@@ -38,6 +48,17 @@ pub(crate) struct RingCtrl {
 
 /// Bytes of a control block in shared memory.
 pub(crate) const CTRL_BYTES: usize = std::mem::size_of::<RingCtrl>();
+
+/// Where the sequence word of each slot is (the slots' layout is the caller's).
+pub(crate) trait SlotWords {
+    /// The sequence word of slot `slot` (any index: the ring is `slot % n`).
+    fn word(&self, slot: u64) -> &AtomicU32;
+}
+
+/// The value of slot `slot`'s sequence word once it is published.
+fn published_word(slot: u64) -> u32 {
+    slot.wrapping_add(1) as u32
+}
 
 /// What the ring's counters say, when they cannot be right (a peer wrote nonsense into shared
 /// memory).
@@ -64,27 +85,35 @@ impl RingCtrl {
         }
     }
 
-    /// Producer: the number of the next free slot, if one is free.
-    pub(crate) fn free_slot(&self, n: u64) -> Result<Option<u64>, Corrupt> {
+    /// Producer: the number of the next free slot, if one is free. `seen_tail` is the
+    /// producer's copy of `tail`, read again only when the copy says the ring is full.
+    pub(crate) fn free_slot(&self, n: u64, seen_tail: &mut u64) -> Result<Option<u64>, Corrupt> {
         let head = self.head.0.load(Ordering::Relaxed);
-        let tail = self.tail.0.load(Ordering::Acquire);
-        Ok((self.in_flight(head, tail, n)? < n).then_some(head))
+        if self.in_flight(head, *seen_tail, n)? < n {
+            return Ok(Some(head));
+        }
+        *seen_tail = self.tail.0.load(Ordering::Acquire);
+        Ok((self.in_flight(head, *seen_tail, n)? < n).then_some(head))
     }
 
-    /// Producer: publishes slot `slot` (as returned by `free_slot`, now filled). True when
-    /// the consumer sleeps and must be woken.
-    pub(crate) fn publish(&self, slot: u64) -> bool {
+    /// Producer: publishes slot `slot` (as returned by `free_slot`, now filled) through its
+    /// word. True when the consumer sleeps and must be woken.
+    pub(crate) fn publish(&self, slot: u64, slots: &impl SlotWords) -> bool {
+        slots.word(slot).store(published_word(slot), Ordering::Release);
         self.head.0.store(slot.wrapping_add(1), Ordering::Release);
         fence(Ordering::SeqCst);
         self.consumer_sleeping.0.load(Ordering::Relaxed) && self.consumer_sleeping.0.swap(false, Ordering::AcqRel)
     }
 
-    /// Producer, about to sleep until a slot frees: raises its flag and looks again. True when
-    /// it may sleep; false when a slot is free after all (flag lowered).
-    pub(crate) fn producer_may_sleep(&self, n: u64) -> bool {
+    /// Producer, about to sleep until a slot frees: raises its flag and looks again (at the
+    /// shared `tail`, which it copies into `seen_tail`). True when it may sleep; false when a
+    /// slot is free after all (flag lowered).
+    pub(crate) fn producer_may_sleep(&self, n: u64, seen_tail: &mut u64) -> bool {
         self.producer_sleeping.0.swap(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        if matches!(self.free_slot(n), Ok(Some(_)) | Err(_)) {
+        *seen_tail = self.tail.0.load(Ordering::Acquire);
+        let head = self.head.0.load(Ordering::Relaxed);
+        if !matches!(self.in_flight(head, *seen_tail, n), Ok(d) if d >= n) {
             self.producer_sleeping.0.store(false, Ordering::Relaxed);
             return false;
         }
@@ -112,10 +141,9 @@ impl RingCtrl {
     }
 
     /// Consumer: the number of the oldest published slot not yet released, if any.
-    pub(crate) fn full_slot(&self, n: u64) -> Result<Option<u64>, Corrupt> {
+    pub(crate) fn full_slot(&self, slots: &impl SlotWords) -> Option<u64> {
         let tail = self.tail.0.load(Ordering::Relaxed);
-        let head = self.head.0.load(Ordering::Acquire);
-        Ok((self.in_flight(head, tail, n)? > 0).then_some(tail))
+        (slots.word(tail).load(Ordering::Acquire) == published_word(tail)).then_some(tail)
     }
 
     /// Consumer: releases slot `slot` (as returned by `full_slot`, now read). True when the
@@ -128,10 +156,10 @@ impl RingCtrl {
 
     /// Consumer, about to sleep until a slot is published: raises its flag and looks again.
     /// True when it may sleep; false when a slot arrived after all (flag lowered).
-    pub(crate) fn consumer_may_sleep(&self, n: u64) -> bool {
+    pub(crate) fn consumer_may_sleep(&self, slots: &impl SlotWords) -> bool {
         self.consumer_sleeping.0.swap(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        if matches!(self.full_slot(n), Ok(Some(_)) | Err(_)) {
+        if self.full_slot(slots).is_some() {
             self.consumer_sleeping.0.store(false, Ordering::Relaxed);
             return false;
         }
@@ -151,36 +179,77 @@ impl RingCtrl {
     }
 }
 
+/// Sequence words of a ring of `n` slots, on their own (tests and loom models).
+#[cfg(any(test, loom))]
+pub(crate) struct Words(pub Vec<AtomicU32>);
+
+#[cfg(any(test, loom))]
+impl Words {
+    pub(crate) fn new(n: u64) -> Words {
+        Words((0..n).map(|_| AtomicU32::new(0)).collect())
+    }
+}
+
+#[cfg(any(test, loom))]
+impl SlotWords for Words {
+    fn word(&self, slot: u64) -> &AtomicU32 {
+        &self.0[(slot % self.0.len() as u64) as usize]
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
     #[test]
     fn counts_and_refuses_nonsense() {
-        let r = RingCtrl::new();
-        assert_eq!(r.full_slot(2), Ok(None));
-        let a = r.free_slot(2).unwrap().unwrap();
-        assert!(!r.publish(a));
-        let b = r.free_slot(2).unwrap().unwrap();
-        r.publish(b);
-        assert_eq!(r.free_slot(2), Ok(None));
-        assert!(r.producer_may_sleep(2));
-        assert_eq!(r.full_slot(2), Ok(Some(0)));
+        let (r, w, mut seen) = (RingCtrl::new(), Words::new(2), 0);
+        assert_eq!(r.full_slot(&w), None);
+        let a = r.free_slot(2, &mut seen).unwrap().unwrap();
+        assert!(!r.publish(a, &w));
+        let b = r.free_slot(2, &mut seen).unwrap().unwrap();
+        r.publish(b, &w);
+        assert_eq!(r.free_slot(2, &mut seen), Ok(None));
+        assert!(r.producer_may_sleep(2, &mut seen));
+        assert_eq!(r.full_slot(&w), Some(0));
         assert!(r.release(0), "the sleeping producer must be rung");
-        assert!(!r.producer_may_sleep(2));
-        // A peer that writes a head far ahead of the tail is caught, not trusted.
-        r.head.0.store(1000, Ordering::Relaxed);
-        assert_eq!(r.full_slot(2), Err(Corrupt));
-        assert_eq!(r.free_slot(2), Err(Corrupt));
+        assert!(!r.producer_may_sleep(2, &mut seen));
+        assert_eq!(r.full_slot(&w), Some(1));
+        r.release(1);
+        // Slot 0's word still says lap one: not published again until the producer writes it.
+        assert_eq!(r.full_slot(&w), None);
+        let c = r.free_slot(2, &mut seen).unwrap().unwrap();
+        assert_eq!(c, 2);
+        r.publish(c, &w);
+        assert_eq!(r.full_slot(&w), Some(2));
+        // A peer that writes a tail far behind the head is caught, not trusted.
+        r.tail.0.store(1000, Ordering::Relaxed);
+        let mut stale = 0;
+        r.head.0.store(2000, Ordering::Relaxed);
+        assert_eq!(r.free_slot(2, &mut stale), Err(Corrupt));
+    }
+
+    #[test]
+    fn the_producer_reads_the_shared_tail_only_when_its_copy_says_full() {
+        let (r, w, mut seen) = (RingCtrl::new(), Words::new(4), 0);
+        for _ in 0..4 {
+            let s = r.free_slot(4, &mut seen).unwrap().unwrap();
+            r.publish(s, &w);
+        }
+        let s = r.full_slot(&w).unwrap();
+        r.release(s);
+        assert_eq!(seen, 0, "not read while the copy said there was room");
+        assert_eq!(r.free_slot(4, &mut seen), Ok(Some(4)));
+        assert_eq!(seen, 1, "read again once the copy said full");
     }
 
     #[test]
     fn a_producer_waits_for_the_release_of_one_slot() {
-        let r = RingCtrl::new();
-        let a = r.free_slot(4).unwrap().unwrap();
-        r.publish(a);
-        let b = r.free_slot(4).unwrap().unwrap();
-        r.publish(b);
+        let (r, w, mut seen) = (RingCtrl::new(), Words::new(4), 0);
+        let a = r.free_slot(4, &mut seen).unwrap().unwrap();
+        r.publish(a, &w);
+        let b = r.free_slot(4, &mut seen).unwrap().unwrap();
+        r.publish(b, &w);
         assert!(!r.released(a) && !r.released(b));
         // Free slots do not wake a producer that waits for `b` in particular.
         assert!(r.producer_may_sleep_until_released(b));
@@ -240,12 +309,14 @@ mod loom_models {
     fn loom_ring_single_copy_frame_is_released_after_it_is_read() {
         loom::model(|| {
             let ring = Arc::new(RingCtrl::new());
+            let words = Arc::new(Words::new(N));
             let buffer = Arc::new(UnsafeCell::new(0u64));
             let (to_consumer, to_producer) = (Arc::new(Bell::default()), Arc::new(Bell::default()));
             let consumer = {
-                let (ring, buffer, tc, tp) = (ring.clone(), buffer.clone(), to_consumer.clone(), to_producer.clone());
+                let (ring, words, buffer, tc, tp) =
+                    (ring.clone(), words.clone(), buffer.clone(), to_consumer.clone(), to_producer.clone());
                 loom::thread::spawn(move || loop {
-                    if let Some(s) = ring.full_slot(N).unwrap() {
+                    if let Some(s) = ring.full_slot(&*words) {
                         // SAFETY: the producer does not touch its buffer until released.
                         let got = buffer.with(|p| unsafe { *p });
                         assert_eq!(got, 7);
@@ -254,15 +325,15 @@ mod loom_models {
                         }
                         break;
                     }
-                    if ring.consumer_may_sleep(N) {
+                    if ring.consumer_may_sleep(&*words) {
                         tc.sleep();
                     }
                 })
             };
             // SAFETY: nobody reads the buffer before the slot is published.
             buffer.with_mut(|p| unsafe { *p = 7 });
-            let s = ring.free_slot(N).unwrap().unwrap();
-            if ring.publish(s) {
+            let s = ring.free_slot(N, &mut 0).unwrap().unwrap();
+            if ring.publish(s, &*words) {
                 to_consumer.ring();
             }
             while !ring.released(s) {
@@ -284,22 +355,26 @@ mod loom_models {
     fn loom_ring_delivers_in_order_without_lost_wakeups() {
         loom::model(|| {
             let ring = Arc::new(RingCtrl::new());
+            let words = Arc::new(Words::new(N));
             let slots: Arc<Vec<UnsafeCell<u64>>> = Arc::new((0..N).map(|_| UnsafeCell::new(0)).collect());
             let (to_consumer, to_producer) = (Arc::new(Bell::default()), Arc::new(Bell::default()));
             let producer = {
-                let (ring, slots, tc, tp) = (ring.clone(), slots.clone(), to_consumer.clone(), to_producer.clone());
+                let (ring, words, slots, tc, tp) =
+                    (ring.clone(), words.clone(), slots.clone(), to_consumer.clone(), to_producer.clone());
                 loom::thread::spawn(move || {
+                    // The producer's own copy of the tail.
+                    let mut seen = 0;
                     for v in 1..=ITEMS {
                         loop {
-                            if let Some(s) = ring.free_slot(N).unwrap() {
+                            if let Some(s) = ring.free_slot(N, &mut seen).unwrap() {
                                 // SAFETY: the ring protocol gives the producer this slot alone.
                                 slots[(s % N) as usize].with_mut(|p| unsafe { *p = v });
-                                if ring.publish(s) {
+                                if ring.publish(s, &*words) {
                                     tc.ring();
                                 }
                                 break;
                             }
-                            if ring.producer_may_sleep(N) {
+                            if ring.producer_may_sleep(N, &mut seen) {
                                 tp.sleep();
                             }
                         }
@@ -308,7 +383,7 @@ mod loom_models {
             };
             for v in 1..=ITEMS {
                 loop {
-                    if let Some(s) = ring.full_slot(N).unwrap() {
+                    if let Some(s) = ring.full_slot(&*words) {
                         // SAFETY: the ring protocol gives the consumer this slot alone.
                         let got = slots[(s % N) as usize].with(|p| unsafe { *p });
                         assert_eq!(got, v);
@@ -317,7 +392,7 @@ mod loom_models {
                         }
                         break;
                     }
-                    if ring.consumer_may_sleep(N) {
+                    if ring.consumer_may_sleep(&*words) {
                         to_consumer.sleep();
                     }
                 }
