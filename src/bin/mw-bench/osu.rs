@@ -32,9 +32,40 @@ fn pin(core: usize) {
     }
 }
 
+/// A buffer of `n` elements set to `v` that starts on a page boundary, as `mpi_bench.c`'s
+/// (`posix_memalign(4096)`): the alignment of both sides' buffers decides how fast a copy
+/// runs, so both benchmarks use the same.
+struct PageBuf<T> {
+    store: Vec<T>,
+    at: usize,
+    n: usize,
+}
+
+impl<T: Copy> PageBuf<T> {
+    fn new(n: usize, v: T) -> PageBuf<T> {
+        let per_page = 4096 / std::mem::size_of::<T>();
+        let store = vec![v; n + per_page];
+        let at = (4096 - store.as_ptr() as usize % 4096) % 4096 / std::mem::size_of::<T>();
+        PageBuf { store, at, n }
+    }
+}
+
+impl<T> std::ops::Deref for PageBuf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.store[self.at..self.at + self.n]
+    }
+}
+
+impl<T> std::ops::DerefMut for PageBuf<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.store[self.at..self.at + self.n]
+    }
+}
+
 fn latency(w: &World, rank: usize, size: usize) -> f64 {
     let (warm, iters) = if size >= 65536 { (1000, 5000) } else { (5000, 20000) };
-    let mut buf = vec![1u8; size];
+    let mut buf = PageBuf::new(size, 1u8);
     let mut rt = Vec::with_capacity(iters);
     w.barrier().expect("barrier");
     for i in 0..warm + iters {
@@ -167,7 +198,7 @@ pub(crate) fn run(b: &Bench) {
         out(format!("mw p2p_lat bytes={size} np=2 us={us:.3}"));
     }
     let comm = c_comm(b);
-    let mut buf = vec![1u8; 64 << 20];
+    let mut buf = PageBuf::new(64 << 20, 1u8);
     for size in [65536usize, 1 << 20, 16 << 20, 64 << 20] {
         let (gbps, win) = bandwidth(b, comm, &mut buf, size);
         out(format!("mw p2p_bw bytes={size} np=2 GBps={gbps:.3} window={win}"));
@@ -175,8 +206,8 @@ pub(crate) fn run(b: &Bench) {
     // SAFETY: a handle from mwCommInitRank, not used after this.
     check("mwCommDestroy", unsafe { ffi::mwCommDestroy(comm) });
     drop(buf);
-    let send = vec![1f32; 16 << 20];
-    let mut recv = vec![0f32; 16 << 20];
+    let send = PageBuf::new(16 << 20, 1f32);
+    let mut recv = PageBuf::new(16 << 20, 0f32);
     for bytes in [4096usize, 1 << 20, 16 << 20, 64 << 20] {
         let n = bytes / 4;
         let (s, it) = all_reduce(b, &send[..n], &mut recv[..n]);

@@ -55,7 +55,14 @@ const SLOTS: u64 = 32;
 /// that both cores copy at once, and small frames still cycle through the whole ring
 /// (`docs/benchmarks.md`).
 pub(crate) const SHM_MAX_PAYLOAD: usize = 32 << 10;
-const SLOT_BYTES: usize = HEADER_LEN + SHM_MAX_PAYLOAD;
+/// A slot: the header, then the payload at `HEADER_LEN + pad`, where `pad` is the sender's
+/// payload address modulo 64 (up to 63 bytes), carried in the slot's sequence word. Then both
+/// copies, into the slot and out of it, run between mutually aligned addresses whenever the
+/// two buffers are alike modulo 64 (as buffers from the same allocator usually are): a copy
+/// whose source and destination disagree modulo 32 ran at 13-16 GB/s here, against 20-27
+/// when they agree (`docs/benchmarks.md`).
+const SLOT_BYTES: usize = HEADER_LEN + SHM_MAX_PAYLOAD + 64;
+const _: () = assert!(ring::TAG_BITS >= 6);
 /// Largest payload of a single-copy frame: the wire's limit (a few round trips per message).
 pub(crate) const CMA_MAX_PAYLOAD: usize = crate::engine::wire::MAX_FRAME_PAYLOAD;
 /// Sizes of the messages that go by single copy (`max_payload`).
@@ -201,7 +208,7 @@ impl ShmLink {
             std::ptr::copy_nonoverlapping(desc.as_ptr(), p.add(HEADER_LEN), REMOTE_DESC - 8);
         }
         self.revoked(self.tx, slot).store(0, Ordering::Relaxed);
-        if self.ctrl(self.tx).publish(slot, &self.words(self.tx)) {
+        if self.ctrl(self.tx).publish(slot, 0, &self.words(self.tx)) {
             self.doorbell()?;
         }
         self.remote_tx = Some(slot);
@@ -409,13 +416,14 @@ impl Link for ShmLink {
             return Ok(false);
         };
         let p = self.slot_ptr(self.tx, slot);
+        let pad = payload.as_ptr() as usize % 64;
         // SAFETY: the ring protocol gives this slot to the producer alone until it is
-        // published; header and payload fit the slot (checked above).
+        // published; header, pad and payload fit the slot (checked above).
         unsafe {
             put_header(p, header);
-            std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(HEADER_LEN), payload.len());
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(HEADER_LEN + pad), payload.len());
         }
-        if self.ctrl(self.tx).publish(slot, &self.words(self.tx)) {
+        if self.ctrl(self.tx).publish(slot, pad as u32, &self.words(self.tx)) {
             self.doorbell()?;
         }
         *written = HEADER_LEN + payload.len();
@@ -494,8 +502,10 @@ impl Link for ShmLink {
             }
             return Ok(true);
         }
-        // SAFETY: as in peek; the payload length was checked against the slot size.
-        let payload = unsafe { std::slice::from_raw_parts(p.add(HEADER_LEN), len) };
+        let pad = self.ctrl(self.rx).tag(slot, &self.words(self.rx)) as usize;
+        // SAFETY: as in peek; the payload length was checked against the slot size, and a
+        // tag is below 64, so pad and payload fit the slot.
+        let payload = unsafe { std::slice::from_raw_parts(p.add(HEADER_LEN + pad), len) };
         match sink {
             Sink::Copy(dst) if dst.len() != len => {
                 self.current = Some((h, slot));
@@ -652,6 +662,26 @@ mod tests {
         assert!(seen == data);
         assert!(tx.write(&header(data.len()), &data, &mut written).unwrap());
         assert_eq!(rx.single_copy_bytes(), (SHM_MAX_PAYLOAD + 1 + (300 << 10) + CMA_MAX_PAYLOAD + (300 << 10)) as u64);
+    }
+
+    #[test]
+    fn payloads_from_every_alignment_and_of_a_whole_slot_arrive_intact() {
+        let (mut tx, mut rx) = pair();
+        let big = pattern(SHM_MAX_PAYLOAD + 64, 5);
+        // Every start modulo 64 (the slot's pad), more than a lap of the ring, lengths up to a
+        // whole slot at the largest pad.
+        for i in 0..(2 * SLOTS as usize + 64) {
+            let at = i % 64;
+            let len = if i % 7 == 0 { SHM_MAX_PAYLOAD } else { (i * 997) % SHM_MAX_PAYLOAD + 1 };
+            let data = &big[at..at + len];
+            let mut written = 0;
+            assert!(tx.write(&header(len), data, &mut written).unwrap(), "a free slot");
+            assert_eq!(rx.peek().unwrap().unwrap().len as usize, len);
+            let mut out = vec![0u8; len];
+            assert!(rx.consume(Sink::Copy(&mut out)).unwrap());
+            assert!(out == data, "payload {i} ({len} bytes from offset {at}) differs");
+        }
+        assert!(rx.peek().unwrap().is_none());
     }
 
     #[test]

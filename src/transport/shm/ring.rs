@@ -55,9 +55,14 @@ pub(crate) trait SlotWords {
     fn word(&self, slot: u64) -> &AtomicU32;
 }
 
-/// The value of slot `slot`'s sequence word once it is published.
-fn published_word(slot: u64) -> u32 {
-    slot.wrapping_add(1) as u32
+/// Low bits of a sequence word that carry the caller's tag (`publish`); the rest count laps.
+pub(crate) const TAG_BITS: u32 = 6;
+const TAG_MASK: u32 = (1 << TAG_BITS) - 1;
+
+/// The value of slot `slot`'s sequence word once it is published with `tag`: the slot's
+/// number plus one (modulo 2^26, far more than the slots of a ring), then the tag.
+fn published_word(slot: u64, tag: u32) -> u32 {
+    ((slot.wrapping_add(1) as u32) << TAG_BITS) | (tag & TAG_MASK)
 }
 
 /// What the ring's counters say, when they cannot be right (a peer wrote nonsense into shared
@@ -97,9 +102,10 @@ impl RingCtrl {
     }
 
     /// Producer: publishes slot `slot` (as returned by `free_slot`, now filled) through its
-    /// word. True when the consumer sleeps and must be woken.
-    pub(crate) fn publish(&self, slot: u64, slots: &impl SlotWords) -> bool {
-        slots.word(slot).store(published_word(slot), Ordering::Release);
+    /// word, with a tag of [`TAG_BITS`] bits for the consumer. True when the consumer sleeps
+    /// and must be woken.
+    pub(crate) fn publish(&self, slot: u64, tag: u32, slots: &impl SlotWords) -> bool {
+        slots.word(slot).store(published_word(slot, tag), Ordering::Release);
         self.head.0.store(slot.wrapping_add(1), Ordering::Release);
         fence(Ordering::SeqCst);
         self.consumer_sleeping.0.load(Ordering::Relaxed) && self.consumer_sleeping.0.swap(false, Ordering::AcqRel)
@@ -143,7 +149,13 @@ impl RingCtrl {
     /// Consumer: the number of the oldest published slot not yet released, if any.
     pub(crate) fn full_slot(&self, slots: &impl SlotWords) -> Option<u64> {
         let tail = self.tail.0.load(Ordering::Relaxed);
-        (slots.word(tail).load(Ordering::Acquire) == published_word(tail)).then_some(tail)
+        let word = slots.word(tail).load(Ordering::Acquire);
+        (word & !TAG_MASK == published_word(tail, 0)).then_some(tail)
+    }
+
+    /// Consumer: the tag that slot `slot` (as returned by `full_slot`) was published with.
+    pub(crate) fn tag(&self, slot: u64, slots: &impl SlotWords) -> u32 {
+        slots.word(slot).load(Ordering::Relaxed) & TAG_MASK
     }
 
     /// Consumer: releases slot `slot` (as returned by `full_slot`, now read). True when the
@@ -206,9 +218,9 @@ mod tests {
         let (r, w, mut seen) = (RingCtrl::new(), Words::new(2), 0);
         assert_eq!(r.full_slot(&w), None);
         let a = r.free_slot(2, &mut seen).unwrap().unwrap();
-        assert!(!r.publish(a, &w));
+        assert!(!r.publish(a, 0, &w));
         let b = r.free_slot(2, &mut seen).unwrap().unwrap();
-        r.publish(b, &w);
+        r.publish(b, 0, &w);
         assert_eq!(r.free_slot(2, &mut seen), Ok(None));
         assert!(r.producer_may_sleep(2, &mut seen));
         assert_eq!(r.full_slot(&w), Some(0));
@@ -220,8 +232,9 @@ mod tests {
         assert_eq!(r.full_slot(&w), None);
         let c = r.free_slot(2, &mut seen).unwrap().unwrap();
         assert_eq!(c, 2);
-        r.publish(c, &w);
+        r.publish(c, 45, &w);
         assert_eq!(r.full_slot(&w), Some(2));
+        assert_eq!(r.tag(2, &w), 45, "the tag comes through");
         // A peer that writes a tail far behind the head is caught, not trusted.
         r.tail.0.store(1000, Ordering::Relaxed);
         let mut stale = 0;
@@ -234,7 +247,7 @@ mod tests {
         let (r, w, mut seen) = (RingCtrl::new(), Words::new(4), 0);
         for _ in 0..4 {
             let s = r.free_slot(4, &mut seen).unwrap().unwrap();
-            r.publish(s, &w);
+            r.publish(s, 0, &w);
         }
         let s = r.full_slot(&w).unwrap();
         r.release(s);
@@ -247,9 +260,9 @@ mod tests {
     fn a_producer_waits_for_the_release_of_one_slot() {
         let (r, w, mut seen) = (RingCtrl::new(), Words::new(4), 0);
         let a = r.free_slot(4, &mut seen).unwrap().unwrap();
-        r.publish(a, &w);
+        r.publish(a, 0, &w);
         let b = r.free_slot(4, &mut seen).unwrap().unwrap();
-        r.publish(b, &w);
+        r.publish(b, 0, &w);
         assert!(!r.released(a) && !r.released(b));
         // Free slots do not wake a producer that waits for `b` in particular.
         assert!(r.producer_may_sleep_until_released(b));
@@ -333,7 +346,7 @@ mod loom_models {
             // SAFETY: nobody reads the buffer before the slot is published.
             buffer.with_mut(|p| unsafe { *p = 7 });
             let s = ring.free_slot(N, &mut 0).unwrap().unwrap();
-            if ring.publish(s, &*words) {
+            if ring.publish(s, 0, &*words) {
                 to_consumer.ring();
             }
             while !ring.released(s) {
@@ -369,7 +382,7 @@ mod loom_models {
                             if let Some(s) = ring.free_slot(N, &mut seen).unwrap() {
                                 // SAFETY: the ring protocol gives the producer this slot alone.
                                 slots[(s % N) as usize].with_mut(|p| unsafe { *p = v });
-                                if ring.publish(s, &*words) {
+                                if ring.publish(s, 0, &*words) {
                                     tc.ring();
                                 }
                                 break;
