@@ -14,17 +14,24 @@ pub(super) fn all_reduce_doubling(d: &OpDesc, rank: usize, n: usize) -> Plan {
     let tmp = Region::new(BufId::Scratch, 0, b);
     let mut p = Plan { scratch: b, ..Plan::default() };
     let mut last = None;
-    if !d.in_place && b > 0 {
+    let pow = 1usize << (usize::BITS - 1 - n.leading_zeros());
+    let extra = n - pow;
+    // With separate buffers, a rank that takes part in the doubling from its first step sends
+    // its input straight from the send buffer and combines the partner's frames with it into
+    // the receive buffer as they arrive: no copy of the input, no scratch, no separate pass of
+    // reduction, and the send and the receive need not wait for each other (one reads only the
+    // send buffer, the other writes only the receive buffer).
+    let direct_first = !d.in_place && b > 0 && pow > 1 && rank < pow && rank >= extra;
+    if !d.in_place && b > 0 && !direct_first {
         last = Some(p.push(Act::Copy { src: Region::new(BufId::Send, 0, b), dst: buf }, &[]));
     }
     if n == 1 {
         return p;
     }
-    let pow = 1usize << (usize::BITS - 1 - n.leading_zeros());
-    let extra = n - pow;
     if rank >= pow {
         let s = p.push_after(Act::Send { peer: rank - pow, src: buf }, last);
         p.push(Act::Recv { peer: rank - pow, dst: buf, combine: None }, &[Dep::Done(s)]);
+        p.scratch = 0;
         return p;
     }
     if rank < extra {
@@ -34,6 +41,15 @@ pub(super) fn all_reduce_doubling(d: &OpDesc, rank: usize, n: usize) -> Plan {
         last = Some(p.push(Act::Reduce { src: tmp, dst: buf }, &deps));
     }
     let mut mask = 1;
+    if direct_first {
+        let input = Region::new(BufId::Send, 0, b);
+        p.push(Act::Send { peer: rank ^ 1, src: input }, &[]);
+        last = Some(p.push(Act::Recv { peer: rank ^ 1, dst: buf, combine: Some(input) }, &[]));
+        mask = 2;
+        if pow == 2 {
+            p.scratch = 0;
+        }
+    }
     while mask < pow {
         let partner = rank ^ mask;
         let s = p.push_after(Act::Send { peer: partner, src: buf }, last);
