@@ -91,6 +91,9 @@ pub struct WorldStats {
     /// Payload bytes received by single copy from a peer's memory (shared memory's large
     /// frames; `docs/architecture.md`).
     pub single_copy_bytes: u64,
+    /// Times a shared-memory ring could not grow under traffic for lack of `/dev/shm` and
+    /// worked on in its small form (`docs/architecture.md`).
+    pub shm_grow_refused: u64,
     /// Sends and receives done on the direct path (a lone small send or receive on shared
     /// memory, straight through the ring: `docs/architecture.md`); counted in `ops_completed`
     /// too.
@@ -372,14 +375,16 @@ impl Engine {
 
     pub(crate) fn stats(&self) -> WorldStats {
         let mut s = self.stats;
-        s.single_copy_bytes += self.links_single_copy_bytes();
+        self.add_link_counters(&mut s);
         s
     }
 
-    /// What the links still open counted as single-copy bytes (folded into the stats when
-    /// they close).
-    fn links_single_copy_bytes(&self) -> u64 {
-        self.peers.iter().flatten().map(|p| p.link.single_copy_bytes()).sum()
+    /// Adds what the links still open counted (folded into the stats when they close).
+    fn add_link_counters(&self, s: &mut WorldStats) {
+        for c in self.peers.iter().flatten().map(|p| p.link.counters()) {
+            s.single_copy_bytes += c.single_copy_bytes;
+            s.shm_grow_refused += c.ring_grow_refused;
+        }
     }
 
     /// Records how many of this rank's links fell back from shared memory to TCP.
@@ -710,6 +715,7 @@ impl Engine {
     fn timers(&mut self, now: Instant) -> Result<(), BrokenCause> {
         for (rank, slot) in self.peers.iter_mut().enumerate() {
             let Some(p) = slot.as_mut().filter(|p| p.gone.is_none()) else { continue };
+            p.link.tick();
             let Some(live) = p.live.as_mut() else { continue };
             // A peer whose input we stopped reading proves nothing by its silence, unless we
             // are also stuck writing to it.
@@ -827,7 +833,9 @@ impl Engine {
             }
         }
         // The links go; what they counted stays.
-        self.stats.single_copy_bytes += self.links_single_copy_bytes();
+        let mut s = self.stats;
+        self.add_link_counters(&mut s);
+        self.stats = s;
         self.peers.clear();
     }
 

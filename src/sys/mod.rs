@@ -39,20 +39,77 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], deadline: Option<Instant>) -> io::R
     }
 }
 
-/// Gives a file `len` bytes backed by real storage (`posix_fallocate`). On tmpfs this takes
+/// Gives bytes `at..at + len` of a file real storage (`posix_fallocate`). On tmpfs this takes
 /// the pages now, so a full `/dev/shm` is an error here rather than a `SIGBUS` at the first
 /// store into a mapping of it.
-pub(crate) fn reserve(fd: RawFd, len: u64) -> io::Result<()> {
-    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+pub(crate) fn reserve(fd: RawFd, at: u64, len: u64) -> io::Result<()> {
+    let bad = |_| io::Error::from(io::ErrorKind::InvalidInput);
+    let (at, len) = (libc::off_t::try_from(at).map_err(bad)?, libc::off_t::try_from(len).map_err(bad)?);
     loop {
         // SAFETY: takes no pointers; `fd` is a descriptor the caller owns.
-        let r = unsafe { libc::posix_fallocate(fd, 0, len) };
+        let r = unsafe { libc::posix_fallocate(fd, at, len) };
         match r {
             0 => return Ok(()),
             libc::EINTR => continue,
             e => return Err(io::Error::from_raw_os_error(e)),
         }
     }
+}
+
+/// Gives the pages of a shared file mapping real storage now (`MADV_POPULATE_WRITE`): an error
+/// when the file system is full, never a `SIGBUS` later. `addr` is page-aligned.
+///
+/// # Safety
+/// `addr..addr + len` lies in a writable shared mapping of this process.
+pub(crate) unsafe fn populate(addr: *mut u8, len: usize) -> io::Result<()> {
+    // SAFETY: the caller's range is mapped; populating writes nothing the program can see.
+    unsafe { advise(addr, len, libc::MADV_POPULATE_WRITE) }
+}
+
+/// Frees the pages of a shared file mapping (`MADV_REMOVE`, a hole punched in the file, for
+/// every process that maps it); they read as zeros until written again.
+///
+/// # Safety
+/// `addr..addr + len` lies in a writable shared mapping of this process, page-aligned, and
+/// no one relies on its contents any more.
+pub(crate) unsafe fn discard(addr: *mut u8, len: usize) -> io::Result<()> {
+    // SAFETY: as the caller promises.
+    unsafe { advise(addr, len, libc::MADV_REMOVE) }
+}
+
+/// # Safety
+/// As `populate` and `discard` require of their callers.
+unsafe fn advise(addr: *mut u8, len: usize, advice: libc::c_int) -> io::Result<()> {
+    // SAFETY: as the caller promises.
+    match unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// True when this kernel can populate a mapping on request (`MADV_POPULATE_WRITE`, Linux
+/// 5.14), the one safe way to give a shared mapping more memory later without its file.
+pub(crate) fn can_populate() -> bool {
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CAN.get_or_init(|| {
+        // SAFETY: a fresh private anonymous page, advised and unmapped here, shared with no one.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return false;
+            }
+            let ok = libc::madvise(p, 4096, libc::MADV_POPULATE_WRITE) == 0;
+            libc::munmap(p, 4096);
+            ok
+        }
+    })
 }
 
 /// A `pollfd` entry asking for `events` on `fd`.

@@ -88,14 +88,23 @@ pub(crate) enum Armed {
     Idle,
 }
 
+/// What a link counts for its world's stats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LinkCounters {
+    /// Payload bytes received by single copy (shared memory's cross-memory reads).
+    pub single_copy_bytes: u64,
+    /// Times a shared-memory ring could not grow (a full `/dev/shm`) and stayed small.
+    pub ring_grow_refused: u64,
+}
+
 /// A bidirectional, non-blocking frame channel to one peer.
 pub(crate) trait Link: Send {
     /// The transport of this link.
     fn kind(&self) -> TransportKind;
 
-    /// Payload bytes received by single copy (shared memory's cross-memory reads).
-    fn single_copy_bytes(&self) -> u64 {
-        0
+    /// What the link counted for the world's stats (shared memory's).
+    fn counters(&self) -> LinkCounters {
+        LinkCounters::default()
     }
 
     /// Abandons a frame that the peer may still be reading from this process's memory, so that
@@ -124,6 +133,10 @@ pub(crate) trait Link: Send {
 
     /// Prepares to sleep until the link can read (`read`) or write (`write`).
     fn arm(&mut self, read: bool, write: bool) -> Armed;
+
+    /// Called now and then (at the world's heartbeat ticks): a link may trim what it holds for
+    /// traffic that stopped (the shared-memory rings shrink back to their small form).
+    fn tick(&mut self) {}
 
     /// A descriptor that reports the peer hanging up, for watching an idle world; `poll`
     /// events to ask for. The next `peek` after such a sleep looks at the descriptor too.

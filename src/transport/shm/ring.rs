@@ -17,6 +17,12 @@
 //! - **Releasing** stores `tail`. The producer keeps the last `tail` it read and reads the
 //!   shared one again only when that copy says the ring is full, so `tail`'s line crosses
 //!   cores about once per lap, not once per frame.
+//! - **Wraps.** The producer may end a lap early: it publishes a slot as a wrap (a tag of
+//!   its choosing) and moves `head` to the first slot of the next lap; the consumer, reading
+//!   the wrap, moves `tail` there too. So a ring can run on its first few slots alone (a small
+//!   ring for an idle pair, whose other slots need no memory) and grow back to all of them
+//!   at a lap's start, without the two sides ever agreeing on a size. A wrap is published only
+//!   once the consumer has left every earlier lap, so `head - tail` stays within `n`.
 //! - Either side spins briefly, then sleeps on a doorbell (a byte on a socket, in the shm
 //!   transport). Before sleeping it raises its `sleeping` flag and looks once more; after
 //!   publishing (or releasing) the other side looks at that flag and rings if it is raised.
@@ -56,13 +62,24 @@ pub(crate) trait SlotWords {
 }
 
 /// Low bits of a sequence word that carry the caller's tag (`publish`); the rest count laps.
-pub(crate) const TAG_BITS: u32 = 6;
+pub(crate) const TAG_BITS: u32 = 7;
 const TAG_MASK: u32 = (1 << TAG_BITS) - 1;
 
 /// The value of slot `slot`'s sequence word once it is published with `tag`: the slot's
-/// number plus one (modulo 2^26, far more than the slots of a ring), then the tag.
+/// number plus one (modulo 2^25, far more than the slots of a ring), then the tag.
 fn published_word(slot: u64, tag: u32) -> u32 {
     ((slot.wrapping_add(1) as u32) << TAG_BITS) | (tag & TAG_MASK)
+}
+
+/// A word that reads as slot `slot`'s (an old number, so never the one the consumer expects
+/// next), for a slot that a growing ring brings back into use.
+pub(crate) fn invalid_word(slot: u64) -> u32 {
+    published_word(slot, 0)
+}
+
+/// The number of the first slot of the lap after `slot`'s.
+fn next_lap(slot: u64, n: u64) -> u64 {
+    slot - slot % n + n
 }
 
 /// What the ring's counters say, when they cannot be right (a peer wrote nonsense into shared
@@ -94,7 +111,9 @@ impl RingCtrl {
     /// producer's copy of `tail`, read again only when the copy says the ring is full.
     pub(crate) fn free_slot(&self, n: u64, seen_tail: &mut u64) -> Result<Option<u64>, Corrupt> {
         let head = self.head.0.load(Ordering::Relaxed);
-        if self.in_flight(head, *seen_tail, n)? < n {
+        // A stale copy may be more than a lap behind (after a wrap moved `head`): only the
+        // shared value itself can be judged inconsistent.
+        if matches!(self.in_flight(head, *seen_tail, n), Ok(d) if d < n) {
             return Ok(Some(head));
         }
         *seen_tail = self.tail.0.load(Ordering::Acquire);
@@ -111,15 +130,45 @@ impl RingCtrl {
         self.consumer_sleeping.0.load(Ordering::Relaxed) && self.consumer_sleeping.0.swap(false, Ordering::AcqRel)
     }
 
-    /// Producer, about to sleep until a slot frees: raises its flag and looks again (at the
-    /// shared `tail`, which it copies into `seen_tail`). True when it may sleep; false when a
-    /// slot is free after all (flag lowered).
-    pub(crate) fn producer_may_sleep(&self, n: u64, seen_tail: &mut u64) -> bool {
+    /// Producer: true when `slot` (as returned by `free_slot`) may be published as a wrap: the
+    /// consumer has left every lap before the slot's.
+    pub(crate) fn can_wrap(&self, slot: u64, n: u64, seen_tail: &mut u64) -> bool {
+        let lap = slot - slot % n;
+        let done = |t: u64| (t.wrapping_sub(lap) as i64) >= 0;
+        if done(*seen_tail) {
+            return true;
+        }
+        *seen_tail = self.tail.0.load(Ordering::Acquire);
+        done(*seen_tail)
+    }
+
+    /// Producer: publishes slot `slot` (free, and `can_wrap`) as a wrap with `tag`: `head`
+    /// moves to the first slot of the next lap. True when the consumer sleeps and must be woken.
+    pub(crate) fn publish_wrap(&self, slot: u64, n: u64, tag: u32, slots: &impl SlotWords) -> bool {
+        slots.word(slot).store(published_word(slot, tag), Ordering::Release);
+        self.head.0.store(next_lap(slot, n), Ordering::Release);
+        fence(Ordering::SeqCst);
+        self.consumer_sleeping.0.load(Ordering::Relaxed) && self.consumer_sleeping.0.swap(false, Ordering::AcqRel)
+    }
+
+    /// Producer: `head`, the number of the next slot it will fill.
+    pub(crate) fn head(&self) -> u64 {
+        self.head.0.load(Ordering::Relaxed)
+    }
+
+    /// Producer, about to sleep until it can publish again: raises its flag and looks again
+    /// (at the shared `tail`, which it copies into `seen_tail`). It can publish when a slot is
+    /// free, and, if the next slot is at or past `limit` in its lap (where the producer wraps),
+    /// when the consumer has left the earlier laps. True when it may sleep; false when it can
+    /// publish after all (flag lowered). Any release by the consumer rings a sleeping producer.
+    pub(crate) fn producer_may_sleep(&self, n: u64, limit: u64, seen_tail: &mut u64) -> bool {
         self.producer_sleeping.0.swap(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         *seen_tail = self.tail.0.load(Ordering::Acquire);
         let head = self.head.0.load(Ordering::Relaxed);
-        if !matches!(self.in_flight(head, *seen_tail, n), Ok(d) if d >= n) {
+        let full = matches!(self.in_flight(head, *seen_tail, n), Ok(d) if d >= n);
+        let wrap_waits = head % n >= limit && (seen_tail.wrapping_sub(head - head % n) as i64) < 0;
+        if !full && !wrap_waits {
             self.producer_sleeping.0.store(false, Ordering::Relaxed);
             return false;
         }
@@ -162,6 +211,14 @@ impl RingCtrl {
     /// producer sleeps and must be woken.
     pub(crate) fn release(&self, slot: u64) -> bool {
         self.tail.0.store(slot.wrapping_add(1), Ordering::Release);
+        fence(Ordering::SeqCst);
+        self.producer_sleeping.0.load(Ordering::Relaxed) && self.producer_sleeping.0.swap(false, Ordering::AcqRel)
+    }
+
+    /// Consumer: releases slot `slot` (as returned by `full_slot`), a wrap: `tail` moves to
+    /// the first slot of the next lap. True when the producer sleeps and must be woken.
+    pub(crate) fn release_wrap(&self, slot: u64, n: u64) -> bool {
+        self.tail.0.store(next_lap(slot, n), Ordering::Release);
         fence(Ordering::SeqCst);
         self.producer_sleeping.0.load(Ordering::Relaxed) && self.producer_sleeping.0.swap(false, Ordering::AcqRel)
     }
@@ -222,10 +279,10 @@ mod tests {
         let b = r.free_slot(2, &mut seen).unwrap().unwrap();
         r.publish(b, 0, &w);
         assert_eq!(r.free_slot(2, &mut seen), Ok(None));
-        assert!(r.producer_may_sleep(2, &mut seen));
+        assert!(r.producer_may_sleep(2, 2, &mut seen));
         assert_eq!(r.full_slot(&w), Some(0));
         assert!(r.release(0), "the sleeping producer must be rung");
-        assert!(!r.producer_may_sleep(2, &mut seen));
+        assert!(!r.producer_may_sleep(2, 2, &mut seen));
         assert_eq!(r.full_slot(&w), Some(1));
         r.release(1);
         // Slot 0's word still says lap one: not published again until the producer writes it.
@@ -254,6 +311,41 @@ mod tests {
         assert_eq!(seen, 0, "not read while the copy said there was room");
         assert_eq!(r.free_slot(4, &mut seen), Ok(Some(4)));
         assert_eq!(seen, 1, "read again once the copy said full");
+    }
+
+    /// A producer that uses only the first slot of each lap: every frame is followed by a wrap,
+    /// the consumer follows the wraps, and neither side's counters stray more than a lap apart.
+    #[test]
+    fn a_small_ring_wraps_after_its_first_slot() {
+        const WRAP: u32 = 64;
+        let (r, w, mut seen) = (RingCtrl::new(), Words::new(4), 0);
+        let a = r.free_slot(4, &mut seen).unwrap().unwrap();
+        assert_eq!(a, 0);
+        r.publish(a, 0, &w);
+        // The next slot is past the limit: a wrap, which the consumer has not passed yet? It
+        // has: it is in lap 0 already.
+        let b = r.free_slot(4, &mut seen).unwrap().unwrap();
+        assert!(r.can_wrap(b, 4, &mut seen));
+        r.publish_wrap(b, 4, WRAP, &w);
+        assert_eq!(r.head(), 4, "the next lap");
+        // Lap 1's first slot is taken until the consumer releases lap 0's.
+        assert_eq!(r.free_slot(4, &mut seen), Ok(None));
+        assert!(r.producer_may_sleep(4, 1, &mut seen));
+        assert_eq!(r.full_slot(&w), Some(0));
+        assert!(r.release(0), "the sleeping producer is rung");
+        // Slot 4 is free now; its wrap (slot 5) waits for the consumer to pass lap 0's wrap.
+        let c = r.free_slot(4, &mut seen).unwrap().unwrap();
+        assert_eq!(c, 4);
+        r.publish(c, 0, &w);
+        assert!(!r.can_wrap(5, 4, &mut seen), "the consumer is still in lap 0");
+        assert!(r.producer_may_sleep(4, 1, &mut seen));
+        assert_eq!(r.full_slot(&w), Some(1));
+        assert_eq!(r.tag(1, &w), WRAP);
+        assert!(r.release_wrap(1, 4), "the sleeping producer is rung");
+        assert_eq!(r.free_slot(4, &mut seen), Ok(Some(5)));
+        assert!(r.can_wrap(5, 4, &mut seen));
+        assert!(!r.producer_may_sleep(4, 1, &mut seen));
+        assert_eq!(r.full_slot(&w), Some(4));
     }
 
     #[test]
@@ -361,6 +453,75 @@ mod loom_models {
         });
     }
 
+    /// A ring run on its first slot alone: the producer publishes a value in slot 0, wraps at
+    /// slot 1 as a small ring does, then wraps at once again at the next lap's first slot, as
+    /// a ring that shrinks does, which has to wait until the consumer followed the first wrap.
+    /// The consumer must read the value and follow both wraps, and neither side may sleep
+    /// through the other's progress (loom reports a deadlock if one does).
+    #[test]
+    fn loom_ring_wraps_without_lost_wakeups() {
+        const WRAP: u32 = 64;
+        const LIMIT: u64 = 1;
+        loom::model(|| {
+            let ring = Arc::new(RingCtrl::new());
+            let words = Arc::new(Words::new(N));
+            let slot0 = Arc::new(UnsafeCell::new(0u64));
+            let (to_consumer, to_producer) = (Arc::new(Bell::default()), Arc::new(Bell::default()));
+            let producer = {
+                let (ring, words, slot0, tc, tp) =
+                    (ring.clone(), words.clone(), slot0.clone(), to_consumer.clone(), to_producer.clone());
+                loom::thread::spawn(move || {
+                    let mut seen = 0;
+                    let s = ring.free_slot(N, &mut seen).unwrap().unwrap();
+                    // SAFETY: the ring protocol gives the producer this slot alone.
+                    slot0.with_mut(|p| unsafe { *p = 7 });
+                    if ring.publish(s, 0, &*words) {
+                        tc.ring();
+                    }
+                    for limit in [LIMIT, 0] {
+                        loop {
+                            if let Some(s) = ring.free_slot(N, &mut seen).unwrap() {
+                                if s % N >= limit && ring.can_wrap(s, N, &mut seen) {
+                                    if ring.publish_wrap(s, N, WRAP, &*words) {
+                                        tc.ring();
+                                    }
+                                    break;
+                                }
+                            }
+                            if ring.producer_may_sleep(N, limit, &mut seen) {
+                                tp.sleep();
+                            }
+                        }
+                    }
+                })
+            };
+            let mut wraps = 0;
+            while wraps < 2 {
+                if let Some(s) = ring.full_slot(&*words) {
+                    if ring.tag(s, &*words) == WRAP {
+                        assert_eq!(s % N, [LIMIT, 0][wraps]);
+                        wraps += 1;
+                        if ring.release_wrap(s, N) {
+                            to_producer.ring();
+                        }
+                    } else {
+                        assert_eq!(s, 0);
+                        // SAFETY: the ring protocol gives the consumer this slot alone.
+                        assert_eq!(slot0.with(|p| unsafe { *p }), 7);
+                        if ring.release(s) {
+                            to_producer.ring();
+                        }
+                    }
+                    continue;
+                }
+                if ring.consumer_may_sleep(&*words) {
+                    to_consumer.sleep();
+                }
+            }
+            producer.join().unwrap();
+        });
+    }
+
     /// The producer fills slots with 1, 2, 3; the consumer must read exactly those, in order,
     /// and neither may sleep through the other's progress (loom reports a deadlock if one
     /// does).
@@ -387,7 +548,7 @@ mod loom_models {
                                 }
                                 break;
                             }
-                            if ring.producer_may_sleep(N, &mut seen) {
+                            if ring.producer_may_sleep(N, N, &mut seen) {
                                 tp.sleep();
                             }
                         }

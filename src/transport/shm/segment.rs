@@ -1,7 +1,10 @@
 //! A pair's shared-memory segment: a file in `/dev/shm` made with `O_EXCL` and mode 0600 by
-//! the higher rank, its pages reserved before it is mapped (a full `/dev/shm` is an error at
-//! set-up, never a `SIGBUS` later), opened by the lower rank without following links, and
-//! unlinked as soon as both have mapped it.
+//! the higher rank, opened by the lower rank without following links, and unlinked as soon as
+//! both have mapped it. Every page that will be touched is reserved before it is touched (a
+//! full `/dev/shm` is an error, never a `SIGBUS`): at set-up, the control page and the small
+//! rings; the rest of each ring only when its writer grows it (`ShmLink::grow`). On a kernel
+//! that cannot populate a mapping on request, the whole segment is reserved at set-up and its
+//! rings never shrink (`FIXED_AT`).
 
 use super::*;
 
@@ -12,17 +15,38 @@ pub(crate) struct Segment {
 }
 
 impl Segment {
-    /// Makes a new segment file only this user can open, with all its pages reserved and zeroed
-    /// (a zeroed control block is an empty ring), and maps it. A full `/dev/shm` is an error.
+    /// Makes a new segment file only this user can open, with the pages of its small rings
+    /// reserved and zeroed (a zeroed control block is an empty ring), and maps it. A full
+    /// `/dev/shm` is an error.
     pub(crate) fn create() -> io::Result<Segment> {
         let name = format!("mw-{}-{:016x}", std::process::id(), crate::sys::random_u64());
         let path = Path::new("/dev/shm").join(name);
         let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path)?;
-        // Every page is reserved before it is mapped: an unbacked page of a full tmpfs would
+        // Pages are reserved before they are touched: an unbacked page of a full tmpfs would
         // raise SIGBUS at the first store and kill the whole process, every world with it.
-        let seg = crate::sys::reserve(file.as_raw_fd(), SEGMENT_BYTES as u64).and_then(|()| map(&file));
+        let on_demand = crate::sys::can_populate();
+        let fd = file.as_raw_fd();
+        let reserved = file.set_len(SEGMENT_BYTES as u64).and_then(|()| {
+            if on_demand {
+                let (a, b) = (grown_part(0), grown_part(1));
+                let r = |from: usize, to: usize| match to > from {
+                    true => crate::sys::reserve(fd, from as u64, (to - from) as u64),
+                    false => Ok(()),
+                };
+                r(0, a.start).and_then(|()| r(a.end, b.start)).and_then(|()| r(b.end, SEGMENT_BYTES))
+            } else {
+                crate::sys::reserve(fd, 0, SEGMENT_BYTES as u64)
+            }
+        });
+        let seg = reserved.and_then(|()| map(&file));
         match seg {
-            Ok(map) => Ok(Segment { map, path: Some(path) }),
+            Ok(map) => {
+                let seg = Segment { map, path: Some(path) };
+                if !on_demand {
+                    fixed_flag(&seg).store(1, Ordering::Release);
+                }
+                Ok(seg)
+            }
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
                 Err(e)
