@@ -188,7 +188,18 @@ impl Error {
     }
 
     pub(crate) fn system(context: impl fmt::Display, e: std::io::Error) -> Self {
-        Error::new(ErrorKind::System, format!("{context}: {e}"))
+        let hint = match e.raw_os_error() {
+            Some(libc::EMFILE) => match crate::sys::descriptor_limit() {
+                Some(n) => format!(
+                    " (this process may hold {n} open descriptors, its RLIMIT_NOFILE, already raised to the hard \
+                     limit; each world holds a few: raise the hard limit, e.g. `ulimit -Hn`, or hold fewer worlds)"
+                ),
+                None => " (the process's RLIMIT_NOFILE is reached)".to_string(),
+            },
+            Some(libc::ENFILE) => " (the system's table of open files is full: fs.file-max)".to_string(),
+            _ => String::new(),
+        };
+        Error::new(ErrorKind::System, format!("{context}: {e}{hint}"))
     }
 
     pub(crate) fn internal(message: impl Into<String>) -> Self {

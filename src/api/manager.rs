@@ -135,7 +135,8 @@ impl Default for WorldManager {
 }
 
 impl WorldManager {
-    /// A manager whose worlds use [`WorldOptions::default`] unless told otherwise.
+    /// A manager whose worlds use [`WorldOptions::default`] unless told otherwise. The first
+    /// manager of a process raises its soft limit on open descriptors to the hard limit.
     pub fn new() -> WorldManager {
         WorldManager::with_defaults(WorldOptions::default())
     }
@@ -148,6 +149,7 @@ impl WorldManager {
     /// A manager whose events go to `events` (shared with other managers).
     pub(crate) fn with_event_queue(defaults: WorldOptions, events: Arc<EventQueue>) -> WorldManager {
         crate::sys::log::start();
+        crate::sys::raise_descriptor_limit();
         WorldManager {
             inner: Arc::new(Inner {
                 defaults,

@@ -112,6 +112,31 @@ pub(crate) fn can_populate() -> bool {
     })
 }
 
+/// Raises this process's soft limit on open descriptors to its hard limit, once (as servers do:
+/// every world holds a few descriptors, and the usual soft limit of 1024 stops a process at a
+/// few hundred worlds). Returns the soft limit now in force, if it could be read.
+pub(crate) fn raise_descriptor_limit() -> Option<u64> {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: `r` is a valid place for the result; setrlimit reads it.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+                r.rlim_cur = r.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+            }
+        }
+    });
+    descriptor_limit()
+}
+
+/// This process's soft limit on open descriptors, if it can be read.
+pub(crate) fn descriptor_limit() -> Option<u64> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `r` is a valid place for the result.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0).then_some(r.rlim_cur)
+}
+
 /// A `pollfd` entry asking for `events` on `fd`.
 pub(crate) fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
     libc::pollfd { fd, events, revents: 0 }

@@ -10,6 +10,9 @@
 //!   a window of receives share one buffer, as OSU's do.
 //! - `allreduce`: f32 sum; per iteration a barrier, then the timed call; max over ranks; median.
 //!
+//! `MW_OSU_WINDOW=N` replaces the bandwidth rows' windows by N (1: one message in flight at a
+//! time, a pipeline stage's pattern), for comparison with the same change to `mpi_bench.c`.
+//!
 //! Each rank pins itself to the core of its rank number, as `mpirun` binds at `-np 2`.
 
 use std::collections::BTreeMap;
@@ -114,6 +117,7 @@ fn bandwidth(b: &Bench, comm: ffi::mwComm_t, buf: &mut [u8], size: usize) -> (f6
     } else {
         8
     };
+    let win = std::env::var("MW_OSU_WINDOW").ok().and_then(|w| w.parse().ok()).filter(|&w| w > 0).unwrap_or(win);
     let warm = if size <= 1 << 20 { 10 } else { 2 };
     let trials = match size {
         s if s <= 65536 => 200,
