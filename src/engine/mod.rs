@@ -715,7 +715,7 @@ impl Engine {
     fn timers(&mut self, now: Instant) -> Result<(), BrokenCause> {
         for (rank, slot) in self.peers.iter_mut().enumerate() {
             let Some(p) = slot.as_mut().filter(|p| p.gone.is_none()) else { continue };
-            p.link.tick();
+            p.link.tick(now);
             let Some(live) = p.live.as_mut() else { continue };
             // A peer whose input we stopped reading proves nothing by its silence, unless we
             // are also stuck writing to it.

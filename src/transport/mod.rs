@@ -134,9 +134,10 @@ pub(crate) trait Link: Send {
     /// Prepares to sleep until the link can read (`read`) or write (`write`).
     fn arm(&mut self, read: bool, write: bool) -> Armed;
 
-    /// Called now and then (at the world's heartbeat ticks): a link may trim what it holds for
-    /// traffic that stopped (the shared-memory rings shrink back to their small form).
-    fn tick(&mut self) {}
+    /// Called now and then (whenever the world's timers run: at its heartbeat ticks, or on
+    /// every pass of a world without heartbeats): a link may trim what it holds for traffic
+    /// that stopped (the shared-memory rings shrink back to their small form).
+    fn tick(&mut self, _now: std::time::Instant) {}
 
     /// A descriptor that reports the peer hanging up, for watching an idle world; `poll`
     /// events to ask for. The next `peek` after such a sleep looks at the descriptor too.

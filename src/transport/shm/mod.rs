@@ -72,9 +72,11 @@ const SMALL_SLOTS: u64 = 1;
 /// ticks (or finds it full)...
 const GROW_FRAMES: u32 = 8;
 /// ...and shrinks back once this many ticks in a row saw at most `QUIET_FRAMES` frames each
-/// (heartbeats) and the ring is empty.
+/// (heartbeats) and the ring is empty. A tick is `TICK` at least (the world's timers may run
+/// more often: on every pass of a world without heartbeats).
 const QUIET_TICKS: u32 = 2;
 const QUIET_FRAMES: u32 = 2;
+const TICK: std::time::Duration = std::time::Duration::from_millis(200);
 /// Largest payload of a single-copy frame: the wire's limit (a few round trips per message).
 pub(crate) const CMA_MAX_PAYLOAD: usize = crate::engine::wire::MAX_FRAME_PAYLOAD;
 /// Sizes of the messages that go by single copy (`max_payload`).
@@ -129,7 +131,8 @@ pub(crate) struct ShmLink {
     limit: u64,
     /// The segment was reserved whole: rings never shrink.
     fixed: bool,
-    /// Frames tried since the last tick, and ticks in a row that were quiet.
+    /// When the last tick was, frames tried since, and ticks in a row that were quiet.
+    last_tick: Option<std::time::Instant>,
     frames_since_tick: u32,
     quiet_ticks: u32,
     /// Growing failed (a full `/dev/shm`) since the last tick: not tried again before it.
@@ -186,6 +189,7 @@ impl ShmLink {
             seen_tail: 0,
             limit: SMALL_SLOTS,
             fixed: false,
+            last_tick: None,
             frames_since_tick: 0,
             quiet_ticks: 0,
             grow_failed: false,
@@ -736,7 +740,11 @@ impl Link for ShmLink {
         true
     }
 
-    fn tick(&mut self) {
+    fn tick(&mut self, now: std::time::Instant) {
+        if self.last_tick.is_some_and(|t| now.duration_since(t) < TICK) {
+            return;
+        }
+        self.last_tick = Some(now);
         self.shrink_when_quiet();
     }
 
@@ -875,6 +883,12 @@ mod tests {
         vec.iter().filter(|&&v| v & 1 == 1).count()
     }
 
+    /// A tick, as if `TICK` had passed since the last.
+    fn tick(l: &mut ShmLink) {
+        l.last_tick = None;
+        l.tick(std::time::Instant::now());
+    }
+
     /// Writes and reads `n` frames of `len` bytes (distinct each time), checking each.
     fn stream(tx: &mut ShmLink, rx: &mut ShmLink, n: usize, len: usize, seed: u8) {
         for i in 0..n {
@@ -908,15 +922,22 @@ mod tests {
         assert_eq!(tx.limit, SLOTS);
         assert_eq!(grown_pages_resident(&tx, tx.tx), all);
         assert_eq!(grown_pages_resident(&rx, rx.rx), all, "the reader maps the same pages");
+        // A world without heartbeats runs its timers on every pass: ticks that close together
+        // count as one, and a busy ring stays grown.
+        for i in 0..2 * SLOTS as usize {
+            stream(&mut tx, &mut rx, 1, 4096, i as u8);
+            tx.tick(std::time::Instant::now());
+        }
+        assert_eq!(tx.limit, SLOTS, "a busy ring shrank on ticks that came with every frame");
         // Quiet ticks: it shrinks (a wrap sends the reader to the next lap), and once the
         // reader has followed, the pages go, in both processes' view.
-        tx.tick();
+        tick(&mut tx);
         assert_eq!(tx.limit, SLOTS, "the tick that saw the traffic does not shrink");
-        tx.tick();
-        tx.tick();
+        tick(&mut tx);
+        tick(&mut tx);
         assert_eq!(tx.limit, SMALL_SLOTS);
         assert!(rx.peek().unwrap().is_none(), "a wrap is not a frame");
-        tx.tick();
+        tick(&mut tx);
         assert_eq!(grown_pages_resident(&tx, tx.tx), 0);
         assert_eq!(grown_pages_resident(&rx, rx.rx), 0);
         // And it grows again, with nothing stale read from the freed slots.
@@ -927,7 +948,7 @@ mod tests {
         stream(&mut tx, &mut rx, 5, 1000, 4);
         assert_ne!(tx.ctrl(tx.tx).head() % SLOTS, 0, "the shrink happens mid-lap");
         for _ in 0..3 {
-            tx.tick();
+            tick(&mut tx);
         }
         assert_eq!(tx.limit, SMALL_SLOTS);
         tx.frames_since_tick = GROW_FRAMES + 1;
