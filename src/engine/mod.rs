@@ -14,12 +14,14 @@
 //! - Every data frame describes its operation; the receiver checks it against its own call
 //!   and breaks the world on any difference, naming both calls.
 //! - Frames from a peer that arrive before their receive is posted wait in a bounded queue;
-//!   beyond [`UNEXPECTED_CAP`] bytes the link is not read (the peer then waits for us).
+//!   beyond [`UNEXPECTED_CAP`] bytes, or when the worlds of this process together hold
+//!   their cap ([`early`]), the link is not read (the peer then waits for us).
 //! - Any failure breaks the whole world at once: every operation in flight fails with the
 //!   cause, peers get a best-effort abort frame, links are closed. Nothing is retried.
 
 mod direct;
 pub(crate) use direct::Direct;
+pub(crate) mod early;
 pub(crate) mod health;
 mod rx;
 mod tx;
@@ -91,6 +93,10 @@ pub struct WorldStats {
     /// Payload bytes received by single copy from a peer's memory (shared memory's large
     /// frames; `docs/architecture.md`).
     pub single_copy_bytes: u64,
+    /// Passes that left a link unread because the early frames held by all the worlds of the
+    /// process reached their cap (`MW_EARLY_FRAMES_MAX_MB`): the peer then waits, and nothing
+    /// is lost.
+    pub early_frames_paused: u64,
     /// Times a shared-memory ring could not grow under traffic for lack of `/dev/shm` and
     /// worked on in its small form (`docs/architecture.md`).
     pub shm_grow_refused: u64,
@@ -198,9 +204,9 @@ struct Peer {
     tx: Option<TxFrame>,
     tx_queue: VecDeque<(u64, usize)>,
     rx_queue: VecDeque<(u64, usize)>,
-    unexpected: VecDeque<(FrameHeader, Vec<u8>)>,
+    unexpected: VecDeque<(FrameHeader, early::Early)>,
     unexpected_bytes: usize,
-    /// Input not read this pass because the unexpected queue is full.
+    /// Input not read this pass because the unexpected queue, or the process's, is full.
     paused: bool,
     traffic: (u64, u64),
     tx_seq: u64,

@@ -199,7 +199,7 @@ impl Engine {
                     p.unexpected_bytes -= payload.len();
                     let total = self.recv_len(i, step);
                     self.check(peer, &self.ops[i], step, &h, total)?;
-                    self.deliver(peer, i, step, &h, Some(&payload))?;
+                    self.deliver(peer, i, step, &h, Some(&*payload))?;
                     progress = true;
                     continue;
                 }
@@ -250,6 +250,12 @@ impl Engine {
                         progress = true;
                     }
                     None if !p.link.drain_early_frames() => return Ok(progress),
+                    // The process holds all the early frames it may: wait for this receive.
+                    None if !early::room_for(h.len as usize) => {
+                        p.paused = true;
+                        self.stats.early_frames_paused += 1;
+                        return Ok(progress);
+                    }
                     None => {
                         let mut data = Vec::new();
                         let mut visit = |b: &[u8]| data = b.to_vec();
@@ -257,7 +263,7 @@ impl Engine {
                             return Ok(progress);
                         }
                         p.unexpected_bytes += data.len();
-                        p.unexpected.push_back((h, data));
+                        p.unexpected.push_back((h, early::Early::new(data)));
                         progress = true;
                     }
                 },
