@@ -4,7 +4,7 @@
 //! ```text
 //! mw-bench [--ranks N] [--ops all_reduce,send_recv,...|all] [--dtype float|all] [--redop sum]
 //!          [-b MIN] [-e MAX] [-f FACTOR] [--iters N] [--warmup N] [--transport auto|tcp]
-//!          [--json] [--targets] [--smoke] [--device] [--osu] [--osu-table FILE]
+//!          [--json] [--targets] [--smoke] [--device] [--osu] [--osu-table FILE] [--worlds N]
 //! ```
 //!
 //! - default: a table per operation: size, count, type, redop, time (us), algbw, busbw (GB/s,
@@ -15,6 +15,8 @@
 //! - `--smoke`: every operation and type at a few sizes; exits non-zero if any result is wrong.
 //! - `--osu`: the OSU-style shapes of Open MPI's side of the comparison, same line format
 //!   (`osu.rs`); `--osu-table FILE` sets interleaved runs of both side by side.
+//! - `--worlds N`: what N idle worlds cost a process, and a busy world beside them
+//!   (`worlds.rs`).
 //! - `--device` (feature `cuda`): operations on GPU buffers beside the device-to-device copy
 //!   bandwidth, and the reduction kernel against that copy (`device.rs`).
 //!
@@ -35,6 +37,7 @@ mod reference;
 #[cfg(feature = "cuda")]
 mod device;
 mod osu;
+mod worlds;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -123,6 +126,8 @@ enum Mode {
     Smoke,
     Device,
     Osu,
+    /// `--worlds N`.
+    Worlds(usize),
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -198,6 +203,7 @@ fn parse() -> Result<Args, String> {
             "--targets" => a.mode = Mode::Targets,
             "--smoke" => a.mode = Mode::Smoke,
             "--osu" => a.mode = Mode::Osu,
+            "--worlds" => a.mode = Mode::Worlds(v()?.parse().map_err(|e| format!("--worlds: {e}"))?),
             "--osu-table" => {
                 let f = v()?;
                 if let Err(e) = osu::table(&f) {
@@ -594,7 +600,7 @@ impl Bench {
     }
 
     /// Throughput (GB/s) of 1 MiB all-reduces on `w` for about `dur`.
-    fn all_reduce_rate(&self, w: &World, dur: Duration) -> f64 {
+    pub(crate) fn all_reduce_rate(&self, w: &World, dur: Duration) -> f64 {
         let mut v = vec![1f32; 1 << 18];
         let mut out = vec![0f32; 1 << 18];
         for _ in 0..3 {
@@ -840,6 +846,7 @@ fn run(rank: usize, args: Args) -> Result<u64, String> {
         }
         Mode::Targets => b.targets(),
         Mode::Osu => osu::run(&b),
+        Mode::Worlds(n) => worlds::run(&b, n),
         #[cfg(feature = "cuda")]
         Mode::Device => b.wrong_total += device::run(&b).map_err(|e| format!("--device: {e}"))?,
         #[cfg(not(feature = "cuda"))]

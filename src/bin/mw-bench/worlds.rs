@@ -1,0 +1,141 @@
+//! `--worlds N`: what many idle worlds cost one process. Both ranks form N two-rank worlds
+//! with each other (at most 200 formations in flight), then rank 0 reports, against the same
+//! process before the worlds existed: the formation rate; threads, descriptors, resident
+//! memory and `/dev/shm` per world; the CPU the idle worlds burn; and the 1 MiB all-reduce
+//! throughput of one busy world beside the N idle ones against the same world alone.
+
+use std::time::{Duration, Instant};
+
+use multiworld::{Rendezvous, UniqueId, WorldOptions, UNIQUE_ID_BYTES};
+
+use super::Bench;
+
+/// Formations in flight at once.
+const IN_FLIGHT: usize = 200;
+
+/// Threads, descriptors and resident bytes of this process, and bytes used in `/dev/shm`.
+#[derive(Debug, Clone, Copy)]
+struct Footprint {
+    threads: usize,
+    fds: usize,
+    rss: u64,
+    shm: u64,
+}
+
+fn count(dir: &str) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+fn footprint() -> Footprint {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss_kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: a zeroed statvfs is a valid place for the result; the path is a C string.
+    let shm = unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c"/dev/shm".as_ptr(), &mut s) == 0 {
+            (s.f_blocks - s.f_bfree) * s.f_frsize
+        } else {
+            0
+        }
+    };
+    Footprint { threads: count("/proc/self/task"), fds: count("/proc/self/fd"), rss: rss_kib * 1024, shm }
+}
+
+/// CPU time (user + system) of this process so far.
+fn cpu_time() -> Duration {
+    // SAFETY: a zeroed rusage is a valid place for the result.
+    let u = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Median of five half-second runs of the bench world's 1 MiB all-reduce (GB/s).
+fn rate(b: &Bench) -> f64 {
+    let mut r: Vec<f64> = (0..5).map(|_| b.all_reduce_rate(&b.w, Duration::from_millis(500))).collect();
+    super::median(&mut r)
+}
+
+pub(crate) fn run(b: &Bench, n: usize) {
+    assert!(b.n == 2, "--worlds needs --ranks 2");
+    let alone = rate(b);
+    b.w.barrier().expect("barrier");
+    let before = footprint();
+    // Rank 0 makes the ids and hands them over the bench's own world.
+    let mut ids = vec![0u8; n * UNIQUE_ID_BYTES];
+    if b.rank == 0 {
+        for c in ids.chunks_mut(UNIQUE_ID_BYTES) {
+            c.copy_from_slice(&UniqueId::new_on("127.0.0.1".parse().expect("ip")).expect("unique id").to_bytes());
+        }
+    }
+    b.w.broadcast_in_place(&mut ids, 0).expect("broadcast");
+    let opts = WorldOptions::default();
+    let t = Instant::now();
+    let mut worlds = Vec::with_capacity(n);
+    let name = |k: usize| format!("idle{k}");
+    for (j, batch) in ids.chunks(IN_FLIGHT * UNIQUE_ID_BYTES).enumerate() {
+        let forming: Vec<_> = batch
+            .chunks(UNIQUE_ID_BYTES)
+            .enumerate()
+            .map(|(i, c)| {
+                let id = UniqueId::from_bytes(c).expect("id");
+                b.m.form(&name(j * IN_FLIGHT + i), Rendezvous::Id(id), b.rank, 2, &opts)
+            })
+            .collect();
+        for f in forming {
+            worlds.push(f.wait().expect("formation"));
+        }
+    }
+    let formed = t.elapsed();
+    b.w.barrier().expect("barrier");
+    // Let the new worlds settle (first heartbeats, rings back to small) before measuring.
+    std::thread::sleep(Duration::from_millis(1000));
+    let idle = footprint();
+    let cpu0 = cpu_time();
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let idle_cpu = (cpu_time() - cpu0).as_secs_f64() / t.elapsed().as_secs_f64();
+    b.w.barrier().expect("barrier");
+    let beside = rate(b);
+    for w in &worlds {
+        w.barrier().expect("every idle world still works");
+    }
+    if b.rank == 0 {
+        let per = |a: u64, z: u64| (z.saturating_sub(a)) as f64 / n as f64 / 1024.0;
+        println!("# {n} idle two-rank worlds between two processes (rank 0's view)");
+        println!("  formed in {:.3} s: {:.0} worlds/s, {IN_FLIGHT} in flight", formed.as_secs_f64(), n as f64 / formed.as_secs_f64());
+        println!(
+            "  threads {} -> {} ({:.2} per world), descriptors {} -> {} ({:.2} per world)",
+            before.threads,
+            idle.threads,
+            (idle.threads as f64 - before.threads as f64) / n as f64,
+            before.fds,
+            idle.fds,
+            (idle.fds as f64 - before.fds as f64) / n as f64
+        );
+        println!(
+            "  per idle world: RSS {:.1} KiB, /dev/shm {:.1} KiB (the pair's segment, counted once)",
+            per(before.rss, idle.rss),
+            per(before.shm, idle.shm)
+        );
+        println!("  idle CPU: {:.2} % of a core", idle_cpu * 100.0);
+        println!(
+            "  1 MiB all_reduce throughput beside {n} idle worlds / alone: {beside:.2} / {alone:.2} GB/s = {:.3}",
+            beside / alone
+        );
+    }
+    // Both sides done before either leaves: then every world closes gracefully.
+    b.w.barrier().expect("barrier");
+    drop(worlds);
+    for k in 0..n {
+        b.m.remove_world(&name(k)).expect("remove");
+    }
+}
