@@ -1,7 +1,9 @@
 //! The cap on early frames held by a whole process (`MW_EARLY_FRAMES_MAX_MB`), across real
 //! processes: a world whose receiver is late fills the cap and its link stops being read (its
 //! sender waits), another world of the same processes still delivers, and once the late
-//! receives are posted every byte arrives as sent.
+//! receives are posted every byte arrives as sent. And two ranks that both send before they
+//! receive, on shared memory without heartbeats (nothing else would wake a stuck side): each
+//! keeps the other's early frames moving, so no round waits.
 
 mod common;
 
@@ -13,7 +15,7 @@ use multiworld::{TransportChoice, UniqueId, WorldManager, WorldOptions};
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
 fn worker() {
-    common::worker_main(&[("late", late)]);
+    common::worker_main(&[("late", late), ("crossing", crossing)]);
 }
 
 const MSG: usize = 1 << 20;
@@ -68,4 +70,31 @@ fn a_process_caps_its_early_frames_and_loses_nothing() {
     let env = [("MW_EARLY_FRAMES_MAX_MB", "1".to_string())];
     let logs = common::run_ranks("late", 2, &env, Duration::from_secs(60));
     assert!(logs[1].contains("all delivered"), "{}", logs[1]);
+}
+
+/// Both ranks send a message larger than a ring, then receive the other's, round after round,
+/// on shared memory with heartbeats off.
+const CROSS: usize = 3 << 20;
+const ROUNDS: usize = 30;
+
+fn crossing(ctx: &Ctx) {
+    let m = WorldManager::with_defaults(WorldOptions::default().without_heartbeat());
+    let w = m.init_world("crossing", &ctx.id(), ctx.rank, 2).unwrap();
+    let peer = 1 - ctx.rank;
+    let t = std::time::Instant::now();
+    for round in 0..ROUNDS {
+        let out = message(round * 2 + ctx.rank, CROSS);
+        w.send(&out, peer).unwrap();
+        let mut got = vec![0u8; CROSS];
+        w.recv(&mut got, peer).unwrap();
+        assert!(got == message(round * 2 + peer, CROSS), "round {round}");
+    }
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(20), "{ROUNDS} crossing rounds took {took:?}: a side waited to be woken");
+    println!("crossing: {ROUNDS} rounds in {:.1} ms", took.as_secs_f64() * 1e3);
+}
+
+#[test]
+fn ranks_that_both_send_first_never_wait_on_each_other() {
+    common::run_ranks("crossing", 2, &[], Duration::from_secs(60));
 }

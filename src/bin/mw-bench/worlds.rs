@@ -111,7 +111,11 @@ pub(crate) fn run(b: &Bench, n: usize) {
     if b.rank == 0 {
         let per = |a: u64, z: u64| (z.saturating_sub(a)) as f64 / n as f64 / 1024.0;
         println!("# {n} idle two-rank worlds between two processes (rank 0's view)");
-        println!("  formed in {:.3} s: {:.0} worlds/s, {IN_FLIGHT} in flight", formed.as_secs_f64(), n as f64 / formed.as_secs_f64());
+        println!(
+            "  formed in {:.3} s: {:.0} worlds/s, {IN_FLIGHT} in flight",
+            formed.as_secs_f64(),
+            n as f64 / formed.as_secs_f64()
+        );
         println!(
             "  threads {} -> {} ({:.2} per world), descriptors {} -> {} ({:.2} per world)",
             before.threads,

@@ -69,7 +69,7 @@ const _: () = assert!(ring::TAG_BITS >= 7);
 /// wraps in slot 1, so a ring holds one slot and a line of memory, not 32 slots (`grow`).
 const SMALL_SLOTS: u64 = 1;
 /// A small ring grows to all its slots once its writer tries this many frames between two
-/// ticks (or finds it full)...
+/// ticks...
 const GROW_FRAMES: u32 = 8;
 /// ...and shrinks back once this many ticks in a row saw at most `QUIET_FRAMES` frames each
 /// (heartbeats) and the ring is empty. A tick is `TICK` at least (the world's timers may run
@@ -323,20 +323,16 @@ impl ShmLink {
     }
 
     /// The slot for this side's next frame, if one is free: wraps a small ring at its limit
-    /// (the wrap is published here), and grows a ring under traffic or when it is full.
+    /// (the wrap is published here), and grows a ring under traffic.
     fn next_frame_slot(&mut self) -> Result<Option<u64>, LinkError> {
         self.frames_since_tick = self.frames_since_tick.saturating_add(1);
         if self.limit < SLOTS && self.frames_since_tick > GROW_FRAMES {
             self.grow();
         }
         loop {
+            // (A full small ring cannot grow: its reader is still in an earlier lap. It grows
+            // at a later write, once the reader has caught up.)
             let Some(slot) = self.free_slot()? else {
-                if self.limit < SLOTS && !self.grow_failed {
-                    self.grow();
-                    if self.limit == SLOTS {
-                        continue;
-                    }
-                }
                 return Ok(None);
             };
             if slot % SLOTS < self.limit {
@@ -376,6 +372,9 @@ impl ShmLink {
         // SAFETY: the range lies in this link's writable shared mapping, page-aligned.
         let ok = unsafe { crate::sys::populate(self.seg.map.as_ptr().add(part.start) as *mut u8, part.len()) };
         if ok.is_err() {
+            // Give back what the failed call did populate: the ring stays small.
+            // SAFETY: as above; nothing in the grown part is in use while the ring is small.
+            let _ = unsafe { crate::sys::discard(self.seg.map.as_ptr().add(part.start) as *mut u8, part.len()) };
             self.grow_failed = true;
             self.grow_refused += 1;
             return;
@@ -618,6 +617,12 @@ impl Link for ShmLink {
                         self.doorbell()?;
                     }
                 }
+                Some(s) if self.ctrl(self.rx).tag(s, &self.words(self.rx)) > WRAP => {
+                    return Err(LinkError::Protocol(format!(
+                        "slot tag {} is no pad and no wrap",
+                        self.ctrl(self.rx).tag(s, &self.words(self.rx))
+                    )));
+                }
                 Some(s) => break s,
                 // Everything the peer sent has been read: if it is gone, that is the end.
                 None if self.hung_up => return Err(Self::gone()),
@@ -678,7 +683,8 @@ impl Link for ShmLink {
             }
             return Ok(true);
         }
-        let pad = self.ctrl(self.rx).tag(slot, &self.words(self.rx)) as usize;
+        // Below 64: peek refused any other tag.
+        let pad = self.ctrl(self.rx).tag(slot, &self.words(self.rx)) as usize % 64;
         // SAFETY: as in peek; the payload length was checked against the slot size, and a
         // tag is below 64, so pad and payload fit the slot.
         let payload = unsafe { std::slice::from_raw_parts(p.add(HEADER_LEN + pad), len) };
@@ -709,8 +715,17 @@ impl Link for ShmLink {
             // The socket stays readable for ever now; only the ring can change, and it cannot.
             return Armed::Idle;
         }
-        if read && self.current.is_none() && !self.ctrl(self.rx).consumer_may_sleep(&self.words(self.rx)) {
-            return Armed::Ready;
+        if read {
+            let may_sleep = match self.current {
+                None => self.ctrl(self.rx).consumer_may_sleep(&self.words(self.rx)),
+                // A frame waits for its receive: sleep, but be rung by the next publication,
+                // which may fill the ring (then the engine moves the frames out, so that the
+                // peer is not stuck behind a receive this side has not posted yet).
+                Some(_) => self.ctrl(self.rx).consumer_may_sleep_until_full(SLOTS),
+            };
+            if !may_sleep {
+                return Armed::Ready;
+            }
         }
         if write {
             let may_sleep = match self.remote_tx {
@@ -982,6 +997,21 @@ mod tests {
         assert!(rx.consume(Sink::Copy(&mut out)).unwrap());
         assert!(out == b);
         assert_eq!(tx.limit, SMALL_SLOTS, "it never grew");
+    }
+
+    #[test]
+    fn a_slot_tag_that_is_no_pad_and_no_wrap_is_refused() {
+        let (mut tx, mut rx) = pair();
+        let data = pattern(100, 6);
+        let mut written = 0;
+        assert!(tx.write(&header(100), &data, &mut written).unwrap());
+        // A peer that writes nonsense into the word: a pad past the slot's room.
+        let w = tx.words(tx.tx).word(0).load(Ordering::Relaxed);
+        tx.words(tx.tx).word(0).store((w & !127) | 100, Ordering::Release);
+        match rx.peek() {
+            Err(LinkError::Protocol(why)) => assert!(why.contains("tag"), "{why}"),
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
     }
 
     #[test]

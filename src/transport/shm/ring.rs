@@ -235,6 +235,21 @@ impl RingCtrl {
         true
     }
 
+    /// Consumer, about to sleep while it holds a frame it cannot deliver yet (its receive is
+    /// not posted): raises its flag and looks again, so that the producer's next publication
+    /// rings it, and it can move frames out of a ring that became full (the producer then
+    /// waits on it). True when it may sleep; false when the ring is full already (flag
+    /// lowered).
+    pub(crate) fn consumer_may_sleep_until_full(&self, n: u64) -> bool {
+        self.consumer_sleeping.0.swap(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if self.in_use(n) >= n {
+            self.consumer_sleeping.0.store(false, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
     /// Slots published and not yet released (as the consumer sees it).
     pub(crate) fn in_use(&self, n: u64) -> u64 {
         let tail = self.tail.0.load(Ordering::Relaxed);
@@ -518,6 +533,44 @@ mod loom_models {
                     to_consumer.sleep();
                 }
             }
+            producer.join().unwrap();
+        });
+    }
+
+    /// The consumer holds the first frame (its receive is not posted) and sleeps until the
+    /// ring is full, then would move frames out; the producer fills the ring. The consumer
+    /// must be woken by the publication that fills it (loom reports a deadlock otherwise).
+    #[test]
+    fn loom_ring_a_consumer_holding_a_frame_is_rung_when_the_ring_fills() {
+        loom::model(|| {
+            let ring = Arc::new(RingCtrl::new());
+            let words = Arc::new(Words::new(N));
+            let to_consumer = Arc::new(Bell::default());
+            let producer = {
+                let (ring, words, tc) = (ring.clone(), words.clone(), to_consumer.clone());
+                loom::thread::spawn(move || {
+                    let mut seen = 0;
+                    for _ in 0..N {
+                        let s = ring.free_slot(N, &mut seen).unwrap().unwrap();
+                        if ring.publish(s, 0, &*words) {
+                            tc.ring();
+                        }
+                    }
+                })
+            };
+            // Holding the first frame once it is there.
+            loop {
+                if ring.full_slot(&*words).is_some() {
+                    break;
+                }
+                if ring.consumer_may_sleep(&*words) {
+                    to_consumer.sleep();
+                }
+            }
+            while ring.consumer_may_sleep_until_full(N) {
+                to_consumer.sleep();
+            }
+            assert_eq!(ring.in_use(N), N);
             producer.join().unwrap();
         });
     }
