@@ -114,8 +114,8 @@ pub(crate) fn can_populate() -> bool {
 
 /// Raises this process's soft limit on open descriptors to its hard limit, once (as servers do:
 /// every world holds a few descriptors, and the usual soft limit of 1024 stops a process at a
-/// few hundred worlds). Returns the soft limit now in force, if it could be read.
-pub(crate) fn raise_descriptor_limit() -> Option<u64> {
+/// few hundred worlds).
+pub(crate) fn raise_descriptor_limit() {
     static DONE: std::sync::Once = std::sync::Once::new();
     DONE.call_once(|| {
         let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -127,7 +127,6 @@ pub(crate) fn raise_descriptor_limit() -> Option<u64> {
             }
         }
     });
-    descriptor_limit()
 }
 
 /// This process's soft limit on open descriptors, if it can be read.

@@ -314,12 +314,26 @@ impl ShmLink {
         Ok(())
     }
 
-    /// The next free slot of the ring this side writes, if any.
-    fn free_slot(&mut self) -> Result<Option<u64>, LinkError> {
+    /// Runs `f` on the control block of the ring this side writes and on this side's copy of
+    /// its tail (which the ring's producer calls read and refresh).
+    fn tx_ring<R>(&mut self, f: impl FnOnce(&RingCtrl, &mut u64) -> R) -> R {
         let mut seen = self.seen_tail;
-        let r = self.ctrl(self.tx).free_slot(SLOTS, &mut seen).map_err(|_| Self::corrupt());
+        let r = f(self.ctrl(self.tx), &mut seen);
         self.seen_tail = seen;
         r
+    }
+
+    /// The next free slot of the ring this side writes, if any.
+    fn free_slot(&mut self) -> Result<Option<u64>, LinkError> {
+        self.tx_ring(|ring, seen| ring.free_slot(SLOTS, seen)).map_err(|_| Self::corrupt())
+    }
+
+    /// Where the grown part of the ring this side writes starts in this mapping, and its
+    /// length (page-aligned).
+    fn grown_pages(&self) -> (*mut u8, usize) {
+        let part = grown_part(self.tx);
+        // SAFETY: the grown part lies inside the segment's mapping.
+        (unsafe { self.seg.map.as_ptr().add(part.start) as *mut u8 }, part.len())
     }
 
     /// The slot for this side's next frame, if one is free: wraps a small ring at its limit
@@ -338,10 +352,7 @@ impl ShmLink {
             if slot % SLOTS < self.limit {
                 return Ok(Some(slot));
             }
-            let mut seen = self.seen_tail;
-            let can = self.ctrl(self.tx).can_wrap(slot, SLOTS, &mut seen);
-            self.seen_tail = seen;
-            if !can {
+            if !self.tx_ring(|ring, seen| ring.can_wrap(slot, SLOTS, seen)) {
                 return Ok(None);
             }
             if self.ctrl(self.tx).publish_wrap(slot, SLOTS, WRAP, &self.words(self.tx)) {
@@ -362,19 +373,16 @@ impl ShmLink {
         // holds a publication it has still to read (a wrap of a shrink it has not followed
         // yet, say), so resetting their words below loses nothing. Until then, it stays small.
         let head = self.ctrl(self.tx).head();
-        let mut seen = self.seen_tail;
-        let reader_here = self.ctrl(self.tx).can_wrap(head, SLOTS, &mut seen);
-        self.seen_tail = seen;
-        if !reader_here {
+        if !self.tx_ring(|ring, seen| ring.can_wrap(head, SLOTS, seen)) {
             return;
         }
-        let part = grown_part(self.tx);
+        let (pages, len) = self.grown_pages();
         // SAFETY: the range lies in this link's writable shared mapping, page-aligned.
-        let ok = unsafe { crate::sys::populate(self.seg.map.as_ptr().add(part.start) as *mut u8, part.len()) };
+        let ok = unsafe { crate::sys::populate(pages, len) };
         if ok.is_err() {
             // Give back what the failed call did populate: the ring stays small.
             // SAFETY: as above; nothing in the grown part is in use while the ring is small.
-            let _ = unsafe { crate::sys::discard(self.seg.map.as_ptr().add(part.start) as *mut u8, part.len()) };
+            let _ = unsafe { crate::sys::discard(pages, len) };
             self.grow_failed = true;
             self.grow_refused += 1;
             return;
@@ -420,11 +428,11 @@ impl ShmLink {
         }
         if let Some(start) = self.free_after {
             if self.ctrl(self.tx).released(start.wrapping_sub(1)) {
-                let part = grown_part(self.tx);
+                let (pages, len) = self.grown_pages();
                 // SAFETY: the range lies in this link's shared mapping, page-aligned; the reader
                 // is past the grown part for good (it follows wraps at slot SMALL_SLOTS), and
                 // this side writes there only after `grow` populated it again.
-                let _ = unsafe { crate::sys::discard(self.seg.map.as_ptr().add(part.start) as *mut u8, part.len()) };
+                let _ = unsafe { crate::sys::discard(pages, len) };
                 self.free_after = None;
             }
         }
@@ -610,23 +618,22 @@ impl Link for ShmLink {
             self.drain_doorbells();
         }
         let slot = loop {
-            match self.ctrl(self.rx).full_slot(&self.words(self.rx)) {
+            let ring = self.ctrl(self.rx);
+            let Some(s) = ring.full_slot(&self.words(self.rx)) else {
+                // Everything the peer sent has been read: if it is gone, that is the end.
+                return if self.hung_up { Err(Self::gone()) } else { Ok(None) };
+            };
+            match ring.tag(s, &self.words(self.rx)) {
                 // The peer's small ring starts its next lap: follow.
-                Some(s) if self.ctrl(self.rx).tag(s, &self.words(self.rx)) == WRAP => {
-                    if self.ctrl(self.rx).release_wrap(s, SLOTS) {
+                WRAP => {
+                    if ring.release_wrap(s, SLOTS) {
                         self.doorbell()?;
                     }
                 }
-                Some(s) if self.ctrl(self.rx).tag(s, &self.words(self.rx)) > WRAP => {
-                    return Err(LinkError::Protocol(format!(
-                        "slot tag {} is no pad and no wrap",
-                        self.ctrl(self.rx).tag(s, &self.words(self.rx))
-                    )));
+                tag if tag > WRAP => {
+                    return Err(LinkError::Protocol(format!("slot tag {tag} is no pad and no wrap")));
                 }
-                Some(s) => break s,
-                // Everything the peer sent has been read: if it is gone, that is the end.
-                None if self.hung_up => return Err(Self::gone()),
-                None => return Ok(None),
+                _ => break s,
             }
         };
         let p = self.slot_ptr(self.rx, slot);
@@ -732,10 +739,8 @@ impl Link for ShmLink {
                 // Waiting for the peer to finish reading this side's buffer.
                 Some(slot) => self.ctrl(self.tx).producer_may_sleep_until_released(slot),
                 None => {
-                    let mut seen = self.seen_tail;
-                    let may = self.ctrl(self.tx).producer_may_sleep(SLOTS, self.limit, &mut seen);
-                    self.seen_tail = seen;
-                    may
+                    let limit = self.limit;
+                    self.tx_ring(|ring, seen| ring.producer_may_sleep(SLOTS, limit, seen))
                 }
             };
             if !may_sleep {
