@@ -123,7 +123,7 @@ struct OpState {
     send: RawBuf,
     recv: RawBuf,
     scratch: RawBuf,
-    _scratch_mem: Scratch,
+    scratch_mem: Scratch,
     plan: Plan,
     /// Where each step of the plan stands.
     steps: Vec<StepState>,
@@ -281,6 +281,10 @@ pub(crate) struct Engine {
     outbox: Outbox,
     /// When the timers (heartbeats, silence, deadlines) next need a look; `None`: at once.
     next_timer: Option<Instant>,
+    /// The largest scratch space a finished operation left, for the next one that needs some;
+    /// let go of at a timer run that finds no operation posted since the one before.
+    spare_scratch: Option<Scratch>,
+    posted_since_timers: bool,
 }
 
 fn link_cause(peer: usize, e: LinkError) -> BrokenCause {
@@ -354,6 +358,8 @@ impl Engine {
             on_broken: None,
             outbox: Outbox::default(),
             next_timer: None,
+            spare_scratch: None,
+            posted_since_timers: false,
             #[cfg(test)]
             panic_in_pass: false,
         }
@@ -416,6 +422,7 @@ impl Engine {
     /// Accepts operations, in order. On a broken world they fail at once.
     /// `now` is asked for only when an operation has a deadline.
     pub(crate) fn post(&mut self, ops: impl IntoIterator<Item = Posted>, now: impl Fn() -> Instant) {
+        self.posted_since_timers = true;
         for p in ops {
             if p.timeout.is_some() {
                 self.next_timer = None;
@@ -449,7 +456,11 @@ impl Engine {
             if n == 0 {
                 self.finished += 1;
             }
-            let mut scratch_mem = Scratch::new(plan.scratch);
+            let mut scratch_mem = if plan.scratch == 0 {
+                Scratch::default()
+            } else {
+                Scratch::reuse(self.spare_scratch.take(), plan.scratch)
+            };
             let scratch = scratch_mem.raw();
             self.next_id += 1;
             self.ops.push_back(OpState {
@@ -459,7 +470,7 @@ impl Engine {
                 send: p.send,
                 recv: p.recv,
                 scratch,
-                _scratch_mem: scratch_mem,
+                scratch_mem,
                 plan,
                 steps: vec![StepState::default(); n],
                 left: n,
@@ -692,7 +703,11 @@ impl Engine {
         while i < self.ops.len() {
             if self.ops[i].active && self.ops[i].left == 0 {
                 self.finished -= 1;
-                let op = self.ops.remove(i).expect("index in range");
+                let mut op = self.ops.remove(i).expect("index in range");
+                let scratch = std::mem::take(&mut op.scratch_mem);
+                if scratch.capacity() > self.spare_scratch.as_ref().map_or(0, |s| s.capacity()) {
+                    self.spare_scratch = Some(scratch);
+                }
                 self.stats.ops_completed += 1;
                 self.complete(&op.completion, Ok(()));
                 progress = true;
@@ -719,6 +734,9 @@ impl Engine {
     }
 
     fn timers(&mut self, now: Instant) -> Result<(), BrokenCause> {
+        if !std::mem::take(&mut self.posted_since_timers) {
+            self.spare_scratch = None;
+        }
         for (rank, slot) in self.peers.iter_mut().enumerate() {
             let Some(p) = slot.as_mut().filter(|p| p.gone.is_none()) else { continue };
             p.link.tick(now);

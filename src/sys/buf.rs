@@ -116,6 +116,25 @@ impl Scratch {
         Scratch { words: vec![0u128; len.div_ceil(16)], len }
     }
 
+    /// Scratch space of `len` bytes in `spare`'s memory if it is large enough (its contents
+    /// are whatever the last user left: plans write scratch before they read it), else new.
+    /// Reusing it keeps large operations off the allocator, which may hand fresh pages to each
+    /// one (every byte then costs a page fault) depending on what else the heap holds.
+    pub(crate) fn reuse(spare: Option<Scratch>, len: usize) -> Scratch {
+        match spare {
+            Some(mut s) if s.words.len() * 16 >= len => {
+                s.len = len;
+                s
+            }
+            _ => Scratch::new(len),
+        }
+    }
+
+    /// Bytes this scratch space can hold.
+    pub(crate) fn capacity(&self) -> usize {
+        self.words.len() * 16
+    }
+
     /// A view for the operation that owns this scratch space.
     pub(crate) fn raw(&mut self) -> RawBuf {
         RawBuf { ptr: self.words.as_mut_ptr() as *mut u8, len: self.len, writable: true }
