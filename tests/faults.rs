@@ -259,16 +259,16 @@ fn abort_waiters(ctx: &Ctx) {
         assert!(*after < Duration::from_secs(1), "{after:?}");
     }
     m.remove_world("abort").unwrap();
-    // The world's sockets and progress thread are gone (the waiter threads have exited); the
-    // progress thread ends on its own after the removal, so a loaded machine may need a moment.
+    // The world's sockets are gone, and the waiter threads have exited (a loaded machine may
+    // need a moment for that).
     let t0 = Instant::now();
     let mut after = common::fds_and_threads();
-    while (after.0 >= before.0 || after.1 >= before.1) && t0.elapsed() < Duration::from_secs(3) {
+    while (after.0 >= before.0 || after.1 > before.1) && t0.elapsed() < Duration::from_secs(3) {
         std::thread::sleep(Duration::from_millis(20));
         after = common::fds_and_threads();
     }
     assert!(after.0 < before.0, "fds {before:?} -> {after:?}");
-    assert!(after.1 < before.1, "threads {before:?} -> {after:?}");
+    assert!(after.1 <= before.1, "threads {before:?} -> {after:?}");
 }
 
 #[test]
@@ -476,8 +476,8 @@ fn formation_survivor(ctx: &Ctx) {
             m.remove_world("f").unwrap();
         }
     }
-    drop(r); // a world handle keeps the world's event descriptors until it goes
-             // Clean: the formation's thread, listener and sockets are gone.
+    drop(r);
+    // Clean: the formation's thread, listener and sockets are gone.
     let t0 = Instant::now();
     while common::fds_and_threads() != base && t0.elapsed() < Duration::from_secs(3) {
         std::thread::sleep(Duration::from_millis(20));

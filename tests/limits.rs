@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::Ctx;
-use multiworld::{ErrorKind, ReduceOp, UniqueId, WorldManager};
+use multiworld::{ErrorKind, ReduceOp, Rendezvous, UniqueId, WorldManager, WorldOptions};
 
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
@@ -38,30 +38,43 @@ fn raise(_ctx: &Ctx) {
 }
 
 fn exhaust(_ctx: &Ctx) {
-    set_limits(48, 48);
-    let m = WorldManager::new();
-    let mut worlds = Vec::new();
-    let mut failure = None;
-    for i in 0..100 {
-        match UniqueId::new().and_then(|id| m.init_world(&format!("w{i}"), &id, 0, 1)) {
-            Ok(w) => worlds.push(w),
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
-        }
+    set_limits(64, 64);
+    // Both ranks of each world live here, under two managers: every world then holds a socket
+    // at each end (a world of one rank holds no descriptor at all).
+    let (m0, m1) = (WorldManager::new(), WorldManager::new());
+    let pair = |name: &str| {
+        let id = UniqueId::new()?;
+        let f0 = m0.form(name, Rendezvous::Id(id.clone()), 0, 2, &WorldOptions::default());
+        let f1 = m1.form(name, Rendezvous::Id(id), 1, 2, &WorldOptions::default());
+        Ok::<_, multiworld::Error>((f0.wait()?, f1.wait()?))
+    };
+    let worlds: Vec<_> = (0..3).map(|i| pair(&format!("w{i}")).unwrap()).collect();
+    // Take every descriptor left.
+    let mut held = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        held.push(f);
     }
-    let e = failure.expect("48 descriptors cannot hold 100 worlds");
+    let e = UniqueId::new().and_then(|id| m0.init_world("one-more", &id, 0, 1)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::System, "{e}");
     let text = e.to_string();
-    assert!(text.contains("RLIMIT_NOFILE") && text.contains("48"), "the error names the limit: {text}");
-    assert!(worlds.len() >= 3, "only {} worlds before running out", worlds.len());
+    assert!(text.contains("RLIMIT_NOFILE") && text.contains("64"), "the error names the limit: {text}");
+    drop(held);
     // What the process already had still works.
-    for w in &worlds {
-        let mut x = [1.5f32; 4];
-        w.all_reduce_in_place(&mut x, ReduceOp::Sum).unwrap();
-        assert_eq!(x, [1.5f32; 4]);
+    for (w0, w1) in &worlds {
+        std::thread::scope(|s| {
+            let other = s.spawn(|| {
+                let mut x = [2.5f32; 4];
+                w1.all_reduce_in_place(&mut x, ReduceOp::Sum).unwrap();
+                x
+            });
+            let mut x = [1.5f32; 4];
+            w0.all_reduce_in_place(&mut x, ReduceOp::Sum).unwrap();
+            assert_eq!(x, [4.0f32; 4]);
+            assert_eq!(other.join().unwrap(), [4.0f32; 4]);
+        });
     }
+    // And with descriptors free again, the next world forms.
+    pair("after").unwrap();
     println!("exhausted after {} worlds: {text}", worlds.len());
 }
 

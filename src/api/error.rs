@@ -192,7 +192,8 @@ impl Error {
             Some(libc::EMFILE) => match crate::sys::descriptor_limit() {
                 Some(n) => format!(
                     " (this process may hold {n} open descriptors, its RLIMIT_NOFILE, already raised to the hard \
-                     limit; each world holds a few: raise the hard limit, e.g. `ulimit -Hn`, or hold fewer worlds)"
+                     limit; each world holds one per link to another rank: raise the hard limit, e.g. `ulimit -Hn`, or \
+                     hold fewer worlds)"
                 ),
                 None => " (the process's RLIMIT_NOFILE is reached)".to_string(),
             },

@@ -536,7 +536,7 @@ fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions) -> Re
     engine.set_on_broken(Box::new(move |cause: &BrokenCause| {
         events.push(Event::Broken { name: ev_name.clone(), generation, cause: cause.clone() });
     }));
-    let driver = Driver::start(name.clone(), engine, options.heartbeat.map(|h| h.interval))?;
+    let driver = Driver::start(name.clone(), engine)?;
     let world = World::new(WorldInner {
         name,
         rank: spec.rank,

@@ -825,6 +825,14 @@ impl Engine {
         w
     }
 
+    /// The descriptors of [`Engine::watch_set`] (or some of them) reported: the links look
+    /// at them on their next read.
+    pub(crate) fn links_reported(&mut self) {
+        for p in self.peers.iter_mut().flatten() {
+            p.link.reported();
+        }
+    }
+
     /// Leaves the world: gracefully (peers get a close frame after all data) when nothing is
     /// in flight, else as an abort.
     pub(crate) fn close(&mut self) {

@@ -1,5 +1,5 @@
 //! The system layer: thin, checked wrappers over the few system calls the standard library
-//! lacks (`poll`, `eventfd`, vectored `sendmsg` without `SIGPIPE`, `fallocate`, interface
+//! lacks (`poll`, `epoll`, `eventfd`, vectored `sendmsg` without `SIGPIPE`, `fallocate`, interface
 //! addresses, host identity), raw views of user buffers (`buf`), the one source of atomics and
 //! locks (`sync`) and the logger (`log`). Every `unsafe` block for these calls lives here.
 
@@ -173,6 +173,68 @@ impl EventFd {
 
     pub(crate) fn fd(&self) -> RawFd {
         self.0.as_raw_fd()
+    }
+}
+
+/// An `epoll(7)` instance: how one progress thread watches the links of many worlds.
+#[derive(Debug)]
+pub(crate) struct Epoll(OwnedFd);
+
+impl Epoll {
+    pub(crate) fn new() -> io::Result<Epoll> {
+        // SAFETY: takes no pointers; the result is checked before use.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Watches `fd` for the `poll` events `events` for as long as it is open, reporting `key`.
+    pub(crate) fn watch(&self, fd: RawFd, events: i16, key: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: events as u16 as u32, u64: key };
+        // SAFETY: `ev` is a valid event for the duration of the call.
+        match unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        }
+    }
+
+    /// Watches `fd` for the `poll` events `events`, once (`EPOLLONESHOT`: after one report
+    /// the descriptor is quiet until set again), reporting `key`. Adds it if it is not
+    /// watched yet.
+    pub(crate) fn watch_once(&self, fd: RawFd, events: i16, key: u64) -> io::Result<()> {
+        // `poll`'s event bits are `epoll`'s on Linux (IN, OUT, RDHUP, ...).
+        let mut ev = libc::epoll_event { events: events as u16 as u32 | libc::EPOLLONESHOT as u32, u64: key };
+        // SAFETY: `ev` is a valid event for the duration of the call.
+        let mut ctl = |op| unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd, &mut ev) };
+        if ctl(libc::EPOLL_CTL_MOD) == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+        if ctl(libc::EPOLL_CTL_ADD) == 0 {
+            return Ok(());
+        }
+        Err(io::Error::last_os_error())
+    }
+
+    /// Waits until a watched descriptor reports or `deadline` passes; the keys of those that
+    /// reported go to `keys`. Interrupted waits return with none.
+    pub(crate) fn wait(&self, keys: &mut Vec<u64>, deadline: Option<Instant>) {
+        const BATCH: usize = 256;
+        let timeout_ms: libc::c_int = match deadline {
+            None => -1,
+            Some(d) => d.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000).min(i32::MAX as u128)
+                as libc::c_int,
+        };
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
+        // SAFETY: `evs` is a valid, exclusively borrowed array of BATCH events.
+        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), BATCH as libc::c_int, timeout_ms) };
+        keys.extend(evs.iter().take(n.max(0) as usize).map(|e| e.u64));
     }
 }
 

@@ -140,8 +140,12 @@ pub(crate) trait Link: Send {
     fn tick(&mut self, _now: std::time::Instant) {}
 
     /// A descriptor that reports the peer hanging up, for watching an idle world; `poll`
-    /// events to ask for. The next `peek` after such a sleep looks at the descriptor too.
+    /// events to ask for. When it reports, the watcher calls [`Link::reported`].
     fn hangup_fd(&mut self) -> Option<(RawFd, i16)>;
+
+    /// The descriptor of [`Link::hangup_fd`] reported: the next `peek` looks at it (an idle
+    /// world's link does not, which keeps its heartbeat passes free of system calls).
+    fn reported(&mut self) {}
 
     /// True when waiting on this link is best done by spinning a little before sleeping: new
     /// data on a memory link shows up without a system call, and on a socket a few

@@ -260,9 +260,32 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// Open file descriptors and threads of this process.
+/// Open file descriptors and threads of this process, leaving out the progress pool's (its
+/// threads, their `epoll` sets and wake-up descriptors, and each calling thread's wake-up
+/// descriptor: all shared by every world, started with the first and kept for the process's
+/// life). What is counted is what a world or a formation owns: sockets, listeners, mappings'
+/// files, formation and root threads.
 pub fn fds_and_threads() -> (usize, usize) {
-    let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
-    let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0);
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    let target = std::fs::read_link(e.path()).unwrap_or_default();
+                    let t = target.to_string_lossy();
+                    t != "anon_inode:[eventpoll]" && t != "anon_inode:[eventfd]"
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    let name = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+                    !name.starts_with("mw-progress")
+                })
+                .count()
+        })
+        .unwrap_or(0);
     (fds, threads)
 }

@@ -1,0 +1,286 @@
+//! The progress pool: a few threads, shared by every world of the process, that watch the
+//! worlds' links and timers and drive the worlds that no caller drives.
+//!
+//! Each pool thread ([`Worker`]) owns an `epoll` instance, an inbox, a descriptor that wakes it
+//! (`wake`), and, on its own stack, the worlds it watches and a heap of their timers. A world
+//! is given to the least loaded thread when it forms and stays there. The thread:
+//!
+//! 1. sleeps in `epoll_wait` until a link reports, the inbox gets news, or the earliest timer
+//!    is due (rounded up to a [`TIMER_GRAIN`] grid, so that the heartbeats of many worlds are
+//!    served in one wake-up);
+//! 2. serves each world that a link, the inbox or a timer named ([`Driver::serve`]): a bounded
+//!    slice of passes, then the world's links armed again (one-shot, under the world's lock)
+//!    and its next timer pushed on the heap;
+//! 3. forgets a world once it is broken (its links are closed by then, which removes them from
+//!    the `epoll` set).
+//!
+//! Events and inbox entries name a world by its key (the address of its driver), looked up in
+//! the thread's own table: a stale key (a world forgotten meanwhile, whose address another
+//! world may reuse) at worst costs one pass that finds nothing to do.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use super::{Driver, Served};
+use crate::api::error::{Error, Result};
+use crate::sys::sync::{lock, Arc, Mutex, Ordering};
+use crate::sys::{Epoll, EventFd};
+
+/// Timers are served on this grid: a heartbeat a few milliseconds late costs nothing, and a
+/// thousand worlds' heartbeats cost a few wake-ups instead of a thousand.
+const TIMER_GRAIN: Duration = Duration::from_millis(20);
+/// The key of the worker's own wake-up descriptor in its `epoll` set (no driver lives there).
+const WAKE_KEY: u64 = u64::MAX;
+/// Most pool threads started by default (`MW_PROGRESS_THREADS` overrides).
+const DEFAULT_MAX_THREADS: usize = 4;
+
+/// What a pool thread is told from outside.
+enum Msg {
+    /// Watch a new world.
+    Add(Arc<Driver>),
+    /// Serve the world with this key.
+    Serve(u64),
+}
+
+/// One pool thread, as the worlds see it.
+pub(crate) struct Worker {
+    epoll: Epoll,
+    wake: EventFd,
+    inbox: Mutex<Vec<Msg>>,
+    /// Worlds watched, for placing new ones.
+    load: crate::sys::sync::AtomicU64,
+}
+
+impl Worker {
+    /// Starts watching `d`.
+    pub(crate) fn add(&self, d: Arc<Driver>) {
+        self.load.fetch_add(1, Ordering::Relaxed);
+        self.send(Msg::Add(d));
+    }
+
+    /// Asks for the world `d` to be served, unless it already waits in the inbox.
+    ///
+    /// `Driver::queued` is read and changed under the inbox's lock only: the thread lowers it
+    /// when it takes the inbox, before it tries the world's token, so a request that finds it
+    /// raised is sure to be followed by that try (`loom_token_*` in `driver/mod.rs`).
+    pub(crate) fn serve_soon(&self, d: &Driver) {
+        let mut inbox = lock(&self.inbox);
+        if d.queued.load(Ordering::Relaxed) {
+            return;
+        }
+        d.queued.store(true, Ordering::Relaxed);
+        self.push(inbox.as_mut(), Msg::Serve(d.key()));
+    }
+
+    fn send(&self, m: Msg) {
+        self.push(lock(&self.inbox).as_mut(), m);
+    }
+
+    /// Pushes a message with the inbox locked; wakes the thread if it was the first since the
+    /// thread last looked (it takes the whole inbox after draining `wake`).
+    fn push(&self, inbox: &mut Vec<Msg>, m: Msg) {
+        inbox.push(m);
+        if inbox.len() == 1 {
+            self.wake.signal();
+        }
+    }
+
+    fn inbox_empty(&self) -> bool {
+        lock(&self.inbox).is_empty()
+    }
+}
+
+/// The process's pool, started with the first world.
+struct Pool {
+    workers: Vec<Arc<Worker>>,
+}
+
+static POOL: std::sync::OnceLock<std::result::Result<Pool, String>> = std::sync::OnceLock::new();
+
+/// Pool threads to start: `MW_PROGRESS_THREADS`, or one per core up to
+/// [`DEFAULT_MAX_THREADS`].
+fn thread_count() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::env::var("MW_PROGRESS_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| (1..=64).contains(n))
+        .unwrap_or_else(|| cores.clamp(1, DEFAULT_MAX_THREADS))
+}
+
+fn start_pool() -> std::result::Result<Pool, String> {
+    let mut workers = Vec::new();
+    for i in 0..thread_count() {
+        let epoll = Epoll::new().map_err(|e| format!("epoll_create: {e}"))?;
+        let wake = EventFd::new().map_err(|e| format!("eventfd: {e}"))?;
+        epoll.watch(wake.fd(), libc::POLLIN, WAKE_KEY).map_err(|e| format!("epoll_ctl: {e}"))?;
+        let w = Arc::new(Worker { epoll, wake, inbox: Mutex::new(Vec::new()), load: Default::default() });
+        let me = w.clone();
+        std::thread::Builder::new()
+            .name(format!("mw-progress-{i}"))
+            .spawn(move || run(&me))
+            .map_err(|e| format!("spawning a progress thread: {e}"))?;
+        workers.push(w);
+    }
+    debug!("progress pool: {} threads", workers.len());
+    Ok(Pool { workers })
+}
+
+/// The pool thread a new world goes to: the one that watches the fewest.
+pub(crate) fn home() -> Result<Arc<Worker>> {
+    let pool = POOL
+        .get_or_init(start_pool)
+        .as_ref()
+        .map_err(|e| Error::system("starting the progress pool", std::io::Error::other(e.clone())))?;
+    let w = pool.workers.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)).expect("at least one thread");
+    Ok(w.clone())
+}
+
+/// A world as its pool thread keeps it.
+struct Watched {
+    driver: Arc<Driver>,
+    /// Its pending timer on the heap, if any.
+    timer: Option<Instant>,
+    /// The descriptors and events armed for it and not reported since: arming them again
+    /// would change nothing.
+    armed: Vec<(RawFd, i16)>,
+    /// One of them reported since it was last served.
+    reported: bool,
+}
+
+/// The thread's own state.
+struct State<'a> {
+    me: &'a Worker,
+    worlds: HashMap<u64, Watched>,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Worlds to serve this round, and those that asked for another slice.
+    due: Vec<u64>,
+    again: Vec<u64>,
+    epoch: Instant,
+}
+
+fn run(me: &Worker) {
+    let mut st = State {
+        me,
+        worlds: HashMap::new(),
+        timers: BinaryHeap::new(),
+        due: Vec::new(),
+        again: Vec::new(),
+        epoch: Instant::now(),
+    };
+    let mut keys = Vec::new();
+    loop {
+        // A bug in one round must not stop the thread that every world here depends on.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.round(&mut keys)));
+        if r.is_err() {
+            warn!("progress pool: a round panicked; going on");
+            keys.clear();
+        }
+    }
+}
+
+impl State<'_> {
+    fn round(&mut self, keys: &mut Vec<u64>) {
+        let wait_until = if self.again.is_empty() { self.next_wake() } else { Some(Instant::now()) };
+        keys.clear();
+        self.me.epoll.wait(keys, wait_until);
+        self.due.append(&mut self.again);
+        for &k in keys.iter() {
+            if k == WAKE_KEY {
+                self.me.wake.drain();
+            } else if let Some(w) = self.worlds.get_mut(&k) {
+                // Reported: its one-shot registrations are spent.
+                w.armed.clear();
+                w.reported = true;
+                self.due.push(k);
+            }
+        }
+        {
+            let mut inbox = lock(&self.me.inbox);
+            for m in inbox.drain(..) {
+                match m {
+                    Msg::Add(d) => {
+                        let k = d.key();
+                        self.worlds.insert(k, Watched { driver: d, timer: None, armed: Vec::new(), reported: false });
+                        self.due.push(k);
+                    }
+                    Msg::Serve(k) => {
+                        if let Some(w) = self.worlds.get(&k) {
+                            // From here on a new request to serve it queues it again.
+                            w.driver.queued.store(false, Ordering::Relaxed);
+                            self.due.push(k);
+                        }
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        while let Some(&Reverse((t, k))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(w) = self.worlds.get_mut(&k).filter(|w| w.timer == Some(t)) {
+                w.timer = None;
+                self.due.push(k);
+            }
+        }
+        self.due.sort_unstable();
+        self.due.dedup();
+        let due = std::mem::take(&mut self.due);
+        for (i, &k) in due.iter().enumerate() {
+            self.serve(k, i + 1 == due.len());
+        }
+        self.due = due;
+        self.due.clear();
+    }
+
+    /// When the earliest timer is due, on the grid.
+    fn next_wake(&self) -> Option<Instant> {
+        let Reverse((t, _)) = *self.timers.peek()?;
+        let since = t.saturating_duration_since(self.epoch).as_nanos();
+        let grain = TIMER_GRAIN.as_nanos();
+        Some(self.epoch + Duration::from_nanos((since.div_ceil(grain) * grain) as u64))
+    }
+
+    /// Serves one world; `last`: no other world is due this round.
+    fn serve(&mut self, k: u64, last: bool) {
+        let Some(w) = self.worlds.get_mut(&k) else { return };
+        let driver = w.driver.clone();
+        let reported = std::mem::take(&mut w.reported);
+        let (epoll, armed, me) = (&self.me.epoll, &mut w.armed, self.me);
+        let mut arm = |fds: &[libc::pollfd]| {
+            if armed.len() == fds.len() && armed.iter().zip(fds).all(|(a, f)| *a == (f.fd, f.events)) {
+                return;
+            }
+            armed.clear();
+            for f in fds {
+                match epoll.watch_once(f.fd, f.events, k) {
+                    Ok(()) => armed.push((f.fd, f.events)),
+                    // Cannot happen with a valid open descriptor; watch by timer instead.
+                    Err(e) => warn!("progress pool: cannot watch descriptor {}: {e}", f.fd),
+                }
+            }
+        };
+        let alone = || last && me.inbox_empty();
+        match driver.serve(reported, &mut arm, &alone) {
+            Served::Forget => {
+                debug!("progress pool: world '{}' is broken and no longer watched", driver.name);
+                self.worlds.remove(&k);
+                self.me.load.fetch_sub(1, Ordering::Relaxed);
+            }
+            Served::Again => self.again.push(k),
+            Served::Wait(t) => {
+                let w = self.worlds.get_mut(&k).expect("served above");
+                if w.timer != t {
+                    w.timer = t;
+                    if let Some(t) = t {
+                        self.timers.push(Reverse((t, k)));
+                    }
+                }
+            }
+        }
+    }
+}
