@@ -26,8 +26,11 @@ fn message(k: usize, len: usize) -> Vec<u8> {
 }
 
 fn late(ctx: &Ctx) {
-    // TCP: every frame is read (and kept, if early) as soon as it arrives.
-    let opts = WorldOptions::default().with_transport(TransportChoice::Tcp);
+    // TCP, read (and kept, if early) at every pass, and an idle world passes at each of its
+    // heartbeats: frequent ones here, so that the flood is read while rank 1 sleeps.
+    let opts = WorldOptions::default()
+        .with_transport(TransportChoice::Tcp)
+        .with_heartbeat(Duration::from_millis(50), Duration::from_secs(3));
     let m = WorldManager::with_defaults(opts);
     let a = m.init_world("flooded", &ctx.id(), ctx.rank, 2).unwrap();
     let mut text = [0u8; 256];

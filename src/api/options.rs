@@ -68,7 +68,7 @@ pub struct WorldOptions {
     /// Formation deadline: if the world has not formed by then, formation fails with
     /// `Timeout` and leaves nothing behind. Default 30 s.
     pub timeout: Duration,
-    /// Heartbeat interval and timeout of the world's links (default 200 ms / 3 s); `None`
+    /// Heartbeat interval and timeout of the world's links (default 1 s / 3 s); `None`
     /// turns heartbeats off (a dead peer is still seen by its closed connection, but a hung
     /// or cut-off one only by operation deadlines).
     pub heartbeat: Option<Heartbeat>,

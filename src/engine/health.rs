@@ -19,11 +19,13 @@ pub struct Heartbeat {
 }
 
 impl Default for Heartbeat {
-    /// 200 ms interval, 3 s timeout. The timeout is fifteen intervals so that a process that
-    /// is descheduled for a second on a loaded machine is not declared dead by mistake; a
-    /// process that really dies is detected at once by its closed socket, not by this timer.
+    /// 1 s interval, 3 s timeout. A peer that is descheduled for up to two seconds on a loaded
+    /// machine (timeout less interval) is not declared dead by mistake; a process that really
+    /// dies is detected at once by its closed socket, not by this timer. The interval is what
+    /// an idle world costs: one pass on each side per interval, which for a thousand idle
+    /// worlds is about half a percent of a core (`docs/benchmarks.md`).
     fn default() -> Self {
-        Heartbeat { interval: Duration::from_millis(200), timeout: Duration::from_secs(3) }
+        Heartbeat { interval: Duration::from_millis(1000), timeout: Duration::from_secs(3) }
     }
 }
 
