@@ -25,7 +25,7 @@ use multiworld::{ReduceOp, World};
 use super::{median, Bench};
 
 /// Pins the calling thread (and the threads it starts later) to `core`.
-fn pin(core: usize) {
+pub(crate) fn pin(core: usize) {
     // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity get a valid
     // pointer to it and its size.
     unsafe {

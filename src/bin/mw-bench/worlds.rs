@@ -2,7 +2,8 @@
 //! with each other (at most 200 formations in flight), then rank 0 reports, against the same
 //! process before the worlds existed: the formation rate; threads, descriptors, resident
 //! memory and `/dev/shm` per world; the CPU the idle worlds burn; and the 1 MiB all-reduce
-//! throughput of one busy world beside the N idle ones against the same world alone.
+//! throughput of one busy world beside the N idle ones against the same world alone (its
+//! ranks' calling threads pinned to cores 0 and 1).
 
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,10 @@ fn rate(b: &Bench) -> f64 {
 
 pub(crate) fn run(b: &Bench, n: usize) {
     assert!(b.n == 2, "--worlds needs --ranks 2");
+    // The busy world's callers run on cores of their own, as a serving process's would; the
+    // progress pool (started with the bench's first world) is left where the system puts it.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    super::osu::pin(b.rank % cores);
     let alone = rate(b);
     b.w.barrier().expect("barrier");
     let before = footprint();
@@ -96,8 +101,10 @@ pub(crate) fn run(b: &Bench, n: usize) {
     }
     let formed = t.elapsed();
     b.w.barrier().expect("barrier");
-    // Let the new worlds settle (first heartbeats, rings back to small) before measuring.
-    std::thread::sleep(Duration::from_millis(1000));
+    // Let the new worlds settle before measuring: first heartbeats, and rings back to their
+    // small form (two quiet ticks, which an idle world takes at its heartbeats: up to three
+    // default intervals).
+    std::thread::sleep(Duration::from_millis(4000));
     let idle = footprint();
     let cpu0 = cpu_time();
     let t = Instant::now();
