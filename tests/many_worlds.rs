@@ -113,8 +113,10 @@ fn hub(ctx: &Ctx) {
     // Two cycles of forming and removing all of them (one with a victim).
     let cycles = if victim.is_some() { 1 } else { 2 };
     // A first call, so that this thread's wake-up descriptor (one per calling thread) is there
-    // before the count.
+    // before the count, and a first id, so that the process's rendezvous thread is (that id's
+    // root then waits, with its listener, for a rank that never comes).
     ctl.barrier().unwrap();
+    let _unused = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
     let (fds0, threads0, shm0) = (open_fds(), crate_threads(), shm_used());
     for cycle in 0..cycles {
         let ids: Vec<UniqueId> = (0..n).map(|_| UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap()).collect();

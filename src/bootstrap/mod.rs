@@ -100,7 +100,7 @@ pub(crate) fn join(spec: &JoinSpec) -> Result<Formed> {
     };
     let r = join_root(spec, root, secret, deadline);
     if let Some(h) = own_root {
-        let _ = h.join();
+        h.join();
     }
     r
 }

@@ -1,9 +1,11 @@
-//! The rendezvous root: a thread that collects every rank's hello (secret, name, rank, size,
+//! The rendezvous root: collects every rank's hello (secret, name, rank, size,
 //! listener address, host identity, proposed generation) and answers each with the table of
 //! all ranks, a fresh world id and the generation. It serves one formation and ends; a
 //! stranger's connection costs it one descriptor until its hello grace passes.
 
 use super::*;
+use crate::sys::sync::{lock, Mutex};
+use crate::sys::EventFd;
 
 pub(super) const HELLO_MAGIC: u32 = 0x4D57_4231; // "MWB1"
 pub(super) const PROTOCOL_VERSION: u32 = 1;
@@ -156,14 +158,79 @@ impl RootConfig {
     }
 }
 
-/// Runs a root on `listener` in a thread of its own; it ends when the world has formed or
-/// its deadline passes.
-pub(crate) fn spawn_root(listener: TcpListener, cfg: RootConfig) -> Result<std::thread::JoinHandle<()>> {
+/// Starts a root on `listener`, served by the process's root thread (`mw-roots`, started with
+/// the first root); it ends when the world has formed or its deadline passes.
+pub(crate) fn spawn_root(listener: TcpListener, cfg: RootConfig) -> Result<RootHandle> {
     listener.set_nonblocking(true).map_err(|e| Error::system("root listener", e))?;
-    std::thread::Builder::new()
-        .name("mw-root".into())
-        .spawn(move || serve_root(listener, cfg))
-        .map_err(|e| Error::system("spawning the rendezvous root", e))
+    let (done, rx) = std::sync::mpsc::channel();
+    let root = Root::new(listener, cfg, done);
+    let server = roots()?;
+    lock(&server.inbox).push(root);
+    server.wake.signal();
+    Ok(RootHandle(rx))
+}
+
+/// Says when a root has ended (and closed its listener).
+pub(crate) struct RootHandle(std::sync::mpsc::Receiver<()>);
+
+impl RootHandle {
+    /// Waits until the root has ended.
+    pub(crate) fn join(self) {
+        // The root holds the sender until it is dropped: then this returns.
+        let _ = self.0.recv();
+    }
+}
+
+/// The roots of this process, all served by one thread: a root spends its life waiting for
+/// hellos, so a thousand formations in flight need one thread, not a thousand.
+struct Roots {
+    inbox: Mutex<Vec<Root>>,
+    wake: EventFd,
+}
+
+fn roots() -> Result<&'static Roots> {
+    static ROOTS: std::sync::OnceLock<std::result::Result<&'static Roots, String>> = std::sync::OnceLock::new();
+    let r = ROOTS.get_or_init(|| {
+        let wake = EventFd::new().map_err(|e| format!("eventfd: {e}"))?;
+        let server: &'static Roots = Box::leak(Box::new(Roots { inbox: Mutex::new(Vec::new()), wake }));
+        std::thread::Builder::new()
+            .name("mw-roots".into())
+            .spawn(move || serve_roots(server))
+            .map_err(|e| format!("spawning the rendezvous thread: {e}"))?;
+        Ok(server)
+    });
+    r.as_ref().copied().map_err(|e| Error::system("starting the rendezvous roots", io::Error::other(e.clone())))
+}
+
+fn serve_roots(server: &Roots) {
+    let mut live: Vec<Root> = Vec::new();
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    loop {
+        live.append(&mut lock(&server.inbox));
+        let now = Instant::now();
+        fds.clear();
+        fds.push(sys::pollfd(server.wake.fd(), libc::POLLIN));
+        let mut wake_at = None::<Instant>;
+        for r in &live {
+            r.pollfds(&mut fds);
+            let t = r.wake_at();
+            wake_at = Some(wake_at.map_or(t, |w: Instant| w.min(t)));
+        }
+        let _ = sys::poll(&mut fds, wake_at.map(|t| t.max(now)));
+        server.wake.drain();
+        // Each root's entries follow the wake-up descriptor's, in order. Only roots that
+        // something happened to, or whose time came, take a turn.
+        let now = Instant::now();
+        let mut at = 1;
+        live.retain_mut(|r| {
+            let mine = &fds[at..at + r.pollfd_count()];
+            at += mine.len();
+            if mine.iter().all(|f| f.revents == 0) && now < r.wake_at() {
+                return true;
+            }
+            !r.turn(mine)
+        });
+    }
 }
 
 pub(super) struct Conn {
@@ -186,40 +253,76 @@ pub(super) enum Outcome {
     FailAll(ErrorKind, String),
 }
 
-pub(super) fn serve_root(listener: TcpListener, cfg: RootConfig) {
-    let mut conns: Vec<Conn> = Vec::new();
-    let mut deadline = cfg.deadline.unwrap_or_else(|| Instant::now() + ROOT_IDLE_LIFETIME);
-    let mut expect = cfg.expect.clone();
-    // Ranks that said hello and then went away before the world formed.
-    let mut left: Vec<u32> = Vec::new();
-    let fail_all = |conns: &[Conn], kind: ErrorKind, msg: &str| {
+/// One rendezvous in progress: its listener, the connections that came, what it knows of the
+/// world so far.
+struct Root {
+    listener: TcpListener,
+    cfg: RootConfig,
+    conns: Vec<Conn>,
+    deadline: Instant,
+    expect: Option<(String, u32)>,
+    /// Ranks that said hello and then went away before the world formed.
+    left: Vec<u32>,
+    /// When the last turn was taken plus the step between looks.
+    next_look: Instant,
+    /// Dropped last, after the listener: then [`RootHandle::join`] returns.
+    _done: std::sync::mpsc::Sender<()>,
+}
+
+impl Root {
+    fn new(listener: TcpListener, cfg: RootConfig, done: std::sync::mpsc::Sender<()>) -> Root {
+        let deadline = cfg.deadline.unwrap_or_else(|| Instant::now() + ROOT_IDLE_LIFETIME);
+        let expect = cfg.expect.clone();
+        // A new root looks at once (its listener may already hold connections).
+        let next_look = Instant::now();
+        Root { listener, cfg, conns: Vec::new(), deadline, expect, left: Vec::new(), next_look, _done: done }
+    }
+
+    fn pollfd_count(&self) -> usize {
+        1 + self.conns.len()
+    }
+
+    /// What to wait for: the listener, then every connection.
+    fn pollfds(&self, fds: &mut Vec<libc::pollfd>) {
+        fds.push(sys::pollfd(self.listener.as_raw_fd(), libc::POLLIN));
+        fds.extend(self.conns.iter().map(|c| sys::pollfd(c.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
+    }
+
+    /// When to look again with nothing reported: the deadline, or sooner to notice an
+    /// abandoned formation or a connection past its hello grace.
+    fn wake_at(&self) -> Instant {
+        self.deadline.min(self.next_look)
+    }
+
+    fn fail_all(&self, kind: ErrorKind, msg: &str) {
         warn!("rendezvous failed: {msg}");
-        for c in conns.iter().filter(|c| c.hello.is_some()) {
+        for c in self.conns.iter().filter(|c| c.hello.is_some()) {
             refuse(c, kind, msg);
         }
-    };
-    loop {
+    }
+
+    /// Handles what `poll` reported in `fds` (as `pollfds` laid them out); true once the root
+    /// is done (formed, failed, timed out or abandoned).
+    fn turn(&mut self, fds: &[libc::pollfd]) -> bool {
         let now = Instant::now();
-        if addr::is_cancelled(cfg.cancel.as_deref()) {
+        let step = if self.cfg.cancel.is_some() { addr::CANCEL_CHECK } else { Duration::from_secs(1) };
+        self.next_look = now + step;
+        if addr::is_cancelled(self.cfg.cancel.as_deref()) {
             info!("rendezvous: the formation that runs this root was abandoned");
-            return;
+            return true;
         }
-        if now >= deadline {
-            let (name, size) = expect.clone().unwrap_or_default();
-            let present: Vec<u32> = conns.iter().filter_map(|c| c.hello.as_ref().map(|h| h.rank)).collect();
-            fail_all(&conns, ErrorKind::Timeout, &missing_ranks(&name, size, &present, &left));
-            return;
+        if now >= self.deadline {
+            let (name, size) = self.expect.clone().unwrap_or_default();
+            let present: Vec<u32> = self.conns.iter().filter_map(|c| c.hello.as_ref().map(|h| h.rank)).collect();
+            self.fail_all(ErrorKind::Timeout, &missing_ranks(&name, size, &present, &self.left));
+            return true;
         }
-        let mut fds = vec![sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
-        fds.extend(conns.iter().map(|c| sys::pollfd(c.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
-        let step = if cfg.cancel.is_some() { addr::CANCEL_CHECK } else { Duration::from_secs(1) };
-        let _ = sys::poll(&mut fds, Some(deadline.min(now + step)));
-        // New connections.
-        loop {
-            match listener.accept() {
+        // New connections (a new root has no entry yet: it looks anyway).
+        while fds.is_empty() || fds[0].revents != 0 {
+            match self.listener.accept() {
                 Ok((s, a)) => {
                     if s.set_nonblocking(true).is_ok() {
-                        conns.push(Conn {
+                        self.conns.push(Conn {
                             s,
                             peer: a.to_string(),
                             buf: Vec::new(),
@@ -232,66 +335,72 @@ pub(super) fn serve_root(listener: TcpListener, cfg: RootConfig) {
                 Err(_) => break,
             }
         }
-        // Input from known connections.
+        // Input from the connections that were there when `poll` looked.
         let mut i = 0;
-        while i < conns.len() {
-            let ready = fds.get(i + 1).is_some_and(|f| f.revents != 0);
-            let claimed: Vec<u32> = conns
+        let mut polled = 0;
+        while i < self.conns.len() {
+            let ready = polled < fds.len().saturating_sub(1) && fds[polled + 1].revents != 0;
+            polled += 1;
+            let claimed: Vec<u32> = self
+                .conns
                 .iter()
                 .enumerate()
                 .filter(|(j, _)| *j != i)
                 .filter_map(|(_, c)| c.hello.as_ref().map(|h| h.rank))
                 .collect();
-            let mut outcome = if ready { read_conn(&mut conns[i], &cfg, &expect, &claimed) } else { Outcome::Keep };
-            if matches!(outcome, Outcome::Keep) && conns[i].hello.is_none() && conns[i].since.elapsed() > HELLO_GRACE {
-                warn!("rendezvous: dropped {} (no hello within {:?})", conns[i].peer, HELLO_GRACE);
+            let mut outcome =
+                if ready { read_conn(&mut self.conns[i], &self.cfg, &self.expect, &claimed) } else { Outcome::Keep };
+            let c = &self.conns[i];
+            if matches!(outcome, Outcome::Keep) && c.hello.is_none() && c.since.elapsed() > HELLO_GRACE {
+                warn!("rendezvous: dropped {} (no hello within {:?})", c.peer, HELLO_GRACE);
                 outcome = Outcome::Drop;
             }
             match outcome {
                 Outcome::Keep => {
-                    if let Some(h) = &conns[i].hello {
-                        if expect.is_none() {
+                    if let Some(h) = &self.conns[i].hello {
+                        if self.expect.is_none() {
                             // The first rank fixes name and size, and the deadline.
-                            expect = Some((h.name.clone(), h.size));
-                            deadline = Instant::now() + Duration::from_millis(h.timeout_ms) + Duration::from_secs(1);
+                            self.expect = Some((h.name.clone(), h.size));
+                            self.deadline =
+                                Instant::now() + Duration::from_millis(h.timeout_ms) + Duration::from_secs(1);
                         }
                     }
                     i += 1;
                 }
                 Outcome::Drop => {
-                    if let Some(h) = &conns[i].hello {
-                        left.push(h.rank);
+                    if let Some(h) = &self.conns[i].hello {
+                        self.left.push(h.rank);
                     }
-                    conns.remove(i);
+                    self.conns.remove(i);
                 }
                 Outcome::FailAll(kind, msg) => {
-                    fail_all(&conns, kind, &msg);
-                    refuse(&conns[i], kind, &msg);
-                    return;
+                    self.fail_all(kind, &msg);
+                    refuse(&self.conns[i], kind, &msg);
+                    return true;
                 }
             }
         }
         // Everyone here?
-        if let Some((name, size)) = &expect {
-            let mut table: Vec<Option<&Hello>> = vec![None; *size as usize];
-            for h in conns.iter().filter_map(|c| c.hello.as_ref()) {
-                table[h.rank as usize] = Some(h);
-            }
-            if table.iter().all(|t| t.is_some()) {
-                let hellos: Vec<&Hello> = table.into_iter().flatten().collect();
-                let t = Table {
-                    generation: hellos.iter().map(|h| h.generation).max().unwrap_or(1),
-                    world_id: sys::random_u64(),
-                    peers: hellos.iter().map(|h| (h.addr.clone(), h.host.clone())).collect(),
-                };
-                let msg = encode_table(&t);
-                for c in conns.iter().filter(|c| c.hello.is_some()) {
-                    let _ = addr::send_msg(&c.s, &msg, Instant::now() + Duration::from_secs(2));
-                }
-                info!("rendezvous: world '{name}' of {size} ranks formed, generation {}", t.generation);
-                return;
-            }
+        let Some((name, size)) = &self.expect else { return false };
+        let mut table: Vec<Option<&Hello>> = vec![None; *size as usize];
+        for h in self.conns.iter().filter_map(|c| c.hello.as_ref()) {
+            table[h.rank as usize] = Some(h);
         }
+        if !table.iter().all(|t| t.is_some()) {
+            return false;
+        }
+        let hellos: Vec<&Hello> = table.into_iter().flatten().collect();
+        let t = Table {
+            generation: hellos.iter().map(|h| h.generation).max().unwrap_or(1),
+            world_id: sys::random_u64(),
+            peers: hellos.iter().map(|h| (h.addr.clone(), h.host.clone())).collect(),
+        };
+        let msg = encode_table(&t);
+        for c in self.conns.iter().filter(|c| c.hello.is_some()) {
+            let _ = addr::send_msg(&c.s, &msg, Instant::now() + Duration::from_secs(2));
+        }
+        info!("rendezvous: world '{name}' of {size} ranks formed, generation {}", t.generation);
+        true
     }
 }
 

@@ -260,11 +260,11 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// Open file descriptors and threads of this process, leaving out the progress pool's (its
-/// threads, their `epoll` sets and wake-up descriptors, and each calling thread's wake-up
-/// descriptor: all shared by every world, started with the first and kept for the process's
-/// life). What is counted is what a world or a formation owns: sockets, listeners, mappings'
-/// files, formation and root threads.
+/// Open file descriptors and threads of this process, leaving out what the process keeps for
+/// all its worlds once the first needed it: the progress pool's threads, their `epoll` sets
+/// and wake-up descriptors, each calling thread's wake-up descriptor, and the rendezvous
+/// thread with its own. What is counted is what a world or a formation owns: sockets,
+/// listeners, mappings' files, formation threads.
 pub fn fds_and_threads() -> (usize, usize) {
     let fds = std::fs::read_dir("/proc/self/fd")
         .map(|d| {
@@ -282,7 +282,7 @@ pub fn fds_and_threads() -> (usize, usize) {
             d.flatten()
                 .filter(|e| {
                     let name = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-                    !name.starts_with("mw-progress")
+                    !name.starts_with("mw-progress") && !name.starts_with("mw-roots")
                 })
                 .count()
         })
