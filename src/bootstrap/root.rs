@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::sys::sync::{lock, Mutex};
-use crate::sys::EventFd;
+use crate::sys::{Epoll, EventFd};
 
 pub(super) const HELLO_MAGIC: u32 = 0x4D57_4231; // "MWB1"
 pub(super) const PROTOCOL_VERSION: u32 = 1;
@@ -188,48 +188,59 @@ struct Roots {
     wake: EventFd,
 }
 
+/// The key of the roots thread's own wake-up descriptor in its `epoll` set.
+const WAKE_KEY: u64 = 0;
+
 fn roots() -> Result<&'static Roots> {
     static ROOTS: std::sync::OnceLock<std::result::Result<&'static Roots, String>> = std::sync::OnceLock::new();
     let r = ROOTS.get_or_init(|| {
         let wake = EventFd::new().map_err(|e| format!("eventfd: {e}"))?;
+        let epoll = Epoll::new().map_err(|e| format!("epoll_create: {e}"))?;
+        epoll.watch(wake.fd(), libc::POLLIN, WAKE_KEY).map_err(|e| format!("epoll_ctl: {e}"))?;
         let server: &'static Roots = Box::leak(Box::new(Roots { inbox: Mutex::new(Vec::new()), wake }));
         std::thread::Builder::new()
             .name("mw-roots".into())
-            .spawn(move || serve_roots(server))
+            .spawn(move || serve_roots(server, epoll))
             .map_err(|e| format!("spawning the rendezvous thread: {e}"))?;
         Ok(server)
     });
     r.as_ref().copied().map_err(|e| Error::system("starting the rendezvous roots", io::Error::other(e.clone())))
 }
 
-fn serve_roots(server: &Roots) {
-    let mut live: Vec<Root> = Vec::new();
-    let mut fds: Vec<libc::pollfd> = Vec::new();
+/// The roots thread: every root's listener and connections in one `epoll` set, each under
+/// its root's key; a root takes a turn when one of them reports or its time comes.
+fn serve_roots(server: &Roots, epoll: Epoll) {
+    let mut live: std::collections::HashMap<u64, Root> = std::collections::HashMap::new();
+    let mut next_key = WAKE_KEY;
+    let mut keys = Vec::new();
     loop {
-        live.append(&mut lock(&server.inbox));
-        let now = Instant::now();
-        fds.clear();
-        fds.push(sys::pollfd(server.wake.fd(), libc::POLLIN));
-        let mut wake_at = None::<Instant>;
-        for r in &live {
-            r.pollfds(&mut fds);
-            let t = r.wake_at();
-            wake_at = Some(wake_at.map_or(t, |w: Instant| w.min(t)));
-        }
-        let _ = sys::poll(&mut fds, wake_at.map(|t| t.max(now)));
-        server.wake.drain();
-        // Each root's entries follow the wake-up descriptor's, in order. Only roots that
-        // something happened to, or whose time came, take a turn.
-        let now = Instant::now();
-        let mut at = 1;
-        live.retain_mut(|r| {
-            let mine = &fds[at..at + r.pollfd_count()];
-            at += mine.len();
-            if mine.iter().all(|f| f.revents == 0) && now < r.wake_at() {
-                return true;
+        for mut r in lock(&server.inbox).drain(..) {
+            next_key += 1;
+            r.key = next_key;
+            if let Err(e) = epoll.watch(r.listener.as_raw_fd(), libc::POLLIN, r.key) {
+                warn!("rendezvous: cannot watch a root's listener: {e}");
+                continue;
             }
-            !r.turn(mine)
-        });
+            // A new root looks at once: its listener may already hold connections.
+            keys.push(r.key);
+            live.insert(r.key, r);
+        }
+        let wake_at = live.values().map(|r| r.wake_at()).min();
+        if keys.is_empty() {
+            epoll.wait(&mut keys, wake_at);
+        }
+        server.wake.drain();
+        let now = Instant::now();
+        keys.extend(live.values().filter(|r| now >= r.wake_at()).map(|r| r.key));
+        keys.sort_unstable();
+        keys.dedup();
+        for k in keys.drain(..) {
+            if let Some(r) = live.get_mut(&k) {
+                if r.turn(&epoll) {
+                    live.remove(&k);
+                }
+            }
+        }
     }
 }
 
@@ -265,6 +276,8 @@ struct Root {
     left: Vec<u32>,
     /// When the last turn was taken plus the step between looks.
     next_look: Instant,
+    /// Its key in the roots thread's `epoll` set.
+    key: u64,
     /// Dropped last, after the listener: then [`RootHandle::join`] returns.
     _done: std::sync::mpsc::Sender<()>,
 }
@@ -275,17 +288,7 @@ impl Root {
         let expect = cfg.expect.clone();
         // A new root looks at once (its listener may already hold connections).
         let next_look = Instant::now();
-        Root { listener, cfg, conns: Vec::new(), deadline, expect, left: Vec::new(), next_look, _done: done }
-    }
-
-    fn pollfd_count(&self) -> usize {
-        1 + self.conns.len()
-    }
-
-    /// What to wait for: the listener, then every connection.
-    fn pollfds(&self, fds: &mut Vec<libc::pollfd>) {
-        fds.push(sys::pollfd(self.listener.as_raw_fd(), libc::POLLIN));
-        fds.extend(self.conns.iter().map(|c| sys::pollfd(c.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
+        Root { listener, cfg, conns: Vec::new(), deadline, expect, left: Vec::new(), next_look, key: 0, _done: done }
     }
 
     /// When to look again with nothing reported: the deadline, or sooner to notice an
@@ -301,9 +304,9 @@ impl Root {
         }
     }
 
-    /// Handles what `poll` reported in `fds` (as `pollfds` laid them out); true once the root
-    /// is done (formed, failed, timed out or abandoned).
-    fn turn(&mut self, fds: &[libc::pollfd]) -> bool {
+    /// Accepts and reads what there is (new connections are watched in `epoll` under the
+    /// root's key); true once the root is done (formed, failed, timed out or abandoned).
+    fn turn(&mut self, epoll: &Epoll) -> bool {
         let now = Instant::now();
         let step = if self.cfg.cancel.is_some() { addr::CANCEL_CHECK } else { Duration::from_secs(1) };
         self.next_look = now + step;
@@ -317,11 +320,13 @@ impl Root {
             self.fail_all(ErrorKind::Timeout, &missing_ranks(&name, size, &present, &self.left));
             return true;
         }
-        // New connections (a new root has no entry yet: it looks anyway).
-        while fds.is_empty() || fds[0].revents != 0 {
+        // New connections.
+        loop {
             match self.listener.accept() {
                 Ok((s, a)) => {
-                    if s.set_nonblocking(true).is_ok() {
+                    if s.set_nonblocking(true).is_ok()
+                        && epoll.watch(s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP, self.key).is_ok()
+                    {
                         self.conns.push(Conn {
                             s,
                             peer: a.to_string(),
@@ -335,12 +340,10 @@ impl Root {
                 Err(_) => break,
             }
         }
-        // Input from the connections that were there when `poll` looked.
+        // Input from the connections (a few per root: reading one with nothing to say costs
+        // a call that finds nothing).
         let mut i = 0;
-        let mut polled = 0;
         while i < self.conns.len() {
-            let ready = polled < fds.len().saturating_sub(1) && fds[polled + 1].revents != 0;
-            polled += 1;
             let claimed: Vec<u32> = self
                 .conns
                 .iter()
@@ -348,8 +351,7 @@ impl Root {
                 .filter(|(j, _)| *j != i)
                 .filter_map(|(_, c)| c.hello.as_ref().map(|h| h.rank))
                 .collect();
-            let mut outcome =
-                if ready { read_conn(&mut self.conns[i], &self.cfg, &self.expect, &claimed) } else { Outcome::Keep };
+            let mut outcome = read_conn(&mut self.conns[i], &self.cfg, &self.expect, &claimed);
             let c = &self.conns[i];
             if matches!(outcome, Outcome::Keep) && c.hello.is_none() && c.since.elapsed() > HELLO_GRACE {
                 warn!("rendezvous: dropped {} (no hello within {:?})", c.peer, HELLO_GRACE);

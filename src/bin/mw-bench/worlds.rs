@@ -83,23 +83,22 @@ pub(crate) fn run(b: &Bench, n: usize) {
     }
     b.w.broadcast_in_place(&mut ids, 0).expect("broadcast");
     let opts = WorldOptions::default();
-    let t = Instant::now();
-    let mut worlds = Vec::with_capacity(n);
-    let name = |k: usize| format!("idle{k}");
-    for (j, batch) in ids.chunks(IN_FLIGHT * UNIQUE_ID_BYTES).enumerate() {
-        let forming: Vec<_> = batch
-            .chunks(UNIQUE_ID_BYTES)
-            .enumerate()
-            .map(|(i, c)| {
-                let id = UniqueId::from_bytes(c).expect("id");
-                b.m.form(&name(j * IN_FLIGHT + i), Rendezvous::Id(id), b.rank, 2, &opts)
-            })
-            .collect();
-        for f in forming {
-            worlds.push(f.wait().expect("formation"));
-        }
-    }
-    let formed = t.elapsed();
+    // The most threads the process holds while the formations are in flight.
+    let forming = std::sync::atomic::AtomicBool::new(true);
+    let peak = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peak = 0;
+            while forming.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(count("/proc/self/task"));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak
+        });
+        let r = form_all(b, n, &ids, &opts);
+        forming.store(false, std::sync::atomic::Ordering::Relaxed);
+        (r, sampler.join().expect("sampler"))
+    });
+    let ((worlds, formed), peak_threads) = peak;
     b.w.barrier().expect("barrier");
     // Let the new worlds settle before measuring: first heartbeats, and rings back to their
     // small form (two quiet ticks, which an idle world takes at its heartbeats: up to three
@@ -123,6 +122,7 @@ pub(crate) fn run(b: &Bench, n: usize) {
             formed.as_secs_f64(),
             n as f64 / formed.as_secs_f64()
         );
+        println!("  threads while forming: at most {peak_threads} (one per formation in flight)");
         println!(
             "  threads {} -> {} ({:.2} per world), descriptors {} -> {} ({:.2} per world)",
             before.threads,
@@ -149,4 +149,29 @@ pub(crate) fn run(b: &Bench, n: usize) {
     for k in 0..n {
         b.m.remove_world(&name(k)).expect("remove");
     }
+}
+
+fn name(k: usize) -> String {
+    format!("idle{k}")
+}
+
+/// Forms the `n` worlds of `ids` (the ids' bytes, one after the other), `IN_FLIGHT` at a
+/// time; the worlds and the time it took.
+fn form_all(b: &Bench, n: usize, ids: &[u8], opts: &WorldOptions) -> (Vec<multiworld::World>, Duration) {
+    let t = Instant::now();
+    let mut worlds = Vec::with_capacity(n);
+    for (j, batch) in ids.chunks(IN_FLIGHT * UNIQUE_ID_BYTES).enumerate() {
+        let forming: Vec<_> = batch
+            .chunks(UNIQUE_ID_BYTES)
+            .enumerate()
+            .map(|(i, c)| {
+                let id = UniqueId::from_bytes(c).expect("id");
+                b.m.form(&name(j * IN_FLIGHT + i), Rendezvous::Id(id), b.rank, 2, opts)
+            })
+            .collect();
+        for f in forming {
+            worlds.push(f.wait().expect("formation"));
+        }
+    }
+    (worlds, t.elapsed())
 }
