@@ -73,6 +73,12 @@ fn crate_threads() -> usize {
         .unwrap_or(0)
 }
 
+/// Every thread of this process (a thread's name is set by the thread itself, a moment after
+/// it starts: counting all is what a baseline needs).
+fn all_threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
 }
@@ -117,7 +123,7 @@ fn hub(ctx: &Ctx) {
     // root then waits, with its listener, for a rank that never comes).
     ctl.barrier().unwrap();
     let _unused = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
-    let (fds0, threads0, shm0) = (open_fds(), crate_threads(), shm_used());
+    let (fds0, threads0, shm0) = (open_fds(), all_threads(), shm_used());
     for cycle in 0..cycles {
         let ids: Vec<UniqueId> = (0..n).map(|_| UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap()).collect();
         for p in 0..peers {
@@ -166,12 +172,12 @@ fn hub(ctx: &Ctx) {
         }
         ctl.barrier().unwrap();
         // Everything the worlds held is back (the peer closed its ends too, after the barrier).
-        let back = || open_fds() <= fds0 && crate_threads() <= threads0 && shm_used() <= shm0;
+        let back = || open_fds() <= fds0 && all_threads() <= threads0 && shm_used() <= shm0;
         assert!(
             eventually(back),
-            "after removing {n} worlds: fds {fds0} -> {}, crate threads {threads0} -> {}, /dev/shm {shm0} -> {}",
+            "after removing {n} worlds: fds {fds0} -> {}, threads {threads0} -> {}, /dev/shm {shm0} -> {}",
             open_fds(),
-            crate_threads(),
+            all_threads(),
             shm_used()
         );
         println!("cycle {cycle}: all {n} worlds removed; descriptors, threads and /dev/shm back");
