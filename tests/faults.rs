@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{spawn, Ctx};
-use multiworld::{BrokenCause, ErrorKind, Event, ReduceOp, UniqueId, World, WorldManager, WorldOptions, WorldState};
+use multiworld::{
+    BrokenCause, ErrorKind, Event, ReduceOp, TransportChoice, UniqueId, World, WorldManager, WorldOptions, WorldState,
+};
 
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
@@ -22,6 +24,7 @@ fn worker() {
         ("stream_partner", stream_partner),
         ("deadline", deadline),
         ("abort_waiters", abort_waiters),
+        ("sent_then_left", sent_then_left),
         ("cycles", cycles),
         ("scenario_leader", scenario_leader),
         ("sender", sender),
@@ -579,4 +582,73 @@ fn a_rank_resumed_after_sigstop_reports_the_peer_that_gave_up_on_it() {
     assert!(logs[0].contains("PeerUnresponsive { peer: 1"), "{}", logs[0]);
     assert!(!logs[1].contains("PeerUnresponsive"), "{}", logs[1]);
     assert!(logs[1].contains("PeerAborted { peer: 0") || logs[1].contains("PeerClosed { peer: 0"), "{}", logs[1]);
+}
+
+/// A peer sends a message and leaves before the receive is posted, on shared memory and on TCP:
+/// the receive, posted well after the peer's socket hung up (past several heartbeat
+/// intervals), still gets the message; the next call reports that the peer left. Meanwhile the
+/// receiver's process does not spin on the hung-up socket (its progress thread did, re-arming
+/// the socket's hang-up for ever, while the ring still held the frame).
+fn sent_then_left(ctx: &Ctx) {
+    let transport = if ctx.arg == "tcp" { TransportChoice::Tcp } else { TransportChoice::Auto };
+    let opts = WorldOptions::default()
+        .with_transport(transport)
+        .with_heartbeat(Duration::from_millis(100), Duration::from_secs(5));
+    let m = WorldManager::with_defaults(opts);
+    let w = m.init_world("left", &ctx.id(), ctx.rank, 2).unwrap();
+    let msg: Vec<u8> = (0..16u8).map(|i| i * 3 + 1).collect();
+    // Traffic first, so that a shared-memory ring has grown: the last message then waits in
+    // a ring that is not full, where a receiver leaves it until its receive is posted.
+    const WARM: usize = 20;
+    if ctx.rank == 1 {
+        for k in 0..WARM {
+            w.send(&[k as u8; 16], 0).unwrap();
+        }
+        w.send(&msg, 0).unwrap();
+        m.remove_world("left").unwrap();
+        return;
+    }
+    let cpu = || {
+        // SAFETY: a zeroed rusage is a valid place for the result.
+        let u = unsafe {
+            let mut u: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &mut u);
+            u
+        };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+        tv(u.ru_utime) + tv(u.ru_stime)
+    };
+    for k in 0..WARM {
+        let mut got = [0u8; 16];
+        w.recv(&mut got, 1).unwrap();
+        assert_eq!(got, [k as u8; 16]);
+    }
+    let (c0, t0) = (cpu(), Instant::now());
+    std::thread::sleep(Duration::from_millis(1500));
+    let busy = (cpu() - c0) / t0.elapsed().as_secs_f64();
+    println!("receiver idle beside a peer that left: {:.1} % of a core", busy * 100.0);
+    assert!(busy < 0.2, "the process spun while its peer's socket was hung up: {busy:.2} of a core");
+    let mut got = vec![0u8; 16];
+    w.recv(&mut got, 1).unwrap_or_else(|e| panic!("the message sent before leaving: {e}"));
+    assert_eq!(got, msg);
+    // Its close frame, or only its closed socket when the close frame found no room.
+    let e = w.recv(&mut got, 1).unwrap_err();
+    assert!(
+        matches!(e.broken_cause(), Some(BrokenCause::PeerLeft { peer: 1 } | BrokenCause::PeerClosed { peer: 1, .. })),
+        "{e}"
+    );
+    println!("{}: the message sent before leaving arrived; then: {e}", ctx.arg);
+}
+
+#[test]
+fn a_message_sent_before_the_peer_left_is_still_received() {
+    let _s = serial();
+    for transport in ["shm", "tcp"] {
+        let logs =
+            common::run_ranks("sent_then_left", 2, &[("MW_TEST_ARG", transport.to_string())], Duration::from_secs(30));
+        assert!(logs[0].contains("arrived"), "{}", logs[0]);
+        for l in logs[0].lines().filter(|l| l.contains("idle beside") || l.contains("arrived")) {
+            println!("{transport}: {l}");
+        }
+    }
 }

@@ -547,7 +547,11 @@ impl Engine {
         self.sample_traffic(now);
         // A departed peer breaks the world once nothing is left to do with what it sent.
         if !self.ops.iter().any(|o| o.active) {
-            let spent = self.peers.iter().flatten().find(|p| p.gone.is_some() && p.unexpected.is_empty());
+            let spent = self
+                .peers
+                .iter()
+                .flatten()
+                .find(|p| p.gone.is_some() && p.unexpected.is_empty() && !p.link.holds_frames());
             if let Some(c) = spent.and_then(|p| p.gone.clone()) {
                 return Err(c);
             }
@@ -564,11 +568,26 @@ impl Engine {
     fn serve_peer(&mut self, peer: usize) -> Result<bool, BrokenCause> {
         let Some(p) = self.peers[peer].as_ref() else { return Ok(false) };
         if let Some(cause) = p.gone.clone() {
-            let progress = self.service_rx(peer, false)?;
+            // What it left in the link (a shared-memory ring) is still read, up to its end.
+            let read_on = p.link.holds_frames();
+            let progress = match self.service_rx(peer, read_on) {
+                Ok(moved) => moved,
+                Err(
+                    c @ (BrokenCause::PeerClosed { .. }
+                    | BrokenCause::PeerLeft { .. }
+                    | BrokenCause::PeerAborted { .. }),
+                ) if read_on && c.peer() == Some(peer) => {
+                    // Its last word (a close or an abort frame) says best why it left.
+                    self.peers[peer].as_mut().expect("checked above").gone = Some(c);
+                    true
+                }
+                Err(c) => return Err(c),
+            };
             let p = self.peers[peer].as_ref().expect("checked above");
             let data_pending = matches!(p.tx, Some(TxFrame { done: TxDone::Data { .. }, .. }));
-            if !p.tx_queue.is_empty() || data_pending || (!p.rx_queue.is_empty() && p.unexpected.is_empty()) {
-                return Err(cause);
+            let nothing_left = p.unexpected.is_empty() && !p.link.holds_frames();
+            if !p.tx_queue.is_empty() || data_pending || (!p.rx_queue.is_empty() && nothing_left) {
+                return Err(p.gone.clone().unwrap_or(cause));
             }
             return Ok(progress);
         }

@@ -163,6 +163,12 @@ pub(crate) trait Link: Send {
         true
     }
 
+    /// True while frames that the peer sent are still waiting in the link to be read (a ring
+    /// in shared memory keeps them after its writer left; a socket is read eagerly).
+    fn holds_frames(&self) -> bool {
+        false
+    }
+
     /// Ends the link gracefully: what was written still arrives, then the peer sees the end.
     fn shutdown(&mut self) {}
 }

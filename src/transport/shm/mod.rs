@@ -752,8 +752,20 @@ impl Link for ShmLink {
     }
 
     fn hangup_fd(&mut self) -> Option<(RawFd, i16)> {
-        self.armed = true;
+        // A socket that hung up reports so for ever: nothing more to learn from it (what the
+        // peer left in the ring is read without it).
+        if self.hung_up {
+            return None;
+        }
         Some((self.ctl.as_raw_fd(), libc::POLLRDHUP))
+    }
+
+    fn reported(&mut self) {
+        self.armed = true;
+    }
+
+    fn holds_frames(&self) -> bool {
+        self.current.is_some() || self.ctrl(self.rx).full_slot(&self.words(self.rx)).is_some()
     }
 
     fn spins(&self) -> bool {
