@@ -79,8 +79,19 @@ fn all_threads() -> usize {
     std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
 }
 
+/// Open descriptors, less event and `epoll` descriptors: those belong to the process's threads
+/// (a calling thread makes its wake-up descriptor the first time it sleeps), not to worlds.
 fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    let t = std::fs::read_link(e.path()).unwrap_or_default();
+                    !matches!(t.to_string_lossy().as_ref(), "anon_inode:[eventfd]" | "anon_inode:[eventpoll]")
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// Bytes in use in `/dev/shm`.

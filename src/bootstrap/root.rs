@@ -191,20 +191,23 @@ struct Roots {
 /// The key of the roots thread's own wake-up descriptor in its `epoll` set.
 const WAKE_KEY: u64 = 0;
 
-fn roots() -> Result<&'static Roots> {
-    static ROOTS: std::sync::OnceLock<std::result::Result<&'static Roots, String>> = std::sync::OnceLock::new();
-    let r = ROOTS.get_or_init(|| {
-        let wake = EventFd::new().map_err(|e| format!("eventfd: {e}"))?;
-        let epoll = Epoll::new().map_err(|e| format!("epoll_create: {e}"))?;
-        epoll.watch(wake.fd(), libc::POLLIN, WAKE_KEY).map_err(|e| format!("epoll_ctl: {e}"))?;
-        let server: &'static Roots = Box::leak(Box::new(Roots { inbox: Mutex::new(Vec::new()), wake }));
-        std::thread::Builder::new()
-            .name("mw-roots".into())
-            .spawn(move || serve_roots(server, epoll))
-            .map_err(|e| format!("spawning the rendezvous thread: {e}"))?;
-        Ok(server)
-    });
-    r.as_ref().copied().map_err(|e| Error::system("starting the rendezvous roots", io::Error::other(e.clone())))
+/// The roots thread, started with the first root. A failed start (no descriptor or thread to
+/// spare) is not remembered: the next root tries again.
+fn roots() -> Result<Arc<Roots>> {
+    static ROOTS: std::sync::OnceLock<Mutex<Option<Arc<Roots>>>> = std::sync::OnceLock::new();
+    let mut started = lock(ROOTS.get_or_init(|| Mutex::new(None)));
+    if let Some(r) = &*started {
+        return Ok(r.clone());
+    }
+    let failed = |e| Error::system("starting the rendezvous thread", e);
+    let wake = EventFd::new().map_err(failed)?;
+    let epoll = Epoll::new().map_err(failed)?;
+    epoll.watch(wake.fd(), libc::POLLIN, WAKE_KEY).map_err(failed)?;
+    let server = Arc::new(Roots { inbox: Mutex::new(Vec::new()), wake });
+    let me = server.clone();
+    std::thread::Builder::new().name("mw-roots".into()).spawn(move || serve_roots(&me, epoll)).map_err(failed)?;
+    *started = Some(server.clone());
+    Ok(server)
 }
 
 /// The roots thread: every root's listener and connections in one `epoll` set, each under
@@ -278,6 +281,8 @@ struct Root {
     next_look: Instant,
     /// Its key in the roots thread's `epoll` set.
     key: u64,
+    /// Its listener is not watched (accepting failed) until its next turn.
+    listener_paused: bool,
     /// Dropped last, after the listener: then [`RootHandle::join`] returns.
     _done: std::sync::mpsc::Sender<()>,
 }
@@ -288,7 +293,18 @@ impl Root {
         let expect = cfg.expect.clone();
         // A new root looks at once (its listener may already hold connections).
         let next_look = Instant::now();
-        Root { listener, cfg, conns: Vec::new(), deadline, expect, left: Vec::new(), next_look, key: 0, _done: done }
+        Root {
+            listener,
+            cfg,
+            conns: Vec::new(),
+            deadline,
+            expect,
+            left: Vec::new(),
+            next_look,
+            key: 0,
+            listener_paused: false,
+            _done: done,
+        }
     }
 
     /// When to look again with nothing reported: the deadline, or sooner to notice an
@@ -320,7 +336,11 @@ impl Root {
             self.fail_all(ErrorKind::Timeout, &missing_ranks(&name, size, &present, &self.left));
             return true;
         }
-        // New connections.
+        // New connections. When accepting fails (no descriptor to spare), the listener stays
+        // readable: it is not watched until the next look, so as not to spin on it.
+        if self.listener_paused {
+            self.listener_paused = epoll.rewatch(self.listener.as_raw_fd(), libc::POLLIN, self.key).is_err();
+        }
         loop {
             match self.listener.accept() {
                 Ok((s, a)) => {
@@ -337,7 +357,12 @@ impl Root {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    warn!("rendezvous: cannot accept a connection now ({e}); looking again in a moment");
+                    self.listener_paused = epoll.rewatch(self.listener.as_raw_fd(), 0, self.key).is_ok();
+                    break;
+                }
             }
         }
         // Input from the connections (a few per root: reading one with nothing to say costs

@@ -112,16 +112,29 @@ fn poll_with(ws: &WaitSet, wake: Option<&EventFd>, deadline: Option<Instant>) {
 
 std::thread_local! {
     /// This thread's wake-up descriptor for when it drives a world and sleeps in `poll`: one
-    /// per calling thread, not per world. `None` if the process had no descriptor to spare.
-    static CALLER_WAKE: Option<Arc<EventFd>> = EventFd::new().ok().map(Arc::new);
+    /// per calling thread, not per world, made the first time it sleeps (and tried again at
+    /// the next sleep if the process had no descriptor to spare).
+    static CALLER_WAKE: std::cell::RefCell<Option<Arc<EventFd>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// This thread's wake-up descriptor (`CALLER_WAKE`), if it has or can make one.
+fn caller_wake() -> Option<Arc<EventFd>> {
+    CALLER_WAKE.with(|w| {
+        let mut w = w.borrow_mut();
+        if w.is_none() {
+            *w = EventFd::new().ok().map(Arc::new);
+        }
+        w.clone()
+    })
 }
 
 /// What a pool thread does with a world after serving it.
 pub(crate) enum Served {
     /// Serve it again as soon as the other worlds had their turn.
     Again,
-    /// Its links are armed; serve it again when one reports or at this instant.
-    Wait(Option<Instant>),
+    /// Its links are armed; serve it again when one reports or at `until`. `moved`: this
+    /// serving moved anything.
+    Wait { until: Option<Instant>, moved: bool },
     /// Broken: nothing more will happen to it.
     Forget,
 }
@@ -198,8 +211,9 @@ impl Driver {
 
     /// A caller drives (it holds the token) until `done` says so or `deadline` passes.
     fn drive(&self, done: impl Fn(&Engine) -> bool, deadline: Option<Instant>) {
-        let wake = CALLER_WAKE.with(|w| w.clone());
-        *lock(&self.sleeper) = wake.clone();
+        // This thread's wake-up descriptor, once it became the world's sleeper (at its first
+        // sleep: a drive that ends while spinning never touches the sleeper slot).
+        let mut wake: Option<Option<Arc<EventFd>>> = None;
         let mut spinning_since: Option<Instant> = None;
         let mut passes = 0u32;
         let mut now = Instant::now();
@@ -232,17 +246,28 @@ impl Driver {
                 std::hint::spin_loop();
                 continue;
             };
+            let Some(fd) = &wake else {
+                // First sleep: become the world's sleeper, then pass once more, so that work
+                // posted before this is seen by that pass and work posted after it kicks us.
+                let fd = caller_wake();
+                *lock(&self.sleeper) = fd.clone();
+                wake = Some(fd);
+                continue;
+            };
             spinning_since = None;
             if ws.ready {
                 continue;
             }
-            poll_with(&ws, wake.as_deref(), deadline);
-            if let Some(w) = &wake {
+            poll_with(&ws, fd.as_deref(), deadline);
+            if let Some(w) = fd {
                 w.drain();
             }
         }
-        // A kick from now on goes to the pool (`give_token`'s look for work covers the rest).
-        *lock(&self.sleeper) = None;
+        if wake.is_some() {
+            // A kick from now on goes to the pool (`give_token`'s look for work covers the
+            // rest).
+            *lock(&self.sleeper) = None;
+        }
     }
 
     /// The pool thread serves the world (`pool.rs`): a bounded slice of passes if nobody else
@@ -267,21 +292,23 @@ impl Driver {
             }
             let ws = e.watch_set();
             arm(&ws.fds);
-            return Served::Wait(ws.deadline);
+            return Served::Wait { until: ws.deadline, moved: false };
         }
         let start = Instant::now();
         let mut spinning_since: Option<Instant> = None;
+        let mut moved_any = false;
         let served = loop {
             let now = Instant::now();
             let mut e = self.engine();
             let moved = self.pass(&mut e, now);
+            moved_any |= moved;
             if e.broken().is_some() {
                 break Served::Forget;
             }
             if !e.has_work() {
                 let ws = e.watch_set();
                 arm(&ws.fds);
-                break Served::Wait(ws.deadline);
+                break Served::Wait { until: ws.deadline, moved: moved_any };
             }
             if now.duration_since(start) >= SLICE {
                 break Served::Again;
@@ -300,7 +327,7 @@ impl Driver {
                 continue;
             }
             arm(&ws.fds);
-            break Served::Wait(ws.deadline);
+            break Served::Wait { until: ws.deadline, moved: moved_any };
         };
         // While the pool holds the token no caller sleeps on the world, so every post kicked
         // the pool itself (`kick`): nothing is left that it was not told about.
@@ -566,16 +593,20 @@ mod loom_models {
             }
         }
 
-        /// A blocking caller (`Progress::wait` and `drive`): registers as the sleeper, passes
-        /// once (its own operation is then done), stops being the sleeper, gives the token
-        /// back and hands what is left to the pool.
-        fn caller(&self) {
+        /// A blocking caller (`Progress::wait` and `drive`): passes, and if it `sleeps`
+        /// registers as the sleeper first and passes once more (its own operation is then
+        /// done), stops being the sleeper, gives the token back and hands what is left to the
+        /// pool.
+        fn caller(&self, sleeps: bool) {
             if !self.token.take() {
                 return;
             }
-            *lock(&self.sleeper) = true;
             *lock(&self.work) = 0;
-            *lock(&self.sleeper) = false;
+            if sleeps {
+                *lock(&self.sleeper) = true;
+                *lock(&self.work) = 0;
+                *lock(&self.sleeper) = false;
+            }
             if self.token.give_back(|| *lock(&self.work) > 0) {
                 self.schedule();
             }
@@ -611,16 +642,18 @@ mod loom_models {
     /// caller before its last look, or reaches the pool.
     #[test]
     fn loom_token_a_post_while_a_caller_stops_driving_reaches_the_pool() {
-        loom::model(|| {
-            let w = World::new(1);
-            let poster = {
-                let w = w.clone();
-                loom::thread::spawn(move || w.post())
-            };
-            w.caller();
-            poster.join().unwrap();
-            w.check();
-        });
+        for sleeps in [false, true] {
+            loom::model(move || {
+                let w = World::new(1);
+                let poster = {
+                    let w = w.clone();
+                    loom::thread::spawn(move || w.post())
+                };
+                w.caller(sleeps);
+                poster.join().unwrap();
+                w.check();
+            });
+        }
     }
 
     /// A caller, the pool and a poster: the token is held by one at a time, and no work is
@@ -638,7 +671,7 @@ mod loom_models {
                 let w = w.clone();
                 loom::thread::spawn(move || w.pool_round())
             };
-            w.caller();
+            w.caller(true);
             poster.join().unwrap();
             pool.join().unwrap();
             w.check();

@@ -92,12 +92,10 @@ impl Worker {
     }
 }
 
-/// The process's pool, started with the first world.
-struct Pool {
-    workers: Vec<Arc<Worker>>,
-}
-
-static POOL: std::sync::OnceLock<std::result::Result<Pool, String>> = std::sync::OnceLock::new();
+/// The process's pool threads, started with the first world. A failed start (no descriptor
+/// or thread to spare) is not remembered: the next world tries again, and threads that did
+/// start are kept.
+static POOL: std::sync::OnceLock<Mutex<Vec<Arc<Worker>>>> = std::sync::OnceLock::new();
 
 /// Pool threads to start: `MW_PROGRESS_THREADS`, or one per core up to
 /// [`DEFAULT_MAX_THREADS`].
@@ -110,45 +108,58 @@ fn thread_count() -> usize {
         .unwrap_or_else(|| cores.clamp(1, DEFAULT_MAX_THREADS))
 }
 
-fn start_pool() -> std::result::Result<Pool, String> {
-    let mut workers = Vec::new();
-    for i in 0..thread_count() {
-        let epoll = Epoll::new().map_err(|e| format!("epoll_create: {e}"))?;
-        let wake = EventFd::new().map_err(|e| format!("eventfd: {e}"))?;
-        epoll.watch(wake.fd(), libc::POLLIN, WAKE_KEY).map_err(|e| format!("epoll_ctl: {e}"))?;
-        let w = Arc::new(Worker { epoll, wake, inbox: Mutex::new(Vec::new()), load: Default::default() });
-        let me = w.clone();
-        std::thread::Builder::new()
-            .name(format!("mw-progress-{i}"))
-            .spawn(move || run(&me))
-            .map_err(|e| format!("spawning a progress thread: {e}"))?;
-        workers.push(w);
-    }
-    debug!("progress pool: {} threads", workers.len());
-    Ok(Pool { workers })
+fn start_worker(i: usize) -> std::io::Result<Arc<Worker>> {
+    let epoll = Epoll::new()?;
+    let wake = EventFd::new()?;
+    epoll.watch(wake.fd(), libc::POLLIN, WAKE_KEY)?;
+    let w = Arc::new(Worker { epoll, wake, inbox: Mutex::new(Vec::new()), load: Default::default() });
+    let me = w.clone();
+    std::thread::Builder::new().name(format!("mw-progress-{i}")).spawn(move || run(&me))?;
+    Ok(w)
 }
 
 /// The pool thread a new world goes to: the one that watches the fewest.
 pub(crate) fn home() -> Result<Arc<Worker>> {
-    let pool = POOL
-        .get_or_init(start_pool)
-        .as_ref()
-        .map_err(|e| Error::system("starting the progress pool", std::io::Error::other(e.clone())))?;
-    let w = pool.workers.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)).expect("at least one thread");
+    let mut workers = lock(POOL.get_or_init(|| Mutex::new(Vec::new())));
+    while workers.len() < thread_count() {
+        match start_worker(workers.len()) {
+            Ok(w) => workers.push(w),
+            Err(e) if workers.is_empty() => return Err(Error::system("starting the progress pool", e)),
+            // Fewer threads than asked for serve as well, if more slowly.
+            Err(e) => {
+                warn!("progress pool: {} threads only ({e})", workers.len());
+                break;
+            }
+        }
+    }
+    let w = workers.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)).expect("at least one thread");
     Ok(w.clone())
 }
 
 /// A world as its pool thread keeps it.
 struct Watched {
     driver: Arc<Driver>,
-    /// Its pending timer on the heap, if any.
+    /// When it wants to be served next (its timers), if ever.
     timer: Option<Instant>,
+    /// The instant of its entry on the heap, if it has one: a world keeps one entry, pushed
+    /// again when it comes due early or an earlier time is wanted, so that the heap does not
+    /// grow with the deadlines a busy world moves on every pass.
+    queued_at: Option<Instant>,
     /// The descriptors and events armed for it and not reported since: arming them again
     /// would change nothing.
     armed: Vec<(RawFd, i16)>,
     /// One of them reported since it was last served.
     reported: bool,
+    /// Reports in a row after which serving it moved nothing: a descriptor that reports for
+    /// ever (a hang-up the link cannot act on yet) is then left to the timers.
+    idle_reports: u8,
 }
+
+/// Reports in a row with nothing moved before a world's descriptors are left unarmed until
+/// its next timer.
+const IDLE_REPORTS: u8 = 3;
+/// How long such a world's descriptors stay unarmed (at most: its own timers come first).
+const QUIET_FOR: Duration = Duration::from_millis(100);
 
 /// The thread's own state.
 struct State<'a> {
@@ -177,6 +188,12 @@ fn run(me: &Worker) {
         if r.is_err() {
             warn!("progress pool: a round panicked; going on");
             keys.clear();
+            // What the round had taken (reports, the inbox) may be lost: serve every world
+            // again, arming its descriptors afresh.
+            for (k, w) in st.worlds.iter_mut() {
+                w.armed.clear();
+                st.again.push(*k);
+            }
         }
     }
 }
@@ -203,7 +220,15 @@ impl State<'_> {
                 match m {
                     Msg::Add(d) => {
                         let k = d.key();
-                        self.worlds.insert(k, Watched { driver: d, timer: None, armed: Vec::new(), reported: false });
+                        let w = Watched {
+                            driver: d,
+                            timer: None,
+                            queued_at: None,
+                            armed: Vec::new(),
+                            reported: false,
+                            idle_reports: 0,
+                        };
+                        self.worlds.insert(k, w);
                         self.due.push(k);
                     }
                     Msg::Serve(k) => {
@@ -222,9 +247,19 @@ impl State<'_> {
                 break;
             }
             self.timers.pop();
-            if let Some(w) = self.worlds.get_mut(&k).filter(|w| w.timer == Some(t)) {
-                w.timer = None;
-                self.due.push(k);
+            let Some(w) = self.worlds.get_mut(&k).filter(|w| w.queued_at == Some(t)) else { continue };
+            w.queued_at = None;
+            match w.timer {
+                Some(want) if want <= now => {
+                    w.timer = None;
+                    self.due.push(k);
+                }
+                // It wants a later time now: its one entry moves there.
+                Some(want) => {
+                    w.queued_at = Some(want);
+                    self.timers.push(Reverse((want, k)));
+                }
+                None => {}
             }
         }
         self.due.sort_unstable();
@@ -250,9 +285,11 @@ impl State<'_> {
         let Some(w) = self.worlds.get_mut(&k) else { return };
         let driver = w.driver.clone();
         let reported = std::mem::take(&mut w.reported);
+        let quiet = w.idle_reports >= IDLE_REPORTS;
+        let mut arm_failed = false;
         let (epoll, armed, me) = (&self.me.epoll, &mut w.armed, self.me);
         let mut arm = |fds: &[libc::pollfd]| {
-            if armed.len() == fds.len() && armed.iter().zip(fds).all(|(a, f)| *a == (f.fd, f.events)) {
+            if quiet || (armed.len() == fds.len() && armed.iter().zip(fds).all(|(a, f)| *a == (f.fd, f.events))) {
                 return;
             }
             armed.clear();
@@ -260,25 +297,42 @@ impl State<'_> {
                 match epoll.watch_once(f.fd, f.events, k) {
                     Ok(()) => armed.push((f.fd, f.events)),
                     // Cannot happen with a valid open descriptor; watch by timer instead.
-                    Err(e) => warn!("progress pool: cannot watch descriptor {}: {e}", f.fd),
+                    Err(e) => {
+                        warn!("progress pool: cannot watch descriptor {}: {e}", f.fd);
+                        arm_failed = true;
+                    }
                 }
             }
         };
         let alone = || last && me.inbox_empty();
-        match driver.serve(reported, &mut arm, &alone) {
+        let served = driver.serve(reported, &mut arm, &alone);
+        let w = self.worlds.get_mut(&k).expect("served above");
+        match served {
             Served::Forget => {
                 debug!("progress pool: world '{}' is broken and no longer watched", driver.name);
                 self.worlds.remove(&k);
                 self.me.load.fetch_sub(1, Ordering::Relaxed);
             }
-            Served::Again => self.again.push(k),
-            Served::Wait(t) => {
-                let w = self.worlds.get_mut(&k).expect("served above");
-                if w.timer != t {
-                    w.timer = t;
-                    if let Some(t) = t {
-                        self.timers.push(Reverse((t, k)));
-                    }
+            Served::Again => {
+                w.idle_reports = 0;
+                self.again.push(k);
+            }
+            Served::Wait { until, moved } => {
+                w.idle_reports = if reported && !moved { w.idle_reports.saturating_add(1) } else { 0 };
+                // Unwatched descriptors (left to the timers, or not armable): look again soon.
+                let now = Instant::now();
+                let fallback = match (arm_failed, quiet) {
+                    (true, _) => Some(now + TIMER_GRAIN),
+                    (false, true) => Some(now + QUIET_FOR),
+                    (false, false) => None,
+                };
+                w.timer = match (until, fallback) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if let Some(t) = w.timer.filter(|t| w.queued_at.is_none_or(|q| *t < q)) {
+                    w.queued_at = Some(t);
+                    self.timers.push(Reverse((t, k)));
                 }
             }
         }

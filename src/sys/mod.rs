@@ -201,6 +201,16 @@ impl Epoll {
         }
     }
 
+    /// Changes what a watched `fd` is watched for (no events: nothing but errors).
+    pub(crate) fn rewatch(&self, fd: RawFd, events: i16, key: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: events as u16 as u32, u64: key };
+        // SAFETY: `ev` is a valid event for the duration of the call.
+        match unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, &mut ev) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        }
+    }
+
     /// Watches `fd` for the `poll` events `events`, once (`EPOLLONESHOT`: after one report
     /// the descriptor is quiet until set again), reporting `key`. Adds it if it is not
     /// watched yet.
