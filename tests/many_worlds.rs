@@ -94,16 +94,12 @@ fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
-/// Bytes in use in `/dev/shm`.
-fn shm_used() -> u64 {
-    // SAFETY: a zeroed statvfs is a valid place for the result; the path is a C string.
-    unsafe {
-        let mut s: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c"/dev/shm".as_ptr(), &mut s) != 0 {
-            return 0;
-        }
-        (s.f_blocks - s.f_bfree) * s.f_frsize
-    }
+/// Mappings of `/dev/shm` files in this process (the shared-memory segments of its links; the
+/// system-wide use of `/dev/shm` moves with every other process of the machine).
+fn shm_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .map(|m| m.lines().filter(|l| l.contains("/dev/shm/")).count())
+        .unwrap_or(0)
 }
 
 /// Waits up to 5 s for `f` to hold; true if it did.
@@ -134,7 +130,7 @@ fn hub(ctx: &Ctx) {
     // root then waits, with its listener, for a rank that never comes).
     ctl.barrier().unwrap();
     let _unused = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
-    let (fds0, threads0, shm0) = (open_fds(), all_threads(), shm_used());
+    let (fds0, threads0, shm0) = (open_fds(), all_threads(), shm_mappings());
     for cycle in 0..cycles {
         let ids: Vec<UniqueId> = (0..n).map(|_| UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap()).collect();
         for p in 0..peers {
@@ -157,6 +153,8 @@ fn hub(ctx: &Ctx) {
             fds as f64 / n as f64
         );
         assert!(fds as f64 <= 1.2 * n as f64, "{fds} descriptors for {n} worlds");
+        // Every world maps its pair's segment (what the leak check below must see go).
+        assert!(shm_mappings() >= shm0 + n, "{} /dev/shm mappings for {n} worlds", shm_mappings() - shm0);
         if let Some(pid) = victim {
             let last = peers - 1;
             // SAFETY: kill(2) on the victim's pid, given by the test that spawned it.
@@ -183,13 +181,13 @@ fn hub(ctx: &Ctx) {
         }
         ctl.barrier().unwrap();
         // Everything the worlds held is back (the peer closed its ends too, after the barrier).
-        let back = || open_fds() <= fds0 && all_threads() <= threads0 && shm_used() <= shm0;
+        let back = || open_fds() <= fds0 && all_threads() <= threads0 && shm_mappings() <= shm0;
         assert!(
             eventually(back),
-            "after removing {n} worlds: fds {fds0} -> {}, threads {threads0} -> {}, /dev/shm {shm0} -> {}",
+            "after removing {n} worlds: fds {fds0} -> {}, threads {threads0} -> {}, /dev/shm mappings {shm0} -> {}",
             open_fds(),
             all_threads(),
-            shm_used()
+            shm_mappings()
         );
         println!("cycle {cycle}: all {n} worlds removed; descriptors, threads and /dev/shm back");
     }

@@ -35,7 +35,7 @@ use crate::api::error::{BrokenCause, Result};
 use crate::api::request::{Completion, Progress};
 use crate::engine::{Direct, Engine, Posted, WaitSet, WorldStats};
 use crate::sys::buf::RawBuf;
-use crate::sys::sync::{lock, Arc, AtomicBool, Mutex, MutexGuard, Ordering};
+use crate::sys::sync::{lock, Arc, AtomicBool, AtomicU32, Mutex, MutexGuard, Ordering};
 use crate::sys::{self, EventFd};
 
 /// How long a driver keeps passing without progress before it goes to sleep. Long enough to
@@ -59,6 +59,8 @@ pub(crate) struct Driver {
     aborted: AtomicBool,
     /// The world waits in its pool thread's inbox (at most once); under the inbox's lock.
     queued: AtomicBool,
+    /// Callers in `Progress::wait` on this world.
+    waiters: AtomicU32,
     /// The pool thread that watches this world.
     home: Arc<pool::Worker>,
 }
@@ -150,6 +152,7 @@ impl Driver {
             sleeper: Mutex::new(None),
             aborted: AtomicBool::new(false),
             queued: AtomicBool::new(false),
+            waiters: AtomicU32::new(0),
             home: home.clone(),
         });
         home.add(d.clone());
@@ -273,18 +276,25 @@ impl Driver {
     /// The pool thread serves the world (`pool.rs`): a bounded slice of passes if nobody else
     /// drives, then the world's links armed through `arm` (called under the world's lock, so
     /// that the links it names are open) and the time of its next timer. `reported`: one of
-    /// the descriptors armed last time reported. `alone` says whether no other world waits for
+    /// the descriptors armed last time reported; `asked`: someone asked for the world to be
+    /// served (its inbox held it). `alone` says whether no other world waits for
     /// this pool thread, which makes a short spin worth it.
     pub(crate) fn serve(
         &self,
         reported: bool,
+        asked: bool,
         arm: &mut dyn FnMut(&[libc::pollfd]),
         alone: &dyn Fn() -> bool,
     ) -> Served {
         if reported {
             self.engine().links_reported();
         }
-        if !self.token.take() {
+        // A caller that waits on the world drives it: the pool takes over only when asked (a
+        // non-blocking post, work a caller left, an abort), not because a link or a timer
+        // reported, or it would take the token from under the caller between two of its calls
+        // and keep it (its descriptors armed for data, reporting the caller's traffic).
+        let leave = !asked && self.waiters.load(Ordering::Acquire) > 0;
+        if leave || !self.token.take() {
             // A caller drives: keep watching for hang-ups and the timers while it does.
             let mut e = self.engine();
             if e.broken().is_some() {
@@ -395,12 +405,17 @@ impl Progress for Driver {
     fn wait(&self, cs: &[&Completion], deadline: Option<Instant>) {
         let mut tries = 0u32;
         let all_done = || cs.iter().all(|c| c.is_done());
+        // While this caller waits, the pool leaves the world to it unless asked (`serve`).
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiters);
         loop {
             if all_done() || deadline.is_some_and(|d| Instant::now() >= d) {
                 return;
             }
             if self.token.take() {
                 self.drive(|_| all_done(), deadline);
+                // No longer waiting before the look for work left, which goes to the pool.
+                drop(_waiting);
                 if self.give_token() {
                     // Work of other callers is left: the pool carries it on.
                     self.schedule();
@@ -438,6 +453,15 @@ impl Progress for Driver {
                 self.schedule();
             }
         }
+    }
+}
+
+/// Counts a caller out of `Driver::waiters` when it stops waiting, however it leaves.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -150,6 +150,8 @@ struct Watched {
     armed: Vec<(RawFd, i16)>,
     /// One of them reported since it was last served.
     reported: bool,
+    /// It was asked to be served (its inbox held it) since it was last served.
+    asked: bool,
     /// Reports in a row after which serving it moved nothing: a descriptor that reports for
     /// ever (a hang-up the link cannot act on yet) is then left to the timers.
     idle_reports: u8,
@@ -226,15 +228,17 @@ impl State<'_> {
                             queued_at: None,
                             armed: Vec::new(),
                             reported: false,
+                            asked: true,
                             idle_reports: 0,
                         };
                         self.worlds.insert(k, w);
                         self.due.push(k);
                     }
                     Msg::Serve(k) => {
-                        if let Some(w) = self.worlds.get(&k) {
+                        if let Some(w) = self.worlds.get_mut(&k) {
                             // From here on a new request to serve it queues it again.
                             w.driver.queued.store(false, Ordering::Relaxed);
+                            w.asked = true;
                             self.due.push(k);
                         }
                     }
@@ -285,6 +289,7 @@ impl State<'_> {
         let Some(w) = self.worlds.get_mut(&k) else { return };
         let driver = w.driver.clone();
         let reported = std::mem::take(&mut w.reported);
+        let asked = std::mem::take(&mut w.asked);
         let quiet = w.idle_reports >= IDLE_REPORTS;
         let mut arm_failed = false;
         let (epoll, armed, me) = (&self.me.epoll, &mut w.armed, self.me);
@@ -305,7 +310,7 @@ impl State<'_> {
             }
         };
         let alone = || last && me.inbox_empty();
-        let served = driver.serve(reported, &mut arm, &alone);
+        let served = driver.serve(reported, asked, &mut arm, &alone);
         let w = self.worlds.get_mut(&k).expect("served above");
         match served {
             Served::Forget => {

@@ -2,8 +2,8 @@
 //! with each other (at most 200 formations in flight), then rank 0 reports, against the same
 //! process before the worlds existed: the formation rate; threads, descriptors, resident
 //! memory and `/dev/shm` per world; the CPU the idle worlds burn; and the 1 MiB all-reduce
-//! throughput of one busy world beside the N idle ones against the same world alone (its
-//! ranks' calling threads pinned to cores 0 and 1).
+//! throughput of one busy world beside the N idle ones against the same world alone before and
+//! after (its ranks' calling threads pinned to cores 0 and 1).
 
 use std::time::{Duration, Instant};
 
@@ -138,16 +138,24 @@ pub(crate) fn run(b: &Bench, n: usize) {
             per(before.shm, idle.shm)
         );
         println!("  idle CPU: {:.2} % of a core", idle_cpu * 100.0);
-        println!(
-            "  1 MiB all_reduce throughput beside {n} idle worlds / alone: {beside:.2} / {alone:.2} GB/s = {:.3}",
-            beside / alone
-        );
     }
     // Both sides done before either leaves: then every world closes gracefully.
     b.w.barrier().expect("barrier");
     drop(worlds);
     for k in 0..n {
         b.m.remove_world(&name(k)).expect("remove");
+    }
+    // Alone again, after the worlds are gone: the host's speed drifts over seconds, so the
+    // busy world beside the idle ones is compared with the mean of the runs before and after.
+    b.w.barrier().expect("barrier");
+    let after = rate(b);
+    if b.rank == 0 {
+        let alone_mean = (alone + after) / 2.0;
+        println!(
+            "  1 MiB all_reduce throughput beside {n} idle worlds / alone (before, after): {beside:.2} / \
+             ({alone:.2}, {after:.2}) GB/s = {:.3}",
+            beside / alone_mean
+        );
     }
 }
 
