@@ -1,7 +1,7 @@
 //! Completion of operations and formations, and the handles users wait on.
 //!
 //! A [`Completion`] is set once, by whichever thread finishes the work (the caller driving
-//! progress itself, or the world's progress thread), and can be waited on by blocking or as a
+//! progress itself, or the progress pool), and can be waited on by blocking or as a
 //! `Future`. [`Request`] hands a non-blocking operation's buffers back when it is done.
 
 use std::any::Any;
@@ -248,8 +248,8 @@ impl<B: Send + Unpin + 'static> Future for Request<B> {
 /// Blocks until one of `n` requests is done and returns its index; `None` when `n` is 0.
 /// `done(i, waker)` says whether request `i` is done, registering `waker` on what it still
 /// waits for (a completion that is done by then counts as done); `nudge(i)` asks request `i`'s
-/// world to make progress. The requests may belong to different worlds: their progress threads
-/// move them while this thread sleeps, and a completion wakes it.
+/// world to make progress. The requests may belong to different worlds: the progress pool
+/// moves them while this thread sleeps, and a completion wakes it.
 pub(crate) fn wait_any_of(n: usize, done: impl Fn(usize, &Waker) -> bool, nudge: impl Fn(usize)) -> Option<usize> {
     if n == 0 {
         return None;

@@ -542,7 +542,7 @@ mod tests {
             timeout: None,
             keepalive: None,
         };
-        // Posted without a caller: the progress thread passes, and panics.
+        // Posted without a caller: the pool passes, and panics.
         d.post([posted], false);
         assert!(c.wait_until(Some(Instant::now() + Duration::from_secs(10))), "the operation was stranded");
         let e = c.result().unwrap().unwrap_err();
@@ -560,7 +560,7 @@ mod tests {
 #[cfg(all(test, loom))]
 mod loom_models {
     use super::Token;
-    use crate::sys::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
+    use crate::sys::sync::{lock, Arc, AtomicBool, AtomicU32, Mutex, Ordering};
 
     /// `Driver` reduced to its protocol: a work counter for the engine, the sleeper slot with
     /// a flag for the caller's wake-up descriptor, and the pool's inbox (requests waiting in
@@ -571,6 +571,7 @@ mod loom_models {
         sleeper: Mutex<bool>,
         caller_woken: AtomicBool,
         inbox: Mutex<Inbox>,
+        waiters: AtomicU32,
     }
 
     struct Inbox {
@@ -586,6 +587,7 @@ mod loom_models {
                 sleeper: Mutex::new(false),
                 caller_woken: AtomicBool::new(false),
                 inbox: Mutex::new(Inbox { requests: 0, queued: false }),
+                waiters: AtomicU32::new(0),
             })
         }
 
@@ -622,7 +624,9 @@ mod loom_models {
         /// done), stops being the sleeper, gives the token back and hands what is left to the
         /// pool.
         fn caller(&self, sleeps: bool) {
+            self.waiters.fetch_add(1, Ordering::AcqRel);
             if !self.token.take() {
+                self.waiters.fetch_sub(1, Ordering::AcqRel);
                 return;
             }
             *lock(&self.work) = 0;
@@ -631,6 +635,7 @@ mod loom_models {
                 *lock(&self.work) = 0;
                 *lock(&self.sleeper) = false;
             }
+            self.waiters.fetch_sub(1, Ordering::AcqRel);
             if self.token.give_back(|| *lock(&self.work) > 0) {
                 self.schedule();
             }
@@ -652,6 +657,16 @@ mod loom_models {
                 *lock(&self.work) = 0;
                 self.token.give_back(|| false);
             }
+        }
+
+        /// The pool thread brought to the world by a link or a timer, not by its inbox: it
+        /// leaves the world to a caller that waits on it (`Driver::serve`'s `asked`).
+        fn pool_event(&self) {
+            if self.waiters.load(Ordering::Acquire) > 0 || !self.token.take() {
+                return;
+            }
+            *lock(&self.work) = 0;
+            self.token.give_back(|| false);
         }
 
         /// After every thread is done: work is left only if the pool was told to serve the
@@ -678,6 +693,27 @@ mod loom_models {
                 w.check();
             });
         }
+    }
+
+    /// A caller, the pool woken by a link (which leaves the world to the waiting caller) and
+    /// a poster: no work is stranded.
+    #[test]
+    fn loom_token_the_pool_woken_by_a_link_leaves_the_world_to_its_caller() {
+        loom::model(|| {
+            let w = World::new(1);
+            let poster = {
+                let w = w.clone();
+                loom::thread::spawn(move || w.post())
+            };
+            let pool = {
+                let w = w.clone();
+                loom::thread::spawn(move || w.pool_event())
+            };
+            w.caller(true);
+            poster.join().unwrap();
+            pool.join().unwrap();
+            w.check();
+        });
     }
 
     /// A caller, the pool and a poster: the token is held by one at a time, and no work is

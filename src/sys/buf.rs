@@ -1,7 +1,7 @@
 //! Raw views of user buffers for operations in flight.
 //!
 //! An operation keeps pointers to its buffers from the call that posts it until it completes,
-//! across threads (the caller, or the world's progress thread, drives it). Rust's borrows
+//! across threads (the caller, or a progress-pool thread, drives it). Rust's borrows
 //! cannot span that, so the operation holds a [`RawBuf`] instead, and the crate upholds this
 //! contract: a `RawBuf` is made only from a borrow that outlives the operation (a blocking call
 //! holds the borrow until completion; a group holds it until `end`) or from memory the

@@ -7,7 +7,7 @@
 //!
 //! **Logging never blocks the caller.** Standard error may be a pipe that nobody drains (a
 //! stalled log shipper), and a write to a full pipe blocks; a world that logs its own break
-//! from its progress thread, a formation that logs a refused connection, must not stall on
+//! from a progress-pool thread, a formation that logs a refused connection, must not stall on
 //! that. So a line is only queued here, and one thread of the logger's own writes the queue
 //! out. Past [`MAX_QUEUED`] lines waiting, new lines are dropped and counted; the count is
 //! written once standard error drains. Lines still queued when the process exits are lost.
