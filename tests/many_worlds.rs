@@ -79,21 +79,6 @@ fn all_threads() -> usize {
     std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
 }
 
-/// Open descriptors, less event and `epoll` descriptors: those belong to the process's threads
-/// (a calling thread makes its wake-up descriptor the first time it sleeps), not to worlds.
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    let t = std::fs::read_link(e.path()).unwrap_or_default();
-                    !matches!(t.to_string_lossy().as_ref(), "anon_inode:[eventfd]" | "anon_inode:[eventpoll]")
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 /// Mappings of `/dev/shm` files in this process (the shared-memory segments of its links; the
 /// system-wide use of `/dev/shm` moves with every other process of the machine).
 fn shm_mappings() -> usize {
@@ -130,7 +115,7 @@ fn hub(ctx: &Ctx) {
     // root then waits, with its listener, for a rank that never comes).
     ctl.barrier().unwrap();
     let _unused = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
-    let (fds0, threads0, shm0) = (open_fds(), all_threads(), shm_mappings());
+    let (fds0, threads0, shm0) = (common::world_fds(), all_threads(), shm_mappings());
     for cycle in 0..cycles {
         let ids: Vec<UniqueId> = (0..n).map(|_| UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap()).collect();
         for p in 0..peers {
@@ -145,7 +130,7 @@ fn hub(ctx: &Ctx) {
         }
         // The roots of the ids end once their worlds formed.
         assert!(eventually(|| crate_threads() <= 8), "{} threads of the crate's for {n} worlds", crate_threads());
-        let fds = open_fds() - fds0;
+        let fds = common::world_fds() - fds0;
         println!(
             "cycle {cycle}: {n} worlds formed in {:.2} s; {} crate threads; {fds} descriptors ({:.2} per world)",
             formed.as_secs_f64(),
@@ -174,18 +159,13 @@ fn hub(ctx: &Ctx) {
             println!("the other {} worlds moved data again", others.len());
             return;
         }
-        ctl.barrier().unwrap();
-        drop(worlds);
-        for nm in &names {
-            m.remove_world(nm).unwrap();
-        }
-        ctl.barrier().unwrap();
+        remove_all(&m, &ctl, &names, worlds);
         // Everything the worlds held is back (the peer closed its ends too, after the barrier).
-        let back = || open_fds() <= fds0 && all_threads() <= threads0 && shm_mappings() <= shm0;
+        let back = || common::world_fds() <= fds0 && all_threads() <= threads0 && shm_mappings() <= shm0;
         assert!(
             eventually(back),
             "after removing {n} worlds: fds {fds0} -> {}, threads {threads0} -> {}, /dev/shm mappings {shm0} -> {}",
-            open_fds(),
+            common::world_fds(),
             all_threads(),
             shm_mappings()
         );
@@ -222,13 +202,19 @@ fn peer(ctx: &Ctx) {
             }
             return;
         }
-        ctl.barrier().unwrap();
-        drop(worlds);
-        for nm in &names {
-            m.remove_world(nm).unwrap();
-        }
-        ctl.barrier().unwrap();
+        remove_all(&m, &ctl, &names, worlds);
     }
+}
+
+/// Every process done with the worlds before any removes them (then each world closes
+/// gracefully), and every process done removing when this returns.
+fn remove_all(m: &WorldManager, ctl: &World, names: &[String], worlds: Vec<World>) {
+    ctl.barrier().unwrap();
+    drop(worlds);
+    for nm in names {
+        m.remove_world(nm).unwrap();
+    }
+    ctl.barrier().unwrap();
 }
 
 fn run(peers: usize, per: usize, kill: bool) -> String {

@@ -677,6 +677,12 @@ mod loom_models {
         }
     }
 
+    /// Runs `f` on `w` in a thread of the model.
+    fn on_thread(w: &Arc<World>, f: fn(&World)) -> loom::thread::JoinHandle<()> {
+        let w = w.clone();
+        loom::thread::spawn(move || f(&w))
+    }
+
     /// A post racing with a caller that stops driving is never lost: it either wakes the
     /// caller before its last look, or reaches the pool.
     #[test]
@@ -684,10 +690,7 @@ mod loom_models {
         for sleeps in [false, true] {
             loom::model(move || {
                 let w = World::new(1);
-                let poster = {
-                    let w = w.clone();
-                    loom::thread::spawn(move || w.post())
-                };
+                let poster = on_thread(&w, World::post);
                 w.caller(sleeps);
                 poster.join().unwrap();
                 w.check();
@@ -701,14 +704,8 @@ mod loom_models {
     fn loom_token_the_pool_woken_by_a_link_leaves_the_world_to_its_caller() {
         loom::model(|| {
             let w = World::new(1);
-            let poster = {
-                let w = w.clone();
-                loom::thread::spawn(move || w.post())
-            };
-            let pool = {
-                let w = w.clone();
-                loom::thread::spawn(move || w.pool_event())
-            };
+            let poster = on_thread(&w, World::post);
+            let pool = on_thread(&w, World::pool_event);
             w.caller(true);
             poster.join().unwrap();
             pool.join().unwrap();
@@ -723,14 +720,8 @@ mod loom_models {
         loom::model(|| {
             let w = World::new(0);
             *lock(&w.inbox) = Inbox { requests: 1, queued: true };
-            let poster = {
-                let w = w.clone();
-                loom::thread::spawn(move || w.post())
-            };
-            let pool = {
-                let w = w.clone();
-                loom::thread::spawn(move || w.pool_round())
-            };
+            let poster = on_thread(&w, World::post);
+            let pool = on_thread(&w, World::pool_round);
             w.caller(true);
             poster.join().unwrap();
             pool.join().unwrap();

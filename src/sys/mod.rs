@@ -191,45 +191,37 @@ impl Epoll {
         Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    /// Watches `fd` for the `poll` events `events` for as long as it is open, reporting `key`.
-    pub(crate) fn watch(&self, fd: RawFd, events: i16, key: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events: events as u16 as u32, u64: key };
+    /// `epoll_ctl(op)` for `fd` with the `poll` events `events` (`poll`'s event bits are
+    /// `epoll`'s on Linux: IN, OUT, RDHUP, ...) and `flags`, reporting `key`.
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: i16, flags: libc::c_int, key: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: events as u16 as u32 | flags as u32, u64: key };
         // SAFETY: `ev` is a valid event for the duration of the call.
-        match unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } {
+        match unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd, &mut ev) } {
             0 => Ok(()),
             _ => Err(io::Error::last_os_error()),
         }
     }
 
+    /// Watches `fd` for the `poll` events `events` for as long as it is open, reporting `key`.
+    pub(crate) fn watch(&self, fd: RawFd, events: i16, key: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, events, 0, key)
+    }
+
     /// Changes what a watched `fd` is watched for (no events: nothing but errors).
     pub(crate) fn rewatch(&self, fd: RawFd, events: i16, key: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events: events as u16 as u32, u64: key };
-        // SAFETY: `ev` is a valid event for the duration of the call.
-        match unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, &mut ev) } {
-            0 => Ok(()),
-            _ => Err(io::Error::last_os_error()),
-        }
+        self.ctl(libc::EPOLL_CTL_MOD, fd, events, 0, key)
     }
 
     /// Watches `fd` for the `poll` events `events`, once (`EPOLLONESHOT`: after one report
     /// the descriptor is quiet until set again), reporting `key`. Adds it if it is not
     /// watched yet.
     pub(crate) fn watch_once(&self, fd: RawFd, events: i16, key: u64) -> io::Result<()> {
-        // `poll`'s event bits are `epoll`'s on Linux (IN, OUT, RDHUP, ...).
-        let mut ev = libc::epoll_event { events: events as u16 as u32 | libc::EPOLLONESHOT as u32, u64: key };
-        // SAFETY: `ev` is a valid event for the duration of the call.
-        let mut ctl = |op| unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd, &mut ev) };
-        if ctl(libc::EPOLL_CTL_MOD) == 0 {
-            return Ok(());
+        match self.ctl(libc::EPOLL_CTL_MOD, fd, events, libc::EPOLLONESHOT, key) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                self.ctl(libc::EPOLL_CTL_ADD, fd, events, libc::EPOLLONESHOT, key)
+            }
+            r => r,
         }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOENT) {
-            return Err(e);
-        }
-        if ctl(libc::EPOLL_CTL_ADD) == 0 {
-            return Ok(());
-        }
-        Err(io::Error::last_os_error())
     }
 
     /// Waits until a watched descriptor reports or `deadline` passes; the keys of those that

@@ -266,17 +266,6 @@ pub fn free_port() -> u16 {
 /// thread with its own. What is counted is what a world or a formation owns: sockets,
 /// listeners, mappings' files, formation threads.
 pub fn fds_and_threads() -> (usize, usize) {
-    let fds = std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    let target = std::fs::read_link(e.path()).unwrap_or_default();
-                    let t = target.to_string_lossy();
-                    t != "anon_inode:[eventpoll]" && t != "anon_inode:[eventfd]"
-                })
-                .count()
-        })
-        .unwrap_or(0);
     let threads = std::fs::read_dir("/proc/self/task")
         .map(|d| {
             d.flatten()
@@ -287,5 +276,21 @@ pub fn fds_and_threads() -> (usize, usize) {
                 .count()
         })
         .unwrap_or(0);
-    (fds, threads)
+    (world_fds(), threads)
+}
+
+/// Open descriptors of this process, less event and `epoll` descriptors: those belong to the
+/// process's threads (the progress pool's, the rendezvous thread's, and each calling thread's
+/// wake-up descriptor, made the first time it sleeps), not to worlds.
+pub fn world_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    let t = std::fs::read_link(e.path()).unwrap_or_default();
+                    !matches!(t.to_string_lossy().as_ref(), "anon_inode:[eventfd]" | "anon_inode:[eventpoll]")
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
