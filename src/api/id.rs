@@ -42,7 +42,7 @@ impl UniqueId {
         let mut secret = [0u8; SECRET_LEN];
         sys::random_bytes(&mut secret).map_err(|e| Error::system("getrandom", e))?;
         // The root runs detached: it ends once the world formed or its deadline passed.
-        drop(bootstrap::spawn_root(listener, bootstrap::RootConfig::for_id(secret))?);
+        drop(bootstrap::spawn_root(Some(listener), bootstrap::RootConfig::for_id(secret))?);
         Ok(UniqueId { root, secret })
     }
 

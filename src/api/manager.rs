@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crate::api::elastic::Lineage;
 use crate::api::error::{BrokenCause, Error, Result};
 use crate::api::id::UniqueId;
 use crate::api::options::WorldOptions;
@@ -20,7 +21,7 @@ use crate::api::world::{World, WorldInner};
 use crate::bootstrap::{self, JoinSpec};
 use crate::driver::Driver;
 use crate::engine::{Engine, EngineConfig};
-use crate::sys::sync::{lock, wait_timeout, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
+use crate::sys::sync::{lock, wait_timeout, Arc, AtomicBool, AtomicU32, AtomicU64, Condvar, Mutex, Ordering};
 
 /// How the ranks of a world find each other.
 #[derive(Debug, Clone)]
@@ -111,7 +112,7 @@ impl Entry {
     }
 }
 
-struct Inner {
+pub(crate) struct Inner {
     defaults: WorldOptions,
     worlds: Mutex<HashMap<String, Entry>>,
     generations: Mutex<HashMap<String, u32>>,
@@ -201,99 +202,125 @@ impl WorldManager {
         size: usize,
         options: &WorldOptions,
     ) -> Formation {
-        let f = Formation {
-            completion: Completion::new(),
-            slot: Slot::new(None),
-            cancel: Arc::new(AtomicBool::new(false)),
-            owner: (self.inner.clone(), name.to_owned(), rank),
+        let rendezvous = match rendezvous {
+            Rendezvous::Id(id) => bootstrap::Rendezvous::Id(id),
+            Rendezvous::Address(a) => bootstrap::Rendezvous::Address(a),
         };
-        if let Err(e) = self.start_formation(name, rendezvous, rank, size, options, &f) {
-            f.completion.complete(Err(e));
-        }
-        f
+        let secret = options.secret.clone().unwrap_or_default();
+        form_on(&self.inner, name, rendezvous, secret, rank, size, options)
     }
+}
 
-    fn start_formation(
-        &self,
-        name: &str,
-        rendezvous: Rendezvous,
-        rank: usize,
-        size: usize,
-        options: &WorldOptions,
-        f: &Formation,
-    ) -> Result<()> {
-        if name.is_empty() || name.len() > 255 || name.contains('\0') {
-            return Err(Error::invalid_arg(format!("'{name}' is not a world name (1 to 255 bytes, no NUL)")));
-        }
-        if size == 0 || size > crate::bootstrap::MAX_WORLD_SIZE {
-            return Err(Error::invalid_arg(format!(
-                "world '{name}': {size} ranks; a world has 1 to {} ranks",
-                crate::bootstrap::MAX_WORLD_SIZE
-            )));
-        }
-        if rank >= size {
-            return Err(Error::invalid_arg(format!(
-                "world '{name}': rank {rank} is out of range for a world of {size} ranks"
-            )));
-        }
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err(Error::invalid_usage("the world manager is shut down"));
-        }
-        {
-            let mut worlds = lock(&self.inner.worlds);
-            match worlds.get(name) {
-                Some(Entry::Forming(_)) => {
-                    return Err(Error::invalid_usage(format!("world '{name}' is already being formed")))
-                }
-                Some(Entry::Ready(w)) if w.inner.backend.broken().is_none() => {
-                    return Err(Error::invalid_usage(format!(
-                        "world '{name}' (generation {}) exists and works; remove it before forming another",
-                        w.generation()
-                    )))
-                }
-                Some(Entry::Ready(w)) => {
-                    // Broken: release it and reuse the name.
-                    let old = w.clone();
-                    worlds.insert(name.to_owned(), Entry::Forming(f.cancel.clone()));
-                    drop(worlds);
-                    self.release(&old);
-                }
-                None => {
-                    worlds.insert(name.to_owned(), Entry::Forming(f.cancel.clone()));
-                }
+/// Starts forming a world registered with the manager `inner` (see [`WorldManager::form`]);
+/// also how elastic calls (`api/elastic.rs`) form theirs.
+pub(crate) fn form_on(
+    inner: &Arc<Inner>,
+    name: &str,
+    rendezvous: bootstrap::Rendezvous,
+    secret: Vec<u8>,
+    rank: usize,
+    size: usize,
+    options: &WorldOptions,
+) -> Formation {
+    let f = Formation {
+        completion: Completion::new(),
+        slot: Slot::new(None),
+        cancel: Arc::new(AtomicBool::new(false)),
+        owner: (inner.clone(), name.to_owned(), rank),
+    };
+    if let Err(e) = start_formation(inner, name, rendezvous, secret, rank, size, options, &f) {
+        f.completion.complete(Err(e));
+    }
+    f
+}
+
+/// A world name is 1 to 255 bytes without NUL.
+pub(crate) fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 255 || name.contains('\0') {
+        return Err(Error::invalid_arg(format!("'{name}' is not a world name (1 to 255 bytes, no NUL)")));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_formation(
+    inner: &Arc<Inner>,
+    name: &str,
+    rendezvous: bootstrap::Rendezvous,
+    secret: Vec<u8>,
+    rank: usize,
+    size: usize,
+    options: &WorldOptions,
+    f: &Formation,
+) -> Result<()> {
+    check_name(name)?;
+    if size == 0 || size > crate::bootstrap::MAX_WORLD_SIZE {
+        return Err(Error::invalid_arg(format!(
+            "world '{name}': {size} ranks; a world has 1 to {} ranks",
+            crate::bootstrap::MAX_WORLD_SIZE
+        )));
+    }
+    if rank >= size {
+        return Err(Error::invalid_arg(format!(
+            "world '{name}': rank {rank} is out of range for a world of {size} ranks"
+        )));
+    }
+    if inner.closed.load(Ordering::Acquire) {
+        return Err(Error::invalid_usage("the world manager is shut down"));
+    }
+    {
+        let mut worlds = lock(&inner.worlds);
+        match worlds.get(name) {
+            Some(Entry::Forming(_)) => {
+                return Err(Error::invalid_usage(format!("world '{name}' is already being formed")))
+            }
+            Some(Entry::Ready(w)) if w.inner.backend.broken().is_none() => {
+                return Err(Error::invalid_usage(format!(
+                    "world '{name}' (generation {}) exists and works; remove it before forming another",
+                    w.generation()
+                )))
+            }
+            Some(Entry::Ready(w)) => {
+                // Broken: release it and reuse the name.
+                let old = w.clone();
+                worlds.insert(name.to_owned(), Entry::Forming(f.cancel.clone()));
+                drop(worlds);
+                release(inner, &old);
+            }
+            None => {
+                worlds.insert(name.to_owned(), Entry::Forming(f.cancel.clone()));
             }
         }
-        let generation = lock(&self.inner.generations).get(name).copied().unwrap_or(0) + 1;
-        let spec = JoinSpec {
-            name: name.to_owned(),
-            rank,
-            size,
-            rendezvous: match rendezvous {
-                Rendezvous::Id(id) => bootstrap::Rendezvous::Id(id),
-                Rendezvous::Address(a) => bootstrap::Rendezvous::Address(a),
-            },
-            secret: options.secret.clone().unwrap_or_default(),
-            interface: options.interface.clone(),
-            shm: options.transport.effective() == crate::api::options::TransportChoice::Auto,
-            generation,
-            timeout: options.timeout,
-            cancel: f.cancel.clone(),
-            socket_buffer: options.socket_buffer,
-        };
-        let inner = self.inner.clone();
-        let options = options.clone();
-        let (completion, slot, cancel) = (f.completion.clone(), f.slot.clone(), f.cancel.clone());
-        let spawned = std::thread::Builder::new().name("mw-form".into()).spawn(move || {
-            let r = form_world(&inner, &spec, &options);
-            settle_formation(&inner, &spec, r, &completion, &slot, &cancel);
-        });
-        if let Err(e) = spawned {
-            lock(&self.inner.worlds).remove(name);
-            return Err(Error::system("spawning a formation thread", e));
-        }
-        Ok(())
     }
+    let generation = lock(&inner.generations).get(name).copied().unwrap_or(0) + 1;
+    let spec = JoinSpec {
+        name: name.to_owned(),
+        rank,
+        size,
+        rendezvous,
+        secret,
+        interface: options.interface.clone(),
+        shm: options.transport.effective() == crate::api::options::TransportChoice::Auto,
+        generation,
+        timeout: options.timeout,
+        cancel: f.cancel.clone(),
+        socket_buffer: options.socket_buffer,
+    };
+    let owner = inner.clone();
+    let options = options.clone();
+    let (completion, slot, cancel) = (f.completion.clone(), f.slot.clone(), f.cancel.clone());
+    let spawned = std::thread::Builder::new().name("mw-form".into()).spawn(move || {
+        let r = form_world(&owner, &spec, &options);
+        settle_formation(&owner, &spec, r, &completion, &slot, &cancel);
+    });
+    if let Err(e) = spawned {
+        lock(&inner.worlds).remove(name);
+        return Err(Error::system("spawning a formation thread", e));
+    }
+    Ok(())
+}
 
+impl WorldManager {
     /// The world registered under `name`, if any.
     pub fn world(&self, name: &str) -> Option<World> {
         match lock(&self.inner.worlds).get(name) {
@@ -356,14 +383,8 @@ impl WorldManager {
                 None => return Err(Error::invalid_arg(format!("there is no world named '{name}'"))),
             }
         };
-        self.release(&w);
+        release(&self.inner, &w);
         Ok(())
-    }
-
-    fn release(&self, w: &World) {
-        w.inner.removed.store(true, Ordering::Release);
-        w.inner.backend.close();
-        self.inner.events.push(Event::Removed { name: w.name().to_owned(), generation: w.generation() });
     }
 
     /// The next event, if one is queued; never blocks.
@@ -515,6 +536,13 @@ impl Future for Formation {
     }
 }
 
+/// Marks a world removed, closes it and says so.
+fn release(inner: &Inner, w: &World) {
+    w.inner.removed.store(true, Ordering::Release);
+    w.inner.backend.close();
+    inner.events.push(Event::Removed { name: w.name().to_owned(), generation: w.generation() });
+}
+
 /// Runs on the formation thread: join, build the engine and driver, register.
 fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions) -> Result<World> {
     let started = Instant::now();
@@ -545,6 +573,14 @@ fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions) -> Re
         backend: driver,
         op_timeout_ms: AtomicU64::new(0),
         removed: AtomicBool::new(false),
+        lineage: Lineage {
+            manager: Arc::downgrade(inner),
+            options: options.clone(),
+            world_id: formed.world_id,
+            secret: formed.secret,
+            doors: formed.doors,
+            calls: AtomicU32::new(0),
+        },
     });
     world.set_op_timeout(options.op_timeout);
     {

@@ -3,6 +3,7 @@
 //! options, the rendezvous id, element types and reductions, and the one `Error` type.
 //! `lib.rs` re-exports the public items; nothing here does I/O itself.
 
+pub(crate) mod elastic;
 pub(crate) mod error;
 pub(crate) mod id;
 pub(crate) mod manager;

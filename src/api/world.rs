@@ -11,6 +11,7 @@
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
+use crate::api::elastic::Lineage;
 use crate::api::error::{BrokenCause, Error, Result};
 use crate::api::request::{Completion, Failed, KeepAlive, Progress, Request, Slot};
 use crate::api::types::{DataType, Element, ReduceOp};
@@ -42,6 +43,8 @@ pub(crate) struct WorldInner {
     /// Operation deadline in milliseconds; 0 = none.
     pub op_timeout_ms: AtomicU64,
     pub removed: AtomicBool,
+    /// What worlds made from this one need (`api/elastic.rs`).
+    pub lineage: Lineage,
 }
 
 /// One communicator and its own fault domain. Cheap to clone (a handle); all clones are the
@@ -206,6 +209,19 @@ impl World {
         c.result().unwrap_or_else(|| Err(Error::internal("operation ended without a result")))
     }
 
+    /// Posts one call whose deadline is at most `limit` (or the world's operation deadline,
+    /// if shorter) and waits for it: what elastic calls agree over the world is bounded by
+    /// the formation deadline, whatever the world's own operation deadline.
+    pub(crate) fn run_bounded(&self, call: Call, limit: Duration) -> Result<()> {
+        self.usable()?;
+        let c = Completion::new();
+        let mut p = self.posted(call, c.clone(), None);
+        p.timeout = Some(p.timeout.map_or(limit, |t| t.min(limit)));
+        self.inner.backend.post_one(p, true);
+        self.inner.backend.wait(&[&c], None);
+        c.result().unwrap_or_else(|| Err(Error::internal("operation ended without a result")))
+    }
+
     /// Posts operations on raw buffers (the C ABI) as one batch. With `wait`, blocks until all
     /// are done and returns the first error; otherwise returns their completions at once.
     ///
@@ -339,7 +355,7 @@ impl World {
         Ok(len / self.size())
     }
 
-    fn all_gather_call<T: Element>(&self, send: Option<&[T]>, recv: &mut [T]) -> Result<Call> {
+    pub(crate) fn all_gather_call<T: Element>(&self, send: Option<&[T]>, recv: &mut [T]) -> Result<Call> {
         let count = match send {
             Some(s) => {
                 self.check_len("all_gather", "receive", recv.len(), s.len() * self.size())?;

@@ -214,7 +214,7 @@ pub(super) fn connect_links(
     let cancel = Some(&*spec.cancel);
     let mut links: Vec<Option<Box<dyn Link>>> = (0..size).map(|_| None).collect();
     links[rank] = Some(Box::new(QueueLink::loopback()));
-    for (peer, (addr, _host)) in t.peers.iter().enumerate().take(rank) {
+    for (peer, (addr, _host, _door)) in t.peers.iter().enumerate().take(rank) {
         let what = || formation_err(name, rank, format!("connecting to rank {peer}"));
         let a: SocketAddr = addr.parse().map_err(|_| Error::internal(what()))?;
         let s = addr::connect_once(a, deadline, &what)?;

@@ -42,6 +42,14 @@ use addr::MAX_MESSAGE;
 pub(crate) enum Rendezvous {
     Id(crate::UniqueId),
     Address(String),
+    /// An elastic formation: through the door of the rank that leads it (`lead`: this one),
+    /// for hellos that carry `key`; every rank's `agree` must be the leader's.
+    Door {
+        door: String,
+        key: u64,
+        lead: bool,
+        agree: String,
+    },
 }
 
 /// What a rank needs to form a world.
@@ -70,6 +78,10 @@ pub(crate) struct Formed {
     pub links: Vec<Option<Box<dyn Link>>>,
     /// Links to peers on this host that use TCP although shared memory was wanted.
     pub shm_fallbacks: u64,
+    /// Each rank's door, for elastic formations later.
+    pub doors: Vec<String>,
+    /// The secret the ranks proved to the root.
+    pub secret: Vec<u8>,
 }
 
 fn formation_err(name: &str, rank: usize, e: impl std::fmt::Display) -> String {
@@ -86,6 +98,15 @@ pub(crate) fn join(spec: &JoinSpec) -> Result<Formed> {
     let mut own_root = None;
     let (root, secret) = match &spec.rendezvous {
         Rendezvous::Id(id) => (id.root, id.secret.to_vec()),
+        Rendezvous::Door { door, key, lead, agree } => {
+            if *lead {
+                let cfg = RootConfig::for_door(spec.secret.clone(), name, size as u32, deadline, *key, agree)
+                    .with_cancel(spec.cancel.clone());
+                // Not joined: it has no address to free, and ends once the table is out.
+                drop(spawn_root(None, cfg)?);
+            }
+            (addr::resolve(door)?, spec.secret.clone())
+        }
         Rendezvous::Address(a) => {
             let root = addr::resolve(a)?;
             if rank == 0 {
@@ -93,7 +114,7 @@ pub(crate) fn join(spec: &JoinSpec) -> Result<Formed> {
                     .map_err(|e| Error::system(formation_err(name, rank, format!("listening on {root}")), e))?;
                 let cfg = RootConfig::for_address(spec.secret.clone(), name, size as u32, deadline)
                     .with_cancel(spec.cancel.clone());
-                own_root = Some(spawn_root(listener, cfg)?);
+                own_root = Some(spawn_root(Some(listener), cfg)?);
             }
             (root, spec.secret.clone())
         }
@@ -117,6 +138,10 @@ fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline: Insta
     let listener = addr::listen_any_port(local_ip)?;
     let my_addr = listener.local_addr().map_err(|e| Error::system("listener address", e))?;
     info!("world '{name}' rank {rank}: listening for peers on {my_addr}");
+    let (key, agree) = match &spec.rendezvous {
+        Rendezvous::Door { key, agree, .. } => (*key, agree.clone()),
+        _ => (0, String::new()),
+    };
     let hello = Hello {
         secret: secret.clone(),
         name: name.to_owned(),
@@ -126,6 +151,9 @@ fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline: Insta
         addr: my_addr.to_string(),
         host: sys::host_identity(),
         timeout_ms: spec.timeout.as_millis() as u64,
+        door: root::door_address(local_ip)?.to_string(),
+        key,
+        agree,
     };
     addr::send_msg(&to_root, &hello.encode(), deadline)
         .map_err(|e| Error::system(formation_err(name, rank, "sending hello to the root"), e))?;
@@ -147,5 +175,6 @@ fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline: Insta
     drop(to_root);
     let mut shm_fallbacks = 0;
     let links = connect_links(spec, &table, &secret, listener, deadline, &mut shm_fallbacks)?;
-    Ok(Formed { generation: table.generation, world_id: table.world_id, links, shm_fallbacks })
+    let doors = table.peers.iter().map(|p| p.2.clone()).collect();
+    Ok(Formed { generation: table.generation, world_id: table.world_id, links, shm_fallbacks, doors, secret })
 }

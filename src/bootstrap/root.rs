@@ -6,9 +6,10 @@
 use super::*;
 use crate::sys::sync::{lock, Mutex};
 use crate::sys::{Epoll, EventFd};
+use std::collections::HashMap;
 
 pub(super) const HELLO_MAGIC: u32 = 0x4D57_4231; // "MWB1"
-pub(super) const PROTOCOL_VERSION: u32 = 1;
+pub(super) const PROTOCOL_VERSION: u32 = 2;
 
 /// A connection must say hello within this time, or the root drops it.
 pub(super) const HELLO_GRACE: Duration = Duration::from_secs(5);
@@ -32,6 +33,13 @@ pub(crate) struct Hello {
     pub addr: String,
     pub host: String,
     pub timeout_ms: u64,
+    /// This rank's door (`door_address`), kept by its world for elastic calls.
+    pub door: String,
+    /// Non-zero: the formation this hello joins through a door (the root it is handed to).
+    pub key: u64,
+    /// What the rank is doing, in words (`"split of world 'w' by colour 1"`): a door root
+    /// fails the formation for every rank when one says something else than its leader.
+    pub agree: String,
 }
 
 impl Hello {
@@ -47,6 +55,9 @@ impl Hello {
             .str(&self.addr)
             .str(&self.host)
             .u64(self.timeout_ms)
+            .str(&self.door)
+            .u64(self.key)
+            .str(&self.agree)
             .finish()
     }
 
@@ -68,6 +79,9 @@ impl Hello {
             addr: r.str()?.to_owned(),
             host: r.str()?.to_owned(),
             timeout_ms: r.u64()?,
+            door: r.str()?.to_owned(),
+            key: r.u64()?,
+            agree: r.str()?.to_owned(),
         };
         r.end()?;
         Ok(h)
@@ -79,14 +93,14 @@ impl Hello {
 pub(crate) struct Table {
     pub generation: u32,
     pub world_id: u64,
-    /// Listener address and host identity of each rank.
-    pub peers: Vec<(String, String)>,
+    /// Listener address, host identity and door of each rank.
+    pub peers: Vec<(String, String, String)>,
 }
 
 pub(super) fn encode_table(t: &Table) -> Vec<u8> {
     let mut w = MsgWriter::new().u8(0).u32(t.generation).u64(t.world_id).u32(t.peers.len() as u32);
-    for (a, h) in &t.peers {
-        w = w.str(a).str(h);
+    for (a, h, d) in &t.peers {
+        w = w.str(a).str(h).str(d);
     }
     w.finish()
 }
@@ -113,7 +127,7 @@ pub(super) fn decode_reply(b: &[u8]) -> std::result::Result<std::result::Result<
             }
             let mut peers = Vec::with_capacity(n);
             for _ in 0..n {
-                peers.push((r.str()?.to_owned(), r.str()?.to_owned()));
+                peers.push((r.str()?.to_owned(), r.str()?.to_owned(), r.str()?.to_owned()));
             }
             r.end()?;
             Ok(Ok(Table { generation, world_id, peers }))
@@ -141,15 +155,30 @@ pub(crate) struct RootConfig {
     /// The formation of the rank that runs this root (address form): abandoning it ends the
     /// root too.
     cancel: Option<Arc<AtomicBool>>,
+    /// A root behind the process's door: the key its hellos carry, and what its leader does
+    /// (every rank must say the same).
+    door: Option<(u64, String)>,
 }
 
 impl RootConfig {
     pub(crate) fn for_id(secret: [u8; crate::api::id::SECRET_LEN]) -> RootConfig {
-        RootConfig { secret: secret.to_vec(), expect: None, deadline: None, cancel: None }
+        RootConfig { secret: secret.to_vec(), expect: None, deadline: None, cancel: None, door: None }
     }
 
     pub(crate) fn for_address(secret: Vec<u8>, name: &str, size: u32, deadline: Instant) -> RootConfig {
-        RootConfig { secret, expect: Some((name.to_owned(), size)), deadline: Some(deadline), cancel: None }
+        RootConfig { secret, expect: Some((name.to_owned(), size)), deadline: Some(deadline), cancel: None, door: None }
+    }
+
+    /// A root served behind the process's door, for hellos that carry `key` and `agree`.
+    pub(crate) fn for_door(
+        secret: Vec<u8>,
+        name: &str,
+        size: u32,
+        deadline: Instant,
+        key: u64,
+        agree: &str,
+    ) -> RootConfig {
+        RootConfig { door: Some((key, agree.to_owned())), ..RootConfig::for_address(secret, name, size, deadline) }
     }
 
     pub(crate) fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> RootConfig {
@@ -158,16 +187,42 @@ impl RootConfig {
     }
 }
 
-/// Starts a root on `listener`, served by the process's root thread (`mw-roots`, started with
-/// the first root); it ends when the world has formed or its deadline passes.
-pub(crate) fn spawn_root(listener: TcpListener, cfg: RootConfig) -> Result<RootHandle> {
-    listener.set_nonblocking(true).map_err(|e| Error::system("root listener", e))?;
+/// Starts a root on `listener` (or, with none, behind the process's door: see
+/// [`door_address`]), served by the process's root thread (`mw-roots`, started with the first
+/// root); it ends when the world has formed or its deadline passes.
+pub(crate) fn spawn_root(listener: Option<TcpListener>, cfg: RootConfig) -> Result<RootHandle> {
+    if let Some(l) = &listener {
+        l.set_nonblocking(true).map_err(|e| Error::system("root listener", e))?;
+    }
     let (done, rx) = std::sync::mpsc::channel();
     let root = Root::new(listener, cfg, done);
     let server = roots()?;
     lock(&server.inbox).push(root);
     server.wake.signal();
     Ok(RootHandle(rx))
+}
+
+/// The address of this process's **door** on `ip`: one listener per local address, opened
+/// the first time a world is formed on it and kept for the life of the process, served by the
+/// roots thread. Every rank tells its world its door; later, one rank of the world leads an
+/// elastic formation (split, dup, shrink) by putting a root behind its door, and the others
+/// reach it there, even once the world itself is broken. A connection that comes before its
+/// root waits in the door's lobby.
+pub(crate) fn door_address(ip: IpAddr) -> Result<SocketAddr> {
+    static DOORS: std::sync::OnceLock<Mutex<HashMap<IpAddr, SocketAddr>>> = std::sync::OnceLock::new();
+    let mut doors = lock(DOORS.get_or_init(|| Mutex::new(HashMap::new())));
+    if let Some(a) = doors.get(&ip) {
+        return Ok(*a);
+    }
+    let failed = |e| Error::system(format!("opening this process's door on {ip}"), e);
+    let listener = TcpListener::bind(SocketAddr::new(ip, 0)).map_err(failed)?;
+    listener.set_nonblocking(true).map_err(failed)?;
+    let a = listener.local_addr().map_err(failed)?;
+    let server = roots()?;
+    lock(&server.doors).push(listener);
+    server.wake.signal();
+    doors.insert(ip, a);
+    Ok(a)
 }
 
 /// Says when a root has ended (and closed its listener).
@@ -185,6 +240,8 @@ impl RootHandle {
 /// hellos, so a thousand formations in flight need one thread, not a thousand.
 struct Roots {
     inbox: Mutex<Vec<Root>>,
+    /// New doors, for the thread to watch.
+    doors: Mutex<Vec<TcpListener>>,
     wake: EventFd,
 }
 
@@ -203,7 +260,7 @@ fn roots() -> Result<Arc<Roots>> {
     let wake = EventFd::new().map_err(failed)?;
     let epoll = Epoll::new().map_err(failed)?;
     epoll.watch(wake.fd(), libc::POLLIN, WAKE_KEY).map_err(failed)?;
-    let server = Arc::new(Roots { inbox: Mutex::new(Vec::new()), wake });
+    let server = Arc::new(Roots { inbox: Mutex::new(Vec::new()), doors: Mutex::new(Vec::new()), wake });
     let me = server.clone();
     std::thread::Builder::new().name("mw-roots".into()).spawn(move || serve_roots(&me, epoll)).map_err(failed)?;
     *started = Some(server.clone());
@@ -211,37 +268,169 @@ fn roots() -> Result<Arc<Roots>> {
 }
 
 /// The roots thread: every root's listener and connections in one `epoll` set, each under
-/// its root's key; a root takes a turn when one of them reports or its time comes.
+/// its root's key, and the doors with their lobbies, each under a key with [`DOOR_BIT`]; a
+/// root takes a turn when one of them reports or its time comes.
 fn serve_roots(server: &Roots, epoll: Epoll) {
-    let mut live: std::collections::HashMap<u64, Root> = std::collections::HashMap::new();
+    let mut live: HashMap<u64, Root> = HashMap::new();
+    let mut doors: Vec<Door> = Vec::new();
+    // Door formations that failed, until their deadline: ranks still to come hear why.
+    let mut failed: HashMap<u64, (ErrorKind, String, Instant)> = HashMap::new();
     let mut next_key = WAKE_KEY;
     let mut keys = Vec::new();
     loop {
+        for listener in lock(&server.doors).drain(..) {
+            let key = DOOR_BIT | doors.len() as u64;
+            if let Err(e) = epoll.watch(listener.as_raw_fd(), libc::POLLIN, key) {
+                warn!("rendezvous: cannot watch this process's door: {e}");
+            }
+            doors.push(Door { listener, lobby: Vec::new(), key, paused: false });
+        }
+        let mut fresh = false;
         for mut r in lock(&server.inbox).drain(..) {
             next_key += 1;
             r.key = next_key;
-            if let Err(e) = epoll.watch(r.listener.as_raw_fd(), libc::POLLIN, r.key) {
-                warn!("rendezvous: cannot watch a root's listener: {e}");
-                continue;
+            if let Some(l) = &r.listener {
+                if let Err(e) = epoll.watch(l.as_raw_fd(), libc::POLLIN, r.key) {
+                    warn!("rendezvous: cannot watch a root's listener: {e}");
+                    continue;
+                }
             }
-            // A new root looks at once: its listener may already hold connections.
+            // A new root looks at once: its listener may already hold connections, or a
+            // door's lobby.
             keys.push(r.key);
+            fresh |= r.cfg.door.is_some();
             live.insert(r.key, r);
         }
-        let wake_at = live.values().map(|r| r.wake_at()).min();
+        if fresh {
+            doors.iter_mut().for_each(|d| d.hand_over(&mut live, &epoll, &mut keys));
+        }
+        let wake_at = live.values().map(|r| r.wake_at()).chain(doors.iter().map(|d| d.wake_at())).min();
         if keys.is_empty() {
             epoll.wait(&mut keys, wake_at);
         }
         server.wake.drain();
         let now = Instant::now();
         keys.extend(live.values().filter(|r| now >= r.wake_at()).map(|r| r.key));
-        keys.sort_unstable();
+        keys.extend(doors.iter().filter(|d| now >= d.wake_at()).map(|d| d.key));
+        // Doors first: what they hand over is read in the same round.
+        keys.sort_unstable_by_key(|k| (k & DOOR_BIT == 0, *k));
         keys.dedup();
-        for k in keys.drain(..) {
-            if let Some(r) = live.get_mut(&k) {
+        let mut i = 0;
+        while i < keys.len() {
+            let k = keys[i];
+            i += 1;
+            if k & DOOR_BIT != 0 {
+                if let Some(d) = doors.get_mut((k & !DOOR_BIT) as usize) {
+                    d.turn(&epoll);
+                    d.hand_over(&mut live, &epoll, &mut keys);
+                }
+            } else if let Some(r) = live.get_mut(&k) {
                 if r.turn(&epoll) {
+                    if let (Some((dk, _)), Some((kind, msg))) = (&r.cfg.door, &r.failure) {
+                        failed.insert(*dk, (*kind, msg.clone(), r.deadline));
+                    }
                     live.remove(&k);
                 }
+            }
+        }
+        keys.clear();
+        if !failed.is_empty() {
+            doors.iter_mut().for_each(|d| d.refuse_failed(&failed));
+            failed.retain(|_, f| f.2 > now);
+        }
+    }
+}
+
+/// Keys of doors in the roots thread's `epoll` set have this bit (roots count up from 1).
+const DOOR_BIT: u64 = 1 << 63;
+/// The most connections a door's lobby holds: beyond, the oldest is dropped.
+const LOBBY_MAX: usize = 4096;
+
+/// One door: its listener and the connections whose root is not there yet.
+struct Door {
+    listener: TcpListener,
+    lobby: Vec<(Conn, Option<(u64, Instant)>)>,
+    key: u64,
+    /// Accepting failed (no descriptor to spare): not watched until its next look.
+    paused: bool,
+}
+
+impl Door {
+    fn wake_at(&self) -> Instant {
+        let soon = Instant::now() + Duration::from_secs(1);
+        let lobby = self.lobby.iter().map(|(c, k)| k.map_or(c.since + HELLO_GRACE, |(_, until)| until)).min();
+        if self.paused {
+            soon
+        } else {
+            lobby.map_or(soon, |l| l.min(soon))
+        }
+    }
+
+    /// Accepts and reads hellos; drops connections past their time.
+    fn turn(&mut self, epoll: &Epoll) {
+        for c in accept_all(&self.listener, &mut self.paused, epoll, self.key) {
+            if self.lobby.len() >= LOBBY_MAX {
+                let (old, _) = self.lobby.remove(0);
+                warn!("rendezvous: door lobby full, dropped {}", old.peer);
+            }
+            self.lobby.push((c, None));
+        }
+        let now = Instant::now();
+        self.lobby.retain_mut(|(c, key)| {
+            if let Some((_, until)) = key {
+                if now >= *until {
+                    refuse(c, ErrorKind::Timeout, "nobody led this formation at this door before the deadline");
+                    return false;
+                }
+                // A hello waiting for its root: anything more from it is a hang-up or garbage.
+                return matches!(read_message(c), Message::Pending);
+            }
+            match read_message(c) {
+                Message::Pending => c.since + HELLO_GRACE > now,
+                Message::Closed => false,
+                Message::Complete => match Hello::decode(&c.buf[4..]) {
+                    Ok(h) if h.key != 0 => {
+                        let wait = Duration::from_millis(h.timeout_ms).min(ROOT_IDLE_LIFETIME);
+                        *key = Some((h.key, now + wait));
+                        true
+                    }
+                    _ => {
+                        warn!("rendezvous: the door refused {}: not a hello for a door", c.peer);
+                        false
+                    }
+                },
+            }
+        });
+    }
+
+    /// Tells the lobby's ranks of a failed formation why it failed, and lets them go.
+    fn refuse_failed(&mut self, failed: &HashMap<u64, (ErrorKind, String, Instant)>) {
+        self.lobby.retain(|(c, key)| match key.and_then(|(k, _)| failed.get(&k)) {
+            Some((kind, msg, _)) => {
+                refuse(c, *kind, msg);
+                false
+            }
+            None => true,
+        });
+    }
+
+    /// Gives every complete hello whose root is live to that root (whose key then takes a
+    /// turn).
+    fn hand_over(&mut self, live: &mut HashMap<u64, Root>, epoll: &Epoll, turn: &mut Vec<u64>) {
+        let mut i = 0;
+        while i < self.lobby.len() {
+            let Some((k, _)) = self.lobby[i].1 else {
+                i += 1;
+                continue;
+            };
+            let Some(r) = live.values_mut().find(|r| r.cfg.door.as_ref().is_some_and(|(dk, _)| *dk == k)) else {
+                i += 1;
+                continue;
+            };
+            let (c, _) = self.lobby.remove(i);
+            if epoll.rewatch(c.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP, r.key).is_ok() {
+                r.conns.push(c);
+                turn.push(r.key);
             }
         }
     }
@@ -253,6 +442,41 @@ pub(super) struct Conn {
     buf: Vec<u8>,
     hello: Option<Hello>,
     since: Instant,
+}
+
+/// Accepts every connection waiting on `listener` and watches it under `key`. When accepting
+/// fails (no descriptor to spare), the listener stays readable: it is not watched (`paused`)
+/// until the next look, so as not to spin on it.
+fn accept_all(listener: &TcpListener, paused: &mut bool, epoll: &Epoll, key: u64) -> Vec<Conn> {
+    if *paused {
+        *paused = epoll.rewatch(listener.as_raw_fd(), libc::POLLIN, key).is_err();
+    }
+    let mut conns = Vec::new();
+    loop {
+        match listener.accept() {
+            Ok((s, a)) => {
+                if s.set_nonblocking(true).is_ok()
+                    && epoll.watch(s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP, key).is_ok()
+                {
+                    conns.push(Conn::new(s, a));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                warn!("rendezvous: cannot accept a connection now ({e}); looking again in a moment");
+                *paused = epoll.rewatch(listener.as_raw_fd(), 0, key).is_ok();
+                break;
+            }
+        }
+    }
+    conns
+}
+
+impl Conn {
+    fn new(s: TcpStream, a: SocketAddr) -> Conn {
+        Conn { s, peer: a.to_string(), buf: Vec::new(), hello: None, since: Instant::now() }
+    }
 }
 
 pub(super) fn refuse(c: &Conn, kind: ErrorKind, msg: &str) {
@@ -270,7 +494,8 @@ pub(super) enum Outcome {
 /// One rendezvous in progress: its listener, the connections that came, what it knows of the
 /// world so far.
 struct Root {
-    listener: TcpListener,
+    /// None: behind the process's door.
+    listener: Option<TcpListener>,
     cfg: RootConfig,
     conns: Vec<Conn>,
     deadline: Instant,
@@ -283,12 +508,14 @@ struct Root {
     key: u64,
     /// Its listener is not watched (accepting failed) until its next turn.
     listener_paused: bool,
+    /// Why it failed, if it did: a door root's ranks that come later are told the same.
+    failure: Option<(ErrorKind, String)>,
     /// Dropped last, after the listener: then [`RootHandle::join`] returns.
     _done: std::sync::mpsc::Sender<()>,
 }
 
 impl Root {
-    fn new(listener: TcpListener, cfg: RootConfig, done: std::sync::mpsc::Sender<()>) -> Root {
+    fn new(listener: Option<TcpListener>, cfg: RootConfig, done: std::sync::mpsc::Sender<()>) -> Root {
         let deadline = cfg.deadline.unwrap_or_else(|| Instant::now() + ROOT_IDLE_LIFETIME);
         let expect = cfg.expect.clone();
         // A new root looks at once (its listener may already hold connections).
@@ -303,6 +530,7 @@ impl Root {
             next_look,
             key: 0,
             listener_paused: false,
+            failure: None,
             _done: done,
         }
     }
@@ -313,8 +541,9 @@ impl Root {
         self.deadline.min(self.next_look)
     }
 
-    fn fail_all(&self, kind: ErrorKind, msg: &str) {
+    fn fail_all(&mut self, kind: ErrorKind, msg: &str) {
         warn!("rendezvous failed: {msg}");
+        self.failure = Some((kind, msg.to_owned()));
         for c in self.conns.iter().filter(|c| c.hello.is_some()) {
             refuse(c, kind, msg);
         }
@@ -336,34 +565,8 @@ impl Root {
             self.fail_all(ErrorKind::Timeout, &missing_ranks(&name, size, &present, &self.left));
             return true;
         }
-        // New connections. When accepting fails (no descriptor to spare), the listener stays
-        // readable: it is not watched until the next look, so as not to spin on it.
-        if self.listener_paused {
-            self.listener_paused = epoll.rewatch(self.listener.as_raw_fd(), libc::POLLIN, self.key).is_err();
-        }
-        loop {
-            match self.listener.accept() {
-                Ok((s, a)) => {
-                    if s.set_nonblocking(true).is_ok()
-                        && epoll.watch(s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP, self.key).is_ok()
-                    {
-                        self.conns.push(Conn {
-                            s,
-                            peer: a.to_string(),
-                            buf: Vec::new(),
-                            hello: None,
-                            since: Instant::now(),
-                        });
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    warn!("rendezvous: cannot accept a connection now ({e}); looking again in a moment");
-                    self.listener_paused = epoll.rewatch(self.listener.as_raw_fd(), 0, self.key).is_ok();
-                    break;
-                }
-            }
+        if let Some(l) = &self.listener {
+            self.conns.extend(accept_all(l, &mut self.listener_paused, epoll, self.key));
         }
         // Input from the connections (a few per root: reading one with nothing to say costs
         // a call that finds nothing).
@@ -420,7 +623,7 @@ impl Root {
         let t = Table {
             generation: hellos.iter().map(|h| h.generation).max().unwrap_or(1),
             world_id: sys::random_u64(),
-            peers: hellos.iter().map(|h| (h.addr.clone(), h.host.clone())).collect(),
+            peers: hellos.iter().map(|h| (h.addr.clone(), h.host.clone(), h.door.clone())).collect(),
         };
         let msg = encode_table(&t);
         for c in self.conns.iter().filter(|c| c.hello.is_some()) {
@@ -448,7 +651,21 @@ pub(super) fn missing_ranks(name: &str, size: u32, present: &[u32], left: &[u32]
     msg
 }
 
-pub(super) fn read_conn(c: &mut Conn, cfg: &RootConfig, expect: &Option<(String, u32)>, claimed: &[u32]) -> Outcome {
+/// Where reading one length-prefixed message from a connection stands.
+enum Message {
+    Pending,
+    /// `buf` holds the whole message (and its length).
+    Complete,
+    /// Closed, or it sent too much: drop it.
+    Closed,
+}
+
+fn message_complete(buf: &[u8]) -> bool {
+    buf.len() >= 4 && buf.len() == 4 + u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
+}
+
+/// Reads what a connection has sent, up to one message.
+fn read_message(c: &mut Conn) -> Message {
     let mut chunk = [0u8; 4096];
     loop {
         match (&c.s).read(&mut chunk) {
@@ -458,33 +675,47 @@ pub(super) fn read_conn(c: &mut Conn, cfg: &RootConfig, expect: &Option<(String,
                 } else if !c.buf.is_empty() {
                     warn!("rendezvous: refused {}: connection closed in the middle of its hello (truncated)", c.peer);
                 }
-                return Outcome::Drop;
+                return Message::Closed;
             }
             Ok(n) => {
-                if c.hello.is_some() {
+                if c.hello.is_some() || message_complete(&c.buf) {
                     warn!("rendezvous: refused {}: bytes after its hello", c.peer);
-                    return Outcome::Drop;
+                    return Message::Closed;
                 }
                 c.buf.extend_from_slice(&chunk[..n]);
                 if c.buf.len() >= 4 {
                     let len = u32::from_le_bytes([c.buf[0], c.buf[1], c.buf[2], c.buf[3]]) as usize;
                     if len > MAX_MESSAGE {
                         warn!("rendezvous: refused {}: oversized message ({len} bytes)", c.peer);
-                        return Outcome::Drop;
+                        return Message::Closed;
                     }
                     if c.buf.len() > 4 + len {
                         warn!("rendezvous: refused {}: bytes after its hello", c.peer);
-                        return Outcome::Drop;
+                        return Message::Closed;
                     }
                     if c.buf.len() == 4 + len {
-                        return accept_hello(c, cfg, expect, claimed);
+                        return Message::Complete;
                     }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Keep,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Message::Pending,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Outcome::Drop,
+            Err(_) => return Message::Closed,
         }
+    }
+}
+
+pub(super) fn read_conn(c: &mut Conn, cfg: &RootConfig, expect: &Option<(String, u32)>, claimed: &[u32]) -> Outcome {
+    // A hello read by the door before it handed the connection over.
+    if c.hello.is_none() && message_complete(&c.buf) {
+        if let o @ (Outcome::Drop | Outcome::FailAll(..)) = accept_hello(c, cfg, expect, claimed) {
+            return o;
+        }
+    }
+    match read_message(c) {
+        Message::Pending => Outcome::Keep,
+        Message::Closed => Outcome::Drop,
+        Message::Complete => accept_hello(c, cfg, expect, claimed),
     }
 }
 
@@ -500,6 +731,14 @@ pub(super) fn accept_hello(c: &mut Conn, cfg: &RootConfig, expect: &Option<(Stri
         warn!("rendezvous: refused {} (rank {} of '{}'): wrong secret", c.peer, h.rank, h.name);
         refuse(c, ErrorKind::InvalidUsage, "refused: wrong secret for this world");
         return Outcome::Drop;
+    }
+    if let Some((_, agree)) = &cfg.door {
+        if h.agree != *agree {
+            return Outcome::FailAll(
+                ErrorKind::InvalidUsage,
+                format!("the ranks disagree: the leading rank calls {agree}, rank {} calls {}", h.rank, h.agree),
+            );
+        }
     }
     if h.size == 0 || h.size as usize > MAX_WORLD_SIZE || h.rank >= h.size {
         warn!("rendezvous: refused {}: rank {} of a world of {} ranks", c.peer, h.rank, h.size);
@@ -546,6 +785,9 @@ mod tests {
             addr: "1.2.3.4:5".into(),
             host: "h".into(),
             timeout_ms: 100,
+            door: "1.2.3.4:6".into(),
+            key: 9,
+            agree: "dup of world 'v'".into(),
         };
         assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
         let mut b = h.encode();
@@ -566,7 +808,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let secret = [7u8; crate::api::id::SECRET_LEN];
-        spawn_root(listener, RootConfig::for_id(secret)).unwrap();
+        spawn_root(Some(listener), RootConfig::for_id(secret)).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         for size in [u32::MAX, MAX_WORLD_SIZE as u32 + 1] {
             let h = Hello {
@@ -578,6 +820,9 @@ mod tests {
                 addr: "127.0.0.1:1".into(),
                 host: "h".into(),
                 timeout_ms: 1000,
+                door: "127.0.0.1:2".into(),
+                key: 0,
+                agree: String::new(),
             };
             let s = TcpStream::connect(addr).unwrap();
             addr::send_msg(&s, &h.encode(), deadline).unwrap();
@@ -605,7 +850,7 @@ mod tests {
         let t = Table {
             generation: 2,
             world_id: 99,
-            peers: vec![("a:1".into(), "h1".into()), ("b:2".into(), "h2".into())],
+            peers: vec![("a:1".into(), "h1".into(), "d:1".into()), ("b:2".into(), "h2".into(), "d:2".into())],
         };
         assert_eq!(decode_reply(&encode_table(&t)).unwrap().unwrap(), t);
         let e = decode_reply(&encode_refusal(ErrorKind::Timeout, "late")).unwrap().unwrap_err();

@@ -18,7 +18,7 @@ pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
 /// Reference counting is the standard library's in every build: loom's `Arc` lacks the
 /// coercions (`Arc<str>`, `Arc<dyn Trait>`) the crate relies on, and sharing is not where
 /// the interleavings worth exploring are.
-pub(crate) use std::sync::Arc;
+pub(crate) use std::sync::{Arc, Weak};
 
 /// Locks a mutex, ignoring poisoning: a panic in another thread must not turn every later call
 /// of this process into a panic too. The data behind our locks stays consistent at every

@@ -1,0 +1,355 @@
+//! Elastic worlds: new worlds made from a world that exists, as NCCL's `ncclCommSplit`,
+//! `ncclCommShrink` and `ncclCommGrow` and MPI's `MPI_Comm_split`, `MPI_Comm_dup` and ULFM's
+//! `MPIX_Comm_shrink` make communicators from communicators ([`World::split`],
+//! [`World::dup`], [`World::shrink`], [`World::grow`]).
+//!
+//! Every new world is an ordinary world of the process's manager (its name reserved, its
+//! events raised, `remove_world` releases it) and its own fault domain, with links, sequence
+//! numbers, generation and failure state of its own: breaking it leaves the parent alone, and
+//! the other way round. How it forms:
+//!
+//! - `split`, `dup` and `grow` are collective over the parent: the ranks first **agree** over
+//!   it, with one all-gather of what each was asked (which call, the new name, colour and key,
+//!   the new size and id), bounded by the formation deadline. Ranks that were asked different
+//!   things all get the same `InvalidUsage` naming the difference, and the parent is as it was.
+//! - `shrink` is called by the survivors only, maybe on a broken parent, so nothing is agreed
+//!   over the parent: each survivor's hello carries what it was asked, and the new world's root
+//!   fails the formation for everyone when one says something else than the rank leading it.
+//! - Then one rank leads, the lowest old rank of the new world: it puts a root behind its
+//!   process's **door** (`bootstrap/root.rs`; every rank learned every other's door when the
+//!   parent formed) and the others reach it there, arriving in any order, each within its own
+//!   formation deadline. `grow` uses the `UniqueId` its newcomers use.
+//!
+//! The new world's secret is the parent's with the parent's instance id: only its members
+//! know both.
+
+use crate::api::error::{Error, Result};
+use crate::api::id::UniqueId;
+use crate::api::manager::{form_on, Inner};
+use crate::api::options::WorldOptions;
+use crate::api::world::World;
+use crate::bootstrap::{self, MAX_WORLD_SIZE};
+use crate::sys::crc32c::crc32c;
+use crate::sys::sync::{AtomicU32, Ordering, Weak};
+
+/// What a world remembers of its formation for the worlds made from it.
+pub(crate) struct Lineage {
+    /// The manager it is registered with (new worlds are registered there too).
+    pub manager: Weak<Inner>,
+    pub options: WorldOptions,
+    /// The world instance's random id (its members know it; strangers do not).
+    pub world_id: u64,
+    /// The secret its ranks proved at formation.
+    pub secret: Vec<u8>,
+    /// Each rank's door (`bootstrap::door_address`).
+    pub doors: Vec<String>,
+    /// Collective elastic calls agreed over this world so far: every member makes them in the
+    /// same order, so the count tells one call's formation from the next.
+    pub calls: AtomicU32,
+}
+
+/// Which elastic call a rank makes (in its agreement record and door key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Split = 1,
+    Dup = 2,
+    Grow = 3,
+    Shrink = 4,
+}
+
+impl Op {
+    fn from_u32(v: u32) -> Option<Op> {
+        [Op::Split, Op::Dup, Op::Grow, Op::Shrink].into_iter().find(|o| *o as u32 == v)
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            Op::Split => "split",
+            Op::Dup => "dup",
+            Op::Grow => "grow",
+            Op::Shrink => "shrink",
+        }
+    }
+}
+
+/// Bytes of one rank's agreement record.
+const RECORD: usize = 64;
+/// Bytes of the new name carried in a record (the rest is compared by its checksum).
+const NAME_PREFIX: usize = 32;
+
+/// What one rank was asked, as agreed over the parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ask {
+    op: u32,
+    color: Option<u32>,
+    key: u32,
+    /// `grow`: the new size.
+    size: u64,
+    /// `grow`: a checksum of the id.
+    id: u32,
+    name_sum: u32,
+    /// The name's first bytes, for messages.
+    name: String,
+}
+
+impl Ask {
+    fn new(op: Op, name: &str) -> Ask {
+        let mut cut = name.len().min(NAME_PREFIX);
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let mut shown = name[..cut].to_owned();
+        if cut < name.len() {
+            shown.push('…');
+        }
+        Ask { op: op as u32, color: None, key: 0, size: 0, id: 0, name_sum: crc32c(name.as_bytes()), name: shown }
+    }
+
+    fn encode(&self) -> [u8; RECORD] {
+        let mut b = [0u8; RECORD];
+        b[0..4].copy_from_slice(&self.op.to_le_bytes());
+        b[4] = self.color.is_some() as u8;
+        b[8..12].copy_from_slice(&self.color.unwrap_or(0).to_le_bytes());
+        b[12..16].copy_from_slice(&self.key.to_le_bytes());
+        b[16..24].copy_from_slice(&self.size.to_le_bytes());
+        b[24..28].copy_from_slice(&self.id.to_le_bytes());
+        b[28..32].copy_from_slice(&self.name_sum.to_le_bytes());
+        let n = self.name.as_bytes();
+        let n = &n[..n.len().min(NAME_PREFIX)];
+        b[32..32 + n.len()].copy_from_slice(n);
+        b
+    }
+
+    fn decode(b: &[u8]) -> Ask {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let mut size = [0u8; 8];
+        size.copy_from_slice(&b[16..24]);
+        let name = &b[32..RECORD];
+        let end = name.iter().position(|c| *c == 0).unwrap_or(name.len());
+        Ask {
+            op: u32_at(0),
+            color: (b[4] != 0).then(|| u32_at(8)),
+            key: u32_at(12),
+            size: u64::from_le_bytes(size),
+            id: u32_at(24),
+            name_sum: u32_at(28),
+            name: String::from_utf8_lossy(&name[..end]).into_owned(),
+        }
+    }
+
+    fn what(&self) -> &'static str {
+        Op::from_u32(self.op).map_or("an unknown call", Op::word)
+    }
+}
+
+/// The first difference between what the ranks were asked, in words; `None` when they agree.
+/// Colours and keys are each rank's own and may differ.
+fn disagreement(asks: &[Ask]) -> Option<String> {
+    let first = &asks[0];
+    for (r, a) in asks.iter().enumerate().skip(1) {
+        if a.op != first.op {
+            return Some(format!("rank 0 calls {}, rank {r} calls {}", first.what(), a.what()));
+        }
+        if a.name_sum != first.name_sum {
+            return Some(format!("rank 0 names the new world '{}', rank {r} names it '{}'", first.name, a.name));
+        }
+        if a.size != first.size {
+            return Some(format!("rank 0 grows the world to {} ranks, rank {r} to {}", first.size, a.size));
+        }
+        if a.id != first.id {
+            return Some(format!("rank 0 and rank {r} grow the world with different ids"));
+        }
+    }
+    None
+}
+
+/// The door key of an elastic formation: the parent's instance id mixed with the call, so
+/// that two formations led at one door never take each other's ranks.
+fn door_key(world_id: u64, op: Op, call: u32, color: u32) -> u64 {
+    // splitmix64's finalizer: every input bit moves every output bit.
+    let mut z = world_id ^ ((op as u64) << 56) ^ ((call as u64) << 24) ^ color as u64;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) | 1
+}
+
+impl World {
+    /// Splits the world, collectively (NCCL's `ncclCommSplit`, MPI's `MPI_Comm_split`): every
+    /// rank calls it with the same `name`; the ranks with the same `color` form a new world
+    /// named `name`, ranked by `(key, old rank)`. A rank with colour `None` (NCCL's
+    /// `NCCL_SPLIT_NOCOLOR`) takes part, joins nothing and gets `Ok(None)`. The parent is
+    /// untouched. Bounded by the formation deadline of the world's options: a rank that does
+    /// not call it in that time breaks the parent, as an operation deadline would.
+    pub fn split(&self, name: &str, color: Option<u32>, key: u32) -> Result<Option<World>> {
+        let ask = Ask { color, key, ..Ask::new(Op::Split, name) };
+        let (asks, call) = self.agree(name, &ask)?;
+        let Some(c) = color else { return Ok(None) };
+        let mut members: Vec<(u32, usize)> =
+            asks.iter().enumerate().filter(|(_, a)| a.color == Some(c)).map(|(r, a)| (a.key, r)).collect();
+        members.sort_unstable();
+        let old: Vec<usize> = members.iter().map(|m| m.1).collect();
+        let how = format!("split of world '{}' into '{name}' by colour {c}", self.name());
+        self.form_from(name, &old, door_key(self.lineage().world_id, Op::Split, call, c), how).map(Some)
+    }
+
+    /// A new world of the same ranks, collectively (NCCL's `ncclCommSplit` with one colour,
+    /// MPI's `MPI_Comm_dup`): independent of this one in traffic and in failure.
+    pub fn dup(&self, name: &str) -> Result<World> {
+        let (_, call) = self.agree(name, &Ask::new(Op::Dup, name))?;
+        let all: Vec<usize> = (0..self.size()).collect();
+        let how = format!("dup of world '{}' as '{name}'", self.name());
+        self.form_from(name, &all, door_key(self.lineage().world_id, Op::Dup, call, 0), how)
+    }
+
+    /// A new world of every rank but `exclude` (NCCL's `ncclCommShrink`, ULFM's
+    /// `MPIX_Comm_shrink`), called by those ranks only, on a working or a broken world (say,
+    /// once a peer died): the survivors are renumbered in old-rank order. They may call it at
+    /// different moments, each within its formation deadline; every survivor must name the
+    /// same ranks and the same `name`, or all get `InvalidUsage`. The parent is untouched (an
+    /// excluded live rank may go on using it until it is removed or breaks).
+    pub fn shrink(&self, name: &str, exclude: &[usize]) -> Result<World> {
+        self.usable_for_elastic()?;
+        let mut ex = exclude.to_vec();
+        ex.sort_unstable();
+        ex.dedup();
+        let bad = |what: String| {
+            Error::invalid_arg(format!("shrinking world '{}' (rank {}): {what}", self.name(), self.rank()))
+        };
+        if ex.len() != exclude.len() {
+            return Err(bad(format!("ranks {exclude:?} name one rank twice")));
+        }
+        if let Some(r) = ex.iter().find(|r| **r >= self.size()) {
+            return Err(bad(format!("rank {r} is out of range for a world of {} ranks", self.size())));
+        }
+        if ex.contains(&self.rank()) {
+            return Err(bad("a rank cannot exclude itself (only the survivors call shrink)".into()));
+        }
+        let survivors: Vec<usize> = (0..self.size()).filter(|r| !ex.contains(r)).collect();
+        let how = format!("shrink of world '{}' into '{name}' excluding ranks {ex:?}", self.name());
+        self.form_from(name, &survivors, door_key(self.lineage().world_id, Op::Shrink, 0, 0), how)
+    }
+
+    /// A larger world (NCCL's `ncclCommGrow`): every rank of this world calls it and keeps
+    /// its rank; the newcomers call `manager.init_world(name, id, rank, new_size)` with ranks
+    /// from this world's size up, before or after the members. Old rank 0 makes `id`
+    /// ([`UniqueId::new`]) and gives it to the members (over this world, say with a
+    /// broadcast of [`UniqueId::to_bytes`]) and to the newcomers. The parent is untouched.
+    pub fn grow(&self, name: &str, id: &UniqueId, new_size: usize) -> Result<World> {
+        self.usable_for_elastic()?;
+        if new_size <= self.size() || new_size > MAX_WORLD_SIZE {
+            return Err(Error::invalid_arg(format!(
+                "growing world '{}' of {} ranks to {new_size}: the new size must be larger, and at most {MAX_WORLD_SIZE}",
+                self.name(),
+                self.size()
+            )));
+        }
+        let ask = Ask { size: new_size as u64, id: crc32c(&id.to_bytes()), ..Ask::new(Op::Grow, name) };
+        self.agree(name, &ask)?;
+        let lin = self.lineage();
+        let manager = lin.manager.upgrade().ok_or_else(manager_gone)?;
+        let rv = bootstrap::Rendezvous::Id(id.clone());
+        form_on(&manager, name, rv, Vec::new(), self.rank(), new_size, &lin.options).wait()
+    }
+
+    fn lineage(&self) -> &Lineage {
+        &self.inner.lineage
+    }
+
+    fn usable_for_elastic(&self) -> Result<()> {
+        if self.inner.removed.load(Ordering::Acquire) {
+            return Err(Error::invalid_usage(format!("world '{}' was removed", self.name())));
+        }
+        if self.lineage().manager.strong_count() == 0 {
+            return Err(manager_gone());
+        }
+        Ok(())
+    }
+
+    /// Gathers what every rank was asked, over this world, within the formation deadline;
+    /// the same `InvalidUsage` on every rank when they differ. Returns the asks and the
+    /// number of this collective elastic call.
+    fn agree(&self, name: &str, ask: &Ask) -> Result<(Vec<Ask>, u32)> {
+        self.usable_for_elastic()?;
+        crate::api::manager::check_name(name)?;
+        let mine = ask.encode();
+        let mut all = vec![0u8; RECORD * self.size()];
+        let call = self.all_gather_call(Some(&mine[..]), &mut all)?;
+        self.run_bounded(call, self.lineage().options.timeout)?;
+        let n = self.lineage().calls.fetch_add(1, Ordering::AcqRel);
+        let asks: Vec<Ask> = all.chunks(RECORD).map(Ask::decode).collect();
+        if let Some(d) = disagreement(&asks) {
+            return Err(Error::invalid_usage(format!(
+                "{} of world '{}': the ranks disagree: {d}; nothing was formed",
+                ask.what(),
+                self.name()
+            )));
+        }
+        Ok((asks, n))
+    }
+
+    /// Forms world `name` of the old ranks `members` (in their new order) through the door of
+    /// the first of them.
+    fn form_from(&self, name: &str, members: &[usize], key: u64, how: String) -> Result<World> {
+        let lin = self.lineage();
+        let manager = lin.manager.upgrade().ok_or_else(manager_gone)?;
+        let new_rank = members
+            .iter()
+            .position(|r| *r == self.rank())
+            .ok_or_else(|| Error::internal(format!("rank {} is not among the members {members:?}", self.rank())))?;
+        let leader = members[0];
+        let mut secret = lin.secret.clone();
+        secret.extend_from_slice(&lin.world_id.to_le_bytes());
+        let rv = bootstrap::Rendezvous::Door {
+            door: lin.doors[leader].clone(),
+            key,
+            lead: leader == self.rank(),
+            agree: how,
+        };
+        form_on(&manager, name, rv, secret, new_rank, members.len(), &lin.options).wait()
+    }
+}
+
+fn manager_gone() -> Error {
+    Error::invalid_usage("the world manager of this world is shut down")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asks_round_trip_and_disagreements_are_named() {
+        let a = Ask { color: Some(7), key: 3, ..Ask::new(Op::Split, "tp-group") };
+        assert_eq!(Ask::decode(&a.encode()), a);
+        let none = Ask { color: None, key: 1, ..Ask::new(Op::Split, "tp-group") };
+        assert_eq!(Ask::decode(&none.encode()), none);
+        let long = "x".repeat(100);
+        let l = Ask::decode(&Ask::new(Op::Dup, &long).encode());
+        assert_eq!(l.name_sum, crc32c(long.as_bytes()));
+        assert!(l.name.starts_with("xxxx"));
+
+        // Colours and keys differ freely.
+        assert_eq!(disagreement(&[a.clone(), none.clone()]), None);
+        let other = Ask::new(Op::Split, "tp-grupo");
+        assert_eq!(
+            disagreement(&[a.clone(), none, other]).unwrap(),
+            "rank 0 names the new world 'tp-group', rank 2 names it 'tp-grupo'"
+        );
+        assert_eq!(disagreement(&[a, Ask::new(Op::Dup, "tp-group")]).unwrap(), "rank 0 calls split, rank 1 calls dup");
+        let g = |n| Ask { size: n, ..Ask::new(Op::Grow, "g") };
+        assert_eq!(disagreement(&[g(4), g(5)]).unwrap(), "rank 0 grows the world to 4 ranks, rank 1 to 5");
+    }
+
+    #[test]
+    fn door_keys_differ_by_call_and_colour() {
+        let k = |op, call, color| door_key(42, op, call, color);
+        let keys = [k(Op::Split, 0, 0), k(Op::Split, 0, 1), k(Op::Split, 1, 0), k(Op::Dup, 0, 0), k(Op::Shrink, 0, 0)];
+        for (i, a) in keys.iter().enumerate() {
+            assert_ne!(*a, 0);
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_ne!(door_key(43, Op::Dup, 0, 0), k(Op::Dup, 0, 0));
+    }
+}

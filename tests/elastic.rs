@@ -1,0 +1,343 @@
+//! Elastic worlds across real processes: split (by parity with reversed keys, and with a
+//! colour of `None`), dup, shrink after a peer was SIGKILLed and shrink excluding a live rank,
+//! grow from 2 to 4 ranks with two new processes, and every kind of disagreement. Traffic runs
+//! on the new worlds and on their parent at once, and every result is checked against a value
+//! computed here from the ranks' contributions.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{finish, spawn, Ctx};
+use multiworld::{ErrorKind, Event, ReduceOp, UniqueId, World, WorldManager, WorldState};
+
+#[test]
+#[ignore = "worker process entry, run by the other tests"]
+fn worker() {
+    common::worker_main(&[
+        ("split", split),
+        ("dup", dup),
+        ("shrink_after_kill", shrink_after_kill),
+        ("shrink_live", shrink_live),
+        ("grow_member", grow_member),
+        ("grow_newcomer", grow_newcomer),
+        ("disagree", disagree),
+    ]);
+}
+
+fn parent(ctx: &Ctx) -> (WorldManager, World) {
+    let m = WorldManager::new();
+    let w = m.init_world("parent", &ctx.id(), ctx.rank, ctx.size).expect("parent world");
+    (m, w)
+}
+
+/// All-reduces `rounds` times on `w`: rank `r` (of `w`) contributes `tag * (r + 1) + i` in
+/// round `i`; checks each sum against the one computed from that formula.
+fn traffic(w: &World, tag: u64, rounds: u64) {
+    let n = w.size() as u64;
+    for i in 0..rounds {
+        let mine = vec![tag * (w.rank() as u64 + 1) + i; 1024];
+        let mut out = vec![0u64; 1024];
+        w.all_reduce(&mine, &mut out, ReduceOp::Sum).unwrap_or_else(|e| panic!("all_reduce on '{}': {e}", w.name()));
+        let want = tag * n * (n + 1) / 2 + n * i;
+        assert!(out.iter().all(|v| *v == want), "'{}' round {i}: got {}, want {want}", w.name(), out[0]);
+    }
+}
+
+/// Runs traffic on every world at once, one thread each.
+fn traffic_at_once(worlds: &[(&World, u64)]) {
+    std::thread::scope(|s| {
+        for (w, tag) in worlds {
+            s.spawn(move || traffic(w, *tag, 200));
+        }
+    });
+}
+
+fn events(m: &WorldManager) -> Vec<Event> {
+    let mut v = Vec::new();
+    while let Some(e) = m.try_next_event() {
+        v.push(e);
+    }
+    v
+}
+
+fn ready(evs: &[Event], name: &str) -> bool {
+    evs.iter().any(|e| matches!(e, Event::Ready { name: n, .. } if n == name))
+}
+
+fn split(ctx: &Ctx) {
+    let (m, w) = parent(ctx);
+    let (rank, size) = (ctx.rank, ctx.size);
+    // Same parity, reversed keys: the highest old rank comes first.
+    let t = Instant::now();
+    let half = w.split("half", Some((rank % 2) as u32), (size - rank) as u32).unwrap().expect("a colour joins");
+    eprintln!("split of {size} ranks took {:?}", t.elapsed());
+    let mates: Vec<usize> = (0..size).rev().filter(|r| r % 2 == rank % 2).collect();
+    assert_eq!(half.size(), mates.len());
+    assert_eq!(half.rank(), mates.iter().position(|r| *r == rank).unwrap());
+    assert_eq!(half.name(), "half");
+    // The new world is the manager's like any other.
+    assert!(m.world("half").is_some());
+    assert!(ready(&events(&m), "half"));
+    traffic_at_once(&[(&w, 1), (&half, 1000 + (rank % 2) as u64)]);
+
+    // A colour of None takes part and joins nothing.
+    let odd = w.split("odd", (rank % 2 == 1).then_some(7), 0).unwrap();
+    match (rank % 2, &odd) {
+        (0, None) => assert!(m.world("odd").is_none()),
+        (1, Some(o)) => {
+            assert_eq!(o.size(), size / 2);
+            assert_eq!(o.rank(), rank / 2);
+        }
+        _ => panic!("rank {rank}: split with colour {:?} gave {odd:?}", (rank % 2 == 1).then_some(7)),
+    }
+    let mut with: Vec<(&World, u64)> = vec![(&w, 2), (&half, 3)];
+    if let Some(o) = &odd {
+        with.push((o, 4));
+    }
+    traffic_at_once(&with);
+    m.remove_world("half").unwrap();
+    assert_eq!(half.state(), WorldState::Removed);
+    w.barrier().unwrap();
+    traffic(&w, 5, 10);
+}
+
+fn dup(ctx: &Ctx) {
+    let (m, w) = parent(ctx);
+    let t = Instant::now();
+    let d = w.dup("copy").unwrap();
+    eprintln!("dup of {} ranks took {:?}", ctx.size, t.elapsed());
+    assert_eq!((d.rank(), d.size()), (w.rank(), w.size()));
+    assert_ne!(d.generation(), 0);
+    traffic_at_once(&[(&w, 7), (&d, 11)]);
+    // Breaking the copy leaves the parent alone.
+    if ctx.rank == 0 {
+        d.abort();
+    }
+    let mut v = [0u32; 4];
+    assert!(d.all_reduce_in_place(&mut v, ReduceOp::Sum).is_err() || ctx.rank != 0);
+    traffic(&w, 13, 20);
+    assert_eq!(w.state(), WorldState::Ready);
+    m.remove_world("copy").unwrap();
+    w.barrier().unwrap();
+}
+
+fn shrink_after_kill(ctx: &Ctx) {
+    let (m, w) = parent(ctx);
+    let victim = ctx.size - 1;
+    traffic(&w, 1, 5);
+    if ctx.rank == victim {
+        // SAFETY: kill(2) on this very process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        unreachable!();
+    }
+    // Use the parent until it breaks.
+    let broke = loop {
+        let mut v = vec![1u32; 256];
+        if let Err(e) = w.all_reduce_in_place(&mut v, ReduceOp::Sum) {
+            assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+            break Instant::now();
+        }
+    };
+    // The survivors notice at different moments and call shrink at different moments.
+    std::thread::sleep(Duration::from_millis(150 * ctx.rank as u64));
+    let t = Instant::now();
+    let s = w.shrink("survivors", &[victim]).unwrap();
+    let formed = t.elapsed();
+    let mut v = vec![ctx.rank as u64 + 1; 64];
+    s.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+    let first = t.elapsed();
+    let n = ctx.size as u64 - 1;
+    assert!(v.iter().all(|x| *x == n * (n + 1) / 2));
+    eprintln!(
+        "rank {}: parent broke, shrink formed in {formed:?} (called {:?} after the break), first all_reduce done {first:?} after the call",
+        ctx.rank,
+        t - broke
+    );
+    assert_eq!((s.rank(), s.size()), (ctx.rank, ctx.size - 1));
+    assert!(matches!(w.state(), WorldState::Broken(_)));
+    assert_eq!(s.state(), WorldState::Ready);
+    let evs = events(&m);
+    assert!(evs.iter().any(|e| matches!(e, Event::Broken { name, .. } if name == "parent")), "{evs:?}");
+    assert!(ready(&evs, "survivors"));
+    traffic(&s, 3, 100);
+    assert_eq!(s.state(), WorldState::Ready);
+    // Nobody leaves before everyone has looked.
+    s.barrier().unwrap();
+}
+
+fn shrink_live(ctx: &Ctx) {
+    let (m, w) = parent(ctx);
+    let out = ctx.size - 1;
+    if ctx.rank != out {
+        let s = w.shrink("without-last", &[out]).unwrap();
+        assert_eq!((s.rank(), s.size()), (ctx.rank, ctx.size - 1));
+        traffic_at_once(&[(&w, 17), (&s, 19)]);
+        m.remove_world("without-last").unwrap();
+    } else {
+        // The excluded rank goes on using the parent with everyone.
+        traffic(&w, 17, 200);
+    }
+    traffic(&w, 23, 10);
+    assert_eq!(w.state(), WorldState::Ready);
+    w.barrier().unwrap();
+}
+
+fn grow_member(ctx: &Ctx) {
+    let (_m, w) = parent(ctx);
+    let new_size: usize = ctx.env("MW_TEST_NEW_SIZE").parse().unwrap();
+    // Old rank 0 makes the id, hands it to the members over the world and to the newcomers
+    // through a file.
+    let mut bytes = [0u8; multiworld::UNIQUE_ID_BYTES];
+    if ctx.rank == 0 {
+        let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+        bytes = id.to_bytes();
+        let path = ctx.env("MW_TEST_ID_FILE");
+        std::fs::write(format!("{path}.tmp"), id.to_string()).unwrap();
+        std::fs::rename(format!("{path}.tmp"), path).unwrap();
+    }
+    w.broadcast_in_place(&mut bytes, 0).unwrap();
+    let id = UniqueId::from_bytes(&bytes).unwrap();
+    let t = Instant::now();
+    let g = w.grow("grown", &id, new_size).unwrap();
+    eprintln!("rank {}: grow to {new_size} took {:?}", ctx.rank, t.elapsed());
+    assert_eq!((g.rank(), g.size()), (ctx.rank, new_size));
+    traffic_at_once(&[(&w, 29), (&g, 31)]);
+    g.barrier().unwrap();
+}
+
+fn grow_newcomer(ctx: &Ctx) {
+    let path = ctx.env("MW_TEST_ID_FILE");
+    let end = Instant::now() + Duration::from_secs(20);
+    let id: UniqueId = loop {
+        if let Ok(s) = std::fs::read_to_string(&path) {
+            break s.parse().unwrap();
+        }
+        assert!(Instant::now() < end, "no id file");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // One newcomer comes late, after the members are waiting.
+    std::thread::sleep(Duration::from_millis(ctx.env("MW_TEST_DELAY_MS").parse().unwrap_or(0)));
+    let m = WorldManager::new();
+    let g = m.init_world("grown", &id, ctx.rank, ctx.size).unwrap();
+    traffic(&g, 31, 200);
+    g.barrier().unwrap();
+}
+
+fn disagree(ctx: &Ctx) {
+    let (_m, w) = parent(ctx);
+    let rank = ctx.rank;
+    let usage = |r: multiworld::Result<_>, what: &str| {
+        let e = r.err().unwrap_or_else(|| panic!("rank {rank}: {what} should fail"));
+        assert_eq!(e.kind(), ErrorKind::InvalidUsage, "rank {rank}: {what}: {e}");
+        e.message().to_owned()
+    };
+
+    // Names differ: every rank gets the same error, and the parent works on.
+    let name = if rank == 2 { "b" } else { "a" };
+    let msg = usage(w.split(name, Some(0), 0).map(|_| ()), "split with different names");
+    assert!(msg.contains("rank 0 names the new world 'a', rank 2 names it 'b'"), "{msg}");
+    traffic(&w, 1, 5);
+
+    // One rank dups while the others split.
+    let r = if rank == 0 { w.dup("c").map(|_| ()) } else { w.split("c", Some(1), 0).map(|_| ()) };
+    let msg = usage(r, "dup against split");
+    assert!(msg.contains("rank 0 calls dup, rank 1 calls split"), "{msg}");
+    traffic(&w, 2, 5);
+
+    // Members grow to different sizes.
+    let mut bytes = [0u8; multiworld::UNIQUE_ID_BYTES];
+    if rank == 0 {
+        bytes = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap().to_bytes();
+    }
+    w.broadcast_in_place(&mut bytes, 0).unwrap();
+    let id = UniqueId::from_bytes(&bytes).unwrap();
+    let msg = usage(w.grow("g", &id, if rank == 1 { 6 } else { 5 }).map(|_| ()), "grow to different sizes");
+    assert!(msg.contains("rank 0 grows the world to 5 ranks, rank 1 to 6"), "{msg}");
+    traffic(&w, 3, 5);
+
+    // Bad arguments are this rank's own error, at once, before anything is sent.
+    let t = Instant::now();
+    let e = w.shrink("s", &[rank]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert_eq!(w.shrink("s", &[9]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(w.shrink("s", &[3, 3]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(w.grow("g", &id, 2).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert!(t.elapsed() < Duration::from_millis(500));
+
+    // Survivors that name different ranks to exclude: all get InvalidUsage, whoever comes
+    // first to the leading rank's door. Rank 3 is excluded by all and leaves.
+    if rank == 3 {
+        return;
+    }
+    let exclude: &[usize] = if rank == 1 { &[2, 3] } else { &[3] };
+    if rank == 2 {
+        // Arrives after the formation has already failed.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let msg = usage(w.shrink("s", exclude).map(|_| ()), "shrink with different exclude lists");
+    assert!(msg.contains("excluding ranks [3]") && msg.contains("excluding ranks [2, 3]"), "{msg}");
+    if rank == 0 {
+        // The leading rank's door must still be there for rank 2 to hear why.
+        std::thread::sleep(Duration::from_millis(600));
+    }
+}
+
+fn run(role: &str, size: usize, env: &[(&str, String)]) -> Vec<String> {
+    common::run_ranks(role, size, env, Duration::from_secs(60))
+}
+
+#[test]
+fn split_by_parity_with_reversed_keys_and_a_none_colour() {
+    for l in run("split", 4, &[]) {
+        if let Some(line) = l.lines().find(|l| l.contains("split of")) {
+            println!("{line}");
+        }
+    }
+}
+
+#[test]
+fn dup_is_independent_of_its_parent() {
+    run("dup", 3, &[]);
+}
+
+#[test]
+fn survivors_of_a_killed_rank_shrink_and_go_on() {
+    let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let env = [("MW_TEST_ID", id.to_string())];
+    let mut procs: Vec<_> = (0..4).map(|r| spawn("shrink_after_kill", r, 4, &env, &[])).collect();
+    let mut victim = procs.pop().unwrap();
+    let status = victim.wait_for(Duration::from_secs(60)).expect("the victim ends");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{}", victim.log_text());
+    for l in finish(&mut procs, Duration::from_secs(60)) {
+        if let Some(line) = l.lines().find(|l| l.contains("shrink formed")) {
+            println!("{line}");
+        }
+    }
+}
+
+#[test]
+fn shrink_may_exclude_a_live_rank() {
+    run("shrink_live", 4, &[]);
+}
+
+#[test]
+fn grow_from_two_to_four_with_two_new_processes() {
+    let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let file = std::env::temp_dir().join(format!("mw-grow-{}", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let f = file.display().to_string();
+    let base = vec![("MW_TEST_ID", id.to_string()), ("MW_TEST_ID_FILE", f.clone()), ("MW_TEST_NEW_SIZE", "4".into())];
+    let mut procs = vec![spawn("grow_member", 0, 2, &base, &[]), spawn("grow_member", 1, 2, &base, &[])];
+    let mut late = base.clone();
+    late.push(("MW_TEST_DELAY_MS", "300".into()));
+    procs.push(spawn("grow_newcomer", 2, 4, &base, &[]));
+    procs.push(spawn("grow_newcomer", 3, 4, &late, &[]));
+    finish(&mut procs, Duration::from_secs(60));
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn ranks_that_disagree_all_get_a_clear_error() {
+    run("disagree", 4, &[]);
+}
