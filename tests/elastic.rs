@@ -53,16 +53,22 @@ fn traffic_at_once(worlds: &[(&World, u64)]) {
     });
 }
 
-fn events(m: &WorldManager) -> Vec<Event> {
-    let mut v = Vec::new();
-    while let Some(e) = m.try_next_event() {
-        v.push(e);
-    }
-    v
-}
-
 fn ready(evs: &[Event], name: &str) -> bool {
     evs.iter().any(|e| matches!(e, Event::Ready { name: n, .. } if n == name))
+}
+
+/// Waits (at most 10 s) for the `Ready` event of world `name`; the events seen meanwhile.
+fn wait_ready(m: &WorldManager, name: &str) -> Vec<Event> {
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while !ready(&seen, name) {
+        let left = end.saturating_duration_since(Instant::now());
+        match m.next_event(Some(left)) {
+            Some(e) => seen.push(e),
+            None => panic!("no Ready event for '{name}'; saw {seen:?}"),
+        }
+    }
+    seen
 }
 
 fn split(ctx: &Ctx) {
@@ -78,7 +84,7 @@ fn split(ctx: &Ctx) {
     assert_eq!(half.name(), "half");
     // The new world is the manager's like any other.
     assert!(m.world("half").is_some());
-    assert!(ready(&events(&m), "half"));
+    wait_ready(&m, "half");
     traffic_at_once(&[(&w, 1), (&half, 1000 + (rank % 2) as u64)]);
 
     // A colour of None takes part and joins nothing.
@@ -157,9 +163,8 @@ fn shrink_after_kill(ctx: &Ctx) {
     assert_eq!((s.rank(), s.size()), (ctx.rank, ctx.size - 1));
     assert!(matches!(w.state(), WorldState::Broken(_)));
     assert_eq!(s.state(), WorldState::Ready);
-    let evs = events(&m);
+    let evs = wait_ready(&m, "survivors");
     assert!(evs.iter().any(|e| matches!(e, Event::Broken { name, .. } if name == "parent")), "{evs:?}");
-    assert!(ready(&evs, "survivors"));
     traffic(&s, 3, 100);
     assert_eq!(s.state(), WorldState::Ready);
     // Nobody leaves before everyone has looked.

@@ -34,6 +34,22 @@
 #define MW_EVENT_REMOVED 3
 
 /*
+ `color` of a rank of `mwCommSplit` that joins no new communicator (`NCCL_SPLIT_NOCOLOR`).
+ */
+#define MW_SPLIT_NOCOLOR -1
+
+/*
+ `mwCommShrink`: leave the parent's operations alone (`NCCL_SHRINK_DEFAULT`).
+ */
+#define MW_SHRINK_DEFAULT 0
+
+/*
+ `mwCommShrink`: abort the parent first, failing its operations in flight, as after a
+ failure or a hang (`NCCL_SHRINK_ABORT`).
+ */
+#define MW_SHRINK_ABORT 1
+
+/*
  Opaque communicator (never instantiated: a handle's value is a key of this layer's table).
  */
 typedef struct mwComm mwComm;
@@ -366,6 +382,48 @@ mwResult_t mwCommCount(mwComm_t comm, int *count);
  This process's rank (`ncclCommUserRank`).
  */
 mwResult_t mwCommUserRank(mwComm_t comm, int *rank);
+
+/*
+ Splits `comm` (`ncclCommSplit`): ranks with the same `color` form a new communicator,
+ ranked by `(key, rank in comm)`; `MW_SPLIT_NOCOLOR` takes part and gets `*newcomm = NULL`.
+ Collective over `comm`.
+ */
+mwResult_t mwCommSplit(mwComm_t comm,
+                       int color,
+                       int key,
+                       mwComm_t *newcomm,
+                       struct mwConfig_t *config);
+
+/*
+ A new communicator of every rank of `comm` but the `excludeRanksCount` ranks of
+ `excludeRanksList` (`ncclCommShrink`), called by the others only, also on a broken `comm`.
+ `shrinkFlags`: `MW_SHRINK_DEFAULT`, or `MW_SHRINK_ABORT` to abort `comm` first.
+ */
+mwResult_t mwCommShrink(mwComm_t comm,
+                        const int *excludeRanksList,
+                        int excludeRanksCount,
+                        mwComm_t *newcomm,
+                        struct mwConfig_t *config,
+                        int shrinkFlags);
+
+/*
+ Makes the id of a `mwCommGrow` (`ncclCommGetUniqueId`): called by rank 0 of `comm`, which
+ gives it to the newcomers; the members get it from rank 0 inside `mwCommGrow`.
+ */
+mwResult_t mwCommGetUniqueId(mwComm_t comm, struct mwUniqueId *uniqueId);
+
+/*
+ A larger communicator (`ncclCommGrow`). Members of `comm` pass `rank = -1` and keep their
+ ranks; rank 0 of `comm` passes the id it made with `mwCommGetUniqueId` (the others may pass
+ `NULL`: they get it from rank 0). Newcomers pass `comm = NULL`, the id and their rank, from
+ the size of `comm` up to `nRanks - 1`, before or after the members call.
+ */
+mwResult_t mwCommGrow(mwComm_t comm,
+                      int nRanks,
+                      const struct mwUniqueId *uniqueId,
+                      int rank,
+                      mwComm_t *newcomm,
+                      struct mwConfig_t *config);
 
 /*
  Takes the next event of any communicator of this process: `mwSuccess` with `*event`

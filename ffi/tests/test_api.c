@@ -279,6 +279,154 @@ static void test_group_init(void) {
   printf("ok - two ranks in one thread, formed and used in groups\n");
 }
 
+/* ---- communicators made from communicators ---- */
+
+static int sum_of(mwComm_t c, int v) {
+  MWCHECK(mwAllReduce(&v, &v, 1, mwInt, mwSum, c, NULL));
+  return v;
+}
+
+/* The communicator has `size` ranks and this is rank `rank`. */
+static void check_shape(mwComm_t c, int size, int rank) {
+  int cnt = -1, me = -1;
+  MWCHECK(mwCommCount(c, &cnt));
+  MWCHECK(mwCommUserRank(c, &me));
+  CHECK(cnt == size && me == rank);
+}
+
+static void elastic(int rank, int n, mwUniqueId id, const char *arg) {
+  (void)arg;
+  mwComm_t comm, half, most = NULL, rest = NULL;
+  MWCHECK(mwCommInitRank(&comm, n, id, rank));
+  /* By parity, keys reversed: the highest rank of each parity comes first. */
+  MWCHECK(mwCommSplit(comm, rank % 2, n - rank, &half, NULL));
+  int mates = 0, pos = -1, want = 0;
+  for (int r = n - 1; r >= 0; r--)
+    if (r % 2 == rank % 2) {
+      if (r == rank) pos = mates;
+      mates++;
+      want += r + 1;
+    }
+  check_shape(half, mates, pos);
+  CHECK(sum_of(half, rank + 1) == want);
+  CHECK(sum_of(comm, rank + 1) == n * (n + 1) / 2);
+  /* The last rank takes part without a colour and gets no communicator. */
+  MWCHECK(mwCommSplit(comm, rank == n - 1 ? MW_SPLIT_NOCOLOR : 0, 0, &most, NULL));
+  CHECK((most == NULL) == (rank == n - 1));
+  if (most) {
+    check_shape(most, n - 1, rank);
+    CHECK(sum_of(most, 1) == n - 1);
+  }
+  /* Bad arguments: this rank's own error, at once. */
+  int self = rank;
+  CHECK(mwCommShrink(comm, &self, 1, &rest, NULL, MW_SHRINK_DEFAULT) == mwInvalidArgument);
+  CHECK(strstr(mwGetLastError(comm), "exclude itself") != NULL);
+  CHECK(mwCommShrink(comm, NULL, 1, &rest, NULL, MW_SHRINK_DEFAULT) == mwInvalidArgument);
+  CHECK(mwCommShrink(comm, &self, 1, &rest, NULL, 7) == mwInvalidArgument);
+  CHECK(mwCommSplit(comm, -5, 0, &rest, NULL) == mwInvalidArgument);
+  CHECK(mwCommSplit(comm, 0, 0, NULL, NULL) == mwInvalidArgument);
+  CHECK(mwCommGrow(comm, n + 1, NULL, 2, &rest, NULL) == mwInvalidArgument);
+  CHECK(mwCommGrow(NULL, n + 1, NULL, 2, &rest, NULL) == mwInvalidArgument);
+  /* The others shrink without the last rank, which lives and does not call. */
+  if (rank != n - 1) {
+    int last = n - 1;
+    MWCHECK(mwCommShrink(comm, &last, 1, &rest, NULL, MW_SHRINK_DEFAULT));
+    check_shape(rest, n - 1, rank);
+    CHECK(sum_of(rest, rank + 1) == (n - 1) * n / 2);
+    MWCHECK(mwBarrier(rest, NULL));
+    MWCHECK(mwCommDestroy(rest));
+  }
+  /* Destroying the children leaves the parent working. */
+  MWCHECK(mwBarrier(half, NULL));
+  MWCHECK(mwCommDestroy(half));
+  if (most) {
+    MWCHECK(mwBarrier(most, NULL));
+    MWCHECK(mwCommDestroy(most));
+  }
+  CHECK(sum_of(comm, 1) == n);
+  MWCHECK(mwBarrier(comm, NULL));
+  MWCHECK(mwCommDestroy(comm));
+}
+
+static void test_elastic(void) {
+  CHECK(run_ranks(4, "elastic", NULL) == 0);
+  printf("ok - split by parity, no colour, shrink without a live rank, bad arguments\n");
+}
+
+static void shrink_killed(int rank, int n, mwUniqueId id, const char *arg) {
+  (void)arg;
+  mwComm_t comm, rest;
+  mwConfig_t cfg = MW_CONFIG_INITIALIZER;
+  cfg.heartbeatIntervalMs = 100;
+  cfg.heartbeatTimeoutMs = 1000;
+  MWCHECK(mwCommInitRankConfig(&comm, n, id, rank, &cfg));
+  MWCHECK(mwBarrier(comm, NULL));
+  if (rank == n - 1) kill(getpid(), SIGKILL);
+  int x = 1;
+  CHECK(mwAllReduce(&x, &x, 1, mwInt, mwSum, comm, NULL) == mwRemoteError);
+  int dead = n - 1;
+  MWCHECK(mwCommShrink(comm, &dead, 1, &rest, NULL, MW_SHRINK_ABORT));
+  check_shape(rest, n - 1, rank);
+  CHECK(sum_of(rest, rank + 1) == (n - 1) * n / 2);
+  MWCHECK(mwBarrier(rest, NULL));
+  MWCHECK(mwCommDestroy(rest));
+  MWCHECK(mwCommAbort(comm));
+}
+
+static void test_shrink_killed(void) {
+  pid_t pids[3];
+  spawn_ranks(3, "shrink_killed", NULL, pids);
+  int s[3];
+  for (int r = 0; r < 3; r++) waitpid(pids[r], &s[r], 0);
+  CHECK(WIFEXITED(s[0]) && WEXITSTATUS(s[0]) == 0);
+  CHECK(WIFEXITED(s[1]) && WEXITSTATUS(s[1]) == 0);
+  CHECK(WIFSIGNALED(s[2]) && WTERMSIG(s[2]) == SIGKILL);
+  printf("ok - survivors of a killed rank shrink and go on\n");
+}
+
+/* Ranks 0 and 1 form a communicator and grow it to 4 with ranks 2 and 3, which get the id
+ * from rank 0 through a file. */
+static void grow(int rank, int n, mwUniqueId id, const char *path) {
+  (void)n;
+  mwComm_t comm = NULL, big;
+  mwUniqueId gid;
+  char tmp[600];
+  snprintf(tmp, sizeof tmp, "%s.tmp", path);
+  if (rank < 2) {
+    MWCHECK(mwCommInitRank(&comm, 2, id, rank));
+    if (rank == 0) {
+      MWCHECK(mwCommGetUniqueId(comm, &gid));
+      FILE *f = fopen(tmp, "wb");
+      CHECK(f && fwrite(&gid, sizeof gid, 1, f) == 1 && fclose(f) == 0);
+      CHECK(rename(tmp, path) == 0);
+    }
+    MWCHECK(mwCommGrow(comm, 4, rank == 0 ? &gid : NULL, -1, &big, NULL));
+  } else {
+    FILE *f = NULL;
+    for (int tries = 0; !f && tries < 4000; tries++)
+      if (!(f = fopen(path, "rb"))) usleep(5000);
+    CHECK(f && fread(&gid, sizeof gid, 1, f) == 1);
+    fclose(f);
+    if (rank == 3) usleep(200 * 1000); /* one newcomer comes after the members wait */
+    MWCHECK(mwCommGrow(NULL, 4, &gid, rank, &big, NULL));
+  }
+  check_shape(big, 4, rank);
+  CHECK(sum_of(big, rank + 1) == 10);
+  if (comm) CHECK(sum_of(comm, 1) == 2);
+  MWCHECK(mwBarrier(big, NULL));
+  MWCHECK(mwCommDestroy(big));
+  if (comm) MWCHECK(mwCommDestroy(comm));
+}
+
+static void test_grow(void) {
+  char path[512];
+  snprintf(path, sizeof path, "/tmp/mw-c-grow-%d", (int)getpid());
+  unlink(path);
+  CHECK(run_ranks(4, "grow", path) == 0);
+  unlink(path);
+  printf("ok - grow from 2 to 4 ranks with two newcomers\n");
+}
+
 /* ---- a killed peer ---- */
 
 static void killed(int rank, int n, mwUniqueId id, const char *arg) {
@@ -335,6 +483,9 @@ const struct role ROLES[] = {
     {"nonblocking", nonblocking},
     {"by_address", by_address},
     {"killed", killed},
+    {"elastic", elastic},
+    {"shrink_killed", shrink_killed},
+    {"grow", grow},
     {NULL, NULL},
 };
 
@@ -351,6 +502,9 @@ int main(int argc, char **argv) {
   test_address();
   test_group_init();
   test_killed_peer();
+  test_elastic();
+  test_shrink_killed();
+  test_grow();
   printf("all C API tests passed\n");
   return 0;
 }

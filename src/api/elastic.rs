@@ -30,7 +30,7 @@ use crate::api::options::WorldOptions;
 use crate::api::world::World;
 use crate::bootstrap::{self, MAX_WORLD_SIZE};
 use crate::sys::crc32c::crc32c;
-use crate::sys::sync::{AtomicU32, Ordering, Weak};
+use crate::sys::sync::{Arc, AtomicU32, Ordering, Weak};
 
 /// What a world remembers of its formation for the worlds made from it.
 pub(crate) struct Lineage {
@@ -46,6 +46,12 @@ pub(crate) struct Lineage {
     /// Collective elastic calls agreed over this world so far: every member makes them in the
     /// same order, so the count tells one call's formation from the next.
     pub calls: AtomicU32,
+}
+
+/// Where a new world is registered, and its options.
+pub(crate) struct Target {
+    pub manager: Arc<Inner>,
+    pub options: WorldOptions,
 }
 
 /// Which elastic call a rank makes (in its agreement record and door key).
@@ -181,24 +187,31 @@ impl World {
     /// untouched. Bounded by the formation deadline of the world's options: a rank that does
     /// not call it in that time breaks the parent, as an operation deadline would.
     pub fn split(&self, name: &str, color: Option<u32>, key: u32) -> Result<Option<World>> {
+        self.split_into(&self.target()?, name, color, key)
+    }
+
+    /// [`World::split`], the new world registered with `to` (the C API gives each
+    /// communicator a manager of its own).
+    pub(crate) fn split_into(&self, to: &Target, name: &str, color: Option<u32>, key: u32) -> Result<Option<World>> {
         let ask = Ask { color, key, ..Ask::new(Op::Split, name) };
-        let (asks, call) = self.agree(name, &ask)?;
+        let (asks, call) = self.agree(to, name, &ask)?;
         let Some(c) = color else { return Ok(None) };
         let mut members: Vec<(u32, usize)> =
             asks.iter().enumerate().filter(|(_, a)| a.color == Some(c)).map(|(r, a)| (a.key, r)).collect();
         members.sort_unstable();
         let old: Vec<usize> = members.iter().map(|m| m.1).collect();
         let how = format!("split of world '{}' into '{name}' by colour {c}", self.name());
-        self.form_from(name, &old, door_key(self.lineage().world_id, Op::Split, call, c), how).map(Some)
+        self.form_from(to, name, &old, door_key(self.lineage().world_id, Op::Split, call, c), how).map(Some)
     }
 
     /// A new world of the same ranks, collectively (NCCL's `ncclCommSplit` with one colour,
     /// MPI's `MPI_Comm_dup`): independent of this one in traffic and in failure.
     pub fn dup(&self, name: &str) -> Result<World> {
-        let (_, call) = self.agree(name, &Ask::new(Op::Dup, name))?;
+        let to = self.target()?;
+        let (_, call) = self.agree(&to, name, &Ask::new(Op::Dup, name))?;
         let all: Vec<usize> = (0..self.size()).collect();
         let how = format!("dup of world '{}' as '{name}'", self.name());
-        self.form_from(name, &all, door_key(self.lineage().world_id, Op::Dup, call, 0), how)
+        self.form_from(&to, name, &all, door_key(self.lineage().world_id, Op::Dup, call, 0), how)
     }
 
     /// A new world of every rank but `exclude` (NCCL's `ncclCommShrink`, ULFM's
@@ -208,6 +221,11 @@ impl World {
     /// same ranks and the same `name`, or all get `InvalidUsage`. The parent is untouched (an
     /// excluded live rank may go on using it until it is removed or breaks).
     pub fn shrink(&self, name: &str, exclude: &[usize]) -> Result<World> {
+        self.shrink_into(&self.target()?, name, exclude)
+    }
+
+    /// [`World::shrink`], the new world registered with `to`.
+    pub(crate) fn shrink_into(&self, to: &Target, name: &str, exclude: &[usize]) -> Result<World> {
         self.usable_for_elastic()?;
         let mut ex = exclude.to_vec();
         ex.sort_unstable();
@@ -226,7 +244,7 @@ impl World {
         }
         let survivors: Vec<usize> = (0..self.size()).filter(|r| !ex.contains(r)).collect();
         let how = format!("shrink of world '{}' into '{name}' excluding ranks {ex:?}", self.name());
-        self.form_from(name, &survivors, door_key(self.lineage().world_id, Op::Shrink, 0, 0), how)
+        self.form_from(to, name, &survivors, door_key(self.lineage().world_id, Op::Shrink, 0, 0), how)
     }
 
     /// A larger world (NCCL's `ncclCommGrow`): every rank of this world calls it and keeps
@@ -235,6 +253,11 @@ impl World {
     /// ([`UniqueId::new`]) and gives it to the members (over this world, say with a
     /// broadcast of [`UniqueId::to_bytes`]) and to the newcomers. The parent is untouched.
     pub fn grow(&self, name: &str, id: &UniqueId, new_size: usize) -> Result<World> {
+        self.grow_into(&self.target()?, name, id, new_size)
+    }
+
+    /// [`World::grow`], the new world registered with `to`.
+    pub(crate) fn grow_into(&self, to: &Target, name: &str, id: &UniqueId, new_size: usize) -> Result<World> {
         self.usable_for_elastic()?;
         if new_size <= self.size() || new_size > MAX_WORLD_SIZE {
             return Err(Error::invalid_arg(format!(
@@ -244,11 +267,16 @@ impl World {
             )));
         }
         let ask = Ask { size: new_size as u64, id: crc32c(&id.to_bytes()), ..Ask::new(Op::Grow, name) };
-        self.agree(name, &ask)?;
+        self.agree(to, name, &ask)?;
+        let rv = bootstrap::Rendezvous::Id(id.clone());
+        form_on(&to.manager, name, rv, Vec::new(), self.rank(), new_size, &to.options).wait()
+    }
+
+    /// Where worlds made from this one go: its own manager, with its options.
+    fn target(&self) -> Result<Target> {
         let lin = self.lineage();
         let manager = lin.manager.upgrade().ok_or_else(manager_gone)?;
-        let rv = bootstrap::Rendezvous::Id(id.clone());
-        form_on(&manager, name, rv, Vec::new(), self.rank(), new_size, &lin.options).wait()
+        Ok(Target { manager, options: lin.options.clone() })
     }
 
     fn lineage(&self) -> &Lineage {
@@ -268,13 +296,13 @@ impl World {
     /// Gathers what every rank was asked, over this world, within the formation deadline;
     /// the same `InvalidUsage` on every rank when they differ. Returns the asks and the
     /// number of this collective elastic call.
-    fn agree(&self, name: &str, ask: &Ask) -> Result<(Vec<Ask>, u32)> {
+    fn agree(&self, to: &Target, name: &str, ask: &Ask) -> Result<(Vec<Ask>, u32)> {
         self.usable_for_elastic()?;
         crate::api::manager::check_name(name)?;
         let mine = ask.encode();
         let mut all = vec![0u8; RECORD * self.size()];
         let call = self.all_gather_call(Some(&mine[..]), &mut all)?;
-        self.run_bounded(call, self.lineage().options.timeout)?;
+        self.run_bounded(call, to.options.timeout)?;
         let n = self.lineage().calls.fetch_add(1, Ordering::AcqRel);
         let asks: Vec<Ask> = all.chunks(RECORD).map(Ask::decode).collect();
         if let Some(d) = disagreement(&asks) {
@@ -289,9 +317,8 @@ impl World {
 
     /// Forms world `name` of the old ranks `members` (in their new order) through the door of
     /// the first of them.
-    fn form_from(&self, name: &str, members: &[usize], key: u64, how: String) -> Result<World> {
+    fn form_from(&self, to: &Target, name: &str, members: &[usize], key: u64, how: String) -> Result<World> {
         let lin = self.lineage();
-        let manager = lin.manager.upgrade().ok_or_else(manager_gone)?;
         let new_rank = members
             .iter()
             .position(|r| *r == self.rank())
@@ -305,7 +332,7 @@ impl World {
             lead: leader == self.rank(),
             agree: how,
         };
-        form_on(&manager, name, rv, secret, new_rank, members.len(), &lin.options).wait()
+        form_on(&to.manager, name, rv, secret, new_rank, members.len(), &to.options).wait()
     }
 }
 

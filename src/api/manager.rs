@@ -163,6 +163,11 @@ impl WorldManager {
         }
     }
 
+    /// The registry itself, for worlds made from other worlds (`api/elastic.rs`).
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
     /// The options new worlds get by default.
     pub fn defaults(&self) -> &WorldOptions {
         &self.inner.defaults

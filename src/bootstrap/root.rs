@@ -544,7 +544,8 @@ impl Root {
     fn fail_all(&mut self, kind: ErrorKind, msg: &str) {
         warn!("rendezvous failed: {msg}");
         self.failure = Some((kind, msg.to_owned()));
-        for c in self.conns.iter().filter(|c| c.hello.is_some()) {
+        // Also the hellos not read yet (a door hands a connection over with its hello whole).
+        for c in self.conns.iter().filter(|c| c.hello.is_some() || message_complete(&c.buf)) {
             refuse(c, kind, msg);
         }
     }

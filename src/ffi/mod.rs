@@ -30,12 +30,14 @@ use crate::api::error::ErrorKind;
 use crate::sys::sync::lock;
 
 mod comm;
+mod elastic;
 mod events;
 mod group;
 mod handles;
 mod ops;
 
 pub use comm::*;
+pub use elastic::*;
 pub use events::*;
 use group::LAST_ERROR;
 pub use group::*;

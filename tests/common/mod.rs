@@ -264,7 +264,9 @@ pub fn free_port() -> u16 {
 /// all its worlds once the first needed it: the progress pool's threads, their `epoll` sets
 /// and wake-up descriptors, each calling thread's wake-up descriptor, and the rendezvous
 /// thread with its own. What is counted is what a world or a formation owns: sockets,
-/// listeners, mappings' files, formation threads.
+/// listeners, mappings' files, formation threads. The process's door (a listener opened by
+/// its first formation on an address, for the life of the process) is counted: take a
+/// baseline after a first formation.
 pub fn fds_and_threads() -> (usize, usize) {
     let threads = std::fs::read_dir("/proc/self/task")
         .map(|d| {

@@ -5,6 +5,7 @@
 //! mw-bench [--ranks N] [--ops all_reduce,send_recv,...|all] [--dtype float|all] [--redop sum]
 //!          [-b MIN] [-e MAX] [-f FACTOR] [--iters N] [--warmup N] [--transport auto|tcp]
 //!          [--json] [--targets] [--smoke] [--device] [--osu] [--osu-table FILE] [--worlds N]
+//!          [--elastic]
 //! ```
 //!
 //! - default: a table per operation: size, count, type, redop, time (us), algbw, busbw (GB/s,
@@ -17,6 +18,8 @@
 //!   (`osu.rs`); `--osu-table FILE` sets interleaved runs of both side by side.
 //! - `--worlds N`: what N idle worlds cost a process, and a busy world beside them
 //!   (`worlds.rs`).
+//! - `--elastic`: how long dup, split, shrink and grow take against a fresh formation
+//!   (`elastic.rs`).
 //! - `--device` (feature `cuda`): operations on GPU buffers beside the device-to-device copy
 //!   bandwidth, and the reduction kernel against that copy (`device.rs`).
 //!
@@ -36,6 +39,7 @@ mod reference;
 
 #[cfg(feature = "cuda")]
 mod device;
+mod elastic;
 mod osu;
 mod worlds;
 
@@ -128,6 +132,8 @@ enum Mode {
     Osu,
     /// `--worlds N`.
     Worlds(usize),
+    /// `--elastic`.
+    Elastic,
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -203,6 +209,7 @@ fn parse() -> Result<Args, String> {
             "--targets" => a.mode = Mode::Targets,
             "--smoke" => a.mode = Mode::Smoke,
             "--osu" => a.mode = Mode::Osu,
+            "--elastic" => a.mode = Mode::Elastic,
             "--worlds" => a.mode = Mode::Worlds(v()?.parse().map_err(|e| format!("--worlds: {e}"))?),
             "--osu-table" => {
                 let f = v()?;
@@ -847,6 +854,7 @@ fn run(rank: usize, args: Args) -> Result<u64, String> {
         Mode::Targets => b.targets(),
         Mode::Osu => osu::run(&b),
         Mode::Worlds(n) => worlds::run(&b, n),
+        Mode::Elastic => elastic::run(&b),
         #[cfg(feature = "cuda")]
         Mode::Device => b.wrong_total += device::run(&b).map_err(|e| format!("--device: {e}"))?,
         #[cfg(not(feature = "cuda"))]
