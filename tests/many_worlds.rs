@@ -46,6 +46,9 @@ fn form_all(m: &WorldManager, names: &[String], ids: &[UniqueId], rank: usize) -
     for (ns, is) in names.chunks(IN_FLIGHT).zip(ids.chunks(IN_FLIGHT)) {
         let forming: Vec<_> =
             ns.iter().zip(is).map(|(n, id)| m.form(n, Rendezvous::Id(id.clone()), rank, 2, &opts)).collect();
+        // Formations in flight are tasks of one formation thread, not threads.
+        let during = crate_threads();
+        assert!(during <= 8, "{during} threads of the crate's with {} formations in flight", ns.len());
         for f in forming {
             worlds.push(f.wait().expect("formation"));
         }

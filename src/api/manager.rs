@@ -1,7 +1,8 @@
 //! [`WorldManager`]: one per process; the registry of its worlds and their events.
 //!
-//! Forming a world runs on a thread of its own, so it never blocks the traffic of the
-//! process's other worlds; the blocking forms just wait for it. The registry maps names to
+//! Forming a world runs as a task of the process's formation thread (`bootstrap/exec.rs`), so
+//! it never blocks the traffic of the process's other worlds; the blocking forms just wait for
+//! it. The registry maps names to
 //! worlds (one live world per name); a broken world's name can be used again, for a new world
 //! with a larger generation. Events (ready, broken with cause, removed) queue up for a serving
 //! loop to wait on or `.await`.
@@ -314,13 +315,13 @@ fn start_formation(
     let owner = inner.clone();
     let options = options.clone();
     let (completion, slot, cancel) = (f.completion.clone(), f.slot.clone(), f.cancel.clone());
-    let spawned = std::thread::Builder::new().name("mw-form".into()).spawn(move || {
-        let r = form_world(&owner, &spec, &options);
+    let spawned = bootstrap::exec::spawn(async move {
+        let r = bootstrap::exec::Guarded(form_world(&owner, &spec, &options)).await;
         settle_formation(&owner, &spec, r, &completion, &slot, &cancel);
     });
     if let Err(e) = spawned {
         lock(&inner.worlds).remove(name);
-        return Err(Error::system("spawning a formation thread", e));
+        return Err(e);
     }
     Ok(())
 }
@@ -509,7 +510,7 @@ impl Formation {
 
     /// Abandons the formation, and returns at once (NCCL's `ncclCommAbort` on a communicator
     /// still initializing): the formation ends with `WorldBroken` (cause `LocalAbort`), the
-    /// name is free for a new formation at once, and the formation thread stops at its next
+    /// name is free for a new formation at once, and the formation's task stops at its next
     /// look (within about 50 ms) and releases what it had set up; peers that had already
     /// linked see the world break. If the formation had already finished, this does nothing:
     /// abort the [`World`] instead.
@@ -548,10 +549,10 @@ fn release(inner: &Inner, w: &World) {
     inner.events.push(Event::Removed { name: w.name().to_owned(), generation: w.generation() });
 }
 
-/// Runs on the formation thread: join, build the engine and driver, register.
-fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions) -> Result<World> {
+/// A task of the formation thread: join, build the engine and driver.
+async fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions) -> Result<World> {
     let started = Instant::now();
-    let formed = bootstrap::join(spec)?;
+    let formed = bootstrap::join(spec).await?;
     let name: Arc<str> = Arc::from(spec.name.as_str());
     let cfg = EngineConfig {
         name: name.clone(),

@@ -1,15 +1,17 @@
-//! Addresses and blocking socket helpers for formation (bootstrap and link handshakes).
+//! Addresses and the socket steps of formation (bootstrap and link handshakes), as waits of
+//! the formation thread (`exec.rs`).
 //!
 //! Which address a rank listens on for its peers: the interface named by
 //! [`WorldOptions::interface`](crate::WorldOptions) or `MW_SOCKET_IFNAME` (an interface name
 //! such as `eth0`, or an IP address), else the address this host uses to reach the
 //! rendezvous root — which is, by construction, one that the other ranks can reach too.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use super::exec;
 use crate::api::error::{Error, ErrorKind, Result};
 use crate::sys;
 use crate::sys::sync::{AtomicBool, Ordering};
@@ -30,9 +32,8 @@ pub(crate) fn is_cancelled(cancel: Option<&AtomicBool>) -> bool {
 }
 
 /// Waits until `fd` has one of `events`: `TimedOut` once `deadline` passes, the
-/// [`abandoned`] error once `cancel` is set. The deadline is kept by `poll(2)` itself, not by
-/// socket timeouts, so a step ends on time.
-pub(crate) fn wait_for(fd: RawFd, events: i16, deadline: Instant, cancel: Option<&AtomicBool>) -> io::Result<()> {
+/// [`abandoned`] error once `cancel` is set (looked at every [`CANCEL_CHECK`]).
+pub(crate) async fn wait_for(fd: RawFd, events: i16, deadline: Instant, cancel: Option<&AtomicBool>) -> io::Result<()> {
     loop {
         if is_cancelled(cancel) {
             return Err(abandoned());
@@ -42,8 +43,7 @@ pub(crate) fn wait_for(fd: RawFd, events: i16, deadline: Instant, cancel: Option
             return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
         }
         let step = if cancel.is_some() { deadline.min(now + CANCEL_CHECK) } else { deadline };
-        let mut fds = [sys::pollfd(fd, events)];
-        if sys::poll(&mut fds, Some(step))? > 0 {
+        if exec::ready(&[(fd, events)], step).await? {
             return Ok(());
         }
     }
@@ -98,32 +98,39 @@ pub(crate) fn left(deadline: Instant, what: &dyn Fn() -> String) -> Result<Durat
     Ok(deadline - now)
 }
 
+/// Connects to `addr` without blocking the formation thread.
+async fn connect(addr: SocketAddr, deadline: Instant, cancel: Option<&AtomicBool>) -> io::Result<TcpStream> {
+    let (s, done) = sys::connect_start(addr)?;
+    if !done {
+        wait_for(s.as_raw_fd(), libc::POLLOUT, deadline, cancel).await?;
+        sys::socket_error(s.as_raw_fd())?;
+    }
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
 /// Connects to `addr`, retrying while nobody listens yet (the peer may start later), until
 /// `deadline`.
-pub(crate) fn connect_retry(
+pub(crate) async fn connect_retry(
     addr: SocketAddr,
     deadline: Instant,
     cancel: Option<&AtomicBool>,
-    what: &dyn Fn() -> String,
+    what: &(dyn Fn() -> String + Sync),
 ) -> Result<TcpStream> {
     let mut backoff = Duration::from_micros(200);
     loop {
         if is_cancelled(cancel) {
             return Err(Error::system(what(), abandoned()));
         }
-        let remaining = left(deadline, what)?;
-        match TcpStream::connect_timeout(&addr, remaining) {
-            Ok(s) => {
-                s.set_nodelay(true).map_err(|e| Error::system("TCP_NODELAY", e))?;
-                return Ok(s);
-            }
+        left(deadline, what)?;
+        match connect(addr, deadline, cancel).await {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(Error::timeout(what())),
             Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut | io::ErrorKind::ConnectionReset
-                ) || e.raw_os_error() == Some(libc::EAGAIN) =>
+                if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset)
+                    || e.raw_os_error() == Some(libc::EAGAIN) =>
             {
-                sys::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
+                exec::sleep_until((Instant::now() + backoff).min(deadline)).await;
                 backoff = (backoff * 2).min(Duration::from_millis(50));
             }
             Err(e) => return Err(Error::system(format!("connecting to {addr} ({})", what()), e)),
@@ -132,14 +139,17 @@ pub(crate) fn connect_retry(
 }
 
 /// Connects once, no retry: the peer is known to be listening, so a refusal means it is gone.
-pub(crate) fn connect_once(addr: SocketAddr, deadline: Instant, what: &dyn Fn() -> String) -> Result<TcpStream> {
-    let remaining = left(deadline, what)?;
-    let s = TcpStream::connect_timeout(&addr, remaining).map_err(|e| {
+pub(crate) async fn connect_once(
+    addr: SocketAddr,
+    deadline: Instant,
+    cancel: Option<&AtomicBool>,
+    what: &(dyn Fn() -> String + Sync),
+) -> Result<TcpStream> {
+    left(deadline, what)?;
+    connect(addr, deadline, cancel).await.map_err(|e| {
         let kind = if e.kind() == io::ErrorKind::TimedOut { ErrorKind::Timeout } else { ErrorKind::WorldBroken };
         Error::new(kind, format!("{}: cannot connect to {addr}: {e}", what()))
-    })?;
-    s.set_nodelay(true).map_err(|e| Error::system("TCP_NODELAY", e))?;
-    Ok(s)
+    })
 }
 
 /// Binds a listener on `ip` with a free port.
@@ -147,34 +157,60 @@ pub(crate) fn listen_any_port(ip: IpAddr) -> Result<TcpListener> {
     TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| Error::system(format!("listening on {ip}"), e))
 }
 
-/// Writes one length-prefixed message (blocking, bounded by `deadline`).
-pub(crate) fn send_msg(s: &TcpStream, msg: &[u8], deadline: Instant) -> io::Result<()> {
-    let t = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-    s.set_write_timeout(Some(t))?;
-    let mut w = s;
+/// Writes one length-prefixed message, bounded by `deadline`.
+pub(crate) async fn send_msg(s: &TcpStream, msg: &[u8], deadline: Instant) -> io::Result<()> {
     let mut framed = Vec::with_capacity(4 + msg.len());
     framed.extend_from_slice(&(msg.len() as u32).to_le_bytes());
     framed.extend_from_slice(msg);
-    w.write_all(&framed)
+    write_all(s, &framed, deadline).await
+}
+
+/// Writes all of `bytes`, bounded by `deadline`.
+pub(crate) async fn write_all(s: &TcpStream, bytes: &[u8], deadline: Instant) -> io::Result<()> {
+    let mut done = 0;
+    while done < bytes.len() {
+        match sys::send_vectored(s.as_raw_fd(), &[&bytes[done..]]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait_for(s.as_raw_fd(), libc::POLLOUT, deadline, None).await?
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes one length-prefixed message if the socket takes it now (the roots thread's
+/// answers, a few bytes on a fresh connection); never waits.
+pub(crate) fn send_now(s: &TcpStream, msg: &[u8]) -> io::Result<()> {
+    let mut framed = Vec::with_capacity(4 + msg.len());
+    framed.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+    framed.extend_from_slice(msg);
+    let n = sys::send_vectored(s.as_raw_fd(), &[&framed])?;
+    if n < framed.len() {
+        return Err(io::Error::new(io::ErrorKind::WouldBlock, "the peer's socket is full"));
+    }
+    Ok(())
 }
 
 /// Reads one length-prefixed message (bounded by `deadline` and `cancel`; refuses oversized
 /// ones).
-pub(crate) fn recv_msg(s: &TcpStream, deadline: Instant, cancel: Option<&AtomicBool>) -> io::Result<Vec<u8>> {
+pub(crate) async fn recv_msg(s: &TcpStream, deadline: Instant, cancel: Option<&AtomicBool>) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
-    read_exact_until(s, &mut len, deadline, cancel)?;
+    read_exact_until(s, &mut len, deadline, cancel).await?;
     let n = u32::from_le_bytes(len) as usize;
     if n > MAX_MESSAGE {
         return Err(io::Error::new(io::ErrorKind::InvalidData, format!("message of {n} bytes is too large")));
     }
     let mut buf = vec![0u8; n];
-    read_exact_until(s, &mut buf, deadline, cancel)?;
+    read_exact_until(s, &mut buf, deadline, cancel).await?;
     Ok(buf)
 }
 
-/// Fills `buf` from `s`, waiting in `poll(2)` (see [`wait_for`]); each read after a ready
-/// poll takes what is there and never blocks.
-pub(crate) fn read_exact_until(
+/// Fills `buf` from `s`, waiting (see [`wait_for`]) while nothing is there; each read takes
+/// what is there and never blocks.
+pub(crate) async fn read_exact_until(
     s: &TcpStream,
     buf: &mut [u8],
     deadline: Instant,
@@ -182,11 +218,13 @@ pub(crate) fn read_exact_until(
 ) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        wait_for(s.as_raw_fd(), libc::POLLIN, deadline, cancel)?;
         match recv_now(s, &mut buf[done..]) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed")),
             Ok(n) => done += n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait_for(s.as_raw_fd(), libc::POLLIN, deadline, cancel).await?
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }

@@ -106,13 +106,13 @@ impl Pending {
 /// Accepts the `want` higher ranks' connections on `listener` and returns each checked
 /// connection by rank, its hello acknowledged. Ends with an error at `deadline` or when
 /// `cancel` is set.
-pub(super) fn accept_links(
+pub(super) async fn accept_links(
     listener: &TcpListener,
     expect: &Expect<'_>,
     want: usize,
     deadline: Instant,
     cancel: Option<&AtomicBool>,
-    what: &dyn Fn(&[bool]) -> String,
+    what: &(dyn Fn(&[bool]) -> String + Sync),
 ) -> Result<Vec<(usize, TcpStream)>> {
     let (name, rank) = (expect.name, expect.rank);
     listener.set_nonblocking(true).map_err(|e| Error::system("peer listener", e))?;
@@ -128,8 +128,8 @@ pub(super) fn accept_links(
             return Err(Error::timeout(what(&taken)));
         }
         // Sleep until something arrives, or the oldest pending connection's grace ends.
-        let mut fds = vec![sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
-        fds.extend(pending.iter().map(|p| sys::pollfd(p.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
+        let mut fds = vec![(listener.as_raw_fd(), libc::POLLIN)];
+        fds.extend(pending.iter().map(|p| (p.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
         let mut until = deadline;
         if let Some(p) = pending.first() {
             until = until.min(p.since + LINK_HELLO_GRACE);
@@ -137,7 +137,7 @@ pub(super) fn accept_links(
         if cancel.is_some() {
             until = until.min(now + addr::CANCEL_CHECK);
         }
-        let _ = sys::poll(&mut fds, Some(until));
+        let _ = exec::ready(&fds, until).await;
         // New connections: all of them, each only queued.
         loop {
             match listener.accept() {
@@ -179,15 +179,13 @@ pub(super) fn accept_links(
                 Ok(None) => i += 1,
                 Ok(Some(from)) => {
                     let p = pending.remove(i);
-                    let mut w = &p.s;
-                    if io::Write::write_all(&mut w, &[1]).is_err() {
+                    if addr::write_all(&p.s, &[1], deadline).await.is_err() {
                         return Err(Error::new(
                             ErrorKind::WorldBroken,
                             format!("rank {from} went away while connecting"),
                         ));
                     }
                     taken[from] = true;
-                    let _ = p.s.set_nonblocking(false);
                     done.push((from, p.s));
                 }
                 Err(why) => {
@@ -202,7 +200,7 @@ pub(super) fn accept_links(
 
 /// Connects to every lower rank and accepts every higher one. Lower ranks accept only after
 /// their own connects are done, so the order has no cycle.
-pub(super) fn connect_links(
+pub(super) async fn connect_links(
     spec: &JoinSpec,
     t: &Table,
     secret: &[u8],
@@ -217,11 +215,12 @@ pub(super) fn connect_links(
     for (peer, (addr, _host, _door)) in t.peers.iter().enumerate().take(rank) {
         let what = || formation_err(name, rank, format!("connecting to rank {peer}"));
         let a: SocketAddr = addr.parse().map_err(|_| Error::internal(what()))?;
-        let s = addr::connect_once(a, deadline, &what)?;
+        let s = addr::connect_once(a, deadline, cancel, &what).await?;
         addr::send_msg(&s, &link_hello(t.world_id, t.generation, rank, peer, secret), deadline)
+            .await
             .map_err(|e| Error::new(ErrorKind::WorldBroken, format!("{}: {e}", what())))?;
         let mut ack = [0u8; 1];
-        match addr::read_exact_until(&s, &mut ack, deadline, cancel) {
+        match addr::read_exact_until(&s, &mut ack, deadline, cancel).await {
             Ok(()) if ack[0] == 1 => {}
             Ok(()) => return Err(Error::new(ErrorKind::WorldBroken, format!("{}: refused", what()))),
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
@@ -231,8 +230,9 @@ pub(super) fn connect_links(
         }
         let same_host = t.peers[peer].1 == t.peers[rank].1;
         let want_shm = spec.shm && same_host;
-        let link =
-            offer_transport(s, want_shm, spec.socket_buffer, deadline, cancel).map_err(|e| Error::system(what(), e))?;
+        let link = offer_transport(s, want_shm, spec.socket_buffer, deadline, cancel)
+            .await
+            .map_err(|e| Error::system(what(), e))?;
         *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
         links[peer] = Some(link);
     }
@@ -241,10 +241,10 @@ pub(super) fn connect_links(
         let m: Vec<usize> = (rank + 1..size).filter(|r| !taken.get(*r).copied().unwrap_or(false)).collect();
         formation_err(name, rank, format!("ranks {m:?} did not connect before the deadline"))
     };
-    for (from, s) in accept_links(&listener, &expect, size - rank - 1, deadline, cancel, &missing)? {
+    for (from, s) in accept_links(&listener, &expect, size - rank - 1, deadline, cancel, &missing).await? {
         let same_host = t.peers[from].1 == t.peers[rank].1;
         let want_shm = spec.shm && same_host;
-        let link = answer_transport(s, want_shm, spec.socket_buffer, deadline, cancel).map_err(|e| {
+        let link = answer_transport(s, want_shm, spec.socket_buffer, deadline, cancel).await.map_err(|e| {
             Error::new(
                 ErrorKind::WorldBroken,
                 formation_err(name, rank, format!("setting up the link to rank {from}: {e}")),
@@ -259,7 +259,7 @@ pub(super) fn connect_links(
 /// The connecting (higher) rank of a pair proposes the transport: `T` for TCP, or `S` and the
 /// path of a fresh shared-memory segment. The acceptor answers an `S` with one byte, 1 if it
 /// mapped the segment; the connector then unlinks the file either way.
-pub(super) fn offer_transport(
+pub(super) async fn offer_transport(
     s: TcpStream,
     shm: bool,
     buffer: Option<usize>,
@@ -272,9 +272,9 @@ pub(super) fn offer_transport(
                 // Before the offer, so that the peer can read this side's probe when it maps.
                 crate::transport::shm::publish_probe(&seg, 0);
                 let path = seg.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-                addr::send_msg(&s, format!("S{path}").as_bytes(), deadline)?;
+                addr::send_msg(&s, format!("S{path}").as_bytes(), deadline).await?;
                 let mut ok = [0u8; 1];
-                addr::read_exact_until(&s, &mut ok, deadline, cancel)?;
+                addr::read_exact_until(&s, &mut ok, deadline, cancel).await?;
                 seg.unlink();
                 if ok[0] == 1 {
                     return Ok(Box::new(ShmLink::new(s, seg, true)?));
@@ -285,36 +285,35 @@ pub(super) fn offer_transport(
             Err(e) => warn!("cannot create a shared-memory segment ({e}; is /dev/shm full?); using TCP"),
         }
     }
-    addr::send_msg(&s, b"T", deadline)?;
+    addr::send_msg(&s, b"T", deadline).await?;
     Ok(Box::new(TcpLink::new(s, buffer)?))
 }
 
-pub(super) fn answer_transport(
+pub(super) async fn answer_transport(
     s: TcpStream,
     shm: bool,
     buffer: Option<usize>,
     deadline: Instant,
     cancel: Option<&AtomicBool>,
 ) -> io::Result<Box<dyn Link>> {
-    let offer = addr::recv_msg(&s, deadline, cancel)?;
+    let offer = addr::recv_msg(&s, deadline, cancel).await?;
     match offer.split_first() {
         Some((b'T', [])) => Ok(Box::new(TcpLink::new(s, buffer)?)),
         Some((b'S', path)) => {
             let seg = if shm { std::str::from_utf8(path).ok().map(Segment::open) } else { None };
-            let mut w = &s;
             match seg {
                 Some(Ok(seg)) => {
                     // This side's probe before the answer: the connector probes it once it has
                     // the answer.
                     crate::transport::shm::publish_probe(&seg, 1);
-                    io::Write::write_all(&mut w, &[1])?;
+                    addr::write_all(&s, &[1], deadline).await?;
                     Ok(Box::new(ShmLink::new(s, seg, false)?))
                 }
                 other => {
                     if let Some(Err(e)) = other {
                         warn!("cannot map the peer's shared-memory segment ({e}); using TCP");
                     }
-                    io::Write::write_all(&mut w, &[0])?;
+                    addr::write_all(&s, &[0], deadline).await?;
                     Ok(Box::new(TcpLink::new(s, buffer)?))
                 }
             }
@@ -326,6 +325,7 @@ pub(super) fn answer_transport(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bootstrap::exec::block_on;
     use std::io::Write;
 
     /// Forty strangers connect to a rank's peer listener first and say nothing (or one byte);
@@ -349,15 +349,17 @@ mod tests {
         let honest = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
             let s = TcpStream::connect(at).unwrap();
-            addr::send_msg(&s, &link_hello(5, 2, 1, 0, &secret), Instant::now() + Duration::from_secs(5)).unwrap();
+            block_on(addr::send_msg(&s, &link_hello(5, 2, 1, 0, &secret), Instant::now() + Duration::from_secs(5)))
+                .unwrap();
             let mut ack = [0u8; 1];
-            addr::read_exact_until(&s, &mut ack, Instant::now() + Duration::from_secs(20), None).unwrap();
+            block_on(addr::read_exact_until(&s, &mut ack, Instant::now() + Duration::from_secs(20), None)).unwrap();
             (ack[0], s)
         });
         let expect = Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 0, size: 2 };
         let t = Instant::now();
         // The deadline is below the strangers' graces added up (40 x 2 s).
-        let got = accept_links(&listener, &expect, 1, t + Duration::from_secs(20), None, &|_| "w".into()).unwrap();
+        let got =
+            block_on(accept_links(&listener, &expect, 1, t + Duration::from_secs(20), None, &|_| "w".into())).unwrap();
         let took = t.elapsed();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, 1);
@@ -386,18 +388,18 @@ mod tests {
         let mut refused = Vec::new();
         for m in &bad {
             let s = TcpStream::connect(at).unwrap();
-            addr::send_msg(&s, m, d()).unwrap();
+            block_on(addr::send_msg(&s, m, d())).unwrap();
             refused.push(s);
         }
         let good = TcpStream::connect(at).unwrap();
-        addr::send_msg(&good, &link_hello(5, 2, 2, 1, &secret), d()).unwrap();
+        block_on(addr::send_msg(&good, &link_hello(5, 2, 2, 1, &secret), d())).unwrap();
         let expect = Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 1, size: 3 };
-        let got = accept_links(&listener, &expect, 1, d(), None, &|_| "w".into()).unwrap();
+        let got = block_on(accept_links(&listener, &expect, 1, d(), None, &|_| "w".into())).unwrap();
         assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![2]);
         // Every refused connection was closed without an acknowledgement.
         for s in &refused {
             let mut b = [0u8; 1];
-            let r = addr::read_exact_until(s, &mut b, d(), None);
+            let r = block_on(addr::read_exact_until(s, &mut b, d(), None));
             assert!(r.is_err(), "a bad hello was acknowledged");
         }
     }
@@ -414,7 +416,8 @@ mod tests {
         });
         let expect = Expect { name: "w", world_id: 1, generation: 1, secret: &[], rank: 0, size: 2 };
         let t = Instant::now();
-        let r = accept_links(&listener, &expect, 1, t + Duration::from_secs(60), Some(&cancel), &|_| "w".into());
+        let r =
+            block_on(accept_links(&listener, &expect, 1, t + Duration::from_secs(60), Some(&cancel), &|_| "w".into()));
         assert!(r.is_err());
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     }

@@ -15,6 +15,7 @@
 //! Every step is bounded by the formation deadline; nothing here touches another world.
 
 pub(crate) mod addr;
+pub(crate) mod exec;
 mod link;
 mod root;
 
@@ -88,9 +89,9 @@ fn formation_err(name: &str, rank: usize, e: impl std::fmt::Display) -> String {
     format!("forming world '{name}' (rank {rank}): {e}")
 }
 
-/// Joins a world: hello to the root, table back, links to every peer. Blocking, bounded by
-/// `spec.timeout`.
-pub(crate) fn join(spec: &JoinSpec) -> Result<Formed> {
+/// Joins a world: hello to the root, table back, links to every peer. A task of the formation
+/// thread (`exec.rs`), bounded by `spec.timeout`.
+pub(crate) async fn join(spec: &JoinSpec) -> Result<Formed> {
     let deadline = Instant::now() + spec.timeout;
     let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
     // In the address form rank 0 runs the root; it is joined before this returns, so that the
@@ -119,18 +120,18 @@ pub(crate) fn join(spec: &JoinSpec) -> Result<Formed> {
             (root, spec.secret.clone())
         }
     };
-    let r = join_root(spec, root, secret, deadline);
+    let r = join_root(spec, root, secret, deadline).await;
     if let Some(h) = own_root {
-        h.join();
+        h.ended().await;
     }
     r
 }
 
-fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline: Instant) -> Result<Formed> {
+async fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline: Instant) -> Result<Formed> {
     let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
     let what = || formation_err(name, rank, "deadline passed while reaching the root");
     let cancel = Some(&*spec.cancel);
-    let to_root = addr::connect_retry(root, deadline, cancel, &what)?;
+    let to_root = addr::connect_retry(root, deadline, cancel, &what).await?;
     let local_ip: IpAddr = match &spec.interface {
         Some(i) => addr::interface_ip(i)?,
         None => to_root.local_addr().map_err(|e| Error::system("local address", e))?.ip(),
@@ -156,8 +157,9 @@ fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline: Insta
         agree,
     };
     addr::send_msg(&to_root, &hello.encode(), deadline)
+        .await
         .map_err(|e| Error::system(formation_err(name, rank, "sending hello to the root"), e))?;
-    let reply = addr::recv_msg(&to_root, deadline, cancel).map_err(|e| {
+    let reply = addr::recv_msg(&to_root, deadline, cancel).await.map_err(|e| {
         if e.kind() == io::ErrorKind::TimedOut {
             Error::timeout(formation_err(name, rank, "the other ranks did not all arrive before the deadline"))
         } else {
@@ -174,7 +176,7 @@ fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline: Insta
     }
     drop(to_root);
     let mut shm_fallbacks = 0;
-    let links = connect_links(spec, &table, &secret, listener, deadline, &mut shm_fallbacks)?;
+    let links = connect_links(spec, &table, &secret, listener, deadline, &mut shm_fallbacks).await?;
     let doors = table.peers.iter().map(|p| p.2.clone()).collect();
     Ok(Formed { generation: table.generation, world_id: table.world_id, links, shm_fallbacks, doors, secret })
 }

@@ -229,10 +229,13 @@ pub(crate) fn door_address(ip: IpAddr) -> Result<SocketAddr> {
 pub(crate) struct RootHandle(std::sync::mpsc::Receiver<()>);
 
 impl RootHandle {
-    /// Waits until the root has ended.
-    pub(crate) fn join(self) {
-        // The root holds the sender until it is dropped: then this returns.
-        let _ = self.0.recv();
+    /// Waits until the root has ended (it holds the sender until it is dropped, after its
+    /// listener): a look every 2 ms, since a root ends once its table is out, within moments
+    /// of the last rank's hello.
+    pub(crate) async fn ended(self) {
+        while matches!(self.0.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty)) {
+            exec::sleep_until(Instant::now() + Duration::from_millis(2)).await;
+        }
     }
 }
 
@@ -480,7 +483,7 @@ impl Conn {
 }
 
 pub(super) fn refuse(c: &Conn, kind: ErrorKind, msg: &str) {
-    let _ = addr::send_msg(&c.s, &encode_refusal(kind, msg), Instant::now() + Duration::from_millis(200));
+    let _ = addr::send_now(&c.s, &encode_refusal(kind, msg));
 }
 
 /// What to do with a connection after reading from it.
@@ -628,7 +631,9 @@ impl Root {
         };
         let msg = encode_table(&t);
         for c in self.conns.iter().filter(|c| c.hello.is_some()) {
-            let _ = addr::send_msg(&c.s, &msg, Instant::now() + Duration::from_secs(2));
+            if let Err(e) = addr::send_now(&c.s, &msg) {
+                warn!("rendezvous: world '{name}': the table did not go to {}: {e}", c.peer);
+            }
         }
         info!("rendezvous: world '{name}' of {size} ranks formed, generation {}", t.generation);
         true
@@ -826,8 +831,8 @@ mod tests {
                 agree: String::new(),
             };
             let s = TcpStream::connect(addr).unwrap();
-            addr::send_msg(&s, &h.encode(), deadline).unwrap();
-            let e = decode_reply(&addr::recv_msg(&s, deadline, None).unwrap()).unwrap().unwrap_err();
+            exec::block_on(addr::send_msg(&s, &h.encode(), deadline)).unwrap();
+            let e = decode_reply(&exec::block_on(addr::recv_msg(&s, deadline, None)).unwrap()).unwrap().unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{}", e.message());
         }
     }

@@ -12,7 +12,7 @@ pub(crate) mod sync;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// `poll(2)` on `fds` until an event or `deadline`. Returns the number of ready descriptors
 /// (0 on timeout). Interrupted calls are retried.
@@ -224,6 +224,11 @@ impl Epoll {
         }
     }
 
+    /// Stops watching `fd`.
+    pub(crate) fn unwatch(&self, fd: RawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0, 0)
+    }
+
     /// Waits until a watched descriptor reports or `deadline` passes; the keys of those that
     /// reported go to `keys`. Interrupted waits return with none.
     pub(crate) fn wait(&self, keys: &mut Vec<u64>, deadline: Option<Instant>) {
@@ -237,6 +242,63 @@ impl Epoll {
         // SAFETY: `evs` is a valid, exclusively borrowed array of BATCH events.
         let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), BATCH as libc::c_int, timeout_ms) };
         keys.extend(evs.iter().take(n.max(0) as usize).map(|e| e.u64));
+    }
+}
+
+/// Starts connecting a non-blocking TCP socket to `addr`: the socket, and whether it is
+/// already connected (else it reports writable once the connection is made or failed; then
+/// [`socket_error`] says which).
+pub(crate) fn connect_start(addr: std::net::SocketAddr) -> io::Result<(std::net::TcpStream, bool)> {
+    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: takes no pointers; the result is checked before use.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let s = std::net::TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // SAFETY: zeroed sockaddr structs are valid; each is filled for its family below.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        std::net::SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr.
+            let sa = unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage as *mut libc::sockaddr_in) };
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_port = a.port().to_be();
+            sa.sin_addr = libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        std::net::SocketAddr::V6(a) => {
+            // SAFETY: as above.
+            let sa = unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage as *mut libc::sockaddr_in6) };
+            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sa.sin6_port = a.port().to_be();
+            sa.sin6_addr = libc::in6_addr { s6_addr: a.ip().octets() };
+            sa.sin6_flowinfo = a.flowinfo();
+            sa.sin6_scope_id = a.scope_id();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    loop {
+        // SAFETY: `storage` holds a valid sockaddr of `len` bytes for the socket's family.
+        let r = unsafe { libc::connect(fd, &storage as *const _ as *const libc::sockaddr, len as libc::socklen_t) };
+        if r == 0 {
+            return Ok((s, true));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINPROGRESS) => return Ok((s, false)),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
+/// The pending error of a socket (`SO_ERROR`): how its non-blocking connect ended.
+pub(crate) fn socket_error(fd: RawFd) -> io::Result<()> {
+    match get_sockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR)? {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
     }
 }
 
@@ -313,7 +375,6 @@ pub(crate) fn set_sockopt(fd: RawFd, level: i32, name: i32, value: i32) -> io::R
 }
 
 /// `getsockopt(2)` of an `int` option (tests read socket settings with it).
-#[cfg(test)]
 pub(crate) fn get_sockopt(fd: RawFd, level: i32, name: i32) -> io::Result<i32> {
     let mut value: i32 = 0;
     let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
@@ -412,9 +473,4 @@ pub(crate) fn random_u64() -> u64 {
         return t.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
     u64::from_le_bytes(b)
-}
-
-/// Sleeps for `d` (wrapped so that tests can see where the crate sleeps).
-pub(crate) fn sleep(d: Duration) {
-    std::thread::sleep(d)
 }

@@ -262,9 +262,9 @@ pub fn free_port() -> u16 {
 
 /// Open file descriptors and threads of this process, leaving out what the process keeps for
 /// all its worlds once the first needed it: the progress pool's threads, their `epoll` sets
-/// and wake-up descriptors, each calling thread's wake-up descriptor, and the rendezvous
-/// thread with its own. What is counted is what a world or a formation owns: sockets,
-/// listeners, mappings' files, formation threads. The process's door (a listener opened by
+/// and wake-up descriptors, each calling thread's wake-up descriptor, and the rendezvous and
+/// formation threads with theirs. What is counted is what a world or a formation owns:
+/// sockets, listeners, mappings' files. The process's door (a listener opened by
 /// its first formation on an address, for the life of the process) is counted: take a
 /// baseline after a first formation.
 pub fn fds_and_threads() -> (usize, usize) {
@@ -273,7 +273,7 @@ pub fn fds_and_threads() -> (usize, usize) {
             d.flatten()
                 .filter(|e| {
                     let name = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-                    !name.starts_with("mw-progress") && !name.starts_with("mw-roots")
+                    !["mw-progress", "mw-roots", "mw-form"].iter().any(|t| name.starts_with(t))
                 })
                 .count()
         })

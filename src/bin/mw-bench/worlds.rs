@@ -122,7 +122,7 @@ pub(crate) fn run(b: &Bench, n: usize) {
             formed.as_secs_f64(),
             n as f64 / formed.as_secs_f64()
         );
-        println!("  threads while forming: at most {peak_threads} (one per formation in flight)");
+        println!("  threads while forming: at most {peak_threads}");
         println!(
             "  threads {} -> {} ({:.2} per world), descriptors {} -> {} ({:.2} per world)",
             before.threads,
