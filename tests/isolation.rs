@@ -1,6 +1,6 @@
 //! What a world shares with the rest of the process must never let it stall: a waker that
 //! calls back into its world, a standard error that nobody reads, an abort while the world is
-//! still forming.
+//! still forming, a busy world on the same progress thread.
 
 mod common;
 
@@ -18,7 +18,11 @@ use multiworld::{ErrorKind, ReduceOp, UniqueId, World, WorldManager, WorldOption
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
 fn worker() {
-    common::worker_main(&[("unread_stderr", unread_stderr), ("unread_stderr_peer", unread_stderr_peer)]);
+    common::worker_main(&[
+        ("unread_stderr", unread_stderr),
+        ("unread_stderr_peer", unread_stderr_peer),
+        ("busy_neighbour", busy_neighbour),
+    ]);
 }
 
 /// Forms a two-rank world with both ranks in this process (two managers, as two C
@@ -320,5 +324,105 @@ fn a_manager_wide_operation_deadline_catches_a_peer_that_never_calls() {
         let took = t.elapsed();
         assert_eq!(e.kind(), ErrorKind::Timeout, "{}: {e}", w.name());
         assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(10), "{}: {took:?}", w.name());
+    }
+}
+
+/// Notes when it is woken.
+struct Stamp(std::sync::Mutex<Option<Instant>>);
+
+impl Wake for Stamp {
+    fn wake(self: Arc<Self>) {
+        *self.0.lock().unwrap() = Some(Instant::now());
+    }
+}
+
+/// One progress thread (`MW_PROGRESS_THREADS=1`) drives a busy world, a one-rank C
+/// communicator in non-blocking mode with 400 all-gathers of 16 MiB queued in one group (each
+/// a copy, the same buffers for all: about half a second of work), and a quiet two-rank world with both ranks
+/// in this process, which gets one small all-gather at a time. The quiet world's operation is
+/// left to the pool: rank 0's request is polled once (it cannot complete: rank 1 has not
+/// posted), then rank 1 posts without waiting, and nobody drives either until rank 0's waker
+/// fires. That must happen within a few of the busy world's slices, not once its queue is
+/// empty.
+fn busy_neighbour(_ctx: &Ctx) {
+    use multiworld::ffi::*;
+    use std::ffi::c_void;
+    const COUNT: usize = 4 << 20;
+    const OPS: usize = 400;
+    let (_qm0, _qm1, q0, q1) = pair("quiet");
+    // SAFETY (every C call below): pointers to live locals and buffers; the buffers outlive
+    // the operations, which are waited for before they are dropped.
+    let mut cfg: mwConfig_t = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { mwConfigInit(&mut cfg) }, mwSuccess);
+    cfg.blocking = 0;
+    let mut id: mwUniqueId = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { mwGetUniqueId(&mut id) }, mwSuccess);
+    let mut busy: mwComm_t = std::ptr::null_mut();
+    assert_eq!(unsafe { mwCommInitRankConfig(&mut busy, 1, id, 0, &mut cfg) }, mwInProgress);
+    let state = |comm| {
+        let mut st = mwInProgress;
+        assert_eq!(unsafe { mwCommGetAsyncError(comm, &mut st) }, mwSuccess);
+        st
+    };
+    while state(busy) == mwInProgress {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let send = vec![1f32; COUNT];
+    let mut recv = vec![0f32; COUNT];
+    // One batch (a group): posts one by one would each wait for the pool's pass to let go of
+    // the world.
+    let queued = Instant::now();
+    assert_eq!(unsafe { mwGroupStart() }, mwSuccess);
+    for _ in 0..OPS {
+        let (sp, rp) = (send.as_ptr() as *const c_void, recv.as_mut_ptr() as *mut c_void);
+        assert_eq!(unsafe { mwAllGather(sp, rp, COUNT, mwFloat, busy, std::ptr::null_mut()) }, mwSuccess);
+    }
+    let r = unsafe { mwGroupEnd() };
+    assert!(r == mwInProgress || r == mwSuccess, "{r}");
+    let mut worst = Duration::ZERO;
+    let mut measured = 0;
+    while measured < 20 && state(busy) == mwInProgress {
+        let stamp = Arc::new(Stamp(std::sync::Mutex::new(None)));
+        let waker = Waker::from(stamp.clone());
+        let mut r0 = Box::pin(q0.all_gather_async(vec![2f32; 4], vec![0f32; 8]));
+        assert!(r0.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+        let t = Instant::now();
+        let r1 = q1.all_gather_async(vec![3f32; 4], vec![0f32; 8]);
+        let done = loop {
+            if let Some(d) = *stamp.0.lock().unwrap() {
+                break d;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "the quiet world's all-gather never completed");
+            std::thread::sleep(Duration::from_micros(100));
+        };
+        worst = worst.max(done.saturating_duration_since(t));
+        measured += 1;
+        let want = [vec![2f32; 4], vec![3f32; 4]].concat();
+        assert_eq!(common::block_on(r0).expect("quiet all-gather").1, want);
+        assert_eq!(r1.wait().expect("quiet all-gather").1, want);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    while state(busy) == mwInProgress {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let busy_for = queued.elapsed();
+    assert_eq!(state(busy), mwSuccess);
+    assert!(recv.iter().all(|x| *x == 1.0));
+    assert_eq!(unsafe { mwCommDestroy(busy) }, mwSuccess);
+    println!(
+        "busy world: {OPS} copies of 16 MiB in {busy_for:?}; the quiet world's slowest of {measured} all-gathers meanwhile: {worst:?}"
+    );
+    // A slice is 1 ms and one of the busy world's passes copies one 16 MiB buffer: a bound that holds on a
+    // loaded machine, far below the time the busy world stays busy.
+    assert!(worst < Duration::from_millis(150), "the quiet world waited {worst:?} beside a busy one");
+    assert!(measured >= 5, "the busy world's work ended before the quiet world was measured");
+}
+
+#[test]
+fn a_busy_world_does_not_starve_a_quiet_one_on_its_progress_thread() {
+    let logs =
+        common::run_ranks("busy_neighbour", 1, &[("MW_PROGRESS_THREADS", "1".to_string())], Duration::from_secs(60));
+    if let Some(line) = logs[0].lines().find(|l| l.contains("busy world:")) {
+        println!("{line}");
     }
 }

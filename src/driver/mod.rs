@@ -63,6 +63,8 @@ pub(crate) struct Driver {
     waiters: AtomicU32,
     /// The pool thread that watches this world.
     home: Arc<pool::Worker>,
+    /// The engine's cause of the break, once it broke: read without waiting for a pass.
+    broken: Arc<std::sync::OnceLock<BrokenCause>>,
 }
 
 /// The world's engine, locked. When the guard goes, the lock is let go of first, and then
@@ -145,8 +147,10 @@ impl Driver {
     /// A driver for `engine`, watched by a pool thread from now on.
     pub(crate) fn start(name: Arc<str>, engine: Engine) -> Result<Arc<Driver>> {
         let home = pool::home()?;
+        let broken = engine.broken_handle();
         let d = Arc::new(Driver {
             name,
+            broken,
             engine: Mutex::new(engine),
             token: Token::default(),
             sleeper: Mutex::new(None),
@@ -388,8 +392,9 @@ impl Driver {
         self.abort();
     }
 
+    /// Why the world broke, if it did; never waits for a pass to end.
     pub(crate) fn broken(&self) -> Option<BrokenCause> {
-        self.engine().broken().cloned()
+        self.broken.get().cloned()
     }
 
     pub(crate) fn stats(&self) -> WorldStats {

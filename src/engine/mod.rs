@@ -44,9 +44,10 @@ use crate::transport::{Armed, Link, LinkError, Sink, TransportKind};
 
 /// Bytes of early frames buffered per peer before the link stops being read.
 pub(crate) const UNEXPECTED_CAP: usize = 16 << 20;
-/// Bytes moved per pass before the engine yields, so that a pass never holds the world for
-/// long.
-const PASS_BUDGET: u64 = 32 << 20;
+/// Bytes moved per pass (over the links, or by local copies and reductions) before the engine
+/// yields, so that a pass never holds the world for long: about half a millisecond of copying
+/// here, under the progress pool's 1 ms slice.
+const PASS_BUDGET: u64 = 4 << 20;
 
 /// Identity and settings of the world an engine serves.
 #[derive(Debug, Clone)]
@@ -276,6 +277,8 @@ pub(crate) struct Engine {
     finished: usize,
     coll_seq: u64,
     broken: Option<BrokenCause>,
+    /// The same cause, for readers that must not wait for a pass to end (`World::state`).
+    broken_seen: Arc<std::sync::OnceLock<BrokenCause>>,
     stats: WorldStats,
     on_broken: Option<OnBroken>,
     outbox: Outbox,
@@ -284,6 +287,9 @@ pub(crate) struct Engine {
     /// The largest scratch space a finished operation left, for the next one that needs some;
     /// let go of at a timer run that finds no operation posted since the one before.
     spare_scratch: Option<Scratch>,
+    /// Bytes copied, reduced or scaled by local steps so far: a pass counts them against its
+    /// budget like bytes on the links (a one-rank world's queue is nothing but local steps).
+    local_bytes: u64,
     posted_since_timers: bool,
 }
 
@@ -354,11 +360,13 @@ impl Engine {
             finished: 0,
             coll_seq: 0,
             broken: None,
+            broken_seen: Arc::new(std::sync::OnceLock::new()),
             stats: WorldStats::default(),
             on_broken: None,
             outbox: Outbox::default(),
             next_timer: None,
             spare_scratch: None,
+            local_bytes: 0,
             posted_since_timers: false,
             #[cfg(test)]
             panic_in_pass: false,
@@ -379,6 +387,16 @@ impl Engine {
     fn complete(&mut self, c: &Completion, r: crate::api::error::Result<()>) {
         let wakers = c.settle(r);
         self.outbox.wakers.extend(wakers);
+    }
+
+    fn set_broken(&mut self, cause: BrokenCause) {
+        let _ = self.broken_seen.set(cause.clone());
+        self.broken = Some(cause);
+    }
+
+    /// Where the cause of the break is published, readable without the engine's lock.
+    pub(crate) fn broken_handle(&self) -> Arc<std::sync::OnceLock<BrokenCause>> {
+        self.broken_seen.clone()
     }
 
     pub(crate) fn broken(&self) -> Option<&BrokenCause> {
@@ -508,7 +526,7 @@ impl Engine {
             panic!("a bug in a pass (injected by a test)");
         }
         let mut moved_any = false;
-        let start = self.stats.bytes_sent + self.stats.bytes_received;
+        let start = self.stats.bytes_sent + self.stats.bytes_received + self.local_bytes;
         for p in self.peers.iter_mut().flatten() {
             if p.paused {
                 p.paused = false;
@@ -539,7 +557,7 @@ impl Engine {
                 self.next_timer = self.timer_deadline();
                 continue;
             }
-            let moved = self.stats.bytes_sent + self.stats.bytes_received - start;
+            let moved = self.stats.bytes_sent + self.stats.bytes_received + self.local_bytes - start;
             if !progress || moved > PASS_BUDGET {
                 break;
             }
@@ -700,6 +718,10 @@ impl Engine {
                     }
                     Act::Send { .. } | Act::Recv { .. } => continue,
                 }
+                self.local_bytes += match op.plan.steps[s].act {
+                    Act::Copy { dst, .. } | Act::Reduce { dst, .. } | Act::Scale { dst } => dst.len as u64,
+                    Act::Send { .. } | Act::Recv { .. } => 0,
+                };
                 op.local_left -= 1;
                 if op.finish_step(s) {
                     self.finished += 1;
@@ -863,7 +885,7 @@ impl Engine {
             return;
         }
         self.say_goodbye(FrameKind::Close, &[]);
-        self.broken = Some(BrokenCause::LocalAbort);
+        self.set_broken(BrokenCause::LocalAbort);
     }
 
     /// Sends every peer still there a last control frame (close, or abort with a reason),
@@ -904,7 +926,7 @@ impl Engine {
             }
             _ => warn!("world '{name}' (rank {rank}, generation {generation}) broke: {cause}"),
         }
-        self.broken = Some(cause.clone());
+        self.set_broken(cause.clone());
         // Before any call returns: a peer must not go on reading a buffer handed back.
         for p in self.peers.iter_mut().flatten() {
             p.link.revoke();
