@@ -2,8 +2,9 @@
 //! with each other (at most 200 formations in flight), then rank 0 reports, against the same
 //! process before the worlds existed: the formation rate; threads, descriptors, resident
 //! memory and `/dev/shm` per world; the CPU the idle worlds burn; and the 1 MiB all-reduce
-//! throughput of one busy world beside the N idle ones against the same world alone before and
-//! after (its ranks' calling threads pinned to cores 0 and 1).
+//! throughput of one busy world beside the N idle ones against the same world alone just
+//! before and just after, in five rounds (the idle worlds removed and formed again between
+//! them), its ranks' calling threads pinned to cores 0 and 1.
 
 use std::time::{Duration, Instant};
 
@@ -59,10 +60,37 @@ fn cpu_time() -> Duration {
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
-/// Median of five half-second runs of the bench world's 1 MiB all-reduce (GB/s).
+/// Median of five short runs of the bench world's 1 MiB all-reduce (GB/s).
 fn rate(b: &Bench) -> f64 {
-    let mut r: Vec<f64> = (0..5).map(|_| b.all_reduce_rate(&b.w, Duration::from_millis(500))).collect();
+    let mut r: Vec<f64> = (0..5).map(|_| b.all_reduce_rate(&b.w, Duration::from_millis(200))).collect();
     super::median(&mut r)
+}
+
+/// Rounds of the busy world's throughput beside the idle worlds.
+const ROUNDS: usize = 5;
+
+/// Fresh ids for `n` worlds, made by rank 0 and handed over the bench's own world.
+fn fresh_ids(b: &Bench, n: usize) -> Vec<u8> {
+    let mut ids = vec![0u8; n * UNIQUE_ID_BYTES];
+    if b.rank == 0 {
+        for c in ids.chunks_mut(UNIQUE_ID_BYTES) {
+            c.copy_from_slice(&UniqueId::new_on("127.0.0.1".parse().expect("ip")).expect("unique id").to_bytes());
+        }
+    }
+    b.w.broadcast_in_place(&mut ids, 0).expect("broadcast");
+    ids
+}
+
+/// Removes the `n` idle worlds, both sides done with them first (then every world closes
+/// gracefully).
+fn remove_all(b: &Bench, worlds: Vec<multiworld::World>) {
+    b.w.barrier().expect("barrier");
+    let n = worlds.len();
+    drop(worlds);
+    for k in 0..n {
+        b.m.remove_world(&name(k)).expect("remove");
+    }
+    b.w.barrier().expect("barrier");
 }
 
 pub(crate) fn run(b: &Bench, n: usize) {
@@ -71,17 +99,10 @@ pub(crate) fn run(b: &Bench, n: usize) {
     // progress pool (started with the bench's first world) is left where the system puts it.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     super::osu::pin(b.rank % cores);
-    let alone = rate(b);
+    let mut alone = vec![rate(b)];
     b.w.barrier().expect("barrier");
     let before = footprint();
-    // Rank 0 makes the ids and hands them over the bench's own world.
-    let mut ids = vec![0u8; n * UNIQUE_ID_BYTES];
-    if b.rank == 0 {
-        for c in ids.chunks_mut(UNIQUE_ID_BYTES) {
-            c.copy_from_slice(&UniqueId::new_on("127.0.0.1".parse().expect("ip")).expect("unique id").to_bytes());
-        }
-    }
-    b.w.broadcast_in_place(&mut ids, 0).expect("broadcast");
+    let ids = fresh_ids(b, n);
     let opts = WorldOptions::default();
     // The most threads the process holds while the formations are in flight.
     let forming = std::sync::atomic::AtomicBool::new(true);
@@ -109,10 +130,25 @@ pub(crate) fn run(b: &Bench, n: usize) {
     let t = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     let idle_cpu = (cpu_time() - cpu0).as_secs_f64() / t.elapsed().as_secs_f64();
-    b.w.barrier().expect("barrier");
-    let beside = rate(b);
     for w in &worlds {
         w.barrier().expect("every idle world still works");
+    }
+    // The busy world beside the idle ones, then alone once they are removed, in rounds of a
+    // few seconds (the idle worlds formed again for each): each round's figure is compared with
+    // the alone runs just before and just after it, since the host's speed drifts over seconds.
+    b.w.barrier().expect("barrier");
+    let mut beside = vec![rate(b)];
+    remove_all(b, worlds);
+    alone.push(rate(b));
+    for _ in 1..ROUNDS {
+        let (worlds, _) = form_all(b, n, &fresh_ids(b, n), &opts);
+        b.w.barrier().expect("barrier");
+        // First heartbeats, as above (rings that never carried traffic are small already).
+        std::thread::sleep(Duration::from_millis(1500));
+        b.w.barrier().expect("barrier");
+        beside.push(rate(b));
+        remove_all(b, worlds);
+        alone.push(rate(b));
     }
     if b.rank == 0 {
         let per = |a: u64, z: u64| (z.saturating_sub(a)) as f64 / n as f64 / 1024.0;
@@ -139,23 +175,16 @@ pub(crate) fn run(b: &Bench, n: usize) {
         );
         println!("  idle CPU: {:.2} % of a core", idle_cpu * 100.0);
     }
-    // Both sides done before either leaves: then every world closes gracefully.
-    b.w.barrier().expect("barrier");
-    drop(worlds);
-    for k in 0..n {
-        b.m.remove_world(&name(k)).expect("remove");
-    }
-    // Alone again, after the worlds are gone: the host's speed drifts over seconds, so the
-    // busy world beside the idle ones is compared with the mean of the runs before and after.
-    b.w.barrier().expect("barrier");
-    let after = rate(b);
     if b.rank == 0 {
-        let alone_mean = (alone + after) / 2.0;
+        let mut ratios: Vec<f64> = (0..ROUNDS).map(|k| beside[k] / ((alone[k] + alone[k + 1]) / 2.0)).collect();
+        let rounds: Vec<String> =
+            (0..ROUNDS).map(|k| format!("{:.2}/({:.2},{:.2})", beside[k], alone[k], alone[k + 1])).collect();
         println!(
-            "  1 MiB all_reduce throughput beside {n} idle worlds / alone (before, after): {beside:.2} / \
-             ({alone:.2}, {after:.2}) GB/s = {:.3}",
-            beside / alone_mean
+            "  1 MiB all_reduce GB/s beside {n} idle worlds / (alone before, after), {ROUNDS} rounds: {}",
+            rounds.join(" ")
         );
+        let (lo, hi) = ratios.iter().fold((f64::MAX, 0f64), |(l, h), r| (l.min(*r), h.max(*r)));
+        println!("  beside / alone: median {:.3} (rounds {lo:.3} to {hi:.3})", super::median(&mut ratios));
     }
 }
 
