@@ -46,6 +46,9 @@ pub(crate) struct Lineage {
     /// Collective elastic calls agreed over this world so far: every member makes them in the
     /// same order, so the count tells one call's formation from the next.
     pub calls: AtomicU32,
+    /// This rank's shrinks of this world so far: the survivors' n-th shrinks meet (a retry
+    /// after a failed one is a formation of its own).
+    pub shrinks: AtomicU32,
 }
 
 /// Where a new world is registered, and its options.
@@ -87,6 +90,8 @@ const NAME_PREFIX: usize = 32;
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Ask {
     op: u32,
+    /// This rank refused its own arguments.
+    refused: bool,
     color: Option<u32>,
     key: u32,
     /// `grow`: the new size.
@@ -108,13 +113,23 @@ impl Ask {
         if cut < name.len() {
             shown.push('…');
         }
-        Ask { op: op as u32, color: None, key: 0, size: 0, id: 0, name_sum: crc32c(name.as_bytes()), name: shown }
+        Ask {
+            op: op as u32,
+            refused: false,
+            color: None,
+            key: 0,
+            size: 0,
+            id: 0,
+            name_sum: crc32c(name.as_bytes()),
+            name: shown,
+        }
     }
 
     fn encode(&self) -> [u8; RECORD] {
         let mut b = [0u8; RECORD];
         b[0..4].copy_from_slice(&self.op.to_le_bytes());
         b[4] = self.color.is_some() as u8;
+        b[5] = self.refused as u8;
         b[8..12].copy_from_slice(&self.color.unwrap_or(0).to_le_bytes());
         b[12..16].copy_from_slice(&self.key.to_le_bytes());
         b[16..24].copy_from_slice(&self.size.to_le_bytes());
@@ -134,6 +149,7 @@ impl Ask {
         let end = name.iter().position(|c| *c == 0).unwrap_or(name.len());
         Ask {
             op: u32_at(0),
+            refused: b[5] != 0,
             color: (b[4] != 0).then(|| u32_at(8)),
             key: u32_at(12),
             size: u64::from_le_bytes(size),
@@ -170,13 +186,20 @@ fn disagreement(asks: &[Ask]) -> Option<String> {
 }
 
 /// The door key of an elastic formation: the parent's instance id mixed with the call, so
-/// that two formations led at one door never take each other's ranks.
+/// that two formations led at one door never take each other's ranks. Each field goes through
+/// the mix in turn (splitmix64's finalizer: every input bit moves every output bit), so no two
+/// fields can cancel out.
 fn door_key(world_id: u64, op: Op, call: u32, color: u32) -> u64 {
-    // splitmix64's finalizer: every input bit moves every output bit.
-    let mut z = world_id ^ ((op as u64) << 56) ^ ((call as u64) << 24) ^ color as u64;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) | 1
+    let mix = |z: u64| {
+        let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut z = mix(world_id);
+    for field in [op as u64, call as u64, color as u64] {
+        z = mix(z.wrapping_add(0x9e37_79b9_7f4a_7c15) ^ field);
+    }
+    z | 1
 }
 
 impl World {
@@ -194,7 +217,7 @@ impl World {
     /// communicator a manager of its own).
     pub(crate) fn split_into(&self, to: &Target, name: &str, color: Option<u32>, key: u32) -> Result<Option<World>> {
         let ask = Ask { color, key, ..Ask::new(Op::Split, name) };
-        let (asks, call) = self.agree(to, name, &ask)?;
+        let (asks, call) = self.agree(to, name, &ask, None)?;
         let Some(c) = color else { return Ok(None) };
         let mut members: Vec<(u32, usize)> =
             asks.iter().enumerate().filter(|(_, a)| a.color == Some(c)).map(|(r, a)| (a.key, r)).collect();
@@ -208,7 +231,7 @@ impl World {
     /// MPI's `MPI_Comm_dup`): independent of this one in traffic and in failure.
     pub fn dup(&self, name: &str) -> Result<World> {
         let to = self.target()?;
-        let (_, call) = self.agree(&to, name, &Ask::new(Op::Dup, name))?;
+        let (_, call) = self.agree(&to, name, &Ask::new(Op::Dup, name), None)?;
         let all: Vec<usize> = (0..self.size()).collect();
         let how = format!("dup of world '{}' as '{name}'", self.name());
         self.form_from(&to, name, &all, door_key(self.lineage().world_id, Op::Dup, call, 0), how)
@@ -227,6 +250,49 @@ impl World {
     /// [`World::shrink`], the new world registered with `to`.
     pub(crate) fn shrink_into(&self, to: &Target, name: &str, exclude: &[usize]) -> Result<World> {
         self.usable_for_elastic()?;
+        let ex = self.excluded(exclude)?;
+        let survivors: Vec<usize> = (0..self.size()).filter(|r| !ex.contains(r)).collect();
+        let how = format!("shrink of world '{}' into '{name}' excluding ranks {ex:?}", self.name());
+        let attempt = self.lineage().shrinks.fetch_add(1, Ordering::AcqRel);
+        self.form_from(to, name, &survivors, door_key(self.lineage().world_id, Op::Shrink, attempt, 0), how)
+    }
+
+    /// A larger world (NCCL's `ncclCommGrow`): every rank of this world calls it and keeps
+    /// its rank; the newcomers call `manager.init_world(name, id, rank, new_size)` with ranks
+    /// from this world's size up, before or after the members. Old rank 0 makes `id`
+    /// ([`UniqueId::new`]) and gives it to the members (over this world, say with a
+    /// broadcast of [`UniqueId::to_bytes`]) and to the newcomers. The parent is untouched.
+    pub fn grow(&self, name: &str, id: &UniqueId, new_size: usize) -> Result<World> {
+        self.grow_into(&self.target()?, name, id, new_size)
+    }
+
+    /// [`World::grow`], the new world registered with `to`.
+    pub(crate) fn grow_into(&self, to: &Target, name: &str, id: &UniqueId, new_size: usize) -> Result<World> {
+        self.usable_for_elastic()?;
+        // A size this rank refuses still takes part in the agreement, so that the others hear
+        // of it at once instead of at the deadline.
+        let refused = (new_size <= self.size() || new_size > MAX_WORLD_SIZE).then(|| {
+            Error::invalid_arg(format!(
+                "growing world '{}' of {} ranks to {new_size}: the new size must be larger, and at most {MAX_WORLD_SIZE}",
+                self.name(),
+                self.size()
+            ))
+        });
+        let ask = Ask { size: new_size as u64, id: crc32c(&id.to_bytes()), ..Ask::new(Op::Grow, name) };
+        self.agree(to, name, &ask, refused)?;
+        let rv = bootstrap::Rendezvous::Id(id.clone());
+        form_on(&to.manager, name, rv, Vec::new(), self.rank(), new_size, &to.options).wait()
+    }
+
+    /// Where worlds made from this one go: its own manager, with its options.
+    fn target(&self) -> Result<Target> {
+        let lin = self.lineage();
+        let manager = lin.manager.upgrade().ok_or_else(manager_gone)?;
+        Ok(Target { manager, options: lin.options.clone() })
+    }
+
+    /// `exclude` sorted, once checked: ranks of this world, none twice, not this rank.
+    pub(crate) fn excluded(&self, exclude: &[usize]) -> Result<Vec<usize>> {
         let mut ex = exclude.to_vec();
         ex.sort_unstable();
         ex.dedup();
@@ -242,41 +308,7 @@ impl World {
         if ex.contains(&self.rank()) {
             return Err(bad("a rank cannot exclude itself (only the survivors call shrink)".into()));
         }
-        let survivors: Vec<usize> = (0..self.size()).filter(|r| !ex.contains(r)).collect();
-        let how = format!("shrink of world '{}' into '{name}' excluding ranks {ex:?}", self.name());
-        self.form_from(to, name, &survivors, door_key(self.lineage().world_id, Op::Shrink, 0, 0), how)
-    }
-
-    /// A larger world (NCCL's `ncclCommGrow`): every rank of this world calls it and keeps
-    /// its rank; the newcomers call `manager.init_world(name, id, rank, new_size)` with ranks
-    /// from this world's size up, before or after the members. Old rank 0 makes `id`
-    /// ([`UniqueId::new`]) and gives it to the members (over this world, say with a
-    /// broadcast of [`UniqueId::to_bytes`]) and to the newcomers. The parent is untouched.
-    pub fn grow(&self, name: &str, id: &UniqueId, new_size: usize) -> Result<World> {
-        self.grow_into(&self.target()?, name, id, new_size)
-    }
-
-    /// [`World::grow`], the new world registered with `to`.
-    pub(crate) fn grow_into(&self, to: &Target, name: &str, id: &UniqueId, new_size: usize) -> Result<World> {
-        self.usable_for_elastic()?;
-        if new_size <= self.size() || new_size > MAX_WORLD_SIZE {
-            return Err(Error::invalid_arg(format!(
-                "growing world '{}' of {} ranks to {new_size}: the new size must be larger, and at most {MAX_WORLD_SIZE}",
-                self.name(),
-                self.size()
-            )));
-        }
-        let ask = Ask { size: new_size as u64, id: crc32c(&id.to_bytes()), ..Ask::new(Op::Grow, name) };
-        self.agree(to, name, &ask)?;
-        let rv = bootstrap::Rendezvous::Id(id.clone());
-        form_on(&to.manager, name, rv, Vec::new(), self.rank(), new_size, &to.options).wait()
-    }
-
-    /// Where worlds made from this one go: its own manager, with its options.
-    fn target(&self) -> Result<Target> {
-        let lin = self.lineage();
-        let manager = lin.manager.upgrade().ok_or_else(manager_gone)?;
-        Ok(Target { manager, options: lin.options.clone() })
+        Ok(ex)
     }
 
     fn lineage(&self) -> &Lineage {
@@ -294,25 +326,41 @@ impl World {
     }
 
     /// Gathers what every rank was asked, over this world, within the formation deadline;
-    /// the same `InvalidUsage` on every rank when they differ. Returns the asks and the
+    /// the same `InvalidUsage` on every rank when they differ. A rank whose own arguments are
+    /// bad (`refused`, or a bad name) takes part all the same, marked, and gets its
+    /// `InvalidArgument`; the others get `InvalidUsage` naming it. Returns the asks and the
     /// number of this collective elastic call.
-    fn agree(&self, to: &Target, name: &str, ask: &Ask) -> Result<(Vec<Ask>, u32)> {
+    fn agree(&self, to: &Target, name: &str, ask: &Ask, refused: Option<Error>) -> Result<(Vec<Ask>, u32)> {
         self.usable_for_elastic()?;
-        crate::api::manager::check_name(name)?;
-        let mine = ask.encode();
+        let refused = refused.or_else(|| crate::api::manager::check_name(name).err());
+        let mine = Ask { refused: refused.is_some(), ..ask.clone() }.encode();
         let mut all = vec![0u8; RECORD * self.size()];
         let call = self.all_gather_call(Some(&mine[..]), &mut all)?;
         self.run_bounded(call, to.options.timeout)?;
         let n = self.lineage().calls.fetch_add(1, Ordering::AcqRel);
+        if let Some(e) = refused {
+            return Err(e);
+        }
         let asks: Vec<Ask> = all.chunks(RECORD).map(Ask::decode).collect();
+        let what = |d: String| {
+            Error::invalid_usage(format!("{} of world '{}': {d}; nothing was formed", ask.what(), self.name()))
+        };
+        if let Some(r) = asks.iter().position(|a| a.refused) {
+            return Err(what(format!("rank {r} refused its own arguments (it got InvalidArgument)")));
+        }
         if let Some(d) = disagreement(&asks) {
-            return Err(Error::invalid_usage(format!(
-                "{} of world '{}': the ranks disagree: {d}; nothing was formed",
-                ask.what(),
-                self.name()
-            )));
+            return Err(what(format!("the ranks disagree: {d}")));
         }
         Ok((asks, n))
+    }
+
+    /// Takes part in a split whose arguments this rank refuses (the C API's checks), so that
+    /// the others hear of it at once; returns `why` as this rank's error.
+    pub(crate) fn split_refused(&self, to: &Target, name: &str, why: Error) -> Error {
+        match self.agree(to, name, &Ask::new(Op::Split, name), Some(why)) {
+            Err(e) => e,
+            Ok(_) => Error::internal("a refused split was agreed"),
+        }
     }
 
     /// Forms world `name` of the old ranks `members` (in their new order) through the door of
@@ -378,5 +426,7 @@ mod tests {
             }
         }
         assert_ne!(door_key(43, Op::Dup, 0, 0), k(Op::Dup, 0, 0));
+        // Fields that would overlap if they were packed into one word.
+        assert_ne!(k(Op::Split, 0, 1 << 24), k(Op::Split, 1, 0));
     }
 }

@@ -260,6 +260,12 @@ fn start_formation(
     f: &Formation,
 ) -> Result<()> {
     check_name(name)?;
+    // A host name is looked up here, on the caller's thread: the formation thread, which all
+    // formations share, must never wait for a resolver.
+    let rendezvous = match rendezvous {
+        bootstrap::Rendezvous::Address(a) => bootstrap::Rendezvous::Address(bootstrap::addr::resolve(&a)?.to_string()),
+        other => other,
+    };
     if size == 0 || size > crate::bootstrap::MAX_WORLD_SIZE {
         return Err(Error::invalid_arg(format!(
             "world '{name}': {size} ranks; a world has 1 to {} ranks",
@@ -586,6 +592,7 @@ async fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions)
             secret: formed.secret,
             doors: formed.doors,
             calls: AtomicU32::new(0),
+            shrinks: AtomicU32::new(0),
         },
     });
     world.set_op_timeout(options.op_timeout);

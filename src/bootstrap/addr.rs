@@ -157,22 +157,32 @@ pub(crate) fn listen_any_port(ip: IpAddr) -> Result<TcpListener> {
     TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| Error::system(format!("listening on {ip}"), e))
 }
 
-/// Writes one length-prefixed message, bounded by `deadline`.
-pub(crate) async fn send_msg(s: &TcpStream, msg: &[u8], deadline: Instant) -> io::Result<()> {
+/// Writes one length-prefixed message, bounded by `deadline` and `cancel`.
+pub(crate) async fn send_msg(
+    s: &TcpStream,
+    msg: &[u8],
+    deadline: Instant,
+    cancel: Option<&AtomicBool>,
+) -> io::Result<()> {
     let mut framed = Vec::with_capacity(4 + msg.len());
     framed.extend_from_slice(&(msg.len() as u32).to_le_bytes());
     framed.extend_from_slice(msg);
-    write_all(s, &framed, deadline).await
+    write_all(s, &framed, deadline, cancel).await
 }
 
-/// Writes all of `bytes`, bounded by `deadline`.
-pub(crate) async fn write_all(s: &TcpStream, bytes: &[u8], deadline: Instant) -> io::Result<()> {
+/// Writes all of `bytes`, bounded by `deadline` and `cancel`.
+pub(crate) async fn write_all(
+    s: &TcpStream,
+    bytes: &[u8],
+    deadline: Instant,
+    cancel: Option<&AtomicBool>,
+) -> io::Result<()> {
     let mut done = 0;
     while done < bytes.len() {
         match sys::send_vectored(s.as_raw_fd(), &[&bytes[done..]]) {
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait_for(s.as_raw_fd(), libc::POLLOUT, deadline, None).await?
+                wait_for(s.as_raw_fd(), libc::POLLOUT, deadline, cancel).await?
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),

@@ -192,11 +192,15 @@ impl Future for Ready<'_> {
         let exec = exec().map_err(|e| io::Error::other(e.message().to_owned()))?;
         let token = exec.next_token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         lock(&exec.waiting).insert(token, cx.waker().clone());
+        // Noted first, so that a registration that fails half-way is taken back whole.
+        self.token = Some(token);
         for &(fd, ev) in self.fds {
-            exec.epoll.watch_once(fd, ev, token)?;
+            if let Err(e) = exec.epoll.watch_once(fd, ev, token) {
+                self.forget();
+                return Poll::Ready(Err(e));
+            }
         }
         lock(&exec.timers).push(std::cmp::Reverse((self.until, token)));
-        self.token = Some(token);
         if std::thread::current().name() != Some("mw-form") {
             // A wait of another thread (`block_on`): the formation thread may sleep past it.
             exec.wake.signal();

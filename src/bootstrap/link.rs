@@ -16,6 +16,8 @@ pub(super) const LINK_MAGIC: u32 = 0x4D57_4C31; // "MWL1"
 pub(super) const LINK_HELLO_GRACE: Duration = Duration::from_secs(2);
 /// Connections waiting for their hello at once; past this the oldest is dropped.
 pub(super) const MAX_PENDING: usize = 128;
+/// How long a peer listener whose accept failed (no descriptor to spare) is not looked at.
+const LISTENER_PAUSE: Duration = Duration::from_millis(20);
 /// Bytes of a link hello at the most (its secret is the id's, 32 bytes; any is accepted up to
 /// this).
 const MAX_LINK_HELLO: usize = 4 + 8 + 4 + 4 + 4 + 4 + 256;
@@ -103,6 +105,37 @@ impl Pending {
     }
 }
 
+/// Queues every connection waiting on `listener`. When accepting fails (out of descriptors,
+/// say) the pending ones still get served, and the listener is looked at again in a moment.
+fn accept_pending(
+    listener: &TcpListener,
+    pending: &mut Vec<Pending>,
+    paused: &mut Option<Instant>,
+    name: &str,
+    rank: usize,
+) {
+    loop {
+        match listener.accept() {
+            Ok((s, from)) => {
+                if s.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                if pending.len() >= MAX_PENDING {
+                    let old = pending.remove(0);
+                    warn!("world '{name}' rank {rank}: dropped link connection from {} (too many pending)", old.from);
+                }
+                pending.push(Pending { s, from, buf: Vec::new(), since: Instant::now() });
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(_) => {
+                *paused = Some(Instant::now() + LISTENER_PAUSE);
+                return;
+            }
+        }
+    }
+}
+
 /// Accepts the `want` higher ranks' connections on `listener` and returns each checked
 /// connection by rank, its hello acknowledged. Ends with an error at `deadline` or when
 /// `cancel` is set.
@@ -119,6 +152,7 @@ pub(super) async fn accept_links(
     let mut taken = vec![false; expect.size];
     let mut done: Vec<(usize, TcpStream)> = Vec::new();
     let mut pending: Vec<Pending> = Vec::new();
+    let mut listener_paused: Option<Instant> = None;
     while done.len() < want {
         if addr::is_cancelled(cancel) {
             return Err(Error::system(what(&taken), addr::abandoned()));
@@ -127,38 +161,29 @@ pub(super) async fn accept_links(
         if now >= deadline {
             return Err(Error::timeout(what(&taken)));
         }
-        // Sleep until something arrives, or the oldest pending connection's grace ends.
-        let mut fds = vec![(listener.as_raw_fd(), libc::POLLIN)];
+        // Sleep until something arrives, or the oldest pending connection's grace ends. A
+        // listener whose accept failed is left out for a moment (it stays readable: watching
+        // it would spin the formation thread).
+        let paused = listener_paused.is_some_and(|p| now < p);
+        let mut fds = Vec::with_capacity(pending.len() + 1);
+        if !paused {
+            fds.push((listener.as_raw_fd(), libc::POLLIN));
+        }
         fds.extend(pending.iter().map(|p| (p.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
         let mut until = deadline;
         if let Some(p) = pending.first() {
             until = until.min(p.since + LINK_HELLO_GRACE);
+        }
+        if let Some(p) = listener_paused.filter(|_| paused) {
+            until = until.min(p);
         }
         if cancel.is_some() {
             until = until.min(now + addr::CANCEL_CHECK);
         }
         let _ = exec::ready(&fds, until).await;
         // New connections: all of them, each only queued.
-        loop {
-            match listener.accept() {
-                Ok((s, from)) => {
-                    if s.set_nonblocking(true).is_err() {
-                        continue;
-                    }
-                    if pending.len() >= MAX_PENDING {
-                        let old = pending.remove(0);
-                        warn!(
-                            "world '{name}' rank {rank}: dropped link connection from {} (too many pending)",
-                            old.from
-                        );
-                    }
-                    pending.push(Pending { s, from, buf: Vec::new(), since: Instant::now() });
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                // Out of descriptors, say: the pending ones still get served.
-                Err(_) => break,
-            }
+        if !paused {
+            accept_pending(listener, &mut pending, &mut listener_paused, name, rank);
         }
         // Input on pending connections; complete hellos are checked and answered.
         let now = Instant::now();
@@ -179,7 +204,7 @@ pub(super) async fn accept_links(
                 Ok(None) => i += 1,
                 Ok(Some(from)) => {
                     let p = pending.remove(i);
-                    if addr::write_all(&p.s, &[1], deadline).await.is_err() {
+                    if addr::write_all(&p.s, &[1], deadline, cancel).await.is_err() {
                         return Err(Error::new(
                             ErrorKind::WorldBroken,
                             format!("rank {from} went away while connecting"),
@@ -216,7 +241,7 @@ pub(super) async fn connect_links(
         let what = || formation_err(name, rank, format!("connecting to rank {peer}"));
         let a: SocketAddr = addr.parse().map_err(|_| Error::internal(what()))?;
         let s = addr::connect_once(a, deadline, cancel, &what).await?;
-        addr::send_msg(&s, &link_hello(t.world_id, t.generation, rank, peer, secret), deadline)
+        addr::send_msg(&s, &link_hello(t.world_id, t.generation, rank, peer, secret), deadline, cancel)
             .await
             .map_err(|e| Error::new(ErrorKind::WorldBroken, format!("{}: {e}", what())))?;
         let mut ack = [0u8; 1];
@@ -272,7 +297,7 @@ pub(super) async fn offer_transport(
                 // Before the offer, so that the peer can read this side's probe when it maps.
                 crate::transport::shm::publish_probe(&seg, 0);
                 let path = seg.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-                addr::send_msg(&s, format!("S{path}").as_bytes(), deadline).await?;
+                addr::send_msg(&s, format!("S{path}").as_bytes(), deadline, cancel).await?;
                 let mut ok = [0u8; 1];
                 addr::read_exact_until(&s, &mut ok, deadline, cancel).await?;
                 seg.unlink();
@@ -285,7 +310,7 @@ pub(super) async fn offer_transport(
             Err(e) => warn!("cannot create a shared-memory segment ({e}; is /dev/shm full?); using TCP"),
         }
     }
-    addr::send_msg(&s, b"T", deadline).await?;
+    addr::send_msg(&s, b"T", deadline, cancel).await?;
     Ok(Box::new(TcpLink::new(s, buffer)?))
 }
 
@@ -306,14 +331,14 @@ pub(super) async fn answer_transport(
                     // This side's probe before the answer: the connector probes it once it has
                     // the answer.
                     crate::transport::shm::publish_probe(&seg, 1);
-                    addr::write_all(&s, &[1], deadline).await?;
+                    addr::write_all(&s, &[1], deadline, cancel).await?;
                     Ok(Box::new(ShmLink::new(s, seg, false)?))
                 }
                 other => {
                     if let Some(Err(e)) = other {
                         warn!("cannot map the peer's shared-memory segment ({e}); using TCP");
                     }
-                    addr::write_all(&s, &[0], deadline).await?;
+                    addr::write_all(&s, &[0], deadline, cancel).await?;
                     Ok(Box::new(TcpLink::new(s, buffer)?))
                 }
             }
@@ -349,8 +374,13 @@ mod tests {
         let honest = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
             let s = TcpStream::connect(at).unwrap();
-            block_on(addr::send_msg(&s, &link_hello(5, 2, 1, 0, &secret), Instant::now() + Duration::from_secs(5)))
-                .unwrap();
+            block_on(addr::send_msg(
+                &s,
+                &link_hello(5, 2, 1, 0, &secret),
+                Instant::now() + Duration::from_secs(5),
+                None,
+            ))
+            .unwrap();
             let mut ack = [0u8; 1];
             block_on(addr::read_exact_until(&s, &mut ack, Instant::now() + Duration::from_secs(20), None)).unwrap();
             (ack[0], s)
@@ -388,11 +418,11 @@ mod tests {
         let mut refused = Vec::new();
         for m in &bad {
             let s = TcpStream::connect(at).unwrap();
-            block_on(addr::send_msg(&s, m, d())).unwrap();
+            block_on(addr::send_msg(&s, m, d(), None)).unwrap();
             refused.push(s);
         }
         let good = TcpStream::connect(at).unwrap();
-        block_on(addr::send_msg(&good, &link_hello(5, 2, 2, 1, &secret), d())).unwrap();
+        block_on(addr::send_msg(&good, &link_hello(5, 2, 2, 1, &secret), d(), None)).unwrap();
         let expect = Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 1, size: 3 };
         let got = block_on(accept_links(&listener, &expect, 1, d(), None, &|_| "w".into())).unwrap();
         assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![2]);

@@ -156,7 +156,7 @@ async fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline:
         key,
         agree,
     };
-    addr::send_msg(&to_root, &hello.encode(), deadline)
+    addr::send_msg(&to_root, &hello.encode(), deadline, cancel)
         .await
         .map_err(|e| Error::system(formation_err(name, rank, "sending hello to the root"), e))?;
     let reply = addr::recv_msg(&to_root, deadline, cancel).await.map_err(|e| {

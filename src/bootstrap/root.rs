@@ -277,16 +277,14 @@ fn serve_roots(server: &Roots, epoll: Epoll) {
     let mut live: HashMap<u64, Root> = HashMap::new();
     let mut doors: Vec<Door> = Vec::new();
     // Door formations that failed, until their deadline: ranks still to come hear why.
-    let mut failed: HashMap<u64, (ErrorKind, String, Instant)> = HashMap::new();
+    let mut failed: HashMap<u64, Failed> = HashMap::new();
     let mut next_key = WAKE_KEY;
     let mut keys = Vec::new();
     loop {
         for listener in lock(&server.doors).drain(..) {
             let key = DOOR_BIT | doors.len() as u64;
-            if let Err(e) = epoll.watch(listener.as_raw_fd(), libc::POLLIN, key) {
-                warn!("rendezvous: cannot watch this process's door: {e}");
-            }
-            doors.push(Door { listener, lobby: Vec::new(), key, paused: false });
+            let paused = (listener_watch_failed(&epoll, &listener, key)).then(|| Instant::now() + PAUSE);
+            doors.push(Door { listener, lobby: Vec::new(), key, paused });
         }
         let mut fresh = false;
         for mut r in lock(&server.inbox).drain(..) {
@@ -301,7 +299,11 @@ fn serve_roots(server: &Roots, epoll: Epoll) {
             // A new root looks at once: its listener may already hold connections, or a
             // door's lobby.
             keys.push(r.key);
-            fresh |= r.cfg.door.is_some();
+            if let Some((dk, _)) = &r.cfg.door {
+                // A new attempt under a key that failed before: its ranks wait for it.
+                failed.remove(dk);
+                fresh = true;
+            }
             live.insert(r.key, r);
         }
         if fresh {
@@ -330,7 +332,7 @@ fn serve_roots(server: &Roots, epoll: Epoll) {
             } else if let Some(r) = live.get_mut(&k) {
                 if r.turn(&epoll) {
                     if let (Some((dk, _)), Some((kind, msg))) = (&r.cfg.door, &r.failure) {
-                        failed.insert(*dk, (*kind, msg.clone(), r.deadline));
+                        failed.insert(*dk, Failed { kind: *kind, msg: msg.clone(), until: r.deadline });
                     }
                     live.remove(&k);
                 }
@@ -339,62 +341,109 @@ fn serve_roots(server: &Roots, epoll: Epoll) {
         keys.clear();
         if !failed.is_empty() {
             doors.iter_mut().for_each(|d| d.refuse_failed(&failed));
-            failed.retain(|_, f| f.2 > now);
+            failed.retain(|_, f| f.until > now);
         }
     }
 }
 
 /// Keys of doors in the roots thread's `epoll` set have this bit (roots count up from 1).
 const DOOR_BIT: u64 = 1 << 63;
-/// The most connections a door's lobby holds: beyond, the oldest is dropped.
-const LOBBY_MAX: usize = 4096;
+/// The most connections a door's lobby holds: beyond, the oldest that has not said a whole
+/// hello yet is dropped (else the oldest).
+const LOBBY_MAX: usize = 1024;
+/// The largest hello a door reads: a hello's fields are short, but its `agree` names the ranks
+/// a shrink excludes.
+const DOOR_HELLO_MAX: usize = 64 << 10;
+/// The longest a hello waits in a lobby for its root (its own deadline, if shorter): a rank
+/// whose leader comes later than that can say hello again.
+const LOBBY_WAIT_MAX: Duration = Duration::from_secs(120);
+/// How long a listener whose accept failed (no descriptor to spare) is left unwatched.
+const PAUSE: Duration = Duration::from_secs(1);
+
+/// A door formation that failed: how to answer, and until when.
+struct Failed {
+    kind: ErrorKind,
+    msg: String,
+    until: Instant,
+}
+
+/// A complete hello in a lobby: the formation it joins, and until when it waits.
+struct Waiting {
+    key: u64,
+    until: Instant,
+}
 
 /// One door: its listener and the connections whose root is not there yet.
 struct Door {
     listener: TcpListener,
-    lobby: Vec<(Conn, Option<(u64, Instant)>)>,
+    lobby: Vec<(Conn, Option<Waiting>)>,
     key: u64,
-    /// Accepting failed (no descriptor to spare): not watched until its next look.
-    paused: bool,
+    /// Accepting failed (no descriptor to spare): not watched until then.
+    paused: Option<Instant>,
+}
+
+/// Watches a door's listener; true if that failed (then it is looked at again after a pause).
+fn listener_watch_failed(epoll: &Epoll, listener: &TcpListener, key: u64) -> bool {
+    match epoll.watch(listener.as_raw_fd(), libc::POLLIN, key) {
+        Ok(()) => false,
+        Err(e) => {
+            warn!("rendezvous: cannot watch this process's door now ({e}); looking again in a moment");
+            true
+        }
+    }
 }
 
 impl Door {
     fn wake_at(&self) -> Instant {
-        let soon = Instant::now() + Duration::from_secs(1);
-        let lobby = self.lobby.iter().map(|(c, k)| k.map_or(c.since + HELLO_GRACE, |(_, until)| until)).min();
-        if self.paused {
-            soon
-        } else {
-            lobby.map_or(soon, |l| l.min(soon))
+        let lobby = self.lobby.iter().map(|(c, w)| w.as_ref().map_or(c.since + HELLO_GRACE, |w| w.until)).min();
+        match (self.paused, lobby) {
+            (Some(p), Some(l)) => p.min(l),
+            (p, l) => p.or(l).unwrap_or_else(|| Instant::now() + ROOT_IDLE_LIFETIME),
         }
     }
 
     /// Accepts and reads hellos; drops connections past their time.
     fn turn(&mut self, epoll: &Epoll) {
-        for c in accept_all(&self.listener, &mut self.paused, epoll, self.key) {
-            if self.lobby.len() >= LOBBY_MAX {
-                let (old, _) = self.lobby.remove(0);
-                warn!("rendezvous: door lobby full, dropped {}", old.peer);
-            }
-            self.lobby.push((c, None));
-        }
         let now = Instant::now();
-        self.lobby.retain_mut(|(c, key)| {
-            if let Some((_, until)) = key {
-                if now >= *until {
-                    refuse(c, ErrorKind::Timeout, "nobody led this formation at this door before the deadline");
+        let mut paused = false;
+        if self.paused.is_some_and(|p| now >= p) {
+            // Back from a pause: watched again (added, if the first watch had failed).
+            paused = epoll.rewatch(self.listener.as_raw_fd(), libc::POLLIN, self.key).is_err()
+                && listener_watch_failed(epoll, &self.listener, self.key);
+            self.paused = None;
+        }
+        if self.paused.is_none() && !paused {
+            for c in accept_all(&self.listener, &mut paused, epoll, self.key) {
+                if self.lobby.len() >= LOBBY_MAX {
+                    let i = self.lobby.iter().position(|(_, w)| w.is_none()).unwrap_or(0);
+                    let (old, _) = self.lobby.remove(i);
+                    warn!("rendezvous: door lobby full, dropped {}", old.peer);
+                }
+                self.lobby.push((c, None));
+            }
+        }
+        if paused {
+            self.paused = Some(now + PAUSE);
+        }
+        self.lobby.retain_mut(|(c, waiting)| {
+            if let Some(w) = waiting {
+                if now >= w.until {
+                    refuse(c, ErrorKind::Timeout, "nobody led this formation at this door in time");
                     return false;
                 }
                 // A hello waiting for its root: anything more from it is a hang-up or garbage.
                 return matches!(read_message(c), Message::Pending);
             }
+            if c.buf.len() > 4 + DOOR_HELLO_MAX {
+                return false;
+            }
             match read_message(c) {
-                Message::Pending => c.since + HELLO_GRACE > now,
+                Message::Pending => c.since + HELLO_GRACE > now && c.buf.len() <= 4 + DOOR_HELLO_MAX,
                 Message::Closed => false,
                 Message::Complete => match Hello::decode(&c.buf[4..]) {
                     Ok(h) if h.key != 0 => {
-                        let wait = Duration::from_millis(h.timeout_ms).min(ROOT_IDLE_LIFETIME);
-                        *key = Some((h.key, now + wait));
+                        let wait = Duration::from_millis(h.timeout_ms).min(LOBBY_WAIT_MAX);
+                        *waiting = Some(Waiting { key: h.key, until: now + wait });
                         true
                     }
                     _ => {
@@ -407,10 +456,10 @@ impl Door {
     }
 
     /// Tells the lobby's ranks of a failed formation why it failed, and lets them go.
-    fn refuse_failed(&mut self, failed: &HashMap<u64, (ErrorKind, String, Instant)>) {
-        self.lobby.retain(|(c, key)| match key.and_then(|(k, _)| failed.get(&k)) {
-            Some((kind, msg, _)) => {
-                refuse(c, *kind, msg);
+    fn refuse_failed(&mut self, failed: &HashMap<u64, Failed>) {
+        self.lobby.retain(|(c, waiting)| match waiting.as_ref().and_then(|w| failed.get(&w.key)) {
+            Some(f) => {
+                refuse(c, f.kind, &f.msg);
                 false
             }
             None => true,
@@ -422,7 +471,7 @@ impl Door {
     fn hand_over(&mut self, live: &mut HashMap<u64, Root>, epoll: &Epoll, turn: &mut Vec<u64>) {
         let mut i = 0;
         while i < self.lobby.len() {
-            let Some((k, _)) = self.lobby[i].1 else {
+            let Some(k) = self.lobby[i].1.as_ref().map(|w| w.key) else {
                 i += 1;
                 continue;
             };
@@ -831,7 +880,7 @@ mod tests {
                 agree: String::new(),
             };
             let s = TcpStream::connect(addr).unwrap();
-            exec::block_on(addr::send_msg(&s, &h.encode(), deadline)).unwrap();
+            exec::block_on(addr::send_msg(&s, &h.encode(), deadline, None)).unwrap();
             let e = decode_reply(&exec::block_on(addr::recv_msg(&s, deadline, None)).unwrap()).unwrap().unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{}", e.message());
         }

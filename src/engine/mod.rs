@@ -38,7 +38,7 @@ use crate::coll::reduce::{reduce3, reduce_into, scale_avg};
 use crate::coll::{plan, Act, BufId, Dep, OpDesc, Plan};
 use crate::engine::health::{Heartbeat, Liveness, Verdict};
 use crate::engine::wire::{world_tag, FrameHeader, FrameKind, OpKind, HEADER_LEN};
-use crate::sys::buf::{RawBuf, Scratch};
+use crate::sys::buf::{ranges_overlap, RawBuf, Scratch};
 use crate::sys::sync::Arc;
 use crate::transport::{Armed, Link, LinkError, Sink, TransportKind};
 
@@ -48,6 +48,9 @@ pub(crate) const UNEXPECTED_CAP: usize = 16 << 20;
 /// yields, so that a pass never holds the world for long: about half a millisecond of copying
 /// here, under the progress pool's 1 ms slice.
 const PASS_BUDGET: u64 = 4 << 20;
+/// The most bytes a local step (copy, reduction, scaling) moves at once: larger ones go in
+/// pieces across rounds and passes. A multiple of every element's size.
+const LOCAL_PIECE: usize = PASS_BUDGET as usize;
 
 /// Identity and settings of the world an engine serves.
 #[derive(Debug, Clone)]
@@ -681,22 +684,43 @@ impl Engine {
     fn run_local_steps(&mut self) -> Result<bool, BrokenCause> {
         let mut progress = false;
         let size = self.cfg.size;
+        let spent_at_start = self.local_bytes;
         for op in self.ops.iter_mut().filter(|o| o.active && o.local_left > 0) {
+            // One call does about a budget's worth of local work; the pass comes back for more.
+            if self.local_bytes - spent_at_start >= PASS_BUDGET {
+                break;
+            }
             for s in 0..op.plan.steps.len() {
                 if op.steps[s].done || !op.deps_done(s) {
                     continue;
                 }
                 let (dtype, redop) = (op.desc.dtype, op.desc.redop);
-                match op.plan.steps[s].act {
+                let act = op.plan.steps[s].act;
+                let len = match act {
+                    Act::Copy { dst, .. } | Act::Reduce { dst, .. } | Act::Scale { dst } => dst.len,
+                    Act::Send { .. } | Act::Recv { .. } => continue,
+                };
+                // A large step goes in pieces (its `progress` says how far it got).
+                let at = op.steps[s].progress;
+                let mut n = (len - at).min(LOCAL_PIECE);
+                match act {
                     Act::Copy { src, dst } => {
-                        if src != dst {
-                            let (sb, db) = (op.buf(src.buf), op.buf(dst.buf));
-                            if src.len != dst.len {
-                                return Err(internal("copy between regions of different sizes"));
+                        let (sb, db) = (op.buf(src.buf), op.buf(dst.buf));
+                        if src.len != dst.len {
+                            return Err(internal("copy between regions of different sizes"));
+                        }
+                        if src == dst {
+                            n = len - at;
+                        } else {
+                            // Overlapping views (an in-place call) are copied whole, as one
+                            // memmove: in pieces, a later piece could read what an earlier one
+                            // wrote.
+                            if ranges_overlap((sb.addr() + src.off, len), (db.addr() + dst.off, len)) {
+                                n = len - at;
                             }
                             // SAFETY: both views belong to this operation (buf.rs contract);
                             // `copy_region` handles overlap.
-                            unsafe { crate::sys::buf::copy_region(sb, src.off, db, dst.off, src.len) }
+                            unsafe { crate::sys::buf::copy_region(sb, src.off + at, db, dst.off + at, n) }
                                 .ok_or_else(|| internal("copy region out of range"))?;
                         }
                     }
@@ -704,7 +728,7 @@ impl Engine {
                         let (sb, db) = (op.buf(src.buf), op.buf(dst.buf));
                         // SAFETY: the plan never reduces a region into itself, so these two
                         // views do not overlap; both belong to this operation.
-                        let (a, b) = unsafe { (sb.bytes(src.off, src.len), db.bytes_mut(dst.off, dst.len)) };
+                        let (a, b) = unsafe { (sb.bytes(src.off + at, n), db.bytes_mut(dst.off + at, n)) };
                         let (Some(a), Some(b)) = (a, b) else {
                             return Err(internal("reduce region out of range"));
                         };
@@ -712,21 +736,22 @@ impl Engine {
                     }
                     Act::Scale { dst } => {
                         // SAFETY: a view of this operation's own buffer, alone.
-                        let b = unsafe { op.buf(dst.buf).bytes_mut(dst.off, dst.len) }
+                        let b = unsafe { op.buf(dst.buf).bytes_mut(dst.off + at, n) }
                             .ok_or_else(|| internal("scale region out of range"))?;
                         scale_avg(dtype, b, size);
                     }
                     Act::Send { .. } | Act::Recv { .. } => continue,
                 }
-                self.local_bytes += match op.plan.steps[s].act {
-                    Act::Copy { dst, .. } | Act::Reduce { dst, .. } | Act::Scale { dst } => dst.len as u64,
-                    Act::Send { .. } | Act::Recv { .. } => 0,
-                };
+                op.steps[s].progress += n;
+                self.local_bytes += n as u64;
+                progress = true;
+                if op.steps[s].progress < len {
+                    continue;
+                }
                 op.local_left -= 1;
                 if op.finish_step(s) {
                     self.finished += 1;
                 }
-                progress = true;
             }
         }
         Ok(progress)

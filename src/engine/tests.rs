@@ -824,3 +824,53 @@ fn what_a_peer_sent_before_leaving_can_still_be_received() {
     );
     assert_eq!(c2.result().unwrap().unwrap_err().kind(), ErrorKind::WorldBroken);
 }
+
+/// A pass does about a budget's worth of local work, also when the work is one large copy or
+/// many queued ones (a one-rank world's queue is nothing else): the copy goes in pieces over
+/// several passes, and arrives whole.
+#[test]
+fn a_pass_does_a_budget_of_local_work_in_pieces() {
+    let mut net = net(1, 1 << 20);
+    let now = net.now;
+    let len = 10 * LOCAL_PIECE + 4;
+    let mut send = Buf::new(len);
+    let v: Vec<f32> = (0..len / 4).map(|i| i as f32).collect();
+    send.fill_f32(&v);
+    let mut recv = Buf::new(len);
+    let desc = OpDesc {
+        kind: OpKind::AllGather,
+        dtype: DataType::F32,
+        redop: ReduceOp::Sum,
+        count: len / 4,
+        root: 0,
+        is_send: false,
+        in_place: false,
+    };
+    let c = Completion::new();
+    let e = &mut net.engines[0];
+    e.post(
+        vec![Posted {
+            desc,
+            send: send.raw(),
+            recv: recv.raw(),
+            completion: c.clone(),
+            timeout: None,
+            keepalive: None,
+        }],
+        || now,
+    );
+    let mut passes = 0;
+    while !c.is_done() {
+        let before = e.local_bytes;
+        e.pass(now);
+        passes += 1;
+        assert!(
+            e.local_bytes - before <= PASS_BUDGET + LOCAL_PIECE as u64,
+            "one pass moved {}",
+            e.local_bytes - before
+        );
+        assert!(passes < 100, "the copy never finished");
+    }
+    assert!(passes >= 5, "{len} bytes in {passes} passes");
+    assert_eq!(recv.f32s(), v);
+}

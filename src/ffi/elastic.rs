@@ -109,9 +109,6 @@ pub unsafe extern "C" fn mwCommSplit(
         if newcomm.is_null() {
             return invalid(None, "mwCommSplit: newcomm is NULL");
         }
-        if color < MW_SPLIT_NOCOLOR || key < 0 {
-            return invalid(None, "mwCommSplit: color is >= 0 or MW_SPLIT_NOCOLOR, key >= 0");
-        }
         // SAFETY: forwarded from the caller.
         let call = match unsafe { start(comm, config, "mwCommSplit") } {
             Ok(x) => x,
@@ -120,7 +117,15 @@ pub unsafe extern "C" fn mwCommSplit(
         let w = &call.world;
         let n = w.inner.lineage.calls.load(crate::sys::sync::Ordering::Acquire);
         let name = derived_name(w, "split", &n.to_le_bytes());
-        let r = w.split_into(&call.to, &name, (color >= 0).then_some(color as u32), key as u32);
+        let r = if color < MW_SPLIT_NOCOLOR || key < 0 {
+            // Refused here, but the call takes part, so the other ranks hear of it at once.
+            let why = Error::invalid_arg(format!(
+                "mwCommSplit: color {color} and key {key}: color is >= 0 or MW_SPLIT_NOCOLOR, key >= 0"
+            ));
+            Err(w.split_refused(&call.to, &name, why))
+        } else {
+            w.split_into(&call.to, &name, (color >= 0).then_some(color as u32), key as u32)
+        };
         // SAFETY: checked non-null.
         unsafe { finish(call, r, newcomm) }
     })
@@ -160,11 +165,14 @@ pub unsafe extern "C" fn mwCommShrink(
             Err(r) => return r,
         };
         let w = &call.world;
+        // The list is checked before the parent is aborted: a bad call changes nothing.
+        let sorted = match w.excluded(&exclude) {
+            Ok(s) => s,
+            Err(e) => return fail(Some(&call.parent), e),
+        };
         if shrinkFlags == MW_SHRINK_ABORT {
             w.abort();
         }
-        let mut sorted = exclude.clone();
-        sorted.sort_unstable();
         let detail: Vec<u8> = sorted.iter().flat_map(|r| (*r as u64).to_le_bytes()).collect();
         let r = w.shrink_into(&call.to, &derived_name(w, "shrink", &detail), &exclude).map(Some);
         // SAFETY: checked non-null.

@@ -58,6 +58,11 @@ impl RawBuf {
         RawBuf { ptr, len, writable }
     }
 
+    /// The address of its first byte (to tell whether two views overlap).
+    pub(crate) fn addr(&self) -> usize {
+        self.ptr as usize
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.len
     }
