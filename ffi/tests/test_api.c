@@ -353,6 +353,75 @@ static void test_elastic(void) {
   printf("ok - split by parity, no colour, shrink without a live rank, bad arguments\n");
 }
 
+/* The same on non-blocking communicators: split and shrink return mwInProgress with the new
+ * handle at once; mwCommGetAsyncError says when it is ready. */
+static void wait_ready(mwComm_t c) {
+  mwResult_t st = mwInProgress;
+  while (st == mwInProgress) MWCHECK(mwCommGetAsyncError(c, &st));
+  if (st != mwSuccess) fprintf(stderr, "wait_ready: %d: %s\n", st, mwGetLastError(c));
+  CHECK(st == mwSuccess);
+}
+
+/* A last barrier before destroying: a peer that passed it may leave before this rank looks,
+ * which the communicator's state then shows. */
+static void last_barrier(mwComm_t c) {
+  CHECK(mwBarrier(c, NULL) == mwInProgress);
+  mwResult_t st = mwInProgress;
+  while (st == mwInProgress) MWCHECK(mwCommGetAsyncError(c, &st));
+  CHECK(st == mwSuccess || st == mwRemoteError);
+}
+
+static int nb_sum_of(mwComm_t c, int v) {
+  mwResult_t r = mwAllReduce(&v, &v, 1, mwInt, mwSum, c, NULL);
+  if (r != mwInProgress) fprintf(stderr, "nb_sum_of: %d %s\n", r, mwGetLastError(c));
+  CHECK(r == mwInProgress);
+  wait_ready(c);
+  return v;
+}
+
+static void nonblocking_elastic(int rank, int n, mwUniqueId id, const char *arg) {
+  (void)arg;
+  mwComm_t comm, half, rest = NULL;
+  mwConfig_t cfg = MW_CONFIG_INITIALIZER;
+  cfg.blocking = 0;
+  CHECK(mwCommInitRankConfig(&comm, n, id, rank, &cfg) == mwInProgress);
+  wait_ready(comm);
+  /* By parity, keys ascending: the new handle at once, its shape once it is made. */
+  CHECK(mwCommSplit(comm, rank % 2, rank, &half, NULL) == mwInProgress);
+  CHECK(half != NULL);
+  int cnt = -1;
+  mwResult_t r = mwCommCount(half, &cnt);
+  CHECK(r == mwInProgress || r == mwSuccess);
+  wait_ready(half);
+  int mates = (n - rank % 2 + 1) / 2;
+  check_shape(half, mates, rank / 2);
+  CHECK(nb_sum_of(half, 1) == mates);
+  /* A colour of none: no handle, and the parent goes on. */
+  mwComm_t none = half;
+  CHECK(mwCommSplit(comm, MW_SPLIT_NOCOLOR, 0, &none, NULL) == mwSuccess);
+  CHECK(none == NULL);
+  CHECK(nb_sum_of(comm, 1) == n);
+  /* Shrink without the last rank, which lives and does not call; its shape is known at once. */
+  if (rank != n - 1) {
+    int last = n - 1;
+    CHECK(mwCommShrink(comm, &last, 1, &rest, NULL, MW_SHRINK_DEFAULT) == mwInProgress);
+    check_shape(rest, n - 1, rank);
+    wait_ready(rest);
+    CHECK(nb_sum_of(rest, rank + 1) == (n - 1) * n / 2);
+    last_barrier(rest);
+    MWCHECK(mwCommDestroy(rest));
+  }
+  last_barrier(half);
+  MWCHECK(mwCommDestroy(half));
+  last_barrier(comm);
+  MWCHECK(mwCommDestroy(comm));
+}
+
+static void test_nonblocking_elastic(void) {
+  CHECK(run_ranks(3, "nonblocking_elastic", NULL) == 0);
+  printf("ok - non-blocking split (with and without a colour) and shrink\n");
+}
+
 static void shrink_killed(int rank, int n, mwUniqueId id, const char *arg) {
   (void)arg;
   mwComm_t comm, rest;
@@ -484,6 +553,7 @@ const struct role ROLES[] = {
     {"by_address", by_address},
     {"killed", killed},
     {"elastic", elastic},
+    {"nonblocking_elastic", nonblocking_elastic},
     {"shrink_killed", shrink_killed},
     {"grow", grow},
     {NULL, NULL},
@@ -503,6 +573,7 @@ int main(int argc, char **argv) {
   test_group_init();
   test_killed_peer();
   test_elastic();
+  test_nonblocking_elastic();
   test_shrink_killed();
   test_grow();
   printf("all C API tests passed\n");

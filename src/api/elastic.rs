@@ -27,6 +27,7 @@ use crate::api::error::{Error, Result};
 use crate::api::id::UniqueId;
 use crate::api::manager::{form_on, Inner};
 use crate::api::options::WorldOptions;
+use crate::api::request::{Completion, KeepAlive};
 use crate::api::world::World;
 use crate::bootstrap::{self, MAX_WORLD_SIZE};
 use crate::sys::crc32c::crc32c;
@@ -51,7 +52,66 @@ pub(crate) struct Lineage {
     pub shrinks: AtomicU32,
 }
 
+/// An agreement posted over the parent and not yet waited for; its buffers live until the
+/// engine is done with them, whatever becomes of this.
+struct Agreement {
+    completion: Arc<Completion>,
+    bufs: Arc<crate::api::request::Slot<(Vec<u8>, Vec<u8>)>>,
+    ask: Ask,
+    refused: Option<Error>,
+}
+
+impl Agreement {
+    /// Waits for the agreement (driving the parent if nobody does) and judges it.
+    fn finish(self, w: &World) -> Result<(Vec<Ask>, u32)> {
+        w.wait_for(std::slice::from_ref(&self.completion));
+        self.completion.result().unwrap_or_else(|| Err(Error::internal("agreement ended without a result")))?;
+        let n = w.lineage().calls.fetch_add(1, Ordering::AcqRel);
+        if let Some(e) = self.refused {
+            return Err(e);
+        }
+        let asks: Vec<Ask> = self
+            .bufs
+            .with(|(_, all)| all.chunks(RECORD).map(Ask::decode).collect())
+            .ok_or_else(|| Error::internal("agreement buffers"))?;
+        let what = |d: String| {
+            Error::invalid_usage(format!("{} of world '{}': {d}; nothing was formed", self.ask.what(), w.name()))
+        };
+        if let Some(r) = asks.iter().position(|a| a.refused) {
+            return Err(what(format!("rank {r} refused its own arguments (it got InvalidArgument)")));
+        }
+        if let Some(d) = disagreement(&asks) {
+            return Err(what(format!("the ranks disagree: {d}")));
+        }
+        Ok((asks, n))
+    }
+}
+
+/// A split whose agreement is posted: [`SplitStarted::finish`] waits for it and forms the
+/// new world.
+pub(crate) struct SplitStarted {
+    agreement: Agreement,
+    to: Target,
+    name: String,
+    color: Option<u32>,
+}
+
+impl SplitStarted {
+    pub(crate) fn finish(self, w: &World) -> Result<Option<World>> {
+        let (asks, call) = self.agreement.finish(w)?;
+        let Some(c) = self.color else { return Ok(None) };
+        let mut members: Vec<(u32, usize)> =
+            asks.iter().enumerate().filter(|(_, a)| a.color == Some(c)).map(|(r, a)| (a.key, r)).collect();
+        members.sort_unstable();
+        let old: Vec<usize> = members.iter().map(|m| m.1).collect();
+        let (name, to) = (&self.name, &self.to);
+        let how = format!("split of world '{}' into '{name}' by colour {c}", w.name());
+        w.form_from(to, name, &old, door_key(w.lineage().world_id, Op::Split, call, c), how).map(Some)
+    }
+}
+
 /// Where a new world is registered, and its options.
+#[derive(Clone)]
 pub(crate) struct Target {
     pub manager: Arc<Inner>,
     pub options: WorldOptions,
@@ -216,15 +276,22 @@ impl World {
     /// [`World::split`], the new world registered with `to` (the C API gives each
     /// communicator a manager of its own).
     pub(crate) fn split_into(&self, to: &Target, name: &str, color: Option<u32>, key: u32) -> Result<Option<World>> {
+        self.split_start(to, name, color, key, true)?.finish(self)
+    }
+
+    /// Posts a split's agreement (in this thread's order of operations on the world) and
+    /// returns what finishes it, maybe on another thread (the C API's non-blocking split).
+    pub(crate) fn split_start(
+        &self,
+        to: &Target,
+        name: &str,
+        color: Option<u32>,
+        key: u32,
+        driven: bool,
+    ) -> Result<SplitStarted> {
         let ask = Ask { color, key, ..Ask::new(Op::Split, name) };
-        let (asks, call) = self.agree(to, name, &ask, None)?;
-        let Some(c) = color else { return Ok(None) };
-        let mut members: Vec<(u32, usize)> =
-            asks.iter().enumerate().filter(|(_, a)| a.color == Some(c)).map(|(r, a)| (a.key, r)).collect();
-        members.sort_unstable();
-        let old: Vec<usize> = members.iter().map(|m| m.1).collect();
-        let how = format!("split of world '{}' into '{name}' by colour {c}", self.name());
-        self.form_from(to, name, &old, door_key(self.lineage().world_id, Op::Split, call, c), how).map(Some)
+        let agreement = self.agree_post(to, name, &ask, None, driven)?;
+        Ok(SplitStarted { agreement, to: to.clone(), name: name.to_owned(), color })
     }
 
     /// A new world of the same ranks, collectively (NCCL's `ncclCommSplit` with one colour,
@@ -331,27 +398,29 @@ impl World {
     /// `InvalidArgument`; the others get `InvalidUsage` naming it. Returns the asks and the
     /// number of this collective elastic call.
     fn agree(&self, to: &Target, name: &str, ask: &Ask, refused: Option<Error>) -> Result<(Vec<Ask>, u32)> {
+        self.agree_post(to, name, ask, refused, true)?.finish(self)
+    }
+
+    /// Posts the agreement of [`World::agree`] without waiting for it (a non-blocking C call
+    /// posts it in the caller's order of operations, then finishes elsewhere).
+    fn agree_post(
+        &self,
+        to: &Target,
+        name: &str,
+        ask: &Ask,
+        refused: Option<Error>,
+        driven: bool,
+    ) -> Result<Agreement> {
         self.usable_for_elastic()?;
         let refused = refused.or_else(|| crate::api::manager::check_name(name).err());
-        let mine = Ask { refused: refused.is_some(), ..ask.clone() }.encode();
-        let mut all = vec![0u8; RECORD * self.size()];
-        let call = self.all_gather_call(Some(&mine[..]), &mut all)?;
-        self.run_bounded(call, to.options.timeout)?;
-        let n = self.lineage().calls.fetch_add(1, Ordering::AcqRel);
-        if let Some(e) = refused {
-            return Err(e);
-        }
-        let asks: Vec<Ask> = all.chunks(RECORD).map(Ask::decode).collect();
-        let what = |d: String| {
-            Error::invalid_usage(format!("{} of world '{}': {d}; nothing was formed", ask.what(), self.name()))
-        };
-        if let Some(r) = asks.iter().position(|a| a.refused) {
-            return Err(what(format!("rank {r} refused its own arguments (it got InvalidArgument)")));
-        }
-        if let Some(d) = disagreement(&asks) {
-            return Err(what(format!("the ranks disagree: {d}")));
-        }
-        Ok((asks, n))
+        let mine = Ask { refused: refused.is_some(), ..ask.clone() }.encode().to_vec();
+        let bufs = crate::api::request::Slot::new((mine, vec![0u8; RECORD * self.size()]));
+        let call = bufs
+            .with(|(mine, all)| self.all_gather_call(Some(&mine[..]), &mut all[..]))
+            .ok_or_else(|| Error::internal("agreement buffers"))??;
+        let keep: KeepAlive = bufs.clone();
+        let completion = self.post_bounded(call, to.options.timeout, Some(keep), driven)?;
+        Ok(Agreement { completion, bufs, ask: ask.clone(), refused })
     }
 
     /// Takes part in a split whose arguments this rank refuses (the C API's checks), so that

@@ -213,13 +213,27 @@ impl World {
     /// if shorter) and waits for it: what elastic calls agree over the world is bounded by
     /// the formation deadline, whatever the world's own operation deadline.
     pub(crate) fn run_bounded(&self, call: Call, limit: Duration) -> Result<()> {
+        let c = self.post_bounded(call, limit, None, true)?;
+        self.wait_for(std::slice::from_ref(&c));
+        c.result().unwrap_or_else(|| Err(Error::internal("operation ended without a result")))
+    }
+
+    /// Posts one call whose deadline is at most `limit` (see [`World::run_bounded`]) without
+    /// waiting for it; `keep` (its buffers) lives until the engine is done with it. `driven`:
+    /// the caller waits for it right away (else the progress pool drives it).
+    pub(crate) fn post_bounded(
+        &self,
+        call: Call,
+        limit: Duration,
+        keep: Option<KeepAlive>,
+        driven: bool,
+    ) -> Result<Arc<Completion>> {
         self.usable()?;
         let c = Completion::new();
-        let mut p = self.posted(call, c.clone(), None);
+        let mut p = self.posted(call, c.clone(), keep);
         p.timeout = Some(p.timeout.map_or(limit, |t| t.min(limit)));
-        self.inner.backend.post_one(p, true);
-        self.inner.backend.wait(&[&c], None);
-        c.result().unwrap_or_else(|| Err(Error::internal("operation ended without a result")))
+        self.inner.backend.post_one(p, driven);
+        Ok(c)
     }
 
     /// Posts operations on raw buffers (the C ABI) as one batch. With `wait`, blocks until all

@@ -341,11 +341,14 @@ pub unsafe extern "C" fn mwCommCount(comm: mwComm_t, count: *mut c_int) -> mwRes
     guard(|| match lookup(comm) {
         Err(r) => r,
         Ok(c) if count.is_null() => invalid(Some(&c), "mwCommCount: count is NULL"),
-        Ok(c) => {
-            // SAFETY: checked non-null.
-            unsafe { *count = c.size as c_int };
-            mwSuccess
-        }
+        Ok(c) => match c.shape() {
+            Err(e) => c.record(&e),
+            Ok((_, size)) => {
+                // SAFETY: checked non-null.
+                unsafe { *count = size as c_int };
+                mwSuccess
+            }
+        },
     })
 }
 
@@ -355,11 +358,14 @@ pub unsafe extern "C" fn mwCommUserRank(comm: mwComm_t, rank: *mut c_int) -> mwR
     guard(|| match lookup(comm) {
         Err(r) => r,
         Ok(c) if rank.is_null() => invalid(Some(&c), "mwCommUserRank: rank is NULL"),
-        Ok(c) => {
-            // SAFETY: checked non-null.
-            unsafe { *rank = c.rank as c_int };
-            mwSuccess
-        }
+        Ok(c) => match c.shape() {
+            Err(e) => c.record(&e),
+            Ok((r, _)) => {
+                // SAFETY: checked non-null.
+                unsafe { *rank = r as c_int };
+                mwSuccess
+            }
+        },
     })
 }
 

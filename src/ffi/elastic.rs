@@ -2,10 +2,12 @@
 //! `mwCommGrow` and `mwCommGetUniqueId` (`api/elastic.rs` does the work).
 //!
 //! Each new communicator is a world of a manager of its own, like one from `mwCommInitRank`:
-//! destroying or aborting the parent leaves it alone, and the other way round. These calls
-//! return once the new communicator is ready (or failed), whatever `config->blocking` says,
-//! and may not be called inside a group. A `NULL` config gives the new communicator the
-//! parent's settings.
+//! destroying or aborting the parent leaves it alone, and the other way round. On a
+//! non-blocking configuration (`blocking = 0`) `mwCommSplit` and `mwCommShrink` return
+//! `mwInProgress` with the new handle at once (a split's agreement already posted on the
+//! parent, in the caller's order of operations) and make the communicator on a thread of its
+//! own; `mwCommGetAsyncError` says when it is ready. `mwCommGrow` blocks. None may be called
+//! inside a group. A `NULL` config gives the new communicator the parent's settings.
 
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
@@ -20,6 +22,7 @@ use crate::api::error::Error;
 use crate::api::manager::{Rendezvous, WorldManager};
 use crate::api::world::World;
 use crate::sys::crc32c::crc32c;
+use crate::sys::sync::lock;
 use crate::sys::sync::{Arc, Mutex};
 use crate::UniqueId;
 
@@ -85,6 +88,42 @@ unsafe fn finish(call: Call, r: Result<Option<World>, Error>, newcomm: *mut mwCo
     mwSuccess
 }
 
+/// Makes the new communicator on a thread of its own (a non-blocking call): it is registered
+/// at once, `mwInProgress` until `job` is done. `shape` is its rank and size if known now.
+unsafe fn finish_later(
+    call: Call,
+    shape: Option<(usize, usize)>,
+    job: impl FnOnce() -> Result<Option<World>, Error> + Send + 'static,
+    newcomm: *mut mwComm_t,
+) -> mwResult_t {
+    let slot = Arc::new(Mutex::new(None));
+    let out = slot.clone();
+    let spawned = std::thread::Builder::new().name("mw-comm-make".into()).spawn(move || {
+        let r = job().and_then(|w| w.ok_or_else(|| Error::internal("no communicator was made")));
+        *lock(&out) = Some(r);
+    });
+    if let Err(e) = spawned {
+        // SAFETY: the caller checked `newcomm`.
+        unsafe { *newcomm = std::ptr::null_mut() };
+        return fail(Some(&call.parent), Error::system("starting a thread for a non-blocking call", e));
+    }
+    let (rank, size) = shape.unwrap_or((UNKNOWN, UNKNOWN));
+    let c = Comm {
+        manager: call.manager,
+        rank,
+        size,
+        phase: Mutex::new(Phase::Making(slot)),
+        blocking: call.blocking,
+        pending: Mutex::new(Vec::new()),
+        last_error: Mutex::new(String::new()),
+        #[cfg(feature = "cuda")]
+        staging: Mutex::new(None),
+    };
+    // SAFETY: as above.
+    unsafe { *newcomm = register(c) };
+    mwInProgress
+}
+
 /// A name every rank of the call derives alike (a C communicator's name only has to agree
 /// between its ranks: each has a manager of its own).
 fn derived_name(parent: &World, what: &str, detail: &[u8]) -> String {
@@ -123,6 +162,25 @@ pub unsafe extern "C" fn mwCommSplit(
                 "mwCommSplit: color {color} and key {key}: color is >= 0 or MW_SPLIT_NOCOLOR, key >= 0"
             ));
             Err(w.split_refused(&call.to, &name, why))
+        } else if !call.blocking {
+            // Non-blocking: the agreement is posted now, in this thread's order of operations
+            // on the parent; the rest goes on in the background.
+            let color = (color >= 0).then_some(color as u32);
+            let started = match w.split_start(&call.to, &name, color, key as u32, false) {
+                Ok(s) => s,
+                Err(e) => return fail(Some(&call.parent), e),
+            };
+            let parent = w.clone();
+            let job = move || started.finish(&parent);
+            if color.is_none() {
+                // Nothing to wait for here: the agreement finishes in the background.
+                let _ = std::thread::Builder::new().name("mw-comm-make".into()).spawn(move || drop(job()));
+                // SAFETY: checked non-null.
+                unsafe { *newcomm = std::ptr::null_mut() };
+                return mwSuccess;
+            }
+            // SAFETY: checked non-null.
+            return unsafe { finish_later(call, None, job, newcomm) };
         } else {
             w.split_into(&call.to, &name, (color >= 0).then_some(color as u32), key as u32)
         };
@@ -174,7 +232,15 @@ pub unsafe extern "C" fn mwCommShrink(
             w.abort();
         }
         let detail: Vec<u8> = sorted.iter().flat_map(|r| (*r as u64).to_le_bytes()).collect();
-        let r = w.shrink_into(&call.to, &derived_name(w, "shrink", &detail), &exclude).map(Some);
+        let name = derived_name(w, "shrink", &detail);
+        if !call.blocking {
+            let shape = (w.rank() - sorted.iter().filter(|r| **r < w.rank()).count(), w.size() - sorted.len());
+            let (parent, to) = (w.clone(), call.to.clone());
+            let job = move || parent.shrink_into(&to, &name, &exclude).map(Some);
+            // SAFETY: checked non-null.
+            return unsafe { finish_later(call, Some(shape), job, newcomm) };
+        }
+        let r = w.shrink_into(&call.to, &name, &exclude).map(Some);
         // SAFETY: checked non-null.
         unsafe { finish(call, r, newcomm) }
     })

@@ -19,9 +19,15 @@ use crate::sys::sync::{lock, Arc, Mutex};
 /// Where a communicator stands.
 pub(super) enum Phase {
     Forming(Formation),
+    /// Being made from another communicator on a thread of its own (a non-blocking
+    /// `mwCommSplit` or `mwCommShrink`): the result, once there.
+    Making(Arc<Mutex<Option<Result<World, Error>>>>),
     Ready(World),
     Failed(Error),
 }
+
+/// Rank and size of a communicator still being split off another.
+pub(super) const UNKNOWN: usize = usize::MAX;
 
 pub(super) struct Comm {
     pub(super) manager: WorldManager,
@@ -41,6 +47,15 @@ impl Comm {
     /// The world, once formed. A formation that finished is settled here.
     pub(super) fn world(&self) -> Result<World, Error> {
         let mut p = lock(&self.phase);
+        if let Phase::Making(m) = &*p {
+            let Some(r) = lock(m).take() else {
+                return Err(Error::new(ErrorKind::InProgress, "the communicator is still being made"));
+            };
+            *p = match r {
+                Ok(w) => Phase::Ready(w),
+                Err(e) => Phase::Failed(e),
+            };
+        }
         if let Phase::Forming(f) = &*p {
             if !f.test() {
                 return Err(Error::new(ErrorKind::InProgress, "the communicator is still forming"));
@@ -56,12 +71,21 @@ impl Comm {
         match &*p {
             Phase::Ready(w) => Ok(w.clone()),
             Phase::Failed(e) => Err(e.clone()),
-            Phase::Forming(_) => Err(Error::internal("formation not settled")),
+            Phase::Forming(_) | Phase::Making(_) => Err(Error::internal("formation not settled")),
         }
     }
 
     /// Abandons the formation if it is still under way (returns at once); the communicator
     /// then reads as failed.
+    /// This rank and the size: known from the start, except for a communicator still being
+    /// split off another (`mwInProgress` until it is made).
+    pub(super) fn shape(&self) -> Result<(usize, usize), Error> {
+        if self.size != UNKNOWN {
+            return Ok((self.rank, self.size));
+        }
+        self.world().map(|w| (w.rank(), w.size()))
+    }
+
     pub(super) fn abandon_formation(&self) {
         let mut p = lock(&self.phase);
         if let Phase::Forming(f) = &*p {

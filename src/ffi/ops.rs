@@ -104,6 +104,8 @@ impl Checked {
 /// Checks a call against the communicator.
 pub(super) fn prepare(c: &Comm, r: &RawCall) -> Result<Checked, Error> {
     let name = r.kind.name();
+    // A communicator still being split off another knows its shape once it is made.
+    let (rank, size) = c.shape()?;
     let bad = |m: String| Error::invalid_arg(format!("{name}: {m}"));
     let dtype = DataType::from_code(r.datatype as u32)
         .filter(|_| r.datatype >= 0)
@@ -116,8 +118,8 @@ pub(super) fn prepare(c: &Comm, r: &RawCall) -> Result<Checked, Error> {
         ReduceOp::Sum
     };
     let root = if r.kind.rooted() || r.kind == OpKind::P2p {
-        if r.root < 0 || r.root as usize >= c.size {
-            return Err(bad(format!("rank {} is out of range for {} ranks", r.root, c.size)));
+        if r.root < 0 || r.root as usize >= size {
+            return Err(bad(format!("rank {} is out of range for {size} ranks", r.root)));
         }
         r.root as usize
     } else {
@@ -129,17 +131,15 @@ pub(super) fn prepare(c: &Comm, r: &RawCall) -> Result<Checked, Error> {
     // NCCL's in-place layouts.
     let in_place = match r.kind {
         OpKind::AllReduce | OpKind::Broadcast | OpKind::Reduce => send_p == recv_p && send_p != 0,
-        OpKind::AllGather => {
-            send_p != 0 && Some(send_p) == block.checked_mul(c.rank).and_then(|o| recv_p.checked_add(o))
-        }
+        OpKind::AllGather => send_p != 0 && Some(send_p) == block.checked_mul(rank).and_then(|o| recv_p.checked_add(o)),
         OpKind::ReduceScatter => {
-            recv_p != 0 && Some(recv_p) == block.checked_mul(c.rank).and_then(|o| send_p.checked_add(o))
+            recv_p != 0 && Some(recv_p) == block.checked_mul(rank).and_then(|o| send_p.checked_add(o))
         }
         _ => false,
     };
     let desc = OpDesc { kind: r.kind, dtype, redop, count: r.count, root, is_send: r.is_send, in_place };
     let too_big = || bad(format!("count overflows: {} elements of {dtype} are more bytes than PTRDIFF_MAX", r.count));
-    let (slen, rlen) = desc.buffer_bytes_checked(c.rank, c.size).ok_or_else(too_big)?;
+    let (slen, rlen) = desc.buffer_bytes_checked(rank, size).ok_or_else(too_big)?;
     if (slen > 0 && send_p == 0) || (rlen > 0 && recv_p == 0) {
         return Err(bad("a buffer is NULL".into()));
     }
