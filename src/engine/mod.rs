@@ -299,6 +299,7 @@ pub(crate) struct Engine {
 fn link_cause(peer: usize, e: LinkError) -> BrokenCause {
     match e {
         LinkError::Closed(detail) | LinkError::Io(detail) => BrokenCause::PeerClosed { peer, detail },
+        LinkError::Left(_) => BrokenCause::PeerLeft { peer },
         LinkError::Protocol(detail) => BrokenCause::Protocol { peer, detail },
     }
 }

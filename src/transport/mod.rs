@@ -53,6 +53,9 @@ impl TransportKind {
 pub(crate) enum LinkError {
     /// The peer closed its end (clean EOF) or the connection reset.
     Closed(String),
+    /// The peer left on purpose (its world closed gracefully) and said so out of band (a
+    /// shared-memory link's "left" word), where its close frame could not be sent.
+    Left(String),
     /// The peer sent bytes that are not a valid frame.
     Protocol(String),
     /// Any other failure of the underlying channel.
@@ -62,7 +65,7 @@ pub(crate) enum LinkError {
 impl std::fmt::Display for LinkError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LinkError::Closed(s) | LinkError::Protocol(s) | LinkError::Io(s) => f.write_str(s),
+            LinkError::Closed(s) | LinkError::Left(s) | LinkError::Protocol(s) | LinkError::Io(s) => f.write_str(s),
         }
     }
 }

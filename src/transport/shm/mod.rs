@@ -89,8 +89,12 @@ const PROBE_BYTES: usize = 32;
 /// A word the segment's maker sets to 1 when it reserved the whole segment (its kernel cannot
 /// populate a mapping on request): both rings then keep all their slots.
 const FIXED_AT: usize = PROBE_AT + 2 * PROBE_BYTES;
+/// Per side, a word that side sets when it leaves the pair on purpose (its world closed
+/// gracefully), before its socket ends: a hang-up after it is a departure, not a crash, also
+/// when the close frame found no room in the ring.
+const LEFT_AT: usize = FIXED_AT + 8;
 const RINGS_AT: usize = 4096;
-const _: () = assert!(FIXED_AT + 8 <= RINGS_AT);
+const _: () = assert!(LEFT_AT + 16 <= RINGS_AT);
 /// Bytes of a single-copy descriptor in its slot, after the header: address, length, and a
 /// word the sender sets if it abandons the frame (its buffer may change from then on).
 const REMOTE_DESC: usize = 24;
@@ -105,6 +109,13 @@ fn grown_part(ring: usize) -> std::ops::Range<usize> {
     let from = (ring_at + SMALL_SLOTS as usize * SLOT_BYTES + 64).next_multiple_of(4096);
     let to = (ring_at + RING_BYTES) / 4096 * 4096;
     from..to
+}
+
+/// Side `side`'s "left on purpose" word.
+fn left_word(seg: &Segment, side: usize) -> &AtomicU64 {
+    // SAFETY: the two words lie in the segment's first page, 8-byte aligned, zeroed at
+    // creation; an AtomicU64 has the layout of a u64.
+    unsafe { &*(seg.map.as_ptr().add(LEFT_AT + 8 * side) as *const AtomicU64) }
 }
 
 /// The segment maker's "all reserved" word.
@@ -483,7 +494,12 @@ impl ShmLink {
         }
     }
 
-    fn gone() -> LinkError {
+    /// The error for a peer whose end is gone: it left on purpose if it said so in the
+    /// segment before it went (its close frame may not have fit in the ring), else it closed.
+    fn gone(&self) -> LinkError {
+        if left_word(&self.seg, 1 - self.side).load(Ordering::Acquire) == 1 {
+            return LinkError::Left("peer left the world".into());
+        }
         LinkError::Closed("peer closed the connection".into())
     }
 }
@@ -582,7 +598,7 @@ impl Link for ShmLink {
             return Err(LinkError::Io("frame header of the wrong size".into()));
         }
         if self.hung_up {
-            return Err(Self::gone());
+            return Err(self.gone());
         }
         if payload.len() > SHM_MAX_PAYLOAD {
             return self.write_single_copy(header, payload, written);
@@ -621,7 +637,7 @@ impl Link for ShmLink {
             let ring = self.ctrl(self.rx);
             let Some(s) = ring.full_slot(&self.words(self.rx)) else {
                 // Everything the peer sent has been read: if it is gone, that is the end.
-                return if self.hung_up { Err(Self::gone()) } else { Ok(None) };
+                return if self.hung_up { Err(self.gone()) } else { Ok(None) };
             };
             match ring.tag(s, &self.words(self.rx)) {
                 // The peer's small ring starts its next lap: follow.
@@ -800,7 +816,8 @@ impl Link for ShmLink {
 
     fn shutdown(&mut self) {
         // Frames already in the ring stay readable; the socket's end tells the peer we left
-        // once it has drained them.
+        // once it has drained them, and this word that it was on purpose.
+        left_word(&self.seg, self.side).store(1, Ordering::Release);
         let _ = self.ctl.shutdown(std::net::Shutdown::Write);
         let mut sink = [0u8; 256];
         while matches!((&self.ctl).read(&mut sink), Ok(n) if n > 0) {}
@@ -1064,5 +1081,44 @@ mod tests {
         assert!(rx.consume(Sink::Copy(&mut out)).unwrap());
         assert!(out == data);
         assert_eq!(rx.counters().single_copy_bytes, 0);
+    }
+
+    /// A peer that leaves on purpose while its small ring is full (its close frame finds no
+    /// room) is still known to have left, not crashed, once its last frame is read; a peer
+    /// that just goes away is a hang-up.
+    #[test]
+    fn a_peer_that_left_on_purpose_is_told_from_one_that_closed() {
+        for on_purpose in [true, false] {
+            let (mut tx, mut rx) = pair();
+            let data = pattern(100, 3);
+            let mut written = 0;
+            assert!(tx.write(&header(100), &data, &mut written).unwrap());
+            // The small ring holds one frame: the close frame would not fit.
+            let mut w2 = 0;
+            assert!(!tx.write(&header(0), &[], &mut w2).unwrap(), "a second frame found room in a small ring");
+            if on_purpose {
+                tx.shutdown();
+            }
+            drop(tx);
+            assert_eq!(rx.peek().unwrap().unwrap().len, 100);
+            let mut out = vec![0u8; 100];
+            assert!(rx.consume(Sink::Copy(&mut out)).unwrap());
+            assert_eq!(out, data);
+            rx.armed = true;
+            let e = loop {
+                match rx.peek() {
+                    Ok(None) => {
+                        rx.armed = true;
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Ok(Some(h)) => panic!("a frame after the last one: {h:?}"),
+                    Err(e) => break e,
+                }
+            };
+            match (on_purpose, &e) {
+                (true, LinkError::Left(_)) | (false, LinkError::Closed(_)) => {}
+                _ => panic!("left on purpose: {on_purpose}, got {e:?}"),
+            }
+        }
     }
 }
