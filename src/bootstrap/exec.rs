@@ -92,30 +92,23 @@ struct Exec {
     next_token: std::sync::atomic::AtomicU64,
 }
 
-/// The formation thread, started with the first formation. A failed start (no descriptor or
-/// thread to spare) is not remembered: the next formation tries again.
+/// The formation thread, started with the first formation (`sys::service`).
 fn exec() -> Result<Arc<Exec>> {
     static EXEC: std::sync::OnceLock<Mutex<Option<Arc<Exec>>>> = std::sync::OnceLock::new();
-    let mut started = lock(EXEC.get_or_init(|| Mutex::new(None)));
-    if let Some(e) = &*started {
-        return Ok(e.clone());
-    }
-    let failed = |e| Error::system("starting the formation thread", e);
-    let wake = EventFd::new().map_err(failed)?;
-    let epoll = Epoll::new().map_err(failed)?;
-    epoll.watch(wake.fd(), libc::POLLIN, WAKE_KEY).map_err(failed)?;
-    let e = Arc::new(Exec {
-        queue: Mutex::new(VecDeque::new()),
-        wake,
-        epoll,
-        waiting: Mutex::new(HashMap::new()),
-        timers: Mutex::new(BinaryHeap::new()),
-        next_token: std::sync::atomic::AtomicU64::new(WAKE_KEY + 1),
-    });
-    let me = e.clone();
-    std::thread::Builder::new().name("mw-form".into()).spawn(move || run(&me)).map_err(failed)?;
-    *started = Some(e.clone());
-    Ok(e)
+    sys::service(&EXEC, WAKE_KEY, |wake, epoll| {
+        let e = Arc::new(Exec {
+            queue: Mutex::new(VecDeque::new()),
+            wake,
+            epoll,
+            waiting: Mutex::new(HashMap::new()),
+            timers: Mutex::new(BinaryHeap::new()),
+            next_token: std::sync::atomic::AtomicU64::new(WAKE_KEY + 1),
+        });
+        let me = e.clone();
+        std::thread::Builder::new().name("mw-form".into()).spawn(move || run(&me))?;
+        Ok(e)
+    })
+    .map_err(|e| Error::system("starting the formation thread", e))
 }
 
 /// Runs `job` on the formation thread.

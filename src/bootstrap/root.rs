@@ -251,23 +251,16 @@ struct Roots {
 /// The key of the roots thread's own wake-up descriptor in its `epoll` set.
 const WAKE_KEY: u64 = 0;
 
-/// The roots thread, started with the first root. A failed start (no descriptor or thread to
-/// spare) is not remembered: the next root tries again.
+/// The roots thread, started with the first root (`sys::service`).
 fn roots() -> Result<Arc<Roots>> {
     static ROOTS: std::sync::OnceLock<Mutex<Option<Arc<Roots>>>> = std::sync::OnceLock::new();
-    let mut started = lock(ROOTS.get_or_init(|| Mutex::new(None)));
-    if let Some(r) = &*started {
-        return Ok(r.clone());
-    }
-    let failed = |e| Error::system("starting the rendezvous thread", e);
-    let wake = EventFd::new().map_err(failed)?;
-    let epoll = Epoll::new().map_err(failed)?;
-    epoll.watch(wake.fd(), libc::POLLIN, WAKE_KEY).map_err(failed)?;
-    let server = Arc::new(Roots { inbox: Mutex::new(Vec::new()), doors: Mutex::new(Vec::new()), wake });
-    let me = server.clone();
-    std::thread::Builder::new().name("mw-roots".into()).spawn(move || serve_roots(&me, epoll)).map_err(failed)?;
-    *started = Some(server.clone());
-    Ok(server)
+    sys::service(&ROOTS, WAKE_KEY, |wake, epoll| {
+        let server = Arc::new(Roots { inbox: Mutex::new(Vec::new()), doors: Mutex::new(Vec::new()), wake });
+        let me = server.clone();
+        std::thread::Builder::new().name("mw-roots".into()).spawn(move || serve_roots(&me, epoll))?;
+        Ok(server)
+    })
+    .map_err(|e| Error::system("starting the rendezvous thread", e))
 }
 
 /// The roots thread: every root's listener and connections in one `epoll` set, each under

@@ -12,7 +12,7 @@ use super::*;
 use crate::api::error::{BrokenCause, Error};
 use crate::api::manager::{Rendezvous, WorldManager};
 use crate::api::options::{TransportChoice, WorldOptions};
-use crate::sys::sync::{lock, Mutex};
+use crate::sys::sync::lock;
 use crate::UniqueId;
 
 /// Makes a unique id and starts its rendezvous root in this process (`ncclGetUniqueId`).
@@ -127,17 +127,7 @@ pub(super) unsafe fn init(
     };
     let manager = WorldManager::with_event_queue(opts.clone(), events().clone());
     let f = manager.form(&name, rendezvous, rank as usize, nranks as usize, &opts);
-    let c = Comm {
-        manager,
-        phase: Mutex::new(Phase::Forming(f)),
-        rank: rank as usize,
-        size: nranks as usize,
-        blocking,
-        pending: Mutex::new(Vec::new()),
-        last_error: Mutex::new(String::new()),
-        #[cfg(feature = "cuda")]
-        staging: Mutex::new(None),
-    };
+    let c = Comm::new(manager, Phase::Forming(f), rank as usize, nranks as usize, blocking);
     let handle = register(c);
     // SAFETY: checked non-null.
     unsafe { *comm = handle };

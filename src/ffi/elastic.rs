@@ -72,17 +72,8 @@ unsafe fn finish(call: Call, r: Result<Option<World>, Error>, newcomm: *mut mwCo
         Ok(None) => return mwSuccess,
         Ok(Some(w)) => w,
     };
-    let c = Comm {
-        manager: call.manager,
-        rank: w.rank(),
-        size: w.size(),
-        phase: Mutex::new(Phase::Ready(w)),
-        blocking: call.blocking,
-        pending: Mutex::new(Vec::new()),
-        last_error: Mutex::new(String::new()),
-        #[cfg(feature = "cuda")]
-        staging: Mutex::new(None),
-    };
+    let (rank, size) = (w.rank(), w.size());
+    let c = Comm::new(call.manager, Phase::Ready(w), rank, size, call.blocking);
     // SAFETY: as above.
     unsafe { *newcomm = register(c) };
     mwSuccess
@@ -108,17 +99,7 @@ unsafe fn finish_later(
         return fail(Some(&call.parent), Error::system("starting a thread for a non-blocking call", e));
     }
     let (rank, size) = shape.unwrap_or((UNKNOWN, UNKNOWN));
-    let c = Comm {
-        manager: call.manager,
-        rank,
-        size,
-        phase: Mutex::new(Phase::Making(slot)),
-        blocking: call.blocking,
-        pending: Mutex::new(Vec::new()),
-        last_error: Mutex::new(String::new()),
-        #[cfg(feature = "cuda")]
-        staging: Mutex::new(None),
-    };
+    let c = Comm::new(call.manager, Phase::Making(slot), rank, size, call.blocking);
     // SAFETY: as above.
     unsafe { *newcomm = register(c) };
     mwInProgress

@@ -44,6 +44,21 @@ pub(super) struct Comm {
 }
 
 impl Comm {
+    /// A communicator in `phase`, with nothing pending and no error yet.
+    pub(super) fn new(manager: WorldManager, phase: Phase, rank: usize, size: usize, blocking: bool) -> Comm {
+        Comm {
+            manager,
+            phase: Mutex::new(phase),
+            rank,
+            size,
+            blocking,
+            pending: Mutex::new(Vec::new()),
+            last_error: Mutex::new(String::new()),
+            #[cfg(feature = "cuda")]
+            staging: Mutex::new(None),
+        }
+    }
+
     /// The world, once formed. A formation that finished is settled here.
     pub(super) fn world(&self) -> Result<World, Error> {
         let mut p = lock(&self.phase);

@@ -302,6 +302,27 @@ pub(crate) fn socket_error(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// A process-wide service thread, started on first use. `start` gets an event descriptor and
+/// an `epoll` set that watches it under `wake_key` (how the thread is woken), and makes what
+/// the thread serves and the thread; every later call gets the same. A failed start (no
+/// descriptor or thread to spare) is not remembered: the next call tries again.
+pub(crate) fn service<T>(
+    slot: &'static std::sync::OnceLock<sync::Mutex<Option<sync::Arc<T>>>>,
+    wake_key: u64,
+    start: impl FnOnce(EventFd, Epoll) -> io::Result<sync::Arc<T>>,
+) -> io::Result<sync::Arc<T>> {
+    let mut started = sync::lock(slot.get_or_init(|| sync::Mutex::new(None)));
+    if let Some(s) = &*started {
+        return Ok(s.clone());
+    }
+    let wake = EventFd::new()?;
+    let epoll = Epoll::new()?;
+    epoll.watch(wake.fd(), libc::POLLIN, wake_key)?;
+    let s = start(wake, epoll)?;
+    *started = Some(s.clone());
+    Ok(s)
+}
+
 /// Copies from address `addr` of process `pid` into `dst` with `process_vm_readv(2)` (the
 /// single copy of large shared-memory frames; needs the right to trace `pid`). Returns the
 /// bytes copied, which may be fewer than asked on a partial read.
