@@ -51,7 +51,7 @@ mod transport;
 pub use api::error::{BrokenCause, Error, ErrorKind, Result};
 pub use api::id::{UniqueId, UNIQUE_ID_BYTES};
 pub use api::manager::{Event, Formation, NextEvent, Rendezvous, WorldManager};
-pub use api::options::{Checksum, Heartbeat, TransportChoice, WorldOptions};
+pub use api::options::{BackendChoice, Checksum, Heartbeat, TransportChoice, WorldOptions};
 pub use api::request::{Failed, Request};
 pub use api::scope::{Scope, ScopedGroup, ScopedRequest};
 pub use api::types::{DataType, Element, ReduceOp};
@@ -61,6 +61,9 @@ pub use engine::WorldStats;
 pub use gpu::cuda;
 #[cfg(feature = "cuda")]
 pub use gpu::device_world::{DeviceGroup, DeviceWorld, IpcStats};
+/// The NCCL backend's library (feature `nccl`): which version this process loads.
+#[cfg(feature = "nccl")]
+pub use gpu::nccl;
 pub use transport::TransportKind;
 
 /// Re-exported so that users name the 16-bit float types without depending on `half`.

@@ -110,6 +110,12 @@ typedef struct mwConfig_t {
    0: shared memory where possible, else TCP (default); 1: TCP only.
    */
   int transport;
+  /*
+   What runs operations on device buffers (streams): 0 the library's own (default), 1
+   NCCL (a build with the `nccl` feature and a loadable `libnccl.so`; host buffers are
+   then refused). `MW_BACKEND=nccl` sets 1 for every communicator of the process.
+   */
+  int backend;
 } mwConfig_t;
 
 /*
@@ -574,4 +580,4 @@ mwResult_t mwBarrier(mwComm_t comm, void *stream);
 #endif  /* MULTIWORLD_H */
 
 /* Defaults for mwConfig_t, in field order (same as mwConfigInit). */
-#define MW_CONFIG_INITIALIZER { sizeof(mwConfig_t), 1, 30000, 200, 3000, 0, 0 }
+#define MW_CONFIG_INITIALIZER { sizeof(mwConfig_t), 1, 30000, 200, 3000, 0, 0, 0 }

@@ -63,6 +63,24 @@ static void test_bad_arguments(void) {
   mwEvent_t ev;
   CHECK(mwPollEvent(NULL) == mwInvalidArgument);
   CHECK(mwWaitEvent(&ev, 0) == mwInProgress || mwWaitEvent(&ev, 0) == mwSuccess);
+  /* The backend: 0 or 1. NCCL needs the nccl feature and a loadable libnccl.so; where it
+   * has both, the communicator forms and refuses host buffers. */
+  MWCHECK(mwConfigInit(&cfg));
+  cfg.backend = 2;
+  CHECK(mwCommInitRankConfig(&comm, 1, id, 0, &cfg) == mwInvalidArgument);
+  cfg.backend = 1;
+  mwResult_t r = mwCommInitRankConfig(&comm, 1, id, 0, &cfg);
+  if (r == mwSuccess) {
+    CHECK(mwAllReduce(&x, &x, 1, mwFloat, mwSum, comm, NULL) == mwInvalidUsage);
+    CHECK(strstr(mwGetLastError(comm), "NCCL") != NULL);
+    MWCHECK(mwCommDestroy(comm));
+    printf("ok - an NCCL communicator refuses host buffers\n");
+  } else {
+    /* No nccl feature: an invalid argument; no libnccl.so: a system error. Both say why. */
+    CHECK(r == mwInvalidArgument || r == mwSystemError);
+    CHECK(strstr(mwGetLastError(NULL), "nccl") != NULL || strstr(mwGetLastError(NULL), "NCCL") != NULL);
+    printf("ok - asking for NCCL where it cannot run: %s\n", mwGetLastError(NULL));
+  }
   printf("ok - bad arguments and handles\n");
 }
 

@@ -101,6 +101,12 @@ pub enum BrokenCause {
     },
     /// This process aborted the world (`World::abort`, removal, or manager shutdown).
     LocalAbort,
+    /// NCCL, running the world's device operations (`BackendChoice::Nccl`), reported an error
+    /// of its own, or did not start within the world's deadline.
+    Nccl {
+        /// NCCL's error and message.
+        detail: String,
+    },
     /// multiworld found its own state inconsistent (a bug); the world is closed to be safe.
     Internal {
         /// What was inconsistent.
@@ -118,7 +124,10 @@ impl BrokenCause {
             | BrokenCause::PeerAborted { peer, .. }
             | BrokenCause::Mismatch { peer, .. }
             | BrokenCause::Protocol { peer, .. } => Some(*peer),
-            BrokenCause::OperationTimeout { .. } | BrokenCause::LocalAbort | BrokenCause::Internal { .. } => None,
+            BrokenCause::OperationTimeout { .. }
+            | BrokenCause::LocalAbort
+            | BrokenCause::Nccl { .. }
+            | BrokenCause::Internal { .. } => None,
         }
     }
 }
@@ -146,6 +155,7 @@ impl fmt::Display for BrokenCause {
                 write!(f, "an operation passed its deadline of {after_ms} ms")
             }
             BrokenCause::LocalAbort => write!(f, "aborted by this process"),
+            BrokenCause::Nccl { detail } => write!(f, "NCCL failed: {detail}"),
             BrokenCause::Internal { detail } => write!(f, "internal error: {detail}"),
         }
     }

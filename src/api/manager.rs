@@ -280,6 +280,13 @@ fn start_formation(
     if inner.closed.load(Ordering::Acquire) {
         return Err(Error::invalid_usage("the world manager is shut down"));
     }
+    // The backend is settled here, once: the world keeps it for its whole life.
+    let mut options = options.clone();
+    options.backend = options.backend.effective();
+    if options.backend == crate::api::options::BackendChoice::Nccl {
+        nccl_usable(name)?;
+    }
+    let options = &options;
     {
         let mut worlds = lock(&inner.worlds);
         match worlds.get(name) {
@@ -546,6 +553,19 @@ impl Future for Formation {
         }
         Poll::Pending
     }
+}
+
+/// Whether a world may ask for the NCCL backend: the feature is built and NCCL loads. Asked
+/// before anything is formed, so that a missing library fails at once, with its reason.
+fn nccl_usable(name: &str) -> Result<()> {
+    #[cfg(feature = "nccl")]
+    return crate::gpu::nccl::library()
+        .map(|_| ())
+        .map_err(|e| Error::new(e.kind(), format!("world '{name}': {}", e.message())));
+    #[cfg(not(feature = "nccl"))]
+    Err(Error::invalid_arg(format!(
+        "world '{name}' asks for the NCCL backend, but this build of multiworld has no `nccl` feature"
+    )))
 }
 
 /// Marks a world removed, closes it and says so.

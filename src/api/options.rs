@@ -26,6 +26,30 @@ impl TransportChoice {
     }
 }
 
+/// What runs a world's operations on device buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// The crate's own collectives and transports (the default).
+    #[default]
+    Native,
+    /// NCCL (feature `nccl`; `libnccl.so` loaded at run time): the crate forms and watches the
+    /// world, NCCL moves its device bytes. Host-memory calls on such a world are refused.
+    /// `docs/nccl.md`.
+    Nccl,
+}
+
+impl BackendChoice {
+    /// The choice after the `MW_BACKEND` environment variable (`nccl` or `native`; unset
+    /// leaves the world's own choice).
+    pub(crate) fn effective(self) -> BackendChoice {
+        match std::env::var("MW_BACKEND").as_deref() {
+            Ok("nccl") => BackendChoice::Nccl,
+            Ok("native") => BackendChoice::Native,
+            _ => self,
+        }
+    }
+}
+
 /// Which links of a world checksum their payloads (CRC32C in every data frame's header,
 /// checked by the receiver before it uses a byte; a mismatch breaks the world with a
 /// `Protocol` cause naming the peer). `docs/fault-model.md` says what it does and does not
@@ -92,6 +116,9 @@ pub struct WorldOptions {
     /// which grows the buffers with the traffic (setting a size turns that off, and the
     /// kernel caps it at `net.core.rmem_max`/`wmem_max`).
     pub socket_buffer: Option<usize>,
+    /// What runs operations on device buffers (default: the crate's own; `MW_BACKEND=nccl`
+    /// picks NCCL for every world of the process).
+    pub backend: BackendChoice,
 }
 
 impl Default for WorldOptions {
@@ -105,6 +132,7 @@ impl Default for WorldOptions {
             transport: TransportChoice::Auto,
             checksum: Checksum::Off,
             socket_buffer: None,
+            backend: BackendChoice::Native,
         }
     }
 }
@@ -163,6 +191,12 @@ impl WorldOptions {
     /// Sets which transports the world may use.
     pub fn with_transport(mut self, t: TransportChoice) -> Self {
         self.transport = t;
+        self
+    }
+
+    /// Sets what runs operations on device buffers.
+    pub fn with_backend(mut self, b: BackendChoice) -> Self {
+        self.backend = b;
         self
     }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::elastic::Lineage;
 use crate::api::error::{BrokenCause, Error, Result};
+use crate::api::options::BackendChoice;
 use crate::api::request::{Completion, Failed, KeepAlive, Progress, Request, Slot};
 use crate::api::types::{DataType, Element, ReduceOp};
 use crate::backend::Backend;
@@ -140,7 +141,7 @@ impl World {
         self.inner.op_timeout_ms.store(ms, Ordering::Release);
     }
 
-    fn op_timeout(&self) -> Option<Duration> {
+    pub(crate) fn op_timeout(&self) -> Option<Duration> {
         match self.inner.op_timeout_ms.load(Ordering::Acquire) {
             0 => None,
             ms => Some(Duration::from_millis(ms)),
@@ -172,13 +173,44 @@ impl World {
         Ok(())
     }
 
+    /// [`World::usable`] for the caller's operations on host memory, which an NCCL world
+    /// refuses (its links carry only what the crate itself agrees over them).
+    fn usable_for_host(&self) -> Result<()> {
+        self.usable()?;
+        if self.backend() == BackendChoice::Nccl {
+            return Err(Error::invalid_usage(format!(
+                "world '{}' runs on NCCL, which moves device buffers only: host-memory operations are refused \
+                 (use a DeviceWorld, or form the world with the native backend)",
+                self.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The options the world was formed with (the backend as settled then).
+    pub(crate) fn options(&self) -> &crate::api::options::WorldOptions {
+        &self.inner.lineage.options
+    }
+
+    /// Breaks the world from this side with `cause`, which its peers are told: local,
+    /// non-blocking, idempotent (a world already broken keeps its first cause).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(crate) fn break_with(&self, cause: BrokenCause) {
+        self.inner.backend.break_with(cause);
+    }
+
+    /// What runs this world's operations on device buffers (settled at formation).
+    pub fn backend(&self) -> BackendChoice {
+        self.options().backend
+    }
+
     fn posted(&self, c: Call, completion: Arc<Completion>, keepalive: Option<KeepAlive>) -> Posted {
         Posted { desc: c.desc, send: c.send, recv: c.recv, completion, timeout: self.op_timeout(), keepalive }
     }
 
     /// Posts one call and waits for it.
     fn run_one(&self, call: Call) -> Result<()> {
-        self.usable()?;
+        self.usable_for_host()?;
         if call.desc.kind == OpKind::P2p {
             // A lone small send or receive on shared memory: done at once when the ring allows
             // (`engine/direct.rs`). A receive whose frame is not there yet looks again for a
@@ -264,7 +296,7 @@ impl World {
     /// Posts calls as one batch and returns their completions at once, in order. `driven`: the
     /// caller waits for them right away (and drives them itself if it can).
     pub(crate) fn post_calls(&self, calls: Vec<Call>, driven: bool) -> Result<Vec<Arc<Completion>>> {
-        self.usable()?;
+        self.usable_for_host()?;
         let completions: Vec<_> = calls.iter().map(|_| Completion::new()).collect();
         let posted = calls.into_iter().zip(&completions).map(|(c, k)| self.posted(c, k.clone(), None)).collect();
         self.inner.backend.post(posted, driven);
@@ -292,7 +324,8 @@ impl World {
         let slot = Slot::new(bufs);
         let completion = Completion::new();
         let progress: Arc<dyn Progress> = self.inner.backend.clone();
-        let call = self.usable().and_then(|_| slot.with(make).unwrap_or_else(|| Err(Error::internal("empty slot"))));
+        let call =
+            self.usable_for_host().and_then(|_| slot.with(make).unwrap_or_else(|| Err(Error::internal("empty slot"))));
         match call {
             Ok(call) => {
                 let keep: KeepAlive = slot.clone();

@@ -28,6 +28,9 @@ pub(crate) trait Backend: Progress {
     }
     /// Breaks the world from this side: local, non-blocking, idempotent.
     fn abort(&self);
+    /// [`Backend::abort`] with a cause of the caller's (told to the peers); a world already
+    /// broken keeps its first cause.
+    fn break_with(&self, cause: BrokenCause);
     /// Aborts and releases everything (threads, sockets, memory); returns when done.
     fn close(&self);
     /// Why the world broke, if it did.

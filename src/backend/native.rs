@@ -25,6 +25,10 @@ impl Backend for Driver {
         Driver::abort(self)
     }
 
+    fn break_with(&self, cause: BrokenCause) {
+        Driver::break_with(self, cause)
+    }
+
     fn close(&self) {
         Driver::close(self)
     }

@@ -378,6 +378,13 @@ impl Driver {
         self.schedule();
     }
 
+    /// Breaks the world with `cause` (the engine tells the peers), then aborts as
+    /// [`Driver::abort`] does. Waits at most for a pass in progress to end.
+    pub(crate) fn break_with(&self, cause: BrokenCause) {
+        self.engine().abort(cause);
+        self.abort();
+    }
+
     /// Leaves the world — gracefully if it is idle and was not aborted: the links are closed
     /// when this returns, and the pool forgets the world.
     pub(crate) fn close(&self) {

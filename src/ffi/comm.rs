@@ -11,7 +11,7 @@ use super::handles::*;
 use super::*;
 use crate::api::error::{BrokenCause, Error};
 use crate::api::manager::{Rendezvous, WorldManager};
-use crate::api::options::{TransportChoice, WorldOptions};
+use crate::api::options::{BackendChoice, TransportChoice, WorldOptions};
 use crate::sys::sync::lock;
 use crate::UniqueId;
 
@@ -59,6 +59,7 @@ pub(super) fn default_config() -> mwConfig_t {
         heartbeatTimeoutMs: 3_000,
         opTimeoutMs: 0,
         transport: 0,
+        backend: 0,
     }
 }
 
@@ -81,8 +82,8 @@ pub(super) unsafe fn options(config: *const mwConfig_t) -> Result<(WorldOptions,
     if c.timeoutMs <= 0 || c.heartbeatIntervalMs < 0 || c.heartbeatTimeoutMs < 0 || c.opTimeoutMs < -1 {
         return Err("config: timeouts must be positive (the heartbeat ones may be 0, the operation one 0 for the default or -1 for none)".into());
     }
-    if !(0..=1).contains(&c.transport) || !(0..=1).contains(&c.blocking) {
-        return Err("config: blocking and transport are 0 or 1".into());
+    if !(0..=1).contains(&c.transport) || !(0..=1).contains(&c.blocking) || !(0..=1).contains(&c.backend) {
+        return Err("config: blocking, transport and backend are 0 or 1".into());
     }
     let ms = |v: c_int| Duration::from_millis(v as u64);
     let mut o = WorldOptions::default()
@@ -92,7 +93,8 @@ pub(super) unsafe fn options(config: *const mwConfig_t) -> Result<(WorldOptions,
             0 => crate::api::options::op_timeout_from_env(),
             t => Some(ms(t)),
         })
-        .with_transport(if c.transport == 1 { TransportChoice::Tcp } else { TransportChoice::Auto });
+        .with_transport(if c.transport == 1 { TransportChoice::Tcp } else { TransportChoice::Auto })
+        .with_backend(if c.backend == 1 { BackendChoice::Nccl } else { BackendChoice::Native });
     o = if c.heartbeatIntervalMs == 0 {
         o.without_heartbeat()
     } else {
@@ -295,15 +297,15 @@ pub(super) fn release(comm: mwComm_t, abort: bool) -> mwResult_t {
         }
     }
     #[cfg(feature = "cuda")]
-    let staging = lock(&c.staging).take();
+    let device = lock(&c.device).take();
     let leave = move || {
         if let Some(w) = world {
             let _ = c.manager.remove_world(w.name());
         }
     };
     #[cfg(feature = "cuda")]
-    if let Some(s) = staging {
-        s.release_in_background(abort, leave);
+    if let Some(d) = device {
+        d.release_in_background(abort, leave);
         return mwSuccess;
     }
     leave();

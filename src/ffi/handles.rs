@@ -38,9 +38,9 @@ pub(super) struct Comm {
     /// Operations of a non-blocking communicator not yet seen finished.
     pub(super) pending: Mutex<Vec<Arc<Completion>>>,
     pub(super) last_error: Mutex<String>,
-    /// Where operations on device buffers are staged, from the first one on.
+    /// What runs operations on device buffers, from the first one on.
     #[cfg(feature = "cuda")]
-    pub(super) staging: Mutex<Option<Arc<crate::gpu::staging::Staging>>>,
+    pub(super) device: Mutex<Option<crate::gpu::device::DeviceBackend>>,
 }
 
 impl Comm {
@@ -55,7 +55,7 @@ impl Comm {
             pending: Mutex::new(Vec::new()),
             last_error: Mutex::new(String::new()),
             #[cfg(feature = "cuda")]
-            staging: Mutex::new(None),
+            device: Mutex::new(None),
         }
     }
 
@@ -131,18 +131,18 @@ impl Comm {
     /// so that a host operation called now comes after them on every rank, as it was called.
     pub(super) fn wait_device_posted(&self) {
         #[cfg(feature = "cuda")]
-        let staging = lock(&self.staging).clone();
+        let device = lock(&self.device).clone();
         #[cfg(feature = "cuda")]
-        if let Some(s) = staging {
-            s.wait_posted();
+        if let Some(d) = device {
+            d.wait_posted();
         }
     }
 
     /// The first failure of an operation on device buffers.
     pub(super) fn device_error(&self) -> Option<Error> {
         #[cfg(feature = "cuda")]
-        if let Some(s) = &*lock(&self.staging) {
-            return s.error();
+        if let Some(d) = &*lock(&self.device) {
+            return d.error();
         }
         None
     }
@@ -151,13 +151,15 @@ impl Comm {
     #[cfg(feature = "cuda")]
     pub(super) fn enqueue_device(&self, stream: usize, ops: &[Checked]) -> Result<(), Error> {
         use crate::gpu::cuda::RawContext;
-        use crate::gpu::staging::Staging;
+        use crate::gpu::device::DeviceBackend;
         let w = if self.blocking { self.settle() } else { self.world() }?;
         let stream = stream as cudarc::driver::sys::CUstream;
         // SAFETY: the C caller passes a live stream (NCCL's contract).
         let ctx = unsafe { RawContext::of_stream(stream) }?;
-        let staging = {
-            let mut slot = lock(&self.staging);
+        // The first operation starts the backend (for NCCL: creates the communicator, a
+        // collective over the world's ranks, as their first device operations meet).
+        let backend = {
+            let mut slot = lock(&self.device);
             match &*slot {
                 Some(s) if s.context() != ctx => {
                     return Err(Error::invalid_arg(
@@ -165,14 +167,14 @@ impl Comm {
                     ))
                 }
                 Some(s) => s.clone(),
-                None => slot.insert(Staging::start(w, ctx, None)?).clone(),
+                None => slot.insert(DeviceBackend::start(w, ctx, None)?).clone(),
             }
         };
         let some = |(p, n): (usize, usize)| (n > 0).then_some((p as u64, n));
         let ops: Vec<_> = ops.iter().map(|o| (o.desc, some(o.send), some(o.recv))).collect();
-        // SAFETY: the stream is of the staging's context (checked); the buffers are device
+        // SAFETY: the stream is of the backend's context (checked); the buffers are device
         // memory valid until the stream has run the operations (the C caller's contract).
-        unsafe { staging.enqueue(stream, &ops) }
+        unsafe { backend.enqueue(stream, &ops) }
     }
 }
 

@@ -155,6 +155,10 @@ pub struct mwConfig_t {
     pub opTimeoutMs: c_int,
     /// 0: shared memory where possible, else TCP (default); 1: TCP only.
     pub transport: c_int,
+    /// What runs operations on device buffers (streams): 0 the library's own (default), 1
+    /// NCCL (a build with the `nccl` feature and a loadable `libnccl.so`; host buffers are
+    /// then refused). `MW_BACKEND=nccl` sets 1 for every communicator of the process.
+    pub backend: c_int,
 }
 
 /// An event of one of the process's communicators.

@@ -15,7 +15,8 @@ use crate::api::world::World;
 use crate::coll::OpDesc;
 use crate::engine::wire::OpKind;
 use crate::gpu::cuda::RawContext;
-use crate::gpu::staging::{DeviceOp, Staging};
+use crate::gpu::device::DeviceBackend;
+use crate::gpu::staging::DeviceOp;
 use crate::sys::sync::Arc;
 
 /// Counts of a [`DeviceWorld`]'s operations through CUDA IPC.
@@ -36,21 +37,24 @@ pub struct IpcStats {
 
 /// A world whose operations run on device buffers, ordered on one CUDA stream.
 pub struct DeviceWorld {
-    staging: Arc<Staging>,
+    backend: DeviceBackend,
     stream: Arc<CudaStream>,
 }
 
 impl DeviceWorld {
-    /// Binds `world` to `stream` (of the device whose buffers the calls will pass).
+    /// Binds `world` to `stream` (of the device whose buffers the calls will pass). On a world
+    /// whose backend is NCCL ([`crate::BackendChoice::Nccl`]) this creates the NCCL
+    /// communicator: a collective call, as `ncclCommInitRank` is, bounded by the world's
+    /// formation deadline.
     pub fn new(world: World, stream: Arc<CudaStream>) -> Result<DeviceWorld> {
         let ctx = stream.context().clone();
-        let staging = Staging::start(world, RawContext(ctx.cu_ctx()), Some(ctx))?;
-        Ok(DeviceWorld { staging, stream })
+        let backend = DeviceBackend::start(world, RawContext(ctx.cu_ctx()), Some(ctx))?;
+        Ok(DeviceWorld { backend, stream })
     }
 
     /// The world.
     pub fn world(&self) -> &World {
-        self.staging.world()
+        self.backend.world()
     }
 
     /// The stream the operations are ordered on.
@@ -61,14 +65,14 @@ impl DeviceWorld {
     /// How this world's sends and receives went through CUDA IPC so far (`MW_DEVICE_IPC=1`,
     /// peers on this host; `docs/cuda.md`).
     pub fn ipc_stats(&self) -> IpcStats {
-        let [receives_mapped, by_host, collectives_mapped, collectives_by_host] = self.staging.ipc_counts();
+        let [receives_mapped, by_host, collectives_mapped, collectives_by_host] = self.backend.ipc_counts();
         IpcStats { receives_mapped, by_host, collectives_mapped, collectives_by_host }
     }
 
     /// The first error of an operation that already ran, if any (operations report their
     /// failures asynchronously, like NCCL's `ncclCommGetAsyncError`).
     pub fn error(&self) -> Option<Error> {
-        self.staging.error()
+        self.backend.error()
     }
 
     /// Enqueues operations as one batch on the stream.
@@ -76,7 +80,7 @@ impl DeviceWorld {
         // SAFETY: the stream is of the staging's context; the addresses come from cudarc
         // buffers whose guards the callers hold until this returns, and the buffers outlive
         // the stream's use of them (cudarc's contract for enqueued work, as with NCCL).
-        unsafe { self.staging.enqueue(self.stream.cu_stream(), ops) }
+        unsafe { self.backend.enqueue(self.stream.cu_stream(), ops) }
     }
 
     fn one(&self, desc: OpDesc, send: Option<(CUdeviceptr, usize)>, recv: Option<(CUdeviceptr, usize)>) -> Result<()> {
@@ -266,8 +270,8 @@ impl DeviceWorld {
 
 impl Drop for DeviceWorld {
     fn drop(&mut self) {
-        // The stager finishes what the stream still uses, then exits.
-        self.staging.close();
+        // The stager finishes what the stream still uses, then exits; NCCL finalizes.
+        self.backend.close();
     }
 }
 

@@ -4,5 +4,8 @@
 //! over them (the C API uses it too).
 
 pub mod cuda;
+pub(crate) mod device;
 pub(crate) mod device_world;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub(crate) mod staging;

@@ -302,6 +302,27 @@ pub(crate) fn socket_error(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// Runs `work` on a thread of its own named `name`, or, without a thread to spare, here:
+/// slower for the caller, but nothing is left undone.
+#[cfg(feature = "cuda")]
+pub(crate) fn on_own_thread(name: &str, work: impl FnOnce() + Send + 'static) {
+    let slot = sync::Arc::new(sync::Mutex::new(Some(work)));
+    let theirs = slot.clone();
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let work = sync::lock(&theirs).take();
+        if let Some(w) = work {
+            w();
+        }
+    });
+    if let Err(e) = spawned {
+        warn!("no thread for {name} ({e}): its work runs on the caller's thread");
+        let work = sync::lock(&slot).take();
+        if let Some(w) = work {
+            w();
+        }
+    }
+}
+
 /// A process-wide service thread, started on first use. `start` gets an event descriptor and
 /// an `epoll` set that watches it under `wake_key` (how the thread is woken), and makes what
 /// the thread serves and the thread; every later call gets the same. A failed start (no

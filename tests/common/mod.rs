@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+#[cfg(feature = "cuda")]
+pub mod device;
 pub mod reference;
 
 pub use multiworld::{DataType, ReduceOp};

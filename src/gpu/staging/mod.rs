@@ -388,22 +388,7 @@ impl<D: Device> Staging<D> {
             leave();
             me.join();
         };
-        // Without a thread to spare it is done here: slower, but nothing is leaked.
-        let slot = Arc::new(Mutex::new(Some(work)));
-        let theirs = slot.clone();
-        let spawned = std::thread::Builder::new().name("mw-release".into()).spawn(move || {
-            let work = lock(&theirs).take();
-            if let Some(w) = work {
-                w();
-            }
-        });
-        if let Err(e) = spawned {
-            warn!("releasing a communicator's staging on the caller's thread: {e}");
-            let work = lock(&slot).take();
-            if let Some(w) = work {
-                w();
-            }
-        }
+        crate::sys::on_own_thread("mw-release", work);
     }
 
     /// Waits for the stager to exit (after [`Staging::close`]): every block is then freed.
