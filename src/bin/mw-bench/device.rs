@@ -6,13 +6,17 @@
 //! the host tables' exchange: each rank sends to the next and receives from the previous, in
 //! one group: staged through host memory, or with `MW_DEVICE_IPC=1` through CUDA IPC (then on
 //! `cuMemAlloc` buffers, which IPC can share).
+//!
+//! `--backend native|nccl|both` picks who runs the operations: the crate's own path, NCCL
+//! (feature `nccl`), or both on the same buffers and stream, each row then with its ratio to
+//! NCCL's of the same size and operation.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use multiworld::cuda::cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use multiworld::cuda::Kernels;
-use multiworld::{DataType, DeviceWorld, ReduceOp};
+use multiworld::{BackendChoice, DataType, DeviceWorld, ReduceOp, WorldOptions};
 
 use crate::{reference, sizes, typed, Bench};
 
@@ -37,7 +41,6 @@ impl DevOp {
 
 struct Device<'a> {
     b: &'a Bench,
-    dw: DeviceWorld,
     s: Arc<CudaStream>,
     /// `MW_DEVICE_IPC=1`: operations between ranks on this host go through CUDA IPC.
     ipc: bool,
@@ -46,7 +49,7 @@ struct Device<'a> {
 impl Device<'_> {
     /// Seconds per operation (slowest rank) and wrong elements (all ranks) for `op` on `count`
     /// floats.
-    fn run_op(&self, op: DevOp, count: usize) -> (f64, u64) {
+    fn run_op(&self, dw: &DeviceWorld, op: DevOp, count: usize) -> (f64, u64) {
         let (n, r) = (self.b.n, self.b.rank);
         let d = DataType::F32;
         let redop = self.b.args.redop;
@@ -62,9 +65,9 @@ impl Device<'_> {
         let (right, left) = ((r + 1) % n, (r + n - 1) % n);
         let once = |recv: &mut CudaSlice<f32>| {
             let res = match op {
-                DevOp::AllReduce => self.dw.all_reduce(&send, recv, &redop),
+                DevOp::AllReduce => dw.all_reduce(&send, recv, &redop),
                 DevOp::SendRecv => {
-                    let mut g = self.dw.group();
+                    let mut g = dw.group();
                     g.send(&send, right).and_then(|_| g.recv(recv, left)).and_then(|_| g.end())
                 }
             };
@@ -82,7 +85,7 @@ impl Device<'_> {
                     self.s.synchronize().expect("synchronize");
                 }
             }
-            self.dw.synchronize().expect("synchronize");
+            dw.synchronize().expect("synchronize");
         };
         run(&mut recv, self.b.args.warmup.max(window.min(iters)));
         self.b.w.barrier().expect("barrier");
@@ -172,30 +175,78 @@ pub(crate) fn gpus() -> Result<usize, String> {
     }
 }
 
+/// Why `backends` cannot run here, if they cannot (checked by the first rank before it starts
+/// the others, so that the bench skips with the reason).
+pub(crate) fn unavailable(backends: &[BackendChoice]) -> Option<String> {
+    if let Err(e) = gpus() {
+        return Some(e);
+    }
+    if backends.contains(&BackendChoice::Nccl) {
+        #[cfg(feature = "nccl")]
+        if let Err(e) = multiworld::nccl::version() {
+            return Some(e.to_string());
+        }
+        #[cfg(not(feature = "nccl"))]
+        return Some("--backend nccl needs a build with the nccl feature".into());
+    }
+    None
+}
+
+/// A device world of `backend` over the bench's ranks: the bench's own world for the native
+/// backend; for NCCL a second world, formed through an id that rank 0 makes and hands over the
+/// bench's world.
+fn device_world(b: &Bench, backend: BackendChoice, s: &Arc<CudaStream>) -> DeviceWorld {
+    let w = match backend {
+        BackendChoice::Native => b.w.clone(),
+        _ => {
+            let mut id = [0u8; multiworld::UNIQUE_ID_BYTES];
+            if b.rank == 0 {
+                id = multiworld::UniqueId::new_on("127.0.0.1".parse().expect("ip")).expect("id").to_bytes();
+            }
+            b.w.broadcast_in_place(&mut id, 0).expect("handing the NCCL world's id over");
+            let id = multiworld::UniqueId::from_bytes(&id).expect("id");
+            let o = WorldOptions::default().with_backend(backend);
+            b.m.init_world_with("bench-nccl", id.into(), b.rank, b.n, &o).expect("forming the NCCL world")
+        }
+    };
+    DeviceWorld::new(w, s.clone()).expect("device world")
+}
+
+fn backend_name(b: BackendChoice) -> &'static str {
+    match b {
+        BackendChoice::Nccl => "nccl",
+        _ => "native",
+    }
+}
+
 /// Runs the device rows; returns the wrong results.
 pub(crate) fn run(b: &Bench) -> Result<u64, String> {
     let gpus = gpus()?;
     let ctx = multiworld::cuda::context(b.rank % gpus).expect("CUDA context");
     let s = ctx.new_stream().expect("stream");
-    let dw = DeviceWorld::new(b.w.clone(), s.clone()).expect("device world");
     let ipc = std::env::var("MW_DEVICE_IPC").is_ok_and(|v| v.trim() == "1");
-    let dev = Device { b, dw, s, ipc };
+    let backends = b.args.backends.clone();
+    let dws: Vec<(BackendChoice, DeviceWorld)> = backends.iter().map(|&k| (k, device_world(b, k, &s))).collect();
+    let dev = Device { b, s, ipc };
     let mut wrong_total = 0;
     let show = b.rank == 0;
+    let both = dws.len() > 1;
     if show {
         let path = if dev.ipc { "cuda_ipc (MW_DEVICE_IPC=1)" } else { "staged through host memory" };
+        let names: Vec<_> = backends.iter().map(|&k| backend_name(k)).collect();
         println!(
-            "#\n# device buffers  ranks {}  gpus {gpus} ({})  float  {path} on one host",
+            "#\n# device buffers  ranks {}  gpus {gpus} ({})  float  backends {}  native: {path} on one host",
             b.n,
-            ctx.name().unwrap_or_default()
+            ctx.name().unwrap_or_default(),
+            names.join(",")
         );
         println!(
-            "# {:>12} {:>12} {:>11} {:>8} {:>8} {:>7} {:>10} {:>7}",
-            "size", "op", "time(us)", "algbw", "busbw", "#wrong", "d2d copy", "ratio"
+            "# {:>12} {:>12} {:>7} {:>11} {:>8} {:>8} {:>7} {:>10} {:>9} {:>8}",
+            "size", "op", "backend", "time(us)", "algbw", "busbw", "#wrong", "d2d copy", "ratio", "vs nccl"
         );
         println!(
-            "# {:>12} {:>12} {:>11} {:>8} {:>8} {:>7} {:>10} {:>7}",
-            "(B)", "", "", "(GB/s)", "(GB/s)", "", "(GB/s)", "algbw/d2d"
+            "# {:>12} {:>12} {:>7} {:>11} {:>8} {:>8} {:>7} {:>10} {:>9} {:>8}",
+            "(B)", "", "", "", "(GB/s)", "(GB/s)", "", "(GB/s)", "algbw/d2d", "algbw"
         );
     }
     for size in sizes(&b.args) {
@@ -204,29 +255,41 @@ pub(crate) fn run(b: &Bench) -> Result<u64, String> {
             continue;
         }
         for op in [DevOp::AllReduce, DevOp::SendRecv] {
-            let (secs, wrong) = dev.run_op(op, count);
-            wrong_total += wrong;
-            if show {
-                // Rank 0 alone, while the others wait for it in the next operation.
-                let copy = dev.copy_gbps(count * 4);
+            let runs: Vec<(BackendChoice, f64, u64)> =
+                dws.iter().map(|(k, dw)| (*k, dev.run_op(dw, op, count))).map(|(k, (t, w))| (k, t, w)).collect();
+            let nccl_secs = runs.iter().find(|r| r.0 == BackendChoice::Nccl).map(|r| r.1);
+            // Rank 0 alone, while the others wait for it in the next operation.
+            let copy = if show { dev.copy_gbps(count * 4) } else { 0.0 };
+            for (k, secs, wrong) in runs {
+                wrong_total += wrong;
+                if !show {
+                    continue;
+                }
                 let algbw = (count * 4) as f64 / secs / 1e9;
                 let busbw = algbw * if op == DevOp::AllReduce { 2.0 * (b.n as f64 - 1.0) / b.n as f64 } else { 1.0 };
+                let vs = match nccl_secs {
+                    Some(t) if both => format!("{:.3}", t / secs),
+                    _ => "-".into(),
+                };
                 println!(
-                    "  {:>12} {:>12} {:>11.2} {:>8.3} {:>8.3} {:>7} {:>10.3} {:>7.3}",
+                    "  {:>12} {:>12} {:>7} {:>11.2} {:>8.3} {:>8.3} {:>7} {:>10.3} {:>9.3} {:>8}",
                     count * 4,
                     op.name(),
+                    backend_name(k),
                     secs * 1e6,
                     algbw,
                     busbw,
                     wrong,
                     copy,
-                    algbw / copy
+                    algbw / copy,
+                    vs
                 );
             }
         }
     }
-    if show && dev.ipc {
-        let st = dev.dw.ipc_stats();
+    let native = dws.iter().find(|(k, _)| *k == BackendChoice::Native).map(|(_, dw)| dw);
+    if let (true, true, Some(dw)) = (show, dev.ipc, native) {
+        let st = dw.ipc_stats();
         println!(
             "# cuda_ipc: {} receives through mappings, {} sends/receives by host; {} collectives through mappings, {} by host",
             st.receives_mapped, st.by_host, st.collectives_mapped, st.collectives_by_host
