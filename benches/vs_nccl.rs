@@ -37,20 +37,16 @@ mod bench {
             return Err("no CUDA device on this machine".into());
         }
         let v = multiworld::nccl::version().map_err(|e| e.to_string())?;
-        let mut env = Vec::new();
-        if gpus < ranks() {
-            if v < (2, 30, 0) {
-                return Err(format!(
-                    "{gpus} GPU(s) for {} ranks, and NCCL {}.{}.{} cannot put two ranks of a communicator on one",
-                    ranks(),
-                    v.0,
-                    v.1,
-                    v.2
-                ));
-            }
-            env.push(("MW_NCCL_MULTI_RANK_GPU", "1".to_string()));
+        if gpus < ranks() && v < (2, 30, 0) {
+            return Err(format!(
+                "{gpus} GPU(s) for {} ranks, and NCCL {}.{}.{} cannot put two ranks of a communicator on one",
+                ranks(),
+                v.0,
+                v.1,
+                v.2
+            ));
         }
-        Ok(env)
+        Ok(Vec::new())
     }
 
     fn ranks() -> usize {
@@ -134,6 +130,14 @@ mod bench {
     }
 
     pub fn main() {
+        // Ranks share GPUs where there are fewer GPUs than ranks: NCCL 2.30 on allows it when
+        // asked by its own variable, set here while this process has only its main thread (the
+        // ranks it starts inherit it).
+        if std::env::var_os("NCCL_MULTI_RANK_GPU_ENABLE").is_none()
+            && multiworld::nccl::version().is_ok_and(|v| v >= (2, 30, 0))
+        {
+            std::env::set_var("NCCL_MULTI_RANK_GPU_ENABLE", "1");
+        }
         if let Ok(r) = std::env::var("MW_VS_NCCL_RANK") {
             let rank = r.parse().expect("rank");
             let me = Rank::join(rank, ranks());

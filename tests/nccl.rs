@@ -120,8 +120,10 @@ fn an_nccl_world_refuses_host_memory() {
 }
 
 /// The environment the NCCL tests' ranks need, or `None` (printed) where they cannot run: a
-/// GPU, NCCL, and where ranks of one communicator must share a GPU, NCCL 2.30 or newer.
-fn nccl_env() -> Option<Vec<(&'static str, String)>> {
+/// GPU, NCCL, and NCCL 2.30 or newer unless there are `gpus_needed` GPUs (rank `r` uses GPU
+/// `r % count`, so ranks of one world may share one). NCCL's own variable asks for shared
+/// GPUs, exported to the rank processes as they start.
+fn nccl_env(gpus_needed: usize) -> Option<Vec<(&'static str, String)>> {
     if !have_gpu() {
         return None;
     }
@@ -134,20 +136,22 @@ fn nccl_env() -> Option<Vec<(&'static str, String)>> {
     };
     let gpus = multiworld::cuda::device_count().unwrap_or(0);
     let mut env = Vec::new();
-    if gpus < 2 {
-        if v < (2, 30, 0) {
-            let why = format!("one GPU, and NCCL {}.{}.{} cannot put two ranks of a communicator on it", v.0, v.1, v.2);
-            common::skipped(&this_test(), &why);
-            return None;
-        }
-        env.push(("MW_NCCL_MULTI_RANK_GPU", "1".to_string()));
+    if v >= (2, 30, 0) {
+        env.push(("NCCL_MULTI_RANK_GPU_ENABLE", "1".to_string()));
+    } else if gpus < gpus_needed {
+        let why = format!(
+            "{gpus} GPU(s) for {gpus_needed} ranks, and NCCL {}.{}.{} cannot put two ranks of a communicator on one",
+            v.0, v.1, v.2
+        );
+        common::skipped(&this_test(), &why);
+        return None;
     }
     Some(env)
 }
 
 #[test]
 fn nccl_every_operation_two_ranks() {
-    if let Some(mut env) = nccl_env() {
+    if let Some(mut env) = nccl_env(2) {
         env.push(("MW_BACKEND", "nccl".into()));
         common::run_ranks("collectives", 2, &env, Duration::from_secs(400));
     }
@@ -246,7 +250,7 @@ fn c_api(ctx: &Ctx) {
 
 #[test]
 fn nccl_through_the_c_api() {
-    if let Some(env) = nccl_env() {
+    if let Some(env) = nccl_env(2) {
         common::run_ranks("c_api", 2, &env, Duration::from_secs(120));
     }
 }
@@ -322,7 +326,7 @@ fn fault(ctx: &Ctx) {
 }
 
 fn run_fault(how: &str) {
-    let Some(mut env) = nccl_env() else { return };
+    let Some(mut env) = nccl_env(3) else { return };
     let ip = "127.0.0.1".parse().unwrap();
     for k in ["MW_ID_A", "MW_ID_B", "MW_ID_C"] {
         env.push((k, UniqueId::new_on(ip).unwrap().to_string()));

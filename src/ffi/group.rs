@@ -90,6 +90,11 @@ pub unsafe extern "C" fn mwGroupEnd() -> mwResult_t {
                 }
             }
         }
+        // An NCCL communicator waits for its peers when its batch is enqueued (its first
+        // operation creates it; later ones may connect to a peer): two of them in one group
+        // could wait for each other's peers in this very thread. Refused until NCCL's own
+        // groups across communicators are used here.
+        let nccl_comms = order.iter().filter(|(c, stream)| *stream != 0 && runs_on_nccl(c)).count();
         // Post every communicator's batch before waiting for any: the ranks of one world may
         // live in this very thread.
         let mut waits = Vec::new();
@@ -101,6 +106,12 @@ pub unsafe extern "C" fn mwGroupEnd() -> mwResult_t {
                 continue;
             }
             if *stream != 0 {
+                if nccl_comms > 1 && runs_on_nccl(c) {
+                    keep(c.record(&Error::invalid_usage(
+                        "mwGroupEnd: a group may hold stream operations of one NCCL communicator only",
+                    )));
+                    continue;
+                }
                 keep(device(c, *stream, &ops));
                 continue;
             }
@@ -117,4 +128,9 @@ pub unsafe extern "C" fn mwGroupEnd() -> mwResult_t {
         }
         result
     })
+}
+
+/// Whether a communicator's world runs its device operations on NCCL.
+fn runs_on_nccl(c: &Comm) -> bool {
+    c.world().is_ok_and(|w| w.backend() == crate::BackendChoice::Nccl)
 }

@@ -157,17 +157,19 @@ impl Comm {
         // SAFETY: the C caller passes a live stream (NCCL's contract).
         let ctx = unsafe { RawContext::of_stream(stream) }?;
         // The first operation starts the backend (for NCCL: creates the communicator, a
-        // collective over the world's ranks, as their first device operations meet).
-        let backend = {
-            let mut slot = lock(&self.device);
-            match &*slot {
-                Some(s) if s.context() != ctx => {
-                    return Err(Error::invalid_arg(
-                        "the stream belongs to another CUDA context than this communicator's earlier operations",
-                    ))
-                }
-                Some(s) => s.clone(),
-                None => slot.insert(DeviceBackend::start(w, ctx, None)?).clone(),
+        // collective over the world's ranks, as their first device operations meet), outside
+        // the slot's lock, which `mwCommGetAsyncError` and `mwCommDestroy` take meanwhile.
+        let existing = lock(&self.device).clone();
+        let backend = match existing {
+            Some(s) if s.context() != ctx => {
+                return Err(Error::invalid_arg(
+                    "the stream belongs to another CUDA context than this communicator's earlier operations",
+                ))
+            }
+            Some(s) => s,
+            None => {
+                let started = DeviceBackend::start(w, ctx, None)?;
+                lock(&self.device).get_or_insert(started).clone()
             }
         };
         let some = |(p, n): (usize, usize)| (n > 0).then_some((p as u64, n));

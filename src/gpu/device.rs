@@ -117,12 +117,13 @@ impl DeviceBackend {
         }
     }
 
-    /// Lets it go without waiting (the C API's destroy and abort), then runs `leave`.
+    /// Lets it go (the C API's destroy and abort), then runs `leave`: the native backend
+    /// without waiting; NCCL's destroy as `ncclCommDestroy` does (`NcclComm::release`).
     pub(crate) fn release_in_background(&self, abort: bool, leave: impl FnOnce() + Send + 'static) {
         match self {
             DeviceBackend::Native(s) => s.release_in_background(abort, leave),
             #[cfg(feature = "nccl")]
-            DeviceBackend::Nccl(n) => n.release_in_background(abort, leave),
+            DeviceBackend::Nccl(n) => n.release(abort, leave),
         }
     }
 }

@@ -29,7 +29,7 @@ use crate::api::world::{World, WorldState};
 use crate::engine::wire::OpKind;
 use crate::gpu::cuda::{check, RawContext};
 use crate::gpu::staging::DeviceOp;
-use crate::sys::sync::{lock, wait_timeout, Arc, Condvar, Mutex, Weak};
+use crate::sys::sync::{lock, wait_timeout, Arc, AtomicBool, Condvar, Mutex, Ordering, Weak};
 
 /// NCCL as this process loaded it.
 pub(crate) struct Library {
@@ -105,30 +105,22 @@ pub fn version() -> Result<(u32, u32, u32)> {
     library().map(|l| version_parts(l.version))
 }
 
-/// `MW_NCCL_MULTI_RANK_GPU=1` asks that several ranks of one communicator may share a GPU:
-/// NCCL 2.30 on allows it when `NCCL_MULTI_RANK_GPU_ENABLE` is set, which is done here, once,
-/// before the process's first communicator (NCCL reads its environment then). Older NCCL
-/// refuses, and so does this, with the reason.
+/// Several ranks of one communicator on one GPU are asked for with NCCL's own variable,
+/// `NCCL_MULTI_RANK_GPU_ENABLE=1`, exported when the process starts (a library cannot set a
+/// variable safely once other threads may read the environment). NCCL 2.30 on honours it; with
+/// an older NCCL the ask is refused here, saying why, instead of failing later as a duplicate
+/// GPU.
 fn multi_rank_gpu(lib: &Library) -> Result<()> {
-    static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    DONE.get_or_init(|| {
-        if std::env::var("MW_NCCL_MULTI_RANK_GPU").is_ok_and(|v| v.trim() == "1") {
-            if lib.version < MULTI_RANK_GPU {
-                return Err(format!(
-                    "MW_NCCL_MULTI_RANK_GPU=1 needs NCCL {} or newer to put ranks of one communicator on one GPU; \
-                     this process loaded NCCL {}",
-                    version_text(MULTI_RANK_GPU),
-                    version_text(lib.version)
-                ));
-            }
-            if std::env::var_os("NCCL_MULTI_RANK_GPU_ENABLE").is_none() {
-                std::env::set_var("NCCL_MULTI_RANK_GPU_ENABLE", "1");
-            }
-        }
-        Ok(())
-    })
-    .clone()
-    .map_err(Error::invalid_usage)
+    let asked = std::env::var("NCCL_MULTI_RANK_GPU_ENABLE").is_ok_and(|v| v.trim() == "1");
+    if asked && lib.version < MULTI_RANK_GPU {
+        return Err(Error::invalid_usage(format!(
+            "NCCL_MULTI_RANK_GPU_ENABLE=1 needs NCCL {} or newer to put ranks of one communicator on one GPU; \
+             this process loaded NCCL {}",
+            version_text(MULTI_RANK_GPU),
+            version_text(lib.version)
+        )));
+    }
+    Ok(())
 }
 
 /// An error from an NCCL result, with NCCL's words for it.
@@ -219,16 +211,18 @@ pub(crate) struct NcclComm {
     _name: CString,
     /// Four device bytes of the communicator's own: a barrier is an all-reduce of them.
     barrier: cu::CUdeviceptr,
+    /// An abort was handed to a thread of its own (`NcclComm::abort_soon`).
+    aborting: AtomicBool,
 }
 
-/// A short pause in a polling loop: a few yields, then sleeps (this machine may have as few
-/// cores as ranks).
-fn pause(round: &mut u32) {
-    *round += 1;
-    if *round < 64 {
+/// A pause in a polling loop that began at `since`: yields for the first 2 ms (NCCL usually
+/// finishes a launch in microseconds, and a sleep would add its own to every operation), then
+/// sleeps 100 µs at a time (a machine may have as few cores as ranks).
+fn pause(since: Instant) {
+    if since.elapsed() < Duration::from_millis(2) {
         std::thread::yield_now();
     } else {
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(Duration::from_micros(100));
     }
 }
 
@@ -291,10 +285,11 @@ impl NcclComm {
             batches: Mutex::new(VecDeque::new()),
             _name: name,
             barrier,
+            aborting: AtomicBool::new(false),
         });
         let started = match r {
             nc::ncclResult_t::ncclSuccess | nc::ncclResult_t::ncclInProgress if !raw.is_null() => {
-                comm.settle(&lock(&comm.raw), until, "ncclCommInitRankConfig")
+                comm.settle(&lock(&comm.raw), Some(until), "ncclCommInitRankConfig")
             }
             _ => Err(nccl_error("ncclCommInitRankConfig", r)),
         };
@@ -321,9 +316,9 @@ impl NcclComm {
     }
 
     /// Polls a non-blocking call on the communicator until NCCL is done with it, it fails,
-    /// the world breaks, or `until` passes.
-    fn settle(&self, raw: &Raw, until: Instant, what: &str) -> Result<()> {
-        let mut round = 0;
+    /// the world breaks, or `until` (if any) passes.
+    fn settle(&self, raw: &Raw, until: Option<Instant>, what: &str) -> Result<()> {
+        let since = Instant::now();
         loop {
             let mut state = nc::ncclResult_t::ncclInProgress;
             // SAFETY: a live communicator (the caller holds its lock), an out-pointer to a local.
@@ -339,14 +334,14 @@ impl NcclComm {
             if let WorldState::Broken(cause) = self.world.state() {
                 return Err(Error::broken(self.world.name(), self.world.rank(), cause, false));
             }
-            if Instant::now() >= until {
+            if until.is_some_and(|u| Instant::now() >= u) {
                 return Err(Error::timeout(format!(
                     "world '{}' rank {}: {what} did not finish in time",
                     self.world.name(),
                     self.world.rank()
                 )));
             }
-            pause(&mut round);
+            pause(since);
         }
     }
 
@@ -367,8 +362,10 @@ impl NcclComm {
         if raw.0.is_null() {
             return;
         }
-        let Ok(_current) = self.ctx.push() else { return };
-        if self.unfinished() > 0 {
+        // Without the context (gone with its owner) the events cannot be asked; NCCL aborts
+        // all the same (it sets its device itself).
+        let current = self.ctx.push().ok();
+        if current.is_none() || self.unfinished() > 0 {
             let e = match self.world.state() {
                 WorldState::Broken(cause) => Error::broken(self.world.name(), self.world.rank(), cause, false),
                 _ => Error::new(ErrorKind::WorldBroken, format!("world '{}': NCCL aborted", self.world.name())),
@@ -381,7 +378,25 @@ impl NcclComm {
             warn!("world '{}': ncclCommAbort: {r:?}", self.world.name());
         }
         raw.0 = std::ptr::null_mut();
-        self.forget_batches();
+        if current.is_some() {
+            self.forget_batches();
+        }
+    }
+
+    /// [`NcclComm::abort`] on a thread of its own: `ncclCommAbort` sets NCCL's abort flag at
+    /// once but then waits for the streams to get past this communicator's kernels, and a
+    /// stream may first have to get past another communicator's, which only its own abort
+    /// releases. So no abort waits for another, and the watcher never waits for one.
+    fn abort_soon(self: &Arc<Self>, then: impl FnOnce() + Send + 'static) {
+        if self.aborting.swap(true, Ordering::AcqRel) {
+            then();
+            return;
+        }
+        let me = self.clone();
+        crate::sys::on_own_thread("mw-nccl-abort", move || {
+            me.abort();
+            then();
+        });
     }
 
     /// Batches the streams have not finished; forgets those they have (the context is current).
@@ -461,15 +476,16 @@ impl NcclComm {
                 r => Err(nccl_error("ncclGroupEnd", r)),
             })
         };
-        let opts = self.world.options();
-        let bound = self.world.op_timeout().unwrap_or(opts.timeout);
-        let settled = issued.and_then(|_| self.settle(&raw, Instant::now() + bound, "ncclGroupEnd"));
+        // Bounded by the world's operation deadline if it has one, as any operation is; the
+        // world breaking ends the wait in any case.
+        let until = self.world.op_timeout().map(|t| Instant::now() + t);
+        let settled = issued.and_then(|_| self.settle(&raw, until, "ncclGroupEnd"));
         if let Err(e) = settled {
             drop(raw);
-            // Arguments NCCL refused leave the communicator as it was; anything else ends it.
-            if !matches!(e.kind(), ErrorKind::InvalidArgument | ErrorKind::InvalidUsage) {
-                self.fail(e.clone(), true);
-            }
+            // In non-blocking mode NCCL keeps any error it returned as the communicator's own,
+            // so even refused arguments end it (the crate checks arguments before NCCL sees
+            // them).
+            self.fail(e.clone(), true);
             return Err(e);
         }
         let mut event: cu::CUevent = std::ptr::null_mut();
@@ -564,8 +580,12 @@ impl NcclComm {
     }
 
     /// The watcher's look at this communicator: the world's state, NCCL's own errors, the
-    /// batches' deadlines.
-    fn watch(&self) {
+    /// batches' deadlines. Never waits: a busy communicator is looked at next time, and aborts
+    /// run on threads of their own.
+    fn watch(self: &Arc<Self>) {
+        if self.aborting.load(Ordering::Acquire) {
+            return;
+        }
         // A communicator whose lock is held is being enqueued on or closed: that call polls
         // NCCL and the world itself (and a watcher that waited here would leave the process's
         // other communicators unwatched meanwhile).
@@ -573,13 +593,10 @@ impl NcclComm {
             Ok(raw) if !raw.0.is_null() => {}
             _ => return,
         }
-        match self.world.state() {
-            WorldState::Broken(cause) => {
-                let e = Error::broken(self.world.name(), self.world.rank(), cause, false);
-                return self.fail(e, false);
-            }
-            WorldState::Removed => return self.abort(),
-            _ => {}
+        // A broken world fails only what the streams had not finished (a peer that left after
+        // everything was done is no failure).
+        if matches!(self.world.state(), WorldState::Broken(_) | WorldState::Removed) {
+            return self.abort_soon(|| {});
         }
         // An enqueue holding the lock polls NCCL's errors itself.
         if let Ok(raw) = self.raw.try_lock() {
@@ -595,7 +612,9 @@ impl NcclComm {
                 };
                 drop(raw);
                 if let Some(e) = bad {
-                    return self.fail(e, true);
+                    self.world.break_with(BrokenCause::Nccl { detail: e.message().to_owned() });
+                    lock(&self.error).get_or_insert(e);
+                    return self.abort_soon(|| {});
                 }
             }
         }
@@ -608,7 +627,8 @@ impl NcclComm {
         if let Some(t) = late {
             let cause = BrokenCause::OperationTimeout { after_ms: t.as_millis() as u64 };
             self.world.break_with(cause.clone());
-            self.fail(Error::broken(self.world.name(), self.world.rank(), cause, true), false);
+            lock(&self.error).get_or_insert(Error::broken(self.world.name(), self.world.rank(), cause, true));
+            self.abort_soon(|| {});
         }
     }
 
@@ -626,7 +646,7 @@ impl NcclComm {
         let r = unsafe { nc::ncclCommFinalize(raw.0) };
         let done = match r {
             nc::ncclResult_t::ncclSuccess | nc::ncclResult_t::ncclInProgress => {
-                self.settle(&raw, until, "ncclCommFinalize")
+                self.settle(&raw, Some(until), "ncclCommFinalize")
             }
             r => Err(nccl_error("ncclCommFinalize", r)),
         };
@@ -649,19 +669,16 @@ impl NcclComm {
         }
     }
 
-    /// Lets the communicator go without waiting: with `abort`, at once; else it is closed on
-    /// a thread of its own. Then `leave` (the world's removal) runs.
-    pub(crate) fn release_in_background(self: &Arc<Self>, abort: bool, leave: impl FnOnce() + Send + 'static) {
+    /// The C API's destroy and abort, then `leave` (the world's removal). An abort returns at
+    /// once (the abort runs on a thread of its own); a destroy finalizes here, as
+    /// `ncclCommDestroy` does: it waits for the streams to finish what the communicator holds,
+    /// bounded by the formation deadline and by the world breaking.
+    pub(crate) fn release(self: &Arc<Self>, abort: bool, leave: impl FnOnce() + Send + 'static) {
         if abort {
-            self.abort();
-            leave();
-            return;
+            return self.abort_soon(leave);
         }
-        let me = self.clone();
-        crate::sys::on_own_thread("mw-release", move || {
-            me.close();
-            leave();
-        });
+        self.close();
+        leave();
     }
 }
 

@@ -887,6 +887,16 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // Ranks share GPUs where there are fewer GPUs than ranks: NCCL 2.30 on allows it when asked
+    // by its own variable, set here while this process has only its main thread (the ranks it
+    // starts inherit it).
+    #[cfg(feature = "nccl")]
+    if args.backends.contains(&BackendChoice::Nccl)
+        && std::env::var_os("NCCL_MULTI_RANK_GPU_ENABLE").is_none()
+        && multiworld::nccl::version().is_ok_and(|v| v >= (2, 30, 0))
+    {
+        std::env::set_var("NCCL_MULTI_RANK_GPU_ENABLE", "1");
+    }
     if let Ok(r) = std::env::var("MW_BENCH_RANK") {
         let rank: usize = r.parse().unwrap_or(0);
         match run(rank, args) {
