@@ -1,6 +1,6 @@
 //! Every operation x every data type x every reduction x counts {0, 1, 7, 4097, 1048576} x
 //! world sizes {2, 3, 4}, in place and out of place, across real processes, over shared memory
-//! and over TCP. Each rank checks its own output against the reference it computes itself;
+//! and over TCP (and, with the `rdma` feature, over RDMA on the software provider). Each rank checks its own output against the reference it computes itself;
 //! all-reduce results are also compared bit for bit across ranks.
 
 mod common;
@@ -139,7 +139,11 @@ impl Check<'_> {
 fn matrix(ctx: &Ctx) {
     let m = WorldManager::new();
     let w = m.init_world("matrix", &ctx.id(), ctx.rank, ctx.size).unwrap();
-    let want = if ctx.env("MW_TRANSPORT") == "tcp" { TransportKind::Tcp } else { TransportKind::Shm };
+    let want = match ctx.env("MW_TRANSPORT").as_str() {
+        "tcp" => TransportKind::Tcp,
+        "rdma" => TransportKind::Rdma,
+        _ => TransportKind::Shm,
+    };
     for (r, t) in w.transports().iter().enumerate() {
         assert_eq!(*t, (r != ctx.rank).then_some(want).or(Some(TransportKind::Loopback)), "transport to rank {r}");
     }
@@ -164,7 +168,9 @@ fn matrix(ctx: &Ctx) {
 }
 
 fn matrix_over(size: usize, transport: &str) {
-    common::run_ranks("matrix", size, &[("MW_TRANSPORT", transport.to_string())], Duration::from_secs(400));
+    // RDMA runs on the software provider: no machine here has an RDMA device.
+    let env = [("MW_TRANSPORT", transport.to_string()), ("MW_RDMA_PROVIDER", "soft".to_string())];
+    common::run_ranks("matrix", size, &env, Duration::from_secs(400));
 }
 
 #[test]
@@ -195,4 +201,22 @@ fn matrix_three_ranks_tcp() {
 #[test]
 fn matrix_four_ranks_tcp() {
     matrix_over(4, "tcp");
+}
+
+#[test]
+#[cfg(feature = "rdma")]
+fn matrix_two_ranks_rdma() {
+    matrix_over(2, "rdma");
+}
+
+#[test]
+#[cfg(feature = "rdma")]
+fn matrix_three_ranks_rdma() {
+    matrix_over(3, "rdma");
+}
+
+#[test]
+#[cfg(feature = "rdma")]
+fn matrix_four_ranks_rdma() {
+    matrix_over(4, "rdma");
 }

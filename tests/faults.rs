@@ -113,10 +113,26 @@ fn kill_survivor(ctx: &Ctx) {
     );
 }
 
+/// Every world of the processes over RDMA, on the software provider (feature `rdma`).
+#[cfg(feature = "rdma")]
+const RDMA: [(&str, &str); 2] = [("MW_TRANSPORT", "rdma"), ("MW_RDMA_PROVIDER", "soft")];
+
 #[test]
 fn sigkill_mid_all_reduce_is_detected_at_once() {
+    sigkill_mid_all_reduce(&[]);
+}
+
+#[test]
+#[cfg(feature = "rdma")]
+fn sigkill_mid_all_reduce_is_detected_at_once_over_rdma() {
+    sigkill_mid_all_reduce(&RDMA);
+}
+
+fn sigkill_mid_all_reduce(extra: &[(&str, &str)]) {
     let _s = serial();
-    let mut procs = spawn_pair("kill_survivor", &[("MW_TEST_ALLREDUCE", "1".into())], "killme");
+    let mut env = vec![("MW_TEST_ALLREDUCE", "1".to_string())];
+    env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    let mut procs = spawn_pair("kill_survivor", &env, "killme");
     let mut survivor = procs.remove(0);
     let mut victim = procs.remove(0);
     let ok = survivor.wait_for(Duration::from_secs(60)).is_some_and(|s| s.success());
@@ -186,10 +202,24 @@ fn stream_partner(ctx: &Ctx) {
 
 #[test]
 fn sigstop_is_detected_at_the_heartbeat_timeout_and_other_worlds_go_on() {
+    sigstop_with_another_world(&[]);
+}
+
+#[test]
+#[cfg(feature = "rdma")]
+fn sigstop_is_detected_at_the_heartbeat_timeout_and_other_worlds_go_on_over_rdma() {
+    sigstop_with_another_world(&RDMA);
+}
+
+fn sigstop_with_another_world(extra: &[(&str, &str)]) {
     let _s = serial();
     let id_b = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
-    let mut procs = spawn_pair("stop_survivor", &[("MW_TEST_ID_B", id_b.to_string())], "A");
-    let env = [("MW_TEST_ID", id_b.to_string()), ("MW_TEST_ARG", "B".to_string())];
+    let extra: Vec<(&str, String)> = extra.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    let mut victim_env = vec![("MW_TEST_ID_B", id_b.to_string())];
+    victim_env.extend(extra.iter().cloned());
+    let mut procs = spawn_pair("stop_survivor", &victim_env, "A");
+    let mut env = vec![("MW_TEST_ID", id_b.to_string()), ("MW_TEST_ARG", "B".to_string())];
+    env.extend(extra);
     procs.push(spawn("stream_partner", 1, 2, &env, &[]));
     let logs = common::finish(&mut procs, Duration::from_secs(60));
     for l in logs[0].lines().filter(|l| l.contains("detected") || l.contains("world B")) {

@@ -286,6 +286,9 @@ fn start_formation(
     if options.backend == crate::api::options::BackendChoice::Nccl {
         nccl_usable(name)?;
     }
+    if options.transport.effective() == crate::api::options::TransportChoice::Rdma {
+        rdma_usable(name)?;
+    }
     let options = &options;
     {
         let mut worlds = lock(&inner.worlds);
@@ -320,6 +323,7 @@ fn start_formation(
         secret,
         interface: options.interface.clone(),
         shm: options.transport.effective() == crate::api::options::TransportChoice::Auto,
+        rdma: options.transport.effective() == crate::api::options::TransportChoice::Rdma,
         generation,
         timeout: options.timeout,
         cancel: f.cancel.clone(),
@@ -566,6 +570,15 @@ fn nccl_usable(name: &str) -> Result<()> {
     Err(Error::invalid_arg(format!(
         "world '{name}' asks for the NCCL backend, but this build of multiworld has no `nccl` feature"
     )))
+}
+
+/// Whether a world may ask for RDMA: the feature is built and this process has a provider.
+fn rdma_usable(name: &str) -> Result<()> {
+    #[cfg(feature = "rdma")]
+    return crate::transport::rdma::provider()
+        .map_err(|e| Error::invalid_usage(format!("world '{name}' asks for RDMA: {e}")));
+    #[cfg(not(feature = "rdma"))]
+    Err(Error::invalid_arg(format!("world '{name}' asks for RDMA, but this build of multiworld has no `rdma` feature")))
 }
 
 /// Marks a world removed, closes it and says so.

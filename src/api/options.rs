@@ -13,14 +13,18 @@ pub enum TransportChoice {
     Auto,
     /// TCP for every peer.
     Tcp,
+    /// RDMA for every peer (feature `rdma`; `docs/rdma.md`): formation fails, saying why, where
+    /// a pair cannot use it.
+    Rdma,
 }
 
 impl TransportChoice {
-    /// The choice after the `MW_TRANSPORT` environment variable (`tcp` forces TCP for every
-    /// world; `auto` or unset leaves the world's own choice).
+    /// The choice after the `MW_TRANSPORT` environment variable (`tcp` or `rdma` forces that
+    /// transport for every world; `auto` or unset leaves the world's own choice).
     pub(crate) fn effective(self) -> TransportChoice {
         match std::env::var("MW_TRANSPORT").as_deref() {
             Ok("tcp") => TransportChoice::Tcp,
+            Ok("rdma") => TransportChoice::Rdma,
             _ => self,
         }
     }

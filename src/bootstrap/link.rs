@@ -255,9 +255,12 @@ pub(super) async fn connect_links(
         }
         let same_host = t.peers[peer].1 == t.peers[rank].1;
         let want_shm = spec.shm && same_host;
-        let link = offer_transport(s, want_shm, spec.socket_buffer, deadline, cancel)
-            .await
-            .map_err(|e| Error::system(what(), e))?;
+        let link = if spec.rdma {
+            offer_rdma(s, deadline, cancel).await
+        } else {
+            offer_transport(s, want_shm, spec.socket_buffer, deadline, cancel).await
+        }
+        .map_err(|e| Error::system(what(), e))?;
         *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
         links[peer] = Some(link);
     }
@@ -269,12 +272,13 @@ pub(super) async fn connect_links(
     for (from, s) in accept_links(&listener, &expect, size - rank - 1, deadline, cancel, &missing).await? {
         let same_host = t.peers[from].1 == t.peers[rank].1;
         let want_shm = spec.shm && same_host;
-        let link = answer_transport(s, want_shm, spec.socket_buffer, deadline, cancel).await.map_err(|e| {
-            Error::new(
-                ErrorKind::WorldBroken,
-                formation_err(name, rank, format!("setting up the link to rank {from}: {e}")),
-            )
-        })?;
+        let link =
+            answer_transport(s, want_shm, spec.rdma, spec.socket_buffer, deadline, cancel).await.map_err(|e| {
+                Error::new(
+                    ErrorKind::WorldBroken,
+                    formation_err(name, rank, format!("setting up the link to rank {from}: {e}")),
+                )
+            })?;
         *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
         links[from] = Some(link);
     }
@@ -317,12 +321,18 @@ pub(super) async fn offer_transport(
 pub(super) async fn answer_transport(
     s: TcpStream,
     shm: bool,
+    rdma: bool,
     buffer: Option<usize>,
     deadline: Instant,
     cancel: Option<&AtomicBool>,
 ) -> io::Result<Box<dyn Link>> {
     let offer = addr::recv_msg(&s, deadline, cancel).await?;
+    if rdma && offer.first() != Some(&b'R') {
+        return Err(io::Error::other("this rank asks for RDMA, and the peer offered another transport"));
+    }
     match offer.split_first() {
+        #[cfg(feature = "rdma")]
+        Some((b'R', info)) => answer_rdma(s, info, deadline, cancel).await,
         Some((b'T', [])) => Ok(Box::new(TcpLink::new(s, buffer)?)),
         Some((b'S', path)) => {
             let seg = if shm { std::str::from_utf8(path).ok().map(Segment::open) } else { None };
@@ -345,6 +355,57 @@ pub(super) async fn answer_transport(
         }
         _ => Err(io::Error::new(io::ErrorKind::InvalidData, "bad transport offer")),
     }
+}
+
+/// The connecting rank of a pair that must use RDMA offers `R` and its set-up data (queue pair
+/// connection data, receive ring); the acceptor connects its queue pair to it and answers `R`
+/// and its own, or `N` and why it cannot, which fails the formation with that reason.
+async fn offer_rdma(s: TcpStream, deadline: Instant, cancel: Option<&AtomicBool>) -> io::Result<Box<dyn Link>> {
+    #[cfg(feature = "rdma")]
+    {
+        use crate::transport::rdma::Pending;
+        let pending = Pending::new()?;
+        let mut offer = b"R".to_vec();
+        offer.extend_from_slice(&pending.info());
+        addr::send_msg(&s, &offer, deadline, cancel).await?;
+        let answer = addr::recv_msg(&s, deadline, cancel).await?;
+        match answer.split_first() {
+            Some((b'R', info)) => Ok(Box::new(pending.connect(s, info, false)?)),
+            Some((b'N', why)) => {
+                Err(io::Error::other(format!("the peer cannot use RDMA: {}", String::from_utf8_lossy(why))))
+            }
+            _ => Err(io::Error::new(io::ErrorKind::InvalidData, "bad RDMA answer")),
+        }
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        let _ = (s, deadline, cancel);
+        Err(io::Error::other("RDMA needs a build with the rdma feature"))
+    }
+}
+
+#[cfg(feature = "rdma")]
+async fn answer_rdma(
+    s: TcpStream,
+    info: &[u8],
+    deadline: Instant,
+    cancel: Option<&AtomicBool>,
+) -> io::Result<Box<dyn Link>> {
+    use crate::transport::rdma::Pending;
+    let pending = match Pending::new() {
+        Ok(p) => p,
+        Err(e) => {
+            addr::send_msg(&s, format!("N{e}").as_bytes(), deadline, cancel).await?;
+            return Err(e);
+        }
+    };
+    let mut answer = b"R".to_vec();
+    answer.extend_from_slice(&pending.info());
+    // This side connects first (the active side), then answers: the offerer attaches once it
+    // has the answer.
+    let link = pending.connect(s.try_clone()?, info, true)?;
+    addr::send_msg(&s, &answer, deadline, cancel).await?;
+    Ok(Box::new(link))
 }
 
 #[cfg(test)]

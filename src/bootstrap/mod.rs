@@ -64,6 +64,8 @@ pub(crate) struct JoinSpec {
     pub interface: Option<String>,
     /// Shared memory may be used for peers on the same host.
     pub shm: bool,
+    /// Every peer must be reached by RDMA.
+    pub rdma: bool,
     pub generation: u32,
     pub timeout: Duration,
     /// Set when the formation is abandoned: every step that waits looks at it.

@@ -224,6 +224,13 @@ impl Epoll {
         }
     }
 
+    /// The instance's own descriptor: readable while a watched descriptor reports, so that an
+    /// `epoll` set can itself be waited for in another (a link that wakes for two things).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
     /// Stops watching `fd`.
     pub(crate) fn unwatch(&self, fd: RawFd) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0, 0)

@@ -9,11 +9,14 @@
 //! |---|---|---|
 //! | `shm` | the same host (same kernel and network namespace) | `shm.rs` |
 //! | `tcp` | any host | `tcp.rs` |
+//! | `rdma` | hosts with RDMA devices, or one host through the software provider (feature `rdma`) | `rdma/` |
 //! | `loopback` | this rank itself (send/recv to self) | `loopback.rs` |
 //!
 //! A world picks a transport per peer when it forms ([`TransportKind`]).
 
 pub(crate) mod loopback;
+#[cfg(feature = "rdma")]
+pub(crate) mod rdma;
 pub(crate) mod shm;
 pub(crate) mod tcp;
 
@@ -29,6 +32,8 @@ pub enum TransportKind {
     Shm,
     /// TCP sockets: works between any two hosts.
     Tcp,
+    /// RDMA writes over a reliably connected queue pair (feature `rdma`).
+    Rdma,
     /// This rank to itself.
     Loopback,
     /// In-memory pair inside one process (tests only).
@@ -42,6 +47,7 @@ impl TransportKind {
         match self {
             TransportKind::Shm => "shm",
             TransportKind::Tcp => "tcp",
+            TransportKind::Rdma => "rdma",
             TransportKind::Loopback => "loopback",
             TransportKind::Memory => "memory",
         }

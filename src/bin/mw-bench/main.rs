@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! mw-bench [--ranks N] [--ops all_reduce,send_recv,...|all] [--dtype float|all] [--redop sum]
-//!          [-b MIN] [-e MAX] [-f FACTOR] [--iters N] [--warmup N] [--transport auto|tcp]
+//!          [-b MIN] [-e MAX] [-f FACTOR] [--iters N] [--warmup N] [--transport auto|tcp|rdma]
 //!          [--json] [--targets] [--smoke] [--device] [--osu] [--osu-table FILE] [--worlds N]
 //!          [--elastic]
 //! ```
@@ -206,6 +206,7 @@ fn parse() -> Result<Args, String> {
                 a.transport = match v()?.as_str() {
                     "auto" | "shm" => TransportChoice::Auto,
                     "tcp" => TransportChoice::Tcp,
+                    "rdma" => TransportChoice::Rdma,
                     t => return Err(format!("unknown transport '{t}'")),
                 }
             }
@@ -463,10 +464,13 @@ impl Bench {
     }
 
     fn table(&mut self, sizes: &[usize]) {
-        let transport = format!(
-            "{:?}",
-            self.w.transports()[(self.rank + 1) % self.n].unwrap_or(multiworld::TransportKind::Loopback)
-        );
+        let kind = self.w.transports()[(self.rank + 1) % self.n].unwrap_or(multiworld::TransportKind::Loopback);
+        let mut transport = format!("{kind:?}");
+        if kind == multiworld::TransportKind::Rdma && std::env::var("MW_RDMA_PROVIDER").as_deref() == Ok("soft") {
+            // The software provider moves bytes through a socket: its figures measure the
+            // protocol's overheads, nothing of a NIC.
+            transport.push_str(" (software provider: not a NIC)");
+        }
         for op in self.args.ops.clone() {
             if self.rank == 0 && !self.args.json {
                 println!("#\n# {}  ranks {}  transport {}", op.name(), self.n, transport.to_lowercase());

@@ -1,0 +1,484 @@
+//! The RDMA transport (feature `rdma`): frames as RDMA writes with immediate into the peer's
+//! registered receive ring, over one reliably connected queue pair per peer pair
+//! (`docs/rdma.md`).
+//!
+//! Each side registers a receive ring of [`SLOTS`] slots and a send staging area of as many.
+//! A frame (header and payload, at most [`RDMA_MAX_PAYLOAD`] bytes of payload) is copied into
+//! the staging slot of the same index as the ring slot it goes to, then written there with
+//! immediate `slot << 24 | bytes`; the peer's receive completion says a frame is in that slot,
+//! and completions come in the order of the writes (RC). The writer holds a credit per free
+//! slot of the peer's ring and spends one per frame; the reader hands credits back, half a
+//! ring at a time, as a write of no bytes whose immediate carries the count. A staging slot is
+//! reused once its write completed.
+//!
+//! The world's TCP connection to the peer stays open beside the queue pair: it carried the
+//! connection data, and it ends when the peer's process does, which the link notices even while
+//! the queue pair is silent. A peer that leaves on purpose says so first with a write whose
+//! immediate is [`LEFT`]. Any completion with an error status, or the queue pair in the error
+//! state, breaks the link with the verbs status and the provider's name.
+//!
+//! Providers (`verbs.rs`): the software provider (`soft.rs`, `MW_RDMA_PROVIDER=soft`) between
+//! processes of one host; a real device needs the `ibverbs` provider, not built yet.
+
+pub(crate) mod soft;
+pub(crate) mod verbs;
+
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use super::{Armed, Link, LinkError, Sink, TransportKind};
+use crate::engine::wire::{FrameHeader, OpKind, HEADER_LEN};
+use crate::sys::Epoll;
+use verbs::{Completion, Op, QpState, QueuePair, Region, Remote, Status};
+
+/// Slots of a receive ring (and of the send staging area).
+pub(crate) const SLOTS: usize = 8;
+/// Largest payload of one frame.
+pub(crate) const RDMA_MAX_PAYLOAD: usize = 32 << 10;
+const SLOT_BYTES: usize = HEADER_LEN + RDMA_MAX_PAYLOAD;
+/// Receives kept posted: a ring of frames, the credit writes that can be in flight beside
+/// them, and the farewell.
+const RECVS: u64 = 2 * SLOTS as u64 + 4;
+/// Immediate flag: the write carries credits (the count in the low bits), not a frame.
+const CREDIT: u32 = 1 << 31;
+/// Immediate: the peer leaves the world on purpose.
+pub(crate) const LEFT: u32 = 1 << 30;
+/// Work request id of writes that carry no frame (credits, farewell).
+const CONTROL_WR: u64 = u64::MAX;
+const _: () = assert!(SLOTS < 64 && SLOT_BYTES < (1 << 24));
+
+/// Whether this process has an RDMA provider: `MW_RDMA_PROVIDER=soft` for the software
+/// provider; otherwise a device's, which this build cannot drive yet (a clear error, never a
+/// silent fallback to another transport).
+pub(crate) fn provider() -> Result<(), String> {
+    match std::env::var("MW_RDMA_PROVIDER").as_deref() {
+        Ok("soft") => Ok(()),
+        Ok(other) => Err(format!("MW_RDMA_PROVIDER={other}: unknown provider (soft is the one built)")),
+        Err(_) => Err("no RDMA provider: this build drives no RDMA device yet (the ibverbs provider is not built); \
+                       MW_RDMA_PROVIDER=soft selects the software provider between processes of one host"
+            .into()),
+    }
+}
+
+/// A queue pair of the provider this process uses ([`provider`]).
+fn new_queue_pair() -> Result<Box<dyn QueuePair>, String> {
+    provider()?;
+    Ok(Box::new(soft::SoftQp::new().map_err(|e| e.to_string())?))
+}
+
+/// Registered memory of a link: the receive ring or the send staging area. Only reached
+/// through raw pointers, since the provider may write the ring at any time it is polled.
+struct Area {
+    ptr: *mut u8,
+    len: usize,
+    region: Region,
+}
+
+// SAFETY: the area owns its allocation, reached only through its owner.
+unsafe impl Send for Area {}
+
+impl Area {
+    fn new(qp: &mut dyn QueuePair) -> io::Result<Area> {
+        let len = SLOTS * SLOT_BYTES;
+        let ptr = Box::into_raw(vec![0u8; len].into_boxed_slice()) as *mut u8;
+        // SAFETY: a fresh allocation owned by this area, freed only in its drop, which the
+        // link runs after dropping its queue pair (field order).
+        match unsafe { qp.register(ptr, len) } {
+            Ok(region) => Ok(Area { ptr, len, region }),
+            Err(e) => {
+                // SAFETY: allocated just above as a boxed slice of `len` bytes.
+                drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) });
+                Err(io::Error::other(format!("registering {len} bytes: {e}")))
+            }
+        }
+    }
+
+    fn slot(&self, i: usize) -> *mut u8 {
+        debug_assert!(i < SLOTS);
+        // SAFETY: slot `i` lies inside the allocation.
+        unsafe { self.ptr.add(i * SLOT_BYTES) }
+    }
+}
+
+impl Drop for Area {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` as a boxed slice of `len` bytes; the queue pair that could
+        // write it is gone (the link drops it first).
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+    }
+}
+
+/// What one side tells the other at set-up: its queue pair's connection data and where its
+/// receive ring is.
+pub(crate) fn setup_info(qp: &dyn QueuePair, ring: &Region) -> Vec<u8> {
+    let info = qp.local_info();
+    let mut v = Vec::with_capacity(info.len() + 16);
+    v.extend_from_slice(&ring.addr.to_le_bytes());
+    v.extend_from_slice(&ring.rkey.to_le_bytes());
+    v.extend_from_slice(&info);
+    v
+}
+
+fn parse_info(b: &[u8]) -> io::Result<(Remote, &[u8])> {
+    if b.len() < 12 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "short RDMA set-up data"));
+    }
+    let addr = u64::from_le_bytes(b[0..8].try_into().unwrap_or([0; 8]));
+    let rkey = u32::from_le_bytes(b[8..12].try_into().unwrap_or([0; 4]));
+    Ok((Remote { addr, rkey }, &b[12..]))
+}
+
+/// A link whose queue pair and memory are made but not connected yet.
+pub(crate) struct Pending {
+    qp: Box<dyn QueuePair>,
+    rx: Area,
+    tx: Area,
+}
+
+impl Pending {
+    /// A queue pair of this process's provider, and the link's registered memory.
+    pub(crate) fn new() -> io::Result<Pending> {
+        let mut qp = new_queue_pair().map_err(io::Error::other)?;
+        let rx = Area::new(&mut *qp)?;
+        let tx = Area::new(&mut *qp)?;
+        Ok(Pending { qp, rx, tx })
+    }
+
+    /// What the peer needs to connect (`setup_info`).
+    pub(crate) fn info(&self) -> Vec<u8> {
+        setup_info(&*self.qp, &self.rx.region)
+    }
+
+    /// Connects to the peer's set-up data (`active`: this side initiates; the two sides pass
+    /// opposite values), posts the receives, and makes the link over the control socket `ctl`.
+    pub(crate) fn connect(mut self, ctl: TcpStream, peer: &[u8], active: bool) -> io::Result<RdmaLink> {
+        let (ring, qp_info) = parse_info(peer)?;
+        for wr in 0..RECVS {
+            self.qp.post_recv(wr).map_err(|e| io::Error::other(e.to_string()))?;
+        }
+        self.qp.connect(qp_info, active).map_err(|e| io::Error::other(e.to_string()))?;
+        ctl.set_nonblocking(true)?;
+        let waits = Epoll::new()?;
+        waits.watch(ctl.as_raw_fd(), libc::POLLRDHUP | libc::POLLIN, 0)?;
+        info!("RDMA link up: {}", self.qp.provider());
+        Ok(RdmaLink {
+            qp: self.qp,
+            rx: self.rx,
+            tx: self.tx,
+            ctl,
+            waits,
+            qp_fd: None,
+            peer_ring: ring,
+            credits: SLOTS,
+            next_slot: 0,
+            tx_busy: [false; SLOTS],
+            arrived: VecDeque::new(),
+            current: None,
+            freed: 0,
+            peer_left: false,
+            hung_up: false,
+            armed: false,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            completions: Vec::new(),
+        })
+    }
+}
+
+pub(crate) struct RdmaLink {
+    // Dropped first: nothing writes the areas after it.
+    qp: Box<dyn QueuePair>,
+    rx: Area,
+    tx: Area,
+    ctl: TcpStream,
+    /// The control socket and the queue pair's descriptor, so that one descriptor wakes the
+    /// link for either.
+    waits: Epoll,
+    /// The queue pair's descriptor as last watched, and for what.
+    qp_fd: Option<(RawFd, i16)>,
+    peer_ring: Remote,
+    /// Free slots of the peer's ring.
+    credits: usize,
+    /// The slot the next frame goes to (in the peer's ring and in the staging area).
+    next_slot: usize,
+    tx_busy: [bool; SLOTS],
+    /// Frames in the ring, in arrival order: (slot, bytes).
+    arrived: VecDeque<(usize, usize)>,
+    current: Option<FrameHeader>,
+    /// Slots read and not yet handed back as credits.
+    freed: usize,
+    peer_left: bool,
+    /// The control socket ended: the peer's process is gone or left.
+    hung_up: bool,
+    /// The link slept since it last looked at the control socket.
+    armed: bool,
+    rx_bytes: u64,
+    tx_bytes: u64,
+    completions: Vec<Completion>,
+}
+
+impl RdmaLink {
+    fn failed(&mut self, what: &str, status: &Status) -> LinkError {
+        // A queue pair that broke because the peer went: the control socket says which.
+        self.look_at_control();
+        if matches!(status, Status::Flushed | Status::RetryExceeded) && (self.hung_up || self.peer_left) {
+            return self.gone();
+        }
+        LinkError::Io(format!("RDMA {what}: {status} ({})", self.qp.provider()))
+    }
+
+    fn gone(&self) -> LinkError {
+        if self.peer_left {
+            LinkError::Left("peer left the world".into())
+        } else {
+            LinkError::Closed("peer closed the connection".into())
+        }
+    }
+
+    /// Reads the control socket: only its end matters.
+    fn look_at_control(&mut self) {
+        let mut buf = [0u8; 64];
+        loop {
+            match (&self.ctl).read(&mut buf) {
+                Ok(0) => break self.hung_up = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break self.hung_up = true,
+            }
+        }
+    }
+
+    /// Takes the completions that are ready.
+    fn drive(&mut self) -> Result<(), LinkError> {
+        let mut done = std::mem::take(&mut self.completions);
+        self.qp.poll(&mut done).map_err(|e| LinkError::Io(format!("RDMA poll: {e}")))?;
+        let mut result = Ok(());
+        for c in done.drain(..) {
+            if result.is_err() {
+                continue;
+            }
+            result = self.complete(c);
+        }
+        self.completions = done;
+        result?;
+        if self.qp.state() == QpState::Error {
+            return Err(self.failed("queue pair", &Status::Flushed));
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, c: Completion) -> Result<(), LinkError> {
+        match c.op {
+            Op::Write => {
+                if c.status != Status::Success {
+                    return Err(self.failed("write", &c.status));
+                }
+                if let Some(busy) = self.tx_busy.get_mut(c.wr_id as usize) {
+                    *busy = false;
+                }
+            }
+            Op::RecvImm => {
+                if c.status != Status::Success {
+                    return Err(self.failed("receive", &c.status));
+                }
+                self.qp.post_recv(c.wr_id).map_err(|e| LinkError::Io(format!("RDMA post receive: {e}")))?;
+                if c.imm & CREDIT != 0 {
+                    self.credits += (c.imm & 0xffff) as usize;
+                    if self.credits > SLOTS {
+                        return Err(LinkError::Protocol(format!(
+                            "RDMA: {} credits for a ring of {SLOTS}",
+                            self.credits
+                        )));
+                    }
+                } else if c.imm == LEFT {
+                    self.peer_left = true;
+                } else {
+                    let (slot, len) = ((c.imm >> 24) as usize, (c.imm & 0xff_ffff) as usize);
+                    if slot >= SLOTS || !(HEADER_LEN..=SLOT_BYTES).contains(&len) || c.len as usize != len {
+                        return Err(LinkError::Protocol(format!("RDMA: a frame of {len} bytes in slot {slot}")));
+                    }
+                    self.arrived.push_back((slot, len));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands freed slots back to the writer.
+    fn give_credits(&mut self) -> Result<(), LinkError> {
+        if self.freed == 0 {
+            return Ok(());
+        }
+        let imm = CREDIT | self.freed as u32;
+        self.qp
+            .post_write_imm(CONTROL_WR, &self.tx.region, 0, 0, self.peer_ring, imm)
+            .map_err(|e| LinkError::Io(format!("RDMA credit write: {e}")))?;
+        self.freed = 0;
+        Ok(())
+    }
+
+    fn can_write(&self) -> bool {
+        self.credits > 0 && !self.tx_busy[self.next_slot]
+    }
+}
+
+impl Link for RdmaLink {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Rdma
+    }
+
+    fn max_payload(&self, _op: OpKind, _total: usize) -> usize {
+        RDMA_MAX_PAYLOAD
+    }
+
+    fn write(&mut self, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError> {
+        let total = header.len() + payload.len();
+        if *written >= total {
+            return Ok(true);
+        }
+        if header.len() != HEADER_LEN || payload.len() > RDMA_MAX_PAYLOAD || *written != 0 {
+            return Err(LinkError::Protocol(format!("RDMA: cannot write a frame of {} bytes", payload.len())));
+        }
+        if !self.can_write() {
+            self.drive()?;
+            if !self.can_write() {
+                return Ok(false);
+            }
+        }
+        let slot = self.next_slot;
+        // SAFETY: the staging slot is this side's (its last write completed: not busy) and holds
+        // `SLOT_BYTES`, which header and payload fit.
+        unsafe {
+            let p = self.tx.slot(slot);
+            std::ptr::copy_nonoverlapping(header.as_ptr(), p, HEADER_LEN);
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(HEADER_LEN), payload.len());
+        }
+        let remote = Remote { addr: self.peer_ring.addr + (slot * SLOT_BYTES) as u64, rkey: self.peer_ring.rkey };
+        let imm = (slot as u32) << 24 | total as u32;
+        self.qp
+            .post_write_imm(slot as u64, &self.tx.region, slot * SLOT_BYTES, total, remote, imm)
+            .map_err(|e| LinkError::Io(format!("RDMA write: {e}")))?;
+        self.tx_busy[slot] = true;
+        self.credits -= 1;
+        self.next_slot = (slot + 1) % SLOTS;
+        self.tx_bytes += total as u64;
+        *written = total;
+        Ok(true)
+    }
+
+    fn peek(&mut self) -> Result<Option<FrameHeader>, LinkError> {
+        if let Some(h) = self.current {
+            return Ok(Some(h));
+        }
+        if std::mem::take(&mut self.armed) {
+            self.look_at_control();
+        }
+        self.drive()?;
+        let Some(&(slot, len)) = self.arrived.front() else {
+            // Everything the peer wrote has been read: if it is gone, that is the end.
+            return if self.hung_up { Err(self.gone()) } else { Ok(None) };
+        };
+        // SAFETY: the slot holds a completed write of `len` >= HEADER_LEN bytes, which the peer
+        // does not write again before this side hands the slot back.
+        let bytes = unsafe { std::slice::from_raw_parts(self.rx.slot(slot), HEADER_LEN) };
+        let h = FrameHeader::decode(bytes).map_err(LinkError::Protocol)?;
+        if h.len as usize + HEADER_LEN != len {
+            return Err(LinkError::Protocol(format!("RDMA: a frame of {len} bytes says its payload is {}", h.len)));
+        }
+        self.current = Some(h);
+        Ok(Some(h))
+    }
+
+    fn consume(&mut self, sink: Sink<'_>) -> Result<bool, LinkError> {
+        let Some(h) = self.current else {
+            return Err(LinkError::Io("consume without a peeked frame".into()));
+        };
+        let Some(&(slot, _)) = self.arrived.front() else {
+            return Err(LinkError::Io("consume without an arrived frame".into()));
+        };
+        let len = h.len as usize;
+        // SAFETY: as in `peek`; the payload follows the header inside the slot.
+        let payload = unsafe { std::slice::from_raw_parts(self.rx.slot(slot).add(HEADER_LEN), len) };
+        match sink {
+            Sink::Copy(dst) if dst.len() != len => {
+                return Err(LinkError::Io("copy target does not match the payload".into()));
+            }
+            Sink::Copy(dst) => dst.copy_from_slice(payload),
+            Sink::Visit(f) => f(payload),
+            Sink::Discard => {}
+        }
+        self.current = None;
+        self.arrived.pop_front();
+        self.rx_bytes += (HEADER_LEN + len) as u64;
+        self.freed += 1;
+        if self.freed >= SLOTS / 2 {
+            self.give_credits()?;
+        }
+        Ok(true)
+    }
+
+    fn traffic(&self) -> (u64, u64) {
+        (self.rx_bytes, self.tx_bytes)
+    }
+
+    fn arm(&mut self, read: bool, write: bool) -> Armed {
+        if (read && (self.current.is_some() || !self.arrived.is_empty())) || (write && self.can_write()) {
+            return Armed::Ready;
+        }
+        if self.hung_up {
+            // Only the queue pair can still change, and it reports through its descriptor.
+            return match self.qp.arm() {
+                Some((fd, ev)) => Armed::Wait(fd, ev),
+                None => Armed::Ready,
+            };
+        }
+        let Some((fd, ev)) = self.qp.arm() else { return Armed::Ready };
+        let watched = match self.qp_fd {
+            Some((f, e)) if f == fd && e == ev => Ok(()),
+            Some((f, _)) if f == fd => self.waits.rewatch(fd, ev, 1),
+            _ => self.waits.watch(fd, ev, 1),
+        };
+        if watched.is_err() {
+            return Armed::Ready;
+        }
+        self.qp_fd = Some((fd, ev));
+        self.armed = true;
+        Armed::Wait(self.waits.fd(), libc::POLLIN)
+    }
+
+    fn hangup_fd(&mut self) -> Option<(RawFd, i16)> {
+        if self.hung_up {
+            return None;
+        }
+        Some((self.ctl.as_raw_fd(), libc::POLLRDHUP))
+    }
+
+    fn reported(&mut self) {
+        self.armed = true;
+    }
+
+    fn holds_frames(&self) -> bool {
+        self.current.is_some() || !self.arrived.is_empty()
+    }
+
+    fn spins(&self) -> bool {
+        true
+    }
+
+    fn shutdown(&mut self) {
+        // The farewell, then whatever is in flight lands (bounded), then the socket's end.
+        if self.qp.state() == QpState::Ready {
+            let _ = self.give_credits();
+            let _ = self.qp.post_write_imm(CONTROL_WR, &self.tx.region, 0, 0, self.peer_ring, LEFT);
+            let end = Instant::now() + Duration::from_millis(200);
+            while self.tx_busy.iter().any(|b| *b) && Instant::now() < end && self.drive().is_ok() {
+                std::thread::yield_now();
+            }
+        }
+        let _ = self.ctl.shutdown(std::net::Shutdown::Write);
+    }
+}

@@ -1,0 +1,157 @@
+//! The RDMA transport's failures on the software provider (feature `rdma`), across real
+//! processes: a queue pair forced into the error state, a completion that never arrives, a
+//! provider that is missing, and ranks that disagree about RDMA. (The collective matrix runs
+//! over RDMA in `tests/collectives.rs`, the kill and stop tests in `tests/faults.rs`.)
+
+#![cfg(feature = "rdma")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Ctx;
+use multiworld::{BrokenCause, ErrorKind, TransportChoice, TransportKind, UniqueId, WorldManager, WorldOptions};
+
+#[test]
+#[ignore = "worker process entry, run by the other tests"]
+fn worker() {
+    common::worker_main(&[("exchange", exchange), ("stream", stream), ("mixed", mixed)]);
+}
+
+/// Prints the ranks' own lines about how the world ended.
+fn show(logs: &[String]) {
+    for l in logs.iter().flat_map(|l| l.lines()).filter(|l| l.starts_with("rank ")) {
+        println!("{l}");
+    }
+}
+
+fn rdma_options() -> WorldOptions {
+    WorldOptions::default()
+        .with_transport(TransportChoice::Rdma)
+        .with_heartbeat(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+fn env(fault_on_rank0: &str) -> Vec<(&'static str, String)> {
+    vec![("MW_RDMA_PROVIDER", "soft".into()), ("MW_TEST_FAULT", fault_on_rank0.into())]
+}
+
+/// Rank 0 takes the fault asked for (`MW_SOFT_VERBS_FAULT` is read when a queue pair is
+/// made, so it is set before the world forms, in rank 0 only).
+fn form(ctx: &Ctx) -> (WorldManager, multiworld::World) {
+    if ctx.rank == 0 {
+        std::env::set_var("MW_SOFT_VERBS_FAULT", ctx.env("MW_TEST_FAULT"));
+    }
+    let m = WorldManager::new();
+    let w = m.init_world_with("r", ctx.id().into(), ctx.rank, 2, &rdma_options()).unwrap();
+    assert_eq!(w.transports()[1 - ctx.rank], Some(TransportKind::Rdma));
+    (m, w)
+}
+
+/// Ping-pong until the world breaks; prints how it broke.
+fn exchange(ctx: &Ctx) {
+    let (_m, w) = form(ctx);
+    let peer = 1 - ctx.rank;
+    let mut buf = [0u8; 1024];
+    let t = Instant::now();
+    let e = loop {
+        let r = if ctx.rank == 0 {
+            w.send(&buf, peer).and_then(|_| w.recv(&mut buf, peer))
+        } else {
+            w.recv(&mut buf, peer).and_then(|_| w.send(&buf, peer))
+        };
+        if let Err(e) = r {
+            break e;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the fault never broke the world");
+    };
+    assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+    assert!(e.broken_cause().and_then(|c| c.peer()) == Some(peer) || ctx.rank == 0, "{e}");
+    println!("rank {}: broke after {:?}: {e}", ctx.rank, t.elapsed());
+}
+
+/// A queue pair forced into the error state breaks the world on both ranks, and the cause
+/// names the verbs failure.
+#[test]
+fn rdma_queue_pair_forced_into_error_breaks_the_world_on_both_ranks() {
+    let logs = common::run_ranks("exchange", 2, &env("qp_error_after=50"), Duration::from_secs(60));
+    show(&logs);
+    assert!(logs[0].contains("RDMA") && logs[0].contains("error state"), "{}", logs[0]);
+    assert!(logs[1].contains("broke after"), "{}", logs[1]);
+}
+
+/// Rank 0 streams to rank 1; one of its writes never completes, so its staging slot never
+/// frees and it stalls once it comes round to that slot, its heartbeats too: rank 1 declares
+/// it unresponsive at the heartbeat timeout, and rank 0 learns the world ended.
+fn stream(ctx: &Ctx) {
+    let (_m, w) = form(ctx);
+    let t = Instant::now();
+    let v = vec![1u8; 4096];
+    let e = if ctx.rank == 0 {
+        loop {
+            if let Err(e) = w.send(&v, 1) {
+                break e;
+            }
+        }
+    } else {
+        let mut got = vec![0u8; 4096];
+        loop {
+            if let Err(e) = w.recv(&mut got, 0) {
+                break e;
+            }
+        }
+    };
+    let took = t.elapsed();
+    assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+    if ctx.rank == 1 {
+        assert!(matches!(e.broken_cause(), Some(BrokenCause::PeerUnresponsive { peer: 0, .. })), "{e}");
+    }
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    println!("rank {}: broke after {took:?}: {e}", ctx.rank);
+}
+
+#[test]
+fn rdma_completion_that_never_arrives_is_caught_by_the_heartbeat() {
+    show(&common::run_ranks("stream", 2, &env("lose_completion_after=5"), Duration::from_secs(60)));
+}
+
+/// Rank 0 asks for RDMA, rank 1 does not: the formation fails on rank 0 saying so, instead of
+/// falling back to another transport.
+fn mixed(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let o = if ctx.rank == 0 { rdma_options() } else { WorldOptions::default().with_transport(TransportChoice::Tcp) };
+    let o = o.with_timeout(Duration::from_secs(10));
+    let r = m.init_world_with("mixed", ctx.id().into(), ctx.rank, 2, &o);
+    if ctx.rank == 0 {
+        let e = r.expect_err("RDMA was asked for and cannot be had");
+        assert!(e.message().contains("RDMA"), "{e}");
+        println!("rank 0: {e}");
+    } else if let Ok(w) = r {
+        // Its link was made before rank 0 refused it: the world cannot stay usable.
+        let e = w.barrier().expect_err("rank 0 refused the link");
+        assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+    }
+}
+
+#[test]
+fn ranks_that_disagree_about_rdma_fail_to_form_saying_why() {
+    let logs = common::run_ranks("mixed", 2, &env(""), Duration::from_secs(60));
+    show(&logs);
+    assert!(logs[0].contains("asks for RDMA"), "{}", logs[0]);
+}
+
+/// Without a provider (no device, and the software provider not asked for), asking for RDMA
+/// is an error at once, not a silent fallback.
+#[test]
+fn rdma_without_a_provider_is_a_clear_error() {
+    if std::env::var_os("MW_RDMA_PROVIDER").is_some() {
+        common::skipped("rdma_without_a_provider_is_a_clear_error", "MW_RDMA_PROVIDER is set here");
+        return;
+    }
+    let m = WorldManager::new();
+    let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let t = Instant::now();
+    let e = m.init_world_with("none", (&id).into(), 0, 1, &rdma_options()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidUsage, "{e}");
+    assert!(e.message().contains("RDMA") && e.message().contains("MW_RDMA_PROVIDER=soft"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+}
