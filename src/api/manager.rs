@@ -575,7 +575,7 @@ fn nccl_usable(name: &str) -> Result<()> {
 /// Whether a world may ask for RDMA: the feature is built and this process has a provider.
 fn rdma_usable(name: &str) -> Result<()> {
     #[cfg(feature = "rdma")]
-    return crate::transport::rdma::provider()
+    return crate::transport::rdma::usable()
         .map_err(|e| Error::invalid_usage(format!("world '{name}' asks for RDMA: {e}")));
     #[cfg(not(feature = "rdma"))]
     Err(Error::invalid_arg(format!("world '{name}' asks for RDMA, but this build of multiworld has no `rdma` feature")))

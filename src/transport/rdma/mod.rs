@@ -17,9 +17,10 @@
 //! immediate is [`LEFT`]. Any completion with an error status, or the queue pair in the error
 //! state, breaks the link with the verbs status and the provider's name.
 //!
-//! Providers (`verbs.rs`): the software provider (`soft.rs`, `MW_RDMA_PROVIDER=soft`) between
-//! processes of one host; a real device needs the `ibverbs` provider, not built yet.
+//! Providers (`verbs.rs`): a device through libibverbs (`device.rs`, the default), and the
+//! software provider (`soft.rs`, `MW_RDMA_PROVIDER=soft`) between processes of one host.
 
+pub(crate) mod device;
 pub(crate) mod soft;
 pub(crate) mod verbs;
 
@@ -50,23 +51,39 @@ pub(crate) const LEFT: u32 = 1 << 30;
 const CONTROL_WR: u64 = u64::MAX;
 const _: () = assert!(SLOTS < 64 && SLOT_BYTES < (1 << 24));
 
-/// Whether this process has an RDMA provider: `MW_RDMA_PROVIDER=soft` for the software
-/// provider; otherwise a device's, which this build cannot drive yet (a clear error, never a
-/// silent fallback to another transport).
-pub(crate) fn provider() -> Result<(), String> {
+/// The providers.
+enum Provider {
+    Device,
+    Soft,
+}
+
+/// This process's RDMA provider: `MW_RDMA_PROVIDER=soft` for the software provider, else
+/// (unset or `ibverbs`) a device with an active port; an error saying why where there is none
+/// (never a silent fallback to another transport).
+fn provider() -> Result<Provider, String> {
     match std::env::var("MW_RDMA_PROVIDER").as_deref() {
-        Ok("soft") => Ok(()),
-        Ok(other) => Err(format!("MW_RDMA_PROVIDER={other}: unknown provider (soft is the one built)")),
-        Err(_) => Err("no RDMA provider: this build drives no RDMA device yet (the ibverbs provider is not built); \
-                       MW_RDMA_PROVIDER=soft selects the software provider between processes of one host"
-            .into()),
+        Ok("soft") => Ok(Provider::Soft),
+        Ok("ibverbs") | Err(_) => match device::available() {
+            Ok(_) => Ok(Provider::Device),
+            Err(e) => {
+                Err(format!("{e}; MW_RDMA_PROVIDER=soft selects the software provider between processes of one host"))
+            }
+        },
+        Ok(other) => Err(format!("MW_RDMA_PROVIDER={other}: unknown provider (ibverbs or soft)")),
     }
 }
 
-/// A queue pair of the provider this process uses ([`provider`]).
+/// Whether this process can make RDMA links, and if not, why.
+pub(crate) fn usable() -> Result<(), String> {
+    provider().map(|_| ())
+}
+
+/// A queue pair of this process's provider.
 fn new_queue_pair() -> Result<Box<dyn QueuePair>, String> {
-    provider()?;
-    Ok(Box::new(soft::SoftQp::new().map_err(|e| e.to_string())?))
+    Ok(match provider()? {
+        Provider::Soft => Box::new(soft::SoftQp::new().map_err(|e| e.to_string())?),
+        Provider::Device => Box::new(device::DeviceQp::new().map_err(|e| e.to_string())?),
+    })
 }
 
 /// Registered memory of a link: the receive ring or the send staging area. Only reached
@@ -156,10 +173,12 @@ impl Pending {
     /// opposite values), posts the receives, and makes the link over the control socket `ctl`.
     pub(crate) fn connect(mut self, ctl: TcpStream, peer: &[u8], active: bool) -> io::Result<RdmaLink> {
         let (ring, qp_info) = parse_info(peer)?;
+        self.qp.connect(qp_info, active).map_err(|e| io::Error::other(e.to_string()))?;
+        // A write that comes before its receive is posted waits (a device retries it; the
+        // software provider reads nothing before the link first polls).
         for wr in 0..RECVS {
             self.qp.post_recv(wr).map_err(|e| io::Error::other(e.to_string()))?;
         }
-        self.qp.connect(qp_info, active).map_err(|e| io::Error::other(e.to_string()))?;
         ctl.set_nonblocking(true)?;
         let waits = Epoll::new()?;
         waits.watch(ctl.as_raw_fd(), libc::POLLRDHUP | libc::POLLIN, 0)?;
