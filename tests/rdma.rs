@@ -15,7 +15,13 @@ use multiworld::{BrokenCause, ErrorKind, TransportChoice, TransportKind, UniqueI
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
 fn worker() {
-    common::worker_main(&[("exchange", exchange), ("stream", stream), ("mixed", mixed)]);
+    common::worker_main(&[
+        ("exchange", exchange),
+        ("stream", stream),
+        ("mixed", mixed),
+        ("leave", leave),
+        ("sink", sink),
+    ]);
 }
 
 /// Prints the ranks' own lines about how the world ended.
@@ -67,6 +73,9 @@ fn exchange(ctx: &Ctx) {
     assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
     assert!(e.broken_cause().and_then(|c| c.peer()) == Some(peer) || ctx.rank == 0, "{e}");
     println!("rank {}: broke after {:?}: {e}", ctx.rank, t.elapsed());
+    // Rank 0 stays a while, so that rank 1 learns of the failure from the queue pair, not from
+    // rank 0's process ending.
+    std::thread::sleep(Duration::from_millis(500));
 }
 
 /// A queue pair forced into the error state breaks the world on both ranks, and the cause
@@ -76,7 +85,17 @@ fn rdma_queue_pair_forced_into_error_breaks_the_world_on_both_ranks() {
     let logs = common::run_ranks("exchange", 2, &env("qp_error_after=50"), Duration::from_secs(60));
     show(&logs);
     assert!(logs[0].contains("RDMA") && logs[0].contains("error state"), "{}", logs[0]);
-    assert!(logs[1].contains("broke after"), "{}", logs[1]);
+    assert!(logs[1].contains("broke after") && logs[1].contains("RDMA"), "{}", logs[1]);
+}
+
+/// A write the peer refuses (a wrong remote key) comes back as the write's completion with
+/// `RemoteAccess`; both ranks' worlds break, each with the verbs status.
+#[test]
+fn rdma_write_refused_by_the_peer_breaks_the_world_with_the_verbs_status() {
+    let logs = common::run_ranks("exchange", 2, &env("bad_rkey_after=50"), Duration::from_secs(60));
+    show(&logs);
+    assert!(logs[0].contains("RDMA write: remote access error"), "{}", logs[0]);
+    assert!(logs[1].contains("broke after") && logs[1].contains("RDMA"), "{}", logs[1]);
 }
 
 /// Rank 0 streams to rank 1; one of its writes never completes, so its staging slot never
@@ -114,29 +133,103 @@ fn rdma_completion_that_never_arrives_is_caught_by_the_heartbeat() {
     show(&common::run_ranks("stream", 2, &env("lose_completion_after=5"), Duration::from_secs(60)));
 }
 
-/// Rank 0 asks for RDMA, rank 1 does not: the formation fails on rank 0 saying so, instead of
-/// falling back to another transport.
+/// One rank asks for RDMA (the one `MW_TEST_ARG` names), the other does not: neither falls back
+/// to another transport. The rank that asked fails to form, saying why; the other either fails
+/// too or finds its world broken at once.
 fn mixed(ctx: &Ctx) {
     let m = WorldManager::new();
-    let o = if ctx.rank == 0 { rdma_options() } else { WorldOptions::default().with_transport(TransportChoice::Tcp) };
+    let asks = ctx.arg.parse::<usize>().unwrap() == ctx.rank;
+    let o = if asks { rdma_options() } else { WorldOptions::default().with_transport(TransportChoice::Tcp) };
     let o = o.with_timeout(Duration::from_secs(10));
-    let r = m.init_world_with("mixed", ctx.id().into(), ctx.rank, 2, &o);
-    if ctx.rank == 0 {
-        let e = r.expect_err("RDMA was asked for and cannot be had");
-        assert!(e.message().contains("RDMA"), "{e}");
-        println!("rank 0: {e}");
-    } else if let Ok(w) = r {
-        // Its link was made before rank 0 refused it: the world cannot stay usable.
-        let e = w.barrier().expect_err("rank 0 refused the link");
-        assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+    match m.init_world_with("mixed", ctx.id().into(), ctx.rank, 2, &o) {
+        Err(e) => {
+            assert!(e.message().contains("RDMA"), "{e}");
+            println!("rank {}: {e}", ctx.rank);
+        }
+        Ok(w) => {
+            assert!(!asks, "the rank that asked for RDMA formed a world without it");
+            // Its link was made before the peer refused it: the world cannot stay usable.
+            let e = w.barrier().expect_err("the peer refused the link");
+            assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+            println!("rank {}: formed, then {e}", ctx.rank);
+        }
     }
 }
 
 #[test]
 fn ranks_that_disagree_about_rdma_fail_to_form_saying_why() {
-    let logs = common::run_ranks("mixed", 2, &env(""), Duration::from_secs(60));
+    // The lower rank answers the higher one's offer: try both ways round.
+    let mut env = env("");
+    env.push(("MW_TEST_ARG", "0".into()));
+    let logs = common::run_ranks("mixed", 2, &env, Duration::from_secs(60));
     show(&logs);
-    assert!(logs[0].contains("asks for RDMA"), "{}", logs[0]);
+    assert!(logs[0].contains("asks for RDMA, and the peer offered another transport"), "{}", logs[0]);
+    env.pop();
+    env.push(("MW_TEST_ARG", "1".into()));
+    let logs = common::run_ranks("mixed", 2, &env, Duration::from_secs(60));
+    show(&logs);
+    assert!(logs[1].contains("cannot use RDMA") && logs[1].contains("did not ask for RDMA"), "{}", logs[1]);
+    assert!(logs[0].contains("did not ask for RDMA"), "{}", logs[0]);
+}
+
+/// Rank 1 leaves on purpose after an exchange: rank 0's pending receive fails with `PeerLeft`,
+/// not as a crash (the link's farewell, before the TCP connection's end).
+fn leave(ctx: &Ctx) {
+    let (m, w) = form(ctx);
+    let mut x = [0u8; 64];
+    if ctx.rank == 1 {
+        w.send(&x, 0).unwrap();
+        m.remove_world("r").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        return;
+    }
+    w.recv(&mut x, 1).unwrap();
+    let e = w.recv(&mut x, 1).unwrap_err();
+    assert!(matches!(e.broken_cause(), Some(BrokenCause::PeerLeft { peer: 1 })), "{e}");
+    println!("rank 0: {e}");
+}
+
+#[test]
+fn rdma_peer_that_leaves_is_reported_as_left() {
+    show(&common::run_ranks("leave", 2, &env(""), Duration::from_secs(60)));
+}
+
+/// Rank 0 only receives large messages (no send of its own to the peer) while rank 1 streams
+/// them; the test kills rank 1 in the middle: rank 0's receive fails with `WorldBroken` within a
+/// bound, whatever frames of the message had already arrived.
+fn sink(ctx: &Ctx) {
+    let (_m, w) = form(ctx);
+    let mut v = vec![0u8; 8 << 20];
+    if ctx.rank == 1 {
+        loop {
+            w.send(&v, 0).unwrap();
+        }
+    }
+    w.recv(&mut v, 1).unwrap();
+    println!("rank 0: receiving");
+    let t = Instant::now();
+    let e = loop {
+        if let Err(e) = w.recv(&mut v, 1) {
+            break e;
+        }
+    };
+    assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+    println!("rank 0: the receive failed {:?} after the first message: {e}", t.elapsed());
+}
+
+#[test]
+fn rdma_receiver_of_a_sender_killed_mid_message_gets_an_error() {
+    let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let mut env = env("");
+    env.push(("MW_TEST_ID", id.to_string()));
+    let mut procs: Vec<_> = (0..2).map(|r| common::spawn("sink", r, 2, &env, &[])).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    procs[1].signal(libc::SIGKILL);
+    let mut sender = procs.remove(1);
+    sender.wait_for(Duration::from_secs(10));
+    let logs = common::finish(&mut procs, Duration::from_secs(30));
+    show(&logs);
+    assert!(logs[0].contains("the receive failed"), "{}", logs[0]);
 }
 
 /// Without a provider (no device, and the software provider not asked for), asking for RDMA

@@ -332,7 +332,13 @@ pub(super) async fn answer_transport(
     }
     match offer.split_first() {
         #[cfg(feature = "rdma")]
-        Some((b'R', info)) => answer_rdma(s, info, deadline, cancel).await,
+        Some((b'R', info)) if rdma => answer_rdma(s, info, deadline, cancel).await,
+        // Both ranks of a pair must ask for RDMA: one that did not refuses, saying why.
+        Some((b'R', _)) => {
+            let why = "this rank did not ask for RDMA (its world's transport is another)";
+            addr::send_msg(&s, format!("N{why}").as_bytes(), deadline, cancel).await?;
+            Err(io::Error::other(format!("the peer offered RDMA, and {why}")))
+        }
         Some((b'T', [])) => Ok(Box::new(TcpLink::new(s, buffer)?)),
         Some((b'S', path)) => {
             let seg = if shm { std::str::from_utf8(path).ok().map(Segment::open) } else { None };
@@ -370,7 +376,20 @@ async fn offer_rdma(s: TcpStream, deadline: Instant, cancel: Option<&AtomicBool>
         addr::send_msg(&s, &offer, deadline, cancel).await?;
         let answer = addr::recv_msg(&s, deadline, cancel).await?;
         match answer.split_first() {
-            Some((b'R', info)) => Ok(Box::new(pending.connect(s, info, false)?)),
+            Some((b'R', info)) => {
+                // Connected, it says so (one byte): the acceptor writes nothing before that, so
+                // no write reaches a queue pair not yet ready for it.
+                match pending.connect(s.try_clone()?, info, false) {
+                    Ok(link) => {
+                        addr::write_all(&s, &[1], deadline, cancel).await?;
+                        Ok(Box::new(link))
+                    }
+                    Err(e) => {
+                        let _ = addr::write_all(&s, &[0], deadline, cancel).await;
+                        Err(e)
+                    }
+                }
+            }
             Some((b'N', why)) => {
                 Err(io::Error::other(format!("the peer cannot use RDMA: {}", String::from_utf8_lossy(why))))
             }
@@ -402,9 +421,20 @@ async fn answer_rdma(
     let mut answer = b"R".to_vec();
     answer.extend_from_slice(&pending.info());
     // This side connects first (the active side), then answers: the offerer attaches once it
-    // has the answer.
-    let link = pending.connect(s.try_clone()?, info, true)?;
+    // has the answer, and says when it is ready.
+    let link = match pending.connect(s.try_clone()?, info, true) {
+        Ok(link) => link,
+        Err(e) => {
+            addr::send_msg(&s, format!("N{e}").as_bytes(), deadline, cancel).await?;
+            return Err(e);
+        }
+    };
     addr::send_msg(&s, &answer, deadline, cancel).await?;
+    let mut ready = [0u8; 1];
+    addr::read_exact_until(&s, &mut ready, deadline, cancel).await?;
+    if ready[0] != 1 {
+        return Err(io::Error::other("the peer could not connect its RDMA queue pair"));
+    }
     Ok(Box::new(link))
 }
 

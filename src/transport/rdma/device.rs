@@ -26,6 +26,9 @@ const CQ_ENTRIES: c_int = 256;
 const MAX_WR: u32 = 64;
 /// Completions taken per `ibv_poll_cq`.
 const POLL_BATCH: usize = 32;
+/// Marks the work request ids of receives: the opcode of a completion in error is undefined, so
+/// a flushed receive is told from a flushed write by its id.
+const RECV_TAG: u64 = 1 << 63;
 
 fn os_err(what: &str) -> VerbsError {
     VerbsError(format!("ibverbs: {what}: {}", std::io::Error::last_os_error()))
@@ -91,6 +94,11 @@ fn open_device() -> Result<Opened, VerbsError> {
     })
 }
 
+/// The GID index of this process's RoCE links (`MW_RDMA_GID_INDEX`, default 0).
+fn gid_index() -> c_int {
+    std::env::var("MW_RDMA_GID_INDEX").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
 /// Whether a device is usable here, and if not, why.
 pub(crate) fn available() -> Result<(), VerbsError> {
     let d = open_device()?;
@@ -116,6 +124,8 @@ pub(crate) struct DeviceQp {
     events: u32,
     /// Completions found by `arm`'s last look, handed out by the next `poll`.
     early: Vec<Completion>,
+    /// Writes posted and not yet completed.
+    outstanding: usize,
 }
 
 // SAFETY: the verbs objects may be used from any thread; the transport uses them from one at a
@@ -138,6 +148,7 @@ impl DeviceQp {
             state: QpState::Init,
             events: 0,
             early: Vec::new(),
+            outstanding: 0,
         };
         // On failure `me` drops, freeing what was made.
         // SAFETY: each call gets the objects made before it, all live.
@@ -178,10 +189,12 @@ impl DeviceQp {
             if me.qp.is_null() {
                 return Err(os_err("creating a queue pair"));
             }
-            // RoCE needs the port's GID in the address; InfiniBand routes by LID.
+            // RoCE needs the port's GID in the address (which index: `MW_RDMA_GID_INDEX`, 0 by
+            // default; RoCE v2 or routed fabrics often need another, as NCCL_IB_GID_INDEX does);
+            // InfiniBand routes by LID.
             if me.port.link_layer == ffi::IBV_LINK_LAYER_ETHERNET as u8 {
                 let mut gid = ffi::ibv_gid { raw: [0; 16] };
-                if ffi::ibv_query_gid(me.ctx, PORT, 0, &mut gid) != 0 {
+                if ffi::ibv_query_gid(me.ctx, PORT, gid_index(), &mut gid) != 0 {
                     return Err(os_err("querying the port's GID"));
                 }
                 me.gid = Some(gid.raw);
@@ -301,7 +314,7 @@ impl QueuePair for DeviceQp {
             // SAFETY: writing the raw bytes of a plain union.
             unsafe { ah.grh.dgid.raw.copy_from_slice(gid) };
             ah.grh.hop_limit = 0xff;
-            ah.grh.sgid_index = 0;
+            ah.grh.sgid_index = gid_index() as u8;
         }
         use ffi::ibv_qp_attr_mask as M;
         self.modify(
@@ -324,13 +337,14 @@ impl QueuePair for DeviceQp {
                 | M::IBV_QP_MIN_RNR_TIMER,
             "RTR",
         )?;
-        // Retries: 7 for the transport (about 4 s at timeout 14) and unbounded for a receiver
-        // not ready, which the link always is shortly; the world's heartbeats bound both.
+        // Retries: 7 for the transport, about 1 s each (timeout 18: 4.096 us x 2^18), patient
+        // under congestion; unbounded for a receiver not ready, which the link always is
+        // shortly. The world's heartbeats and the TCP connection see a dead peer sooner.
         self.modify(
             ffi::ibv_qp_attr {
                 qp_state: ffi::ibv_qp_state::IBV_QPS_RTS,
                 sq_psn: 0,
-                timeout: 14,
+                timeout: 18,
                 retry_cnt: 7,
                 rnr_retry: 7,
                 max_rd_atomic: 1,
@@ -348,8 +362,12 @@ impl QueuePair for DeviceQp {
         Ok(())
     }
 
-    unsafe fn register(&mut self, addr: *mut u8, len: usize) -> Result<Region, VerbsError> {
-        let access = (ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE).0;
+    unsafe fn register(&mut self, addr: *mut u8, len: usize, remote_write: bool) -> Result<Region, VerbsError> {
+        let mut access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
+        if remote_write {
+            access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
+        }
+        let access = access.0;
         // SAFETY: a live protection domain; the caller's promise covers the memory.
         let mr = unsafe { ffi::ibv_reg_mr(self.pd, addr as *mut c_void, len, access as c_int) };
         if mr.is_null() {
@@ -396,13 +414,18 @@ impl QueuePair for DeviceQp {
             self.state = QpState::Error;
             return Err(errno_err("posting a write", r));
         }
+        self.outstanding += 1;
         Ok(())
+    }
+
+    fn drained(&mut self) -> bool {
+        self.outstanding == 0
     }
 
     fn post_recv(&mut self, wr_id: u64) -> Result<(), VerbsError> {
         // SAFETY: a plain C struct, all-zero is a valid value.
         let mut wr: ffi::ibv_recv_wr = unsafe { std::mem::zeroed() };
-        wr.wr_id = wr_id;
+        wr.wr_id = wr_id | RECV_TAG;
         let mut bad: *mut ffi::ibv_recv_wr = ptr::null_mut();
         let post = self.ops().post_recv.ok_or_else(|| VerbsError("ibverbs: no post_recv".into()))?;
         // SAFETY: a live queue pair; a receive for a write with immediate carries no buffer.
@@ -445,15 +468,13 @@ impl QueuePair for DeviceQp {
                 if status != Status::Success {
                     self.state = QpState::Error;
                 }
-                let op =
-                    if c.opcode() == ffi::ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM { Op::RecvImm } else { Op::Write };
-                out.push(Completion {
-                    wr_id: c.wr_id(),
-                    op,
-                    status,
-                    imm: u32::from_be(c.imm_data),
-                    len: c.len() as u32,
-                });
+                let (op, wr_id) = if c.wr_id() & RECV_TAG != 0 {
+                    (Op::RecvImm, c.wr_id() & !RECV_TAG)
+                } else {
+                    self.outstanding = self.outstanding.saturating_sub(1);
+                    (Op::Write, c.wr_id())
+                };
+                out.push(Completion { wr_id, op, status, imm: u32::from_be(c.imm_data), len: c.len() as u32 });
             }
             if (n as usize) < POLL_BATCH {
                 return Ok(());

@@ -47,8 +47,9 @@ const RECVS: u64 = 2 * SLOTS as u64 + 4;
 const CREDIT: u32 = 1 << 31;
 /// Immediate: the peer leaves the world on purpose.
 pub(crate) const LEFT: u32 = 1 << 30;
-/// Work request id of writes that carry no frame (credits, farewell).
-const CONTROL_WR: u64 = u64::MAX;
+/// Work request id of writes that carry no frame (credits, farewell); providers may use the
+/// top bit of an id for themselves.
+const CONTROL_WR: u64 = 1 << 62;
 const _: () = assert!(SLOTS < 64 && SLOT_BYTES < (1 << 24));
 
 /// The providers.
@@ -98,12 +99,13 @@ struct Area {
 unsafe impl Send for Area {}
 
 impl Area {
-    fn new(qp: &mut dyn QueuePair) -> io::Result<Area> {
+    /// `remote_write`: the peer may write it (the receive ring; not the staging area).
+    fn new(qp: &mut dyn QueuePair, remote_write: bool) -> io::Result<Area> {
         let len = SLOTS * SLOT_BYTES;
         let ptr = Box::into_raw(vec![0u8; len].into_boxed_slice()) as *mut u8;
         // SAFETY: a fresh allocation owned by this area, freed only in its drop, which the
         // link runs after dropping its queue pair (field order).
-        match unsafe { qp.register(ptr, len) } {
+        match unsafe { qp.register(ptr, len, remote_write) } {
             Ok(region) => Ok(Area { ptr, len, region }),
             Err(e) => {
                 // SAFETY: allocated just above as a boxed slice of `len` bytes.
@@ -159,8 +161,8 @@ impl Pending {
     /// A queue pair of this process's provider, and the link's registered memory.
     pub(crate) fn new() -> io::Result<Pending> {
         let mut qp = new_queue_pair().map_err(io::Error::other)?;
-        let rx = Area::new(&mut *qp)?;
-        let tx = Area::new(&mut *qp)?;
+        let rx = Area::new(&mut *qp, true)?;
+        let tx = Area::new(&mut *qp, false)?;
         Ok(Pending { qp, rx, tx })
     }
 
@@ -195,11 +197,13 @@ impl Pending {
             next_slot: 0,
             tx_busy: [false; SLOTS],
             arrived: VecDeque::new(),
+            rx_next: 0,
             current: None,
             freed: 0,
             peer_left: false,
             hung_up: false,
             armed: false,
+            broken: None,
             rx_bytes: 0,
             tx_bytes: 0,
             completions: Vec::new(),
@@ -226,6 +230,8 @@ pub(crate) struct RdmaLink {
     tx_busy: [bool; SLOTS],
     /// Frames in the ring, in arrival order: (slot, bytes).
     arrived: VecDeque<(usize, usize)>,
+    /// The slot the peer's next frame must be in.
+    rx_next: usize,
     current: Option<FrameHeader>,
     /// Slots read and not yet handed back as credits.
     freed: usize,
@@ -234,10 +240,15 @@ pub(crate) struct RdmaLink {
     hung_up: bool,
     /// The link slept since it last looked at the control socket.
     armed: bool,
+    /// Why the queue pair stopped working, kept until the frames that came before are read.
+    broken: Option<LinkError>,
     rx_bytes: u64,
     tx_bytes: u64,
     completions: Vec<Completion>,
 }
+
+/// How long a link that ends waits for what it posted to leave (its farewell, an abort frame).
+const DRAIN_FOR: Duration = Duration::from_millis(200);
 
 impl RdmaLink {
     fn failed(&mut self, what: &str, status: &Status) -> LinkError {
@@ -257,6 +268,11 @@ impl RdmaLink {
         }
     }
 
+    /// The peer is gone or left and nothing more will come from it.
+    fn ended(&self) -> bool {
+        self.hung_up || self.peer_left
+    }
+
     /// Reads the control socket: only its end matters.
     fn look_at_control(&mut self) {
         let mut buf = [0u8; 64];
@@ -271,23 +287,27 @@ impl RdmaLink {
         }
     }
 
-    /// Takes the completions that are ready.
-    fn drive(&mut self) -> Result<(), LinkError> {
+    /// Takes the completions that are ready. A failure is kept (`broken`): the frames that
+    /// arrived before it are still read first.
+    fn drive(&mut self) {
+        if self.broken.is_some() {
+            return;
+        }
         let mut done = std::mem::take(&mut self.completions);
-        self.qp.poll(&mut done).map_err(|e| LinkError::Io(format!("RDMA poll: {e}")))?;
-        let mut result = Ok(());
+        if let Err(e) = self.qp.poll(&mut done) {
+            self.broken = Some(LinkError::Io(format!("RDMA poll: {e}")));
+        }
         for c in done.drain(..) {
-            if result.is_err() {
-                continue;
+            if self.broken.is_none() {
+                if let Err(e) = self.complete(c) {
+                    self.broken = Some(e);
+                }
             }
-            result = self.complete(c);
         }
         self.completions = done;
-        result?;
-        if self.qp.state() == QpState::Error {
-            return Err(self.failed("queue pair", &Status::Flushed));
+        if self.broken.is_none() && self.qp.state() == QpState::Error {
+            self.broken = Some(self.failed("queue pair", &Status::Flushed));
         }
-        Ok(())
     }
 
     fn complete(&mut self, c: Completion) -> Result<(), LinkError> {
@@ -304,7 +324,11 @@ impl RdmaLink {
                 if c.status != Status::Success {
                     return Err(self.failed("receive", &c.status));
                 }
-                self.qp.post_recv(c.wr_id).map_err(|e| LinkError::Io(format!("RDMA post receive: {e}")))?;
+                // The receive goes back on the queue, unless the queue pair has broken since (the
+                // frame it brought is still read; the break is reported after it).
+                if self.qp.state() == QpState::Ready {
+                    self.qp.post_recv(c.wr_id).map_err(|e| LinkError::Io(format!("RDMA post receive: {e}")))?;
+                }
                 if c.imm & CREDIT != 0 {
                     self.credits += (c.imm & 0xffff) as usize;
                     if self.credits > SLOTS {
@@ -317,9 +341,20 @@ impl RdmaLink {
                     self.peer_left = true;
                 } else {
                     let (slot, len) = ((c.imm >> 24) as usize, (c.imm & 0xff_ffff) as usize);
-                    if slot >= SLOTS || !(HEADER_LEN..=SLOT_BYTES).contains(&len) || c.len as usize != len {
-                        return Err(LinkError::Protocol(format!("RDMA: a frame of {len} bytes in slot {slot}")));
+                    // Frames fill the ring in order, never more than it holds: anything else is a
+                    // peer (or an accounting) gone wrong, not a frame to read.
+                    if slot != self.rx_next
+                        || self.arrived.len() >= SLOTS
+                        || !(HEADER_LEN..=SLOT_BYTES).contains(&len)
+                        || c.len as usize != len
+                    {
+                        return Err(LinkError::Protocol(format!(
+                            "RDMA: a frame of {len} bytes in slot {slot} (expected slot {}, {} waiting)",
+                            self.rx_next,
+                            self.arrived.len()
+                        )));
                     }
+                    self.rx_next = (slot + 1) % SLOTS;
                     self.arrived.push_back((slot, len));
                 }
             }
@@ -343,6 +378,26 @@ impl RdmaLink {
     fn can_write(&self) -> bool {
         self.credits > 0 && !self.tx_busy[self.next_slot]
     }
+
+    /// Waits, at most `DRAIN_FOR`, until what was posted has left this process (so that
+    /// dropping the queue pair loses none of it: the farewell, an abort frame).
+    fn drain_posted(&mut self) {
+        let end = Instant::now() + DRAIN_FOR;
+        while self.qp.state() == QpState::Ready && !self.qp.drained() && Instant::now() < end {
+            let mut done = std::mem::take(&mut self.completions);
+            let _ = self.qp.poll(&mut done);
+            done.clear();
+            self.completions = done;
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Drop for RdmaLink {
+    fn drop(&mut self) {
+        // A world that broke drops its links right after posting the abort frame: let it out.
+        self.drain_posted();
+    }
 }
 
 impl Link for RdmaLink {
@@ -362,9 +417,19 @@ impl Link for RdmaLink {
         if header.len() != HEADER_LEN || payload.len() > RDMA_MAX_PAYLOAD || *written != 0 {
             return Err(LinkError::Protocol(format!("RDMA: cannot write a frame of {} bytes", payload.len())));
         }
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
         if !self.can_write() {
-            self.drive()?;
+            self.drive();
             if !self.can_write() {
+                if let Some(e) = &self.broken {
+                    return Err(e.clone());
+                }
+                // No credit will come from a peer that is gone.
+                if self.ended() {
+                    return Err(self.gone());
+                }
                 return Ok(false);
             }
         }
@@ -378,9 +443,11 @@ impl Link for RdmaLink {
         }
         let remote = Remote { addr: self.peer_ring.addr + (slot * SLOT_BYTES) as u64, rkey: self.peer_ring.rkey };
         let imm = (slot as u32) << 24 | total as u32;
-        self.qp
-            .post_write_imm(slot as u64, &self.tx.region, slot * SLOT_BYTES, total, remote, imm)
-            .map_err(|e| LinkError::Io(format!("RDMA write: {e}")))?;
+        if let Err(e) = self.qp.post_write_imm(slot as u64, &self.tx.region, slot * SLOT_BYTES, total, remote, imm) {
+            let e = LinkError::Io(format!("RDMA write: {e} ({})", self.qp.provider()));
+            self.broken = Some(e.clone());
+            return Err(e);
+        }
         self.tx_busy[slot] = true;
         self.credits -= 1;
         self.next_slot = (slot + 1) % SLOTS;
@@ -396,10 +463,13 @@ impl Link for RdmaLink {
         if std::mem::take(&mut self.armed) {
             self.look_at_control();
         }
-        self.drive()?;
+        self.drive();
         let Some(&(slot, len)) = self.arrived.front() else {
-            // Everything the peer wrote has been read: if it is gone, that is the end.
-            return if self.hung_up { Err(self.gone()) } else { Ok(None) };
+            // Everything the peer wrote has been read: if it broke or is gone, that is the end.
+            if let Some(e) = &self.broken {
+                return Err(e.clone());
+            }
+            return if self.ended() { Err(self.gone()) } else { Ok(None) };
         };
         // SAFETY: the slot holds a completed write of `len` >= HEADER_LEN bytes, which the peer
         // does not write again before this side hands the slot back.
@@ -434,8 +504,10 @@ impl Link for RdmaLink {
         self.arrived.pop_front();
         self.rx_bytes += (HEADER_LEN + len) as u64;
         self.freed += 1;
-        if self.freed >= SLOTS / 2 {
-            self.give_credits()?;
+        if self.freed >= SLOTS / 2 && self.broken.is_none() && !self.ended() {
+            if let Err(e) = self.give_credits() {
+                self.broken = Some(e);
+            }
         }
         Ok(true)
     }
@@ -445,15 +517,18 @@ impl Link for RdmaLink {
     }
 
     fn arm(&mut self, read: bool, write: bool) -> Armed {
-        if (read && (self.current.is_some() || !self.arrived.is_empty())) || (write && self.can_write()) {
+        if std::mem::take(&mut self.armed) {
+            // Woken since the last look: maybe by the control socket, whose end stays
+            // readable, so it is read here, not slept on again.
+            self.look_at_control();
+        }
+        let readable = self.current.is_some() || !self.arrived.is_empty();
+        if (read && readable) || (write && self.can_write()) {
             return Armed::Ready;
         }
-        if self.hung_up {
-            // Only the queue pair can still change, and it reports through its descriptor.
-            return match self.qp.arm() {
-                Some((fd, ev)) => Armed::Wait(fd, ev),
-                None => Armed::Ready,
-            };
+        if self.broken.is_some() || self.ended() {
+            // The next peek or write reports it; a link asked for neither has nothing to wait for.
+            return if read || write { Armed::Ready } else { Armed::Idle };
         }
         let Some((fd, ev)) = self.qp.arm() else { return Armed::Ready };
         let watched = match self.qp_fd {
@@ -489,14 +564,12 @@ impl Link for RdmaLink {
     }
 
     fn shutdown(&mut self) {
-        // The farewell, then whatever is in flight lands (bounded), then the socket's end.
-        if self.qp.state() == QpState::Ready {
+        // Credits owed, then the farewell (no credit needed: it fills no slot), then what was
+        // posted leaves (bounded), then the socket's end.
+        if self.qp.state() == QpState::Ready && self.broken.is_none() {
             let _ = self.give_credits();
             let _ = self.qp.post_write_imm(CONTROL_WR, &self.tx.region, 0, 0, self.peer_ring, LEFT);
-            let end = Instant::now() + Duration::from_millis(200);
-            while self.tx_busy.iter().any(|b| *b) && Instant::now() < end && self.drive().is_ok() {
-                std::thread::yield_now();
-            }
+            self.drain_posted();
         }
         let _ = self.ctl.shutdown(std::net::Shutdown::Write);
     }

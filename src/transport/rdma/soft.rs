@@ -19,7 +19,9 @@
 //!
 //! Fault injection, for tests, through `MW_SOFT_VERBS_FAULT` (read when a queue pair is made):
 //! `qp_error_after=N` forces the queue pair into the error state at its N-th write;
-//! `lose_completion_after=N` drops the completion of its N-th write (it never arrives).
+//! `lose_completion_after=N` drops the completion of its N-th write (it never arrives);
+//! `bad_rkey_after=N` sends its N-th write with a wrong remote key (the peer refuses it, and the
+//! refusal comes back as the write's completion).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -113,6 +115,7 @@ impl Packet {
 struct Faults {
     qp_error_after: Option<u64>,
     lose_completion_after: Option<u64>,
+    bad_rkey_after: Option<u64>,
 }
 
 impl Faults {
@@ -125,6 +128,7 @@ impl Faults {
             match k.trim() {
                 "qp_error_after" => f.qp_error_after = n,
                 "lose_completion_after" => f.lose_completion_after = n,
+                "bad_rkey_after" => f.bad_rkey_after = n,
                 _ => {}
             }
         }
@@ -141,7 +145,6 @@ pub(crate) struct SoftQp {
     sock: Option<UnixStream>,
     state: QpState,
     regions: Vec<Region>,
-    key_base: u32,
     recvs: VecDeque<u64>,
     /// Writes sent and not yet acknowledged: (sequence, work request id).
     unacked: VecDeque<(u64, u64)>,
@@ -171,7 +174,6 @@ impl SoftQp {
             sock: None,
             state: QpState::Init,
             regions: Vec::new(),
-            key_base: (random_u64() as u32) | 1,
             recvs: VecDeque::new(),
             unacked: VecDeque::new(),
             next_seq: 1,
@@ -191,7 +193,8 @@ impl SoftQp {
     }
 
     /// Moves to the error state for `cause`: every outstanding request completes, the first
-    /// write with the cause and the rest flushed; the peer is told unless it told us.
+    /// (a write if any is outstanding, else a receive) with the cause and the rest flushed; the
+    /// peer is told unless it told us.
     fn break_with(&mut self, cause: Status, tell_peer: bool) {
         if self.state == QpState::Error {
             return;
@@ -203,7 +206,8 @@ impl SoftQp {
             self.ready.push_back(Completion { wr_id, op: Op::Write, status, imm: 0, len: 0 });
         }
         for wr_id in std::mem::take(&mut self.recvs) {
-            self.ready.push_back(Completion { wr_id, op: Op::RecvImm, status: Status::Flushed, imm: 0, len: 0 });
+            let status = first.take().unwrap_or(Status::Flushed);
+            self.ready.push_back(Completion { wr_id, op: Op::RecvImm, status, imm: 0, len: 0 });
         }
         if tell_peer {
             self.send(Packet { kind: BROKE, ..Packet::default() }, &[]);
@@ -211,20 +215,30 @@ impl SoftQp {
         }
     }
 
-    /// Writes what the socket takes of the pending bytes.
+    /// Writes what the socket takes of the pending bytes (never raising `SIGPIPE`: the peer's
+    /// end is an error here, not a signal to a C host).
     fn flush(&mut self) {
         let Some(sock) = &self.sock else { return };
-        let mut sock = sock;
+        let fd = sock.as_raw_fd();
         while self.out_at < self.out.len() {
-            match sock.write(&self.out[self.out_at..]) {
-                Ok(0) => break,
-                Ok(n) => self.out_at += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
+            let rest = &self.out[self.out_at..];
+            // SAFETY: sends from a live buffer of `rest.len()` bytes on a socket this owns.
+            let n = unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) };
+            if n > 0 {
+                self.out_at += n as usize;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => break,
+                _ => {
                     self.out.clear();
                     self.out_at = 0;
-                    return self.break_with(Status::RetryExceeded, false);
+                    if self.state != QpState::Error {
+                        self.break_with(Status::RetryExceeded, false);
+                    }
+                    return;
                 }
             }
         }
@@ -237,25 +251,28 @@ impl SoftQp {
         }
     }
 
-    /// Reads what the socket has; the peer's end breaks the queue pair.
-    fn fill(&mut self) {
-        let Some(sock) = &self.sock else { return };
+    /// Reads what the socket has (at most a write's worth beyond what is buffered); true when
+    /// the peer's end came (what arrived before it is still handled).
+    fn fill(&mut self) -> bool {
+        let Some(sock) = &self.sock else { return false };
         let mut sock = sock;
         let mut buf = [0u8; 64 << 10];
-        loop {
+        while self.inbound.len() < PACKET + MAX_WRITE {
             match sock.read(&mut buf) {
-                Ok(0) => return self.break_with(Status::RetryExceeded, false),
+                Ok(0) => return true,
                 Ok(n) => self.inbound.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => return self.break_with(Status::RetryExceeded, false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(_) => return true,
             }
         }
+        false
     }
 
-    /// The registration `rkey` names, if it covers `len` bytes at `addr`.
+    /// The registration `rkey` names, if the peer may write it and it covers `len` bytes at
+    /// `addr`.
     fn target(&self, rkey: u32, addr: u64, len: usize) -> Option<*mut u8> {
-        let r = self.regions.iter().find(|r| r.rkey == rkey)?;
+        let r = self.regions.iter().find(|r| r.rkey == rkey && r.rkey != 0)?;
         let end = addr.checked_add(len as u64)?;
         (addr >= r.addr && end <= r.addr + r.len as u64).then_some(addr as usize as *mut u8)
     }
@@ -266,6 +283,13 @@ impl SoftQp {
         while self.state != QpState::Error && self.inbound.len() - at >= PACKET {
             let p = Packet::decode(&self.inbound[at..at + PACKET]);
             let len = p.len as usize;
+            // A write is judged by its header, before its bytes are waited for: an oversized or
+            // misdirected one is refused at once, never buffered.
+            if p.kind == WRITE && (len > MAX_WRITE || self.target(p.rkey, p.addr, len).is_none()) {
+                self.send(Packet { kind: NAK, status: status_code(&Status::RemoteAccess), seq: p.seq, ..p }, &[]);
+                self.break_with(Status::RemoteAccess, false);
+                break;
+            }
             if p.kind == WRITE && self.inbound.len() - at - PACKET < len {
                 break;
             }
@@ -328,7 +352,7 @@ impl SoftQp {
                     self.ready.push_back(Completion { wr_id, op: Op::Write, status: Status::Success, imm: 0, len: 0 });
                 }
                 BROKE => {
-                    self.break_with(Status::RetryExceeded, false);
+                    self.break_with(Status::Other("the peer's queue pair went to the error state".into()), false);
                     break;
                 }
                 _ => {
@@ -388,11 +412,19 @@ impl QueuePair for SoftQp {
         Ok(())
     }
 
-    unsafe fn register(&mut self, addr: *mut u8, len: usize) -> Result<Region, VerbsError> {
-        let k = self.key_base.wrapping_add(2 * self.regions.len() as u32);
-        let r = Region { addr: addr as usize as u64, len, lkey: k, rkey: k.rotate_left(16) ^ 0x5bd1_e995 };
+    unsafe fn register(&mut self, addr: *mut u8, len: usize, remote_write: bool) -> Result<Region, VerbsError> {
+        // Keys are random per registration; a region the peer may not write has no remote key
+        // that names it.
+        let lkey = random_u64() as u32;
+        let rkey = if remote_write { random_u64() as u32 | 1 } else { 0 };
+        let r = Region { addr: addr as usize as u64, len, lkey, rkey };
         self.regions.push(r);
         Ok(r)
+    }
+
+    fn drained(&mut self) -> bool {
+        self.flush();
+        self.out_at >= self.out.len()
     }
 
     fn post_write_imm(
@@ -408,6 +440,11 @@ impl QueuePair for SoftQp {
             return Err(VerbsError(format!("soft verbs: the queue pair is not ready ({:?})", self.state)));
         }
         self.writes += 1;
+        let remote = if self.faults.bad_rkey_after == Some(self.writes) {
+            Remote { rkey: remote.rkey ^ 0x8000_0000, ..remote }
+        } else {
+            remote
+        };
         if self.faults.qp_error_after == Some(self.writes) {
             self.break_with(Status::Other("queue pair forced into the error state (fault injection)".into()), true);
             return Err(VerbsError("soft verbs: the queue pair was forced into the error state".into()));
@@ -440,10 +477,14 @@ impl QueuePair for SoftQp {
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), VerbsError> {
         if self.state == QpState::Ready {
             self.flush();
-            self.fill();
+            let ended = self.fill();
             self.handle();
-            self.flush();
+            if ended {
+                self.break_with(Status::RetryExceeded, false);
+            }
         }
+        // Also in the error state: a refusal or acknowledgement queued before it still goes.
+        self.flush();
         out.extend(self.ready.drain(..));
         Ok(())
     }
@@ -494,8 +535,9 @@ mod tests {
         let mut src = vec![0u8; 4096];
         let mut dst = vec![0u8; 4096];
         // SAFETY: both buffers outlive the queue pairs' use of them in this test.
-        let (ls, rd) =
-            unsafe { (a.register(src.as_mut_ptr(), 4096).unwrap(), b.register(dst.as_mut_ptr(), 4096).unwrap()) };
+        let (ls, rd) = unsafe {
+            (a.register(src.as_mut_ptr(), 4096, true).unwrap(), b.register(dst.as_mut_ptr(), 4096, true).unwrap())
+        };
         for i in 0..4 {
             b.post_recv(100 + i).unwrap();
         }
@@ -525,13 +567,14 @@ mod tests {
             let mut src = vec![0u8; 256];
             let mut dst = vec![0u8; 4096];
             // SAFETY: both buffers outlive the queue pairs' use of them in this test.
-            let (ls, rd) =
-                unsafe { (a.register(src.as_mut_ptr(), 256).unwrap(), b.register(dst.as_mut_ptr(), 4096).unwrap()) };
+            let (ls, rd) = unsafe {
+                (a.register(src.as_mut_ptr(), 256, true).unwrap(), b.register(dst.as_mut_ptr(), 4096, true).unwrap())
+            };
             b.post_recv(1).unwrap();
             let rkey = if bad.1 == 0 { rd.rkey } else { bad.1 };
             a.post_write_imm(9, &ls, 0, 256, Remote { addr: rd.addr + bad.0, rkey }, 0).unwrap();
             let got = wait(&mut b, 1);
-            assert_eq!(got[0].status, Status::Flushed, "the receive is flushed");
+            assert_eq!(got[0].status, Status::RemoteAccess, "the receive ends with the cause");
             assert_eq!(b.state(), QpState::Error);
             let sent = wait(&mut a, 1);
             assert_eq!(sent[0].wr_id, 9);
@@ -548,8 +591,9 @@ mod tests {
         let mut src = vec![0u8; 64];
         let mut dst = vec![0u8; 64];
         // SAFETY: both buffers outlive the queue pairs' use of them in this test.
-        let (ls, rd) =
-            unsafe { (a.register(src.as_mut_ptr(), 64).unwrap(), b.register(dst.as_mut_ptr(), 64).unwrap()) };
+        let (ls, rd) = unsafe {
+            (a.register(src.as_mut_ptr(), 64, true).unwrap(), b.register(dst.as_mut_ptr(), 64, true).unwrap())
+        };
         a.post_write_imm(1, &ls, 0, 8, Remote { addr: rd.addr, rkey: rd.rkey }, 0).unwrap();
         assert!(wait(&mut b, 1).is_empty());
         assert_eq!(b.state(), QpState::Error);
@@ -557,7 +601,7 @@ mod tests {
 
         let (mut a, b) = pair();
         // SAFETY: as above.
-        let ls = unsafe { a.register(src.as_mut_ptr(), 64).unwrap() };
+        let ls = unsafe { a.register(src.as_mut_ptr(), 64, true).unwrap() };
         a.post_write_imm(5, &ls, 0, 8, Remote { addr: 0, rkey: 0 }, 0).unwrap();
         a.post_write_imm(6, &ls, 0, 8, Remote { addr: 0, rkey: 0 }, 0).unwrap();
         a.post_recv(7).unwrap();

@@ -116,12 +116,13 @@ pub(crate) trait QueuePair: Send {
     /// (providers that need one side to begin use it; the two sides pass opposite values).
     fn connect(&mut self, remote: &[u8], active: bool) -> Result<(), VerbsError>;
 
-    /// Registers `len` bytes at `addr` for local use and for the peer's writes.
+    /// Registers `len` bytes at `addr` for local use, and for the peer's writes if
+    /// `remote_write`.
     ///
     /// # Safety
     /// The memory stays valid, and is not moved or freed, for as long as the queue pair
-    /// lives; the peer may write it at any time the queue pair is polled.
-    unsafe fn register(&mut self, addr: *mut u8, len: usize) -> Result<Region, VerbsError>;
+    /// lives; with `remote_write` the peer may write it at any time the queue pair is polled.
+    unsafe fn register(&mut self, addr: *mut u8, len: usize, remote_write: bool) -> Result<Region, VerbsError>;
 
     /// Posts a write of `len` bytes at `offset` in `local` to `remote`, with immediate `imm`;
     /// its completion carries `wr_id`. `len` may be 0 (the immediate alone).
@@ -140,6 +141,11 @@ pub(crate) trait QueuePair: Send {
 
     /// Appends the completions that are ready to `out`.
     fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), VerbsError>;
+
+    /// True once every write posted has left this process, so that dropping the queue pair
+    /// loses none of them (a device: they completed; the software provider: its socket took
+    /// their bytes). Moves them along where the provider can.
+    fn drained(&mut self) -> bool;
 
     /// The queue pair's state.
     fn state(&self) -> QpState;
