@@ -17,7 +17,7 @@ use std::ptr;
 
 use ibverbs_sys as ffi;
 
-use super::verbs::{Completion, Op, QpState, QueuePair, Region, Remote, Status, VerbsError};
+use super::verbs::{Access, Completion, Op, QpState, QueuePair, Region, Remote, Status, VerbsError};
 
 const PORT: u8 = 1;
 /// Completion queue entries: a ring of writes, its credits and farewell, and the receives.
@@ -29,6 +29,8 @@ const POLL_BATCH: usize = 32;
 /// Marks the work request ids of receives: the opcode of a completion in error is undefined, so
 /// a flushed receive is told from a flushed write by its id.
 const RECV_TAG: u64 = 1 << 63;
+/// Marks the work request ids of reads, for the same reason.
+const READ_TAG: u64 = 1 << 61;
 
 fn os_err(what: &str) -> VerbsError {
     VerbsError(format!("ibverbs: {what}: {}", std::io::Error::last_os_error()))
@@ -205,7 +207,8 @@ impl DeviceQp {
                     pkey_index: 0,
                     port_num: PORT,
                     qp_access_flags: (ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
-                        | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE)
+                        | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
+                        | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ)
                         .0,
                     ..Default::default()
                 },
@@ -243,6 +246,49 @@ impl DeviceQp {
                 unsafe { CStr::from_ptr(ffi::ibv_wc_status_str(other)) }.to_string_lossy()
             )),
         }
+    }
+
+    /// Posts one signaled request of `op` (and its immediate) on the send queue: `len` bytes at
+    /// `offset` in `local` (none for a write of only an immediate), to or from `remote`.
+    fn post_send(
+        &mut self,
+        wr_id: u64,
+        op: (ffi::ibv_wr_opcode::Type, Option<u32>),
+        local: &Region,
+        offset: usize,
+        len: usize,
+        remote: Remote,
+    ) -> Result<(), VerbsError> {
+        if self.state != QpState::Ready {
+            return Err(VerbsError(format!("ibverbs: the queue pair is not ready ({:?})", self.state)));
+        }
+        if offset.checked_add(len).is_none_or(|e| e > local.len) {
+            return Err(VerbsError("ibverbs: a request outside its region".into()));
+        }
+        let mut sge = ffi::ibv_sge { addr: local.addr + offset as u64, length: len as u32, lkey: local.lkey };
+        // SAFETY: a plain C struct, all-zero is a valid value; the fields that matter are set.
+        let mut wr: ffi::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.sg_list = if len == 0 { ptr::null_mut() } else { &mut sge };
+        wr.num_sge = c_int::from(len != 0);
+        wr.opcode = op.0;
+        wr.send_flags = ffi::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        if let Some(imm) = op.1 {
+            wr.__bindgen_anon_1.imm_data = imm.to_be();
+        }
+        wr.wr.rdma = ffi::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 { remote_addr: remote.addr, rkey: remote.rkey };
+        let mut bad: *mut ffi::ibv_send_wr = ptr::null_mut();
+        let post = self.ops().post_send.ok_or_else(|| VerbsError("ibverbs: no post_send".into()))?;
+        // SAFETY: a live queue pair; the request and its scatter entry live across the call
+        // (the device copies them); the local range lies in a registration under `register`'s
+        // contract, which the transport does not touch again before the request completes.
+        let r = unsafe { post(self.qp, &mut wr, &mut bad) };
+        if r != 0 {
+            self.state = QpState::Error;
+            return Err(errno_err("posting a request", r));
+        }
+        self.outstanding += 1;
+        Ok(())
     }
 
     /// The context's operation table, where the inline verbs live.
@@ -323,7 +369,7 @@ impl QueuePair for DeviceQp {
                 path_mtu: mtu,
                 dest_qp_num: num,
                 rq_psn: 0,
-                max_dest_rd_atomic: 1,
+                max_dest_rd_atomic: 4,
                 min_rnr_timer: 12,
                 ah_attr: ah,
                 ..Default::default()
@@ -347,7 +393,7 @@ impl QueuePair for DeviceQp {
                 timeout: 18,
                 retry_cnt: 7,
                 rnr_retry: 7,
-                max_rd_atomic: 1,
+                max_rd_atomic: 4,
                 ..Default::default()
             },
             M::IBV_QP_STATE
@@ -362,11 +408,13 @@ impl QueuePair for DeviceQp {
         Ok(())
     }
 
-    unsafe fn register(&mut self, addr: *mut u8, len: usize, remote_write: bool) -> Result<Region, VerbsError> {
-        let mut access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
-        if remote_write {
-            access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
-        }
+    unsafe fn register(&mut self, addr: *mut u8, len: usize, access: Access) -> Result<Region, VerbsError> {
+        let access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+            | match access {
+                Access::Local => ffi::ibv_access_flags(0),
+                Access::RemoteWrite => ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE,
+                Access::RemoteRead => ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ,
+            };
         let access = access.0;
         // SAFETY: a live protection domain; the caller's promise covers the memory.
         let mr = unsafe { ffi::ibv_reg_mr(self.pd, addr as *mut c_void, len, access as c_int) };
@@ -388,38 +436,38 @@ impl QueuePair for DeviceQp {
         remote: Remote,
         imm: u32,
     ) -> Result<(), VerbsError> {
-        if self.state != QpState::Ready {
-            return Err(VerbsError(format!("ibverbs: the queue pair is not ready ({:?})", self.state)));
-        }
-        if offset.checked_add(len).is_none_or(|e| e > local.len) {
-            return Err(VerbsError("ibverbs: a write outside its region".into()));
-        }
-        let mut sge = ffi::ibv_sge { addr: local.addr + offset as u64, length: len as u32, lkey: local.lkey };
-        // SAFETY: a plain C struct, all-zero is a valid value; the fields that matter are set.
-        let mut wr: ffi::ibv_send_wr = unsafe { std::mem::zeroed() };
-        wr.wr_id = wr_id;
-        wr.sg_list = if len == 0 { ptr::null_mut() } else { &mut sge };
-        wr.num_sge = c_int::from(len != 0);
-        wr.opcode = ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
-        wr.send_flags = ffi::ibv_send_flags::IBV_SEND_SIGNALED.0;
-        wr.__bindgen_anon_1.imm_data = imm.to_be();
-        wr.wr.rdma = ffi::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 { remote_addr: remote.addr, rkey: remote.rkey };
-        let mut bad: *mut ffi::ibv_send_wr = ptr::null_mut();
-        let post = self.ops().post_send.ok_or_else(|| VerbsError("ibverbs: no post_send".into()))?;
-        // SAFETY: a live queue pair; the request and its scatter entry live across the call
-        // (the device copies them); the local range lies in a registration under `register`'s
-        // contract, which the transport does not write again before the request completes.
-        let r = unsafe { post(self.qp, &mut wr, &mut bad) };
-        if r != 0 {
-            self.state = QpState::Error;
-            return Err(errno_err("posting a write", r));
-        }
-        self.outstanding += 1;
-        Ok(())
+        let op = (ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM, Some(imm));
+        self.post_send(wr_id, op, local, offset, len, remote)
     }
 
     fn drained(&mut self) -> bool {
         self.outstanding == 0
+    }
+
+    fn deregister(&mut self, region: &Region) {
+        // SAFETY: the registrations are this queue pair's; each is deregistered once.
+        self.mrs.retain(|&mr| unsafe {
+            if (*mr).lkey == region.lkey {
+                ffi::ibv_dereg_mr(mr);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn post_read(
+        &mut self,
+        wr_id: u64,
+        local: &Region,
+        offset: usize,
+        len: usize,
+        remote: Remote,
+    ) -> Result<(), VerbsError> {
+        if len == 0 {
+            return Err(VerbsError("ibverbs: a read of no bytes".into()));
+        }
+        self.post_send(wr_id | READ_TAG, (ffi::ibv_wr_opcode::IBV_WR_RDMA_READ, None), local, offset, len, remote)
     }
 
     fn post_recv(&mut self, wr_id: u64) -> Result<(), VerbsError> {
@@ -470,6 +518,9 @@ impl QueuePair for DeviceQp {
                 }
                 let (op, wr_id) = if c.wr_id() & RECV_TAG != 0 {
                     (Op::RecvImm, c.wr_id() & !RECV_TAG)
+                } else if c.wr_id() & READ_TAG != 0 {
+                    self.outstanding = self.outstanding.saturating_sub(1);
+                    (Op::Read, c.wr_id() & !READ_TAG)
                 } else {
                     self.outstanding = self.outstanding.saturating_sub(1);
                     (Op::Write, c.wr_id())

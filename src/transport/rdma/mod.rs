@@ -9,7 +9,10 @@
 //! and completions come in the order of the writes (RC). The writer holds a credit per free
 //! slot of the peer's ring and spends one per frame; the reader hands credits back, half a
 //! ring at a time, as a write of no bytes whose immediate carries the count. A staging slot is
-//! reused once its write completed.
+//! reused once its write completed. Messages of [`LARGE_MESSAGES`] bytes or more go as large
+//! frames: the slot says where the payload lies in the writer's memory (registered for the
+//! peer to read), the reader reads it with RDMA READ straight into its destination and says
+//! `RELEASE`, and only then does the writer's frame complete.
 //!
 //! The world's TCP connection to the peer stays open beside the queue pair: it carried the
 //! connection data, and it ends when the peer's process does, which the link notices even while
@@ -33,6 +36,7 @@ use std::time::{Duration, Instant};
 use super::{Armed, Link, LinkError, Sink, TransportKind};
 use crate::engine::wire::{FrameHeader, OpKind, HEADER_LEN};
 use crate::sys::Epoll;
+use verbs::Access;
 use verbs::{Completion, Op, QpState, QueuePair, Region, Remote, Status};
 
 /// Slots of a receive ring (and of the send staging area).
@@ -47,9 +51,21 @@ const RECVS: u64 = 2 * SLOTS as u64 + 4;
 const CREDIT: u32 = 1 << 31;
 /// Immediate: the peer leaves the world on purpose.
 pub(crate) const LEFT: u32 = 1 << 30;
-/// Work request id of writes that carry no frame (credits, farewell); providers may use the
-/// top bit of an id for themselves.
-const CONTROL_WR: u64 = 1 << 62;
+/// Work request id of writes that carry no frame (credits, farewell, releases).
+const CONTROL_WR: u64 = 1 << 58;
+/// Work request id of the read of a large frame.
+const READ_WR: u64 = (1 << 58) + 1;
+/// Immediate flag: the peer has read the large frame this side offered; its buffer is free.
+const RELEASE: u32 = 1 << 29;
+/// Messages of at least this many bytes go as large frames (up to the wire's limit each): the
+/// writer's slot carries only where the payload is, in the writer's memory, registered for the
+/// peer to read, and the reader reads it straight into its destination with an RDMA READ, then
+/// says so. No copy through staging or the ring, on either side.
+const LARGE_MESSAGES: usize = 512 << 10;
+/// Largest payload of a large frame: the wire's.
+const LARGE_MAX_PAYLOAD: usize = crate::engine::wire::MAX_FRAME_PAYLOAD;
+/// A large frame's slot: the header, then the payload's address, remote key and length.
+const LARGE_DESC: usize = 24;
 const _: () = assert!(SLOTS < 64 && SLOT_BYTES < (1 << 24));
 
 /// The providers.
@@ -105,7 +121,8 @@ impl Area {
         let ptr = Box::into_raw(vec![0u8; len].into_boxed_slice()) as *mut u8;
         // SAFETY: a fresh allocation owned by this area, freed only in its drop, which the
         // link runs after dropping its queue pair (field order).
-        match unsafe { qp.register(ptr, len, remote_write) } {
+        let access = if remote_write { Access::RemoteWrite } else { Access::Local };
+        match unsafe { qp.register(ptr, len, access) } {
             Ok(region) => Ok(Area { ptr, len, region }),
             Err(e) => {
                 // SAFETY: allocated just above as a boxed slice of `len` bytes.
@@ -198,6 +215,9 @@ impl Pending {
             tx_busy: [false; SLOTS],
             arrived: VecDeque::new(),
             rx_next: 0,
+            large_tx: None,
+            large_rx: None,
+            scratch: None,
             current: None,
             freed: 0,
             peer_left: false,
@@ -232,6 +252,14 @@ pub(crate) struct RdmaLink {
     arrived: VecDeque<(usize, usize)>,
     /// The slot the peer's next frame must be in.
     rx_next: usize,
+    /// The large frame this side offered and the peer has not read yet: its payload's
+    /// registration, and whether the peer said it read it.
+    large_tx: Option<(Region, bool)>,
+    /// The large frame being read: where to, and whether the read completed.
+    large_rx: Option<LargeRead>,
+    /// Where large frames that are not copied straight to a destination are read into (a
+    /// reduction's operand), registered.
+    scratch: Option<(Box<[u8]>, Region)>,
     current: Option<FrameHeader>,
     /// Slots read and not yet handed back as credits.
     freed: usize,
@@ -245,6 +273,15 @@ pub(crate) struct RdmaLink {
     rx_bytes: u64,
     tx_bytes: u64,
     completions: Vec<Completion>,
+}
+
+/// A large frame being read.
+struct LargeRead {
+    /// The registration read into: the caller's destination, or the scratch area's.
+    into: Region,
+    /// The destination was the caller's (`Sink::Copy`), registered for this read alone.
+    copy: bool,
+    done: bool,
 }
 
 /// How long a link that ends waits for what it posted to leave (its farewell, an abort frame).
@@ -320,6 +357,14 @@ impl RdmaLink {
                     *busy = false;
                 }
             }
+            Op::Read => {
+                if c.status != Status::Success {
+                    return Err(self.failed("read of a large frame", &c.status));
+                }
+                if let Some(r) = &mut self.large_rx {
+                    r.done = true;
+                }
+            }
             Op::RecvImm => {
                 if c.status != Status::Success {
                     return Err(self.failed("receive", &c.status));
@@ -339,6 +384,11 @@ impl RdmaLink {
                     }
                 } else if c.imm == LEFT {
                     self.peer_left = true;
+                } else if c.imm == RELEASE {
+                    match &mut self.large_tx {
+                        Some((_, released)) => *released = true,
+                        None => return Err(LinkError::Protocol("RDMA: a release of no large frame".into())),
+                    }
                 } else {
                     let (slot, len) = ((c.imm >> 24) as usize, (c.imm & 0xff_ffff) as usize);
                     // Frames fill the ring in order, never more than it holds: anything else is a
@@ -367,16 +417,240 @@ impl RdmaLink {
         if self.freed == 0 {
             return Ok(());
         }
-        let imm = CREDIT | self.freed as u32;
-        self.qp
-            .post_write_imm(CONTROL_WR, &self.tx.region, 0, 0, self.peer_ring, imm)
-            .map_err(|e| LinkError::Io(format!("RDMA credit write: {e}")))?;
+        self.post_control(CREDIT | self.freed as u32)?;
         self.freed = 0;
         Ok(())
     }
 
     fn can_write(&self) -> bool {
-        self.credits > 0 && !self.tx_busy[self.next_slot]
+        self.credits > 0 && !self.tx_busy[self.next_slot] && self.large_tx.is_none()
+    }
+
+    /// Whether a `write` call would move: a slot and a credit for a new frame, or the peer's
+    /// release of the large frame in flight.
+    fn write_ready(&self) -> bool {
+        match self.large_tx {
+            Some((_, released)) => released,
+            None => self.can_write(),
+        }
+    }
+
+    /// Whether a `peek` or `consume` call would move.
+    fn read_ready(&self) -> bool {
+        match &self.large_rx {
+            Some(r) => r.done,
+            None => self.current.is_some() || !self.arrived.is_empty(),
+        }
+    }
+
+    /// Posts `len` bytes of `payload`'s frame to the next slot: header and `body` copied into
+    /// staging, written with immediate.
+    fn post_frame(&mut self, header: &[u8], body: &[u8]) -> Result<(), LinkError> {
+        let slot = self.next_slot;
+        let total = HEADER_LEN + body.len();
+        // SAFETY: the staging slot is this side's (its last write completed: not busy) and holds
+        // `SLOT_BYTES`, which header and body fit (checked by the callers).
+        unsafe {
+            let p = self.tx.slot(slot);
+            std::ptr::copy_nonoverlapping(header.as_ptr(), p, HEADER_LEN);
+            std::ptr::copy_nonoverlapping(body.as_ptr(), p.add(HEADER_LEN), body.len());
+        }
+        let remote = Remote { addr: self.peer_ring.addr + (slot * SLOT_BYTES) as u64, rkey: self.peer_ring.rkey };
+        let imm = (slot as u32) << 24 | total as u32;
+        if let Err(e) = self.qp.post_write_imm(slot as u64, &self.tx.region, slot * SLOT_BYTES, total, remote, imm) {
+            let e = LinkError::Io(format!("RDMA write: {e} ({})", self.qp.provider()));
+            self.broken = Some(e.clone());
+            return Err(e);
+        }
+        self.tx_busy[slot] = true;
+        self.credits -= 1;
+        self.next_slot = (slot + 1) % SLOTS;
+        Ok(())
+    }
+
+    /// A control write: no bytes, an immediate.
+    fn post_control(&mut self, imm: u32) -> Result<(), LinkError> {
+        self.qp
+            .post_write_imm(CONTROL_WR, &self.tx.region, 0, 0, self.peer_ring, imm)
+            .map_err(|e| LinkError::Io(format!("RDMA control write: {e}")))
+    }
+
+    /// Frees the slot of the frame just read, handing credits back half a ring at a time.
+    fn free_current(&mut self) {
+        self.current = None;
+        self.arrived.pop_front();
+        self.freed += 1;
+        if self.freed >= SLOTS / 2 && self.broken.is_none() && !self.ended() {
+            if let Err(e) = self.give_credits() {
+                self.broken = Some(e);
+            }
+        }
+    }
+
+    /// `write` of a large frame: first its slot, which says where the payload is (registered
+    /// for the peer to read); then, on later calls, done once the peer says it read it. Until
+    /// then `written` stays at the header's length, and the payload must not change (the
+    /// engine keeps it; a world that breaks revokes the registration first).
+    fn write_large(&mut self, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError> {
+        if *written == 0 {
+            if !self.can_write() {
+                self.drive();
+                if let Some(e) = &self.broken {
+                    return Err(e.clone());
+                }
+                if !self.can_write() {
+                    return if self.ended() { Err(self.gone()) } else { Ok(false) };
+                }
+            }
+            // SAFETY: the payload stays valid and unchanged until this frame is written (the
+            // engine's contract for a frame in progress); the registration ends when the peer
+            // releases it, or when the world breaks (`revoke`), before the caller gets it back.
+            let region = unsafe { self.qp.register(payload.as_ptr() as *mut u8, payload.len(), Access::RemoteRead) }
+                .map_err(|e| LinkError::Io(format!("RDMA: registering a large frame: {e}")))?;
+            let mut desc = [0u8; LARGE_DESC];
+            desc[0..8].copy_from_slice(&region.addr.to_le_bytes());
+            desc[8..12].copy_from_slice(&region.rkey.to_le_bytes());
+            desc[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+            if let Err(e) = self.post_frame(header, &desc) {
+                self.qp.deregister(&region);
+                return Err(e);
+            }
+            self.large_tx = Some((region, false));
+            *written = header.len();
+            return Ok(false);
+        }
+        self.drive();
+        match self.large_tx {
+            Some((region, true)) => {
+                self.qp.deregister(&region);
+                self.large_tx = None;
+                self.tx_bytes += (header.len() + payload.len()) as u64;
+                *written = header.len() + payload.len();
+                Ok(true)
+            }
+            _ => match &self.broken {
+                Some(e) => Err(e.clone()),
+                None if self.ended() => Err(self.gone()),
+                None => Ok(false),
+            },
+        }
+    }
+
+    /// `consume` of a large frame: the first call reads the payload from the peer's memory,
+    /// straight into a `Copy` destination (registered for this read) or into the scratch area;
+    /// a later call, once the read completed, hands it over, tells the peer, and frees the slot.
+    fn consume_large(&mut self, slot: usize, len: usize, sink: Sink<'_>) -> Result<bool, LinkError> {
+        if self.large_rx.is_none() {
+            // SAFETY: the slot holds a completed write of the descriptor (checked in `peek`).
+            let d = unsafe { std::slice::from_raw_parts(self.rx.slot(slot).add(HEADER_LEN), LARGE_DESC) };
+            let word = |i: usize, n: usize| d[i..i + n].iter().rev().fold(0u64, |v, &b| v << 8 | u64::from(b));
+            let (addr, rkey, n) = (word(0, 8), word(8, 4) as u32, word(16, 8));
+            if n != len as u64 {
+                return Err(LinkError::Protocol(format!("RDMA: a large frame of {len} bytes describes {n}")));
+            }
+            let (into, copy) = match &sink {
+                // Nothing to read: the peer is told at once.
+                Sink::Discard => {
+                    self.free_current();
+                    self.release_large();
+                    return Ok(true);
+                }
+                Sink::Copy(dst) if dst.len() != len => {
+                    return Err(LinkError::Io("copy target does not match the payload".into()));
+                }
+                // SAFETY: the caller's destination, exclusively borrowed for this frame, which
+                // stays theirs until the read completes (the engine consumes this frame again
+                // with it); deregistered before it is handed back.
+                Sink::Copy(dst) => (
+                    unsafe { self.qp.register(dst.as_ptr() as *mut u8, len, Access::Local) }
+                        .map_err(|e| LinkError::Io(format!("RDMA: registering a destination: {e}")))?,
+                    true,
+                ),
+                Sink::Visit(_) => (self.scratch(len)?, false),
+            };
+            if let Err(e) = self.qp.post_read(READ_WR, &into, 0, len, Remote { addr, rkey }) {
+                if copy {
+                    self.qp.deregister(&into);
+                }
+                return Err(self.unreadable(LinkError::Io(format!("RDMA read: {e}"))));
+            }
+            self.large_rx = Some(LargeRead { into, copy, done: false });
+        }
+        self.drive();
+        let Some(read) = self.large_rx.as_ref() else { return Err(LinkError::Io("a large read vanished".into())) };
+        if !read.done {
+            return match self.broken.clone() {
+                Some(e) => Err(self.unreadable(e)),
+                None => Ok(false),
+            };
+        }
+        let (into, copy) = (read.into, read.copy);
+        // The engine may hand a frame it first meant to keep aside (read into the scratch area)
+        // to a receive posted meanwhile, or the other way round: the bytes go from wherever
+        // they were read to wherever they are wanted now.
+        // SAFETY: the area the completed read filled with `len` bytes: the scratch area, or the
+        // destination the engine gave for this frame, which stays its buffer while it is read.
+        let data = unsafe { std::slice::from_raw_parts(into.addr as usize as *const u8, len) };
+        match sink {
+            Sink::Copy(dst) if dst.len() != len => {
+                return Err(self.unreadable(LinkError::Io("copy target does not match the payload".into())));
+            }
+            Sink::Copy(dst) if dst.as_ptr() as u64 == into.addr => {}
+            Sink::Copy(dst) => dst.copy_from_slice(data),
+            Sink::Visit(f) => f(data),
+            Sink::Discard => {}
+        }
+        if copy {
+            self.qp.deregister(&into);
+        }
+        self.large_rx = None;
+        self.rx_bytes += (HEADER_LEN + len) as u64;
+        self.free_current();
+        self.release_large();
+        Ok(true)
+    }
+
+    /// Tells the peer its large frame was read (its buffer is free), unless it is gone; a
+    /// failure is the link's end, reported by the next call (the frame itself was handed over).
+    fn release_large(&mut self) {
+        if self.broken.is_none() && !self.ended() {
+            if let Err(e) = self.post_control(RELEASE) {
+                self.broken = Some(e);
+            }
+        }
+    }
+
+    /// A large frame that can no longer be read (its read failed: the peer or the queue pair is
+    /// gone): it and the frames behind it are dropped, so that the link holds no frame it
+    /// cannot hand over, and `e` is the link's end.
+    fn unreadable(&mut self, e: LinkError) -> LinkError {
+        if let Some(r) = self.large_rx.take() {
+            if r.copy {
+                self.qp.deregister(&r.into);
+            }
+        }
+        self.current = None;
+        self.arrived.clear();
+        self.broken.get_or_insert(e).clone()
+    }
+
+    /// The scratch area, at least `len` bytes, registered.
+    fn scratch(&mut self, len: usize) -> Result<Region, LinkError> {
+        if let Some((_, r)) = &self.scratch {
+            if r.len >= len {
+                return Ok(*r);
+            }
+        }
+        if let Some((_, old)) = self.scratch.take() {
+            self.qp.deregister(&old);
+        }
+        let mut buf = vec![0u8; len.max(RDMA_MAX_PAYLOAD)].into_boxed_slice();
+        // SAFETY: the buffer is owned by the link and deregistered before it is freed (here, on
+        // growth, or with the queue pair, which the link drops first).
+        let r = unsafe { self.qp.register(buf.as_mut_ptr(), buf.len(), Access::Local) }
+            .map_err(|e| LinkError::Io(format!("RDMA: registering a read area: {e}")))?;
+        self.scratch = Some((buf, r));
+        Ok(r)
     }
 
     /// Waits, at most `DRAIN_FOR`, until what was posted has left this process (so that
@@ -405,8 +679,19 @@ impl Link for RdmaLink {
         TransportKind::Rdma
     }
 
-    fn max_payload(&self, _op: OpKind, _total: usize) -> usize {
-        RDMA_MAX_PAYLOAD
+    fn max_payload(&self, _op: OpKind, total: usize) -> usize {
+        if total >= LARGE_MESSAGES {
+            LARGE_MAX_PAYLOAD
+        } else {
+            RDMA_MAX_PAYLOAD
+        }
+    }
+
+    fn revoke(&mut self) {
+        // The peer must not read a buffer handed back to the caller: its read fails instead.
+        if let Some((region, _)) = self.large_tx.take() {
+            self.qp.deregister(&region);
+        }
     }
 
     fn write(&mut self, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError> {
@@ -414,11 +699,17 @@ impl Link for RdmaLink {
         if *written >= total {
             return Ok(true);
         }
-        if header.len() != HEADER_LEN || payload.len() > RDMA_MAX_PAYLOAD || *written != 0 {
+        if header.len() != HEADER_LEN || payload.len() > LARGE_MAX_PAYLOAD {
             return Err(LinkError::Protocol(format!("RDMA: cannot write a frame of {} bytes", payload.len())));
         }
         if let Some(e) = &self.broken {
             return Err(e.clone());
+        }
+        if payload.len() > RDMA_MAX_PAYLOAD {
+            return self.write_large(header, payload, written);
+        }
+        if *written != 0 {
+            return Err(LinkError::Protocol("RDMA: a small frame written in parts".into()));
         }
         if !self.can_write() {
             self.drive();
@@ -433,24 +724,7 @@ impl Link for RdmaLink {
                 return Ok(false);
             }
         }
-        let slot = self.next_slot;
-        // SAFETY: the staging slot is this side's (its last write completed: not busy) and holds
-        // `SLOT_BYTES`, which header and payload fit.
-        unsafe {
-            let p = self.tx.slot(slot);
-            std::ptr::copy_nonoverlapping(header.as_ptr(), p, HEADER_LEN);
-            std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(HEADER_LEN), payload.len());
-        }
-        let remote = Remote { addr: self.peer_ring.addr + (slot * SLOT_BYTES) as u64, rkey: self.peer_ring.rkey };
-        let imm = (slot as u32) << 24 | total as u32;
-        if let Err(e) = self.qp.post_write_imm(slot as u64, &self.tx.region, slot * SLOT_BYTES, total, remote, imm) {
-            let e = LinkError::Io(format!("RDMA write: {e} ({})", self.qp.provider()));
-            self.broken = Some(e.clone());
-            return Err(e);
-        }
-        self.tx_busy[slot] = true;
-        self.credits -= 1;
-        self.next_slot = (slot + 1) % SLOTS;
+        self.post_frame(header, payload)?;
         self.tx_bytes += total as u64;
         *written = total;
         Ok(true)
@@ -475,7 +749,11 @@ impl Link for RdmaLink {
         // does not write again before this side hands the slot back.
         let bytes = unsafe { std::slice::from_raw_parts(self.rx.slot(slot), HEADER_LEN) };
         let h = FrameHeader::decode(bytes).map_err(LinkError::Protocol)?;
-        if h.len as usize + HEADER_LEN != len {
+        let large = h.len as usize > RDMA_MAX_PAYLOAD;
+        if large && (len != HEADER_LEN + LARGE_DESC || h.len as usize > LARGE_MAX_PAYLOAD) {
+            return Err(LinkError::Protocol(format!("RDMA: a large frame of {} bytes in a slot of {len}", h.len)));
+        }
+        if !large && h.len as usize + HEADER_LEN != len {
             return Err(LinkError::Protocol(format!("RDMA: a frame of {len} bytes says its payload is {}", h.len)));
         }
         self.current = Some(h);
@@ -490,6 +768,9 @@ impl Link for RdmaLink {
             return Err(LinkError::Io("consume without an arrived frame".into()));
         };
         let len = h.len as usize;
+        if len > RDMA_MAX_PAYLOAD {
+            return self.consume_large(slot, len, sink);
+        }
         // SAFETY: as in `peek`; the payload follows the header inside the slot.
         let payload = unsafe { std::slice::from_raw_parts(self.rx.slot(slot).add(HEADER_LEN), len) };
         match sink {
@@ -500,15 +781,8 @@ impl Link for RdmaLink {
             Sink::Visit(f) => f(payload),
             Sink::Discard => {}
         }
-        self.current = None;
-        self.arrived.pop_front();
         self.rx_bytes += (HEADER_LEN + len) as u64;
-        self.freed += 1;
-        if self.freed >= SLOTS / 2 && self.broken.is_none() && !self.ended() {
-            if let Err(e) = self.give_credits() {
-                self.broken = Some(e);
-            }
-        }
+        self.free_current();
         Ok(true)
     }
 
@@ -522,8 +796,7 @@ impl Link for RdmaLink {
             // readable, so it is read here, not slept on again.
             self.look_at_control();
         }
-        let readable = self.current.is_some() || !self.arrived.is_empty();
-        if (read && readable) || (write && self.can_write()) {
+        if (read && self.read_ready()) || (write && self.write_ready()) {
             return Armed::Ready;
         }
         if self.broken.is_some() || self.ended() {

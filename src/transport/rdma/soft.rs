@@ -30,7 +30,7 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::time::Duration;
 
-use super::verbs::{Completion, Op, QpState, QueuePair, Region, Remote, Status, VerbsError};
+use super::verbs::{Access, Completion, Op, QpState, QueuePair, Region, Remote, Status, VerbsError};
 use crate::sys::random_u64;
 
 /// Bytes of a packet header: kind, status, imm, rkey, length, remote address, sequence.
@@ -42,6 +42,10 @@ const NAK: u8 = 3;
 const BROKE: u8 = 4;
 /// The first packet of the connecting side: the passive side's token.
 const HELLO: u8 = 5;
+/// A read request, its answer (the bytes), and its refusal.
+const READ: u8 = 6;
+const READ_DATA: u8 = 7;
+const READ_NAK: u8 = 8;
 
 /// Largest write the provider takes (a bound on what one packet may make the peer buffer).
 const MAX_WRITE: usize = 16 << 20;
@@ -144,7 +148,10 @@ pub(crate) struct SoftQp {
     token: u64,
     sock: Option<UnixStream>,
     state: QpState,
-    regions: Vec<Region>,
+    regions: Vec<(Region, Access)>,
+    /// Reads sent and not yet answered: (sequence, work request id, destination address,
+    /// bytes).
+    reads: VecDeque<(u64, u64, usize, usize)>,
     recvs: VecDeque<u64>,
     /// Writes sent and not yet acknowledged: (sequence, work request id).
     unacked: VecDeque<(u64, u64)>,
@@ -174,6 +181,7 @@ impl SoftQp {
             sock: None,
             state: QpState::Init,
             regions: Vec::new(),
+            reads: VecDeque::new(),
             recvs: VecDeque::new(),
             unacked: VecDeque::new(),
             next_seq: 1,
@@ -204,6 +212,10 @@ impl SoftQp {
         for (_, wr_id) in std::mem::take(&mut self.unacked) {
             let status = first.take().unwrap_or(Status::Flushed);
             self.ready.push_back(Completion { wr_id, op: Op::Write, status, imm: 0, len: 0 });
+        }
+        for (_, wr_id, _, _) in std::mem::take(&mut self.reads) {
+            let status = first.take().unwrap_or(Status::Flushed);
+            self.ready.push_back(Completion { wr_id, op: Op::Read, status, imm: 0, len: 0 });
         }
         for wr_id in std::mem::take(&mut self.recvs) {
             let status = first.take().unwrap_or(Status::Flushed);
@@ -269,12 +281,36 @@ impl SoftQp {
         false
     }
 
-    /// The registration `rkey` names, if the peer may write it and it covers `len` bytes at
-    /// `addr`.
-    fn target(&self, rkey: u32, addr: u64, len: usize) -> Option<*mut u8> {
-        let r = self.regions.iter().find(|r| r.rkey == rkey && r.rkey != 0)?;
+    /// Whether a request of `op` on `len` bytes at `offset` in `local` may go: an error where
+    /// the queue pair is not ready; false (the request completed with `LocalProtection`, the
+    /// queue pair broke) where the range is not inside a registration of this queue pair.
+    fn may_post(&mut self, wr_id: u64, op: Op, local: &Region, offset: usize, len: usize) -> Result<bool, VerbsError> {
+        if self.state != QpState::Ready {
+            return Err(VerbsError(format!("soft verbs: the queue pair is not ready ({:?})", self.state)));
+        }
+        let known = self.regions.iter().any(|(r, _)| r == local);
+        if !known || offset.checked_add(len).is_none_or(|e| e > local.len) || len > MAX_WRITE {
+            self.ready.push_back(Completion { wr_id, op, status: Status::LocalProtection, imm: 0, len: 0 });
+            self.break_with(Status::Flushed, true);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// The registration `rkey` names, if the peer may reach it as `need` says and it covers
+    /// `len` bytes at `addr`.
+    fn target(&self, rkey: u32, addr: u64, len: usize, need: Access) -> Option<*mut u8> {
+        let (r, _) = self.regions.iter().find(|(r, a)| r.rkey == rkey && r.rkey != 0 && *a == need)?;
         let end = addr.checked_add(len as u64)?;
-        (addr >= r.addr && end <= r.addr + r.len as u64).then_some(addr as usize as *mut u8)
+        (len <= MAX_WRITE && addr >= r.addr && end <= r.addr + r.len as u64).then_some(addr as usize as *mut u8)
+    }
+
+    /// The bytes a packet of this kind carries after its header.
+    fn carried(&self, p: &Packet) -> usize {
+        match p.kind {
+            WRITE | READ_DATA => p.len as usize,
+            _ => 0,
+        }
     }
 
     /// Handles the complete packets read so far.
@@ -285,19 +321,25 @@ impl SoftQp {
             let len = p.len as usize;
             // A write is judged by its header, before its bytes are waited for: an oversized or
             // misdirected one is refused at once, never buffered.
-            if p.kind == WRITE && (len > MAX_WRITE || self.target(p.rkey, p.addr, len).is_none()) {
+            if p.kind == WRITE && self.target(p.rkey, p.addr, len, Access::RemoteWrite).is_none() {
                 self.send(Packet { kind: NAK, status: status_code(&Status::RemoteAccess), seq: p.seq, ..p }, &[]);
                 self.break_with(Status::RemoteAccess, false);
                 break;
             }
-            if p.kind == WRITE && self.inbound.len() - at - PACKET < len {
+            // The answer to a read must be the read asked for, the oldest one.
+            if p.kind == READ_DATA && self.reads.front().is_none_or(|r| r.0 != p.seq || r.3 != len) {
+                self.break_with(Status::Other("soft verbs: an answer to no read asked for".into()), true);
+                break;
+            }
+            let carried = self.carried(&p);
+            if self.inbound.len() - at - PACKET < carried {
                 break;
             }
             let data_at = at + PACKET;
-            at = data_at + if p.kind == WRITE { len } else { 0 };
+            at = data_at + carried;
             match p.kind {
                 WRITE => {
-                    let Some(dst) = self.target(p.rkey, p.addr, len) else {
+                    let Some(dst) = self.target(p.rkey, p.addr, len, Access::RemoteWrite) else {
                         self.send(
                             Packet { kind: NAK, status: status_code(&Status::RemoteAccess), seq: p.seq, ..p },
                             &[],
@@ -350,6 +392,40 @@ impl SoftQp {
                         continue;
                     }
                     self.ready.push_back(Completion { wr_id, op: Op::Write, status: Status::Success, imm: 0, len: 0 });
+                }
+                READ => match self.target(p.rkey, p.addr, len, Access::RemoteRead) {
+                    Some(src) => {
+                        // SAFETY: `src` lies inside a region registered under `register`'s
+                        // contract for the peer's reads, checked for the whole length.
+                        let data = unsafe { std::slice::from_raw_parts(src as *const u8, len) }.to_vec();
+                        self.send(Packet { kind: READ_DATA, seq: p.seq, len: p.len, ..Packet::default() }, &data);
+                    }
+                    None => {
+                        let code = status_code(&Status::RemoteAccess);
+                        self.send(Packet { kind: READ_NAK, status: code, seq: p.seq, ..Packet::default() }, &[]);
+                        self.break_with(Status::RemoteAccess, false);
+                        break;
+                    }
+                },
+                READ_DATA => {
+                    let Some((_, wr_id, dst, n)) = self.reads.pop_front() else { break };
+                    // SAFETY: `dst` is the local range the read was posted for, inside a
+                    // registration of this queue pair (checked when posted); `n` bytes came.
+                    unsafe { std::ptr::copy_nonoverlapping(self.inbound[data_at..].as_ptr(), dst as *mut u8, n) };
+                    self.ready.push_back(Completion {
+                        wr_id,
+                        op: Op::Read,
+                        status: Status::Success,
+                        imm: 0,
+                        len: p.len,
+                    });
+                }
+                READ_NAK => {
+                    let Some((_, wr_id, _, _)) = self.reads.pop_front() else { break };
+                    let status = status_of(p.status);
+                    self.ready.push_back(Completion { wr_id, op: Op::Read, status: status.clone(), imm: 0, len: 0 });
+                    self.break_with(status, false);
+                    break;
                 }
                 BROKE => {
                     self.break_with(Status::Other("the peer's queue pair went to the error state".into()), false);
@@ -412,14 +488,38 @@ impl QueuePair for SoftQp {
         Ok(())
     }
 
-    unsafe fn register(&mut self, addr: *mut u8, len: usize, remote_write: bool) -> Result<Region, VerbsError> {
-        // Keys are random per registration; a region the peer may not write has no remote key
+    unsafe fn register(&mut self, addr: *mut u8, len: usize, access: Access) -> Result<Region, VerbsError> {
+        // Keys are random per registration; a region the peer may not reach has no remote key
         // that names it.
         let lkey = random_u64() as u32;
-        let rkey = if remote_write { random_u64() as u32 | 1 } else { 0 };
+        let rkey = if access == Access::Local { 0 } else { random_u64() as u32 | 1 };
         let r = Region { addr: addr as usize as u64, len, lkey, rkey };
-        self.regions.push(r);
+        self.regions.push((r, access));
         Ok(r)
+    }
+
+    fn deregister(&mut self, region: &Region) {
+        self.regions.retain(|(r, _)| r != region);
+    }
+
+    fn post_read(
+        &mut self,
+        wr_id: u64,
+        local: &Region,
+        offset: usize,
+        len: usize,
+        remote: Remote,
+    ) -> Result<(), VerbsError> {
+        if !self.may_post(wr_id, Op::Read, local, offset, len)? {
+            return Ok(());
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let p = Packet { kind: READ, rkey: remote.rkey, len: len as u32, addr: remote.addr, seq, ..Packet::default() };
+        self.send(p, &[]);
+        self.reads.push_back((seq, wr_id, local.addr as usize + offset, len));
+        self.flush();
+        Ok(())
     }
 
     fn drained(&mut self) -> bool {
@@ -439,6 +539,7 @@ impl QueuePair for SoftQp {
         if self.state != QpState::Ready {
             return Err(VerbsError(format!("soft verbs: the queue pair is not ready ({:?})", self.state)));
         }
+        // The faults act on the write as posted, before it is checked.
         self.writes += 1;
         let remote = if self.faults.bad_rkey_after == Some(self.writes) {
             Remote { rkey: remote.rkey ^ 0x8000_0000, ..remote }
@@ -449,10 +550,7 @@ impl QueuePair for SoftQp {
             self.break_with(Status::Other("queue pair forced into the error state (fault injection)".into()), true);
             return Err(VerbsError("soft verbs: the queue pair was forced into the error state".into()));
         }
-        let known = self.regions.iter().any(|r| r.lkey == local.lkey && r.addr == local.addr && r.len == local.len);
-        if !known || offset.checked_add(len).is_none_or(|e| e > local.len) || len > MAX_WRITE {
-            self.ready.push_back(Completion { wr_id, op: Op::Write, status: Status::LocalProtection, imm: 0, len: 0 });
-            self.break_with(Status::Flushed, true);
+        if !self.may_post(wr_id, Op::Write, local, offset, len)? {
             return Ok(());
         }
         let seq = self.next_seq;
@@ -536,7 +634,10 @@ mod tests {
         let mut dst = vec![0u8; 4096];
         // SAFETY: both buffers outlive the queue pairs' use of them in this test.
         let (ls, rd) = unsafe {
-            (a.register(src.as_mut_ptr(), 4096, true).unwrap(), b.register(dst.as_mut_ptr(), 4096, true).unwrap())
+            (
+                a.register(src.as_mut_ptr(), 4096, Access::RemoteWrite).unwrap(),
+                b.register(dst.as_mut_ptr(), 4096, Access::RemoteWrite).unwrap(),
+            )
         };
         for i in 0..4 {
             b.post_recv(100 + i).unwrap();
@@ -568,7 +669,10 @@ mod tests {
             let mut dst = vec![0u8; 4096];
             // SAFETY: both buffers outlive the queue pairs' use of them in this test.
             let (ls, rd) = unsafe {
-                (a.register(src.as_mut_ptr(), 256, true).unwrap(), b.register(dst.as_mut_ptr(), 4096, true).unwrap())
+                (
+                    a.register(src.as_mut_ptr(), 256, Access::RemoteWrite).unwrap(),
+                    b.register(dst.as_mut_ptr(), 4096, Access::RemoteWrite).unwrap(),
+                )
             };
             b.post_recv(1).unwrap();
             let rkey = if bad.1 == 0 { rd.rkey } else { bad.1 };
@@ -592,7 +696,10 @@ mod tests {
         let mut dst = vec![0u8; 64];
         // SAFETY: both buffers outlive the queue pairs' use of them in this test.
         let (ls, rd) = unsafe {
-            (a.register(src.as_mut_ptr(), 64, true).unwrap(), b.register(dst.as_mut_ptr(), 64, true).unwrap())
+            (
+                a.register(src.as_mut_ptr(), 64, Access::RemoteWrite).unwrap(),
+                b.register(dst.as_mut_ptr(), 64, Access::RemoteWrite).unwrap(),
+            )
         };
         a.post_write_imm(1, &ls, 0, 8, Remote { addr: rd.addr, rkey: rd.rkey }, 0).unwrap();
         assert!(wait(&mut b, 1).is_empty());
@@ -601,7 +708,7 @@ mod tests {
 
         let (mut a, b) = pair();
         // SAFETY: as above.
-        let ls = unsafe { a.register(src.as_mut_ptr(), 64, true).unwrap() };
+        let ls = unsafe { a.register(src.as_mut_ptr(), 64, Access::RemoteWrite).unwrap() };
         a.post_write_imm(5, &ls, 0, 8, Remote { addr: 0, rkey: 0 }, 0).unwrap();
         a.post_write_imm(6, &ls, 0, 8, Remote { addr: 0, rkey: 0 }, 0).unwrap();
         a.post_recv(7).unwrap();
@@ -610,6 +717,41 @@ mod tests {
         assert_eq!(a.state(), QpState::Error);
         let status: Vec<_> = got.iter().map(|c| (c.wr_id, c.status.clone())).collect();
         assert_eq!(status, [(5, Status::RetryExceeded), (6, Status::Flushed), (7, Status::Flushed)]);
+    }
+
+    #[test]
+    fn reads_fetch_what_the_peer_registered_for_reading_and_nothing_after_it_deregisters() {
+        let (mut a, mut b) = pair();
+        let mut src: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut dst = vec![0u8; 8192];
+        // SAFETY: both buffers outlive the queue pairs' use of them in this test.
+        let (rs, ld) = unsafe {
+            (
+                a.register(src.as_mut_ptr(), 8192, Access::RemoteRead).unwrap(),
+                b.register(dst.as_mut_ptr(), 8192, Access::Local).unwrap(),
+            )
+        };
+        b.post_read(3, &ld, 100, 5000, Remote { addr: rs.addr + 50, rkey: rs.rkey }).unwrap();
+        let mut got = Vec::new();
+        let end = std::time::Instant::now() + Duration::from_secs(1);
+        while got.is_empty() && std::time::Instant::now() < end {
+            a.poll(&mut Vec::new()).unwrap();
+            b.poll(&mut got).unwrap();
+        }
+        assert_eq!(got[0].wr_id, 3);
+        assert_eq!((got[0].op, got[0].status.clone()), (Op::Read, Status::Success));
+        assert_eq!(&dst[100..5100], &src[50..5050]);
+        // A write-only or deregistered region cannot be read.
+        a.deregister(&rs);
+        b.post_read(4, &ld, 0, 16, Remote { addr: rs.addr, rkey: rs.rkey }).unwrap();
+        let mut got = Vec::new();
+        let end = std::time::Instant::now() + Duration::from_secs(1);
+        while got.is_empty() && std::time::Instant::now() < end {
+            a.poll(&mut Vec::new()).unwrap();
+            b.poll(&mut got).unwrap();
+        }
+        assert_eq!((got[0].wr_id, got[0].status.clone()), (4, Status::RemoteAccess));
+        assert_eq!(b.state(), QpState::Error);
     }
 
     #[test]

@@ -61,11 +61,24 @@ impl fmt::Display for Status {
     }
 }
 
+/// Who may reach a registration besides this side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// This side only.
+    Local,
+    /// The peer may write it.
+    RemoteWrite,
+    /// The peer may read it.
+    RemoteRead,
+}
+
 /// What a completion is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Op {
     /// A write this side posted.
     Write,
+    /// A read this side posted (the peer's memory into this side's).
+    Read,
     /// A receive this side posted, consumed by the peer's write with immediate.
     RecvImm,
 }
@@ -104,7 +117,8 @@ impl fmt::Display for VerbsError {
 }
 
 /// A reliably connected queue pair, its completion queue and its memory registrations. No
-/// call blocks.
+/// call blocks. Work request ids are the caller's below bit 59; providers may tag the bits
+/// above.
 pub(crate) trait QueuePair: Send {
     /// The provider and device, for logs (`soft`, `ibverbs mlx5_0 port 1`).
     fn provider(&self) -> String;
@@ -116,13 +130,17 @@ pub(crate) trait QueuePair: Send {
     /// (providers that need one side to begin use it; the two sides pass opposite values).
     fn connect(&mut self, remote: &[u8], active: bool) -> Result<(), VerbsError>;
 
-    /// Registers `len` bytes at `addr` for local use, and for the peer's writes if
-    /// `remote_write`.
+    /// Registers `len` bytes at `addr` for local use and for the peer as `access` says.
     ///
     /// # Safety
-    /// The memory stays valid, and is not moved or freed, for as long as the queue pair
-    /// lives; with `remote_write` the peer may write it at any time the queue pair is polled.
-    unsafe fn register(&mut self, addr: *mut u8, len: usize, remote_write: bool) -> Result<Region, VerbsError>;
+    /// The memory stays valid, and is not moved or freed, until it is deregistered or the
+    /// queue pair is dropped; the provider (and, as `access` allows, the peer) may write or
+    /// read it at any time the queue pair is polled, and a device at any time.
+    unsafe fn register(&mut self, addr: *mut u8, len: usize, access: Access) -> Result<Region, VerbsError>;
+
+    /// Ends a registration: from its return on, neither this side's requests nor the peer
+    /// reach that memory through it (a peer's read in flight fails).
+    fn deregister(&mut self, region: &Region);
 
     /// Posts a write of `len` bytes at `offset` in `local` to `remote`, with immediate `imm`;
     /// its completion carries `wr_id`. `len` may be 0 (the immediate alone).
@@ -134,6 +152,17 @@ pub(crate) trait QueuePair: Send {
         len: usize,
         remote: Remote,
         imm: u32,
+    ) -> Result<(), VerbsError>;
+
+    /// Posts a read of `len` bytes at `remote` into `local` at `offset`; its completion carries
+    /// `wr_id`.
+    fn post_read(
+        &mut self,
+        wr_id: u64,
+        local: &Region,
+        offset: usize,
+        len: usize,
+        remote: Remote,
     ) -> Result<(), VerbsError>;
 
     /// Posts a receive for one write with immediate.
