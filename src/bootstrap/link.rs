@@ -299,7 +299,7 @@ pub(super) async fn offer_transport(
         match Segment::create() {
             Ok(mut seg) => {
                 // Before the offer, so that the peer can read this side's probe when it maps.
-                crate::transport::shm::publish_probe(&seg, 0);
+                crate::transport::shm::publish_probe(&seg, 0, 0);
                 let path = seg.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
                 addr::send_msg(&s, format!("S{path}").as_bytes(), deadline, cancel).await?;
                 let mut ok = [0u8; 1];
@@ -346,7 +346,7 @@ pub(super) async fn answer_transport(
                 Some(Ok(seg)) => {
                     // This side's probe before the answer: the connector probes it once it has
                     // the answer.
-                    crate::transport::shm::publish_probe(&seg, 1);
+                    crate::transport::shm::publish_probe(&seg, 0, 1);
                     addr::write_all(&s, &[1], deadline, cancel).await?;
                     Ok(Box::new(ShmLink::new(s, seg, false)?))
                 }

@@ -180,4 +180,10 @@ pub(crate) trait Link: Send {
 
     /// Ends the link gracefully: what was written still arrives, then the peer sees the end.
     fn shutdown(&mut self) {}
+
+    /// Where a world made from this link's world may claim a lane of the same pair's segment
+    /// instead of forming a link of its own (`shm/lane.rs`); `None` for other transports.
+    fn lane_source(&self) -> Option<shm::LaneSource> {
+        None
+    }
 }

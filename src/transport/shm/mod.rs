@@ -27,15 +27,17 @@
 //! later. If anything in the set-up fails, the pair uses TCP instead, and the world counts it
 //! in `WorldStats::shm_fallbacks`.
 
+pub(crate) mod lane;
 pub(crate) mod ring;
 mod segment;
 
+pub(crate) use lane::{LaneClaim, LaneSource};
 pub(crate) use segment::Segment;
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -43,7 +45,7 @@ use memmap2::MmapMut;
 
 use super::{Armed, Link, LinkCounters, LinkError, Sink, TransportKind};
 use crate::engine::wire::{FrameHeader, OpKind, FRAME_MAGIC, HEADER_LEN};
-use crate::sys::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::sys::sync::{Arc, AtomicU32, AtomicU64, Ordering};
 use crate::transport::shm::ring::{RingCtrl, SlotWords, CTRL_BYTES};
 
 /// Slots per ring.
@@ -93,17 +95,25 @@ const FIXED_AT: usize = PROBE_AT + 2 * PROBE_BYTES;
 /// gracefully), before its socket ends: a hang-up after it is a departure, not a crash, also
 /// when the close frame found no room in the ring.
 const LEFT_AT: usize = FIXED_AT + 8;
+/// In lane 0's first page only: the state word of each lane (`lane.rs`).
+const LANE_STATE_AT: usize = LEFT_AT + 16;
 const RINGS_AT: usize = 4096;
-const _: () = assert!(LEFT_AT + 16 <= RINGS_AT);
+const _: () = assert!(LANE_STATE_AT + 8 * lane::LANES <= RINGS_AT);
 /// Bytes of a single-copy descriptor in its slot, after the header: address, length, and a
 /// word the sender sets if it abandons the frame (its buffer may change from then on).
 const REMOTE_DESC: usize = 24;
 const RING_BYTES: usize = SLOTS as usize * SLOT_BYTES;
-/// Size of a pair's segment.
-pub(crate) const SEGMENT_BYTES: usize = RINGS_AT + 2 * RING_BYTES;
+/// Bytes of one lane: a control page and two rings. A pair's first link uses lane 0; worlds
+/// made from its world (`dup`, `split`) claim the others (`lane.rs`).
+pub(crate) const LANE_BYTES: usize = RINGS_AT + 2 * RING_BYTES;
+const _: () = assert!(LANE_BYTES % 4096 == 0);
+/// Size of a pair's segment: all its lanes. The file is sparse: only the pages a lane's rings
+/// touch are ever reserved.
+pub(crate) const SEGMENT_BYTES: usize = lane::LANES * LANE_BYTES;
 
-/// The pages of ring `ring` that a small ring leaves untouched: whole pages from past the
-/// first line of slot `SMALL_SLOTS` (where the small ring wraps) to the ring's end.
+/// The pages of ring `ring` of a lane that a small ring leaves untouched, as offsets in the
+/// lane: whole pages from past the first line of slot `SMALL_SLOTS` (where the small ring
+/// wraps) to the ring's end.
 fn grown_part(ring: usize) -> std::ops::Range<usize> {
     let ring_at = RINGS_AT + ring * RING_BYTES;
     let from = (ring_at + SMALL_SLOTS as usize * SLOT_BYTES + 64).next_multiple_of(4096);
@@ -111,23 +121,59 @@ fn grown_part(ring: usize) -> std::ops::Range<usize> {
     from..to
 }
 
-/// Side `side`'s "left on purpose" word.
-fn left_word(seg: &Segment, side: usize) -> &AtomicU64 {
-    // SAFETY: the two words lie in the segment's first page, 8-byte aligned, zeroed at
-    // creation; an AtomicU64 has the layout of a u64.
-    unsafe { &*(seg.map.as_ptr().add(LEFT_AT + 8 * side) as *const AtomicU64) }
+/// Side `side`'s "left on purpose" word of the lane at `lane`.
+fn left_word(seg: &Segment, lane: usize, side: usize) -> &AtomicU64 {
+    seg.word(lane + LEFT_AT + 8 * side)
 }
 
-/// The segment maker's "all reserved" word.
+/// The segment maker's "all reserved" word (lane 0's).
 fn fixed_flag(seg: &Segment) -> &AtomicU64 {
-    // SAFETY: the word lies in the segment's first page, 8-byte aligned, zeroed at creation;
-    // an AtomicU64 has the layout of a u64.
-    unsafe { &*(seg.map.as_ptr().add(FIXED_AT) as *const AtomicU64) }
+    seg.word(FIXED_AT)
+}
+
+/// The pair's socket. After the handshake it carries only doorbell bytes and, by its end, the
+/// news that the peer left or died: the TCP connection of a pair's first link, one end of a
+/// Unix socket pair for a lane. Written with `MSG_NOSIGNAL` (a C program may not ignore
+/// `SIGPIPE`), read without waiting.
+struct Ctl(OwnedFd);
+
+impl Ctl {
+    fn ring(&self) -> io::Result<()> {
+        match crate::sys::send_nowait(self.0.as_raw_fd(), &[1]) {
+            Ok(_) => Ok(()),
+            // A full socket already holds doorbells enough.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads what is there; true once the socket reports its end.
+    fn drain(&self) -> bool {
+        let mut buf = [0u8; 256];
+        loop {
+            match crate::sys::recv_nowait(self.0.as_raw_fd(), &mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return true,
+            }
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
 }
 
 pub(crate) struct ShmLink {
-    ctl: TcpStream,
-    seg: Segment,
+    ctl: Ctl,
+    seg: Arc<Segment>,
+    /// Where this link's lane starts in the segment.
+    at: usize,
+    /// A lane other than the first, held until the link is dropped (`lane.rs`): released
+    /// by its `Drop`, after the socket above has closed.
+    _claim: Option<LaneClaim>,
     tx: usize,
     rx: usize,
     /// The frame being read and its slot.
@@ -178,20 +224,30 @@ fn single_copy_enabled() -> bool {
     std::env::var("MW_SHM_SINGLE_COPY").is_ok_and(|v| v == "1")
 }
 
-fn closed(e: io::Error) -> LinkError {
-    LinkError::Closed(e.to_string())
-}
-
 impl ShmLink {
-    /// A link over `seg`; the higher rank of the pair (`creator`) writes ring 0.
+    /// A link over lane 0 of `seg`, the pair's first; the higher rank of the pair (`creator`)
+    /// writes ring 0.
     pub(crate) fn new(ctl: TcpStream, seg: Segment, creator: bool) -> io::Result<ShmLink> {
         ctl.set_nonblocking(true)?;
         ctl.set_nodelay(true)?;
-        let (tx, rx) = if creator { (0, 1) } else { (1, 0) };
-        let side = tx;
+        Ok(ShmLink::over(Ctl(OwnedFd::from(ctl)), Arc::new(seg), None, if creator { 0 } else { 1 }))
+    }
+
+    /// A link over a lane claimed for a new world (`lane.rs`), with `ctl` its end of the
+    /// lane's socket pair; `side` is this process's side of the segment.
+    pub(crate) fn on_lane(ctl: OwnedFd, claim: LaneClaim) -> ShmLink {
+        let (seg, side) = (claim.source().seg.clone(), claim.source().side);
+        ShmLink::over(Ctl(ctl), seg, Some(claim), side)
+    }
+
+    fn over(ctl: Ctl, seg: Arc<Segment>, claim: Option<LaneClaim>, side: usize) -> ShmLink {
+        let (tx, rx) = (side, 1 - side);
+        let at = claim.as_ref().map_or(0, |c| c.lane() * LANE_BYTES);
         let mut link = ShmLink {
             ctl,
             seg,
+            at,
+            _claim: claim,
             tx,
             rx,
             current: None,
@@ -216,20 +272,24 @@ impl ShmLink {
         if fixed_flag(&link.seg).load(Ordering::Acquire) == 1 {
             (link.fixed, link.limit) = (true, SLOTS);
         }
-        // Each side published its probe during the handshake (`bootstrap/link.rs`), before
-        // the other could look for it.
+        // Each side published its probe during the handshake (`bootstrap/link.rs`, or before
+        // the second round of a lane's agreement), before the other could look for it.
         if link.single_copy {
             link.probe_peer();
         }
-        Ok(link)
+        link
+    }
+
+    /// Where worlds made from this link's world may claim lanes of the same segment.
+    fn source(&self) -> LaneSource {
+        LaneSource { seg: self.seg.clone(), side: self.side }
     }
 
     /// Reads the peer's probe word; if it reads back right, marks that this side can read the
     /// peer, so the peer may send single-copy frames here.
     fn probe_peer(&mut self) {
         let peer = 1 - self.side;
-        let (pid, addr, value) =
-            (probe_field(&self.seg, peer, 0), probe_field(&self.seg, peer, 1), probe_field(&self.seg, peer, 2));
+        let (pid, addr, value) = (self.probe(peer, 0), self.probe(peer, 1), self.probe(peer, 2));
         let pid = pid.load(Ordering::Acquire);
         if pid == 0 || pid > i32::MAX as u64 {
             return;
@@ -239,14 +299,14 @@ impl ShmLink {
             && u64::from_ne_bytes(got) == value.load(Ordering::Acquire);
         if ok {
             self.peer_pid = Some(pid as i32);
-            probe_field(&self.seg, self.side, 3).store(1, Ordering::Release);
+            self.probe(self.side, 3).store(1, Ordering::Release);
         }
     }
 
     /// True when the peer proved it can read this process: frames larger than a slot may go
     /// by single copy.
     fn single_copy_out(&self) -> bool {
-        self.single_copy && probe_field(&self.seg, 1 - self.side, 3).load(Ordering::Acquire) == 1
+        self.single_copy && self.probe(1 - self.side, 3).load(Ordering::Acquire) == 1
     }
 
     /// Writes a frame larger than a slot: its slot carries the header and where the payload
@@ -279,7 +339,7 @@ impl ShmLink {
         }
         self.revoked(self.tx, slot).store(0, Ordering::Relaxed);
         if self.ctrl(self.tx).publish(slot, 0, &self.words(self.tx)) {
-            self.doorbell()?;
+            self.doorbell();
         }
         self.remote_tx = Some(slot);
         Ok(false)
@@ -343,8 +403,9 @@ impl ShmLink {
     /// length (page-aligned).
     fn grown_pages(&self) -> (*mut u8, usize) {
         let part = grown_part(self.tx);
+        let part = self.at + part.start..self.at + part.end;
         // SAFETY: the grown part lies inside the segment's mapping.
-        (unsafe { self.seg.map.as_ptr().add(part.start) as *mut u8 }, part.len())
+        (self.seg.ptr(part.start), part.len())
     }
 
     /// The slot for this side's next frame, if one is free: wraps a small ring at its limit
@@ -367,7 +428,7 @@ impl ShmLink {
                 return Ok(None);
             }
             if self.ctrl(self.tx).publish_wrap(slot, SLOTS, WRAP, &self.words(self.tx)) {
-                self.doorbell()?;
+                self.doorbell();
             }
         }
     }
@@ -429,7 +490,7 @@ impl ShmLink {
                     head
                 } else {
                     if ring.publish_wrap(head, SLOTS, WRAP, &self.words(self.tx)) {
-                        let _ = self.doorbell();
+                        self.doorbell();
                     }
                     head - head % SLOTS + SLOTS
                 };
@@ -455,49 +516,50 @@ impl ShmLink {
     }
 
     fn ctrl(&self, ring: usize) -> &RingCtrl {
-        // SAFETY: the segment is SEGMENT_BYTES long and page aligned; control block `ring`
-        // (0 or 1) lies in its first page, suitably aligned, and a zeroed block is valid.
-        unsafe { &*(self.seg.map.as_ptr().add(ring * CTRL_BYTES) as *const RingCtrl) }
+        // SAFETY: a lane's control block `ring` (0 or 1) lies in its first page (the segment
+        // checks the range), suitably aligned, and a zeroed block is valid.
+        unsafe { &*(self.seg.ptr(self.at + ring * CTRL_BYTES) as *const RingCtrl) }
     }
 
     /// Slot `slot` of ring `ring`, as raw bytes.
     fn slot_ptr(&self, ring: usize, slot: u64) -> *mut u8 {
         let at = RINGS_AT + ring * RING_BYTES + (slot % SLOTS) as usize * SLOT_BYTES;
-        // SAFETY: `at + SLOT_BYTES <= SEGMENT_BYTES` for every ring and slot index.
-        unsafe { self.seg.map.as_ptr().add(at) as *mut u8 }
+        // `at + SLOT_BYTES <= LANE_BYTES` for every ring and slot index.
+        self.seg.ptr(self.at + at)
     }
 
     fn corrupt() -> LinkError {
         LinkError::Protocol("shared ring counters are inconsistent".into())
     }
 
-    fn doorbell(&self) -> Result<(), LinkError> {
-        match (&self.ctl).write(&[1]) {
-            Ok(_) => Ok(()),
-            // A full socket already holds doorbells enough.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            Err(e) => Err(closed(e)),
+    /// Rings the peer. A socket whose other end is gone (`EPIPE`: the peer left or died) is a
+    /// hang-up like any other: what the peer left in the ring is still read, and the end is
+    /// reported after it (`gone`), as a departure if the peer said so. A lane's Unix socket
+    /// refuses a write at once once its peer closed; a frame published just before (the last
+    /// of an operation the peer had already finished) must not break the world.
+    fn doorbell(&mut self) {
+        if self.ctl.ring().is_err() {
+            self.hung_up = true;
         }
     }
 
     /// Reads pending doorbell bytes, and notes whether the socket reports the peer's end.
     fn drain_doorbells(&mut self) {
-        let mut buf = [0u8; 256];
-        loop {
-            match (&self.ctl).read(&mut buf) {
-                Ok(0) => break self.hung_up = true,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break self.hung_up = true,
-            }
+        if self.ctl.drain() {
+            self.hung_up = true;
         }
+    }
+
+    /// Word `field` (0 pid, 1 address, 2 value, 3 can-read flag) of `side`'s probe in this
+    /// link's lane.
+    fn probe(&self, side: usize, field: usize) -> &AtomicU64 {
+        probe_field(&self.seg, self.at, side, field)
     }
 
     /// The error for a peer whose end is gone: it left on purpose if it said so in the
     /// segment before it went (its close frame may not have fit in the ring), else it closed.
     fn gone(&self) -> LinkError {
-        if left_word(&self.seg, 1 - self.side).load(Ordering::Acquire) == 1 {
+        if left_word(&self.seg, self.at, 1 - self.side).load(Ordering::Acquire) == 1 {
             return LinkError::Left("peer left the world".into());
         }
         LinkError::Closed("peer closed the connection".into())
@@ -551,27 +613,25 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Word `field` (0 pid, 1 address, 2 value, 3 can-read flag) of `side`'s probe.
-fn probe_field(seg: &Segment, side: usize, field: usize) -> &AtomicU64 {
-    let at = PROBE_AT + side * PROBE_BYTES + field * 8;
-    // SAFETY: the probe area lies in the segment's first page, 8-byte aligned, zeroed at
-    // creation; an AtomicU64 has the layout of a u64.
-    unsafe { &*(seg.map.as_ptr().add(at) as *const AtomicU64) }
+/// Word `field` (0 pid, 1 address, 2 value, 3 can-read flag) of `side`'s probe in the lane at
+/// `lane`.
+fn probe_field(seg: &Segment, lane: usize, side: usize, field: usize) -> &AtomicU64 {
+    seg.word(lane + PROBE_AT + side * PROBE_BYTES + field * 8)
 }
 
-/// Publishes this process's probe as `side` of the segment (pid last, so a peer that sees
-/// the pid sees the rest).
-pub(crate) fn publish_probe(seg: &Segment, side: usize) {
+/// Publishes this process's probe as `side` of the lane at `lane` of the segment (pid last,
+/// so a peer that sees the pid sees the rest).
+pub(crate) fn publish_probe(seg: &Segment, lane: usize, side: usize) {
     if single_copy_enabled() {
-        write_probe(seg, side);
+        write_probe(seg, lane, side);
     }
 }
 
-fn write_probe(seg: &Segment, side: usize) {
+fn write_probe(seg: &Segment, lane: usize, side: usize) {
     let word = probe_word();
-    probe_field(seg, side, 1).store(word as *const u64 as u64, Ordering::Relaxed);
-    probe_field(seg, side, 2).store(*word, Ordering::Relaxed);
-    probe_field(seg, side, 0).store(std::process::id() as u64, Ordering::Release);
+    probe_field(seg, lane, side, 1).store(word as *const u64 as u64, Ordering::Relaxed);
+    probe_field(seg, lane, side, 2).store(*word, Ordering::Relaxed);
+    probe_field(seg, lane, side, 0).store(std::process::id() as u64, Ordering::Release);
 }
 
 impl Link for ShmLink {
@@ -615,7 +675,7 @@ impl Link for ShmLink {
             std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(HEADER_LEN + pad), payload.len());
         }
         if self.ctrl(self.tx).publish(slot, pad as u32, &self.words(self.tx)) {
-            self.doorbell()?;
+            self.doorbell();
         }
         *written = HEADER_LEN + payload.len();
         self.traffic.1 += *written as u64;
@@ -643,7 +703,7 @@ impl Link for ShmLink {
                 // The peer's small ring starts its next lap: follow.
                 WRAP => {
                     if ring.release_wrap(s, SLOTS) {
-                        self.doorbell()?;
+                        self.doorbell();
                     }
                 }
                 tag if tag > WRAP => {
@@ -702,7 +762,7 @@ impl Link for ShmLink {
                 Sink::Discard => {}
             }
             if self.ctrl(self.rx).release(slot) {
-                self.doorbell()?;
+                self.doorbell();
             }
             return Ok(true);
         }
@@ -721,7 +781,7 @@ impl Link for ShmLink {
             Sink::Discard => {}
         }
         if self.ctrl(self.rx).release(slot) {
-            self.doorbell()?;
+            self.doorbell();
         }
         Ok(true)
     }
@@ -733,7 +793,7 @@ impl Link for ShmLink {
     }
 
     fn arm(&mut self, read: bool, write: bool) -> Armed {
-        let fd = self.ctl.as_raw_fd();
+        let fd = self.ctl.fd();
         if self.hung_up {
             // The socket stays readable for ever now; only the ring can change, and it cannot.
             return Armed::Idle;
@@ -773,7 +833,7 @@ impl Link for ShmLink {
         if self.hung_up {
             return None;
         }
-        Some((self.ctl.as_raw_fd(), libc::POLLRDHUP))
+        Some((self.ctl.fd(), libc::POLLRDHUP))
     }
 
     fn reported(&mut self) {
@@ -807,6 +867,10 @@ impl Link for ShmLink {
         self.ctrl(self.rx).full_slot(&self.words(self.rx)).is_some() && self.ctrl(self.rx).in_use(SLOTS) >= SLOTS
     }
 
+    fn lane_source(&self) -> Option<LaneSource> {
+        (!self.hung_up).then(|| self.source())
+    }
+
     fn revoke(&mut self) {
         if let Some(slot) = self.remote_tx.take() {
             self.revoked(self.tx, slot).store(1, Ordering::SeqCst);
@@ -817,10 +881,10 @@ impl Link for ShmLink {
     fn shutdown(&mut self) {
         // Frames already in the ring stay readable; the socket's end tells the peer we left
         // once it has drained them, and this word that it was on purpose.
-        left_word(&self.seg, self.side).store(1, Ordering::Release);
-        let _ = self.ctl.shutdown(std::net::Shutdown::Write);
-        let mut sink = [0u8; 256];
-        while matches!((&self.ctl).read(&mut sink), Ok(n) if n > 0) {}
+        left_word(&self.seg, self.at, self.side).store(1, Ordering::Release);
+        // SAFETY: shutdown takes no pointers; the descriptor is this link's own.
+        unsafe { libc::shutdown(self.ctl.fd(), libc::SHUT_WR) };
+        self.ctl.drain();
     }
 }
 
@@ -836,7 +900,7 @@ mod tests {
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
         let mut seg = Segment::create().unwrap();
-        publish_probe(&seg, 0);
+        publish_probe(&seg, 0, 0);
         let path = seg.path().unwrap().to_string_lossy().into_owned();
         let mut opener = ShmLink::new(b, Segment::open(&path).unwrap(), false).unwrap();
         seg.unlink();
@@ -845,11 +909,70 @@ mod tests {
         // the environment of a process whose other tests run in parallel).
         for l in [&mut creator, &mut opener] {
             l.single_copy = true;
-            write_probe(&l.seg, l.side);
+            write_probe(&l.seg, l.at, l.side);
         }
         creator.probe_peer();
         opener.probe_peer();
         (creator, opener)
+    }
+
+    /// Two links over lane `lane` of a fresh segment, with a Unix socket pair between them, as
+    /// a world made from a world gets them; and a link over lane 0 kept for the segment's
+    /// first world.
+    fn lane_pair(lane: usize, tag: u64) -> (ShmLink, ShmLink) {
+        let seg = Arc::new(Segment::create().unwrap());
+        let (a, b) = (LaneSource { seg: seg.clone(), side: 0 }, LaneSource { seg, side: 1 });
+        let (ca, cb) = crate::sys::socket_pair().unwrap();
+        (ShmLink::on_lane(ca, a.claim(lane, tag).unwrap()), ShmLink::on_lane(cb, b.claim(lane, tag).unwrap()))
+    }
+
+    #[test]
+    fn links_on_two_lanes_of_one_segment_carry_their_own_frames() {
+        let seg = Arc::new(Segment::create().unwrap());
+        let src = |side| LaneSource { seg: seg.clone(), side };
+        let mut links = Vec::new();
+        for lane in [1, 2] {
+            let (ca, cb) = crate::sys::socket_pair().unwrap();
+            let a = ShmLink::on_lane(ca, src(0).claim(lane, 40 + lane as u64).unwrap());
+            let b = ShmLink::on_lane(cb, src(1).claim(lane, 40 + lane as u64).unwrap());
+            links.push((a, b));
+        }
+        for (i, (a, _)) in links.iter_mut().enumerate() {
+            let mut w = 0;
+            assert!(a.write(&header(64), &pattern(64, i as u8 + 1), &mut w).unwrap());
+        }
+        for (i, (_, b)) in links.iter_mut().enumerate().rev() {
+            assert_eq!(b.peek().unwrap().unwrap().len, 64);
+            let mut out = vec![0u8; 64];
+            assert!(b.consume(Sink::Copy(&mut out)).unwrap());
+            assert_eq!(out, pattern(64, i as u8 + 1), "lane {} got another lane's frame", i + 1);
+        }
+        // One lane's end leaves the other lane alone.
+        let (a1, b1) = links.remove(0);
+        drop((a1, b1));
+        let (a2, b2) = &mut links[0];
+        let mut w = 0;
+        assert!(a2.write(&header(8), &pattern(8, 9), &mut w).unwrap());
+        assert_eq!(b2.peek().unwrap().unwrap().len, 8);
+    }
+
+    #[test]
+    fn a_doorbell_to_a_peer_that_left_is_a_hang_up_not_a_failure() {
+        let (mut tx, mut rx) = lane_pair(5, 77);
+        // The receiver read everything, said it sleeps, then left (its socket closed: a lane's
+        // Unix socket refuses the next write at once).
+        assert!(rx.peek().unwrap().is_none());
+        assert!(matches!(rx.arm(true, false), Armed::Wait(..)));
+        rx.shutdown();
+        drop(rx);
+        // The last frame of an operation the peer had finished: published, the doorbell finds
+        // the socket closed. That is the peer's end, reported as its departure.
+        let mut w = 0;
+        assert!(tx.write(&header(16), &pattern(16, 1), &mut w).unwrap(), "the write itself succeeds");
+        match tx.peek() {
+            Err(LinkError::Left(_)) => {}
+            other => panic!("expected the peer's departure, got {other:?}"),
+        }
     }
 
     fn header(len: usize) -> [u8; HEADER_LEN] {
@@ -925,9 +1048,8 @@ mod tests {
         let part = grown_part(ring);
         let mut vec = vec![0u8; part.len() / 4096];
         // SAFETY: the range lies in the link's mapping, page-aligned; `vec` has a byte per page.
-        let r = unsafe {
-            libc::mincore(l.seg.map.as_ptr().add(part.start) as *mut libc::c_void, part.len(), vec.as_mut_ptr())
-        };
+        let r =
+            unsafe { libc::mincore(l.seg.ptr(l.at + part.start) as *mut libc::c_void, part.len(), vec.as_mut_ptr()) };
         assert_eq!(r, 0, "mincore: {}", io::Error::last_os_error());
         vec.iter().filter(|&&v| v & 1 == 1).count()
     }
@@ -1067,7 +1189,7 @@ mod tests {
     fn a_single_copy_frame_to_a_peer_that_cannot_read_is_refused() {
         let (mut tx, mut rx) = pair();
         // As if the opener's probe had failed (another pid namespace, ptrace rules).
-        probe_field(&rx.seg, rx.side, 3).store(0, Ordering::SeqCst);
+        rx.probe(rx.side, 3).store(0, Ordering::SeqCst);
         rx.peer_pid = None;
         assert_eq!(tx.max_payload(OpKind::P2p, 1 << 20), SHM_MAX_PAYLOAD, "the ring alone");
         let data = pattern(SHM_MAX_PAYLOAD + 8, 5);

@@ -2,9 +2,10 @@
 //! the higher rank, opened by the lower rank without following links, and unlinked as soon as
 //! both have mapped it. Every page that will be touched is reserved before it is touched (a
 //! full `/dev/shm` is an error, never a `SIGBUS`): at set-up, the control page and the small
-//! rings; the rest of each ring only when its writer grows it (`ShmLink::grow`). On a kernel
-//! that cannot populate a mapping on request, the whole segment is reserved at set-up and its
-//! rings never shrink (`FIXED_AT`).
+//! rings of lane 0; the rest of each ring only when its writer grows it (`ShmLink::grow`), and
+//! the other lanes' small rings when a new world claims them (`lane.rs`). On a kernel that
+//! cannot populate a mapping on request, lane 0 is reserved whole at set-up, its rings never
+//! shrink (`FIXED_AT`), and no other lane is offered.
 
 use super::*;
 
@@ -28,14 +29,9 @@ impl Segment {
         let fd = file.as_raw_fd();
         let reserved = file.set_len(SEGMENT_BYTES as u64).and_then(|()| {
             if on_demand {
-                let (a, b) = (grown_part(0), grown_part(1));
-                let r = |from: usize, to: usize| match to > from {
-                    true => crate::sys::reserve(fd, from as u64, (to - from) as u64),
-                    false => Ok(()),
-                };
-                r(0, a.start).and_then(|()| r(a.end, b.start)).and_then(|()| r(b.end, SEGMENT_BYTES))
+                small_parts(0).try_for_each(|r| crate::sys::reserve(fd, r.start as u64, r.len() as u64))
             } else {
-                crate::sys::reserve(fd, 0, SEGMENT_BYTES as u64)
+                crate::sys::reserve(fd, 0, LANE_BYTES as u64)
             }
         });
         let seg = reserved.and_then(|()| map(&file));
@@ -72,6 +68,23 @@ impl Segment {
         Ok(Segment { map: map(&file)?, path: None })
     }
 
+    /// Byte `at` of the mapping.
+    pub(crate) fn ptr(&self, at: usize) -> *mut u8 {
+        assert!(at < SEGMENT_BYTES);
+        // SAFETY: `at` lies in the mapping (checked above).
+        unsafe { self.map.as_ptr().add(at) as *mut u8 }
+    }
+
+    /// The 8-byte word at `at`, which must lie in a control page (the first page of a lane),
+    /// 8-byte aligned.
+    pub(crate) fn word(&self, at: usize) -> &AtomicU64 {
+        assert!(at % 8 == 0 && at % LANE_BYTES < RINGS_AT);
+        // SAFETY: the word lies in the mapping, in a lane's control page, 8-byte aligned; such
+        // pages start zeroed and both sides only ever use their words atomically. An
+        // AtomicU64 has the layout of a u64.
+        unsafe { &*(self.ptr(at) as *const AtomicU64) }
+    }
+
     /// The file's path, while it exists.
     pub(crate) fn path(&self) -> Option<&Path> {
         self.path.as_deref()
@@ -89,6 +102,17 @@ impl Drop for Segment {
     fn drop(&mut self) {
         self.unlink();
     }
+}
+
+/// The ranges of lane `lane`'s pages that its small rings use: its control page, each ring's
+/// first slot and the line where it wraps (everything but the grown parts).
+pub(super) fn small_parts(lane: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let at = lane * LANE_BYTES;
+    let (a, b) = (grown_part(0), grown_part(1));
+    [0..a.start, a.end..b.start, b.end..LANE_BYTES]
+        .into_iter()
+        .map(move |r| at + r.start..at + r.end)
+        .filter(|r| !r.is_empty())
 }
 
 fn map(file: &File) -> io::Result<MmapMut> {
