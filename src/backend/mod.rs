@@ -39,4 +39,9 @@ pub(crate) trait Backend: Progress {
     fn stats(&self) -> WorldStats;
     /// Transport per peer rank (`None` for this rank).
     fn transports(&self) -> Vec<Option<TransportKind>>;
+    /// Per peer rank, where a world made from this one may claim a shared-memory lane
+    /// (`transport/shm/lane.rs`); empty where there is none.
+    fn lane_sources(&self) -> Vec<Option<crate::transport::shm::LaneSource>> {
+        Vec::new()
+    }
 }

@@ -44,4 +44,8 @@ impl Backend for Driver {
     fn transports(&self) -> Vec<Option<TransportKind>> {
         Driver::transports(self)
     }
+
+    fn lane_sources(&self) -> Vec<Option<crate::transport::shm::LaneSource>> {
+        Driver::lane_sources(self)
+    }
 }

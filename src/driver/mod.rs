@@ -145,8 +145,9 @@ pub(crate) enum Served {
 
 impl Driver {
     /// A driver for `engine`, watched by a pool thread from now on.
-    pub(crate) fn start(name: Arc<str>, engine: Engine) -> Result<Arc<Driver>> {
-        let home = pool::home()?;
+    pub(crate) fn start(name: Arc<str>, mut engine: Engine) -> Result<Arc<Driver>> {
+        let watch = engine.watch_set();
+        let home = pool::home(watch.deadline)?;
         let broken = engine.broken_handle();
         let d = Arc::new(Driver {
             name,
@@ -159,7 +160,7 @@ impl Driver {
             waiters: AtomicU32::new(0),
             home: home.clone(),
         });
-        home.add(d.clone());
+        home.add(d.clone(), &watch);
         Ok(d)
     }
 
@@ -410,6 +411,10 @@ impl Driver {
 
     pub(crate) fn transports(&self) -> Vec<Option<crate::transport::TransportKind>> {
         self.engine().transports()
+    }
+
+    pub(crate) fn lane_sources(&self) -> Vec<Option<crate::transport::shm::LaneSource>> {
+        self.engine().lane_sources()
     }
 }
 

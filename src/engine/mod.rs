@@ -108,6 +108,9 @@ pub struct WorldStats {
     /// memory, straight through the ring: `docs/architecture.md`); counted in `ops_completed`
     /// too.
     pub direct_ops: u64,
+    /// Links on lanes of a parent world's shared-memory segments: a world made by `dup` or
+    /// `split` reuses its parent's pairs that way (`docs/elastic.md`).
+    pub lane_links: u64,
 }
 
 /// Where one step of a plan stands.
@@ -426,6 +429,11 @@ impl Engine {
         self.stats.shm_fallbacks = n;
     }
 
+    /// Records how many of this rank's links are on lanes of a parent world's segments.
+    pub(crate) fn set_lane_links(&mut self, n: u64) {
+        self.stats.lane_links = n;
+    }
+
     /// True while operations are posted and not finished.
     pub(crate) fn has_work(&self) -> bool {
         !self.ops.is_empty()
@@ -434,6 +442,16 @@ impl Engine {
     /// True when some link is worth spinning on (memory-based links) rather than sleeping.
     pub(crate) fn spin_worthy(&self) -> bool {
         self.peers.iter().flatten().any(|p| p.gone.is_none() && p.link.spins())
+    }
+
+    /// Per peer, where a world made from this one may claim a lane of the pair's segment
+    /// (`transport/shm/lane.rs`); `None` for other links, for a link gone, or a broken world.
+    pub(crate) fn lane_sources(&self) -> Vec<Option<crate::transport::shm::LaneSource>> {
+        let working = self.broken.is_none();
+        self.peers
+            .iter()
+            .map(|p| p.as_ref().filter(|p| working && p.gone.is_none()).and_then(|p| p.link.lane_source()))
+            .collect()
     }
 
     /// The transport used for each peer (`None` for the rank itself or absent links).
