@@ -2,7 +2,10 @@
 //! colour of `None`), dup, shrink after a peer was SIGKILLed and shrink excluding a live rank,
 //! grow from 2 to 4 ranks with two new processes, and every kind of disagreement. Traffic runs
 //! on the new worlds and on their parent at once, and every result is checked against a value
-//! computed here from the ranks' contributions.
+//! computed here from the ranks' contributions. Worlds made by `dup` and `split` form on lanes
+//! of their parent's shared-memory segments (and, with `MW_LANES=0`, on links of their own):
+//! a peer killed under worlds that share its segments, a break of a parent or of a child, and
+//! lanes used up, released and claimed again.
 
 mod common;
 
@@ -22,7 +25,18 @@ fn worker() {
         ("grow_member", grow_member),
         ("grow_newcomer", grow_newcomer),
         ("disagree", disagree),
+        ("lanes_kill", lanes_kill),
+        ("lanes_reuse", lanes_reuse),
     ]);
+}
+
+/// Links a world made by `dup` or `split` of `size` ranks should have on lanes: all of them,
+/// unless the test turned lanes off.
+fn lanes_expected(size: usize) -> u64 {
+    match std::env::var("MW_LANES").as_deref() {
+        Ok("0") => 0,
+        _ => size as u64 - 1,
+    }
 }
 
 fn parent(ctx: &Ctx) -> (WorldManager, World) {
@@ -80,6 +94,8 @@ fn split(ctx: &Ctx) {
     eprintln!("split of {size} ranks took {:?}", t.elapsed());
     let mates: Vec<usize> = (0..size).rev().filter(|r| r % 2 == rank % 2).collect();
     assert_eq!(half.size(), mates.len());
+    assert_eq!(half.stats().lane_links, lanes_expected(half.size()), "{:?}", half.stats());
+    assert_eq!(w.stats().lane_links, 0);
     assert_eq!(half.rank(), mates.iter().position(|r| *r == rank).unwrap());
     assert_eq!(half.name(), "half");
     // The new world is the manager's like any other.
@@ -115,6 +131,7 @@ fn dup(ctx: &Ctx) {
     eprintln!("dup of {} ranks took {:?}", ctx.size, t.elapsed());
     assert_eq!((d.rank(), d.size()), (w.rank(), w.size()));
     assert_ne!(d.generation(), 0);
+    assert_eq!(d.stats().lane_links, lanes_expected(d.size()), "{:?}", d.stats());
     traffic_at_once(&[(&w, 7), (&d, 11)]);
     // Breaking the copy leaves the parent alone.
     if ctx.rank == 0 {
@@ -126,6 +143,111 @@ fn dup(ctx: &Ctx) {
     assert_eq!(w.state(), WorldState::Ready);
     m.remove_world("copy").unwrap();
     w.barrier().unwrap();
+
+    // Breaking the parent leaves a copy alone, also one on lanes of the parent's segments.
+    let d2 = w.dup("copy2").unwrap();
+    traffic(&d2, 3, 10);
+    if ctx.rank == 0 {
+        w.abort();
+    }
+    let mut v = [0u32; 4];
+    while w.all_reduce_in_place(&mut v, ReduceOp::Sum).is_ok() {}
+    assert!(matches!(w.state(), WorldState::Broken(_)));
+    traffic(&d2, 17, 200);
+    assert_eq!(d2.state(), WorldState::Ready);
+    d2.barrier().unwrap();
+}
+
+/// Three ranks: the parent, a dup of it and a split of ranks 0 and 1, all on lanes of the
+/// same segments. The last rank is killed: on the survivors the parent and the dup break
+/// promptly, and the split world between the two survivors, whose lanes lie in the segments
+/// that the dead rank's worlds used too, keeps moving.
+fn lanes_kill(ctx: &Ctx) {
+    let (m, w) = parent(ctx);
+    let victim = ctx.size - 1;
+    let d = w.dup("all").unwrap();
+    let pair = w.split("pair", (ctx.rank != victim).then_some(0), 0).unwrap();
+    assert_eq!(d.stats().lane_links, lanes_expected(d.size()));
+    traffic_at_once(&[(&w, 1), (&d, 2)]);
+    if ctx.rank == victim {
+        // SAFETY: kill(2) on this very process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        unreachable!();
+    }
+    let pair = pair.expect("the survivors form the pair");
+    assert_eq!(pair.stats().lane_links, lanes_expected(2));
+    let t = Instant::now();
+    for world in [&w, &d] {
+        let mut v = vec![1u32; 256];
+        let e = loop {
+            if let Err(e) = world.all_reduce_in_place(&mut v, ReduceOp::Sum) {
+                break e;
+            }
+        };
+        assert_eq!(e.kind(), ErrorKind::WorldBroken, "'{}': {e}", world.name());
+    }
+    let noticed = t.elapsed();
+    eprintln!("rank {}: parent and dup broke within {noticed:?}", ctx.rank);
+    assert!(noticed < Duration::from_secs(5), "the break took {noticed:?}");
+    traffic(&pair, 5, 300);
+    assert_eq!(pair.state(), WorldState::Ready);
+    let evs = wait_ready(&m, "pair");
+    let _ = evs;
+    pair.barrier().unwrap();
+}
+
+/// Two ranks: fifteen dups held at once take the fifteen free lanes of the pair's segment; the
+/// sixteenth forms links of its own; once they are removed, new dups (and dups of dups) claim
+/// the released lanes again, clean.
+fn lanes_reuse(ctx: &Ctx) {
+    let (m, w) = parent(ctx);
+    let held: Vec<World> = (0..16).map(|i| w.dup(&format!("d{i}")).unwrap()).collect();
+    for (i, d) in held.iter().enumerate() {
+        assert_eq!(d.stats().lane_links, u64::from(i < 15), "dup {i}: {:?}", d.stats());
+    }
+    std::thread::scope(|s| {
+        for (i, d) in held.iter().enumerate() {
+            s.spawn(move || traffic(d, 100 + i as u64, 20));
+        }
+    });
+    for i in 0..16 {
+        m.remove_world(&format!("d{i}")).unwrap();
+    }
+    w.barrier().unwrap();
+    for i in 0..40 {
+        let d = w.dup("again").unwrap();
+        assert_eq!(d.stats().lane_links, 1, "dup {i} after the release: {:?}", d.stats());
+        let dd = d.dup("again2").unwrap();
+        assert_eq!(dd.stats().lane_links, 1);
+        traffic(&d, 7, 3);
+        traffic(&dd, 9, 3);
+        m.remove_world("again2").unwrap();
+        m.remove_world("again").unwrap();
+        // Both sides have let go before the next dup looks for free lanes.
+        w.barrier().unwrap();
+    }
+
+    // Two worlds that share the pair's segment (the parent and a dup of it) make worlds at
+    // the same moment, from two threads: both look for free lanes at once and may pick the
+    // same one; a world whose claim lost forms links of its own. Every world works.
+    let c = w.dup("c").unwrap();
+    let mut own_links = 0;
+    for i in 0..20 {
+        let (x, y) = std::thread::scope(|s| {
+            let x = s.spawn(|| w.dup(&format!("x{i}")).unwrap());
+            let y = s.spawn(|| c.dup(&format!("y{i}")).unwrap());
+            (x.join().unwrap(), y.join().unwrap())
+        });
+        own_links += u64::from(x.stats().lane_links == 0) + u64::from(y.stats().lane_links == 0);
+        std::thread::scope(|s| {
+            s.spawn(|| traffic(&x, 3, 5));
+            s.spawn(|| traffic(&y, 5, 5));
+        });
+        m.remove_world(&format!("x{i}")).unwrap();
+        m.remove_world(&format!("y{i}")).unwrap();
+        w.barrier().unwrap();
+    }
+    eprintln!("rank {}: of 40 worlds made at once in pairs, {own_links} formed links of their own", ctx.rank);
 }
 
 fn shrink_after_kill(ctx: &Ctx) {
@@ -305,6 +427,36 @@ fn split_by_parity_with_reversed_keys_and_a_none_colour() {
 #[test]
 fn dup_is_independent_of_its_parent() {
     run("dup", 3, &[]);
+}
+
+#[test]
+fn dup_and_split_without_lanes_form_links_of_their_own() {
+    run("dup", 3, &[("MW_LANES", "0".into())]);
+    run("split", 4, &[("MW_LANES", "0".into())]);
+}
+
+#[test]
+fn a_killed_rank_breaks_its_worlds_and_not_a_sibling_on_the_same_segments() {
+    let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let env = [("MW_TEST_ID", id.to_string())];
+    let mut procs: Vec<_> = (0..3).map(|r| spawn("lanes_kill", r, 3, &env, &[])).collect();
+    let mut victim = procs.pop().unwrap();
+    let status = victim.wait_for(Duration::from_secs(60)).expect("the victim ends");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{}", victim.log_text());
+    for l in finish(&mut procs, Duration::from_secs(60)) {
+        if let Some(line) = l.lines().find(|l| l.contains("broke within")) {
+            println!("{line}");
+        }
+    }
+}
+
+#[test]
+fn lanes_are_used_up_released_and_claimed_again() {
+    for l in run("lanes_reuse", 2, &[]) {
+        if let Some(line) = l.lines().find(|l| l.contains("links of their own")) {
+            println!("{line}");
+        }
+    }
 }
 
 #[test]

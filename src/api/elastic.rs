@@ -15,7 +15,10 @@
 //! - `shrink` is called by the survivors only, maybe on a broken parent, so nothing is agreed
 //!   over the parent: each survivor's hello carries what it was asked, and the new world's root
 //!   fails the formation for everyone when one says something else than the rank leading it.
-//! - Then one rank leads, the lowest old rank of the new world: it puts a root behind its
+//! - `dup` and `split` then form the new world on **lanes** of the parent's shared-memory
+//!   segments where every pair of its members has one (`bootstrap/lanes.rs`): what the
+//!   agreement carried and one more all-gather settle it, with no connection made.
+//! - Otherwise one rank leads, the lowest old rank of the new world: it puts a root behind its
 //!   process's **door** (`bootstrap/root.rs`; every rank learned every other's door when the
 //!   parent formed) and the others reach it there, arriving in any order, each within its own
 //!   formation deadline. `grow` uses the `UniqueId` its newcomers use.
@@ -25,10 +28,11 @@
 
 use crate::api::error::{Error, Result};
 use crate::api::id::UniqueId;
-use crate::api::manager::{form_on, Inner};
+use crate::api::manager::{form_on, name_refusal, next_generation, Inner};
 use crate::api::options::WorldOptions;
 use crate::api::request::{Completion, KeepAlive};
 use crate::api::world::World;
+use crate::bootstrap::lanes::{self, Held, Offer};
 use crate::bootstrap::{self, MAX_WORLD_SIZE};
 use crate::sys::crc32c::crc32c;
 use crate::sys::sync::{Arc, AtomicU32, Ordering, Weak};
@@ -59,20 +63,36 @@ struct Agreement {
     bufs: Arc<crate::api::request::Slot<(Vec<u8>, Vec<u8>)>>,
     ask: Ask,
     refused: Option<Error>,
+    /// What this rank offered for lanes and holds until they are settled.
+    held: Held,
+}
+
+/// What an agreement settled: every rank's ask and lane offer, the number of the call, and
+/// what this rank holds for lanes.
+struct Agreed {
+    asks: Vec<Ask>,
+    offers: Vec<Offer>,
+    call: u32,
+    held: Held,
 }
 
 impl Agreement {
     /// Waits for the agreement (driving the parent if nobody does) and judges it.
-    fn finish(self, w: &World) -> Result<(Vec<Ask>, u32)> {
+    fn finish(self, w: &World) -> Result<Agreed> {
         w.wait_for(std::slice::from_ref(&self.completion));
         self.completion.result().unwrap_or_else(|| Err(Error::internal("agreement ended without a result")))?;
         let n = w.lineage().calls.fetch_add(1, Ordering::AcqRel);
         if let Some(e) = self.refused {
             return Err(e);
         }
-        let asks: Vec<Ask> = self
+        let size = w.size();
+        let (asks, offers): (Vec<Ask>, Vec<Offer>) = self
             .bufs
-            .with(|(_, all)| all.chunks(RECORD).map(Ask::decode).collect())
+            .with(|(_, all)| {
+                all.chunks(record_bytes(size))
+                    .map(|r| (Ask::decode(&r[..RECORD]), Offer::decode(&r[RECORD..], size)))
+                    .unzip()
+            })
             .ok_or_else(|| Error::internal("agreement buffers"))?;
         let what = |d: String| {
             Error::invalid_usage(format!("{} of world '{}': {d}; nothing was formed", self.ask.what(), w.name()))
@@ -83,8 +103,19 @@ impl Agreement {
         if let Some(d) = disagreement(&asks) {
             return Err(what(format!("the ranks disagree: {d}")));
         }
-        Ok((asks, n))
+        Ok(Agreed { asks, offers, call: n, held: self.held })
     }
+}
+
+/// Bytes of one rank's agreement record in a parent of `size` ranks: its ask, then its offer.
+fn record_bytes(size: usize) -> usize {
+    RECORD + Offer::bytes(size)
+}
+
+/// Lanes are offered unless `MW_LANES=0` (to compare with links of their own, or to rule
+/// lanes out when looking for a fault).
+fn lanes_wanted() -> bool {
+    std::env::var("MW_LANES").map_or(true, |v| v != "0")
 }
 
 /// A split whose agreement is posted: [`SplitStarted::finish`] waits for it and forms the
@@ -98,15 +129,27 @@ pub(crate) struct SplitStarted {
 
 impl SplitStarted {
     pub(crate) fn finish(self, w: &World) -> Result<Option<World>> {
-        let (asks, call) = self.agreement.finish(w)?;
-        let Some(c) = self.color else { return Ok(None) };
-        let mut members: Vec<(u32, usize)> =
-            asks.iter().enumerate().filter(|(_, a)| a.color == Some(c)).map(|(r, a)| (a.key, r)).collect();
-        members.sort_unstable();
-        let old: Vec<usize> = members.iter().map(|m| m.1).collect();
-        let (name, to) = (&self.name, &self.to);
-        let how = format!("split of world '{}' into '{name}' by colour {c}", w.name());
-        w.form_from(to, name, &old, door_key(w.lineage().world_id, Op::Split, call, c), how).map(Some)
+        let agreed = self.agreement.finish(w)?;
+        // Every new world, by colour: each rank computes all of them alike.
+        let mut colors: Vec<u32> = agreed.asks.iter().filter_map(|a| a.color).collect();
+        colors.sort_unstable();
+        colors.dedup();
+        let children: Vec<(u32, Vec<usize>)> = colors
+            .into_iter()
+            .map(|c| {
+                let mut members: Vec<(u32, usize)> = agreed
+                    .asks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| a.color == Some(c))
+                    .map(|(r, a)| (a.key, r))
+                    .collect();
+                members.sort_unstable();
+                (c, members.into_iter().map(|m| m.1).collect())
+            })
+            .collect();
+        let how = |c: u32| format!("split of world '{}' into '{}' by colour {c}", w.name(), self.name);
+        w.form_made(&self.to, &self.name, Op::Split, agreed, &children, self.color, how)
     }
 }
 
@@ -290,7 +333,7 @@ impl World {
         driven: bool,
     ) -> Result<SplitStarted> {
         let ask = Ask { color, key, ..Ask::new(Op::Split, name) };
-        let agreement = self.agree_post(to, name, &ask, None, driven)?;
+        let agreement = self.agree_post(to, name, &ask, None, driven, true)?;
         Ok(SplitStarted { agreement, to: to.clone(), name: name.to_owned(), color })
     }
 
@@ -298,10 +341,11 @@ impl World {
     /// MPI's `MPI_Comm_dup`): independent of this one in traffic and in failure.
     pub fn dup(&self, name: &str) -> Result<World> {
         let to = self.target()?;
-        let (_, call) = self.agree(&to, name, &Ask::new(Op::Dup, name), None)?;
-        let all: Vec<usize> = (0..self.size()).collect();
-        let how = format!("dup of world '{}' as '{name}'", self.name());
-        self.form_from(&to, name, &all, door_key(self.lineage().world_id, Op::Dup, call, 0), how)
+        let agreed = self.agree_post(&to, name, &Ask::new(Op::Dup, name), None, true, true)?.finish(self)?;
+        let all = [(0, (0..self.size()).collect())];
+        let how = |_| format!("dup of world '{}' as '{name}'", self.name());
+        let w = self.form_made(&to, name, Op::Dup, agreed, &all, Some(0), how)?;
+        w.ok_or_else(|| Error::internal("a dup formed no world"))
     }
 
     /// A new world of every rank but `exclude` (NCCL's `ncclCommShrink`, ULFM's
@@ -397,8 +441,8 @@ impl World {
     /// bad (`refused`, or a bad name) takes part all the same, marked, and gets its
     /// `InvalidArgument`; the others get `InvalidUsage` naming it. Returns the asks and the
     /// number of this collective elastic call.
-    fn agree(&self, to: &Target, name: &str, ask: &Ask, refused: Option<Error>) -> Result<(Vec<Ask>, u32)> {
-        self.agree_post(to, name, ask, refused, true)?.finish(self)
+    fn agree(&self, to: &Target, name: &str, ask: &Ask, refused: Option<Error>) -> Result<Agreed> {
+        self.agree_post(to, name, ask, refused, true, false)?.finish(self)
     }
 
     /// Posts the agreement of [`World::agree`] without waiting for it (a non-blocking C call
@@ -410,17 +454,126 @@ impl World {
         ask: &Ask,
         refused: Option<Error>,
         driven: bool,
+        lanes: bool,
     ) -> Result<Agreement> {
         self.usable_for_elastic()?;
         let refused = refused.or_else(|| crate::api::manager::check_name(name).err());
-        let mine = Ask { refused: refused.is_some(), ..ask.clone() }.encode().to_vec();
-        let bufs = crate::api::request::Slot::new((mine, vec![0u8; RECORD * self.size()]));
+        let mut mine = Ask { refused: refused.is_some(), ..ask.clone() }.encode().to_vec();
+        let generation = next_generation(&to.manager, name);
+        let (offer, held) = match lanes && lanes_wanted() {
+            true => {
+                let mut sources = self.inner.backend.lane_sources();
+                sources.resize(self.size(), None);
+                lanes::offer(self.rank(), sources, generation)
+            }
+            false => (Offer { pid: std::process::id(), generation, peers: Vec::new() }, Held::default()),
+        };
+        mine.extend_from_slice(&offer.encode(self.size()));
+        let (completion, bufs) = self.post_gather(mine, to.options.timeout, driven)?;
+        Ok(Agreement { completion, bufs, ask: ask.clone(), refused, held })
+    }
+
+    /// Posts an all-gather of `mine` (the same length on every rank) over this world, bounded
+    /// by `limit`; its buffers live until the engine is done with them.
+    #[allow(clippy::type_complexity)]
+    fn post_gather(
+        &self,
+        mine: Vec<u8>,
+        limit: std::time::Duration,
+        driven: bool,
+    ) -> Result<(Arc<Completion>, Arc<crate::api::request::Slot<(Vec<u8>, Vec<u8>)>>)> {
+        let all = vec![0u8; mine.len() * self.size()];
+        let bufs = crate::api::request::Slot::new((mine, all));
         let call = bufs
             .with(|(mine, all)| self.all_gather_call(Some(&mine[..]), &mut all[..]))
             .ok_or_else(|| Error::internal("agreement buffers"))??;
         let keep: KeepAlive = bufs.clone();
-        let completion = self.post_bounded(call, to.options.timeout, Some(keep), driven)?;
-        Ok(Agreement { completion, bufs, ask: ask.clone(), refused })
+        let completion = self.post_bounded(call, limit, Some(keep), driven)?;
+        Ok((completion, bufs))
+    }
+
+    /// After the agreement of a `dup` or `split`: forms this rank's new world (colour `mine`;
+    /// `None` joins none) among `children`, every new world's colour and members (parent
+    /// ranks in new order), on lanes where every rank's offer allows it, else through its
+    /// leader's door. Whether a second round runs over the parent, every rank decides alike,
+    /// from the offers.
+    #[allow(clippy::too_many_arguments)]
+    fn form_made(
+        &self,
+        to: &Target,
+        name: &str,
+        op: Op,
+        agreed: Agreed,
+        children: &[(u32, Vec<usize>)],
+        mine: Option<u32>,
+        how: impl Fn(u32) -> String,
+    ) -> Result<Option<World>> {
+        let Agreed { offers, call, mut held, .. } = agreed;
+        let key = |c: u32| door_key(self.lineage().world_id, op, call, c);
+        let me = mine.and_then(|c| children.iter().find(|(cc, _)| *cc == c));
+        let on_lanes = |m: &[usize]| lanes::possible(&offers, m);
+        if !children.iter().any(|(_, m)| on_lanes(m)) {
+            drop(held);
+            return match me {
+                Some((c, m)) => self.form_from(to, name, m, key(*c), how(*c)).map(Some),
+                None => Ok(None),
+            };
+        }
+        // This rank's part: 0 none, 1 claimed, 2 claiming failed, 3 the name is refused here.
+        let (mut code, mut claimed, mut refusal) = (0u8, None, None);
+        if let Some((c, m)) = me.filter(|(_, m)| on_lanes(m)) {
+            if let Some(e) = name_refusal(&to.manager, name) {
+                (code, refusal) = (3, Some(e));
+            } else {
+                match lanes::claim(&mut held, self.rank(), m, &offers, key(*c)) {
+                    Ok(cl) => (code, claimed) = (1, Some(cl)),
+                    Err(why) => {
+                        info!("{}: no lanes ({why}); forming links of its own", how(*c));
+                        code = 2;
+                    }
+                }
+            }
+        }
+        let codes = self.post_gather(vec![code], to.options.timeout, true).and_then(|(c, bufs)| {
+            self.wait_for(std::slice::from_ref(&c));
+            c.result().unwrap_or_else(|| Err(Error::internal("lane round ended without a result")))?;
+            bufs.with(|(_, all)| all.clone()).ok_or_else(|| Error::internal("lane round buffers"))
+        });
+        // The peers took their sockets before the round: the offered ends may close now.
+        drop(held);
+        let codes = codes?;
+        let Some((c, m)) = me else { return Ok(None) };
+        if !on_lanes(m) {
+            return self.form_from(to, name, m, key(*c), how(*c)).map(Some);
+        }
+        if let Some(e) = refusal {
+            return Err(e);
+        }
+        if let Some(r) = m.iter().find(|r| codes[**r] == 3) {
+            return Err(Error::invalid_usage(format!(
+                "{}: rank {r} cannot take the name (it has a working world '{name}', one being formed, or its manager is shut down); nothing was formed",
+                how(*c)
+            )));
+        }
+        let Some(claimed) = claimed.filter(|_| m.iter().all(|r| codes[*r] == 1)) else {
+            return self.form_from(to, name, m, key(*c), how(*c)).map(Some);
+        };
+        let lin = self.lineage();
+        let mut secret = lin.secret.clone();
+        secret.extend_from_slice(&lin.world_id.to_le_bytes());
+        let formed = bootstrap::Formed {
+            generation: m.iter().map(|r| offers[*r].generation).max().unwrap_or(1),
+            world_id: key(*c),
+            links: claimed.links()?,
+            shm_fallbacks: 0,
+            lane_links: m.len() as u64 - 1,
+            doors: m.iter().map(|r| lin.doors[*r].clone()).collect(),
+            secret: secret.clone(),
+        };
+        let new_rank = m.iter().position(|r| *r == self.rank()).ok_or_else(|| Error::internal("not a member"))?;
+        let rv =
+            bootstrap::Rendezvous::Prepared(bootstrap::Prepared(Arc::new(crate::sys::sync::Mutex::new(Some(formed)))));
+        form_on(&to.manager, name, rv, secret, new_rank, m.len(), &to.options).wait().map(Some)
     }
 
     /// Takes part in a split whose arguments this rank refuses (the C API's checks), so that

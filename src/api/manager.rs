@@ -240,6 +240,27 @@ pub(crate) fn form_on(
     f
 }
 
+/// The generation this process would propose for a new world named `name`.
+pub(crate) fn next_generation(inner: &Inner, name: &str) -> u32 {
+    lock(&inner.generations).get(name).copied().unwrap_or(0) + 1
+}
+
+/// Why a formation of `name` would be refused here now (the manager shut down, the name
+/// being formed or held by a working world), if it would.
+pub(crate) fn name_refusal(inner: &Inner, name: &str) -> Option<Error> {
+    if inner.closed.load(Ordering::Acquire) {
+        return Some(Error::invalid_usage("the world manager is shut down"));
+    }
+    match lock(&inner.worlds).get(name) {
+        Some(Entry::Forming(_)) => Some(Error::invalid_usage(format!("world '{name}' is already being formed"))),
+        Some(Entry::Ready(w)) if w.inner.backend.broken().is_none() => Some(Error::invalid_usage(format!(
+            "world '{name}' (generation {}) exists and works; remove it before forming another",
+            w.generation()
+        ))),
+        _ => None,
+    }
+}
+
 /// A world name is 1 to 255 bytes without NUL.
 pub(crate) fn check_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 255 || name.contains('\0') {
@@ -314,7 +335,7 @@ fn start_formation(
             }
         }
     }
-    let generation = lock(&inner.generations).get(name).copied().unwrap_or(0) + 1;
+    let generation = next_generation(inner, name);
     let spec = JoinSpec {
         name: name.to_owned(),
         rank,
@@ -329,6 +350,16 @@ fn start_formation(
         cancel: f.cancel.clone(),
         socket_buffer: options.socket_buffer,
     };
+    if let bootstrap::Rendezvous::Prepared(p) = &spec.rendezvous {
+        // Links made already (lanes): nothing to wait for, so no task of the formation thread.
+        let formed = crate::sys::sync::lock(&p.0).take();
+        let r = match formed {
+            Some(formed) => world_from(inner, &spec, options, formed, Instant::now()),
+            None => Err(Error::internal("the links of a world on lanes were taken twice")),
+        };
+        settle_formation(inner, &spec, r, &f.completion, &f.slot, &f.cancel);
+        return Ok(());
+    }
     let owner = inner.clone();
     let options = options.clone();
     let (completion, slot, cancel) = (f.completion.clone(), f.slot.clone(), f.cancel.clone());
@@ -592,6 +623,17 @@ fn release(inner: &Inner, w: &World) {
 async fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions) -> Result<World> {
     let started = Instant::now();
     let formed = bootstrap::join(spec).await?;
+    world_from(inner, spec, options, formed, started)
+}
+
+/// The world of a formation whose links are made: its engine, driver and handle.
+fn world_from(
+    inner: &Arc<Inner>,
+    spec: &JoinSpec,
+    options: &WorldOptions,
+    formed: bootstrap::Formed,
+    started: Instant,
+) -> Result<World> {
     let name: Arc<str> = Arc::from(spec.name.as_str());
     let cfg = EngineConfig {
         name: name.clone(),
@@ -604,6 +646,7 @@ async fn form_world(inner: &Arc<Inner>, spec: &JoinSpec, options: &WorldOptions)
     };
     let mut engine = Engine::new(cfg, formed.links, Instant::now());
     engine.set_shm_fallbacks(formed.shm_fallbacks);
+    engine.set_lane_links(formed.lane_links);
     let events = inner.events.clone();
     let (ev_name, generation) = (spec.name.clone(), formed.generation);
     engine.set_on_broken(Box::new(move |cause: &BrokenCause| {

@@ -16,6 +16,7 @@
 
 pub(crate) mod addr;
 pub(crate) mod exec;
+pub(crate) mod lanes;
 mod link;
 mod root;
 
@@ -51,6 +52,19 @@ pub(crate) enum Rendezvous {
         lead: bool,
         agree: String,
     },
+    /// A world made from a world whose links are made already, on lanes of the parent's
+    /// (`lanes.rs`): it is registered at once, on the caller's thread.
+    Prepared(Prepared),
+}
+
+/// The links of a world formed on lanes, handed to its registration once.
+#[derive(Clone)]
+pub(crate) struct Prepared(pub Arc<crate::sys::sync::Mutex<Option<Formed>>>);
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("links made on lanes")
+    }
 }
 
 /// What a rank needs to form a world.
@@ -81,6 +95,8 @@ pub(crate) struct Formed {
     pub links: Vec<Option<Box<dyn Link>>>,
     /// Links to peers on this host that use TCP although shared memory was wanted.
     pub shm_fallbacks: u64,
+    /// Links on lanes of a parent world's segments (`lanes.rs`).
+    pub lane_links: u64,
     /// Each rank's door, for elastic formations later.
     pub doors: Vec<String>,
     /// The secret the ranks proved to the root.
@@ -110,6 +126,7 @@ pub(crate) async fn join(spec: &JoinSpec) -> Result<Formed> {
             }
             (addr::resolve(door)?, spec.secret.clone())
         }
+        Rendezvous::Prepared(_) => return Err(Error::internal("a world on lanes has nothing to join")),
         Rendezvous::Address(a) => {
             let root = addr::resolve(a)?;
             if rank == 0 {
@@ -180,5 +197,13 @@ async fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline:
     let mut shm_fallbacks = 0;
     let links = connect_links(spec, &table, &secret, listener, deadline, &mut shm_fallbacks).await?;
     let doors = table.peers.iter().map(|p| p.2.clone()).collect();
-    Ok(Formed { generation: table.generation, world_id: table.world_id, links, shm_fallbacks, doors, secret })
+    Ok(Formed {
+        generation: table.generation,
+        world_id: table.world_id,
+        links,
+        shm_fallbacks,
+        lane_links: 0,
+        doors,
+        secret,
+    })
 }

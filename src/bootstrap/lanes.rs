@@ -1,0 +1,224 @@
+//! Forming a world made from a world (`dup`, `split`) on lanes of its parent's links: no
+//! rendezvous, no connection, no new segment (`transport/shm/lane.rs`).
+//!
+//! 1. **Offer**, in the parent's agreement (`api/elastic.rs`): each rank says its pid, the
+//!    generation it proposes for the name, and, per parent rank it has a shared-memory link
+//!    to, the lanes it sees free there and, where it is the lower rank of the pair, the number
+//!    of a descriptor it holds for the peer: one end of a fresh Unix socket pair, which will be
+//!    the new link's doorbell and hang-up channel.
+//! 2. Every rank sees every offer, so every rank decides alike whether a new world can form on
+//!    lanes ([`possible`]: every pair of its members has a shared-memory link and a lane free on
+//!    both sides). If it can, each member **claims** the lowest lane free on both sides of each
+//!    of its pairs, with a tag derived from the new world's id, and the higher rank of each
+//!    pair takes its end of the socket pair from the lower rank's process (`pidfd_getfd`).
+//! 3. A second all-gather over the parent says which ranks succeeded. If all members of a new
+//!    world did, its links are made and it is registered at once; otherwise its members let
+//!    go of what they claimed and form it through the leader's door, as any world made from a
+//!    world. The lower rank keeps its ends of the socket pairs until that round is over, so the
+//!    descriptor its peer takes is the one it offered.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use crate::api::error::Result;
+use crate::transport::loopback::QueueLink;
+use crate::transport::shm::{self, LaneClaim, LaneSource, ShmLink};
+use crate::transport::Link;
+
+/// Parents larger than this offer no lanes (the offer grows with the parent's size).
+pub(crate) const MAX_LANE_PARENT: usize = 64;
+
+/// What a rank's agreement record carries for lanes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Offer {
+    pub pid: u32,
+    pub generation: u32,
+    /// Per parent rank: the lanes free toward it, and the descriptor offered to it (-1: none).
+    pub peers: Vec<(u16, i32)>,
+}
+
+impl Offer {
+    /// Bytes of an offer in a parent of `size` ranks (the same for every rank and every call,
+    /// so that records of different calls still line up and their difference is reported).
+    pub(crate) fn bytes(size: usize) -> usize {
+        8 + if size <= MAX_LANE_PARENT { 8 * size } else { 0 }
+    }
+
+    pub(crate) fn encode(&self, size: usize) -> Vec<u8> {
+        let mut b = Vec::with_capacity(Offer::bytes(size));
+        b.extend_from_slice(&self.pid.to_le_bytes());
+        b.extend_from_slice(&self.generation.to_le_bytes());
+        if size <= MAX_LANE_PARENT {
+            for r in 0..size {
+                let (mask, fd) = self.peers.get(r).copied().unwrap_or((0, -1));
+                b.extend_from_slice(&u32::from(mask).to_le_bytes());
+                b.extend_from_slice(&fd.to_le_bytes());
+            }
+        }
+        b
+    }
+
+    pub(crate) fn decode(b: &[u8], size: usize) -> Offer {
+        let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let peers = match size <= MAX_LANE_PARENT {
+            true => (0..size).map(|r| (word(8 + 8 * r) as u16, word(12 + 8 * r) as i32)).collect(),
+            false => Vec::new(),
+        };
+        Offer { pid: word(0), generation: word(4), peers }
+    }
+
+    fn lanes(&self, to: usize) -> u16 {
+        self.peers.get(to).map_or(0, |p| p.0)
+    }
+
+    fn fd(&self, to: usize) -> i32 {
+        self.peers.get(to).map_or(-1, |p| p.1)
+    }
+}
+
+/// What a rank holds from its offer until the second round is over, whatever its outcome:
+/// its lane sources and the socket pairs it made, its own ends and those its peers take. The
+/// latter stay open until then, so that a descriptor number a peer was told always names the
+/// socket it was told of, never one opened later.
+#[derive(Default)]
+pub(crate) struct Held {
+    sources: Vec<Option<LaneSource>>,
+    mine: Vec<Option<OwnedFd>>,
+    theirs: Vec<Option<OwnedFd>>,
+}
+
+/// Makes rank `rank`'s offer in a parent whose links give `sources` (empty: no lanes),
+/// proposing `generation` for the new name.
+pub(crate) fn offer(rank: usize, sources: Vec<Option<LaneSource>>, generation: u32) -> (Offer, Held) {
+    let size = sources.len();
+    let mut offer = Offer { pid: std::process::id(), generation, peers: vec![(0, -1); size] };
+    let none = || (0..size).map(|_| None).collect();
+    let mut held = Held { mine: none(), theirs: none(), sources };
+    if size > MAX_LANE_PARENT {
+        return (offer, held);
+    }
+    for (r, src) in held.sources.iter().enumerate() {
+        let Some(src) = src.as_ref().filter(|_| r != rank) else { continue };
+        let mask = src.free_lanes();
+        if mask == 0 {
+            continue;
+        }
+        if rank < r {
+            // The lower rank makes the pair's socket; without one, no lane toward this peer.
+            match crate::sys::socket_pair() {
+                Ok((mine, theirs)) => {
+                    offer.peers[r] = (mask, theirs.as_raw_fd());
+                    (held.mine[r], held.theirs[r]) = (Some(mine), Some(theirs));
+                }
+                Err(_) => continue,
+            }
+        } else {
+            offer.peers[r].0 = mask;
+        }
+    }
+    (offer, held)
+}
+
+/// True when a world of the parent ranks `members` can form on lanes, by every rank's offer:
+/// each pair has a lane free on both sides and a socket offered by its lower rank.
+pub(crate) fn possible(offers: &[Offer], members: &[usize]) -> bool {
+    members.iter().all(|&a| {
+        members.iter().filter(|&&b| a < b).all(|&b| {
+            let (oa, ob) = (&offers[a], &offers[b]);
+            oa.lanes(b) & ob.lanes(a) != 0 && oa.fd(b) >= 0
+        })
+    })
+}
+
+/// This rank's part of a new world on lanes, claimed and connected, until the second round
+/// says whether every member got its part.
+pub(crate) struct Claimed {
+    /// Per member (new rank order): the lane and this side's socket end; `None` for this rank.
+    parts: Vec<Option<(LaneClaim, OwnedFd)>>,
+    me: usize,
+}
+
+/// Claims this rank's lanes of the new world of parent ranks `members` (this rank among them)
+/// with id `world_id`, and takes or keeps the sockets. An error says what failed, in words.
+pub(crate) fn claim(
+    held: &mut Held,
+    rank: usize,
+    members: &[usize],
+    offers: &[Offer],
+    world_id: u64,
+) -> std::result::Result<Claimed, String> {
+    let me = members.iter().position(|&m| m == rank).ok_or("not a member")?;
+    let mut parts = Vec::with_capacity(members.len());
+    for &peer in members {
+        if peer == rank {
+            parts.push(None);
+            continue;
+        }
+        let src = held.sources.get(peer).and_then(|s| s.clone()).ok_or("no shared-memory link")?;
+        let free = offers[rank].lanes(peer) & offers[peer].lanes(rank);
+        let lane = free.trailing_zeros() as usize;
+        let claim = src
+            .claim(lane, shm::lane::tag(world_id, rank, peer))
+            .map_err(|e| format!("claiming lane {lane} toward rank {peer}: {e}"))?;
+        let ctl = if rank < peer {
+            held.mine.get_mut(peer).and_then(Option::take).ok_or("no socket")?
+        } else {
+            let (pid, fd) = (offers[peer].pid as i32, offers[peer].fd(rank));
+            crate::sys::take_descriptor(pid, fd)
+                .map_err(|e| format!("taking the socket of rank {peer}'s process: {e}"))?
+        };
+        // Before the second round, so the peer can read it when its link starts.
+        shm::publish_probe(&src.seg, lane * shm::LANE_BYTES, src.side);
+        parts.push(Some((claim, ctl)));
+    }
+    Ok(Claimed { parts, me })
+}
+
+impl Claimed {
+    /// The new world's links, in its rank order (loopback for this rank).
+    pub(crate) fn links(self) -> Result<Vec<Option<Box<dyn Link>>>> {
+        let me = self.me;
+        Ok(self
+            .parts
+            .into_iter()
+            .enumerate()
+            .map(|(r, p)| -> Option<Box<dyn Link>> {
+                match p {
+                    Some((claim, ctl)) => Some(Box::new(ShmLink::on_lane(ctl, claim))),
+                    None if r == me => Some(Box::new(QueueLink::loopback())),
+                    None => None,
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offers_round_trip_and_decide_alike() {
+        let o = Offer { pid: 77, generation: 3, peers: vec![(0, -1), (0b110, 9), (0b10, -1)] };
+        assert_eq!(Offer::decode(&o.encode(3), 3), o);
+        assert_eq!(o.encode(3).len(), Offer::bytes(3));
+        // Beyond the limit, no per-peer part.
+        let big = Offer { pid: 1, generation: 1, peers: vec![] };
+        assert_eq!(big.encode(MAX_LANE_PARENT + 1).len(), 8);
+        assert_eq!(Offer::decode(&big.encode(MAX_LANE_PARENT + 1), MAX_LANE_PARENT + 1), big);
+
+        let offers = vec![
+            Offer { pid: 1, generation: 1, peers: vec![(0, -1), (0b10, 5), (0b100, 6)] },
+            Offer { pid: 2, generation: 1, peers: vec![(0b110, -1), (0, -1), (0b10, 7)] },
+            Offer { pid: 3, generation: 1, peers: vec![(0b100, -1), (0b10, -1), (0, -1)] },
+        ];
+        assert!(possible(&offers, &[0, 1, 2]));
+        assert!(possible(&offers, &[2]));
+        let mut no_common = offers.clone();
+        no_common[1].peers[0].0 = 0b1000;
+        assert!(!possible(&no_common, &[0, 1]));
+        assert!(possible(&no_common, &[0, 2]));
+        let mut no_socket = offers;
+        no_socket[0].peers[2].1 = -1;
+        assert!(!possible(&no_socket, &[0, 2]));
+    }
+}
