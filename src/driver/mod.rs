@@ -42,6 +42,8 @@ use crate::sys::{self, EventFd};
 /// cover a peer's reply to a small message; short enough not to starve the peer on a machine
 /// with few cores.
 const SPIN_FOR: Duration = Duration::from_micros(50);
+/// When a spin starts yielding its core now and then (`Driver::drive`).
+const YIELD_AFTER: Duration = Duration::from_micros(5);
 /// How long a waiter that does not drive sleeps on its completion before it looks whether it
 /// could drive instead.
 const WAITER_RECHECK: Duration = Duration::from_millis(2);
@@ -251,7 +253,14 @@ impl Driver {
                 }
             };
             let Some(ws) = ws else {
-                std::hint::spin_loop();
+                // Past the first microseconds of a spin, give the core away now and then: when
+                // more ranks than cores run, the peer we wait for may be the one waiting for
+                // this core (a yield with nobody else to run returns at once).
+                if spinning_since.is_some_and(|t| now.duration_since(t) >= YIELD_AFTER) && passes % 8 == 0 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
                 continue;
             };
             let Some(fd) = &wake else {
