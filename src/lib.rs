@@ -66,6 +66,13 @@ pub use gpu::device_world::{DeviceGroup, DeviceWorld, IpcStats};
 pub use gpu::nccl;
 pub use transport::TransportKind;
 
+/// The directory of worlds formed through etcd (feature `etcd`): [`etcd::list`],
+/// [`etcd::watch`]; `mw-worlds` prints it.
+#[cfg(feature = "etcd")]
+pub mod etcd {
+    pub use crate::api::directory::{list, watch, EntryState, Member, WorldEntry};
+}
+
 /// Re-exported so that users name the 16-bit float types without depending on `half`.
 pub use half::{bf16, f16};
 

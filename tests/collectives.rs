@@ -138,7 +138,11 @@ impl Check<'_> {
 
 fn matrix(ctx: &Ctx) {
     let m = WorldManager::new();
-    let w = m.init_world("matrix", &ctx.id(), ctx.rank, ctx.size).unwrap();
+    // Through etcd when the test gives its address (feature `etcd`), else through the id.
+    let w = match ctx.env("MW_TEST_ETCD").as_str() {
+        "" => m.init_world("matrix", &ctx.id(), ctx.rank, ctx.size).unwrap(),
+        url => m.init_world_at("matrix", url, ctx.rank, ctx.size).unwrap(),
+    };
     let want = match ctx.env("MW_TRANSPORT").as_str() {
         "tcp" => TransportKind::Tcp,
         "rdma" => TransportKind::Rdma,
@@ -201,6 +205,13 @@ fn matrix_three_ranks_tcp() {
 #[test]
 fn matrix_four_ranks_tcp() {
     matrix_over(4, "tcp");
+}
+
+#[test]
+#[cfg(feature = "etcd")]
+fn matrix_three_ranks_through_etcd() {
+    let Some(etcd) = common::etcd::Server::start("matrix_three_ranks_through_etcd") else { return };
+    common::run_ranks("matrix", 3, &[("MW_TEST_ETCD", etcd.url("matrix"))], Duration::from_secs(400));
 }
 
 #[test]

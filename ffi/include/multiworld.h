@@ -34,6 +34,12 @@
 #define MW_EVENT_REMOVED 3
 
 /*
+ A member's registration of a world formed through etcd is gone (its process's lease expired
+ or it removed the world); `peer` is its rank. The world is not broken by it.
+ */
+#define MW_EVENT_MEMBER_GONE 4
+
+/*
  `color` of a rank of `mwCommSplit` that joins no new communicator (`NCCL_SPLIT_NOCOLOR`).
  */
 #define MW_SPLIT_NOCOLOR -1
@@ -123,7 +129,7 @@ typedef struct mwConfig_t {
  */
 typedef struct mwEvent_t {
   /*
-   `MW_EVENT_READY`, `MW_EVENT_BROKEN` or `MW_EVENT_REMOVED`.
+   `MW_EVENT_READY`, `MW_EVENT_BROKEN`, `MW_EVENT_REMOVED` or `MW_EVENT_MEMBER_GONE`.
    */
   int kind;
   /*
@@ -131,7 +137,8 @@ typedef struct mwEvent_t {
    */
   int generation;
   /*
-   For broken worlds, the peer rank the cause points at, else -1.
+   For broken worlds, the peer rank the cause points at; for `MW_EVENT_MEMBER_GONE`, the
+   member's rank; else -1.
    */
   int peer;
   /*
@@ -350,7 +357,9 @@ mwResult_t mwCommInitRankConfig(mwComm_t *comm,
 
 /*
  Joins world `name` by address (MultiWorld's way): rank 0 listens on `address`
- (`"host:port"`), the others connect to it. `config` may be NULL.
+ (`"host:port"`), the others connect to it; or, in a library built with the `etcd` feature,
+ through etcd (`"etcd://host:port[,host:port...]/prefix"`, no root: docs/etcd.md). `config`
+ may be NULL.
  */
 mwResult_t mwCommInitAt(mwComm_t *comm,
                         const char *name,

@@ -569,6 +569,7 @@ impl World {
             lane_links: m.len() as u64 - 1,
             doors: m.iter().map(|r| lin.doors[*r].clone()).collect(),
             secret: secret.clone(),
+            etcd: None,
         };
         let new_rank = m.iter().position(|r| *r == self.rank()).ok_or_else(|| Error::internal("not a member"))?;
         let rv =

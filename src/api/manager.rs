@@ -77,6 +77,17 @@ pub enum Event {
         /// Its generation.
         generation: u32,
     },
+    /// A member's registration of a world formed through etcd is gone: its process's lease
+    /// expired (it died, or was cut off from etcd for the lease's TTL) or it removed the world.
+    /// A second signal beside the world's own failure detection: the world is not broken by it.
+    MemberGone {
+        /// The world's name.
+        name: String,
+        /// Its generation.
+        generation: u32,
+        /// The member's rank.
+        rank: usize,
+    },
 }
 
 /// Where a manager's events go (shared by the C ABI's communicators, one queue per process).
@@ -87,7 +98,7 @@ pub(crate) struct EventQueue {
 }
 
 impl EventQueue {
-    fn push(&self, e: Event) {
+    pub(crate) fn push(&self, e: Event) {
         let wakers = {
             let mut q = lock(&self.queue);
             q.0.push_back(e);
@@ -284,6 +295,16 @@ fn start_formation(
     // A host name is looked up here, on the caller's thread: the formation thread, which all
     // formations share, must never wait for a resolver.
     let rendezvous = match rendezvous {
+        #[cfg(feature = "etcd")]
+        bootstrap::Rendezvous::Address(a) if bootstrap::etcd::is_etcd(&a) => {
+            bootstrap::Rendezvous::Etcd(bootstrap::etcd::Target::parse(&a)?)
+        }
+        #[cfg(not(feature = "etcd"))]
+        bootstrap::Rendezvous::Address(a) if a.starts_with("etcd://") => {
+            return Err(Error::invalid_arg(format!(
+                "world '{name}': '{a}' is an etcd address, and this build has no etcd support (feature `etcd`)"
+            )))
+        }
         bootstrap::Rendezvous::Address(a) => bootstrap::Rendezvous::Address(bootstrap::addr::resolve(&a)?.to_string()),
         other => other,
     };
@@ -672,6 +693,10 @@ fn world_from(
         },
     });
     world.set_op_timeout(options.op_timeout);
+    #[cfg(feature = "etcd")]
+    if let Some(reg) = formed.etcd {
+        reg.track(Arc::downgrade(&world.inner), Arc::downgrade(&inner.events));
+    }
     {
         let mut g = lock(&inner.generations);
         let e = g.entry(spec.name.clone()).or_insert(0);

@@ -3,6 +3,8 @@
 //! options, the rendezvous id, element types and reductions, and the one `Error` type.
 //! `lib.rs` re-exports the public items; nothing here does I/O itself.
 
+#[cfg(feature = "etcd")]
+pub(crate) mod directory;
 pub(crate) mod elastic;
 pub(crate) mod error;
 pub(crate) mod id;

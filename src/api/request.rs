@@ -266,8 +266,8 @@ pub(crate) fn wait_any_of(n: usize, done: impl Fn(usize, &Waker) -> bool, nudge:
     }
 }
 
-/// Wakes a thread parked in [`wait_any_of`].
-struct Unpark(std::thread::Thread);
+/// Wakes a parked thread: one in [`wait_any_of`], or in the formation thread's `block_on`.
+pub(crate) struct Unpark(pub std::thread::Thread);
 
 impl std::task::Wake for Unpark {
     fn wake(self: std::sync::Arc<Self>) {

@@ -99,7 +99,7 @@ pub(crate) fn left(deadline: Instant, what: &dyn Fn() -> String) -> Result<Durat
 }
 
 /// Connects to `addr` without blocking the formation thread.
-async fn connect(addr: SocketAddr, deadline: Instant, cancel: Option<&AtomicBool>) -> io::Result<TcpStream> {
+pub(crate) async fn connect(addr: SocketAddr, deadline: Instant, cancel: Option<&AtomicBool>) -> io::Result<TcpStream> {
     let (s, done) = sys::connect_start(addr)?;
     if !done {
         wait_for(s.as_raw_fd(), libc::POLLOUT, deadline, cancel).await?;

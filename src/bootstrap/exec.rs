@@ -245,22 +245,13 @@ impl<T, F: Future<Output = Result<T>>> Future for Guarded<F> {
     }
 }
 
-#[cfg(test)]
-struct Unpark(std::thread::Thread);
-
-#[cfg(test)]
-impl Wake for Unpark {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
-}
-
 /// Runs `f` to completion on this thread (its waits watched by the formation thread): the
-/// formation steps in unit tests.
-#[cfg(test)]
+/// formation steps in unit tests, and the etcd client outside a formation (its lease keeper,
+/// the directory of worlds).
+#[cfg_attr(not(any(test, feature = "etcd")), allow(dead_code))]
 pub(crate) fn block_on<T>(f: impl Future<Output = T>) -> T {
     let mut f = std::pin::pin!(f);
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let waker = Waker::from(Arc::new(crate::api::request::Unpark(std::thread::current())));
     let mut cx = Context::from_waker(&waker);
     loop {
         if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {

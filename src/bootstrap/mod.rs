@@ -15,6 +15,8 @@
 //! Every step is bounded by the formation deadline; nothing here touches another world.
 
 pub(crate) mod addr;
+#[cfg(feature = "etcd")]
+pub(crate) mod etcd;
 pub(crate) mod exec;
 pub(crate) mod lanes;
 mod link;
@@ -55,7 +57,17 @@ pub(crate) enum Rendezvous {
     /// A world made from a world whose links are made already, on lanes of the parent's
     /// (`lanes.rs`): it is registered at once, on the caller's thread.
     Prepared(Prepared),
+    /// Through etcd (`etcd/`): no root; the store holds the table.
+    #[cfg(feature = "etcd")]
+    Etcd(etcd::Target),
 }
+
+/// A rank's registration in etcd, kept for the life of its world (`etcd/lease.rs`); there is
+/// none without the `etcd` feature.
+#[cfg(feature = "etcd")]
+pub(crate) use etcd::Registration;
+#[cfg(not(feature = "etcd"))]
+pub(crate) enum Registration {}
 
 /// The links of a world formed on lanes, handed to its registration once.
 #[derive(Clone)]
@@ -101,6 +113,9 @@ pub(crate) struct Formed {
     pub doors: Vec<String>,
     /// The secret the ranks proved to the root.
     pub secret: Vec<u8>,
+    /// This rank's registration, for a world formed through etcd.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub etcd: Option<Registration>,
 }
 
 fn formation_err(name: &str, rank: usize, e: impl std::fmt::Display) -> String {
@@ -127,6 +142,8 @@ pub(crate) async fn join(spec: &JoinSpec) -> Result<Formed> {
             (addr::resolve(door)?, spec.secret.clone())
         }
         Rendezvous::Prepared(_) => return Err(Error::internal("a world on lanes has nothing to join")),
+        #[cfg(feature = "etcd")]
+        Rendezvous::Etcd(t) => return etcd::join(spec, t).await,
         Rendezvous::Address(a) => {
             let root = addr::resolve(a)?;
             if rank == 0 {
@@ -205,5 +222,6 @@ async fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline:
         lane_links: 0,
         doors,
         secret,
+        etcd: None,
     })
 }

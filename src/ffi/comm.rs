@@ -205,7 +205,9 @@ pub unsafe extern "C" fn mwCommInitRankConfig(
 }
 
 /// Joins world `name` by address (MultiWorld's way): rank 0 listens on `address`
-/// (`"host:port"`), the others connect to it. `config` may be NULL.
+/// (`"host:port"`), the others connect to it; or, in a library built with the `etcd` feature,
+/// through etcd (`"etcd://host:port[,host:port...]/prefix"`, no root: docs/etcd.md). `config`
+/// may be NULL.
 #[no_mangle]
 pub unsafe extern "C" fn mwCommInitAt(
     comm: *mut mwComm_t,

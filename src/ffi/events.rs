@@ -24,6 +24,10 @@ pub(super) unsafe fn write_event(ev: Event, out: *mut mwEvent_t) {
         Event::Ready { name, generation } => (MW_EVENT_READY, name, generation, None),
         Event::Broken { name, generation, cause } => (MW_EVENT_BROKEN, name, generation, Some(cause)),
         Event::Removed { name, generation } => (MW_EVENT_REMOVED, name, generation, None),
+        Event::MemberGone { name, generation, rank } => {
+            e.peer = rank as c_int;
+            (MW_EVENT_MEMBER_GONE, name, generation, None)
+        }
     };
     e.kind = kind;
     e.generation = generation as c_int;

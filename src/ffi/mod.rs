@@ -165,11 +165,12 @@ pub struct mwConfig_t {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct mwEvent_t {
-    /// `MW_EVENT_READY`, `MW_EVENT_BROKEN` or `MW_EVENT_REMOVED`.
+    /// `MW_EVENT_READY`, `MW_EVENT_BROKEN`, `MW_EVENT_REMOVED` or `MW_EVENT_MEMBER_GONE`.
     pub kind: c_int,
     /// Generation of the world.
     pub generation: c_int,
-    /// For broken worlds, the peer rank the cause points at, else -1.
+    /// For broken worlds, the peer rank the cause points at; for `MW_EVENT_MEMBER_GONE`, the
+    /// member's rank; else -1.
     pub peer: c_int,
     /// The world's name, NUL-terminated (truncated to fit).
     pub name: [c_char; 256],
@@ -183,6 +184,9 @@ pub const MW_EVENT_READY: c_int = 1;
 pub const MW_EVENT_BROKEN: c_int = 2;
 /// A world was removed (its communicator destroyed or aborted).
 pub const MW_EVENT_REMOVED: c_int = 3;
+/// A member's registration of a world formed through etcd is gone (its process's lease expired
+/// or it removed the world); `peer` is its rank. The world is not broken by it.
+pub const MW_EVENT_MEMBER_GONE: c_int = 4;
 
 fn code(kind: ErrorKind) -> mwResult_t {
     match kind {

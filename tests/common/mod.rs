@@ -9,6 +9,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod device;
+pub mod etcd;
 pub mod reference;
 
 pub use multiworld::{DataType, ReduceOp};
