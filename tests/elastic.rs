@@ -27,7 +27,127 @@ fn worker() {
         ("disagree", disagree),
         ("lanes_kill", lanes_kill),
         ("lanes_reuse", lanes_reuse),
+        ("c_split_nonblocking", c_split_nonblocking),
+        ("c_split_tcp", c_split_tcp),
     ]);
+}
+
+/// A C communicator of the test's world, formed through its id.
+fn c_comm(ctx: &Ctx) -> multiworld::ffi::mwComm_t {
+    use multiworld::ffi::*;
+    let mut id = mwUniqueId { internal: [0; MW_UNIQUE_ID_BYTES] };
+    for (d, b) in id.internal.iter_mut().zip(ctx.id().to_bytes()) {
+        *d = b as std::ffi::c_char;
+    }
+    let mut comm: mwComm_t = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer.
+    assert_eq!(unsafe { mwCommInitRank(&mut comm, ctx.size as i32, id, ctx.rank as i32) }, mwSuccess);
+    comm
+}
+
+/// Waits (at most 20 s) until a non-blocking C communicator has nothing in progress; its state.
+fn c_settle(comm: multiworld::ffi::mwComm_t) -> multiworld::ffi::mwResult_t {
+    use multiworld::ffi::*;
+    let mut st = mwInProgress;
+    let end = Instant::now() + Duration::from_secs(20);
+    while st == mwInProgress && Instant::now() < end {
+        // SAFETY: a communicator of the caller's, a valid out-pointer.
+        unsafe { mwCommGetAsyncError(comm, &mut st) };
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    st
+}
+
+/// All-reduces one int on a C communicator (waiting for a non-blocking one); the sum.
+fn c_sum(comm: multiworld::ffi::mwComm_t, v: i32) -> i32 {
+    use multiworld::ffi::*;
+    let (send, mut recv) = (v, 0i32);
+    // SAFETY: one int each way, host memory, no stream.
+    let r = unsafe {
+        mwAllReduce(
+            (&send as *const i32).cast(),
+            (&mut recv as *mut i32).cast(),
+            1,
+            mwInt,
+            mwSum,
+            comm,
+            std::ptr::null_mut(),
+        )
+    };
+    let r = if r == mwInProgress { c_settle(comm) } else { r };
+    // SAFETY: the communicator's last error, a NUL-terminated string it keeps.
+    assert_eq!(r, mwSuccess, "{}", unsafe { std::ffi::CStr::from_ptr(mwGetLastError(comm)) }.to_string_lossy());
+    recv
+}
+
+/// A non-blocking C split finishes on another thread: whatever it does over the parent must
+/// not come between the caller's own later calls on the parent. The last rank takes no colour
+/// (its split returns at once) and all-reduces on the parent right away; the others come 50
+/// ms later.
+fn c_split_nonblocking(ctx: &Ctx) {
+    use multiworld::ffi::*;
+    let comm = c_comm(ctx);
+    // SAFETY: zeroed config filled by mwConfigInit; valid out-pointers; communicators made here.
+    unsafe {
+        let mut cfg: mwConfig_t = std::mem::zeroed();
+        assert_eq!(mwConfigInit(&mut cfg), mwSuccess);
+        cfg.blocking = 0;
+        let mut half: mwComm_t = std::ptr::null_mut();
+        let last = ctx.rank == ctx.size - 1;
+        let r = mwCommSplit(comm, if last { MW_SPLIT_NOCOLOR } else { 0 }, 0, &mut half, &mut cfg);
+        assert!(r == mwSuccess || r == mwInProgress, "split: {r}");
+        if !last {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for i in 0..20 {
+            assert_eq!(c_sum(comm, i), i * ctx.size as i32);
+        }
+        if !last {
+            assert_eq!(c_settle(half), mwSuccess);
+            assert_eq!(c_sum(half, 1), ctx.size as i32 - 1);
+            assert_eq!(mwCommDestroy(half), mwSuccess);
+        }
+        c_sum(comm, 0);
+        assert_eq!(mwCommDestroy(comm), mwSuccess);
+    }
+}
+
+/// Descriptors of this process that are sockets of `domain`.
+fn sockets_of(domain: i32) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|fd| {
+            let (mut d, mut len) = (0i32, std::mem::size_of::<i32>() as libc::socklen_t);
+            // SAFETY: getsockopt into a live int; a descriptor that is no socket just fails.
+            let r = unsafe {
+                libc::getsockopt(*fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut d as *mut i32).cast(), &mut len)
+            };
+            r == 0 && d == domain
+        })
+        .count()
+}
+
+/// A C split whose config asks for TCP gets TCP links, not lanes of its shared-memory parent.
+fn c_split_tcp(ctx: &Ctx) {
+    use multiworld::ffi::*;
+    let comm = c_comm(ctx);
+    c_sum(comm, 1);
+    let (unix, inet) = (sockets_of(libc::AF_UNIX), sockets_of(libc::AF_INET));
+    // SAFETY: as in c_split_nonblocking.
+    unsafe {
+        let mut cfg: mwConfig_t = std::mem::zeroed();
+        assert_eq!(mwConfigInit(&mut cfg), mwSuccess);
+        cfg.transport = 1;
+        let mut child: mwComm_t = std::ptr::null_mut();
+        assert_eq!(mwCommSplit(comm, 0, 0, &mut child, &mut cfg), mwSuccess);
+        assert_eq!(sockets_of(libc::AF_UNIX), unix, "a lane's Unix socket for a TCP-only world");
+        assert!(sockets_of(libc::AF_INET) > inet, "no TCP link for a TCP-only world");
+        assert_eq!(c_sum(child, 2), 2 * ctx.size as i32);
+        assert_eq!(mwCommDestroy(child), mwSuccess);
+        assert_eq!(mwCommDestroy(comm), mwSuccess);
+    }
 }
 
 /// Links a world made by `dup` or `split` of `size` ranks should have on lanes: all of them,
@@ -448,6 +568,16 @@ fn a_killed_rank_breaks_its_worlds_and_not_a_sibling_on_the_same_segments() {
             println!("{line}");
         }
     }
+}
+
+#[test]
+fn a_non_blocking_c_split_keeps_the_parent_in_order() {
+    run("c_split_nonblocking", 3, &[]);
+}
+
+#[test]
+fn a_c_split_asked_for_tcp_gets_tcp() {
+    run("c_split_tcp", 2, &[]);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! with a small shared-memory allowance): a pair's segment starts with small rings (76 KiB),
 //! so several worlds get one (nine, here) and the rest fall back to TCP and say so in their stats; rings
 //! that cannot grow under traffic work on in their small form and count it; every world
-//! delivers, and nothing dies of `SIGBUS`. Needs root (`unshare -m`); elsewhere it prints why
+//! delivers, and nothing dies of `SIGBUS`, also not a dup that finds no room for a lane. Needs root (`unshare -m`); elsewhere it prints why
 //! it skipped.
 
 mod common;
@@ -71,6 +71,13 @@ fn crowded(ctx: &Ctx) {
         refused += stats.shm_grow_refused;
         kinds.push(kind);
     }
+    // A dup of the first world, with /dev/shm full: a lane whose pages cannot be reserved is
+    // refused (not touched: that would be a SIGBUS), and the dup forms links of its own.
+    let d = worlds[0].dup("crowded-dup").unwrap();
+    let mut v = vec![ctx.rank as u64 + 1; 1024];
+    d.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+    assert!(v.iter().all(|x| *x == 3), "dup: wrong sum");
+    println!("rank {}: a dup in a full /dev/shm has {} links on lanes", ctx.rank, d.stats().lane_links);
     // Neither rank leaves (closing every world) while the other still looks at them.
     worlds[0].barrier().unwrap();
     println!(

@@ -460,13 +460,18 @@ impl World {
         let refused = refused.or_else(|| crate::api::manager::check_name(name).err());
         let mut mine = Ask { refused: refused.is_some(), ..ask.clone() }.encode().to_vec();
         let generation = next_generation(&to.manager, name);
-        let (offer, held) = match lanes && lanes_wanted() {
+        // Lanes only for a blocking call (the second round is then posted in the caller's
+        // order of operations on the parent; a non-blocking call finishes on another thread)
+        // and for a new world that may use shared memory. Any rank that offers none rules
+        // them out for the whole call, alike on every rank.
+        let auto = to.options.transport.effective() == crate::api::options::TransportChoice::Auto;
+        let (offer, held) = match lanes && driven && auto && lanes_wanted() {
             true => {
                 let mut sources = self.inner.backend.lane_sources();
                 sources.resize(self.size(), None);
                 lanes::offer(self.rank(), sources, generation)
             }
-            false => (Offer { pid: std::process::id(), generation, peers: Vec::new() }, Held::default()),
+            false => (lanes::no_offer(generation), Held::default()),
         };
         mine.extend_from_slice(&offer.encode(self.size()));
         let (completion, bufs) = self.post_gather(mine, to.options.timeout, driven)?;

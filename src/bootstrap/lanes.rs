@@ -30,17 +30,27 @@ pub(crate) const MAX_LANE_PARENT: usize = 64;
 /// What a rank's agreement record carries for lanes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Offer {
+    /// This rank's pid; 0 when it offers no lanes at all (its call is not blocking, its
+    /// transport is forced, `MW_LANES=0`, a `grow`): then no rank forms on lanes, and no second
+    /// round runs.
     pub pid: u32,
     pub generation: u32,
-    /// Per parent rank: the lanes free toward it, and the descriptor offered to it (-1: none).
-    pub peers: Vec<(u16, i32)>,
+    /// Per parent rank: the lanes free toward it, the descriptor offered to it (-1: none), and
+    /// that socket's inode (which the taker checks: a descriptor number names a socket only
+    /// as long as it stays open).
+    pub peers: Vec<(u16, i32, u64)>,
+}
+
+/// An offer of no lanes (see [`Offer::pid`]).
+pub(crate) fn no_offer(generation: u32) -> Offer {
+    Offer { pid: 0, generation, peers: Vec::new() }
 }
 
 impl Offer {
     /// Bytes of an offer in a parent of `size` ranks (the same for every rank and every call,
     /// so that records of different calls still line up and their difference is reported).
     pub(crate) fn bytes(size: usize) -> usize {
-        8 + if size <= MAX_LANE_PARENT { 8 * size } else { 0 }
+        8 + if size <= MAX_LANE_PARENT { 16 * size } else { 0 }
     }
 
     pub(crate) fn encode(&self, size: usize) -> Vec<u8> {
@@ -49,9 +59,10 @@ impl Offer {
         b.extend_from_slice(&self.generation.to_le_bytes());
         if size <= MAX_LANE_PARENT {
             for r in 0..size {
-                let (mask, fd) = self.peers.get(r).copied().unwrap_or((0, -1));
+                let (mask, fd, ino) = self.peers.get(r).copied().unwrap_or((0, -1, 0));
                 b.extend_from_slice(&u32::from(mask).to_le_bytes());
                 b.extend_from_slice(&fd.to_le_bytes());
+                b.extend_from_slice(&ino.to_le_bytes());
             }
         }
         b
@@ -59,8 +70,9 @@ impl Offer {
 
     pub(crate) fn decode(b: &[u8], size: usize) -> Offer {
         let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let long = |i: usize| u64::from(word(i)) | u64::from(word(i + 4)) << 32;
         let peers = match size <= MAX_LANE_PARENT {
-            true => (0..size).map(|r| (word(8 + 8 * r) as u16, word(12 + 8 * r) as i32)).collect(),
+            true => (0..size).map(|r| (word(8 + 16 * r) as u16, word(12 + 16 * r) as i32, long(16 + 16 * r))).collect(),
             false => Vec::new(),
         };
         Offer { pid: word(0), generation: word(4), peers }
@@ -70,8 +82,8 @@ impl Offer {
         self.peers.get(to).map_or(0, |p| p.0)
     }
 
-    fn fd(&self, to: usize) -> i32 {
-        self.peers.get(to).map_or(-1, |p| p.1)
+    fn fd(&self, to: usize) -> (i32, u64) {
+        self.peers.get(to).map_or((-1, 0), |p| (p.1, p.2))
     }
 }
 
@@ -90,7 +102,7 @@ pub(crate) struct Held {
 /// proposing `generation` for the new name.
 pub(crate) fn offer(rank: usize, sources: Vec<Option<LaneSource>>, generation: u32) -> (Offer, Held) {
     let size = sources.len();
-    let mut offer = Offer { pid: std::process::id(), generation, peers: vec![(0, -1); size] };
+    let mut offer = Offer { pid: std::process::id(), generation, peers: vec![(0, -1, 0); size] };
     let none = || (0..size).map(|_| None).collect();
     let mut held = Held { mine: none(), theirs: none(), sources };
     if size > MAX_LANE_PARENT {
@@ -106,7 +118,8 @@ pub(crate) fn offer(rank: usize, sources: Vec<Option<LaneSource>>, generation: u
             // The lower rank makes the pair's socket; without one, no lane toward this peer.
             match crate::sys::socket_pair() {
                 Ok((mine, theirs)) => {
-                    offer.peers[r] = (mask, theirs.as_raw_fd());
+                    let Ok(ino) = crate::sys::inode(theirs.as_raw_fd()) else { continue };
+                    offer.peers[r] = (mask, theirs.as_raw_fd(), ino);
                     (held.mine[r], held.theirs[r]) = (Some(mine), Some(theirs));
                 }
                 Err(_) => continue,
@@ -118,15 +131,23 @@ pub(crate) fn offer(rank: usize, sources: Vec<Option<LaneSource>>, generation: u
     (offer, held)
 }
 
+/// True when every rank offered lanes (none said [`no_offer`]): only then may any new world
+/// of the call form on lanes, and the second round run.
+pub(crate) fn offered(offers: &[Offer]) -> bool {
+    offers.iter().all(|o| o.pid != 0)
+}
+
 /// True when a world of the parent ranks `members` can form on lanes, by every rank's offer:
-/// each pair has a lane free on both sides and a socket offered by its lower rank.
+/// every rank offered, and each pair has a lane free on both sides and a socket offered by
+/// its lower rank.
 pub(crate) fn possible(offers: &[Offer], members: &[usize]) -> bool {
-    members.iter().all(|&a| {
-        members.iter().filter(|&&b| a < b).all(|&b| {
-            let (oa, ob) = (&offers[a], &offers[b]);
-            oa.lanes(b) & ob.lanes(a) != 0 && oa.fd(b) >= 0
+    offered(offers)
+        && members.iter().all(|&a| {
+            members.iter().filter(|&&b| a < b).all(|&b| {
+                let (oa, ob) = (&offers[a], &offers[b]);
+                oa.lanes(b) & ob.lanes(a) != 0 && oa.fd(b).0 >= 0
+            })
         })
-    })
 }
 
 /// This rank's part of a new world on lanes, claimed and connected, until the second round
@@ -162,8 +183,8 @@ pub(crate) fn claim(
         let ctl = if rank < peer {
             held.mine.get_mut(peer).and_then(Option::take).ok_or("no socket")?
         } else {
-            let (pid, fd) = (offers[peer].pid as i32, offers[peer].fd(rank));
-            crate::sys::take_descriptor(pid, fd)
+            let (pid, (fd, ino)) = (offers[peer].pid as i32, offers[peer].fd(rank));
+            crate::sys::take_descriptor(pid, fd, ino)
                 .map_err(|e| format!("taking the socket of rank {peer}'s process: {e}"))?
         };
         // Before the second round, so the peer can read it when its link starts.
@@ -198,7 +219,7 @@ mod tests {
 
     #[test]
     fn offers_round_trip_and_decide_alike() {
-        let o = Offer { pid: 77, generation: 3, peers: vec![(0, -1), (0b110, 9), (0b10, -1)] };
+        let o = Offer { pid: 77, generation: 3, peers: vec![(0, -1, 0), (0b110, 9, 1 << 40 | 5), (0b10, -1, 0)] };
         assert_eq!(Offer::decode(&o.encode(3), 3), o);
         assert_eq!(o.encode(3).len(), Offer::bytes(3));
         // Beyond the limit, no per-peer part.
@@ -207,12 +228,16 @@ mod tests {
         assert_eq!(Offer::decode(&big.encode(MAX_LANE_PARENT + 1), MAX_LANE_PARENT + 1), big);
 
         let offers = vec![
-            Offer { pid: 1, generation: 1, peers: vec![(0, -1), (0b10, 5), (0b100, 6)] },
-            Offer { pid: 2, generation: 1, peers: vec![(0b110, -1), (0, -1), (0b10, 7)] },
-            Offer { pid: 3, generation: 1, peers: vec![(0b100, -1), (0b10, -1), (0, -1)] },
+            Offer { pid: 1, generation: 1, peers: vec![(0, -1, 0), (0b10, 5, 1), (0b100, 6, 2)] },
+            Offer { pid: 2, generation: 1, peers: vec![(0b110, -1, 0), (0, -1, 0), (0b10, 7, 3)] },
+            Offer { pid: 3, generation: 1, peers: vec![(0b100, -1, 0), (0b10, -1, 0), (0, -1, 0)] },
         ];
         assert!(possible(&offers, &[0, 1, 2]));
         assert!(possible(&offers, &[2]));
+        // One rank that offers nothing rules lanes out for every new world of the call.
+        let mut one_out = offers.clone();
+        one_out[2] = no_offer(1);
+        assert!(!offered(&one_out) && !possible(&one_out, &[0, 1]));
         let mut no_common = offers.clone();
         no_common[1].peers[0].0 = 0b1000;
         assert!(!possible(&no_common, &[0, 1]));

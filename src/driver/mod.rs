@@ -42,8 +42,10 @@ use crate::sys::{self, EventFd};
 /// cover a peer's reply to a small message; short enough not to starve the peer on a machine
 /// with few cores.
 const SPIN_FOR: Duration = Duration::from_micros(50);
-/// When a spin starts yielding its core now and then (`Driver::drive`).
-const YIELD_AFTER: Duration = Duration::from_micros(5);
+/// When a spin starts yielding its core now and then (`Driver::drive`): later than any reply to
+/// a small message on a healthy machine, which therefore never waits behind a yield (with a
+/// busy thread on the same core, a yield can cost a scheduler slice).
+const YIELD_AFTER: Duration = Duration::from_micros(20);
 /// How long a waiter that does not drive sleeps on its completion before it looks whether it
 /// could drive instead.
 const WAITER_RECHECK: Duration = Duration::from_millis(2);

@@ -23,10 +23,13 @@
 //! costs in all. So a new world is added without waking the thread when nothing needs it
 //! sooner than the thread wakes anyway: the forming thread arms the world's hang-up
 //! descriptors in the thread's `epoll` set itself (a peer that dies wakes the thread at once,
-//! which then finds the world in its inbox), and the thread's next wake-up (`wakes_by`, which
-//! the thread publishes before it sleeps) comes before the world's first heartbeat is due.
-//! Otherwise it is woken as before. A request to serve a world wakes the thread unless a
-//! wake-up is already pending (`Inbox::told`), so a quiet entry never holds one up.
+//! which then finds the world in its inbox), and the thread is awake or sleeps until no later
+//! than the world's first heartbeat (`Inbox::sleep`: the thread sets it under the inbox's lock
+//! just before it sleeps, after looking whether the inbox is empty, and clears it when it
+//! takes the inbox, so a quiet entry is always taken at the thread's next wake-up, which
+//! comes by the instant the forming thread saw). Otherwise it is woken as before. A request to
+//! serve a world wakes the thread unless a wake-up is already pending (`Inbox::told`), so a
+//! quiet entry never holds one up.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -59,11 +62,14 @@ struct Inbox<M> {
     msgs: Vec<M>,
     /// The thread was woken since it last took the inbox: a new message needs no other wake.
     told: bool,
+    /// How the thread sleeps: `None` while it is awake (it looks at the inbox before it sleeps
+    /// again), `Some(None)` with no deadline, `Some(Some(t))` until `t` at the latest.
+    sleep: Option<Option<Instant>>,
 }
 
 impl<M> Default for Inbox<M> {
     fn default() -> Self {
-        Inbox { msgs: Vec::new(), told: false }
+        Inbox { msgs: Vec::new(), told: false, sleep: None }
     }
 }
 
@@ -81,10 +87,29 @@ impl<M> Inbox<M> {
         self.msgs.push(m);
     }
 
-    /// What the thread takes once it consumed its wake-up.
+    /// What the thread takes once it consumed its wake-up; it is awake from now on.
     fn take(&mut self) -> std::vec::Drain<'_, M> {
         self.told = false;
+        self.sleep = None;
         self.msgs.drain(..)
+    }
+
+    /// The thread is about to sleep until `until`: the instant to wait for (now, if the inbox
+    /// holds something already).
+    fn going_to_sleep(&mut self, until: Option<Instant>, now: Instant) -> Option<Instant> {
+        let until = if self.msgs.is_empty() { until } else { Some(now) };
+        self.sleep = Some(until);
+        until
+    }
+
+    /// True when the thread takes this inbox by `due` without a wake-up (always, when there
+    /// is no `due`): it is awake, or sleeps until no later than `due`.
+    fn taken_by(&self, due: Option<Instant>) -> bool {
+        match (self.sleep, due) {
+            (None, _) | (_, None) => true,
+            (Some(None), Some(_)) => false,
+            (Some(Some(t)), Some(d)) => t <= d,
+        }
     }
 }
 
@@ -95,21 +120,6 @@ pub(crate) struct Worker {
     inbox: Mutex<Inbox<Msg>>,
     /// Worlds watched, for placing new ones.
     load: crate::sys::sync::AtomicU64,
-    /// When the thread wakes at the latest from the sleep it is in or about to begin
-    /// (nanoseconds since [`epoch`]; `u64::MAX`: no deadline). A deadline still ahead is a
-    /// timer on the thread's heap that nothing but its firing removes, so the thread wakes by
-    /// then whatever it does meanwhile.
-    wakes_by: crate::sys::sync::AtomicU64,
-}
-
-/// The instant the pool's `wakes_by` count from.
-fn epoch() -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn since_epoch(t: Instant) -> u64 {
-    t.saturating_duration_since(epoch()).as_nanos().min(u64::MAX as u128 - 1) as u64
 }
 
 impl Worker {
@@ -119,13 +129,14 @@ impl Worker {
     pub(crate) fn add(&self, d: Arc<Driver>, watch: &crate::engine::WaitSet) {
         self.load.fetch_add(1, Ordering::Relaxed);
         let key = d.key();
-        if self.wakes_before(watch.deadline)
+        let mut inbox = lock(&self.inbox);
+        if inbox.taken_by(watch.deadline)
             && watch.fds.iter().all(|f| self.epoll.watch_once(f.fd, f.events, key).is_ok())
         {
-            lock(&self.inbox).push_quietly(Msg::Add(d));
+            inbox.push_quietly(Msg::Add(d));
             return;
         }
-        self.send(Msg::Add(d));
+        self.push(&mut inbox, Msg::Add(d));
     }
 
     /// Asks for the world `d` to be served, unless it already waits in the inbox.
@@ -140,17 +151,6 @@ impl Worker {
         }
         d.queued.store(true, Ordering::Relaxed);
         self.push(&mut inbox, Msg::Serve(d.key()));
-    }
-
-    /// True when the thread wakes by `due` anyway (always, when there is no `due`).
-    fn wakes_before(&self, due: Option<Instant>) -> bool {
-        let Some(due) = due else { return true };
-        let wakes_by = self.wakes_by.load(Ordering::Acquire);
-        wakes_by > since_epoch(Instant::now()) && wakes_by <= since_epoch(due)
-    }
-
-    fn send(&self, m: Msg) {
-        self.push(&mut lock(&self.inbox), m);
     }
 
     /// Pushes a message with the inbox locked; wakes the thread unless it was woken since it
@@ -191,13 +191,7 @@ fn start_worker(i: usize) -> std::io::Result<Arc<Worker>> {
     let epoll = Epoll::new()?;
     let wake = EventFd::new()?;
     epoll.watch(wake.fd(), libc::POLLIN, WAKE_KEY)?;
-    let w = Arc::new(Worker {
-        epoll,
-        wake,
-        inbox: Mutex::new(Inbox::default()),
-        load: Default::default(),
-        wakes_by: crate::sys::sync::AtomicU64::new(0),
-    });
+    let w = Arc::new(Worker { epoll, wake, inbox: Mutex::new(Inbox::default()), load: Default::default() });
     let me = w.clone();
     std::thread::Builder::new().name(format!("mw-progress-{i}")).spawn(move || run(&me))?;
     Ok(w)
@@ -220,7 +214,7 @@ pub(crate) fn home(due: Option<Instant>) -> Result<Arc<Worker>> {
     }
     // The least loaded of the threads that wake before the world's first timer anyway (it is
     // then added without a wake-up), else the least loaded.
-    let load = |w: &&Arc<Worker>| (!w.wakes_before(due), w.load.load(Ordering::Relaxed));
+    let load = |w: &&Arc<Worker>| (!lock(&w.inbox).taken_by(due), w.load.load(Ordering::Relaxed));
     let w = workers.iter().min_by_key(load).expect("at least one thread");
     Ok(w.clone())
 }
@@ -291,8 +285,9 @@ fn run(me: &Worker) {
 
 impl State<'_> {
     fn round(&mut self, keys: &mut Vec<u64>) {
-        let wait_until = if self.again.is_empty() { self.next_wake() } else { Some(Instant::now()) };
-        self.me.wakes_by.store(wait_until.map_or(u64::MAX, since_epoch), Ordering::Release);
+        let now = Instant::now();
+        let wait_until = if self.again.is_empty() { self.next_wake() } else { Some(now) };
+        let wait_until = lock(&self.me.inbox).going_to_sleep(wait_until, now);
         keys.clear();
         self.me.epoll.wait(keys, wait_until);
         self.due.append(&mut self.again);

@@ -427,8 +427,9 @@ pub(crate) fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 /// A copy of descriptor `fd` of process `pid` (`pidfd_open` then `pidfd_getfd`, Linux 5.6; the
 /// kernel asks for the right to trace `pid`, as for cross-memory reads), checked to be a Unix
 /// socket that `pid` made (its peer credentials): a pid that names another process (another pid namespace, or a pid
-/// reused) is refused rather than trusted.
-pub(crate) fn take_descriptor(pid: i32, fd: i32) -> io::Result<OwnedFd> {
+/// reused) is refused rather than trusted, and so is a descriptor whose inode is not `ino`
+/// (the number was closed and reused).
+pub(crate) fn take_descriptor(pid: i32, fd: i32, ino: u64) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes no pointers; the result is checked.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {
@@ -462,7 +463,24 @@ pub(crate) fn take_descriptor(pid: i32, fd: i32) -> io::Result<OwnedFd> {
     if cred.pid != pid {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "the socket was made by another process"));
     }
+    if inode(got.as_raw_fd())? != ino {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the descriptor names another socket than the one offered",
+        ));
+    }
     Ok(got)
+}
+
+/// The inode number of what `fd` refers to (a socket's is unique while it is open).
+pub(crate) fn inode(fd: RawFd) -> io::Result<u64> {
+    // SAFETY: a zeroed stat is a valid out-buffer for fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the live stat above.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_ino)
 }
 
 /// One `send(2)` that never waits and never raises `SIGPIPE` (a doorbell byte).

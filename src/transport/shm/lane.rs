@@ -62,21 +62,22 @@ impl LaneSource {
         if !(1..LANES).contains(&lane) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("no lane {lane}")));
         }
-        if !claim_word(self.state(lane), self.side, tag) {
-            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("lane {lane} is held by another world")));
-        }
-        let claim = LaneClaim { source: self.clone(), lane };
-        // Reserved once per lane and segment; both sides may populate at once, which is fine.
+        // Reserved once per lane and segment, before the claim: a full `/dev/shm` then fails
+        // here with nothing changed (populating writes nothing the program can see, so it is
+        // harmless on a lane another world holds, and both sides may do it at once).
         let reserved = self.state(0);
         if reserved.load(Ordering::Acquire) & 1 << lane == 0 {
             for r in segment::small_parts(lane) {
                 // SAFETY: the range lies in the segment's writable shared mapping, page-aligned
-                // (`small_parts`); populating changes nothing the program can see.
+                // (`small_parts`).
                 unsafe { crate::sys::populate(self.seg.ptr(r.start), r.len()) }?;
             }
             reserved.fetch_or(1 << lane, Ordering::AcqRel);
         }
-        Ok(claim)
+        if !claim_word(self.state(lane), self.side, tag) {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("lane {lane} is held by another world")));
+        }
+        Ok(LaneClaim { source: self.clone(), lane })
     }
 }
 
@@ -104,9 +105,13 @@ impl LaneClaim {
             // uses any more: both released the lane.
             let _ = unsafe { crate::sys::discard(seg.ptr(at + part.start), part.len()) };
         }
-        for r in segment::small_parts(self.lane) {
-            // SAFETY: as above; these pages were reserved when the lane was claimed.
-            unsafe { std::ptr::write_bytes(seg.ptr(r.start), 0, r.len()) };
+        // Only pages known to be reserved are written (an unbacked page of a full `/dev/shm`
+        // would raise SIGBUS); a claim reserves them before it can hold the lane.
+        if self.source.state(0).load(Ordering::Acquire) & 1 << self.lane != 0 {
+            for r in segment::small_parts(self.lane) {
+                // SAFETY: as above; these pages are reserved (the bit above).
+                unsafe { std::ptr::write_bytes(seg.ptr(r.start), 0, r.len()) };
+            }
         }
     }
 }
