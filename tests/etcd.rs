@@ -23,6 +23,7 @@ fn worker() {
         ("form_then_leave", form_then_leave),
         ("watch_gone", watch_gone),
         ("etcd_stopped", etcd_stopped),
+        ("register_and_die", register_and_die),
     ]);
 }
 
@@ -351,4 +352,91 @@ fn the_c_api_forms_through_etcd() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(sums, [3.0, 3.0]);
+}
+
+/// Two ranks of a 3-rank world `w` register (two managers in this process), then the process
+/// is killed before the third comes: their registrations wait out the lease.
+fn register_and_die(ctx: &Ctx) {
+    let url = ctx.env("MW_TEST_ETCD");
+    for r in 0..2 {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let m = WorldManager::new();
+            let _ = m.init_world_at("w", &url, r, 3);
+            std::thread::sleep(Duration::from_secs(600));
+        });
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let worlds = multiworld::etcd::list(&url, Duration::from_secs(2)).unwrap();
+        if worlds.iter().any(|w| w.name == "w" && w.members.len() == 2) {
+            break;
+        }
+        assert!(Instant::now() < end, "the two ranks did not register: {worlds:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("registered");
+    // SAFETY: kill(2) on this very process.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+}
+
+#[test]
+fn ranks_left_registered_by_a_dead_process_do_not_keep_a_world_from_forming() {
+    let Some(etcd) = Server::start("ranks_left_registered_by_a_dead_process_do_not_keep_a_world_from_forming") else {
+        return;
+    };
+    let e = env(&etcd.url("t8"), "w");
+    let mut dead = spawn("register_and_die", 0, 1, &e, &[]);
+    let status = dead.wait_for(Duration::from_secs(60)).expect("the process ends");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{}", dead.log_text());
+    // At once, while the dead ranks' registrations still live: a fresh set of three forms.
+    let mut procs: Vec<_> = (0..3).map(|r| spawn("form", r, 3, &e, &[])).collect();
+    let gens = generations(&finish(&mut procs, Duration::from_secs(60)));
+    assert_eq!(gens.len(), 3);
+    assert!(gens.iter().all(|g| *g == gens[0] && *g > 1), "{gens:?}");
+}
+
+#[test]
+fn a_stopped_first_endpoint_does_not_take_the_deadline() {
+    let Some(etcd) = Server::start("a_stopped_first_endpoint_does_not_take_the_deadline") else { return };
+    // An endpoint that accepts connections and never answers, listed first.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("etcd://{},127.0.0.1:{}/t9", hung.local_addr().unwrap(), etcd.port);
+    let m = WorldManager::new();
+    let opts = WorldOptions::default().with_timeout(Duration::from_secs(10));
+    let t = Instant::now();
+    let w = m.init_world_with("solo", Rendezvous::Address(url), 0, 1, &opts).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(w.size(), 1);
+}
+
+#[test]
+fn a_rank_waiting_in_a_generation_that_another_size_overtook_forms_in_a_later_one() {
+    let Some(etcd) = Server::start("a_rank_waiting_in_a_generation_that_another_size_overtook_forms_in_a_later_one")
+    else {
+        return;
+    };
+    let url = etcd.url("t10");
+    let opts = WorldOptions::default().with_timeout(Duration::from_secs(20));
+    let managers: Vec<WorldManager> = (0..5).map(|_| WorldManager::new()).collect();
+    std::thread::scope(|s| {
+        // Rank 0 of a 2-rank world registers first and waits.
+        let a0 = s.spawn(|| managers[0].init_world_with("w", Rendezvous::Address(url.clone()), 0, 2, &opts));
+        std::thread::sleep(Duration::from_millis(500));
+        // A 3-rank world of the same name forms and seals a later generation.
+        let three: Vec<_> = (0..3)
+            .map(|r| {
+                let (m, url, opts) = (&managers[1 + r], url.clone(), &opts);
+                s.spawn(move || m.init_world_with("w", Rendezvous::Address(url), r, 3, opts))
+            })
+            .collect();
+        for t in three {
+            t.join().unwrap().unwrap();
+        }
+        // Then rank 1 of the 2-rank world: both form, in a generation after the sealed one.
+        let b1 = managers[4].init_world_with("w", Rendezvous::Address(url.clone()), 1, 2, &opts).unwrap();
+        let b0 = a0.join().unwrap().unwrap();
+        assert_eq!(b0.generation(), b1.generation());
+        assert!(b0.generation() > 2, "{}", b0.generation());
+    });
 }

@@ -1,7 +1,10 @@
 //! etcd's v3 API through its JSON gateway (`/v3/kv/range`, `/v3/kv/txn`, `/v3/lease/...`,
 //! `/v3/watch`): keys and values travel base64-encoded, 64-bit numbers as strings. A call goes
-//! to the endpoints in turn until one answers; while none does, it tries again until its
-//! deadline, and then names them all and the last error.
+//! to the endpoints in turn, starting with the one that answered last, each given at most
+//! [`ATTEMPT`] (so that a stopped or unreachable member cannot take the whole deadline), until
+//! one answers; an answer that says the member cannot serve now (no leader, overloaded, a 5xx)
+//! counts as no answer. While none answers, it tries again until its deadline, and then names
+//! them all and the last error.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -10,13 +13,38 @@ use serde_json::{json, Value};
 
 use super::http;
 use crate::bootstrap::exec;
-use crate::sys::sync::AtomicBool;
+use crate::sys::sync::{AtomicBool, AtomicU32, Ordering};
+
+/// The longest one endpoint is given for one request.
+const ATTEMPT: Duration = Duration::from_secs(1);
 
 /// An etcd cluster, by its client endpoints.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug)]
 pub(crate) struct Client {
     pub endpoints: Vec<SocketAddr>,
+    /// The endpoint that answered last: the next call starts there.
+    good: AtomicU32,
 }
+
+impl Client {
+    pub(crate) fn new(endpoints: Vec<SocketAddr>) -> Client {
+        Client { endpoints, good: AtomicU32::new(0) }
+    }
+}
+
+impl Clone for Client {
+    fn clone(&self) -> Client {
+        Client::new(self.endpoints.clone())
+    }
+}
+
+impl PartialEq for Client {
+    fn eq(&self, other: &Client) -> bool {
+        self.endpoints == other.endpoints
+    }
+}
+
+impl Eq for Client {}
 
 /// Why a call failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,12 +85,15 @@ pub(crate) enum Cmp<'a> {
     Present(&'a str),
     /// The key was last changed at this revision (0: it does not exist).
     ModRevision(&'a str, i64),
+    /// The key holds this value.
+    Value(&'a str, &'a [u8]),
 }
 
 /// One operation of a transaction.
 pub(crate) enum Op<'a> {
     /// Puts `value` at the key, bound to a lease (0: none).
     Put(&'a str, &'a [u8], i64),
+    Delete(&'a str),
 }
 
 /// A change seen by a watch.
@@ -152,20 +183,41 @@ impl Client {
         let body = req.to_string();
         let mut backoff = Duration::from_millis(5);
         let mut last = String::from("no endpoint");
+        let n = self.endpoints.len();
         loop {
-            for &e in &self.endpoints {
+            let first = self.good.load(Ordering::Relaxed) as usize;
+            for i in (0..n).map(|k| (first + k) % n) {
+                let e = self.endpoints[i];
                 if crate::bootstrap::addr::is_cancelled(cancel) {
                     return Err(CallError::Abandoned);
                 }
-                match http::post(e, path, body.as_bytes(), deadline, cancel).await {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                match http::post(e, path, body.as_bytes(), deadline.min(now + ATTEMPT), cancel).await {
                     Ok(r) => {
-                        let v: Value = serde_json::from_slice(&r.body).map_err(|err| {
-                            CallError::Refused(format!("{e} answered {} with no JSON ({err})", r.status))
-                        })?;
-                        if r.status != 200 {
-                            let msg = v.get("message").or_else(|| v.get("error")).and_then(Value::as_str);
-                            return Err(CallError::Refused(format!("{e}: {}", msg.unwrap_or("error"))));
+                        let parsed: Option<Value> = serde_json::from_slice(&r.body).ok();
+                        let msg = parsed
+                            .as_ref()
+                            .and_then(|v| v.get("message").or_else(|| v.get("error")))
+                            .and_then(Value::as_str)
+                            .unwrap_or("error")
+                            .to_owned();
+                        // gRPC's Unavailable (14), DeadlineExceeded (4), ResourceExhausted (8):
+                        // this member cannot serve now; another may.
+                        let code = parsed.as_ref().and_then(|v| v.get("code")).and_then(Value::as_i64);
+                        if r.status >= 500 || matches!(code, Some(4 | 8 | 14)) {
+                            last = format!("{e}: {msg}");
+                            continue;
                         }
+                        let Some(v) = parsed else {
+                            return Err(CallError::Refused(format!("{e} answered {} with no JSON", r.status)));
+                        };
+                        if r.status != 200 {
+                            return Err(CallError::Refused(format!("{e}: {msg}")));
+                        }
+                        self.good.store(i as u32, Ordering::Relaxed);
                         return Ok(v);
                     }
                     Err(err) if err.kind() == std::io::ErrorKind::Interrupted => return Err(CallError::Abandoned),
@@ -214,6 +266,7 @@ impl Client {
                 Cmp::ModRevision(k, r) => {
                     json!({ "key": b64(k.as_bytes()), "target": "MOD", "mod_revision": r.to_string() })
                 }
+                Cmp::Value(k, v) => json!({ "key": b64(k.as_bytes()), "target": "VALUE", "value": b64(v) }),
             })
             .collect();
         let success: Vec<Value> = ops.iter().map(op_json).collect();
@@ -243,8 +296,13 @@ impl Client {
     }
 
     /// A new lease of `ttl` seconds; its id.
-    pub(crate) async fn grant(&self, ttl: u64, deadline: Instant) -> Result<i64, CallError> {
-        let v = self.call("/v3/lease/grant", &json!({ "TTL": ttl.to_string() }), deadline, None).await?;
+    pub(crate) async fn grant(
+        &self,
+        ttl: u64,
+        deadline: Instant,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<i64, CallError> {
+        let v = self.call("/v3/lease/grant", &json!({ "TTL": ttl.to_string() }), deadline, cancel).await?;
         match v.get("ID").map_or(0, num) {
             0 => Err(CallError::Refused(format!("no lease granted: {v}"))),
             id => Ok(id),
@@ -269,14 +327,37 @@ impl Client {
             "key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix)), "start_revision": from.to_string() } });
         let body = req.to_string();
         let mut last = String::from("no endpoint");
-        for &e in &self.endpoints {
-            match http::post_stream(e, "/v3/watch", body.as_bytes(), deadline, cancel).await {
-                Ok(s) if s.status == 200 => return Ok(Watch { stream: s }),
-                Ok(s) => last = format!("{e}: status {}", s.status),
-                Err(err) => last = format!("{e}: {err}"),
+        let mut backoff = Duration::from_millis(5);
+        let n = self.endpoints.len();
+        loop {
+            let first = self.good.load(Ordering::Relaxed) as usize;
+            for i in (0..n).map(|k| (first + k) % n) {
+                let e = self.endpoints[i];
+                if crate::bootstrap::addr::is_cancelled(cancel) {
+                    return Err(CallError::Abandoned);
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                // Only the headers within one attempt's time; the stream then lives on.
+                match http::post_stream(e, "/v3/watch", body.as_bytes(), deadline.min(now + ATTEMPT), cancel).await {
+                    Ok(s) if s.status == 200 => {
+                        self.good.store(i as u32, Ordering::Relaxed);
+                        return Ok(Watch { stream: s });
+                    }
+                    Ok(s) => last = format!("{e}: status {}", s.status),
+                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => return Err(CallError::Abandoned),
+                    Err(err) => last = format!("{e}: {err}"),
+                }
             }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(CallError::Unreachable(format!("watching: {last}")));
+            }
+            exec::sleep_until((now + backoff).min(deadline)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
         }
-        Err(CallError::Unreachable(last))
     }
 }
 
@@ -285,6 +366,7 @@ fn op_json(op: &Op<'_>) -> Value {
         Op::Put(k, v, lease) => {
             json!({ "request_put": { "key": b64(k.as_bytes()), "value": b64(v), "lease": lease.to_string() } })
         }
+        Op::Delete(k) => json!({ "request_delete_range": { "key": b64(k.as_bytes()) } }),
     }
 }
 
@@ -304,6 +386,10 @@ impl Watch {
         let Some(line) = self.stream.next_line(deadline, cancel).await? else { return Ok(None) };
         let v: Value = serde_json::from_slice(&line)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("watch: {e}")))?;
+        // A watch etcd cancelled (its start revision compacted away, say) is over.
+        if v.pointer("/result/canceled").and_then(Value::as_bool) == Some(true) || v.get("error").is_some() {
+            return Ok(None);
+        }
         let events = v.pointer("/result/events").and_then(Value::as_array).cloned().unwrap_or_default();
         Ok(Some(
             events

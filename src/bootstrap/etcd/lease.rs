@@ -49,15 +49,21 @@ struct Tracked {
     reg: Registration,
     world: Weak<WorldInner>,
     events: Weak<EventQueue>,
-    /// Members already reported gone.
+    /// Members reported gone and not seen again since.
     gone: BTreeSet<usize>,
+    /// The key must be put again (under the current lease, which replaced the one it was put
+    /// under); retried every tick until it is.
+    put_again: bool,
 }
 
-/// The lease of this process on `client`'s cluster.
+/// The lease of this process on `client`'s cluster (the same for any order of its endpoints).
 pub(crate) fn for_cluster(client: &Client) -> Arc<Lease> {
-    static LEASES: std::sync::OnceLock<Mutex<HashMap<Client, Arc<Lease>>>> = std::sync::OnceLock::new();
+    static LEASES: std::sync::OnceLock<Mutex<HashMap<Vec<std::net::SocketAddr>, Arc<Lease>>>> =
+        std::sync::OnceLock::new();
+    let mut key = client.endpoints.clone();
+    key.sort();
     let mut all = lock(LEASES.get_or_init(|| Mutex::new(HashMap::new())));
-    all.entry(client.clone())
+    all.entry(key)
         .or_insert_with(|| Arc::new(Lease { client: client.clone(), ttl: ttl(), state: Mutex::new(State::default()) }))
         .clone()
 }
@@ -95,29 +101,28 @@ impl Registration {
     /// `events`.
     pub(crate) fn track(self, world: Weak<WorldInner>, events: Weak<EventQueue>) {
         let lease = self.lease.clone();
-        lock(&lease.state).tracked.push(Tracked { reg: self, world, events, gone: BTreeSet::new() });
+        let t = Tracked { reg: self, world, events, gone: BTreeSet::new(), put_again: false };
+        lock(&lease.state).tracked.push(t);
     }
 }
 
 impl Lease {
-    /// The lease's id, granted now if there is none yet (the first formation on the cluster),
-    /// which also starts its keeper.
-    pub(crate) async fn id(
-        self: &Arc<Self>,
-        deadline: Instant,
-        _cancel: Option<&AtomicBool>,
-    ) -> Result<i64, CallError> {
+    /// The lease's id, granted now if there is none yet (the first formation on the cluster,
+    /// or after [`Lease::invalidate`]), which also starts its keeper.
+    pub(crate) async fn id(self: &Arc<Self>, deadline: Instant, cancel: Option<&AtomicBool>) -> Result<i64, CallError> {
         let have = lock(&self.state).id;
         if have != 0 {
             return Ok(have);
         }
-        let id = self.client.grant(self.ttl, deadline).await?;
-        let start = {
+        let granted = self.client.grant(self.ttl, deadline, cancel).await?;
+        let (id, start) = {
             let mut s = lock(&self.state);
+            // Another formation may have granted one meanwhile: one lease per process (the
+            // other expires unused).
             if s.id == 0 {
-                s.id = id;
+                s.id = granted;
             }
-            !std::mem::replace(&mut s.keeper, true)
+            (s.id, !std::mem::replace(&mut s.keeper, true))
         };
         if start {
             let me = Arc::downgrade(self);
@@ -127,17 +132,17 @@ impl Lease {
                 warn!("etcd: cannot start the lease keeper ({e}); registrations expire after {} s", self.ttl);
             }
         }
-        Ok(lock(&self.state).id)
+        Ok(id)
     }
-}
 
-impl Lease {
     /// Forgets lease `id`, which etcd no longer knows (it expired while etcd or this process
-    /// was stopped): the next [`Lease::id`] grants a new one.
+    /// was stopped): the next [`Lease::id`] grants a new one, and the keeper puts this
+    /// process's registrations again under it.
     pub(crate) fn invalidate(&self, id: i64) {
         let mut s = lock(&self.state);
         if s.id == id {
             s.id = 0;
+            s.tracked.iter_mut().for_each(|t| t.put_again = true);
         }
     }
 }
@@ -157,17 +162,19 @@ fn keep(lease: Weak<Lease>) {
         std::thread::sleep(period);
         let deadline = Instant::now() + period;
         let id = lock(&l.state).id;
-        match block_on(l.client.keepalive(id, deadline)) {
+        let alive = match id {
+            0 => Ok(0),
+            id => block_on(l.client.keepalive(id, deadline)),
+        };
+        match alive {
             Ok(ttl) if ttl > 0 => complained = false,
             Ok(_) => {
-                warn!("etcd: this process's lease expired (etcd or this process was stopped); taking a new one");
-                if let Ok(new) = block_on(l.client.grant(l.ttl, deadline)) {
-                    lock(&l.state).id = new;
-                    let again: Vec<(String, Vec<u8>)> =
-                        lock(&l.state).tracked.iter().map(|t| (t.reg.key.clone(), t.reg.value.clone())).collect();
-                    for (k, v) in again {
-                        let _ = block_on(l.client.put(&k, &v, new, deadline, None));
-                    }
+                if id != 0 {
+                    warn!("etcd: this process's lease expired (etcd or this process was stopped); taking a new one");
+                }
+                l.invalidate(id);
+                if block_on(l.id(deadline, None)).is_err() {
+                    continue;
                 }
             }
             Err(e) => {
@@ -178,26 +185,53 @@ fn keep(lease: Weak<Lease>) {
                 continue;
             }
         }
+        put_again(&l, deadline);
         tend(&l, deadline);
     }
 }
 
-/// Deletes the registrations of worlds gone, and reports members whose registration vanished.
+/// Puts the registrations whose lease was replaced again, under the current one.
+fn put_again(l: &Lease, deadline: Instant) {
+    let (id, todo): (i64, Vec<(String, Vec<u8>)>) = {
+        let s = lock(&l.state);
+        (s.id, s.tracked.iter().filter(|t| t.put_again).map(|t| (t.reg.key.clone(), t.reg.value.clone())).collect())
+    };
+    for (k, v) in todo {
+        if block_on(l.client.put(&k, &v, id, deadline, None)).is_ok() {
+            let mut s = lock(&l.state);
+            if s.id == id {
+                s.tracked.iter_mut().filter(|t| t.reg.key == k).for_each(|t| t.put_again = false);
+            }
+        }
+    }
+}
+
+/// Deletes the registrations of worlds gone (those whose delete fails stay for the next tick),
+/// and reports members whose registration vanished.
 fn tend(l: &Lease, deadline: Instant) {
     let (gone, alive): (Vec<Tracked>, Vec<Tracked>) = std::mem::take(&mut lock(&l.state).tracked)
         .into_iter()
         .partition(|t| t.world.upgrade().is_none_or(|w| w.removed.load(Ordering::Acquire)));
     lock(&l.state).tracked.extend(alive);
     for t in gone {
-        let _ = block_on(l.client.delete(&t.reg.key, deadline, None));
+        if block_on(l.client.delete(&t.reg.key, deadline, None)).is_err() {
+            lock(&l.state).tracked.push(t);
+        }
     }
-    let dirs: Vec<String> = lock(&l.state).tracked.iter().map(|t| t.reg.gen_dir.clone()).collect();
+    let dirs: Vec<String> = lock(&l.state)
+        .tracked
+        .iter()
+        .filter(|t| t.world.upgrade().is_some_and(|w| !w.removed.load(Ordering::Acquire)))
+        .map(|t| t.reg.gen_dir.clone())
+        .collect();
     for dir in dirs {
         let Ok((_, kvs)) = block_on(l.client.range_prefix(&format!("{dir}rank/"), deadline, None)) else { continue };
         let present: BTreeSet<usize> =
             kvs.iter().filter_map(|kv| kv.key.rsplit('/').next().and_then(|r| r.parse().ok())).collect();
         let mut st = lock(&l.state);
         for t in st.tracked.iter_mut().filter(|t| t.reg.gen_dir == dir) {
+            // A member seen again (its process re-registered after an expiry) may go again.
+            t.gone.retain(|r| !present.contains(r));
             let newly: Vec<usize> =
                 (0..t.reg.size).filter(|r| *r != t.reg.rank && !present.contains(r) && !t.gone.contains(r)).collect();
             for r in newly {

@@ -39,6 +39,7 @@ use super::root::{door_address, Table};
 use super::{connect_links, formation_err, Formed, JoinSpec};
 use crate::api::error::{Error, ErrorKind, Result};
 use crate::sys;
+use crate::sys::sync::Arc;
 use client::{Cmp, Kv, Op};
 
 /// Where a world forms through etcd.
@@ -69,7 +70,7 @@ impl Target {
         }
         let prefix = prefix.trim_matches('/');
         let prefix = if prefix.is_empty() { "multiworld".to_owned() } else { prefix.to_owned() };
-        Ok(Target { client: Client { endpoints }, prefix })
+        Ok(Target { client: Client::new(endpoints), prefix })
     }
 
     /// The target in words, for messages.
@@ -174,7 +175,7 @@ impl View {
     }
 
     /// The last sealed generation (0: none).
-    fn last_sealed(&self) -> u32 {
+    pub(crate) fn last_sealed(&self) -> u32 {
         self.gens.iter().filter(|(_, g)| g.sealed).map(|(n, _)| *n).max().unwrap_or(0)
     }
 
@@ -217,93 +218,161 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
 }
 
+/// How one attempt at a generation ended, short of forming.
+enum Attempt {
+    /// Try again in another generation, if time is left: this one cannot form (a later one
+    /// was sealed, its maker or this rank's registration vanished, a peer could not be
+    /// reached once it was sealed).
+    Again(Error),
+    Fail(Error),
+}
+
+/// The error of an etcd call during the formation of `name` by `rank`.
+fn call_error(name: &str, rank: usize, at: &str, e: CallError) -> Error {
+    let msg = formation_err(name, rank, format!("through {at}: {e}"));
+    match e {
+        CallError::Unreachable(_) => Error::timeout(msg),
+        CallError::Abandoned | CallError::Refused(_) => Error::new(ErrorKind::System, msg),
+    }
+}
+
+/// Where to listen for peers: the configured interface (`WorldOptions::interface`,
+/// `MW_SOCKET_IFNAME`), else the address this host reaches etcd from, unless that is loopback
+/// (a local etcd or proxy says nothing of how peers reach this host), else the first
+/// interface that is up.
+fn listen_ip(spec: &JoinSpec, client: &Client) -> Result<std::net::IpAddr> {
+    let configured =
+        spec.interface.clone().or_else(|| std::env::var("MW_SOCKET_IFNAME").ok()).filter(|s| !s.is_empty());
+    if configured.is_some() {
+        return super::addr::default_ip(configured.as_deref());
+    }
+    match client.endpoints.first().and_then(|e| local_ip_toward(*e)) {
+        Some(ip) if !ip.is_loopback() => Ok(ip),
+        _ => super::addr::default_ip(None),
+    }
+}
+
 /// Joins a world through etcd (`Rendezvous::Etcd`): registration, the wait for every rank,
-/// then links as in any formation. A task of the formation thread, bounded by `spec.timeout`.
+/// then links as in any formation; again in a later generation when one cannot form. A task
+/// of the formation thread, bounded by `spec.timeout`.
 pub(crate) async fn join(spec: &JoinSpec, target: &Target) -> Result<Formed> {
     let deadline = Instant::now() + spec.timeout;
-    let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
+    let (name, rank) = (spec.name.as_str(), spec.rank);
     let cancel = Some(&*spec.cancel);
     let at = target.describe();
-    let fail = |e: CallError| -> Error {
-        let msg = formation_err(name, rank, format!("through {at}: {e}"));
-        match e {
-            CallError::Unreachable(_) => Error::timeout(msg),
-            CallError::Abandoned => Error::new(ErrorKind::System, msg),
-            CallError::Refused(_) => Error::new(ErrorKind::System, msg),
-        }
-    };
-    let client = &target.client;
-    let lease = lease::for_cluster(client);
-    let mut lease_id = lease.id(deadline, cancel).await.map_err(fail)?;
-    let local_ip = match &spec.interface {
-        Some(i) => super::addr::interface_ip(i)?,
-        None => client
-            .endpoints
-            .first()
-            .and_then(|e| local_ip_toward(*e))
-            .map_or_else(|| super::addr::default_ip(None), Ok)?,
-    };
-    let listener = super::addr::listen_any_port(local_ip)?;
-    let my_addr = listener.local_addr().map_err(|e| Error::system("listener address", e))?;
-    let me = json!({
-        "addr": my_addr.to_string(),
-        "host": sys::host_identity(),
-        "door": door_address(local_ip)?.to_string(),
-        "pid": std::process::id(),
-        "hostname": hostname(),
-        "size": size,
-    })
-    .to_string();
+    let lease = lease::for_cluster(&target.client);
+    lease.id(deadline, cancel).await.map_err(|e| call_error(name, rank, &at, e))?;
+    let ip = listen_ip(spec, &target.client)?;
     let keys = Keys::new(&target.prefix, name);
-
-    // Register in an open generation, or allocate the next one.
-    let (gen, mut view) = loop {
-        let (_, kvs) = client.range_prefix(&keys.world, deadline, cancel).await.map_err(fail)?;
-        let view = View::parse(&keys, &kvs);
-        if let Some(g) = view.open_for(rank, size) {
-            let (sealed, mine, meta) = (keys.sealed(g), keys.rank(g, rank), keys.meta(g));
-            let cmps = [Cmp::Absent(&sealed), Cmp::Absent(&mine), Cmp::Present(&meta)];
-            match client.txn(&cmps, &[Op::Put(&mine, me.as_bytes(), lease_id)], deadline, cancel).await {
-                Ok(true) => break (g, view),
-                Ok(false) => continue,
-                // The lease expired while etcd or this process was stopped: take a new one.
-                Err(e) if lease::lease_gone(&e) => {
-                    lease.invalidate(lease_id);
-                    lease_id = lease.id(deadline, cancel).await.map_err(fail)?;
-                    continue;
+    loop {
+        let listener = super::addr::listen_any_port(ip)?;
+        let my_addr = listener.local_addr().map_err(|e| Error::system("listener address", e))?;
+        // The nonce tells this attempt's registration from any other with the same rank.
+        let me = json!({
+            "addr": my_addr.to_string(),
+            "host": sys::host_identity(),
+            "door": door_address(ip)?.to_string(),
+            "pid": std::process::id(),
+            "hostname": hostname(),
+            "size": spec.size,
+            "nonce": sys::random_u64().to_string(),
+        })
+        .to_string();
+        let (gen, key) = register(spec, target, &keys, &lease, me.as_bytes(), deadline).await?;
+        info!("world '{name}' rank {rank}: registered in generation {gen} at {at}");
+        let attempt = wait_and_link(spec, target, &keys, gen, me.as_bytes(), listener, deadline).await;
+        match attempt {
+            Ok(mut formed) => {
+                let dir = keys.gen(gen);
+                formed.etcd =
+                    Some(Registration::new(lease.clone(), key, me.into_bytes(), name, gen, rank, spec.size, dir));
+                return Ok(formed);
+            }
+            Err(a) => {
+                // Leave the generation (best effort, and only this attempt's key): a rank that
+                // gave up must not be counted.
+                unregister(&target.client, &key, me.as_bytes()).await;
+                match a {
+                    Attempt::Again(e) if Instant::now() < deadline && !super::addr::is_cancelled(cancel) => {
+                        info!("world '{name}' rank {rank}: forming again in another generation ({e})");
+                    }
+                    Attempt::Again(e) | Attempt::Fail(e) => return Err(e),
                 }
-                Err(e) => return Err(fail(e)),
             }
         }
-        let next = view.counter + 1;
-        let mut secret = [0u8; 32];
-        sys::random_bytes(&mut secret).map_err(|e| Error::system("random secret", e))?;
-        let meta =
-            json!({ "world_id": sys::random_u64().to_string(), "secret": hex(&secret), "size": size }).to_string();
-        let (counter, meta_key, next_text) = (keys.counter(), keys.meta(next), next.to_string());
-        let ops = [Op::Put(&counter, next_text.as_bytes(), 0), Op::Put(&meta_key, meta.as_bytes(), lease_id)];
-        match client.txn(&[Cmp::ModRevision(&counter, view.counter_rev)], &ops, deadline, cancel).await {
-            Ok(_) => {}
+    }
+}
+
+/// Deletes `key` if it still holds `value` (this attempt's registration, not a later one's).
+async fn unregister(client: &Client, key: &str, value: &[u8]) {
+    let quick = Instant::now() + std::time::Duration::from_secs(1);
+    let _ = client.txn(&[Cmp::Value(key, value)], &[Op::Delete(key)], quick, None).await;
+}
+
+/// Registers this rank (value `me`) in an open generation, or allocates the next one with its
+/// registration in it; the generation and the key.
+async fn register(
+    spec: &JoinSpec,
+    target: &Target,
+    keys: &Keys,
+    lease: &Arc<lease::Lease>,
+    me: &[u8],
+    deadline: Instant,
+) -> Result<(u32, String)> {
+    let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
+    let cancel = Some(&*spec.cancel);
+    let (client, at) = (&target.client, target.describe());
+    let fail = |e| call_error(name, rank, &at, e);
+    let nonce = serde_json::from_slice::<Value>(me).ok().and_then(|v| v.get("nonce").cloned());
+    let mut lease_id = lease.id(deadline, cancel).await.map_err(fail)?;
+    loop {
+        let (_, kvs) = client.range_prefix(&keys.world, deadline, cancel).await.map_err(fail)?;
+        let view = View::parse(keys, &kvs);
+        // A transaction that was applied although its answer was lost (the call retried it).
+        if let Some((g, _)) =
+            view.gens.iter().find(|(_, g)| g.ranks.get(&rank).and_then(|v| v.get("nonce")) == nonce.as_ref())
+        {
+            return Ok((*g, keys.rank(*g, rank)));
+        }
+        let (g, key, r) = match view.open_for(rank, size) {
+            Some(g) => {
+                let (sealed, mine, meta) = (keys.sealed(g), keys.rank(g, rank), keys.meta(g));
+                let cmps = [Cmp::Absent(&sealed), Cmp::Absent(&mine), Cmp::Present(&meta)];
+                let r = client.txn(&cmps, &[Op::Put(&mine, me, lease_id)], deadline, cancel).await;
+                (g, mine, r)
+            }
+            None => {
+                // The next generation, with its meta and this rank in it, by compare-and-swap
+                // on the counter.
+                let next = view.counter + 1;
+                let mut secret = [0u8; 32];
+                sys::random_bytes(&mut secret).map_err(|e| Error::system("random secret", e))?;
+                let meta = json!({ "world_id": sys::random_u64().to_string(), "secret": hex(&secret), "size": size });
+                let meta = meta.to_string();
+                let (counter, meta_key, mine, text) =
+                    (keys.counter(), keys.meta(next), keys.rank(next, rank), next.to_string());
+                let ops = [
+                    Op::Put(&counter, text.as_bytes(), 0),
+                    Op::Put(&meta_key, meta.as_bytes(), lease_id),
+                    Op::Put(&mine, me, lease_id),
+                ];
+                let r = client.txn(&[Cmp::ModRevision(&counter, view.counter_rev)], &ops, deadline, cancel).await;
+                (next, mine, r)
+            }
+        };
+        match r {
+            Ok(true) => return Ok((g, key)),
+            Ok(false) => continue,
+            // The lease expired while etcd or this process was stopped: take a new one.
             Err(e) if lease::lease_gone(&e) => {
                 lease.invalidate(lease_id);
                 lease_id = lease.id(deadline, cancel).await.map_err(fail)?;
             }
-            Err(e) => return Err(fail(e)),
-        }
-    };
-    let mine = keys.rank(gen, rank);
-    info!("world '{name}' rank {rank}: registered in generation {gen} at {at}");
-    let r = wait_and_link(spec, target, &keys, gen, &mut view, listener, deadline).await;
-    match r {
-        Ok(mut formed) => {
-            formed.etcd = Some(Registration::new(lease, mine, me.into_bytes(), name, gen, rank, size, keys.gen(gen)));
-            Ok(formed)
-        }
-        Err(e) => {
-            // Leave the generation (best effort): a rank that gave up must not be counted.
-            let quick = Instant::now() + std::time::Duration::from_secs(1);
-            let _ = client.delete(&mine, quick, None).await;
-            Err(e)
+            Err(e) => {
+                // The transaction may have been applied: take back what it may have put.
+                unregister(client, &key, me).await;
+                return Err(fail(e));
+            }
         }
     }
 }
@@ -314,50 +383,47 @@ async fn wait_and_link(
     target: &Target,
     keys: &Keys,
     gen: u32,
-    view: &mut View,
+    me: &[u8],
     listener: std::net::TcpListener,
     deadline: Instant,
-) -> Result<Formed> {
+) -> std::result::Result<Formed, Attempt> {
     let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
     let cancel = Some(&*spec.cancel);
     let at = target.describe();
     let client = &target.client;
-    let err = |e: CallError| Error::new(ErrorKind::System, formation_err(name, rank, format!("through {at}: {e}")));
-    let dir = keys.gen(gen);
+    let fail = |e| Attempt::Fail(call_error(name, rank, &at, e));
+    let again = |why: String| Attempt::Again(Error::new(ErrorKind::System, formation_err(name, rank, why)));
+    let mine: Option<Value> = serde_json::from_slice(me).ok();
     let mut watch = None;
     let g = loop {
-        let (rev, kvs) = client.range_prefix(&dir, deadline, cancel).await.map_err(|e| match e {
-            CallError::Unreachable(_) => Error::timeout(formation_err(name, rank, format!("through {at}: {e}"))),
-            e => err(e),
-        })?;
-        *view = View::parse(keys, &kvs);
+        let (rev, kvs) = client.range_prefix(&keys.world, deadline, cancel).await.map_err(fail)?;
+        let view = View::parse(keys, &kvs);
         let g = view.gens.get(&gen).cloned().unwrap_or_default();
+        if g.ranks.get(&rank) != mine.as_ref() {
+            return Err(again(format!("this rank's registration in generation {gen} at {at} vanished")));
+        }
+        if !g.sealed && view.last_sealed() > gen {
+            return Err(again(format!("generation {} of '{name}' formed after generation {gen}", view.last_sealed())));
+        }
         if g.meta.is_none() && !g.sealed {
-            return Err(Error::new(
-                ErrorKind::System,
-                formation_err(
-                    name,
-                    rank,
-                    format!("generation {gen} at {at} lost its maker before it formed; form again"),
-                ),
-            ));
+            return Err(again(format!("generation {gen} at {at} lost its maker before it formed")));
         }
         if let Some((r, v)) = g.ranks.iter().find(|(_, v)| v.get("size").and_then(Value::as_u64) != Some(size as u64)) {
-            return Err(Error::invalid_usage(formation_err(
+            return Err(Attempt::Fail(Error::invalid_usage(formation_err(
                 name,
                 rank,
                 format!(
                     "rank {r} asks for a world of {} ranks, this rank for {size}",
                     v.get("size").unwrap_or(&Value::Null)
                 ),
-            )));
+            ))));
         }
-        if g.ranks.len() == size {
+        if (0..size).all(|r| g.ranks.contains_key(&r)) {
             break g;
         }
-        // Wait for the next change under the generation (or the deadline).
+        // Wait for the next change under the world's keys (or the deadline).
         if watch.is_none() {
-            watch = Some(client.watch_prefix(&dir, rev + 1, deadline, cancel).await.map_err(err)?);
+            watch = Some(client.watch_prefix(&keys.world, rev + 1, deadline, cancel).await.map_err(fail)?);
         }
         let w = watch.as_mut().expect("opened above");
         match w.next(deadline, cancel).await {
@@ -368,18 +434,20 @@ async fn wait_and_link(
                 let others: Vec<String> = view
                     .gens
                     .iter()
-                    .filter(|(n, o)| **n != gen && !o.sealed && o.size().is_some_and(|s| s != size))
+                    .filter(|(n, o)| {
+                        **n != gen && !o.sealed && !o.ranks.is_empty() && o.size().is_some_and(|s| s != size)
+                    })
                     .map(|(n, o)| format!("generation {n} asks for {} ranks", o.size().unwrap_or(0)))
                     .collect();
                 let hint = if others.is_empty() { String::new() } else { format!(" ({})", others.join(", ")) };
-                return Err(Error::timeout(formation_err(
+                return Err(Attempt::Fail(Error::timeout(formation_err(
                     name,
                     rank,
                     format!("ranks {missing:?} of {size} did not register in generation {gen} at {at} before the deadline{hint}"),
-                )));
+                ))));
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                return Err(Error::system(formation_err(name, rank, "etcd watch"), e))
+                return Err(Attempt::Fail(Error::system(formation_err(name, rank, "etcd watch"), e)))
             }
             // A broken watch: look again with a new one.
             Err(_) => watch = None,
@@ -391,7 +459,7 @@ async fn wait_and_link(
     client
         .txn(&[Cmp::Absent(&sealed)], &[Op::Put(&sealed, seal.as_bytes(), 0)], deadline, cancel)
         .await
-        .map_err(err)?;
+        .map_err(fail)?;
     let meta = g.meta.unwrap_or(Value::Null);
     let world_id: u64 = meta.get("world_id").and_then(Value::as_str).and_then(|s| s.parse().ok()).unwrap_or(0);
     let secret = if spec.secret.is_empty() {
@@ -400,17 +468,20 @@ async fn wait_and_link(
         spec.secret.clone()
     };
     if world_id == 0 || secret.is_empty() {
-        return Err(Error::new(
-            ErrorKind::System,
-            formation_err(name, rank, format!("generation {gen} at {at} has no usable meta key")),
-        ));
+        return Err(again(format!("generation {gen} at {at} has no usable meta key")));
     }
     let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
     let peers: Vec<(String, String, String)> =
         (0..size).map(|r| &g.ranks[&r]).map(|v| (text(v, "addr"), text(v, "host"), text(v, "door"))).collect();
     let table = Table { generation: gen, world_id, peers };
     let mut shm_fallbacks = 0;
-    let links = connect_links(spec, &table, &secret, listener, deadline, &mut shm_fallbacks).await?;
+    let links = match connect_links(spec, &table, &secret, listener, deadline, &mut shm_fallbacks).await {
+        Ok(l) => l,
+        // A member registered but unreachable (its process died, and its registration waits
+        // out its lease): the others try again in a later generation.
+        Err(e) if e.kind() != ErrorKind::Timeout => return Err(Attempt::Again(e)),
+        Err(e) => return Err(Attempt::Fail(e)),
+    };
     let doors = table.peers.iter().map(|p| p.2.clone()).collect();
     Ok(Formed { generation: gen, world_id, links, shm_fallbacks, lane_links: 0, doors, secret, etcd: None })
 }
