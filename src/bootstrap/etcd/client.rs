@@ -171,23 +171,25 @@ fn kv_of(v: &Value) -> Kv {
 }
 
 impl Client {
-    /// One call: `path` with `req`, to each endpoint in turn, again and again until one
-    /// answers or `deadline` passes.
-    pub(crate) async fn call(
+    /// Runs `attempt` at each endpoint in turn (the last one that answered first), each time
+    /// with at most [`ATTEMPT`] of the time left, again and again until one is done or
+    /// `deadline` passes.
+    async fn rotate<T, F, Fut>(
         &self,
-        path: &str,
-        req: &Value,
         deadline: Instant,
         cancel: Option<&AtomicBool>,
-    ) -> Result<Value, CallError> {
-        let body = req.to_string();
+        mut attempt: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut(SocketAddr, Instant) -> Fut,
+        Fut: std::future::Future<Output = Tried<T>>,
+    {
         let mut backoff = Duration::from_millis(5);
         let mut last = String::from("no endpoint");
         let n = self.endpoints.len();
         loop {
             let first = self.good.load(Ordering::Relaxed) as usize;
             for i in (0..n).map(|k| (first + k) % n) {
-                let e = self.endpoints[i];
                 if crate::bootstrap::addr::is_cancelled(cancel) {
                     return Err(CallError::Abandoned);
                 }
@@ -195,33 +197,13 @@ impl Client {
                 if now >= deadline {
                     break;
                 }
-                match http::post(e, path, body.as_bytes(), deadline.min(now + ATTEMPT), cancel).await {
-                    Ok(r) => {
-                        let parsed: Option<Value> = serde_json::from_slice(&r.body).ok();
-                        let msg = parsed
-                            .as_ref()
-                            .and_then(|v| v.get("message").or_else(|| v.get("error")))
-                            .and_then(Value::as_str)
-                            .unwrap_or("error")
-                            .to_owned();
-                        // gRPC's Unavailable (14), DeadlineExceeded (4), ResourceExhausted (8):
-                        // this member cannot serve now; another may.
-                        let code = parsed.as_ref().and_then(|v| v.get("code")).and_then(Value::as_i64);
-                        if r.status >= 500 || matches!(code, Some(4 | 8 | 14)) {
-                            last = format!("{e}: {msg}");
-                            continue;
-                        }
-                        let Some(v) = parsed else {
-                            return Err(CallError::Refused(format!("{e} answered {} with no JSON", r.status)));
-                        };
-                        if r.status != 200 {
-                            return Err(CallError::Refused(format!("{e}: {msg}")));
-                        }
+                match attempt(self.endpoints[i], deadline.min(now + ATTEMPT)).await {
+                    Tried::Done(v) => {
                         self.good.store(i as u32, Ordering::Relaxed);
                         return Ok(v);
                     }
-                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => return Err(CallError::Abandoned),
-                    Err(err) => last = format!("{e}: {err}"),
+                    Tried::Next(why) => last = why,
+                    Tried::Stop(e) => return Err(e),
                 }
             }
             let now = Instant::now();
@@ -232,6 +214,45 @@ impl Client {
             exec::sleep_until((now + backoff).min(deadline)).await;
             backoff = (backoff * 2).min(Duration::from_millis(200));
         }
+    }
+
+    /// One call: `path` with `req`, to each endpoint in turn, again and again until one
+    /// answers or `deadline` passes.
+    pub(crate) async fn call(
+        &self,
+        path: &str,
+        req: &Value,
+        deadline: Instant,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Value, CallError> {
+        let body = req.to_string();
+        let body = body.as_bytes();
+        self.rotate(deadline, cancel, |e, until| async move {
+            let r = match http::post(e, path, body, until, cancel).await {
+                Ok(r) => r,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => return Tried::Stop(CallError::Abandoned),
+                Err(err) => return Tried::Next(format!("{e}: {err}")),
+            };
+            let parsed: Option<Value> = serde_json::from_slice(&r.body).ok();
+            let msg = parsed
+                .as_ref()
+                .and_then(|v| v.get("message").or_else(|| v.get("error")))
+                .and_then(Value::as_str)
+                .unwrap_or("error")
+                .to_owned();
+            // gRPC's Unavailable (14), DeadlineExceeded (4), ResourceExhausted (8): this
+            // member cannot serve now; another may.
+            let code = parsed.as_ref().and_then(|v| v.get("code")).and_then(Value::as_i64);
+            if r.status >= 500 || matches!(code, Some(4 | 8 | 14)) {
+                return Tried::Next(format!("{e}: {msg}"));
+            }
+            match parsed {
+                None => Tried::Stop(CallError::Refused(format!("{e} answered {} with no JSON", r.status))),
+                Some(_) if r.status != 200 => Tried::Stop(CallError::Refused(format!("{e}: {msg}"))),
+                Some(v) => Tried::Done(v),
+            }
+        })
+        .await
     }
 
     /// Every key that starts with `prefix`, sorted, and the store's revision.
@@ -326,39 +347,29 @@ impl Client {
         let req = json!({ "create_request": {
             "key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix)), "start_revision": from.to_string() } });
         let body = req.to_string();
-        let mut last = String::from("no endpoint");
-        let mut backoff = Duration::from_millis(5);
-        let n = self.endpoints.len();
-        loop {
-            let first = self.good.load(Ordering::Relaxed) as usize;
-            for i in (0..n).map(|k| (first + k) % n) {
-                let e = self.endpoints[i];
-                if crate::bootstrap::addr::is_cancelled(cancel) {
-                    return Err(CallError::Abandoned);
+        let body = body.as_bytes();
+        // Only the headers within one attempt's time; the stream then lives on.
+        let stream = self
+            .rotate(deadline, cancel, |e, until| async move {
+                match http::post_stream(e, "/v3/watch", body, until, cancel).await {
+                    Ok(s) if s.status == 200 => Tried::Done(s),
+                    Ok(s) => Tried::Next(format!("{e}: watch answered {}", s.status)),
+                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => Tried::Stop(CallError::Abandoned),
+                    Err(err) => Tried::Next(format!("{e}: {err}")),
                 }
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                // Only the headers within one attempt's time; the stream then lives on.
-                match http::post_stream(e, "/v3/watch", body.as_bytes(), deadline.min(now + ATTEMPT), cancel).await {
-                    Ok(s) if s.status == 200 => {
-                        self.good.store(i as u32, Ordering::Relaxed);
-                        return Ok(Watch { stream: s });
-                    }
-                    Ok(s) => last = format!("{e}: status {}", s.status),
-                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => return Err(CallError::Abandoned),
-                    Err(err) => last = format!("{e}: {err}"),
-                }
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(CallError::Unreachable(format!("watching: {last}")));
-            }
-            exec::sleep_until((now + backoff).min(deadline)).await;
-            backoff = (backoff * 2).min(Duration::from_millis(200));
-        }
+            })
+            .await?;
+        Ok(Watch { stream })
     }
+}
+
+/// What one attempt at one endpoint came to (`Client::rotate`).
+enum Tried<T> {
+    Done(T),
+    /// This endpoint cannot serve now (why): try the next.
+    Next(String),
+    /// An answer that ends the call.
+    Stop(CallError),
 }
 
 fn op_json(op: &Op<'_>) -> Value {
