@@ -555,19 +555,25 @@ fn dup_and_split_without_lanes_form_links_of_their_own() {
     run("split", 4, &[("MW_LANES", "0".into())]);
 }
 
-#[test]
-fn a_killed_rank_breaks_its_worlds_and_not_a_sibling_on_the_same_segments() {
+/// Runs `size` ranks of `role`, whose last rank kills itself (SIGKILL) and the others must
+/// pass; prints the survivors' lines that contain `shown`.
+fn run_with_victim(role: &str, size: usize, shown: &str) {
     let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
     let env = [("MW_TEST_ID", id.to_string())];
-    let mut procs: Vec<_> = (0..3).map(|r| spawn("lanes_kill", r, 3, &env, &[])).collect();
+    let mut procs: Vec<_> = (0..size).map(|r| spawn(role, r, size, &env, &[])).collect();
     let mut victim = procs.pop().unwrap();
     let status = victim.wait_for(Duration::from_secs(60)).expect("the victim ends");
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{}", victim.log_text());
     for l in finish(&mut procs, Duration::from_secs(60)) {
-        if let Some(line) = l.lines().find(|l| l.contains("broke within")) {
+        if let Some(line) = l.lines().find(|l| l.contains(shown)) {
             println!("{line}");
         }
     }
+}
+
+#[test]
+fn a_killed_rank_breaks_its_worlds_and_not_a_sibling_on_the_same_segments() {
+    run_with_victim("lanes_kill", 3, "broke within");
 }
 
 #[test]
@@ -591,17 +597,7 @@ fn lanes_are_used_up_released_and_claimed_again() {
 
 #[test]
 fn survivors_of_a_killed_rank_shrink_and_go_on() {
-    let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
-    let env = [("MW_TEST_ID", id.to_string())];
-    let mut procs: Vec<_> = (0..4).map(|r| spawn("shrink_after_kill", r, 4, &env, &[])).collect();
-    let mut victim = procs.pop().unwrap();
-    let status = victim.wait_for(Duration::from_secs(60)).expect("the victim ends");
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{}", victim.log_text());
-    for l in finish(&mut procs, Duration::from_secs(60)) {
-        if let Some(line) = l.lines().find(|l| l.contains("shrink formed")) {
-            println!("{line}");
-        }
-    }
+    run_with_victim("shrink_after_kill", 4, "shrink formed");
 }
 
 #[test]

@@ -56,6 +56,16 @@ pub(crate) struct Lineage {
     pub shrinks: AtomicU32,
 }
 
+impl Lineage {
+    /// The secret of a world made from this one: this one's secret with its instance id,
+    /// which only its members know.
+    fn child_secret(&self) -> Vec<u8> {
+        let mut secret = self.secret.clone();
+        secret.extend_from_slice(&self.world_id.to_le_bytes());
+        secret
+    }
+}
+
 /// An agreement posted over the parent and not yet waited for; its buffers live until the
 /// engine is done with them, whatever becomes of this.
 struct Agreement {
@@ -290,17 +300,11 @@ fn disagreement(asks: &[Ask]) -> Option<String> {
 
 /// The door key of an elastic formation: the parent's instance id mixed with the call, so
 /// that two formations led at one door never take each other's ranks. Each field goes through
-/// the mix in turn (splitmix64's finalizer: every input bit moves every output bit), so no two
-/// fields can cancel out.
+/// the mix in turn (`sys::mix64`), so no two fields can cancel out.
 fn door_key(world_id: u64, op: Op, call: u32, color: u32) -> u64 {
-    let mix = |z: u64| {
-        let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    let mut z = mix(world_id);
+    let mut z = crate::sys::mix64(world_id);
     for field in [op as u64, call as u64, color as u64] {
-        z = mix(z.wrapping_add(0x9e37_79b9_7f4a_7c15) ^ field);
+        z = crate::sys::mix64(z.wrapping_add(0x9e37_79b9_7f4a_7c15) ^ field);
     }
     z | 1
 }
@@ -564,12 +568,11 @@ impl World {
             return self.form_from(to, name, m, key(*c), how(*c)).map(Some);
         };
         let lin = self.lineage();
-        let mut secret = lin.secret.clone();
-        secret.extend_from_slice(&lin.world_id.to_le_bytes());
+        let secret = lin.child_secret();
         let formed = bootstrap::Formed {
             generation: m.iter().map(|r| offers[*r].generation).max().unwrap_or(1),
             world_id: key(*c),
-            links: claimed.links()?,
+            links: claimed.links(),
             shm_fallbacks: 0,
             lane_links: m.len() as u64 - 1,
             doors: m.iter().map(|r| lin.doors[*r].clone()).collect(),
@@ -600,8 +603,7 @@ impl World {
             .position(|r| *r == self.rank())
             .ok_or_else(|| Error::internal(format!("rank {} is not among the members {members:?}", self.rank())))?;
         let leader = members[0];
-        let mut secret = lin.secret.clone();
-        secret.extend_from_slice(&lin.world_id.to_le_bytes());
+        let secret = lin.child_secret();
         let rv = bootstrap::Rendezvous::Door {
             door: lin.doors[leader].clone(),
             key,

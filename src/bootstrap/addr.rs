@@ -62,13 +62,18 @@ pub(crate) fn interface_ip(spec: &str) -> Result<IpAddr> {
     })
 }
 
+/// The IP of the configured interface (`configured`, else `MW_SOCKET_IFNAME`), if one is
+/// configured.
+pub(crate) fn configured_ip(configured: Option<&str>) -> Option<Result<IpAddr>> {
+    let spec = configured.map(str::to_owned).or_else(|| std::env::var("MW_SOCKET_IFNAME").ok())?;
+    (!spec.is_empty()).then(|| interface_ip(&spec))
+}
+
 /// The IP to listen on when nothing says otherwise: the configured interface
 /// (`MW_SOCKET_IFNAME`), else the first interface that is up and not loopback, else loopback.
 pub(crate) fn default_ip(configured: Option<&str>) -> Result<IpAddr> {
-    if let Some(spec) = configured.map(str::to_owned).or_else(|| std::env::var("MW_SOCKET_IFNAME").ok()) {
-        if !spec.is_empty() {
-            return interface_ip(&spec);
-        }
+    if let Some(ip) = configured_ip(configured) {
+        return ip;
     }
     let addrs = sys::interface_addrs().unwrap_or_default();
     Ok(addrs

@@ -19,7 +19,6 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use crate::api::error::Result;
 use crate::transport::loopback::QueueLink;
 use crate::transport::shm::{self, LaneClaim, LaneSource, ShmLink};
 use crate::transport::Link;
@@ -196,10 +195,9 @@ pub(crate) fn claim(
 
 impl Claimed {
     /// The new world's links, in its rank order (loopback for this rank).
-    pub(crate) fn links(self) -> Result<Vec<Option<Box<dyn Link>>>> {
+    pub(crate) fn links(self) -> Vec<Option<Box<dyn Link>>> {
         let me = self.me;
-        Ok(self
-            .parts
+        self.parts
             .into_iter()
             .enumerate()
             .map(|(r, p)| -> Option<Box<dyn Link>> {
@@ -209,7 +207,7 @@ impl Claimed {
                     None => None,
                 }
             })
-            .collect())
+            .collect()
     }
 }
 

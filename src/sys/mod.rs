@@ -590,6 +590,14 @@ pub(crate) fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// splitmix64's finalizer: every input bit moves every output bit. Keys and tags made of
+/// several fields mix each in turn, so that no two fields can cancel out.
+pub(crate) fn mix64(z: u64) -> u64 {
+    let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// A random 64-bit number from the kernel's source.
 pub(crate) fn random_u64() -> u64 {
     let mut b = [0u8; 8];

@@ -36,7 +36,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::root::{door_address, Table};
-use super::{connect_links, formation_err, Formed, JoinSpec};
+use super::{formation_err, linked, Formed, JoinSpec};
 use crate::api::error::{Error, ErrorKind, Result};
 use crate::sys;
 use crate::sys::sync::Arc;
@@ -241,10 +241,8 @@ fn call_error(name: &str, rank: usize, at: &str, e: CallError) -> Error {
 /// (a local etcd or proxy says nothing of how peers reach this host), else the first
 /// interface that is up.
 fn listen_ip(spec: &JoinSpec, client: &Client) -> Result<std::net::IpAddr> {
-    let configured =
-        spec.interface.clone().or_else(|| std::env::var("MW_SOCKET_IFNAME").ok()).filter(|s| !s.is_empty());
-    if configured.is_some() {
-        return super::addr::default_ip(configured.as_deref());
+    if let Some(ip) = super::addr::configured_ip(spec.interface.as_deref()) {
+        return ip;
     }
     match client.endpoints.first().and_then(|e| local_ip_toward(*e)) {
         Some(ip) if !ip.is_loopback() => Ok(ip),
@@ -261,7 +259,6 @@ pub(crate) async fn join(spec: &JoinSpec, target: &Target) -> Result<Formed> {
     let cancel = Some(&*spec.cancel);
     let at = target.describe();
     let lease = lease::for_cluster(&target.client);
-    lease.id(deadline, cancel).await.map_err(|e| call_error(name, rank, &at, e))?;
     let ip = listen_ip(spec, &target.client)?;
     let keys = Keys::new(&target.prefix, name);
     loop {
@@ -474,16 +471,13 @@ async fn wait_and_link(
     let peers: Vec<(String, String, String)> =
         (0..size).map(|r| &g.ranks[&r]).map(|v| (text(v, "addr"), text(v, "host"), text(v, "door"))).collect();
     let table = Table { generation: gen, world_id, peers };
-    let mut shm_fallbacks = 0;
-    let links = match connect_links(spec, &table, &secret, listener, deadline, &mut shm_fallbacks).await {
-        Ok(l) => l,
+    match linked(spec, table, secret, listener, deadline).await {
+        Ok(formed) => Ok(formed),
         // A member registered but unreachable (its process died, and its registration waits
         // out its lease): the others try again in a later generation.
-        Err(e) if e.kind() != ErrorKind::Timeout => return Err(Attempt::Again(e)),
-        Err(e) => return Err(Attempt::Fail(e)),
-    };
-    let doors = table.peers.iter().map(|p| p.2.clone()).collect();
-    Ok(Formed { generation: gen, world_id, links, shm_fallbacks, lane_links: 0, doors, secret, etcd: None })
+        Err(e) if e.kind() != ErrorKind::Timeout => Err(Attempt::Again(e)),
+        Err(e) => Err(Attempt::Fail(e)),
+    }
 }
 
 #[cfg(test)]

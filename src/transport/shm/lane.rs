@@ -154,10 +154,7 @@ fn release_word(w: &AtomicU64, side: usize, reset: impl FnOnce()) {
 /// `b`: the same on both sides, never 0, different for every pair of one world.
 pub(crate) fn tag(world_id: u64, a: usize, b: usize) -> u64 {
     let (lo, hi) = (a.min(b) as u64, a.max(b) as u64);
-    let mut z = world_id ^ (lo << 32 | hi).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    ((z ^ (z >> 31)) >> 2) | 1
+    (crate::sys::mix64(world_id ^ (lo << 32 | hi).wrapping_mul(0x9e37_79b9_7f4a_7c15)) >> 2) | 1
 }
 
 #[cfg(loom)]
