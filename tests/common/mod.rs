@@ -180,12 +180,26 @@ pub fn finish(procs: &mut [Proc], timeout: Duration) -> Vec<String> {
         for (p, l) in procs.iter().zip(&logs) {
             eprintln!("----- rank {} ({}) -----\n{l}", p.rank, p.log.display());
         }
-        panic!("worker processes failed");
+        // Each rank's panic message again, last: a log cut to its head and tail still shows
+        // why the test failed.
+        let why: Vec<String> = procs.iter().zip(&logs).flat_map(|(p, l)| panic_lines(p.rank, l)).collect();
+        panic!("worker processes failed:\n{}", why.join("\n"));
     }
     for p in procs.iter() {
         let _ = std::fs::remove_file(&p.log);
     }
     logs
+}
+
+/// The message of each panic in a worker's log (the line after `panicked at`), by rank.
+fn panic_lines(rank: usize, log: &str) -> Vec<String> {
+    let lines: Vec<&str> = log.lines().collect();
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("panicked at"))
+        .map(|(i, _)| format!("rank {rank}: {}", lines.get(i + 1).copied().unwrap_or("")))
+        .collect()
 }
 
 struct ThreadWaker(std::thread::Thread);
