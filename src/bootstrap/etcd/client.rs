@@ -1,8 +1,10 @@
 //! etcd's v3 API through its JSON gateway (`/v3/kv/range`, `/v3/kv/txn`, `/v3/lease/...`,
 //! `/v3/watch`): keys and values travel base64-encoded, 64-bit numbers as strings. A call goes
 //! to the endpoints in turn, starting with the one that answered last, each given at most
-//! [`ATTEMPT`] (so that a stopped or unreachable member cannot take the whole deadline), until
-//! one answers; an answer that says the member cannot serve now (no leader, overloaded, a 5xx)
+//! [`ATTEMPT`] in the first round (so that a stopped or unreachable member cannot take the
+//! whole deadline), twice that in the next and so on up to [`MAX_ATTEMPT`] (so that a cluster
+//! that is slow to answer, an fsync on a loaded disk say, is not asked again and again in
+//! vain), until one answers; an answer that says the member cannot serve now (no leader, overloaded, a 5xx)
 //! counts as no answer. While none answers, it tries again until its deadline, and then names
 //! them all and the last error.
 
@@ -15,8 +17,10 @@ use super::http;
 use crate::bootstrap::exec;
 use crate::sys::sync::{AtomicBool, AtomicU32, Ordering};
 
-/// The longest one endpoint is given for one request.
+/// The longest one endpoint is given for one request in the first round over the endpoints.
 const ATTEMPT: Duration = Duration::from_secs(1);
+/// The longest one endpoint is given for one request in any later round.
+const MAX_ATTEMPT: Duration = Duration::from_secs(8);
 
 /// An etcd cluster, by its client endpoints.
 #[derive(Debug)]
@@ -172,8 +176,8 @@ fn kv_of(v: &Value) -> Kv {
 
 impl Client {
     /// Runs `attempt` at each endpoint in turn (the last one that answered first), each time
-    /// with at most [`ATTEMPT`] of the time left, again and again until one is done or
-    /// `deadline` passes.
+    /// with at most [`ATTEMPT`] of the time left (doubled each round, up to [`MAX_ATTEMPT`]),
+    /// again and again until one is done or `deadline` passes.
     async fn rotate<T, F, Fut>(
         &self,
         deadline: Instant,
@@ -185,7 +189,8 @@ impl Client {
         Fut: std::future::Future<Output = Tried<T>>,
     {
         let mut backoff = Duration::from_millis(5);
-        let mut last = String::from("no endpoint");
+        let mut each = ATTEMPT;
+        let mut last = String::from("the deadline passed before one was asked");
         let n = self.endpoints.len();
         loop {
             let first = self.good.load(Ordering::Relaxed) as usize;
@@ -197,7 +202,7 @@ impl Client {
                 if now >= deadline {
                     break;
                 }
-                match attempt(self.endpoints[i], deadline.min(now + ATTEMPT)).await {
+                match attempt(self.endpoints[i], deadline.min(now + each)).await {
                     Tried::Done(v) => {
                         self.good.store(i as u32, Ordering::Relaxed);
                         return Ok(v);
@@ -213,6 +218,7 @@ impl Client {
             }
             exec::sleep_until((now + backoff).min(deadline)).await;
             backoff = (backoff * 2).min(Duration::from_millis(200));
+            each = (each * 2).min(MAX_ATTEMPT);
         }
     }
 

@@ -152,14 +152,20 @@ pub(crate) fn lease_gone(e: &CallError) -> bool {
     matches!(e, CallError::Refused(m) if m.contains("lease not found"))
 }
 
+/// How soon the keeper tries again after a keep-alive that got no answer.
+const KEEP_RETRY: Duration = Duration::from_millis(200);
+
 /// The keeper's loop: keep the lease alive, re-register after an expiry, drop what was
 /// removed, report members gone.
 fn keep(lease: Weak<Lease>) {
     let mut complained = false;
+    let mut failed = false;
     loop {
         let Some(l) = lease.upgrade() else { return };
         let period = Duration::from_millis((l.ttl * 1000 / 3).max(200));
-        std::thread::sleep(period);
+        // After a keep-alive that got no answer, again soon: the lease's time runs on.
+        std::thread::sleep(if failed { KEEP_RETRY.min(period) } else { period });
+        failed = true;
         let deadline = Instant::now() + period;
         let id = lock(&l.state).id;
         let alive = match id {
@@ -167,7 +173,7 @@ fn keep(lease: Weak<Lease>) {
             id => block_on(l.client.keepalive(id, deadline)),
         };
         match alive {
-            Ok(ttl) if ttl > 0 => complained = false,
+            Ok(ttl) if ttl > 0 => (complained, failed) = (false, false),
             Ok(_) => {
                 if id != 0 {
                     warn!("etcd: this process's lease expired (etcd or this process was stopped); taking a new one");
@@ -176,6 +182,7 @@ fn keep(lease: Weak<Lease>) {
                 if block_on(l.id(deadline, None)).is_err() {
                     continue;
                 }
+                failed = false;
             }
             Err(e) => {
                 if !complained {
