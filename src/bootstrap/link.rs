@@ -16,21 +16,28 @@ pub(super) const LINK_MAGIC: u32 = 0x4D57_4C31; // "MWL1"
 pub(super) const LINK_HELLO_GRACE: Duration = Duration::from_secs(2);
 /// Connections waiting for their hello at once; past this the oldest is dropped.
 pub(super) const MAX_PENDING: usize = 128;
+/// How long a rank waits for a higher rank's link before it looks whether that rank is still
+/// there (see [`probe`]), and how often it looks again.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// The most one such look may take (a peer that does not answer in this time tells nothing:
+/// the deadline still bounds the wait).
+const PROBE_WAIT: Duration = Duration::from_millis(200);
 /// How long a peer listener whose accept failed (no descriptor to spare) is not looked at.
 const LISTENER_PAUSE: Duration = Duration::from_millis(20);
 /// Bytes of a link hello at the most (its secret is the id's, 32 bytes; any is accepted up to
 /// this).
 const MAX_LINK_HELLO: usize = 4 + 8 + 4 + 4 + 4 + 4 + 256;
 
+/// A probe's hello: "are you rank `to` of this world and generation?", answered with one
+/// byte and closed; it links nothing.
+const LINK_PROBE_MAGIC: u32 = 0x4D57_5031; // "MWP1"
+
 pub(super) fn link_hello(world_id: u64, generation: u32, from: usize, to: usize, secret: &[u8]) -> Vec<u8> {
-    MsgWriter::new()
-        .u32(LINK_MAGIC)
-        .u64(world_id)
-        .u32(generation)
-        .u32(from as u32)
-        .u32(to as u32)
-        .bytes(secret)
-        .finish()
+    hello_of(LINK_MAGIC, world_id, generation, from, to, secret)
+}
+
+fn hello_of(magic: u32, world_id: u64, generation: u32, from: usize, to: usize, secret: &[u8]) -> Vec<u8> {
+    MsgWriter::new().u32(magic).u64(world_id).u32(generation).u32(from as u32).u32(to as u32).bytes(secret).finish()
 }
 
 /// Who may link to this rank: the world, its generation and secret, and this rank.
@@ -41,13 +48,26 @@ pub(super) struct Expect<'a> {
     pub secret: &'a [u8],
     pub rank: usize,
     pub size: usize,
+    /// Each rank's listener, where known: a higher rank that has not linked yet is looked for
+    /// there (see [`probe`]).
+    pub listeners: &'a [Option<SocketAddr>],
+}
+
+/// What a hello that a rank accepts asks for.
+#[derive(Debug, PartialEq)]
+enum Hello {
+    /// A link from this higher rank.
+    Link(usize),
+    /// A lower rank's look whether this rank is still there.
+    Probe,
 }
 
 impl Expect<'_> {
-    /// The rank a link hello comes from, if it is one this rank waits for.
-    fn check(&self, msg: &[u8], taken: &[bool]) -> std::result::Result<usize, String> {
+    /// What a hello asks for, if it is one this rank answers.
+    fn check(&self, msg: &[u8], taken: &[bool]) -> std::result::Result<Hello, String> {
         let mut r = MsgReader::new(msg);
-        if r.u32()? != LINK_MAGIC {
+        let magic = r.u32()?;
+        if magic != LINK_MAGIC && magic != LINK_PROBE_MAGIC {
             return Err("not a multiworld link hello".into());
         }
         let (wid, generation, from, to, sec) = (r.u64()?, r.u32()?, r.u32()?, r.u32()?, r.bytes()?);
@@ -55,11 +75,14 @@ impl Expect<'_> {
         if wid != self.world_id || generation != self.generation || sec != self.secret {
             return Err("wrong world, generation or secret".into());
         }
+        if magic == LINK_PROBE_MAGIC {
+            return if to as usize == self.rank { Ok(Hello::Probe) } else { Err(format!("a probe for rank {to}")) };
+        }
         let from = from as usize;
         if to as usize != self.rank || from <= self.rank || from >= self.size || taken[from] {
             return Err(format!("unexpected rank {from}"));
         }
-        Ok(from)
+        Ok(Hello::Link(from))
     }
 }
 
@@ -69,6 +92,8 @@ struct Pending {
     from: SocketAddr,
     buf: Vec<u8>,
     since: Instant,
+    /// Its hello is complete and checked, held until the table is (see [`Door::serve`]).
+    held: bool,
 }
 
 impl Pending {
@@ -90,6 +115,10 @@ impl Pending {
             }
         }
         let incomplete = || if closed { Err("closed before its hello was complete".to_string()) } else { Ok(None) };
+        if closed && self.buf.is_empty() {
+            // A lower rank's look at this listener (`probe`), or a port scan: nothing to say.
+            return Err(String::new());
+        }
         if self.buf.len() < 4 {
             return incomplete();
         }
@@ -99,102 +128,77 @@ impl Pending {
         }
         match self.buf.len().cmp(&(4 + len)) {
             std::cmp::Ordering::Less => incomplete(),
-            std::cmp::Ordering::Equal => Ok(Some(self.buf.split_off(4))),
+            std::cmp::Ordering::Equal => Ok(Some(self.buf[4..].to_vec())),
             std::cmp::Ordering::Greater => Err("bytes after its link hello".into()),
         }
     }
 }
 
-/// Queues every connection waiting on `listener`. When accepting fails (out of descriptors,
-/// say) the pending ones still get served, and the listener is looked at again in a moment.
-fn accept_pending(
-    listener: &TcpListener,
-    pending: &mut Vec<Pending>,
-    paused: &mut Option<Instant>,
-    name: &str,
-    rank: usize,
-) {
-    loop {
-        match listener.accept() {
-            Ok((s, from)) => {
-                if s.set_nonblocking(true).is_err() {
-                    continue;
-                }
-                if pending.len() >= MAX_PENDING {
-                    let old = pending.remove(0);
-                    warn!("world '{name}' rank {rank}: dropped link connection from {} (too many pending)", old.from);
-                }
-                pending.push(Pending { s, from, buf: Vec::new(), since: Instant::now() });
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(_) => {
-                *paused = Some(Instant::now() + LISTENER_PAUSE);
-                return;
-            }
-        }
-    }
+/// A rank's peer listener and the connections it has accepted whose hellos are not yet
+/// answered. It is served from the moment the rank publishes its address (through etcd, while
+/// the rank waits for the others to register) until its links are made: an address is never
+/// left unanswered, so a connector that reached this listener by mistake (a dead process's
+/// registration whose port the kernel gave to this listener) is refused at once instead of
+/// waiting for an answer until its deadline.
+pub(super) struct Door {
+    listener: TcpListener,
+    pending: Vec<Pending>,
+    /// Until when the listener is not looked at (its accept failed: no descriptor to spare).
+    paused: Option<Instant>,
 }
 
-/// Accepts the `want` higher ranks' connections on `listener` and returns each checked
-/// connection by rank, its hello acknowledged. Ends with an error at `deadline` or when
-/// `cancel` is set.
-pub(super) async fn accept_links(
-    listener: &TcpListener,
-    expect: &Expect<'_>,
-    want: usize,
-    deadline: Instant,
-    cancel: Option<&AtomicBool>,
-    what: &(dyn Fn(&[bool]) -> String + Sync),
-) -> Result<Vec<(usize, TcpStream)>> {
-    let (name, rank) = (expect.name, expect.rank);
-    listener.set_nonblocking(true).map_err(|e| Error::system("peer listener", e))?;
-    let mut taken = vec![false; expect.size];
-    let mut done: Vec<(usize, TcpStream)> = Vec::new();
-    let mut pending: Vec<Pending> = Vec::new();
-    let mut listener_paused: Option<Instant> = None;
-    while done.len() < want {
-        if addr::is_cancelled(cancel) {
-            return Err(Error::system(what(&taken), addr::abandoned()));
-        }
+impl Door {
+    pub(super) fn new(listener: TcpListener) -> Result<Door> {
+        listener.set_nonblocking(true).map_err(|e| Error::system("peer listener", e))?;
+        Ok(Door { listener, pending: Vec::new(), paused: None })
+    }
+
+    /// Waits (at most until `until`) for a connection or for bytes on a pending one, or for the
+    /// oldest pending connection's grace to end.
+    pub(super) async fn wait(&mut self, until: Instant) {
         let now = Instant::now();
-        if now >= deadline {
-            return Err(Error::timeout(what(&taken)));
-        }
-        // Sleep until something arrives, or the oldest pending connection's grace ends. A
-        // listener whose accept failed is left out for a moment (it stays readable: watching
-        // it would spin the formation thread).
-        let paused = listener_paused.is_some_and(|p| now < p);
-        let mut fds = Vec::with_capacity(pending.len() + 1);
+        let paused = self.paused.is_some_and(|p| now < p);
+        let mut fds = Vec::with_capacity(self.pending.len() + 1);
         if !paused {
-            fds.push((listener.as_raw_fd(), libc::POLLIN));
+            fds.push((self.listener.as_raw_fd(), libc::POLLIN));
         }
-        fds.extend(pending.iter().map(|p| (p.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
-        let mut until = deadline;
-        if let Some(p) = pending.first() {
+        // A complete hello held for later (`serve` without `taken`) needs no wait.
+        fds.extend(self.pending.iter().filter(|p| !p.held).map(|p| (p.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
+        let mut until = until;
+        if let Some(p) = self.pending.iter().find(|p| !p.held) {
             until = until.min(p.since + LINK_HELLO_GRACE);
         }
-        if let Some(p) = listener_paused.filter(|_| paused) {
+        if let Some(p) = self.paused.filter(|_| paused) {
             until = until.min(p);
         }
-        if cancel.is_some() {
-            until = until.min(now + addr::CANCEL_CHECK);
-        }
         let _ = exec::ready(&fds, until).await;
-        // New connections: all of them, each only queued.
-        if !paused {
-            accept_pending(listener, &mut pending, &mut listener_paused, name, rank);
+    }
+
+    /// Accepts what waits on the listener and reads what the pending connections sent. A probe
+    /// that `expect` accepts is answered and closed; a stranger's connection, or one that is
+    /// silent past its grace, is closed. A link hello that `expect` accepts is acknowledged and
+    /// returned with the rank it comes from when `taken` is given (and marked there); without
+    /// it (the table is not complete yet) it is held, unanswered, for a later call.
+    pub(super) async fn serve(
+        &mut self,
+        expect: &Expect<'_>,
+        mut taken: Option<&mut [bool]>,
+        deadline: Instant,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Vec<(usize, TcpStream)>> {
+        let (name, rank) = (expect.name, expect.rank);
+        if self.paused.is_none_or(|p| Instant::now() >= p) {
+            self.accept_all(name, rank);
         }
-        // Input on pending connections; complete hellos are checked and answered.
+        let none = vec![false; expect.size];
         let now = Instant::now();
+        let mut done = Vec::new();
         let mut i = 0;
-        while i < pending.len() {
-            let outcome = match pending[i].read() {
-                Ok(Some(msg)) => match expect.check(&msg, &taken) {
-                    Ok(from) => Ok(Some(from)),
-                    Err(why) => Err(why),
-                },
-                Ok(None) if now.duration_since(pending[i].since) >= LINK_HELLO_GRACE => {
+        while i < self.pending.len() {
+            let seen = taken.as_deref().unwrap_or(&none);
+            let outcome = match self.pending[i].read() {
+                Ok(Some(msg)) => expect.check(&msg, seen).map(Some),
+                Ok(None) if now.duration_since(self.pending[i].since) >= LINK_HELLO_GRACE => {
                     Err(format!("no link hello within {LINK_HELLO_GRACE:?}"))
                 }
                 Ok(None) => Ok(None),
@@ -202,25 +206,152 @@ pub(super) async fn accept_links(
             };
             match outcome {
                 Ok(None) => i += 1,
-                Ok(Some(from)) => {
-                    let p = pending.remove(i);
-                    if addr::write_all(&p.s, &[1], deadline, cancel).await.is_err() {
-                        return Err(Error::new(
-                            ErrorKind::WorldBroken,
-                            format!("rank {from} went away while connecting"),
-                        ));
-                    }
-                    taken[from] = true;
-                    done.push((from, p.s));
+                Ok(Some(Hello::Probe)) => {
+                    let p = self.pending.remove(i);
+                    let _ = addr::write_all(&p.s, &[1], deadline, cancel).await;
                 }
+                Ok(Some(Hello::Link(from))) => match taken.as_deref_mut() {
+                    None => {
+                        self.pending[i].held = true;
+                        i += 1;
+                    }
+                    Some(taken) => {
+                        let p = self.pending.remove(i);
+                        if addr::write_all(&p.s, &[1], deadline, cancel).await.is_err() {
+                            return Err(Error::new(
+                                ErrorKind::WorldBroken,
+                                format!("rank {from} went away while connecting"),
+                            ));
+                        }
+                        taken[from] = true;
+                        done.push((from, p.s));
+                    }
+                },
                 Err(why) => {
-                    let p = pending.remove(i);
-                    warn!("world '{name}' rank {rank}: refused link connection from {}: {why}", p.from);
+                    let p = self.pending.remove(i);
+                    if !why.is_empty() {
+                        warn!("world '{name}' rank {rank}: refused link connection from {}: {why}", p.from);
+                    }
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Queues every connection waiting on the listener. When accepting fails (out of
+    /// descriptors, say) the pending ones still get served, and the listener is looked at
+    /// again in a moment.
+    fn accept_all(&mut self, name: &str, rank: usize) {
+        loop {
+            match self.listener.accept() {
+                Ok((s, from)) => {
+                    if s.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if self.pending.len() >= MAX_PENDING {
+                        let old = self.pending.remove(0);
+                        warn!(
+                            "world '{name}' rank {rank}: dropped link connection from {} (too many pending)",
+                            old.from
+                        );
+                    }
+                    self.pending.push(Pending { s, from, buf: Vec::new(), since: Instant::now(), held: false });
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.paused = Some(Instant::now() + LISTENER_PAUSE);
+                    return;
                 }
             }
         }
     }
-    Ok(done)
+}
+
+/// Accepts the `want` higher ranks' connections at `door` and returns each checked
+/// connection by rank, its hello acknowledged. Ends with an error at `deadline` or when
+/// `cancel` is set, or when a rank it waits for is found gone (see [`probe`]).
+pub(super) async fn accept_links(
+    door: &mut Door,
+    expect: &Expect<'_>,
+    want: usize,
+    deadline: Instant,
+    cancel: Option<&AtomicBool>,
+    what: &(dyn Fn(&[bool]) -> String + Sync),
+) -> Result<Vec<(usize, TcpStream)>> {
+    let mut taken = vec![false; expect.size];
+    let mut done: Vec<(usize, TcpStream)> = Vec::new();
+    let mut next_probe = Instant::now() + PROBE_EVERY;
+    let mut probed = expect.rank;
+    loop {
+        done.extend(door.serve(expect, Some(&mut taken), deadline, cancel).await?);
+        if done.len() >= want {
+            return Ok(done);
+        }
+        if addr::is_cancelled(cancel) {
+            return Err(Error::system(what(&taken), addr::abandoned()));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Error::timeout(what(&taken)));
+        }
+        if now >= next_probe {
+            if let Some(gone) = probe(expect, &taken, &mut probed, deadline, cancel).await {
+                return Err(Error::new(ErrorKind::WorldBroken, gone));
+            }
+            next_probe = Instant::now() + PROBE_EVERY;
+            continue;
+        }
+        let mut until = deadline.min(next_probe);
+        if cancel.is_some() {
+            until = until.min(now + addr::CANCEL_CHECK);
+        }
+        door.wait(until).await;
+    }
+}
+
+/// Looks at the listener of the next higher rank (after `*probed`, in turn) that has not
+/// linked yet: whether that rank is still there. A rank's listener is served until its own
+/// links are made, and it makes the link to this rank before that; so a listener that
+/// refuses the connection, or closes it unanswered (its port now serves someone else), means
+/// that rank's process died or gave up this formation, and waiting for it to the deadline
+/// would be in vain. That happens where the table came from etcd with a dead process's
+/// registration in it, or when a rank dies between the table and its links. A rank that does
+/// not answer in time (busy connecting to its own lower ranks) is waited for.
+async fn probe(
+    expect: &Expect<'_>,
+    taken: &[bool],
+    probed: &mut usize,
+    deadline: Instant,
+    cancel: Option<&AtomicBool>,
+) -> Option<String> {
+    let size = expect.size;
+    let next = (1..size).map(|k| (*probed + k) % size).find(|r| *r > expect.rank && !taken[*r])?;
+    *probed = next;
+    let at = (*expect.listeners.get(next)?)?;
+    let until = deadline.min(Instant::now() + PROBE_WAIT);
+    let gone = |how: &str| {
+        Some(formation_err(
+            expect.name,
+            expect.rank,
+            format!("rank {next} left the formation: its listener at {at} {how} (its process died or gave up)"),
+        ))
+    };
+    let s = match addr::connect(at, until, cancel).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return gone("refuses connections"),
+        Err(_) => return None,
+    };
+    let hello = hello_of(LINK_PROBE_MAGIC, expect.world_id, expect.generation, expect.rank, next, expect.secret);
+    if addr::send_msg(&s, &hello, until, cancel).await.is_err() {
+        return gone("closed the connection");
+    }
+    let mut ack = [0u8; 1];
+    match addr::read_exact_until(&s, &mut ack, until, cancel).await {
+        Ok(()) => None,
+        Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => None,
+        Err(_) => gone("closed the connection unanswered"),
+    }
 }
 
 /// Connects to every lower rank and accepts every higher one. Lower ranks accept only after
@@ -229,7 +360,7 @@ pub(super) async fn connect_links(
     spec: &JoinSpec,
     t: &Table,
     secret: &[u8],
-    listener: TcpListener,
+    mut door: Door,
     deadline: Instant,
     shm_fallbacks: &mut u64,
 ) -> Result<Vec<Option<Box<dyn Link>>>> {
@@ -264,12 +395,14 @@ pub(super) async fn connect_links(
         *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
         links[peer] = Some(link);
     }
-    let expect = Expect { name, world_id: t.world_id, generation: t.generation, secret, rank, size };
+    let listeners: Vec<Option<SocketAddr>> = t.peers.iter().map(|p| p.0.parse().ok()).collect();
+    let expect =
+        Expect { name, world_id: t.world_id, generation: t.generation, secret, rank, size, listeners: &listeners };
     let missing = |taken: &[bool]| {
         let m: Vec<usize> = (rank + 1..size).filter(|r| !taken.get(*r).copied().unwrap_or(false)).collect();
         formation_err(name, rank, format!("ranks {m:?} did not connect before the deadline"))
     };
-    for (from, s) in accept_links(&listener, &expect, size - rank - 1, deadline, cancel, &missing).await? {
+    for (from, s) in accept_links(&mut door, &expect, size - rank - 1, deadline, cancel, &missing).await? {
         let same_host = t.peers[from].1 == t.peers[rank].1;
         let want_shm = spec.shm && same_host;
         let link =
@@ -476,11 +609,19 @@ mod tests {
             block_on(addr::read_exact_until(&s, &mut ack, Instant::now() + Duration::from_secs(20), None)).unwrap();
             (ack[0], s)
         });
-        let expect = Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 0, size: 2 };
+        let expect =
+            Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 0, size: 2, listeners: &[] };
         let t = Instant::now();
         // The deadline is below the strangers' graces added up (40 x 2 s).
-        let got =
-            block_on(accept_links(&listener, &expect, 1, t + Duration::from_secs(20), None, &|_| "w".into())).unwrap();
+        let got = block_on(accept_links(
+            &mut Door::new(listener).unwrap(),
+            &expect,
+            1,
+            t + Duration::from_secs(20),
+            None,
+            &|_| "w".into(),
+        ))
+        .unwrap();
         let took = t.elapsed();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, 1);
@@ -514,8 +655,10 @@ mod tests {
         }
         let good = TcpStream::connect(at).unwrap();
         block_on(addr::send_msg(&good, &link_hello(5, 2, 2, 1, &secret), d(), None)).unwrap();
-        let expect = Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 1, size: 3 };
-        let got = block_on(accept_links(&listener, &expect, 1, d(), None, &|_| "w".into())).unwrap();
+        let expect =
+            Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 1, size: 3, listeners: &[] };
+        let got =
+            block_on(accept_links(&mut Door::new(listener).unwrap(), &expect, 1, d(), None, &|_| "w".into())).unwrap();
         assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![2]);
         // Every refused connection was closed without an acknowledgement.
         for s in &refused {
@@ -535,11 +678,87 @@ mod tests {
             std::thread::sleep(Duration::from_millis(100));
             c2.store(true, crate::sys::sync::Ordering::Release);
         });
-        let expect = Expect { name: "w", world_id: 1, generation: 1, secret: &[], rank: 0, size: 2 };
+        let expect = Expect { name: "w", world_id: 1, generation: 1, secret: &[], rank: 0, size: 2, listeners: &[] };
         let t = Instant::now();
-        let r =
-            block_on(accept_links(&listener, &expect, 1, t + Duration::from_secs(60), Some(&cancel), &|_| "w".into()));
+        let r = block_on(accept_links(
+            &mut Door::new(listener).unwrap(),
+            &expect,
+            1,
+            t + Duration::from_secs(60),
+            Some(&cancel),
+            &|_| "w".into(),
+        ));
         assert!(r.is_err());
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    }
+
+    /// Before its table is complete a rank's door refuses a hello of another generation at
+    /// once, answers a probe, and holds a right link hello unanswered until the links are
+    /// made; a probe of a listener that is gone says so, one of a live rank does not.
+    #[test]
+    fn a_waiting_door_refuses_other_generations_answers_probes_and_holds_links() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        let mut door = Door::new(listener).unwrap();
+        let secret = [3u8; 32];
+        let d = || Instant::now() + Duration::from_secs(5);
+        let expect =
+            Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 0, size: 3, listeners: &[] };
+        let send = |m: &[u8]| {
+            let s = TcpStream::connect(at).unwrap();
+            block_on(addr::send_msg(&s, m, d(), None)).unwrap();
+            s
+        };
+        let stale = send(&link_hello(5, 1, 1, 0, &secret));
+        let probe_ok = send(&hello_of(LINK_PROBE_MAGIC, 5, 2, 0, 0, &secret));
+        let probe_wrong = send(&hello_of(LINK_PROBE_MAGIC, 5, 2, 0, 1, &secret));
+        let link = send(&link_hello(5, 2, 1, 0, &secret));
+        std::thread::sleep(Duration::from_millis(50));
+        let none = block_on(door.serve(&expect, None, d(), None)).unwrap();
+        assert!(none.is_empty());
+        let answer = |s: &TcpStream| {
+            let mut b = [0u8; 1];
+            block_on(addr::read_exact_until(s, &mut b, Instant::now() + Duration::from_millis(300), None)).map(|_| b[0])
+        };
+        assert!(answer(&stale).is_err_and(|e| e.kind() != io::ErrorKind::TimedOut), "a stale hello must be refused");
+        assert_eq!(answer(&probe_ok).unwrap(), 1);
+        assert!(answer(&probe_wrong).is_err_and(|e| e.kind() != io::ErrorKind::TimedOut));
+        assert_eq!(answer(&link).unwrap_err().kind(), io::ErrorKind::TimedOut, "held, not answered yet");
+        let mut taken = vec![false; 3];
+        let got = block_on(door.serve(&expect, Some(&mut taken), d(), None)).unwrap();
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(answer(&link).unwrap(), 1);
+
+        // Probes from rank 0 of a 3-rank world: rank 1's door is served, rank 2's port closed.
+        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a1 = l1.local_addr().unwrap();
+        let a2 = {
+            let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
+            l2.local_addr().unwrap()
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut door = Door::new(l1).unwrap();
+                let secret = [3u8; 32];
+                let e =
+                    Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 1, size: 3, listeners: &[] };
+                while !stop.load(crate::sys::sync::Ordering::Acquire) {
+                    block_on(door.wait(Instant::now() + Duration::from_millis(10)));
+                    block_on(door.serve(&e, None, Instant::now() + Duration::from_secs(5), None)).unwrap();
+                }
+            })
+        };
+        let listeners = [None, Some(a1), Some(a2)];
+        let from0 =
+            Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 0, size: 3, listeners: &listeners };
+        let mut probed = 0;
+        assert_eq!(block_on(probe(&from0, &[false; 3], &mut probed, d(), None)), None, "rank 1 is there");
+        assert_eq!(probed, 1);
+        let gone = block_on(probe(&from0, &[false; 3], &mut probed, d(), None)).expect("rank 2 is gone");
+        assert!(gone.contains("rank 2 left the formation"), "{gone}");
+        stop.store(true, crate::sys::sync::Ordering::Release);
+        server.join().unwrap();
     }
 }

@@ -211,20 +211,14 @@ async fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline:
         return Err(Error::internal(formation_err(name, rank, "the root sent a table of the wrong size")));
     }
     drop(to_root);
-    linked(spec, table, secret, listener, deadline).await
+    linked(spec, table, secret, link::Door::new(listener)?, deadline).await
 }
 
 /// A formation's end once every rank has the table (from a root, or from etcd): the links to
 /// every peer, and what the world keeps.
-async fn linked(
-    spec: &JoinSpec,
-    table: Table,
-    secret: Vec<u8>,
-    listener: TcpListener,
-    deadline: Instant,
-) -> Result<Formed> {
+async fn linked(spec: &JoinSpec, table: Table, secret: Vec<u8>, door: link::Door, deadline: Instant) -> Result<Formed> {
     let mut shm_fallbacks = 0;
-    let links = connect_links(spec, &table, &secret, listener, deadline, &mut shm_fallbacks).await?;
+    let links = connect_links(spec, &table, &secret, door, deadline, &mut shm_fallbacks).await?;
     let doors = table.peers.into_iter().map(|p| p.2).collect();
     Ok(Formed {
         generation: table.generation,

@@ -264,6 +264,7 @@ pub(crate) async fn join(spec: &JoinSpec, target: &Target) -> Result<Formed> {
     loop {
         let listener = super::addr::listen_any_port(ip)?;
         let my_addr = listener.local_addr().map_err(|e| Error::system("listener address", e))?;
+        let door = super::link::Door::new(listener)?;
         // The nonce tells this attempt's registration from any other with the same rank.
         let me = json!({
             "addr": my_addr.to_string(),
@@ -277,7 +278,7 @@ pub(crate) async fn join(spec: &JoinSpec, target: &Target) -> Result<Formed> {
         .to_string();
         let (gen, key) = register(spec, target, &keys, &lease, me.as_bytes(), deadline).await?;
         info!("world '{name}' rank {rank}: registered in generation {gen} at {at}");
-        let attempt = wait_and_link(spec, target, &keys, gen, me.as_bytes(), listener, deadline).await;
+        let attempt = wait_and_link(spec, target, &keys, gen, me.as_bytes(), door, deadline).await;
         match attempt {
             Ok(mut formed) => {
                 let dir = keys.gen(gen);
@@ -374,6 +375,22 @@ async fn register(
     }
 }
 
+/// How often a rank waiting for the others to register looks at its peer listener.
+const DOOR_TICK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The world id and secret of generation `g`, from its meta key (the secret from
+/// `WorldOptions::secret` where one is given), if usable.
+fn world_of(g: &Generation, spec: &JoinSpec) -> Option<(u64, Vec<u8>)> {
+    let meta = g.meta.as_ref()?;
+    let world_id: u64 = meta.get("world_id").and_then(Value::as_str).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let secret = if spec.secret.is_empty() {
+        meta.get("secret").and_then(Value::as_str).and_then(unhex).unwrap_or_default()
+    } else {
+        spec.secret.clone()
+    };
+    (world_id != 0 && !secret.is_empty()).then_some((world_id, secret))
+}
+
 /// Waits until every rank of generation `gen` registered, seals it, and connects the links.
 async fn wait_and_link(
     spec: &JoinSpec,
@@ -381,7 +398,7 @@ async fn wait_and_link(
     keys: &Keys,
     gen: u32,
     me: &[u8],
-    listener: std::net::TcpListener,
+    mut door: super::link::Door,
     deadline: Instant,
 ) -> std::result::Result<Formed, Attempt> {
     let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
@@ -418,12 +435,25 @@ async fn wait_and_link(
         if (0..size).all(|r| g.ranks.contains_key(&r)) {
             break g;
         }
-        // Wait for the next change under the world's keys (or the deadline).
+        // Wait for the next change under the world's keys (or the deadline), answering this
+        // rank's listener meanwhile: a peer that reached it by mistake (a dead rank's address,
+        // its port now this listener's) is refused at once; a link hello of this generation,
+        // from a rank that saw it complete first, is held for the links.
         if watch.is_none() {
             watch = Some(client.watch_prefix(&keys.world, rev + 1, deadline, cancel).await.map_err(fail)?);
         }
         let w = watch.as_mut().expect("opened above");
-        match w.next(deadline, cancel).await {
+        let (world_id, secret) = world_of(&g, spec).unwrap_or_default();
+        let expect =
+            super::link::Expect { name, world_id, generation: gen, secret: &secret, rank, size, listeners: &[] };
+        let next = loop {
+            door.serve(&expect, None, deadline, cancel).await.map_err(Attempt::Fail)?;
+            match w.next(deadline.min(Instant::now() + DOOR_TICK), cancel).await {
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && Instant::now() < deadline => {}
+                other => break other,
+            }
+        };
+        match next {
             Ok(Some(_)) => {}
             Ok(None) => watch = None,
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
@@ -457,21 +487,14 @@ async fn wait_and_link(
         .txn(&[Cmp::Absent(&sealed)], &[Op::Put(&sealed, seal.as_bytes(), 0)], deadline, cancel)
         .await
         .map_err(fail)?;
-    let meta = g.meta.unwrap_or(Value::Null);
-    let world_id: u64 = meta.get("world_id").and_then(Value::as_str).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let secret = if spec.secret.is_empty() {
-        meta.get("secret").and_then(Value::as_str).and_then(unhex).unwrap_or_default()
-    } else {
-        spec.secret.clone()
-    };
-    if world_id == 0 || secret.is_empty() {
+    let Some((world_id, secret)) = world_of(&g, spec) else {
         return Err(again(format!("generation {gen} at {at} has no usable meta key")));
-    }
+    };
     let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
     let peers: Vec<(String, String, String)> =
         (0..size).map(|r| &g.ranks[&r]).map(|v| (text(v, "addr"), text(v, "host"), text(v, "door"))).collect();
     let table = Table { generation: gen, world_id, peers };
-    match linked(spec, table, secret, listener, deadline).await {
+    match linked(spec, table, secret, door, deadline).await {
         Ok(formed) => Ok(formed),
         // A member registered but unreachable (its process died, and its registration waits
         // out its lease): the others try again in a later generation.
