@@ -12,7 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{finish, spawn, Ctx};
-use multiworld::{ErrorKind, Event, ReduceOp, UniqueId, World, WorldManager, WorldState};
+use multiworld::{ErrorKind, Event, ReduceOp, TransportKind, UniqueId, World, WorldManager, WorldState};
 
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
@@ -22,6 +22,7 @@ fn worker() {
         ("dup", dup),
         ("shrink_after_kill", shrink_after_kill),
         ("shrink_live", shrink_live),
+        ("shrink_without_free_lanes", shrink_without_free_lanes),
         ("grow_member", grow_member),
         ("grow_newcomer", grow_newcomer),
         ("disagree", disagree),
@@ -403,6 +404,8 @@ fn shrink_after_kill(ctx: &Ctx) {
         t - broke
     );
     assert_eq!((s.rank(), s.size()), (ctx.rank, ctx.size - 1));
+    // On lanes of the broken parent's segments: its break left them alone.
+    assert_eq!(s.stats().lane_links, lanes_expected(s.size()), "{:?}", s.stats());
     assert!(matches!(w.state(), WorldState::Broken(_)));
     assert_eq!(s.state(), WorldState::Ready);
     let evs = wait_ready(&m, "survivors");
@@ -419,6 +422,7 @@ fn shrink_live(ctx: &Ctx) {
     if ctx.rank != out {
         let s = w.shrink("without-last", &[out]).unwrap();
         assert_eq!((s.rank(), s.size()), (ctx.rank, ctx.size - 1));
+        assert_eq!(s.stats().lane_links, lanes_expected(s.size()), "{:?}", s.stats());
         traffic_at_once(&[(&w, 17), (&s, 19)]);
         m.remove_world("without-last").unwrap();
     } else {
@@ -427,6 +431,22 @@ fn shrink_live(ctx: &Ctx) {
     }
     traffic(&w, 23, 10);
     assert_eq!(w.state(), WorldState::Ready);
+    w.barrier().unwrap();
+}
+
+/// Fifteen dups of a 3-rank world hold every lane of each pair's segment; a shrink to two
+/// ranks then finds none free (its second round says so) and forms links of its own.
+fn shrink_without_free_lanes(ctx: &Ctx) {
+    let (_m, w) = parent(ctx);
+    let held: Vec<World> = (0..15).map(|i| w.dup(&format!("hold{i}")).unwrap()).collect();
+    assert!(held.iter().all(|d| d.stats().lane_links == 2), "the dups took every lane");
+    if ctx.rank != 2 {
+        let s = w.shrink("pair", &[2]).unwrap();
+        assert_eq!(s.stats().lane_links, 0, "{:?}", s.stats());
+        assert_eq!(s.transports()[1 - ctx.rank], Some(TransportKind::Shm));
+        traffic(&s, 7, 20);
+        s.barrier().unwrap();
+    }
     w.barrier().unwrap();
 }
 
@@ -550,9 +570,15 @@ fn dup_is_independent_of_its_parent() {
 }
 
 #[test]
-fn dup_and_split_without_lanes_form_links_of_their_own() {
+fn dup_split_and_shrink_without_lanes_form_links_of_their_own() {
     run("dup", 3, &[("MW_LANES", "0".into())]);
     run("split", 4, &[("MW_LANES", "0".into())]);
+    run("shrink_live", 4, &[("MW_LANES", "0".into())]);
+}
+
+#[test]
+fn a_shrink_that_finds_no_free_lane_forms_links_of_its_own() {
+    run("shrink_without_free_lanes", 3, &[]);
 }
 
 /// Runs `size` ranks of `role`, whose last rank kills itself (SIGKILL) and the others must

@@ -43,7 +43,7 @@ fn lp(v: &mut Vec<u8>, b: &[u8]) {
 fn hello(secret: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
     v.extend_from_slice(&0x4D57_4231u32.to_le_bytes());
-    v.extend_from_slice(&2u32.to_le_bytes()); // protocol version
+    v.extend_from_slice(&3u32.to_le_bytes()); // protocol version
     lp(&mut v, secret);
     lp(&mut v, b"guarded");
     v.extend_from_slice(&1u32.to_le_bytes()); // rank
@@ -55,6 +55,7 @@ fn hello(secret: &[u8]) -> Vec<u8> {
     lp(&mut v, b"127.0.0.1:2"); // door
     v.extend_from_slice(&0u64.to_le_bytes()); // key
     lp(&mut v, b""); // agree
+    lp(&mut v, b""); // lanes
     v
 }
 

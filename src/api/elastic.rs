@@ -369,7 +369,35 @@ impl World {
         let survivors: Vec<usize> = (0..self.size()).filter(|r| !ex.contains(r)).collect();
         let how = format!("shrink of world '{}' into '{name}' excluding ranks {ex:?}", self.name());
         let attempt = self.lineage().shrinks.fetch_add(1, Ordering::AcqRel);
-        self.form_from(to, name, &survivors, door_key(self.lineage().world_id, Op::Shrink, attempt, 0), how)
+        let lanes = self.door_lanes(to, name, &survivors);
+        let key = door_key(self.lineage().world_id, Op::Shrink, attempt, 0);
+        self.form_through_door(to, name, &survivors, key, how, lanes)
+    }
+
+    /// This rank's offer of lanes for a world of the parent ranks `members` formed through a
+    /// door (`shrink`): of its links to the other members that are alive and on shared memory,
+    /// also in a broken world (a break leaves the segments and their other lanes alone).
+    fn door_lanes(&self, to: &Target, name: &str, members: &[usize]) -> Option<lanes::DoorLanesSlot> {
+        let auto = to.options.transport.effective() == crate::api::options::TransportChoice::Auto;
+        if !auto || !lanes_wanted() || self.size() > lanes::MAX_LANE_PARENT {
+            return None;
+        }
+        let mut sources = self.inner.backend.lane_sources(true);
+        sources.resize(self.size(), None);
+        for (r, s) in sources.iter_mut().enumerate() {
+            if !members.contains(&r) {
+                *s = None;
+            }
+        }
+        let (offer, held) = lanes::offer(self.rank(), sources, next_generation(&to.manager, name));
+        let mine = lanes::DoorLanes {
+            offer,
+            held,
+            parent_rank: self.rank(),
+            parent_size: self.size(),
+            members: members.to_vec(),
+        };
+        Some(lanes::DoorLanesSlot(Arc::new(crate::sys::sync::Mutex::new(Some(mine)))))
     }
 
     /// A larger world (NCCL's `ncclCommGrow`): every rank of this world calls it and keeps
@@ -471,7 +499,7 @@ impl World {
         let auto = to.options.transport.effective() == crate::api::options::TransportChoice::Auto;
         let (offer, held) = match lanes && driven && auto && lanes_wanted() {
             true => {
-                let mut sources = self.inner.backend.lane_sources();
+                let mut sources = self.inner.backend.lane_sources(false);
                 sources.resize(self.size(), None);
                 lanes::offer(self.rank(), sources, generation)
             }
@@ -597,6 +625,19 @@ impl World {
     /// Forms world `name` of the old ranks `members` (in their new order) through the door of
     /// the first of them.
     fn form_from(&self, to: &Target, name: &str, members: &[usize], key: u64, how: String) -> Result<World> {
+        self.form_through_door(to, name, members, key, how, None)
+    }
+
+    /// [`World::form_from`], on lanes of the parent's links where every member offers them.
+    fn form_through_door(
+        &self,
+        to: &Target,
+        name: &str,
+        members: &[usize],
+        key: u64,
+        how: String,
+        lanes: Option<lanes::DoorLanesSlot>,
+    ) -> Result<World> {
         let lin = self.lineage();
         let new_rank = members
             .iter()
@@ -609,6 +650,7 @@ impl World {
             key,
             lead: leader == self.rank(),
             agree: how,
+            lanes,
         };
         form_on(&to.manager, name, rv, secret, new_rank, members.len(), &to.options).wait()
     }

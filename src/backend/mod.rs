@@ -40,8 +40,9 @@ pub(crate) trait Backend: Progress {
     /// Transport per peer rank (`None` for this rank).
     fn transports(&self) -> Vec<Option<TransportKind>>;
     /// Per peer rank, where a world made from this one may claim a shared-memory lane
-    /// (`transport/shm/lane.rs`); empty where there is none.
-    fn lane_sources(&self) -> Vec<Option<crate::transport::shm::LaneSource>> {
+    /// (`transport/shm/lane.rs`); empty where there is none. `broken`: also when this world
+    /// is broken (its live peers' segments and their other lanes are untouched by that).
+    fn lane_sources(&self, _broken: bool) -> Vec<Option<crate::transport::shm::LaneSource>> {
         Vec::new()
     }
 }

@@ -140,13 +140,69 @@ pub(crate) fn offered(offers: &[Offer]) -> bool {
 /// every rank offered, and each pair has a lane free on both sides and a socket offered by
 /// its lower rank.
 pub(crate) fn possible(offers: &[Offer], members: &[usize]) -> bool {
-    offered(offers)
-        && members.iter().all(|&a| {
-            members.iter().filter(|&&b| a < b).all(|&b| {
-                let (oa, ob) = (&offers[a], &offers[b]);
-                oa.lanes(b) & ob.lanes(a) != 0 && oa.fd(b).0 >= 0
-            })
+    offered(offers) && pairs_have_lanes(offers, members)
+}
+
+/// Like [`possible`], for a world whose members alone offered (`shrink`: the excluded ranks
+/// take no part): every member offered, and each pair has a lane and a socket.
+pub(crate) fn possible_among(offers: &[Offer], members: &[usize]) -> bool {
+    members.iter().all(|m| offers.get(*m).is_some_and(|o| o.pid != 0)) && pairs_have_lanes(offers, members)
+}
+
+/// Each pair of `members` has a lane free on both sides and a socket offered by its lower rank.
+fn pairs_have_lanes(offers: &[Offer], members: &[usize]) -> bool {
+    members.iter().all(|&a| {
+        members.iter().filter(|&&b| a < b).all(|&b| {
+            let (oa, ob) = (&offers[a], &offers[b]);
+            oa.lanes(b) & ob.lanes(a) != 0 && oa.fd(b).0 >= 0
         })
+    })
+}
+
+/// A member's code in the second round of a formation through a door on lanes: lanes are not
+/// possible for this world (every member decides alike, from the same offers).
+pub(crate) const CODE_NONE: u8 = 0;
+/// This member claimed its lanes and took its sockets.
+pub(crate) const CODE_CLAIMED: u8 = 1;
+/// This member could not (or went away): every member forms links of its own instead.
+pub(crate) const CODE_FAILED: u8 = 2;
+
+/// A rank's lanes for a world formed through a door (`shrink`, whose parent may be broken so
+/// that no round can run over it: the leader's root carries the offers and the second round).
+pub(crate) struct DoorLanes {
+    pub offer: Offer,
+    pub held: Held,
+    /// This rank in the parent, and the parent's size.
+    pub parent_rank: usize,
+    pub parent_size: usize,
+    /// The parent ranks of the new world, in its rank order.
+    pub members: Vec<usize>,
+}
+
+/// [`DoorLanes`] in a rendezvous, taken once by the formation.
+#[derive(Clone)]
+pub(crate) struct DoorLanesSlot(pub std::sync::Arc<crate::sys::sync::Mutex<Option<DoorLanes>>>);
+
+impl std::fmt::Debug for DoorLanesSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DoorLanes")
+    }
+}
+
+/// Every member's offer by parent rank (those of non-members: none), from the table's offers
+/// in new-rank order; `None` when one is malformed.
+pub(crate) fn offers_by_parent(lanes: &DoorLanes, table: &[Vec<u8>]) -> Option<Vec<Offer>> {
+    let mut offers = vec![no_offer(0); lanes.parent_size];
+    if table.len() != lanes.members.len() {
+        return None;
+    }
+    for (blob, &p) in table.iter().zip(&lanes.members) {
+        if blob.len() != Offer::bytes(lanes.parent_size) || p >= lanes.parent_size {
+            return None;
+        }
+        offers[p] = Offer::decode(blob, lanes.parent_size);
+    }
+    Some(offers)
 }
 
 /// This rank's part of a new world on lanes, claimed and connected, until the second round

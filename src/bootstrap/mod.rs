@@ -23,7 +23,7 @@ mod link;
 mod root;
 
 use link::*;
-use root::{decode_reply, Hello, Table};
+use root::{decode_codes, decode_reply, Hello, Table};
 pub(crate) use root::{spawn_root, RootConfig, MAX_WORLD_SIZE};
 
 use std::io::{self, Read};
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use crate::api::error::{Error, ErrorKind, Result};
 use crate::engine::wire::{MsgReader, MsgWriter};
 use crate::sys;
-use crate::sys::sync::{Arc, AtomicBool};
+use crate::sys::sync::{lock, Arc, AtomicBool};
 use crate::transport::loopback::QueueLink;
 use crate::transport::shm::{Segment, ShmLink};
 use crate::transport::tcp::TcpLink;
@@ -53,6 +53,8 @@ pub(crate) enum Rendezvous {
         key: u64,
         lead: bool,
         agree: String,
+        /// This rank's offer of lanes of the parent's links (`shrink`), if it makes one.
+        lanes: Option<lanes::DoorLanesSlot>,
     },
     /// A world made from a world whose links are made already, on lanes of the parent's
     /// (`lanes.rs`): it is registered at once, on the caller's thread.
@@ -132,7 +134,7 @@ pub(crate) async fn join(spec: &JoinSpec) -> Result<Formed> {
     let mut own_root = None;
     let (root, secret) = match &spec.rendezvous {
         Rendezvous::Id(id) => (id.root, id.secret.to_vec()),
-        Rendezvous::Door { door, key, lead, agree } => {
+        Rendezvous::Door { door, key, lead, agree, .. } => {
             if *lead {
                 let cfg = RootConfig::for_door(spec.secret.clone(), name, size as u32, deadline, *key, agree)
                     .with_cancel(spec.cancel.clone());
@@ -175,9 +177,11 @@ async fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline:
     let listener = addr::listen_any_port(local_ip)?;
     let my_addr = listener.local_addr().map_err(|e| Error::system("listener address", e))?;
     info!("world '{name}' rank {rank}: listening for peers on {my_addr}");
-    let (key, agree) = match &spec.rendezvous {
-        Rendezvous::Door { key, agree, .. } => (*key, agree.clone()),
-        _ => (0, String::new()),
+    let (key, agree, door_lanes) = match &spec.rendezvous {
+        Rendezvous::Door { key, agree, lanes, .. } => {
+            (*key, agree.clone(), lanes.as_ref().and_then(|l| lock(&l.0).take()))
+        }
+        _ => (0, String::new(), None),
     };
     let hello = Hello {
         secret: secret.clone(),
@@ -191,6 +195,7 @@ async fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline:
         door: root::door_address(local_ip)?.to_string(),
         key,
         agree,
+        lanes: door_lanes.as_ref().map(|l| l.offer.encode(l.parent_size)).unwrap_or_default(),
     };
     addr::send_msg(&to_root, &hello.encode(), deadline, cancel)
         .await
@@ -210,8 +215,72 @@ async fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline:
     if table.peers.len() != size {
         return Err(Error::internal(formation_err(name, rank, "the root sent a table of the wrong size")));
     }
+    if let (Some(mine), false) = (door_lanes, table.lanes.is_empty()) {
+        if let Some(formed) = on_lanes(spec, mine, &table, &to_root, &secret, deadline).await? {
+            return Ok(formed);
+        }
+    }
     drop(to_root);
     linked(spec, table, secret, link::Door::new(listener)?, deadline).await
+}
+
+/// The second round of a formation through a door whose members all offered lanes: claims
+/// this rank's lanes where every member's offer allows it, tells the root how that went, and
+/// hears how it went for all. The world on lanes when every member claimed; `None` when one
+/// could not or lanes are not possible (every member then connects links of its own, with the
+/// same table).
+async fn on_lanes(
+    spec: &JoinSpec,
+    mut mine: lanes::DoorLanes,
+    table: &Table,
+    to_root: &TcpStream,
+    secret: &[u8],
+    deadline: Instant,
+) -> Result<Option<Formed>> {
+    let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
+    let cancel = Some(&*spec.cancel);
+    let offers = lanes::offers_by_parent(&mine, &table.lanes);
+    let (code, claimed) = match offers.as_ref().filter(|o| lanes::possible_among(o, &mine.members)) {
+        None => (lanes::CODE_NONE, None),
+        Some(offers) => match lanes::claim(&mut mine.held, mine.parent_rank, &mine.members, offers, table.world_id) {
+            Ok(c) => (lanes::CODE_CLAIMED, Some(c)),
+            Err(why) => {
+                info!("world '{name}' rank {rank}: no lanes ({why}); forming links of its own");
+                (lanes::CODE_FAILED, None)
+            }
+        },
+    };
+    let round = async {
+        addr::write_all(to_root, &[code], deadline, cancel).await?;
+        addr::recv_msg(to_root, deadline, cancel).await
+    };
+    let reply = round.await;
+    // The peers took their sockets before they answered: the offered ends may close now.
+    drop(mine);
+    let reply = reply.map_err(|e| {
+        if e.kind() == io::ErrorKind::TimedOut {
+            Error::timeout(formation_err(name, rank, "the other ranks did not all answer before the deadline"))
+        } else {
+            Error::new(ErrorKind::System, formation_err(name, rank, format!("the root went away: {e}")))
+        }
+    })?;
+    let codes = match decode_codes(&reply) {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(Error::new(e.kind(), formation_err(name, rank, e.message()))),
+        Err(why) => return Err(Error::internal(formation_err(name, rank, format!("bad reply from the root: {why}")))),
+    };
+    let all = codes.len() == size && codes.iter().all(|c| *c == lanes::CODE_CLAIMED);
+    let Some(claimed) = claimed.filter(|_| all) else { return Ok(None) };
+    Ok(Some(Formed {
+        generation: table.generation,
+        world_id: table.world_id,
+        links: claimed.links(),
+        shm_fallbacks: 0,
+        lane_links: size as u64 - 1,
+        doors: table.peers.iter().map(|p| p.2.clone()).collect(),
+        secret: secret.to_vec(),
+        etcd: None,
+    }))
 }
 
 /// A formation's end once every rank has the table (from a root, or from etcd): the links to

@@ -9,7 +9,7 @@ use crate::sys::{Epoll, EventFd};
 use std::collections::HashMap;
 
 pub(super) const HELLO_MAGIC: u32 = 0x4D57_4231; // "MWB1"
-pub(super) const PROTOCOL_VERSION: u32 = 2;
+pub(super) const PROTOCOL_VERSION: u32 = 3;
 
 /// A connection must say hello within this time, or the root drops it.
 pub(super) const HELLO_GRACE: Duration = Duration::from_secs(5);
@@ -40,6 +40,9 @@ pub(crate) struct Hello {
     /// What the rank is doing, in words (`"split of world 'w' by colour 1"`): a door root
     /// fails the formation for every rank when one says something else than its leader.
     pub agree: String,
+    /// This rank's offer of lanes of its parent's links (`lanes::Offer`, encoded; empty: none).
+    /// When every rank sent one the table carries them all and a second round follows.
+    pub lanes: Vec<u8>,
 }
 
 impl Hello {
@@ -58,6 +61,7 @@ impl Hello {
             .str(&self.door)
             .u64(self.key)
             .str(&self.agree)
+            .bytes(&self.lanes)
             .finish()
     }
 
@@ -82,6 +86,7 @@ impl Hello {
             door: r.str()?.to_owned(),
             key: r.u64()?,
             agree: r.str()?.to_owned(),
+            lanes: r.bytes()?.to_vec(),
         };
         r.end()?;
         Ok(h)
@@ -95,6 +100,8 @@ pub(crate) struct Table {
     pub world_id: u64,
     /// Listener address, host identity and door of each rank.
     pub peers: Vec<(String, String, String)>,
+    /// Each rank's offer of lanes (`Hello::lanes`), when every rank made one; else empty.
+    pub lanes: Vec<Vec<u8>>,
 }
 
 pub(super) fn encode_table(t: &Table) -> Vec<u8> {
@@ -102,7 +109,40 @@ pub(super) fn encode_table(t: &Table) -> Vec<u8> {
     for (a, h, d) in &t.peers {
         w = w.str(a).str(h).str(d);
     }
+    w = w.u32(t.lanes.len() as u32);
+    for l in &t.lanes {
+        w = w.bytes(l);
+    }
     w.finish()
+}
+
+/// The second round of a formation on lanes: each rank's code (`lanes::Code`), in rank order.
+pub(super) fn encode_codes(codes: &[u8]) -> Vec<u8> {
+    MsgWriter::new().u8(0).bytes(codes).finish()
+}
+
+/// The answer to the second round: every rank's code, or the root's refusal.
+pub(super) fn decode_codes(b: &[u8]) -> std::result::Result<std::result::Result<Vec<u8>, Error>, String> {
+    let mut r = MsgReader::new(b);
+    match r.u8()? {
+        0 => {
+            let codes = r.bytes()?.to_vec();
+            r.end()?;
+            Ok(Ok(codes))
+        }
+        code => Ok(Err(refusal(code, &mut r)?)),
+    }
+}
+
+/// A refusal's error, from its code and message.
+fn refusal(code: u8, r: &mut MsgReader<'_>) -> std::result::Result<Error, String> {
+    let kind = match code {
+        1 => ErrorKind::InvalidArgument,
+        2 => ErrorKind::InvalidUsage,
+        3 => ErrorKind::Timeout,
+        _ => ErrorKind::System,
+    };
+    Ok(Error::new(kind, r.str()?.to_owned()))
 }
 
 pub(super) fn encode_refusal(kind: ErrorKind, msg: &str) -> Vec<u8> {
@@ -129,18 +169,18 @@ pub(super) fn decode_reply(b: &[u8]) -> std::result::Result<std::result::Result<
             for _ in 0..n {
                 peers.push((r.str()?.to_owned(), r.str()?.to_owned(), r.str()?.to_owned()));
             }
+            let m = r.u32()? as usize;
+            if m != 0 && m != n {
+                return Err(format!("table of {n} ranks with {m} lane offers"));
+            }
+            let mut lanes = Vec::with_capacity(m);
+            for _ in 0..m {
+                lanes.push(r.bytes()?.to_vec());
+            }
             r.end()?;
-            Ok(Ok(Table { generation, world_id, peers }))
+            Ok(Ok(Table { generation, world_id, peers, lanes }))
         }
-        code => {
-            let kind = match code {
-                1 => ErrorKind::InvalidArgument,
-                2 => ErrorKind::InvalidUsage,
-                3 => ErrorKind::Timeout,
-                _ => ErrorKind::System,
-            };
-            Ok(Err(Error::new(kind, r.str()?.to_owned())))
-        }
+        code => Ok(Err(refusal(code, &mut r)?)),
     }
 }
 
@@ -555,6 +595,8 @@ struct Root {
     listener_paused: bool,
     /// Why it failed, if it did: a door root's ranks that come later are told the same.
     failure: Option<(ErrorKind, String)>,
+    /// After a table with lane offers: each rank's code of the second round, as they come.
+    codes: Option<Vec<Option<u8>>>,
     /// Dropped last, after the listener: then [`RootHandle::join`] returns.
     _done: std::sync::mpsc::Sender<()>,
 }
@@ -576,6 +618,7 @@ impl Root {
             key: 0,
             listener_paused: false,
             failure: None,
+            codes: None,
             _done: done,
         }
     }
@@ -610,6 +653,9 @@ impl Root {
             let present: Vec<u32> = self.conns.iter().filter_map(|c| c.hello.as_ref().map(|h| h.rank)).collect();
             self.fail_all(ErrorKind::Timeout, &missing_ranks(&name, size, &present, &self.left));
             return true;
+        }
+        if self.codes.is_some() {
+            return self.second_round();
         }
         if let Some(l) = &self.listener {
             self.conns.extend(accept_all(l, &mut self.listener_paused, epoll, self.key));
@@ -666,10 +712,12 @@ impl Root {
             return false;
         }
         let hellos: Vec<&Hello> = table.into_iter().flatten().collect();
+        let on_lanes = hellos.iter().all(|h| !h.lanes.is_empty());
         let t = Table {
             generation: hellos.iter().map(|h| h.generation).max().unwrap_or(1),
             world_id: sys::random_u64(),
             peers: hellos.iter().map(|h| (h.addr.clone(), h.host.clone(), h.door.clone())).collect(),
+            lanes: if on_lanes { hellos.iter().map(|h| h.lanes.clone()).collect() } else { Vec::new() },
         };
         let msg = encode_table(&t);
         for c in self.conns.iter().filter(|c| c.hello.is_some()) {
@@ -678,8 +726,46 @@ impl Root {
             }
         }
         info!("rendezvous: world '{name}' of {size} ranks formed, generation {}", t.generation);
+        if on_lanes {
+            // Only the members stay: each sends one byte, its code, and gets them all.
+            self.conns.retain(|c| c.hello.is_some());
+            self.codes = Some(vec![None; *size as usize]);
+            return self.second_round();
+        }
         true
     }
+
+    /// The second round of a formation on lanes: reads each member's code (one byte; a member
+    /// that went away counts as failed) and, once all are in, sends them all to every member.
+    fn second_round(&mut self) -> bool {
+        let Some(codes) = self.codes.as_mut() else { return true };
+        for c in &self.conns {
+            let Some(rank) = c.hello.as_ref().map(|h| h.rank as usize) else { continue };
+            if codes.get(rank).is_none_or(|k| k.is_some()) {
+                continue;
+            }
+            let mut b = [0u8; 1];
+            match addr::recv_now(&c.s, &mut b) {
+                Ok(1) => codes[rank] = Some(b[0]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                _ => codes[rank] = Some(lanes_failed_code()),
+            }
+        }
+        if codes.iter().any(Option::is_none) {
+            return false;
+        }
+        let all: Vec<u8> = codes.iter().map(|k| k.unwrap_or(0)).collect();
+        let msg = encode_codes(&all);
+        for c in &self.conns {
+            let _ = addr::send_now(&c.s, &msg);
+        }
+        true
+    }
+}
+
+/// The code a member that went away during the second round counts as.
+fn lanes_failed_code() -> u8 {
+    super::lanes::CODE_FAILED
 }
 
 /// What the root says when its deadline passes: which ranks never came, and which came and
@@ -836,6 +922,7 @@ mod tests {
             door: "1.2.3.4:6".into(),
             key: 9,
             agree: "dup of world 'v'".into(),
+            lanes: vec![7; 24],
         };
         assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
         let mut b = h.encode();
@@ -871,6 +958,7 @@ mod tests {
                 door: "127.0.0.1:2".into(),
                 key: 0,
                 agree: String::new(),
+                lanes: Vec::new(),
             };
             let s = TcpStream::connect(addr).unwrap();
             exec::block_on(addr::send_msg(&s, &h.encode(), deadline, None)).unwrap();
@@ -899,8 +987,14 @@ mod tests {
             generation: 2,
             world_id: 99,
             peers: vec![("a:1".into(), "h1".into(), "d:1".into()), ("b:2".into(), "h2".into(), "d:2".into())],
+            lanes: Vec::new(),
         };
         assert_eq!(decode_reply(&encode_table(&t)).unwrap().unwrap(), t);
+        let with_lanes = Table { lanes: vec![vec![1, 2, 3], vec![4]], ..t.clone() };
+        assert_eq!(decode_reply(&encode_table(&with_lanes)).unwrap().unwrap(), with_lanes);
+        assert_eq!(decode_codes(&encode_codes(&[1, 2, 0])).unwrap().unwrap(), vec![1, 2, 0]);
+        let e = decode_codes(&encode_refusal(ErrorKind::InvalidUsage, "no")).unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidUsage);
         let e = decode_reply(&encode_refusal(ErrorKind::Timeout, "late")).unwrap().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Timeout);
         assert_eq!(e.message(), "late");

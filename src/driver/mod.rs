@@ -424,8 +424,8 @@ impl Driver {
         self.engine().transports()
     }
 
-    pub(crate) fn lane_sources(&self) -> Vec<Option<crate::transport::shm::LaneSource>> {
-        self.engine().lane_sources()
+    pub(crate) fn lane_sources(&self, broken: bool) -> Vec<Option<crate::transport::shm::LaneSource>> {
+        self.engine().lane_sources(broken)
     }
 }
 

@@ -275,6 +275,9 @@ pub(crate) struct Engine {
     pub(crate) panic_in_pass: bool,
     cfg: EngineConfig,
     peers: Vec<Option<Peer>>,
+    /// Once broken: per peer, the pair's shared-memory segment (the links are closed), for a
+    /// `shrink` to form on its other lanes.
+    kept_segments: Vec<Option<crate::transport::shm::LaneSource>>,
     ops: VecDeque<OpState>,
     next_id: u64,
     /// Operations posted and not yet started (`activate` has nothing to do at 0).
@@ -361,6 +364,7 @@ impl Engine {
         Engine {
             cfg,
             peers,
+            kept_segments: Vec::new(),
             ops: VecDeque::new(),
             next_id: 0,
             inactive: 0,
@@ -445,13 +449,13 @@ impl Engine {
     }
 
     /// Per peer, where a world made from this one may claim a lane of the pair's segment
-    /// (`transport/shm/lane.rs`); `None` for other links, for a link gone, or a broken world.
-    pub(crate) fn lane_sources(&self) -> Vec<Option<crate::transport::shm::LaneSource>> {
-        let working = self.broken.is_none();
-        self.peers
-            .iter()
-            .map(|p| p.as_ref().filter(|p| working && p.gone.is_none()).and_then(|p| p.link.lane_source()))
-            .collect()
+    /// (`transport/shm/lane.rs`); `None` for other links, for a link gone, or a broken world
+    /// unless `broken` (`shrink`: a break leaves its live peers' segments alone).
+    pub(crate) fn lane_sources(&self, broken: bool) -> Vec<Option<crate::transport::shm::LaneSource>> {
+        if self.broken.is_some() {
+            return if broken { self.kept_segments.clone() } else { Vec::new() };
+        }
+        self.peers.iter().map(|p| p.as_ref().filter(|p| p.gone.is_none()).and_then(|p| p.link.lane_source())).collect()
     }
 
     /// The transport used for each peer (`None` for the rank itself or absent links).
@@ -922,6 +926,8 @@ impl Engine {
     /// in flight, else as an abort.
     pub(crate) fn close(&mut self) {
         if self.broken.is_some() {
+            // A broken world removed: no shrink of it can come now.
+            self.kept_segments.clear();
             return;
         }
         if self.has_work() {
@@ -949,7 +955,13 @@ impl Engine {
                 p.link.shutdown();
             }
         }
-        // The links go; what they counted stays.
+        // The links go; what they counted stays. A world that breaks keeps the pairs'
+        // segments until it is removed, also of peers whose end is gone (a live peer that
+        // broke the world first closed its end; one that died is not among the survivors a
+        // shrink names, or that shrink cannot form anyway).
+        if kind != FrameKind::Close {
+            self.kept_segments = self.peers.iter().map(|p| p.as_ref().and_then(|p| p.link.segment_source())).collect();
+        }
         let mut s = self.stats;
         self.add_link_counters(&mut s);
         self.stats = s;

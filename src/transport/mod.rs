@@ -186,4 +186,11 @@ pub(crate) trait Link: Send {
     fn lane_source(&self) -> Option<shm::LaneSource> {
         None
     }
+
+    /// The pair's segment, whatever became of this link (closed by a break, or its peer's
+    /// end gone): a broken world keeps it for a `shrink`, whose other lanes a break leaves
+    /// alone (`shm/lane.rs`); `None` for other transports.
+    fn segment_source(&self) -> Option<shm::LaneSource> {
+        None
+    }
 }

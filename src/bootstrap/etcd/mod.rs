@@ -493,7 +493,7 @@ async fn wait_and_link(
     let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
     let peers: Vec<(String, String, String)> =
         (0..size).map(|r| &g.ranks[&r]).map(|v| (text(v, "addr"), text(v, "host"), text(v, "door"))).collect();
-    let table = Table { generation: gen, world_id, peers };
+    let table = Table { generation: gen, world_id, peers, lanes: Vec::new() };
     match linked(spec, table, secret, door, deadline).await {
         Ok(formed) => Ok(formed),
         // A member registered but unreachable (its process died, and its registration waits

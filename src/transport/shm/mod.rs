@@ -871,6 +871,10 @@ impl Link for ShmLink {
         (!self.hung_up).then(|| self.source())
     }
 
+    fn segment_source(&self) -> Option<LaneSource> {
+        Some(self.source())
+    }
+
     fn revoke(&mut self) {
         if let Some(slot) = self.remote_tx.take() {
             self.revoked(self.tx, slot).store(1, Ordering::SeqCst);
