@@ -200,18 +200,8 @@ async fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline:
     addr::send_msg(&to_root, &hello.encode(), deadline, cancel)
         .await
         .map_err(|e| Error::system(formation_err(name, rank, "sending hello to the root"), e))?;
-    let reply = addr::recv_msg(&to_root, deadline, cancel).await.map_err(|e| {
-        if e.kind() == io::ErrorKind::TimedOut {
-            Error::timeout(formation_err(name, rank, "the other ranks did not all arrive before the deadline"))
-        } else {
-            Error::new(ErrorKind::System, formation_err(name, rank, format!("the root went away: {e}")))
-        }
-    })?;
-    let table = match decode_reply(&reply) {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => return Err(Error::new(e.kind(), formation_err(name, rank, e.message()))),
-        Err(why) => return Err(Error::internal(formation_err(name, rank, format!("bad reply from the root: {why}")))),
-    };
+    let reply = addr::recv_msg(&to_root, deadline, cancel).await;
+    let table = root_answer(spec, reply, "arrive", decode_reply)?;
     if table.peers.len() != size {
         return Err(Error::internal(formation_err(name, rank, "the root sent a table of the wrong size")));
     }
@@ -222,6 +212,30 @@ async fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline:
     }
     drop(to_root);
     linked(spec, table, secret, link::Door::new(listener)?, deadline).await
+}
+
+/// What the root answered (a table, or the codes of the second round), or why there is no
+/// answer: the other ranks did not all `come` before the deadline, the root went away, or it
+/// refused.
+fn root_answer<T>(
+    spec: &JoinSpec,
+    reply: io::Result<Vec<u8>>,
+    come: &str,
+    decode: fn(&[u8]) -> std::result::Result<std::result::Result<T, Error>, String>,
+) -> Result<T> {
+    let (name, rank) = (spec.name.as_str(), spec.rank);
+    let reply = reply.map_err(|e| {
+        if e.kind() == io::ErrorKind::TimedOut {
+            Error::timeout(formation_err(name, rank, format!("the other ranks did not all {come} before the deadline")))
+        } else {
+            Error::new(ErrorKind::System, formation_err(name, rank, format!("the root went away: {e}")))
+        }
+    })?;
+    match decode(&reply) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(Error::new(e.kind(), formation_err(name, rank, e.message()))),
+        Err(why) => Err(Error::internal(formation_err(name, rank, format!("bad reply from the root: {why}")))),
+    }
 }
 
 /// The second round of a formation through a door whose members all offered lanes: claims
@@ -257,18 +271,7 @@ async fn on_lanes(
     let reply = round.await;
     // The peers took their sockets before they answered: the offered ends may close now.
     drop(mine);
-    let reply = reply.map_err(|e| {
-        if e.kind() == io::ErrorKind::TimedOut {
-            Error::timeout(formation_err(name, rank, "the other ranks did not all answer before the deadline"))
-        } else {
-            Error::new(ErrorKind::System, formation_err(name, rank, format!("the root went away: {e}")))
-        }
-    })?;
-    let codes = match decode_codes(&reply) {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(Error::new(e.kind(), formation_err(name, rank, e.message()))),
-        Err(why) => return Err(Error::internal(formation_err(name, rank, format!("bad reply from the root: {why}")))),
-    };
+    let codes = root_answer(spec, reply, "answer", decode_codes)?;
     let all = codes.len() == size && codes.iter().all(|c| *c == lanes::CODE_CLAIMED);
     let Some(claimed) = claimed.filter(|_| all) else { return Ok(None) };
     Ok(Some(Formed {
