@@ -23,6 +23,7 @@ fn worker() {
         ("shrink_after_kill", shrink_after_kill),
         ("shrink_live", shrink_live),
         ("shrink_without_free_lanes", shrink_without_free_lanes),
+        ("kept_until_removed", kept_until_removed),
         ("grow_member", grow_member),
         ("grow_newcomer", grow_newcomer),
         ("disagree", disagree),
@@ -450,6 +451,42 @@ fn shrink_without_free_lanes(ctx: &Ctx) {
     w.barrier().unwrap();
 }
 
+/// This process's mappings of shared-memory segments.
+fn shm_maps() -> usize {
+    std::fs::read_to_string("/proc/self/maps").unwrap().lines().filter(|l| l.contains("/dev/shm/mw-")).count()
+}
+
+/// A broken world keeps its segments mapped (for a shrink) until it is removed, also when it
+/// broke by this rank's own abort, and lets go of them at removal while its handle lives on.
+fn kept_until_removed(ctx: &Ctx) {
+    let (m, w) = parent(ctx);
+    traffic(&w, 1, 3);
+    assert!(shm_maps() >= 1);
+    if ctx.rank == 1 {
+        w.abort();
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    while !matches!(w.state(), WorldState::Broken(_)) {
+        assert!(Instant::now() < end, "rank {}: the world did not break", ctx.rank);
+        let mut v = vec![1u32; 4];
+        let _ = w.all_reduce_in_place(&mut v, ReduceOp::Sum);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let kept_end = Instant::now() + Duration::from_secs(5);
+    // The abort is applied by the pool: wait for the links to go, the segment to stay.
+    while shm_maps() == 0 && Instant::now() < kept_end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(shm_maps() >= 1, "rank {}: the broken world let go of its segment", ctx.rank);
+    m.remove_world("parent").unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    while shm_maps() != 0 {
+        assert!(Instant::now() < end, "rank {}: {} segments still mapped after removal", ctx.rank, shm_maps());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(w);
+}
+
 fn grow_member(ctx: &Ctx) {
     let (_m, w) = parent(ctx);
     let new_size: usize = ctx.env("MW_TEST_NEW_SIZE").parse().unwrap();
@@ -574,6 +611,11 @@ fn dup_split_and_shrink_without_lanes_form_links_of_their_own() {
     run("dup", 3, &[("MW_LANES", "0".into())]);
     run("split", 4, &[("MW_LANES", "0".into())]);
     run("shrink_live", 4, &[("MW_LANES", "0".into())]);
+}
+
+#[test]
+fn a_broken_world_keeps_its_segments_until_it_is_removed() {
+    run("kept_until_removed", 2, &[]);
 }
 
 #[test]

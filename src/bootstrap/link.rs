@@ -92,8 +92,9 @@ struct Pending {
     from: SocketAddr,
     buf: Vec<u8>,
     since: Instant,
-    /// Its hello is complete and checked, held until the table is (see [`Door::serve`]).
-    held: bool,
+    /// Its hello is complete and checked, from this rank, held until the table is (see
+    /// [`Door::serve`]).
+    held: Option<usize>,
 }
 
 impl Pending {
@@ -135,11 +136,11 @@ impl Pending {
 }
 
 /// A rank's peer listener and the connections it has accepted whose hellos are not yet
-/// answered. It is served from the moment the rank publishes its address (through etcd, while
-/// the rank waits for the others to register) until its links are made: an address is never
-/// left unanswered, so a connector that reached this listener by mistake (a dead process's
-/// registration whose port the kernel gave to this listener) is refused at once instead of
-/// waiting for an answer until its deadline.
+/// answered. Through etcd it is served while the rank waits for the others to register (every
+/// 50 ms; not during the rank's own etcd calls), then while it accepts its links: a connector
+/// that reached this listener by mistake (a dead process's registration whose port the kernel
+/// gave to this listener) is refused within moments instead of waiting for an answer until its
+/// deadline.
 pub(super) struct Door {
     listener: TcpListener,
     pending: Vec<Pending>,
@@ -163,9 +164,11 @@ impl Door {
             fds.push((self.listener.as_raw_fd(), libc::POLLIN));
         }
         // A complete hello held for later (`serve` without `taken`) needs no wait.
-        fds.extend(self.pending.iter().filter(|p| !p.held).map(|p| (p.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
+        fds.extend(
+            self.pending.iter().filter(|p| p.held.is_none()).map(|p| (p.s.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)),
+        );
         let mut until = until;
-        if let Some(p) = self.pending.iter().find(|p| !p.held) {
+        if let Some(p) = self.pending.iter().find(|p| p.held.is_none()) {
             until = until.min(p.since + LINK_HELLO_GRACE);
         }
         if let Some(p) = self.paused.filter(|_| paused) {
@@ -211,8 +214,13 @@ impl Door {
                     let _ = addr::write_all(&p.s, &[1], deadline, cancel).await;
                 }
                 Ok(Some(Hello::Link(from))) => match taken.as_deref_mut() {
+                    // One held hello per rank: a second from the same rank is a stranger's.
+                    None if self.pending.iter().enumerate().any(|(j, p)| j != i && p.held == Some(from)) => {
+                        let p = self.pending.remove(i);
+                        warn!("world '{name}' rank {rank}: refused link connection from {}: rank {from} again", p.from);
+                    }
                     None => {
-                        self.pending[i].held = true;
+                        self.pending[i].held = Some(from);
                         i += 1;
                     }
                     Some(taken) => {
@@ -248,14 +256,17 @@ impl Door {
                     if s.set_nonblocking(true).is_err() {
                         continue;
                     }
-                    if self.pending.len() >= MAX_PENDING {
-                        let old = self.pending.remove(0);
-                        warn!(
-                            "world '{name}' rank {rank}: dropped link connection from {} (too many pending)",
-                            old.from
-                        );
+                    // Held hellos (one per rank, honest) do not count, and are never dropped.
+                    if self.pending.iter().filter(|p| p.held.is_none()).count() >= MAX_PENDING {
+                        if let Some(i) = self.pending.iter().position(|p| p.held.is_none()) {
+                            let old = self.pending.remove(i);
+                            warn!(
+                                "world '{name}' rank {rank}: dropped link connection from {} (too many pending)",
+                                old.from
+                            );
+                        }
                     }
-                    self.pending.push(Pending { s, from, buf: Vec::new(), since: Instant::now(), held: false });
+                    self.pending.push(Pending { s, from, buf: Vec::new(), since: Instant::now(), held: None });
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -343,8 +354,10 @@ async fn probe(
         Err(_) => return None,
     };
     let hello = hello_of(LINK_PROBE_MAGIC, expect.world_id, expect.generation, expect.rank, next, expect.secret);
-    if addr::send_msg(&s, &hello, until, cancel).await.is_err() {
-        return gone("closed the connection");
+    match addr::send_msg(&s, &hello, until, cancel).await {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => return None,
+        Err(_) => return gone("closed the connection"),
     }
     let mut ack = [0u8; 1];
     match addr::read_exact_until(&s, &mut ack, until, cancel).await {
@@ -760,5 +773,43 @@ mod tests {
         assert!(gone.contains("rank 2 left the formation"), "{gone}");
         stop.store(true, crate::sys::sync::Ordering::Release);
         server.join().unwrap();
+    }
+
+    /// While its table is incomplete a rank holds every honest link hello, past the limit on
+    /// pending connections too (they count once per rank, and strangers go first), and
+    /// refuses a second hello from a rank it holds one from.
+    #[test]
+    fn held_link_hellos_outlast_the_pending_limit() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        let mut door = Door::new(listener).unwrap();
+        let secret = [3u8; 32];
+        let d = || Instant::now() + Duration::from_secs(5);
+        let size = MAX_PENDING + 40;
+        let expect = Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 0, size, listeners: &[] };
+        let mut conns = Vec::new();
+        for from in 1..size {
+            let s = TcpStream::connect(at).unwrap();
+            block_on(addr::send_msg(&s, &link_hello(5, 2, from, 0, &secret), d(), None)).unwrap();
+            conns.push(s);
+            if from % 16 == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+                block_on(door.serve(&expect, None, d(), None)).unwrap();
+            }
+        }
+        let again = TcpStream::connect(at).unwrap();
+        block_on(addr::send_msg(&again, &link_hello(5, 2, 1, 0, &secret), d(), None)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        block_on(door.serve(&expect, None, d(), None)).unwrap();
+        let mut b = [0u8; 1];
+        let r = block_on(addr::read_exact_until(&again, &mut b, Instant::now() + Duration::from_secs(2), None));
+        assert!(r.is_err_and(|e| e.kind() != io::ErrorKind::TimedOut), "a second hello from rank 1 must be refused");
+        let mut taken = vec![false; size];
+        let got = block_on(door.serve(&expect, Some(&mut taken), d(), None)).unwrap();
+        assert_eq!(got.len(), size - 1);
+        for s in &conns {
+            block_on(addr::read_exact_until(s, &mut b, d(), None)).unwrap();
+            assert_eq!(b[0], 1);
+        }
     }
 }

@@ -221,7 +221,7 @@ fn root_answer<T>(
     spec: &JoinSpec,
     reply: io::Result<Vec<u8>>,
     come: &str,
-    decode: fn(&[u8]) -> std::result::Result<std::result::Result<T, Error>, String>,
+    decode: fn(&[u8]) -> root::RootReply<T>,
 ) -> Result<T> {
     let (name, rank) = (spec.name.as_str(), spec.rank);
     let reply = reply.map_err(|e| {

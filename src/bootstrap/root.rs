@@ -116,13 +116,16 @@ pub(super) fn encode_table(t: &Table) -> Vec<u8> {
     w.finish()
 }
 
-/// The second round of a formation on lanes: each rank's code (`lanes::Code`), in rank order.
+/// A root's answer as read: what it says (or its refusal), or why it cannot be read.
+pub(super) type RootReply<T> = std::result::Result<std::result::Result<T, Error>, String>;
+
+/// The second round of a formation on lanes: each rank's code (`lanes::CODE_*`), in rank order.
 pub(super) fn encode_codes(codes: &[u8]) -> Vec<u8> {
     MsgWriter::new().u8(0).bytes(codes).finish()
 }
 
 /// The answer to the second round: every rank's code, or the root's refusal.
-pub(super) fn decode_codes(b: &[u8]) -> std::result::Result<std::result::Result<Vec<u8>, Error>, String> {
+pub(super) fn decode_codes(b: &[u8]) -> RootReply<Vec<u8>> {
     let mut r = MsgReader::new(b);
     match r.u8()? {
         0 => {
@@ -155,7 +158,7 @@ pub(super) fn encode_refusal(kind: ErrorKind, msg: &str) -> Vec<u8> {
     MsgWriter::new().u8(code).str(msg).finish()
 }
 
-pub(super) fn decode_reply(b: &[u8]) -> std::result::Result<std::result::Result<Table, Error>, String> {
+pub(super) fn decode_reply(b: &[u8]) -> RootReply<Table> {
     let mut r = MsgReader::new(b);
     match r.u8()? {
         0 => {
@@ -595,8 +598,10 @@ struct Root {
     listener_paused: bool,
     /// Why it failed, if it did: a door root's ranks that come later are told the same.
     failure: Option<(ErrorKind, String)>,
-    /// After a table with lane offers: each rank's code of the second round, as they come.
+    /// After a table with lane offers: each rank's code of the second round, as they come;
+    /// and how many connections (the members') the table went to.
     codes: Option<Vec<Option<u8>>>,
+    members: usize,
     /// Dropped last, after the listener: then [`RootHandle::join`] returns.
     _done: std::sync::mpsc::Sender<()>,
 }
@@ -619,6 +624,7 @@ impl Root {
             listener_paused: false,
             failure: None,
             codes: None,
+            members: 0,
             _done: done,
         }
     }
@@ -655,7 +661,7 @@ impl Root {
             return true;
         }
         if self.codes.is_some() {
-            return self.second_round();
+            return self.second_round(epoll);
         }
         if let Some(l) = &self.listener {
             self.conns.extend(accept_all(l, &mut self.listener_paused, epoll, self.key));
@@ -729,15 +735,21 @@ impl Root {
         if on_lanes {
             // Only the members stay: each sends one byte, its code, and gets them all.
             self.conns.retain(|c| c.hello.is_some());
+            self.members = self.conns.len();
             self.codes = Some(vec![None; *size as usize]);
-            return self.second_round();
+            return self.second_round(epoll);
         }
         true
     }
 
     /// The second round of a formation on lanes: reads each member's code (one byte; a member
     /// that went away counts as failed) and, once all are in, sends them all to every member.
-    fn second_round(&mut self) -> bool {
+    fn second_round(&mut self, epoll: &Epoll) -> bool {
+        // A hello handed over by a door after the table (same key, a rank already present):
+        // the world formed without it.
+        for c in self.conns.drain(self.members.min(self.conns.len())..) {
+            refuse(&c, ErrorKind::InvalidUsage, "this rank's place in the world is taken (it formed already)");
+        }
         let Some(codes) = self.codes.as_mut() else { return true };
         for c in &self.conns {
             let Some(rank) = c.hello.as_ref().map(|h| h.rank as usize) else { continue };
@@ -747,9 +759,12 @@ impl Root {
             let mut b = [0u8; 1];
             match addr::recv_now(&c.s, &mut b) {
                 Ok(1) => codes[rank] = Some(b[0]),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
                 _ => codes[rank] = Some(lanes_failed_code()),
             }
+            // Its code is in: the connection is not watched any more (level-triggered, a
+            // closed one would report for ever), only written to once all are in.
+            let _ = epoll.rewatch(c.s.as_raw_fd(), 0, self.key);
         }
         if codes.iter().any(Option::is_none) {
             return false;
@@ -998,5 +1013,71 @@ mod tests {
         let e = decode_reply(&encode_refusal(ErrorKind::Timeout, "late")).unwrap().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Timeout);
         assert_eq!(e.message(), "late");
+    }
+
+    /// CPU time the `mw-roots` thread of this process has used, in clock ticks.
+    fn roots_thread_ticks() -> u64 {
+        let mut ticks = 0;
+        for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim() == "mw-roots" {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                // After the command's closing parenthesis: state is field 3, utime 14, stime 15.
+                let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+                let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+                ticks += f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+            }
+        }
+        ticks
+    }
+
+    /// The second round of a door root: a member that answered and hung up does not keep the
+    /// roots thread busy while another member is late, and both get every code; a hello for
+    /// the same place after the table is refused.
+    #[test]
+    fn a_door_roots_second_round_waits_quietly_for_a_late_member() {
+        let door = door_address("127.0.0.1".parse().unwrap()).unwrap();
+        let secret = vec![7u8; 32];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let key = 0x5eed_0f1a;
+        spawn_root(None, RootConfig::for_door(secret.clone(), "w", 2, deadline, key, "shrink")).unwrap();
+        let hello = |rank: u32| Hello {
+            secret: secret.clone(),
+            name: "w".into(),
+            rank,
+            size: 2,
+            generation: 1,
+            addr: "127.0.0.1:1".into(),
+            host: "h".into(),
+            timeout_ms: 20000,
+            door: door.to_string(),
+            key,
+            agree: "shrink".into(),
+            lanes: vec![1; 24],
+        };
+        let (s0, s1) = (TcpStream::connect(door).unwrap(), TcpStream::connect(door).unwrap());
+        exec::block_on(addr::send_msg(&s0, &hello(0).encode(), deadline, None)).unwrap();
+        exec::block_on(addr::send_msg(&s1, &hello(1).encode(), deadline, None)).unwrap();
+        for s in [&s0, &s1] {
+            let t = decode_reply(&exec::block_on(addr::recv_msg(s, deadline, None)).unwrap()).unwrap().unwrap();
+            assert_eq!(t.lanes, vec![vec![1; 24]; 2]);
+        }
+        let late = TcpStream::connect(door).unwrap();
+        exec::block_on(addr::send_msg(&late, &hello(1).encode(), deadline, None)).unwrap();
+        exec::block_on(addr::write_all(&s0, &[1], deadline, None)).unwrap();
+        s0.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let before = roots_thread_ticks();
+        std::thread::sleep(Duration::from_millis(1500));
+        let used = roots_thread_ticks() - before;
+        // A spinning thread would use about 150 ticks (100 per second) here.
+        assert!(used < 50, "the roots thread used {used} ticks while it waited");
+        exec::block_on(addr::write_all(&s1, &[2], deadline, None)).unwrap();
+        for s in [&s0, &s1] {
+            let codes = decode_codes(&exec::block_on(addr::recv_msg(s, deadline, None)).unwrap()).unwrap().unwrap();
+            assert_eq!(codes, vec![1, 2]);
+        }
+        let e = decode_reply(&exec::block_on(addr::recv_msg(&late, deadline, None)).unwrap()).unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidUsage, "{}", e.message());
     }
 }

@@ -407,6 +407,8 @@ impl Driver {
             } else {
                 e.close();
             }
+            // Removed: no shrink of it can come now, so the segments a break kept go.
+            e.release_kept_segments();
         }
         self.abort();
     }

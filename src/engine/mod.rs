@@ -926,8 +926,6 @@ impl Engine {
     /// in flight, else as an abort.
     pub(crate) fn close(&mut self) {
         if self.broken.is_some() {
-            // A broken world removed: no shrink of it can come now.
-            self.kept_segments.clear();
             return;
         }
         if self.has_work() {
@@ -936,6 +934,11 @@ impl Engine {
         }
         self.say_goodbye(FrameKind::Close, &[]);
         self.set_broken(BrokenCause::LocalAbort);
+    }
+
+    /// Lets go of the segments a break kept for a `shrink` (the world is being removed).
+    pub(crate) fn release_kept_segments(&mut self) {
+        self.kept_segments = Vec::new();
     }
 
     /// Sends every peer still there a last control frame (close, or abort with a reason),
