@@ -22,6 +22,9 @@ const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// The most one such look may take (a peer that does not answer in this time tells nothing:
 /// the deadline still bounds the wait).
 const PROBE_WAIT: Duration = Duration::from_millis(200);
+/// How often a rank that waits for something else (the others' registrations in etcd, a lower
+/// rank's answer) looks at its own door.
+pub(super) const DOOR_TICK: Duration = Duration::from_millis(50);
 /// How long a peer listener whose accept failed (no descriptor to spare) is not looked at.
 const LISTENER_PAUSE: Duration = Duration::from_millis(20);
 /// Bytes of a link hello at the most (its secret is the id's, 32 bytes; any is accepted up to
@@ -136,11 +139,12 @@ impl Pending {
 }
 
 /// A rank's peer listener and the connections it has accepted whose hellos are not yet
-/// answered. Through etcd it is served while the rank waits for the others to register (every
-/// 50 ms; not during the rank's own etcd calls), then while it accepts its links: a connector
-/// that reached this listener by mistake (a dead process's registration whose port the kernel
-/// gave to this listener) is refused within moments instead of waiting for an answer until its
-/// deadline.
+/// answered. It is served while the rank waits for its lower ranks' answers and while it
+/// accepts its links, and through etcd also while it waits for the others to register (every
+/// [`DOOR_TICK`]; not during the rank's own etcd calls): a connector that reached this listener
+/// by mistake (a dead process's registration whose port the kernel gave to this listener) is
+/// refused within moments instead of waiting for an answer until its deadline, and a lower
+/// rank's probe is answered while this rank is still busy with its own connects.
 pub(super) struct Door {
     listener: TcpListener,
     pending: Vec<Pending>,
@@ -381,6 +385,9 @@ pub(super) async fn connect_links(
     let cancel = Some(&*spec.cancel);
     let mut links: Vec<Option<Box<dyn Link>>> = (0..size).map(|_| None).collect();
     links[rank] = Some(Box::new(QueueLink::loopback()));
+    let listeners: Vec<Option<SocketAddr>> = t.peers.iter().map(|p| p.0.parse().ok()).collect();
+    let expect =
+        Expect { name, world_id: t.world_id, generation: t.generation, secret, rank, size, listeners: &listeners };
     for (peer, (addr, _host, _door)) in t.peers.iter().enumerate().take(rank) {
         let what = || formation_err(name, rank, format!("connecting to rank {peer}"));
         let a: SocketAddr = addr.parse().map_err(|_| Error::internal(what()))?;
@@ -388,8 +395,20 @@ pub(super) async fn connect_links(
         addr::send_msg(&s, &link_hello(t.world_id, t.generation, rank, peer, secret), deadline, cancel)
             .await
             .map_err(|e| Error::new(ErrorKind::WorldBroken, format!("{}: {e}", what())))?;
+        // While the lower rank has not answered, this rank's own door is served: probes are
+        // answered (this rank is alive, only busy) and strangers refused; higher ranks' link
+        // hellos are held for the accepts below.
         let mut ack = [0u8; 1];
-        match addr::read_exact_until(&s, &mut ack, deadline, cancel).await {
+        let acked = loop {
+            let tick = deadline.min(Instant::now() + DOOR_TICK);
+            match addr::read_exact_until(&s, &mut ack, tick, cancel).await {
+                Err(e) if e.kind() == io::ErrorKind::TimedOut && Instant::now() < deadline => {
+                    door.serve(&expect, None, deadline, cancel).await?;
+                }
+                other => break other,
+            }
+        };
+        match acked {
             Ok(()) if ack[0] == 1 => {}
             Ok(()) => return Err(Error::new(ErrorKind::WorldBroken, format!("{}: refused", what()))),
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
@@ -408,9 +427,6 @@ pub(super) async fn connect_links(
         *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
         links[peer] = Some(link);
     }
-    let listeners: Vec<Option<SocketAddr>> = t.peers.iter().map(|p| p.0.parse().ok()).collect();
-    let expect =
-        Expect { name, world_id: t.world_id, generation: t.generation, secret, rank, size, listeners: &listeners };
     let missing = |taken: &[bool]| {
         let m: Vec<usize> = (rank + 1..size).filter(|r| !taken.get(*r).copied().unwrap_or(false)).collect();
         formation_err(name, rank, format!("ranks {m:?} did not connect before the deadline"))
@@ -811,5 +827,54 @@ mod tests {
             block_on(addr::read_exact_until(s, &mut b, d(), None)).unwrap();
             assert_eq!(b[0], 1);
         }
+    }
+
+    /// A rank still waiting for a lower rank's answer (here one that never answers) answers a
+    /// probe from that lower rank, so it is not taken for gone; abandoning the formation then
+    /// ends its wait.
+    #[test]
+    fn a_rank_busy_connecting_answers_probes() {
+        let lower = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mine = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (a0, a1) = (lower.local_addr().unwrap(), mine.local_addr().unwrap());
+        let secret = vec![3u8; 32];
+        let cancel = Arc::new(AtomicBool::new(false));
+        let spec = JoinSpec {
+            name: "w".into(),
+            rank: 1,
+            size: 2,
+            rendezvous: Rendezvous::Address(String::new()),
+            secret: secret.clone(),
+            interface: None,
+            shm: false,
+            rdma: false,
+            generation: 2,
+            timeout: Duration::from_secs(30),
+            cancel: cancel.clone(),
+            socket_buffer: None,
+        };
+        let table = Table {
+            generation: 2,
+            world_id: 5,
+            peers: vec![(a0.to_string(), "h".into(), "d".into()), (a1.to_string(), "h".into(), "d".into())],
+            lanes: Vec::new(),
+        };
+        let door = Door::new(mine).unwrap();
+        let key = secret.clone();
+        let busy = std::thread::spawn(move || {
+            let mut fallbacks = 0;
+            let end = Instant::now() + Duration::from_secs(30);
+            block_on(connect_links(&spec, &table, &key, door, end, &mut fallbacks)).map(|_| ())
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let d = Instant::now() + Duration::from_secs(5);
+        let s = TcpStream::connect(a1).unwrap();
+        block_on(addr::send_msg(&s, &hello_of(LINK_PROBE_MAGIC, 5, 2, 0, 1, &secret), d, None)).unwrap();
+        let mut b = [0u8; 1];
+        block_on(addr::read_exact_until(&s, &mut b, d, None)).expect("a busy rank answers a probe");
+        assert_eq!(b[0], 1);
+        cancel.store(true, crate::sys::sync::Ordering::Release);
+        assert!(busy.join().unwrap().is_err());
+        drop(lower);
     }
 }

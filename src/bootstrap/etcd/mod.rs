@@ -375,9 +375,6 @@ async fn register(
     }
 }
 
-/// How often a rank waiting for the others to register looks at its peer listener.
-const DOOR_TICK: std::time::Duration = std::time::Duration::from_millis(50);
-
 /// The world id and secret of generation `g`, from its meta key (the secret from
 /// `WorldOptions::secret` where one is given), if usable.
 fn world_of(g: &Generation, spec: &JoinSpec) -> Option<(u64, Vec<u8>)> {
@@ -448,7 +445,7 @@ async fn wait_and_link(
             super::link::Expect { name, world_id, generation: gen, secret: &secret, rank, size, listeners: &[] };
         let next = loop {
             door.serve(&expect, None, deadline, cancel).await.map_err(Attempt::Fail)?;
-            match w.next(deadline.min(Instant::now() + DOOR_TICK), cancel).await {
+            match w.next(deadline.min(Instant::now() + super::link::DOOR_TICK), cancel).await {
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut && Instant::now() < deadline => {}
                 other => break other,
             }
