@@ -556,17 +556,17 @@ impl World {
                 None => Ok(None),
             };
         }
-        // This rank's part: 0 none, 1 claimed, 2 claiming failed, 3 the name is refused here.
-        let (mut code, mut claimed, mut refusal) = (0u8, None, None);
+        // This rank's part (`lanes::CODE_*`).
+        let (mut code, mut claimed, mut refusal) = (lanes::CODE_NONE, None, None);
         if let Some((c, m)) = me.filter(|(_, m)| on_lanes(m)) {
             if let Some(e) = name_refusal(&to.manager, name) {
-                (code, refusal) = (3, Some(e));
+                (code, refusal) = (lanes::CODE_NAME_TAKEN, Some(e));
             } else {
                 match lanes::claim(&mut held, self.rank(), m, &offers, key(*c)) {
-                    Ok(cl) => (code, claimed) = (1, Some(cl)),
+                    Ok(cl) => (code, claimed) = (lanes::CODE_CLAIMED, Some(cl)),
                     Err(why) => {
                         info!("{}: no lanes ({why}); forming links of its own", how(*c));
-                        code = 2;
+                        code = lanes::CODE_FAILED;
                     }
                 }
             }
@@ -586,27 +586,20 @@ impl World {
         if let Some(e) = refusal {
             return Err(e);
         }
-        if let Some(r) = m.iter().find(|r| codes[**r] == 3) {
+        if let Some(r) = m.iter().find(|r| codes[**r] == lanes::CODE_NAME_TAKEN) {
             return Err(Error::invalid_usage(format!(
                 "{}: rank {r} cannot take the name (it has a working world '{name}', one being formed, or its manager is shut down); nothing was formed",
                 how(*c)
             )));
         }
-        let Some(claimed) = claimed.filter(|_| m.iter().all(|r| codes[*r] == 1)) else {
+        let Some(claimed) = claimed.filter(|_| m.iter().all(|r| codes[*r] == lanes::CODE_CLAIMED)) else {
             return self.form_from(to, name, m, key(*c), how(*c)).map(Some);
         };
         let lin = self.lineage();
         let secret = lin.child_secret();
-        let formed = bootstrap::Formed {
-            generation: m.iter().map(|r| offers[*r].generation).max().unwrap_or(1),
-            world_id: key(*c),
-            links: claimed.links(),
-            shm_fallbacks: 0,
-            lane_links: m.len() as u64 - 1,
-            doors: m.iter().map(|r| lin.doors[*r].clone()).collect(),
-            secret: secret.clone(),
-            etcd: None,
-        };
+        let generation = m.iter().map(|r| offers[*r].generation).max().unwrap_or(1);
+        let doors = m.iter().map(|r| lin.doors[*r].clone()).collect();
+        let formed = claimed.formed(generation, key(*c), doors, secret.clone());
         let new_rank = m.iter().position(|r| *r == self.rank()).ok_or_else(|| Error::internal("not a member"))?;
         let rv =
             bootstrap::Rendezvous::Prepared(bootstrap::Prepared(Arc::new(crate::sys::sync::Mutex::new(Some(formed)))));

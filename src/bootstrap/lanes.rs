@@ -159,13 +159,16 @@ fn pairs_have_lanes(offers: &[Offer], members: &[usize]) -> bool {
     })
 }
 
-/// A member's code in the second round of a formation through a door on lanes: lanes are not
-/// possible for this world (every member decides alike, from the same offers).
+/// A rank's code in the second round of a formation on lanes (over the parent for `dup` and
+/// `split`, through the leader's root for `shrink`): no part in a world on lanes (for a shrink:
+/// lanes are not possible, which every member decides alike, from the same offers).
 pub(crate) const CODE_NONE: u8 = 0;
-/// This member claimed its lanes and took its sockets.
+/// This rank claimed its lanes and took its sockets.
 pub(crate) const CODE_CLAIMED: u8 = 1;
-/// This member could not (or went away): every member forms links of its own instead.
+/// This rank could not (or went away): every member forms links of its own instead.
 pub(crate) const CODE_FAILED: u8 = 2;
+/// The new world's name is in use here (`dup`, `split`): every member gets `InvalidUsage`.
+pub(crate) const CODE_NAME_TAKEN: u8 = 3;
 
 /// A rank's lanes for a world formed through a door (`shrink`, whose parent may be broken so
 /// that no round can run over it: the leader's root carries the offers and the second round).
@@ -250,8 +253,24 @@ pub(crate) fn claim(
 }
 
 impl Claimed {
+    /// The world these lanes make, once every member claimed its part: `generation`, `world_id`,
+    /// each member's door and the world's secret.
+    pub(crate) fn formed(self, generation: u32, world_id: u64, doors: Vec<String>, secret: Vec<u8>) -> super::Formed {
+        let lane_links = self.parts.len() as u64 - 1;
+        super::Formed {
+            generation,
+            world_id,
+            links: self.links(),
+            shm_fallbacks: 0,
+            lane_links,
+            doors,
+            secret,
+            etcd: None,
+        }
+    }
+
     /// The new world's links, in its rank order (loopback for this rank).
-    pub(crate) fn links(self) -> Vec<Option<Box<dyn Link>>> {
+    fn links(self) -> Vec<Option<Box<dyn Link>>> {
         let me = self.me;
         self.parts
             .into_iter()

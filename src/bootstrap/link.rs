@@ -82,7 +82,7 @@ impl Expect<'_> {
             return if to as usize == self.rank { Ok(Hello::Probe) } else { Err(format!("a probe for rank {to}")) };
         }
         let from = from as usize;
-        if to as usize != self.rank || from <= self.rank || from >= self.size || taken[from] {
+        if to as usize != self.rank || from <= self.rank || from >= self.size || taken.get(from) == Some(&true) {
             return Err(format!("unexpected rank {from}"));
         }
         Ok(Hello::Link(from))
@@ -197,14 +197,17 @@ impl Door {
         if self.paused.is_none_or(|p| Instant::now() >= p) {
             self.accept_all(name, rank);
         }
-        let none = vec![false; expect.size];
         let now = Instant::now();
         let mut done = Vec::new();
         let mut i = 0;
         while i < self.pending.len() {
-            let seen = taken.as_deref().unwrap_or(&none);
+            if taken.is_none() && self.pending[i].held.is_some() {
+                // Checked already, and still to be held.
+                i += 1;
+                continue;
+            }
             let outcome = match self.pending[i].read() {
-                Ok(Some(msg)) => expect.check(&msg, seen).map(Some),
+                Ok(Some(msg)) => expect.check(&msg, taken.as_deref().unwrap_or(&[])).map(Some),
                 Ok(None) if now.duration_since(self.pending[i].since) >= LINK_HELLO_GRACE => {
                     Err(format!("no link hello within {LINK_HELLO_GRACE:?}"))
                 }

@@ -274,16 +274,8 @@ async fn on_lanes(
     let codes = root_answer(spec, reply, "answer", decode_codes)?;
     let all = codes.len() == size && codes.iter().all(|c| *c == lanes::CODE_CLAIMED);
     let Some(claimed) = claimed.filter(|_| all) else { return Ok(None) };
-    Ok(Some(Formed {
-        generation: table.generation,
-        world_id: table.world_id,
-        links: claimed.links(),
-        shm_fallbacks: 0,
-        lane_links: size as u64 - 1,
-        doors: table.peers.iter().map(|p| p.2.clone()).collect(),
-        secret: secret.to_vec(),
-        etcd: None,
-    }))
+    let doors = table.peers.iter().map(|p| p.2.clone()).collect();
+    Ok(Some(claimed.formed(table.generation, table.world_id, doors, secret.to_vec())))
 }
 
 /// A formation's end once every rank has the table (from a root, or from etcd): the links to

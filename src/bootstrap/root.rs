@@ -760,7 +760,7 @@ impl Root {
             match addr::recv_now(&c.s, &mut b) {
                 Ok(1) => codes[rank] = Some(b[0]),
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
-                _ => codes[rank] = Some(lanes_failed_code()),
+                _ => codes[rank] = Some(super::lanes::CODE_FAILED),
             }
             // Its code is in: the connection is not watched any more (level-triggered, a
             // closed one would report for ever), only written to once all are in.
@@ -776,11 +776,6 @@ impl Root {
         }
         true
     }
-}
-
-/// The code a member that went away during the second round counts as.
-fn lanes_failed_code() -> u8 {
-    super::lanes::CODE_FAILED
 }
 
 /// What the root says when its deadline passes: which ranks never came, and which came and
