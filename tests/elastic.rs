@@ -502,10 +502,19 @@ fn grow_member(ctx: &Ctx) {
     }
     w.broadcast_in_place(&mut bytes, 0).unwrap();
     let id = UniqueId::from_bytes(&bytes).unwrap();
+    // With MW_TEST_HOLD_LANES, fifteen dups hold every lane of the members' segments first.
+    let hold = std::env::var("MW_TEST_HOLD_LANES").is_ok();
+    let _held: Vec<World> = (0..if hold { 15 } else { 0 }).map(|i| w.dup(&format!("hold{i}")).unwrap()).collect();
     let t = Instant::now();
     let g = w.grow("grown", &id, new_size).unwrap();
     eprintln!("rank {}: grow to {new_size} took {:?}", ctx.rank, t.elapsed());
     assert_eq!((g.rank(), g.size()), (ctx.rank, new_size));
+    // The members' pairs run on lanes of the parent's segments; the newcomers' links are new
+    // shared-memory links.
+    let lanes = if hold { 0 } else { lanes_expected(w.size()) };
+    assert_eq!(g.stats().lane_links, lanes, "rank {}: {:?}", ctx.rank, g.stats());
+    assert!(g.transports().iter().enumerate().all(|(r, t)| r == ctx.rank || *t == Some(TransportKind::Shm)));
+    assert_eq!(g.stats().shm_fallbacks, 0);
     traffic_at_once(&[(&w, 29), (&g, 31)]);
     g.barrier().unwrap();
 }
@@ -524,6 +533,7 @@ fn grow_newcomer(ctx: &Ctx) {
     std::thread::sleep(Duration::from_millis(ctx.env("MW_TEST_DELAY_MS").parse().unwrap_or(0)));
     let m = WorldManager::new();
     let g = m.init_world("grown", &id, ctx.rank, ctx.size).unwrap();
+    assert_eq!(g.stats().lane_links, 0, "rank {}: {:?}", ctx.rank, g.stats());
     traffic(&g, 31, 200);
     g.barrier().unwrap();
 }
@@ -673,20 +683,44 @@ fn shrink_may_exclude_a_live_rank() {
     run("shrink_live", 4, &[]);
 }
 
-#[test]
-fn grow_from_two_to_four_with_two_new_processes() {
+/// Members `0..members` grow their world to `new_size` with newcomer processes, the last of
+/// which comes 300 ms late.
+fn grow(members: usize, new_size: usize, env: &[(&str, String)]) {
     let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
-    let file = std::env::temp_dir().join(format!("mw-grow-{}", std::process::id()));
+    let file = std::env::temp_dir().join(format!("mw-grow-{}-{members}", std::process::id()));
     let _ = std::fs::remove_file(&file);
     let f = file.display().to_string();
-    let base = vec![("MW_TEST_ID", id.to_string()), ("MW_TEST_ID_FILE", f.clone()), ("MW_TEST_NEW_SIZE", "4".into())];
-    let mut procs = vec![spawn("grow_member", 0, 2, &base, &[]), spawn("grow_member", 1, 2, &base, &[])];
+    let mut base =
+        vec![("MW_TEST_ID", id.to_string()), ("MW_TEST_ID_FILE", f), ("MW_TEST_NEW_SIZE", new_size.to_string())];
+    base.extend(env.iter().cloned());
+    let mut procs: Vec<_> = (0..members).map(|r| spawn("grow_member", r, members, &base, &[])).collect();
     let mut late = base.clone();
     late.push(("MW_TEST_DELAY_MS", "300".into()));
-    procs.push(spawn("grow_newcomer", 2, 4, &base, &[]));
-    procs.push(spawn("grow_newcomer", 3, 4, &late, &[]));
+    for r in members..new_size {
+        procs.push(spawn("grow_newcomer", r, new_size, if r + 1 == new_size { &late } else { &base }, &[]));
+    }
     finish(&mut procs, Duration::from_secs(60));
     let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn grow_from_two_to_four_with_two_new_processes() {
+    grow(2, 4, &[]);
+}
+
+#[test]
+fn grow_links_three_members_on_lanes_and_a_newcomer_on_its_own() {
+    grow(3, 4, &[]);
+}
+
+#[test]
+fn grow_without_lanes() {
+    grow(2, 4, &[("MW_LANES", "0".into())]);
+}
+
+#[test]
+fn grow_without_free_lanes() {
+    grow(3, 4, &[("MW_TEST_HOLD_LANES", "1".into())]);
 }
 
 #[test]

@@ -43,7 +43,7 @@ fn lp(v: &mut Vec<u8>, b: &[u8]) {
 fn hello(secret: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
     v.extend_from_slice(&0x4D57_4231u32.to_le_bytes());
-    v.extend_from_slice(&3u32.to_le_bytes()); // protocol version
+    v.extend_from_slice(&4u32.to_le_bytes()); // protocol version
     lp(&mut v, secret);
     lp(&mut v, b"guarded");
     v.extend_from_slice(&1u32.to_le_bytes()); // rank

@@ -22,6 +22,9 @@
 //!   process's **door** (`bootstrap/root.rs`; every rank learned every other's door when the
 //!   parent formed) and the others reach it there, arriving in any order, each within its own
 //!   formation deadline. `grow` uses the `UniqueId` its newcomers use.
+//! - `shrink` and `grow` still link on lanes where they can: the members' hellos carry their
+//!   offers, the root returns them with the table, and a second round through the root
+//!   settles which pairs of members are on lanes (for `grow`, the newcomers' pairs never are).
 //!
 //! The new world's secret is the parent's with the parent's instance id: only its members
 //! know both.
@@ -375,8 +378,9 @@ impl World {
     }
 
     /// This rank's offer of lanes for a world of the parent ranks `members` formed through a
-    /// door (`shrink`): of its links to the other members that are alive and on shared memory,
-    /// also in a broken world (a break leaves the segments and their other lanes alone).
+    /// root (`shrink`, `grow`): of its links to the other members that are alive and on shared
+    /// memory, also in a broken world (a break leaves the segments and their other lanes
+    /// alone).
     fn door_lanes(&self, to: &Target, name: &str, members: &[usize]) -> Option<lanes::DoorLanesSlot> {
         let auto = to.options.transport.effective() == crate::api::options::TransportChoice::Auto;
         if !auto || !lanes_wanted() || self.size() > lanes::MAX_LANE_PARENT {
@@ -423,7 +427,11 @@ impl World {
         });
         let ask = Ask { size: new_size as u64, id: crc32c(&id.to_bytes()), ..Ask::new(Op::Grow, name) };
         self.agree(to, name, &ask, refused)?;
-        let rv = bootstrap::Rendezvous::Id(id.clone());
+        // The members' pairs may link on lanes of this world's segments: each member offers
+        // them in its hello to the id's root (the newcomers offer none).
+        let members: Vec<usize> = (0..self.size()).collect();
+        let lanes = if self.size() > 1 { self.door_lanes(to, name, &members) } else { None };
+        let rv = bootstrap::Rendezvous::Grow { id: id.clone(), lanes };
         form_on(&to.manager, name, rv, Vec::new(), self.rank(), new_size, &to.options).wait()
     }
 

@@ -193,10 +193,12 @@ impl std::fmt::Debug for DoorLanesSlot {
 }
 
 /// Every member's offer by parent rank (those of non-members: none), from the table's offers
-/// in new-rank order; `None` when one is malformed.
+/// in new-rank order, where the members come first (a `grow`'s newcomers follow them, with
+/// no offer); `None` when one is malformed.
 pub(crate) fn offers_by_parent(lanes: &DoorLanes, table: &[Vec<u8>]) -> Option<Vec<Offer>> {
     let mut offers = vec![no_offer(0); lanes.parent_size];
-    if table.len() != lanes.members.len() {
+    let m = lanes.members.len();
+    if table.len() < m || table[m..].iter().any(|b| !b.is_empty()) {
         return None;
     }
     for (blob, &p) in table.iter().zip(&lanes.members) {
@@ -257,10 +259,11 @@ impl Claimed {
     /// each member's door and the world's secret.
     pub(crate) fn formed(self, generation: u32, world_id: u64, doors: Vec<String>, secret: Vec<u8>) -> super::Formed {
         let lane_links = self.parts.len() as u64 - 1;
+        let size = self.parts.len();
         super::Formed {
             generation,
             world_id,
-            links: self.links(),
+            links: self.links(size),
             shm_fallbacks: 0,
             lane_links,
             doors,
@@ -269,10 +272,13 @@ impl Claimed {
         }
     }
 
-    /// The new world's links, in its rank order (loopback for this rank).
-    fn links(self) -> Vec<Option<Box<dyn Link>>> {
+    /// The links of a new world of `size` ranks whose first ranks are the members, in its rank
+    /// order: on lanes toward the members, loopback for this rank, `None` beyond the members
+    /// (a `grow`'s newcomers, linked as in any formation).
+    pub(crate) fn links(self, size: usize) -> Vec<Option<Box<dyn Link>>> {
         let me = self.me;
-        self.parts
+        let mut links: Vec<Option<Box<dyn Link>>> = self
+            .parts
             .into_iter()
             .enumerate()
             .map(|(r, p)| -> Option<Box<dyn Link>> {
@@ -282,7 +288,9 @@ impl Claimed {
                     None => None,
                 }
             })
-            .collect()
+            .collect();
+        links.resize_with(size.max(links.len()), || None);
+        links
     }
 }
 

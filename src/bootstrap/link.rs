@@ -286,18 +286,19 @@ impl Door {
     }
 }
 
-/// Accepts the `want` higher ranks' connections at `door` and returns each checked
-/// connection by rank, its hello acknowledged. Ends with an error at `deadline` or when
+/// Accepts the connections of `want` higher ranks not `taken` yet (those are linked
+/// already, on lanes) at `door` and returns each checked connection by rank, its hello
+/// acknowledged. Ends with an error at `deadline` or when
 /// `cancel` is set, or when a rank it waits for is found gone (see [`probe`]).
 pub(super) async fn accept_links(
     door: &mut Door,
     expect: &Expect<'_>,
+    mut taken: Vec<bool>,
     want: usize,
     deadline: Instant,
     cancel: Option<&AtomicBool>,
     what: &(dyn Fn(&[bool]) -> String + Sync),
 ) -> Result<Vec<(usize, TcpStream)>> {
-    let mut taken = vec![false; expect.size];
     let mut done: Vec<(usize, TcpStream)> = Vec::new();
     let mut next_probe = Instant::now() + PROBE_EVERY;
     let mut probed = expect.rank;
@@ -383,15 +384,21 @@ pub(super) async fn connect_links(
     mut door: Door,
     deadline: Instant,
     shm_fallbacks: &mut u64,
+    made: Option<Vec<Option<Box<dyn Link>>>>,
 ) -> Result<Vec<Option<Box<dyn Link>>>> {
     let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
     let cancel = Some(&*spec.cancel);
-    let mut links: Vec<Option<Box<dyn Link>>> = (0..size).map(|_| None).collect();
-    links[rank] = Some(Box::new(QueueLink::loopback()));
+    let mut links: Vec<Option<Box<dyn Link>>> = made.unwrap_or_default();
+    links.resize_with(size, || None);
+    if links[rank].is_none() {
+        links[rank] = Some(Box::new(QueueLink::loopback()));
+    }
+    // Pairs linked already (on lanes) connect nothing.
+    let linked: Vec<bool> = links.iter().map(Option::is_some).collect();
     let listeners: Vec<Option<SocketAddr>> = t.peers.iter().map(|p| p.0.parse().ok()).collect();
     let expect =
         Expect { name, world_id: t.world_id, generation: t.generation, secret, rank, size, listeners: &listeners };
-    for (peer, (addr, _host, _door)) in t.peers.iter().enumerate().take(rank) {
+    for (peer, (addr, _host, _door)) in t.peers.iter().enumerate().take(rank).filter(|(p, _)| !linked[*p]) {
         let what = || formation_err(name, rank, format!("connecting to rank {peer}"));
         let a: SocketAddr = addr.parse().map_err(|_| Error::internal(what()))?;
         let s = addr::connect_once(a, deadline, cancel, &what).await?;
@@ -434,7 +441,8 @@ pub(super) async fn connect_links(
         let m: Vec<usize> = (rank + 1..size).filter(|r| !taken.get(*r).copied().unwrap_or(false)).collect();
         formation_err(name, rank, format!("ranks {m:?} did not connect before the deadline"))
     };
-    for (from, s) in accept_links(&mut door, &expect, size - rank - 1, deadline, cancel, &missing).await? {
+    let want = (rank + 1..size).filter(|r| !linked[*r]).count();
+    for (from, s) in accept_links(&mut door, &expect, linked, want, deadline, cancel, &missing).await? {
         let same_host = t.peers[from].1 == t.peers[rank].1;
         let want_shm = spec.shm && same_host;
         let link =
@@ -648,6 +656,7 @@ mod tests {
         let got = block_on(accept_links(
             &mut Door::new(listener).unwrap(),
             &expect,
+            vec![false; expect.size],
             1,
             t + Duration::from_secs(20),
             None,
@@ -689,8 +698,16 @@ mod tests {
         block_on(addr::send_msg(&good, &link_hello(5, 2, 2, 1, &secret), d(), None)).unwrap();
         let expect =
             Expect { name: "w", world_id: 5, generation: 2, secret: &secret, rank: 1, size: 3, listeners: &[] };
-        let got =
-            block_on(accept_links(&mut Door::new(listener).unwrap(), &expect, 1, d(), None, &|_| "w".into())).unwrap();
+        let got = block_on(accept_links(
+            &mut Door::new(listener).unwrap(),
+            &expect,
+            vec![false; expect.size],
+            1,
+            d(),
+            None,
+            &|_| "w".into(),
+        ))
+        .unwrap();
         assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![2]);
         // Every refused connection was closed without an acknowledgement.
         for s in &refused {
@@ -715,6 +732,7 @@ mod tests {
         let r = block_on(accept_links(
             &mut Door::new(listener).unwrap(),
             &expect,
+            vec![false; expect.size],
             1,
             t + Duration::from_secs(60),
             Some(&cancel),
@@ -867,7 +885,7 @@ mod tests {
         let busy = std::thread::spawn(move || {
             let mut fallbacks = 0;
             let end = Instant::now() + Duration::from_secs(30);
-            block_on(connect_links(&spec, &table, &key, door, end, &mut fallbacks)).map(|_| ())
+            block_on(connect_links(&spec, &table, &key, door, end, &mut fallbacks, None)).map(|_| ())
         });
         std::thread::sleep(Duration::from_millis(200));
         let d = Instant::now() + Duration::from_secs(5);

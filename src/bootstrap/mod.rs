@@ -56,6 +56,13 @@ pub(crate) enum Rendezvous {
         /// This rank's offer of lanes of the parent's links (`shrink`), if it makes one.
         lanes: Option<lanes::DoorLanesSlot>,
     },
+    /// A member's part of a `grow`: through the id's root, as [`Rendezvous::Id`], with this
+    /// rank's offer of lanes of the parent's links to the other members (the newcomers come
+    /// with `Id` and link to everyone as in any formation).
+    Grow {
+        id: crate::UniqueId,
+        lanes: Option<lanes::DoorLanesSlot>,
+    },
     /// A world made from a world whose links are made already, on lanes of the parent's
     /// (`lanes.rs`): it is registered at once, on the caller's thread.
     Prepared(Prepared),
@@ -133,7 +140,7 @@ pub(crate) async fn join(spec: &JoinSpec) -> Result<Formed> {
     // address is free again for the next world formed there.
     let mut own_root = None;
     let (root, secret) = match &spec.rendezvous {
-        Rendezvous::Id(id) => (id.root, id.secret.to_vec()),
+        Rendezvous::Id(id) | Rendezvous::Grow { id, .. } => (id.root, id.secret.to_vec()),
         Rendezvous::Door { door, key, lead, agree, .. } => {
             if *lead {
                 let cfg = RootConfig::for_door(spec.secret.clone(), name, size as u32, deadline, *key, agree)
@@ -177,10 +184,10 @@ async fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline:
     let listener = addr::listen_any_port(local_ip)?;
     let my_addr = listener.local_addr().map_err(|e| Error::system("listener address", e))?;
     info!("world '{name}' rank {rank}: listening for peers on {my_addr}");
+    let take = |l: &Option<lanes::DoorLanesSlot>| l.as_ref().and_then(|l| lock(&l.0).take());
     let (key, agree, door_lanes) = match &spec.rendezvous {
-        Rendezvous::Door { key, agree, lanes, .. } => {
-            (*key, agree.clone(), lanes.as_ref().and_then(|l| lock(&l.0).take()))
-        }
+        Rendezvous::Door { key, agree, lanes, .. } => (*key, agree.clone(), take(lanes)),
+        Rendezvous::Grow { lanes, .. } => (0, String::new(), take(lanes)),
         _ => (0, String::new(), None),
     };
     let hello = Hello {
@@ -205,13 +212,22 @@ async fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline:
     if table.peers.len() != size {
         return Err(Error::internal(formation_err(name, rank, "the root sent a table of the wrong size")));
     }
+    // This rank offered lanes (so the table carries them): it takes part in the second round.
+    let mut links = None;
     if let (Some(mine), false) = (door_lanes, table.lanes.is_empty()) {
-        if let Some(formed) = on_lanes(spec, mine, &table, &to_root, &secret, deadline).await? {
-            return Ok(formed);
-        }
+        links = on_lanes(spec, mine, &table, &to_root, deadline).await?;
     }
     drop(to_root);
-    linked(spec, table, secret, link::Door::new(listener)?, deadline).await
+    match links {
+        // Every link on lanes (a shrink): nothing to connect.
+        Some(l) if l.iter().all(Option::is_some) => {
+            let lane_links = size as u64 - 1;
+            let doors = table.peers.iter().map(|p| p.2.clone()).collect();
+            let (generation, world_id) = (table.generation, table.world_id);
+            Ok(Formed { generation, world_id, links: l, shm_fallbacks: 0, lane_links, doors, secret, etcd: None })
+        }
+        l => linked(spec, table, secret, link::Door::new(listener)?, deadline, l).await,
+    }
 }
 
 /// What the root answered (a table, or the codes of the second round), or why there is no
@@ -238,32 +254,32 @@ fn root_answer<T>(
     }
 }
 
-/// The second round of a formation through a door whose members all offered lanes: claims
-/// this rank's lanes where every member's offer allows it, tells the root how that went, and
-/// hears how it went for all. The world on lanes when every member claimed; `None` when one
-/// could not or lanes are not possible (every member then connects links of its own, with the
-/// same table).
+/// The second round of a formation whose table carries lanes (a `shrink`, a `grow`), for a rank
+/// that offered lanes (`mine`): claims its lanes where every member's offer allows it, tells
+/// the root how that went, and hears how it went for all. If every rank that offered lanes
+/// claimed them, this rank's links on lanes, in the new world's rank order (`None` for the
+/// peers still to be linked: a `grow`'s newcomers); otherwise `None`, and every rank connects
+/// links of its own with the same table.
 async fn on_lanes(
     spec: &JoinSpec,
     mut mine: lanes::DoorLanes,
     table: &Table,
     to_root: &TcpStream,
-    secret: &[u8],
     deadline: Instant,
-) -> Result<Option<Formed>> {
+) -> Result<Option<Vec<Option<Box<dyn Link>>>>> {
     let (name, rank, size) = (spec.name.as_str(), spec.rank, spec.size);
     let cancel = Some(&*spec.cancel);
+    let (mut code, mut claimed) = (lanes::CODE_NONE, None);
     let offers = lanes::offers_by_parent(&mine, &table.lanes);
-    let (code, claimed) = match offers.as_ref().filter(|o| lanes::possible_among(o, &mine.members)) {
-        None => (lanes::CODE_NONE, None),
-        Some(offers) => match lanes::claim(&mut mine.held, mine.parent_rank, &mine.members, offers, table.world_id) {
-            Ok(c) => (lanes::CODE_CLAIMED, Some(c)),
+    if let Some(offers) = offers.filter(|o| lanes::possible_among(o, &mine.members)) {
+        match lanes::claim(&mut mine.held, mine.parent_rank, &mine.members, &offers, table.world_id) {
+            Ok(c) => (code, claimed) = (lanes::CODE_CLAIMED, Some(c)),
             Err(why) => {
                 info!("world '{name}' rank {rank}: no lanes ({why}); forming links of its own");
-                (lanes::CODE_FAILED, None)
+                code = lanes::CODE_FAILED;
             }
-        },
-    };
+        }
+    }
     let round = async {
         addr::write_all(to_root, &[code], deadline, cancel).await?;
         addr::recv_msg(to_root, deadline, cancel).await
@@ -272,24 +288,32 @@ async fn on_lanes(
     // The peers took their sockets before they answered: the offered ends may close now.
     drop(mine);
     let codes = root_answer(spec, reply, "answer", decode_codes)?;
-    let all = codes.len() == size && codes.iter().all(|c| *c == lanes::CODE_CLAIMED);
-    let Some(claimed) = claimed.filter(|_| all) else { return Ok(None) };
-    let doors = table.peers.iter().map(|p| p.2.clone()).collect();
-    Ok(Some(claimed.formed(table.generation, table.world_id, doors, secret.to_vec())))
+    let offered = table.lanes.iter().map(|l| !l.is_empty());
+    let used = codes.len() == size && offered.zip(&codes).all(|(o, c)| !o || *c == lanes::CODE_CLAIMED);
+    Ok(claimed.filter(|_| used).map(|c| c.links(size)))
 }
 
 /// A formation's end once every rank has the table (from a root, or from etcd): the links to
 /// every peer, and what the world keeps.
-async fn linked(spec: &JoinSpec, table: Table, secret: Vec<u8>, door: link::Door, deadline: Instant) -> Result<Formed> {
+/// `made`: links on lanes made already (in rank order), if any.
+async fn linked(
+    spec: &JoinSpec,
+    table: Table,
+    secret: Vec<u8>,
+    door: link::Door,
+    deadline: Instant,
+    made: Option<Vec<Option<Box<dyn Link>>>>,
+) -> Result<Formed> {
     let mut shm_fallbacks = 0;
-    let links = connect_links(spec, &table, &secret, door, deadline, &mut shm_fallbacks).await?;
+    let lane_links = made.as_ref().map_or(0, |m| m.iter().filter(|l| l.is_some()).count().saturating_sub(1)) as u64;
+    let links = connect_links(spec, &table, &secret, door, deadline, &mut shm_fallbacks, made).await?;
     let doors = table.peers.into_iter().map(|p| p.2).collect();
     Ok(Formed {
         generation: table.generation,
         world_id: table.world_id,
         links,
         shm_fallbacks,
-        lane_links: 0,
+        lane_links,
         doors,
         secret,
         etcd: None,

@@ -9,7 +9,7 @@ use crate::sys::{Epoll, EventFd};
 use std::collections::HashMap;
 
 pub(super) const HELLO_MAGIC: u32 = 0x4D57_4231; // "MWB1"
-pub(super) const PROTOCOL_VERSION: u32 = 3;
+pub(super) const PROTOCOL_VERSION: u32 = 4;
 
 /// A connection must say hello within this time, or the root drops it.
 pub(super) const HELLO_GRACE: Duration = Duration::from_secs(5);
@@ -100,7 +100,8 @@ pub(crate) struct Table {
     pub world_id: u64,
     /// Listener address, host identity and door of each rank.
     pub peers: Vec<(String, String, String)>,
-    /// Each rank's offer of lanes (`Hello::lanes`), when every rank made one; else empty.
+    /// Each rank's offer of lanes (`Hello::lanes`, empty where it made none), when one rank
+    /// made one; else empty.
     pub lanes: Vec<Vec<u8>>,
 }
 
@@ -718,7 +719,9 @@ impl Root {
             return false;
         }
         let hellos: Vec<&Hello> = table.into_iter().flatten().collect();
-        let on_lanes = hellos.iter().all(|h| !h.lanes.is_empty());
+        // One offer of lanes is enough for a second round: a `grow`'s newcomers have none, and
+        // its members may still link to each other on lanes.
+        let on_lanes = hellos.iter().any(|h| !h.lanes.is_empty());
         let t = Table {
             generation: hellos.iter().map(|h| h.generation).max().unwrap_or(1),
             world_id: sys::random_u64(),
@@ -733,10 +736,16 @@ impl Root {
         }
         info!("rendezvous: world '{name}' of {size} ranks formed, generation {}", t.generation);
         if on_lanes {
-            // Only the members stay: each sends one byte, its code, and gets them all.
-            self.conns.retain(|c| c.hello.is_some());
+            // Only the ranks that offered lanes stay: each sends one byte, its code, and gets
+            // them all. The others (a `grow`'s newcomers) have no part in it: their code is
+            // "none", and they go on to connect their links at once.
+            let mut codes = vec![None; *size as usize];
+            for h in self.conns.iter().filter_map(|c| c.hello.as_ref()).filter(|h| h.lanes.is_empty()) {
+                codes[h.rank as usize] = Some(super::lanes::CODE_NONE);
+            }
+            self.conns.retain(|c| c.hello.as_ref().is_some_and(|h| !h.lanes.is_empty()));
             self.members = self.conns.len();
-            self.codes = Some(vec![None; *size as usize]);
+            self.codes = Some(codes);
             return self.second_round(epoll);
         }
         true
@@ -1074,5 +1083,50 @@ mod tests {
         }
         let e = decode_reply(&exec::block_on(addr::recv_msg(&late, deadline, None)).unwrap()).unwrap().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidUsage, "{}", e.message());
+    }
+    /// One offer of lanes is enough for a second round, among the ranks that offered (a
+    /// `grow`: the members offer, the newcomers do not and are counted as "none").
+    #[test]
+    fn one_offer_of_lanes_makes_a_second_round_for_every_rank() {
+        let door = door_address("127.0.0.1".parse().unwrap()).unwrap();
+        let secret = vec![9u8; 32];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let key = 0x0ff3_12ed;
+        spawn_root(None, RootConfig::for_door(secret.clone(), "g", 3, deadline, key, "")).unwrap();
+        let hello = |rank: u32, lanes: Vec<u8>| Hello {
+            secret: secret.clone(),
+            name: "g".into(),
+            rank,
+            size: 3,
+            generation: 1,
+            addr: "127.0.0.1:1".into(),
+            host: "h".into(),
+            timeout_ms: 20000,
+            door: door.to_string(),
+            key,
+            agree: String::new(),
+            lanes,
+        };
+        let conns: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(door).unwrap()).collect();
+        for (r, s) in conns.iter().enumerate() {
+            let lanes = if r < 2 { vec![r as u8 + 1; 8] } else { Vec::new() };
+            exec::block_on(addr::send_msg(s, &hello(r as u32, lanes).encode(), deadline, None)).unwrap();
+        }
+        for s in &conns {
+            let t = decode_reply(&exec::block_on(addr::recv_msg(s, deadline, None)).unwrap()).unwrap().unwrap();
+            assert_eq!(t.lanes, vec![vec![1; 8], vec![2; 8], vec![]]);
+        }
+        for (s, code) in conns.iter().zip([1u8, 2]) {
+            exec::block_on(addr::write_all(s, &[code], deadline, None)).unwrap();
+        }
+        for s in &conns[..2] {
+            let codes = decode_codes(&exec::block_on(addr::recv_msg(s, deadline, None)).unwrap()).unwrap().unwrap();
+            assert_eq!(codes, vec![1, 2, 0]);
+        }
+        // The rank that offered nothing got the table only: its connection is closed.
+        assert_eq!(
+            exec::block_on(addr::recv_msg(&conns[2], deadline, None)).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 }

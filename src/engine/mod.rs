@@ -108,8 +108,9 @@ pub struct WorldStats {
     /// memory, straight through the ring: `docs/architecture.md`); counted in `ops_completed`
     /// too.
     pub direct_ops: u64,
-    /// Links on lanes of a parent world's shared-memory segments: a world made by `dup` or
-    /// `split` reuses its parent's pairs that way (`docs/elastic.md`).
+    /// Links on lanes of a parent world's shared-memory segments: a world made by `dup`,
+    /// `split` or `shrink` reuses its parent's pairs that way, and one made by `grow` its
+    /// members' pairs (`docs/elastic.md`).
     pub lane_links: u64,
 }
 

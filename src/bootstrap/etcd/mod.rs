@@ -491,7 +491,7 @@ async fn wait_and_link(
     let peers: Vec<(String, String, String)> =
         (0..size).map(|r| &g.ranks[&r]).map(|v| (text(v, "addr"), text(v, "host"), text(v, "door"))).collect();
     let table = Table { generation: gen, world_id, peers, lanes: Vec::new() };
-    match linked(spec, table, secret, door, deadline).await {
+    match linked(spec, table, secret, door, deadline, None).await {
         Ok(formed) => Ok(formed),
         // A member registered but unreachable (its process died, and its registration waits
         // out its lease): the others try again in a later generation.
