@@ -178,13 +178,19 @@ static POOL: std::sync::OnceLock<Mutex<Vec<Arc<Worker>>>> = std::sync::OnceLock:
 fn thread_count() -> usize {
     static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *COUNT.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = cores();
         std::env::var("MW_PROGRESS_THREADS")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
             .filter(|n| (1..=64).contains(n))
             .unwrap_or_else(|| cores.clamp(1, DEFAULT_MAX_THREADS))
     })
+}
+
+/// The cores this process may run on (its affinity and cgroup quota), read once per process.
+pub(crate) fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn start_worker(i: usize) -> std::io::Result<Arc<Worker>> {
