@@ -170,8 +170,9 @@ pub(crate) const CODE_FAILED: u8 = 2;
 /// The new world's name is in use here (`dup`, `split`): every member gets `InvalidUsage`.
 pub(crate) const CODE_NAME_TAKEN: u8 = 3;
 
-/// A rank's lanes for a world formed through a door (`shrink`, whose parent may be broken so
-/// that no round can run over it: the leader's root carries the offers and the second round).
+/// A rank's lanes for a world formed through a root: a `shrink`'s (behind the leader's door;
+/// its parent may be broken, so that no round can run over it) or a `grow`'s (the id's root,
+/// which the newcomers reach too). The root carries the offers and the second round.
 pub(crate) struct DoorLanes {
     pub offer: Offer,
     pub held: Held,

@@ -599,8 +599,9 @@ struct Root {
     listener_paused: bool,
     /// Why it failed, if it did: a door root's ranks that come later are told the same.
     failure: Option<(ErrorKind, String)>,
-    /// After a table with lane offers: each rank's code of the second round, as they come;
-    /// and how many connections (the members') the table went to.
+    /// After a table with lane offers: each rank's code of the second round, as they come
+    /// (those that offered none: "none" from the start); and how many connections (those of
+    /// the ranks that offered) take part in it.
     codes: Option<Vec<Option<u8>>>,
     members: usize,
     /// Dropped last, after the listener: then [`RootHandle::join`] returns.
@@ -657,8 +658,19 @@ impl Root {
         }
         if now >= self.deadline {
             let (name, size) = self.expect.clone().unwrap_or_default();
-            let present: Vec<u32> = self.conns.iter().filter_map(|c| c.hello.as_ref().map(|h| h.rank)).collect();
-            self.fail_all(ErrorKind::Timeout, &missing_ranks(&name, size, &present, &self.left));
+            let msg = match &self.codes {
+                // The table went out: who did not answer the second round.
+                Some(codes) => {
+                    let late: Vec<usize> = (0..codes.len()).filter(|r| codes[*r].is_none()).collect();
+                    format!("world '{name}' did not form in time: ranks {late:?} of {size} did not answer the second round (lanes)")
+                }
+                None => {
+                    let present: Vec<u32> =
+                        self.conns.iter().filter_map(|c| c.hello.as_ref().map(|h| h.rank)).collect();
+                    missing_ranks(&name, size, &present, &self.left)
+                }
+            };
+            self.fail_all(ErrorKind::Timeout, &msg);
             return true;
         }
         if self.codes.is_some() {
@@ -729,8 +741,13 @@ impl Root {
             lanes: if on_lanes { hellos.iter().map(|h| h.lanes.clone()).collect() } else { Vec::new() },
         };
         let msg = encode_table(&t);
-        for c in self.conns.iter().filter(|c| c.hello.is_some()) {
-            if let Err(e) = addr::send_now(&c.s, &msg) {
+        // The ranks that offered no lanes have no use for the offers (pids, descriptor numbers):
+        // they get the table without them.
+        let bare = if on_lanes { encode_table(&Table { lanes: Vec::new(), ..t.clone() }) } else { Vec::new() };
+        for c in self.conns.iter() {
+            let Some(h) = &c.hello else { continue };
+            let m = if on_lanes && h.lanes.is_empty() { &bare } else { &msg };
+            if let Err(e) = addr::send_now(&c.s, m) {
                 warn!("rendezvous: world '{name}': the table did not go to {}: {e}", c.peer);
             }
         }
@@ -746,6 +763,9 @@ impl Root {
             self.conns.retain(|c| c.hello.as_ref().is_some_and(|h| !h.lanes.is_empty()));
             self.members = self.conns.len();
             self.codes = Some(codes);
+            // Nobody else joins now: an id root's listener closes (a connection left waiting on
+            // it would report for ever while the round waits, keeping this thread busy).
+            self.listener = None;
             return self.second_round(epoll);
         }
         true
@@ -1084,17 +1104,10 @@ mod tests {
         let e = decode_reply(&exec::block_on(addr::recv_msg(&late, deadline, None)).unwrap()).unwrap().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidUsage, "{}", e.message());
     }
-    /// One offer of lanes is enough for a second round, among the ranks that offered (a
-    /// `grow`: the members offer, the newcomers do not and are counted as "none").
-    #[test]
-    fn one_offer_of_lanes_makes_a_second_round_for_every_rank() {
-        let door = door_address("127.0.0.1".parse().unwrap()).unwrap();
-        let secret = vec![9u8; 32];
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let key = 0x0ff3_12ed;
-        spawn_root(None, RootConfig::for_door(secret.clone(), "g", 3, deadline, key, "")).unwrap();
-        let hello = |rank: u32, lanes: Vec<u8>| Hello {
-            secret: secret.clone(),
+    /// A hello of world "g" of three ranks, rank `rank`, with `lanes` (empty: none offered).
+    fn grow_hello(secret: &[u8], rank: u32, lanes: Vec<u8>, key: u64, door: &str) -> Hello {
+        Hello {
+            secret: secret.to_vec(),
             name: "g".into(),
             rank,
             size: 3,
@@ -1102,31 +1115,73 @@ mod tests {
             addr: "127.0.0.1:1".into(),
             host: "h".into(),
             timeout_ms: 20000,
-            door: door.to_string(),
+            door: door.into(),
             key,
             agree: String::new(),
             lanes,
-        };
-        let conns: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(door).unwrap()).collect();
+        }
+    }
+
+    /// One offer of lanes is enough for a second round, among the ranks that offered (a
+    /// `grow`'s id root: the members offer, the newcomers do not and get the table without
+    /// the offers). While the round waits for a late member, the root's listener is closed:
+    /// a stray connection neither keeps the roots thread busy nor waits unanswered.
+    #[test]
+    fn one_offer_of_lanes_makes_a_second_round_among_the_ranks_that_offered() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        let secret = [9u8; crate::api::id::SECRET_LEN];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        spawn_root(Some(listener), RootConfig::for_id(secret)).unwrap();
+        let conns: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(at).unwrap()).collect();
         for (r, s) in conns.iter().enumerate() {
             let lanes = if r < 2 { vec![r as u8 + 1; 8] } else { Vec::new() };
-            exec::block_on(addr::send_msg(s, &hello(r as u32, lanes).encode(), deadline, None)).unwrap();
+            let h = grow_hello(&secret, r as u32, lanes, 0, "127.0.0.1:2");
+            exec::block_on(addr::send_msg(s, &h.encode(), deadline, None)).unwrap();
         }
-        for s in &conns {
+        for (r, s) in conns.iter().enumerate() {
             let t = decode_reply(&exec::block_on(addr::recv_msg(s, deadline, None)).unwrap()).unwrap().unwrap();
-            assert_eq!(t.lanes, vec![vec![1; 8], vec![2; 8], vec![]]);
+            let want = if r < 2 { vec![vec![1; 8], vec![2; 8], vec![]] } else { Vec::new() };
+            assert_eq!(t.lanes, want, "rank {r}");
         }
-        for (s, code) in conns.iter().zip([1u8, 2]) {
-            exec::block_on(addr::write_all(s, &[code], deadline, None)).unwrap();
-        }
+        // The rank that offered nothing got the table only: its connection is closed.
+        let e = exec::block_on(addr::recv_msg(&conns[2], deadline, None)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        exec::block_on(addr::write_all(&conns[0], &[1], deadline, None)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(TcpStream::connect(at).is_err(), "the listener is still open in the second round");
+        let before = roots_thread_ticks();
+        std::thread::sleep(Duration::from_millis(1500));
+        let used = roots_thread_ticks() - before;
+        assert!(used < 50, "the roots thread used {used} ticks while it waited");
+        exec::block_on(addr::write_all(&conns[1], &[2], deadline, None)).unwrap();
         for s in &conns[..2] {
             let codes = decode_codes(&exec::block_on(addr::recv_msg(s, deadline, None)).unwrap()).unwrap().unwrap();
             assert_eq!(codes, vec![1, 2, 0]);
         }
-        // The rank that offered nothing got the table only: its connection is closed.
-        assert_eq!(
-            exec::block_on(addr::recv_msg(&conns[2], deadline, None)).unwrap_err().kind(),
-            io::ErrorKind::UnexpectedEof
-        );
+    }
+
+    /// A second round that times out names the ranks that did not answer it.
+    #[test]
+    fn a_second_round_past_its_deadline_names_who_did_not_answer() {
+        let door = door_address("127.0.0.1".parse().unwrap()).unwrap();
+        let secret = vec![3u8; 32];
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        let key = 0x7a1e_5ec0;
+        spawn_root(None, RootConfig::for_door(secret.clone(), "g", 3, deadline, key, "")).unwrap();
+        let conns: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(door).unwrap()).collect();
+        let wait = Instant::now() + Duration::from_secs(20);
+        for (r, s) in conns.iter().enumerate() {
+            let lanes = if r < 2 { vec![1; 8] } else { Vec::new() };
+            let h = grow_hello(&secret, r as u32, lanes, key, &door.to_string());
+            exec::block_on(addr::send_msg(s, &h.encode(), wait, None)).unwrap();
+        }
+        for s in &conns {
+            decode_reply(&exec::block_on(addr::recv_msg(s, wait, None)).unwrap()).unwrap().unwrap();
+        }
+        exec::block_on(addr::write_all(&conns[0], &[1], wait, None)).unwrap();
+        let e = decode_codes(&exec::block_on(addr::recv_msg(&conns[0], wait, None)).unwrap()).unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert!(e.message().contains("ranks [1] of 3 did not answer the second round"), "{}", e.message());
     }
 }
