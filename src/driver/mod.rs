@@ -48,6 +48,22 @@ const SPIN_FOR: Duration = Duration::from_micros(50);
 /// busy thread on the same core, a yield can cost a scheduler slice). A world with more ranks
 /// on this host than the process has cores yields from the start instead (`Driver::yield_after`).
 const YIELD_AFTER: Duration = Duration::from_micros(20);
+/// A yield that kept the thread off its core this long most likely gave the core to something
+/// other than the ranks it waits for (they answer in microseconds): a busy process beside ours,
+/// which keeps a core for its scheduler slice.
+const LONG_YIELD: Duration = Duration::from_millis(2);
+/// The yields of oversubscribed worlds' spins (`Driver::yield_after` zero) are judged in
+/// samples of this many, process-wide; a sample with [`LONG_IN_SAMPLE`] long ones or more finds
+/// the cores contended. (Measured here, four ranks on two cores: with nothing else running,
+/// about one yield in 1500 took 2 ms or more; beside two busy processes, two in three.)
+const YIELD_SAMPLE: u32 = 8;
+const LONG_IN_SAMPLE: u32 = 3;
+/// For so long after a sample finds the cores contended, the waits of oversubscribed worlds
+/// sleep at once (until the peer's doorbell) instead of spinning: a spin there only hands the
+/// core to the busy process, a scheduler slice at a time, while a sleeper that is woken gets the
+/// core back at once. Beside two busy processes, four ranks' 512-byte all-reduce takes 0.15-0.25
+/// ms so, against 1.4-5 ms spinning.
+const CONTENDED_FOR: Duration = Duration::from_millis(500);
 /// How long a waiter that does not drive sleeps on its completion before it looks whether it
 /// could drive instead.
 const WAITER_RECHECK: Duration = Duration::from_millis(2);
@@ -258,7 +274,10 @@ impl Driver {
                 }
                 // Keep passing for a moment before sleeping: the peer's reply to a small
                 // message comes within microseconds, sooner than a sleep and a wake-up.
-                if e.spin_worthy() && now.duration_since(*spinning_since.get_or_insert(now)) < SPIN_FOR {
+                if e.spin_worthy()
+                    && now.duration_since(*spinning_since.get_or_insert(now)) < SPIN_FOR
+                    && !self.sleeps_at_once(now)
+                {
                     None
                 } else {
                     // About to sleep: arm the links (this raises the shared-memory sleep flags).
@@ -293,6 +312,14 @@ impl Driver {
         }
     }
 
+    /// True when this world's waits sleep at once instead of spinning: it has more ranks on
+    /// this host than cores, and the spins' yields found the cores busy with other work
+    /// ([`Contention`]). (A world of fewer ranks keeps spinning there: its ranks, on a core at
+    /// the same moment for a slice, trade many messages in it.)
+    fn sleeps_at_once(&self, now: Instant) -> bool {
+        self.yield_after.is_zero() && CONTENTION.contended(now)
+    }
+
     /// One turn of a spin that has lasted `spun` (pass number `passes`): past the first
     /// microseconds, the core is given away now and then, and at every turn in a world with
     /// more ranks on this host than cores (`yield_after`): the peer waited for may be the one
@@ -300,7 +327,12 @@ impl Driver {
     fn spin_once(&self, spun: Duration, passes: u32) {
         let every = if self.yield_after.is_zero() { 1 } else { 8 };
         if spun >= self.yield_after && passes % every == 0 {
+            let before = Instant::now();
             std::thread::yield_now();
+            let after = Instant::now();
+            if self.yield_after.is_zero() {
+                CONTENTION.yielded(after.duration_since(before) >= LONG_YIELD, after);
+            }
         } else {
             std::hint::spin_loop();
         }
@@ -361,7 +393,11 @@ impl Driver {
                 spinning_since = None;
                 continue;
             }
-            if e.spin_worthy() && now.duration_since(*spinning_since.get_or_insert(now)) < SPIN_FOR && alone() {
+            if e.spin_worthy()
+                && now.duration_since(*spinning_since.get_or_insert(now)) < SPIN_FOR
+                && alone()
+                && !self.sleeps_at_once(now)
+            {
                 drop(e);
                 turns = turns.wrapping_add(1);
                 self.spin_once(now.duration_since(spinning_since.unwrap_or(now)), turns);
@@ -505,6 +541,52 @@ impl Progress for Driver {
     }
 }
 
+/// Whether the cores are busy with other work than ours, judged from how long the spins'
+/// yields keep their threads off the core ([`LONG_YIELD`], in samples of [`YIELD_SAMPLE`]). A
+/// hint, not a protocol: threads race on the counts, and a sample a little off is harmless.
+/// (std's atomics, also under loom, which has no static ones.)
+struct Contention {
+    yields: std::sync::atomic::AtomicU32,
+    long: std::sync::atomic::AtomicU32,
+    /// Until when (microseconds since [`since_start`]'s origin) waits sleep at once.
+    until: std::sync::atomic::AtomicU64,
+}
+
+/// The process's cores, as its spins find them.
+static CONTENTION: Contention = Contention::new();
+
+fn since_start(t: Instant) -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    t.saturating_duration_since(*ORIGIN.get_or_init(Instant::now)).as_micros() as u64
+}
+
+impl Contention {
+    const fn new() -> Contention {
+        use std::sync::atomic::{AtomicU32, AtomicU64};
+        Contention { yields: AtomicU32::new(0), long: AtomicU32::new(0), until: AtomicU64::new(0) }
+    }
+
+    /// True while the last sample that found the cores contended is recent ([`CONTENDED_FOR`]).
+    fn contended(&self, now: Instant) -> bool {
+        let until = self.until.load(std::sync::atomic::Ordering::Relaxed);
+        until != 0 && since_start(now) < until
+    }
+
+    /// Counts a spin's yield (`long`: it kept the thread off its core at least [`LONG_YIELD`])
+    /// into the current sample, and judges the sample when it is full.
+    fn yielded(&self, long: bool, now: Instant) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let long = if long { self.long.fetch_add(1, Relaxed) + 1 } else { self.long.load(Relaxed) };
+        if self.yields.fetch_add(1, Relaxed) + 1 >= YIELD_SAMPLE {
+            self.yields.store(0, Relaxed);
+            self.long.store(0, Relaxed);
+            if long >= LONG_IN_SAMPLE {
+                self.until.store(since_start(now + CONTENDED_FOR), Relaxed);
+            }
+        }
+    }
+}
+
 /// Counts a caller out of `Driver::waiters` when it stops waiting, however it leaves.
 struct Waiting<'a>(&'a AtomicU32);
 
@@ -556,6 +638,27 @@ mod tests {
     use crate::engine::EngineConfig;
     use crate::transport::loopback::QueueLink;
     use crate::transport::Link;
+
+    #[test]
+    fn a_sample_of_long_yields_makes_waits_sleep_for_a_while() {
+        let c = Contention::new();
+        let t = Instant::now();
+        // A long yield or two in a sample are the machine's noise; three are contention.
+        for i in 0..YIELD_SAMPLE {
+            c.yielded(i < LONG_IN_SAMPLE - 1, t);
+        }
+        assert!(!c.contended(t));
+        for i in 0..YIELD_SAMPLE {
+            c.yielded(i % 2 == 1 && i < 2 * LONG_IN_SAMPLE, t);
+        }
+        assert!(c.contended(t) && c.contended(t + CONTENDED_FOR / 2));
+        assert!(!c.contended(t + CONTENDED_FOR + Duration::from_millis(1)));
+        // Short yields later do not end it early; it ends when its time is up.
+        for _ in 0..YIELD_SAMPLE {
+            c.yielded(false, t);
+        }
+        assert!(c.contended(t + CONTENDED_FOR / 2));
+    }
 
     #[test]
     fn a_panic_in_a_pass_breaks_the_world_and_completes_its_operations() {

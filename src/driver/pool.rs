@@ -178,7 +178,7 @@ static POOL: std::sync::OnceLock<Mutex<Vec<Arc<Worker>>>> = std::sync::OnceLock:
 fn thread_count() -> usize {
     static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *COUNT.get_or_init(|| {
-        let cores = cores();
+        let cores = allowed_cores();
         std::env::var("MW_PROGRESS_THREADS")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
@@ -187,10 +187,26 @@ fn thread_count() -> usize {
     })
 }
 
-/// The cores this process may run on (its affinity and cgroup quota), read once per process.
+/// The cores the ranks on this host may share: those this process may run on
+/// ([`allowed_cores`]), or the host's online cores when that is one, since a process pinned to one core says only
+/// where a launcher put it, not that its peers share that core.
 pub(crate) fn cores() -> usize {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    *CORES.get_or_init(|| match allowed_cores() {
+        1 => {
+            // SAFETY: sysconf has no preconditions.
+            let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+            usize::try_from(online).unwrap_or(1).max(1)
+        }
+        n => n,
+    })
+}
+
+/// The cores this process may run on: its affinity and cgroup quota (which reading takes tens
+/// of microseconds), read once per process.
+fn allowed_cores() -> usize {
+    static ALLOWED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn start_worker(i: usize) -> std::io::Result<Arc<Worker>> {
