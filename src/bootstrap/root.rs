@@ -1066,18 +1066,11 @@ mod tests {
         let key = 0x5eed_0f1a;
         spawn_root(None, RootConfig::for_door(secret.clone(), "w", 2, deadline, key, "shrink")).unwrap();
         let hello = |rank: u32| Hello {
-            secret: secret.clone(),
             name: "w".into(),
-            rank,
             size: 2,
-            generation: 1,
-            addr: "127.0.0.1:1".into(),
-            host: "h".into(),
-            timeout_ms: 20000,
-            door: door.to_string(),
-            key,
             agree: "shrink".into(),
             lanes: vec![1; 24],
+            ..test_hello(&secret, rank, Vec::new(), key, &door.to_string())
         };
         let (s0, s1) = (TcpStream::connect(door).unwrap(), TcpStream::connect(door).unwrap());
         exec::block_on(addr::send_msg(&s0, &hello(0).encode(), deadline, None)).unwrap();
@@ -1105,7 +1098,7 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::InvalidUsage, "{}", e.message());
     }
     /// A hello of world "g" of three ranks, rank `rank`, with `lanes` (empty: none offered).
-    fn grow_hello(secret: &[u8], rank: u32, lanes: Vec<u8>, key: u64, door: &str) -> Hello {
+    fn test_hello(secret: &[u8], rank: u32, lanes: Vec<u8>, key: u64, door: &str) -> Hello {
         Hello {
             secret: secret.to_vec(),
             name: "g".into(),
@@ -1136,7 +1129,7 @@ mod tests {
         let conns: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(at).unwrap()).collect();
         for (r, s) in conns.iter().enumerate() {
             let lanes = if r < 2 { vec![r as u8 + 1; 8] } else { Vec::new() };
-            let h = grow_hello(&secret, r as u32, lanes, 0, "127.0.0.1:2");
+            let h = test_hello(&secret, r as u32, lanes, 0, "127.0.0.1:2");
             exec::block_on(addr::send_msg(s, &h.encode(), deadline, None)).unwrap();
         }
         for (r, s) in conns.iter().enumerate() {
@@ -1173,7 +1166,7 @@ mod tests {
         let wait = Instant::now() + Duration::from_secs(20);
         for (r, s) in conns.iter().enumerate() {
             let lanes = if r < 2 { vec![1; 8] } else { Vec::new() };
-            let h = grow_hello(&secret, r as u32, lanes, key, &door.to_string());
+            let h = test_hello(&secret, r as u32, lanes, key, &door.to_string());
             exec::block_on(addr::send_msg(s, &h.encode(), wait, None)).unwrap();
         }
         for s in &conns {
