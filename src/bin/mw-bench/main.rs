@@ -586,38 +586,86 @@ impl Bench {
         self.max_over_ranks(t.elapsed().as_secs_f64() / iters as f64 / 2.0)
     }
 
-    /// The same one-way stream over a plain blocking TCP socket pair.
-    fn plain_socket(&self, size: usize, iters: usize) -> f64 {
+    /// A plain blocking TCP connection (no delay) between ranks 0 and 1, for the baselines;
+    /// `None` on other ranks.
+    fn plain_pair(&self) -> Option<TcpStream> {
         let mut port = [0u32];
         let listener = (self.rank == 0).then(|| TcpListener::bind("127.0.0.1:0").expect("bind"));
         if let Some(l) = &listener {
             port[0] = l.local_addr().expect("addr").port() as u32;
         }
         self.w.broadcast_in_place(&mut port, 0).expect("broadcast");
+        let s = match self.rank {
+            0 => listener.expect("listener").accept().expect("accept").0,
+            1 => TcpStream::connect(("127.0.0.1", port[0] as u16)).expect("connect"),
+            _ => return None,
+        };
+        s.set_nodelay(true).ok();
+        Some(s)
+    }
+
+    /// The same one-way stream over a plain blocking TCP socket pair.
+    fn plain_socket(&self, size: usize, iters: usize) -> f64 {
         let mut secs = 0.0;
-        if self.rank == 0 {
-            let (mut s, _) = listener.expect("listener").accept().expect("accept");
-            s.set_nodelay(true).ok();
-            let buf = vec![7u8; size];
+        if let Some(mut s) = self.plain_pair() {
             let mut ack = [0u8];
-            s.write_all(&buf).expect("write");
-            s.read_exact(&mut ack).expect("ack");
-            let t = Instant::now();
-            for _ in 0..iters {
+            if self.rank == 0 {
+                let buf = vec![7u8; size];
                 s.write_all(&buf).expect("write");
-            }
-            s.read_exact(&mut ack).expect("ack");
-            secs = t.elapsed().as_secs_f64() / iters as f64;
-        } else if self.rank == 1 {
-            let mut s = TcpStream::connect(("127.0.0.1", port[0] as u16)).expect("connect");
-            s.set_nodelay(true).ok();
-            let mut buf = vec![0u8; size];
-            s.read_exact(&mut buf).expect("read");
-            s.write_all(&[1]).expect("ack");
-            for _ in 0..iters {
+                s.read_exact(&mut ack).expect("ack");
+                let t = Instant::now();
+                for _ in 0..iters {
+                    s.write_all(&buf).expect("write");
+                }
+                s.read_exact(&mut ack).expect("ack");
+                secs = t.elapsed().as_secs_f64() / iters as f64;
+            } else {
+                let mut buf = vec![0u8; size];
                 s.read_exact(&mut buf).expect("read");
+                s.write_all(&[1]).expect("ack");
+                for _ in 0..iters {
+                    s.read_exact(&mut buf).expect("read");
+                }
+                s.write_all(&[1]).expect("ack");
             }
-            s.write_all(&[1]).expect("ack");
+        }
+        self.max_over_ranks(secs)
+    }
+
+    /// Half the round trip of an 8-byte ping-pong over a plain TCP socket pair, as
+    /// [`Bench::latency`] measures a world's: with blocking reads, or (`poll`) non-blocking
+    /// reads tried again at once, as a driver spins on a TCP link.
+    fn plain_latency(&self, iters: usize, poll: bool) -> f64 {
+        let mut secs = 0.0;
+        if let Some(mut s) = self.plain_pair() {
+            s.set_nonblocking(poll).expect("non-blocking");
+            let mut b = [0u8; 8];
+            let read = |s: &mut TcpStream, b: &mut [u8; 8]| {
+                let mut got = 0;
+                while got < b.len() {
+                    match s.read(&mut b[got..]) {
+                        Ok(0) => panic!("the peer closed the baseline's socket"),
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+                        Err(e) => panic!("read: {e}"),
+                    }
+                }
+            };
+            let mut run = |k: usize| {
+                for _ in 0..k {
+                    if self.rank == 0 {
+                        s.write_all(&b).expect("write");
+                        read(&mut s, &mut b);
+                    } else {
+                        read(&mut s, &mut b);
+                        s.write_all(&b).expect("write");
+                    }
+                }
+            };
+            run(iters / 10);
+            let t = Instant::now();
+            run(iters);
+            secs = t.elapsed().as_secs_f64() / iters as f64 / 2.0;
         }
         self.max_over_ranks(secs)
     }
@@ -780,6 +828,23 @@ impl Bench {
             format!("{:.2} / {:.2} GB/s = {ratio:.2}x", median(&mut ours), median(&mut plain)),
             ">= 0.9x".into(),
             ratio >= 0.9,
+        );
+        // Against the faster of the two plain baselines in each run: blocking reads (a wake-up
+        // per message) or polling ones (a core per side, as a spinning driver uses).
+        let (mut ours, mut plain, mut r) = (vec![], vec![], vec![]);
+        for _ in 0..REPEATS {
+            let p = self.plain_latency(20_000, false).min(self.plain_latency(20_000, true)) * 1e6;
+            let o = self.latency(&tcp, 20_000) * 1e6;
+            r.push(o / p);
+            ours.push(o);
+            plain.push(p);
+        }
+        let ratio = median(&mut r);
+        target(
+            "TCP 8 B one-way latency / plain socket ping-pong (best of blocking, polling)",
+            format!("{:.2} / {:.2} us = {ratio:.2}x", median(&mut ours), median(&mut plain)),
+            "<= 1.1x".into(),
+            ratio <= 1.1,
         );
         // 7. Other worlds' throughput during a burst of formations: BURST new worlds, one every
         //    100 ms, formed and removed while the measured world streams all-reduces.
