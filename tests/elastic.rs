@@ -687,7 +687,10 @@ fn shrink_may_exclude_a_live_rank() {
 /// which comes 300 ms late.
 fn grow(members: usize, new_size: usize, env: &[(&str, String)]) {
     let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
-    let file = std::env::temp_dir().join(format!("mw-grow-{}-{members}", std::process::id()));
+    // One file per call: the grow tests run at once in this process.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = std::env::temp_dir().join(format!("mw-grow-{}-{call}", std::process::id()));
     let _ = std::fs::remove_file(&file);
     let f = file.display().to_string();
     let mut base =
