@@ -292,7 +292,7 @@ mod loom_tests {
             });
             // The runner: runs what is queued; a run looks at the event.
             let mut seen = 0;
-            let mut run = |seen: &mut u32| {
+            let run = |seen: &mut u32| {
                 while let Some(_t) = dequeue(&q) {
                     *seen = event.load(Ordering::Acquire);
                 }
