@@ -664,7 +664,12 @@ impl Link for ShmLink {
             return self.write_single_copy(header, payload, written);
         }
         let Some(slot) = self.next_frame_slot()? else {
-            return Ok(false);
+            // No room: if the peer is gone (its socket reported since this link was armed),
+            // there never will be, also while the engine reads nothing from this peer.
+            if std::mem::take(&mut self.armed) {
+                self.drain_doorbells();
+            }
+            return if self.hung_up { Err(self.gone()) } else { Ok(false) };
         };
         let p = self.slot_ptr(self.tx, slot);
         let pad = payload.as_ptr() as usize % 64;
@@ -687,11 +692,14 @@ impl Link for ShmLink {
     }
 
     fn peek(&mut self) -> Result<Option<FrameHeader>, LinkError> {
-        if let Some((h, _)) = self.current {
-            return Ok(Some(h));
-        }
+        // Also with a frame waiting for its receive: the hang-up must be noticed then too, or a
+        // write blocked on the peer's full ring would wait for a dead peer until the heartbeat
+        // timeout (the socket reporting, and nothing reading it).
         if std::mem::take(&mut self.armed) {
             self.drain_doorbells();
+        }
+        if let Some((h, _)) = self.current {
+            return Ok(Some(h));
         }
         let slot = loop {
             let ring = self.ctrl(self.rx);
@@ -796,7 +804,8 @@ impl Link for ShmLink {
         let fd = self.ctl.fd();
         if self.hung_up {
             // The socket stays readable for ever now; only the ring can change, and it cannot.
-            return Armed::Idle;
+            // A write waiting for room never gets it: try it again, to fail (`write`).
+            return if write { Armed::Ready } else { Armed::Idle };
         }
         if read {
             let may_sleep = match self.current {
