@@ -1,8 +1,9 @@
-//! The direct path of lone small sends and receives on shared memory (`src/engine/direct.rs`),
-//! across real processes: it is taken (counted in `WorldStats::direct_ops`), it delivers every
-//! message in order and intact, it keeps its place among collectives and non-blocking calls,
-//! it is not taken on TCP, and a call that differs from its peer's is still refused with the
-//! general path's error rather than delivered.
+//! The direct path of lone small sends and receives on shared memory and TCP
+//! (`src/engine/direct.rs`), across real processes: it is taken (counted in
+//! `WorldStats::direct_ops`), it delivers every message in order and intact, it keeps its place
+//! among collectives and non-blocking calls, a send that a full socket takes only in part still
+//! arrives whole and before what follows it, and a call that differs from its peer's is still
+//! refused with the general path's error rather than delivered.
 
 mod common;
 
@@ -14,7 +15,27 @@ use multiworld::{ErrorKind, ReduceOp, WorldManager, WorldOptions};
 #[test]
 #[ignore = "worker process entry, run by the other tests"]
 fn worker() {
-    common::worker_main(&[("pingpong", pingpong), ("mismatch", mismatch), ("dies", dies), ("aborts", aborts)]);
+    common::worker_main(&[
+        ("pingpong", pingpong),
+        ("mismatch", mismatch),
+        ("dies", dies),
+        ("aborts", aborts),
+        ("full_socket", full_socket),
+    ]);
+}
+
+/// The world of a test worker: over TCP when the test sets `MW_TEST_TCP=1`.
+fn world(m: &WorldManager, ctx: &Ctx, name: &str) -> multiworld::World {
+    let opts = if ctx.env("MW_TEST_TCP") == "1" {
+        WorldOptions::default().with_transport(multiworld::TransportChoice::Tcp)
+    } else {
+        WorldOptions::default()
+    };
+    m.init_world_with(name, ctx.id().into(), ctx.rank, 2, &opts).unwrap()
+}
+
+fn tcp() -> [(&'static str, String); 1] {
+    [("MW_TEST_TCP", "1".into())]
 }
 
 const ROUNDS: u64 = 20_000;
@@ -28,13 +49,7 @@ fn payload(round: u64, len: usize) -> Vec<u8> {
 /// mixed in now and then; prints the stats the test checks.
 fn pingpong(ctx: &Ctx) {
     let m = WorldManager::new();
-    let tcp = ctx.env("MW_TEST_TCP") == "1";
-    let opts = if tcp {
-        WorldOptions::default().with_transport(multiworld::TransportChoice::Tcp)
-    } else {
-        WorldOptions::default()
-    };
-    let w = m.init_world_with("direct", ctx.id().into(), ctx.rank, 2, &opts).unwrap();
+    let w = world(&m, ctx, "direct");
     let peer = 1 - ctx.rank;
     for round in 0..ROUNDS {
         let len = [0usize, 1, 8, 100, 1024, 4096, 32 << 10][round as usize % 7];
@@ -81,10 +96,8 @@ fn stats_of(logs: &[String]) -> Vec<(u64, u64)> {
         .collect()
 }
 
-#[test]
-fn small_sends_and_receives_take_the_direct_path_in_order() {
-    let logs = common::run_ranks("pingpong", 2, &[], Duration::from_secs(120));
-    let stats = stats_of(&logs);
+fn check_direct(logs: &[String]) {
+    let stats = stats_of(logs);
     println!("(direct, completed) per rank: {stats:?}");
     for (rank, (direct, completed)) in stats.into_iter().enumerate() {
         // Every send can go direct (nothing else in flight: half of the rounds); receives go
@@ -96,19 +109,20 @@ fn small_sends_and_receives_take_the_direct_path_in_order() {
 }
 
 #[test]
-fn over_tcp_nothing_goes_direct() {
-    let logs = common::run_ranks("pingpong", 2, &[("MW_TEST_TCP", "1".into())], Duration::from_secs(180));
-    for (rank, (direct, completed)) in stats_of(&logs).into_iter().enumerate() {
-        assert_eq!(direct, 0, "rank {rank}");
-        assert!(completed > ROUNDS);
-    }
+fn small_sends_and_receives_take_the_direct_path_in_order() {
+    check_direct(&common::run_ranks("pingpong", 2, &[], Duration::from_secs(120)));
+}
+
+#[test]
+fn over_tcp_small_sends_and_receives_take_the_direct_path_in_order() {
+    check_direct(&common::run_ranks("pingpong", 2, &tcp(), Duration::from_secs(180)));
 }
 
 /// Rank 0 sends 9 floats where rank 1 receives 8: the receive must fail with the general
 /// path's error naming both calls (invalid usage, the world broken), not deliver.
 fn mismatch(ctx: &Ctx) {
     let m = WorldManager::new();
-    let w = m.init_world("direct-mismatch", &ctx.id(), ctx.rank, 2).unwrap();
+    let w = world(&m, ctx, "direct-mismatch");
     // A first exchange; then the differing frame waits in the ring when the receive comes, so
     // the direct path looks at it first and must leave it to the general path.
     if ctx.rank == 0 {
@@ -134,11 +148,16 @@ fn a_receive_that_differs_from_its_send_is_refused_not_delivered() {
     common::run_ranks("mismatch", 2, &[], Duration::from_secs(60));
 }
 
+#[test]
+fn over_tcp_a_receive_that_differs_from_its_send_is_refused_not_delivered() {
+    common::run_ranks("mismatch", 2, &tcp(), Duration::from_secs(60));
+}
+
 /// Ping-pong until rank 1 kills itself (SIGKILL) after 1000 rounds, in the middle of the
 /// exchange: rank 0's next call fails with `WorldBroken` promptly, whichever path it was on.
 fn dies(ctx: &Ctx) {
     let m = WorldManager::new();
-    let w = m.init_world("direct-dies", &ctx.id(), ctx.rank, 2).unwrap();
+    let w = world(&m, ctx, "direct-dies");
     let peer = 1 - ctx.rank;
     let mut buf = [0u8; 8];
     for round in 0u64.. {
@@ -163,8 +182,17 @@ fn dies(ctx: &Ctx) {
 
 #[test]
 fn a_peer_killed_mid_exchange_fails_the_next_call() {
+    killed_mid_exchange(false);
+}
+
+#[test]
+fn over_tcp_a_peer_killed_mid_exchange_fails_the_next_call() {
+    killed_mid_exchange(true);
+}
+
+fn killed_mid_exchange(tcp: bool) {
     let id = multiworld::UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
-    let env = [("MW_TEST_ID", id.to_string())];
+    let env = [("MW_TEST_ID", id.to_string()), ("MW_TEST_TCP", if tcp { "1" } else { "0" }.into())];
     let mut survivor = common::spawn("dies", 0, 2, &env, &[]);
     let mut victim = common::spawn("dies", 1, 2, &env, &[]);
     let ok = survivor.wait_for(Duration::from_secs(60)).is_some_and(|s| s.success());
@@ -177,7 +205,7 @@ fn a_peer_killed_mid_exchange_fails_the_next_call() {
 /// the abort reaches the engine only at its next pass, and the direct path must not run ahead.
 fn aborts(ctx: &Ctx) {
     let m = WorldManager::new();
-    let w = m.init_world("direct-abort", &ctx.id(), ctx.rank, 2).unwrap();
+    let w = world(&m, ctx, "direct-abort");
     let peer = 1 - ctx.rank;
     // Warm: one exchange each way on the direct path.
     if ctx.rank == 0 {
@@ -201,4 +229,59 @@ fn aborts(ctx: &Ctx) {
 #[test]
 fn nothing_goes_through_after_abort() {
     common::run_ranks("aborts", 2, &[], Duration::from_secs(60));
+}
+
+#[test]
+fn over_tcp_nothing_goes_through_after_abort() {
+    common::run_ranks("aborts", 2, &tcp(), Duration::from_secs(60));
+}
+
+const FULL_SENDS: u64 = 200;
+const FULL_LEN: usize = 16 << 10;
+
+/// Over TCP with small socket buffers: rank 0 sends messages of the direct path's largest size
+/// while rank 1 is not receiving yet, so its socket fills and takes frames only in part (the
+/// direct path then leaves the rest to the driver), and makes no call for a second; then a
+/// larger message on the general path. Rank 1 receives them all: each whole, in order, the
+/// small ones without waiting for rank 0's next call (the driver writes what is left on its
+/// own), and the large one last.
+fn full_socket(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let opts =
+        WorldOptions::default().with_transport(multiworld::TransportChoice::Tcp).with_socket_buffer(Some(64 << 10));
+    let w = m.init_world_with("direct-full", ctx.id().into(), ctx.rank, 2, &opts).unwrap();
+    let big = payload(FULL_SENDS, 200 << 10);
+    if ctx.rank == 0 {
+        for round in 0..FULL_SENDS {
+            w.send(&payload(round, FULL_LEN), 1).unwrap();
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        w.send(&big, 1).unwrap();
+        println!("direct_ops={}", w.stats().direct_ops);
+    } else {
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        for round in 0..FULL_SENDS {
+            let mut got = vec![0u8; FULL_LEN];
+            w.recv(&mut got, 0).unwrap();
+            assert!(got == payload(round, FULL_LEN), "message {round} arrived damaged or out of order");
+        }
+        let took = t.elapsed();
+        println!("small messages received in {took:?}");
+        assert!(took < Duration::from_millis(800), "the last small message waited for the sender's next call");
+        let mut got = vec![0u8; big.len()];
+        w.recv(&mut got, 0).unwrap();
+        assert!(got == big, "the general path's message after the direct ones differs");
+    }
+    w.barrier().unwrap();
+}
+
+#[test]
+fn over_tcp_a_send_a_full_socket_takes_in_part_arrives_whole() {
+    let logs = common::run_ranks("full_socket", 2, &[], Duration::from_secs(60));
+    let line = logs[0].lines().find(|l| l.starts_with("direct_ops=")).expect("stats line");
+    println!("rank 0: {line}");
+    let direct: u64 = line["direct_ops=".len()..].parse().unwrap();
+    // Sends of a fresh socket with room go direct; once it is full they go the general way.
+    assert!(direct >= 1, "{line}");
 }

@@ -212,10 +212,10 @@ impl World {
     fn run_one(&self, call: Call) -> Result<()> {
         self.usable_for_host()?;
         if call.desc.kind == OpKind::P2p {
-            // A lone small send or receive on shared memory: done at once when the ring allows
-            // (`engine/direct.rs`). A receive whose frame is not there yet looks again for a
-            // few microseconds, as the driver would spin before sleeping, since the frame is
-            // usually just behind.
+            // A lone small send or receive on shared memory or TCP: done at once when the link
+            // allows (`engine/direct.rs`). A receive whose frame is not there yet looks again
+            // for a few microseconds, as the driver would spin before sleeping, since the frame
+            // is usually just behind.
             let backend = &self.inner.backend;
             let mut spin_until = None;
             let mut tries = 0u32;

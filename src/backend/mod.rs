@@ -21,7 +21,7 @@ pub(crate) trait Backend: Progress {
     fn post(&self, ops: Vec<Posted>, driven: bool);
     /// [`Backend::post`] for one operation (the common case, without a vector).
     fn post_one(&self, op: Posted, driven: bool);
-    /// Runs a lone send or receive at once if this backend can (the shared-memory direct path,
+    /// Runs a lone send or receive at once if this backend can (the direct path of shared memory and TCP,
     /// `engine/direct.rs`); `None` when the call must be posted.
     fn run_direct(&self, _desc: &OpDesc, _send: RawBuf, _recv: RawBuf) -> Direct {
         Direct::No

@@ -423,7 +423,20 @@ impl Driver {
         if self.aborted.load(Ordering::Acquire) {
             return Direct::No;
         }
-        self.engine().run_direct(desc, send, recv)
+        let (r, left) = {
+            let mut e = self.engine();
+            let r = e.run_direct(desc, send, recv);
+            (r, r == Direct::Done && e.has_work())
+        };
+        if left {
+            // A socket took only part of the frame: whoever drives writes the rest.
+            if self.token.held() {
+                self.kick();
+            } else {
+                self.schedule();
+            }
+        }
+        r
     }
 
     /// Hands operations to the engine. `driven` means the caller will wait for them at once

@@ -1,21 +1,27 @@
-//! The direct path of a lone send or receive: a blocking `send`/`recv` on a shared-memory link,
-//! in a world with nothing else in flight, is done right here, under the world's lock, without
-//! an operation object, a plan or a completion: the frame goes straight into the ring, or comes
-//! straight out of it into the caller's buffer.
+//! The direct path of a lone send or receive: a blocking `send`/`recv` of one small frame on a
+//! shared-memory or TCP link, in a world with nothing else in flight, is done right here, under
+//! the world's lock, without an operation object, a plan or a completion: the frame goes
+//! straight into the ring or socket, or comes straight out of it into the caller's buffer.
 //!
 //! It is taken only when the result is exactly what the general path would produce: nothing
 //! posted before it (so order between calls holds), no frame of this peer waiting elsewhere
-//! (an earlier frame in flight, frames moved out of the ring early), and, for a receive, a frame
-//! at the head of the ring whose every field (world, generation, operation, sequence, type,
-//! count, offset, length) is the one the general path would expect. Anything else, including a
-//! full ring, a heartbeat, a checksummed frame or a broken world, leaves every state as it was
-//! and answers [`Direct::No`] (or, for a receive whose frame is not there yet, [`Direct::Later`]):
-//! the caller then posts the call as usual, and the general path handles it, reporting
-//! mismatches and failures as it always does. The one change before a `No` is a link that
-//! failed under the direct path: the world breaks then, as the general path would break it.
+//! (an earlier frame in flight, frames moved out of the link early), and, for a receive, a frame
+//! at the head of the link whose every field (world, generation, operation, sequence, type,
+//! count, offset, length) is the one the general path would expect, with all of its payload
+//! arrived. Anything else, including a full ring or socket, a heartbeat, a checksummed frame or a
+//! broken world, leaves every state as it was and answers [`Direct::No`] (or, for a receive
+//! whose frame is not all there yet, [`Direct::Later`]): the caller then posts the call as
+//! usual, and the general path handles it, reporting mismatches and failures as it always does.
+//! (A peeked frame stays peeked: the link shows the general path the same header again.) The one
+//! change before a `No` is a link that failed under the direct path: the world breaks then, as
+//! the general path would break it.
+//!
+//! A socket may take only part of a frame (its buffer filled up mid-write): the send is done all
+//! the same, as a send is once its buffer may be reused. The rest of the frame is copied and
+//! left to the general path as the peer's frame in flight ([`Engine::has_work`] counts it), so
+//! the driver writes it before anything else to that peer.
 
 use super::*;
-use crate::transport::shm::SHM_MAX_PAYLOAD;
 
 /// What the direct path did with a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,14 +55,10 @@ impl Engine {
     /// this path.
     fn p2p_direct(&mut self, desc: &OpDesc, send: RawBuf, recv: RawBuf) -> Option<bool> {
         let len = desc.bytes();
-        // One ring slot at most: a larger frame (several frames, or single copy) is not done
-        // in one step.
-        if len > SHM_MAX_PAYLOAD {
-            return None;
-        }
         let peer = desc.root;
         let p = self.peers.get_mut(peer)?.as_mut()?;
-        if p.gone.is_some() || p.link.kind() != TransportKind::Shm || p.checksum {
+        // One small frame at most (one ring slot): a larger message is not done in one step.
+        if p.gone.is_some() || len > p.link.direct_max() || p.checksum {
             return None;
         }
         // The only frame of a message of one frame: what the general path sends, and expects.
@@ -71,9 +73,19 @@ impl Engine {
             let header = only_frame(self, seq).encode();
             let p = self.peers[peer].as_mut()?;
             let mut written = 0;
-            // A ring frame goes in whole or not at all: a full ring changes nothing.
+            // A ring frame goes in whole or not at all: a full ring changes nothing. A socket
+            // may take part of it: the rest goes out as the peer's frame in flight.
             let r = p.link.write(&header, payload, &mut written);
-            self.link_step(peer, r)?;
+            if matches!(r, Ok(false)) && written > 0 {
+                p.tx = Some(TxFrame {
+                    header,
+                    payload: TxPayload::Owned(payload.to_vec()),
+                    written,
+                    done: TxDone::Control,
+                });
+            } else {
+                self.link_step(peer, r)?;
+            }
             self.peers[peer].as_mut()?.tx_seq = seq;
             self.stats.bytes_sent += len as u64;
         } else {
@@ -88,6 +100,14 @@ impl Engine {
             let seq = p.rx_seq + 1;
             if h != only_frame(self, seq) {
                 return None;
+            }
+            match self.peers[peer].as_mut()?.link.payload_ready() {
+                Ok(true) => {}
+                Ok(false) => return Some(false),
+                Err(e) => {
+                    self.fail(link_cause(peer, e));
+                    return None;
+                }
             }
             // SAFETY: the caller's buffer, exclusively theirs for the whole call.
             let dst = unsafe { recv.bytes_mut(0, len) }?;

@@ -105,8 +105,8 @@ pub struct WorldStats {
     /// worked on in its small form (`docs/architecture.md`).
     pub shm_grow_refused: u64,
     /// Sends and receives done on the direct path (a lone small send or receive on shared
-    /// memory, straight through the ring: `docs/architecture.md`); counted in `ops_completed`
-    /// too.
+    /// memory or TCP, straight through the ring or socket: `docs/architecture.md`); counted in
+    /// `ops_completed` too.
     pub direct_ops: u64,
     /// Links on lanes of a parent world's shared-memory segments: a world made by `dup`,
     /// `split` or `shrink` reuses its parent's pairs that way, and one made by `grow` its
@@ -192,6 +192,8 @@ impl OpState {
 enum TxPayload {
     None,
     Raw(RawBuf, usize, usize),
+    /// A copy: the rest of a frame that the direct path started (`direct.rs`).
+    Owned(Vec<u8>),
 }
 
 enum TxDone {
@@ -440,8 +442,10 @@ impl Engine {
     }
 
     /// True while operations are posted and not finished.
+    /// Operations in flight, or the rest of a frame that the direct path left to write.
     pub(crate) fn has_work(&self) -> bool {
         !self.ops.is_empty()
+            || self.peers.iter().flatten().any(|p| matches!(p.tx, Some(TxFrame { payload: TxPayload::Owned(_), .. })))
     }
 
     /// True when some link is worth spinning on (memory-based links) rather than sleeping.
@@ -928,6 +932,12 @@ impl Engine {
     pub(crate) fn close(&mut self) {
         if self.broken.is_some() {
             return;
+        }
+        if self.ops.is_empty() {
+            // The rest of a direct send still to go out: one more try before the goodbye.
+            for peer in 0..self.peers.len() {
+                let _ = self.service_tx(peer);
+            }
         }
         if self.has_work() {
             self.fail(BrokenCause::LocalAbort);

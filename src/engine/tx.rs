@@ -15,6 +15,7 @@ impl Engine {
                     // SAFETY: the operation that owns this view is alive while its frame is in
                     // flight (it cannot finish before its last frame is written).
                     TxPayload::Raw(b, off, len) => unsafe { b.bytes(*off, *len) }.unwrap_or(&[]),
+                    TxPayload::Owned(v) => v,
                 };
                 let complete = p.link.write(&f.header, payload, &mut f.written).map_err(|e| link_cause(peer, e))?;
                 if !complete {

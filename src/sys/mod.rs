@@ -381,25 +381,13 @@ pub(crate) fn recv_nowait(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     Ok(r as usize)
 }
 
-/// Writes `bufs` in order with one `sendmsg`, without raising `SIGPIPE` on a closed peer (the
-/// process may be a C program that did not ignore it). Returns the bytes written.
-pub(crate) fn send_vectored(fd: RawFd, bufs: &[&[u8]]) -> io::Result<usize> {
-    let mut iov: [libc::iovec; 2] = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
-    let mut n = 0;
-    for b in bufs.iter().filter(|b| !b.is_empty()).take(2) {
-        iov[n] = libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() };
-        n += 1;
-    }
-    if n == 0 {
-        return Ok(0);
-    }
-    // SAFETY: a zeroed msghdr is valid (no name, no control data).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = n as _;
+/// Frames up to this many bytes are copied into one buffer and sent with one plain `send`.
+const SEND_GATHER_MAX: usize = 512;
+
+/// Runs a sending system call until it is not interrupted: how many bytes went.
+fn sent(mut call: impl FnMut() -> isize) -> io::Result<usize> {
     loop {
-        // SAFETY: msg points at `n` iovecs describing live, readable slices.
-        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        let r = call();
         if r >= 0 {
             return Ok(r as usize);
         }
@@ -408,6 +396,44 @@ pub(crate) fn send_vectored(fd: RawFd, bufs: &[&[u8]]) -> io::Result<usize> {
             return Err(e);
         }
     }
+}
+
+/// Writes `bufs` in order with one non-blocking `sendmsg` (one `send` when they are one slice
+/// or small), without raising `SIGPIPE` on a closed peer (the process may be a C program that
+/// did not ignore it). Returns the bytes written.
+pub(crate) fn send_vectored(fd: RawFd, bufs: &[&[u8]]) -> io::Result<usize> {
+    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
+    let mut parts: [&[u8]; 2] = [&[], &[]];
+    for (slot, b) in parts.iter_mut().zip(bufs.iter().filter(|b| !b.is_empty())) {
+        *slot = b;
+    }
+    let total = parts[0].len() + parts[1].len();
+    let mut one = [0u8; SEND_GATHER_MAX];
+    let single: Option<&[u8]> = if parts[1].is_empty() {
+        Some(parts[0])
+    } else if total <= SEND_GATHER_MAX {
+        // A small frame (a header and a short payload) is gathered into one buffer first: one
+        // plain `send` costs less than the kernel walking a vector.
+        one[..parts[0].len()].copy_from_slice(parts[0]);
+        one[parts[0].len()..total].copy_from_slice(parts[1]);
+        Some(&one[..total])
+    } else {
+        None
+    };
+    if let Some(buf) = single {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        // SAFETY: buf is a live, readable slice of buf.len() bytes.
+        return sent(|| unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) });
+    }
+    let mut iov = parts.map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() });
+    // SAFETY: a zeroed msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = 2;
+    // SAFETY: msg points at two iovecs describing live, readable slices.
+    sent(|| unsafe { libc::sendmsg(fd, &msg, flags) })
 }
 
 /// A connected pair of Unix stream sockets, non-blocking and closed on exec: a lane's doorbell

@@ -125,6 +125,18 @@ pub(crate) trait Link: Send {
     /// operation of kind `op`.
     fn max_payload(&self, op: OpKind, total: usize) -> usize;
 
+    /// Largest payload of a lone message that the direct path (`engine/direct.rs`) may move
+    /// over this link as one frame; 0 (the default) keeps this link off the direct path.
+    fn direct_max(&self) -> usize {
+        0
+    }
+
+    /// True when all of the peeked frame's payload can be consumed now, without waiting for
+    /// more of it (reading what has arrived). A memory link's frame is whole once peeked.
+    fn payload_ready(&mut self) -> Result<bool, LinkError> {
+        Ok(true)
+    }
+
     /// Writes as much as it can of `header` followed by `payload`; `written` counts the bytes
     /// already written (header first) and is advanced. True once all bytes are written.
     fn write(&mut self, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError>;

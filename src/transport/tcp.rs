@@ -22,6 +22,10 @@ pub(crate) const TCP_MAX_PAYLOAD: usize = 512 << 10;
 const STAGING: usize = TCP_MAX_PAYLOAD + 4 * HEADER_LEN + (64 << 10);
 /// Payload remainders at least this large are read straight into their destination.
 const DIRECT_READ_MIN: usize = 32 << 10;
+/// Largest payload of a lone send or receive done on the direct path (`engine/direct.rs`):
+/// small enough that a write rarely stops part-way (the engine keeps a copy of the rest
+/// then) and that the payload is read through the staging buffer.
+pub(crate) const TCP_DIRECT_MAX: usize = 16 << 10;
 
 pub(crate) struct TcpLink {
     sock: TcpStream,
@@ -259,6 +263,21 @@ impl Link for TcpLink {
 
     fn spins(&self) -> bool {
         true
+    }
+
+    fn direct_max(&self) -> usize {
+        TCP_DIRECT_MAX
+    }
+
+    fn payload_ready(&mut self) -> Result<bool, LinkError> {
+        let Some((h, done)) = self.current else { return Ok(false) };
+        let left = h.len as usize - done;
+        while self.staged() < left {
+            if !self.fill(left)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn shutdown(&mut self) {

@@ -857,6 +857,11 @@ impl Link for ShmLink {
         true
     }
 
+    fn direct_max(&self) -> usize {
+        // One slot: such a frame is written whole or not at all, and read whole once peeked.
+        SHM_MAX_PAYLOAD
+    }
+
     fn tick(&mut self, now: std::time::Instant) {
         if self.last_tick.is_some_and(|t| now.duration_since(t) < TICK) {
             return;
