@@ -259,18 +259,8 @@ impl Claimed {
     /// The world these lanes make, once every member claimed its part: `generation`, `world_id`,
     /// each member's door and the world's secret.
     pub(crate) fn formed(self, generation: u32, world_id: u64, doors: Vec<String>, secret: Vec<u8>) -> super::Formed {
-        let lane_links = self.parts.len() as u64 - 1;
         let size = self.parts.len();
-        super::Formed {
-            generation,
-            world_id,
-            links: self.links(size),
-            shm_fallbacks: 0,
-            lane_links,
-            doors,
-            secret,
-            etcd: None,
-        }
+        super::Formed::new(generation, world_id, self.links(size), size as u64 - 1, doors, secret)
     }
 
     /// The links of a new world of `size` ranks whose first ranks are the members, in its rank

@@ -127,6 +127,22 @@ pub(crate) struct Formed {
     pub etcd: Option<Registration>,
 }
 
+impl Formed {
+    /// A formed world: its generation and id, the links to every peer (`lane_links` of them on
+    /// lanes), each rank's door and the secret; no TCP fallback or etcd registration counted
+    /// yet.
+    pub(crate) fn new(
+        generation: u32,
+        world_id: u64,
+        links: Vec<Option<Box<dyn Link>>>,
+        lane_links: u64,
+        doors: Vec<String>,
+        secret: Vec<u8>,
+    ) -> Formed {
+        Formed { generation, world_id, links, shm_fallbacks: 0, lane_links, doors, secret, etcd: None }
+    }
+}
+
 fn formation_err(name: &str, rank: usize, e: impl std::fmt::Display) -> String {
     format!("forming world '{name}' (rank {rank}): {e}")
 }
@@ -223,8 +239,7 @@ async fn join_root(spec: &JoinSpec, root: SocketAddr, secret: Vec<u8>, deadline:
         Some(l) if l.iter().all(Option::is_some) => {
             let lane_links = size as u64 - 1;
             let doors = table.peers.iter().map(|p| p.2.clone()).collect();
-            let (generation, world_id) = (table.generation, table.world_id);
-            Ok(Formed { generation, world_id, links: l, shm_fallbacks: 0, lane_links, doors, secret, etcd: None })
+            Ok(Formed::new(table.generation, table.world_id, l, lane_links, doors, secret))
         }
         l => linked(spec, table, secret, link::Door::new(listener)?, deadline, l).await,
     }
@@ -308,14 +323,6 @@ async fn linked(
     let lane_links = made.as_ref().map_or(0, |m| m.iter().filter(|l| l.is_some()).count().saturating_sub(1)) as u64;
     let links = connect_links(spec, &table, &secret, door, deadline, &mut shm_fallbacks, made).await?;
     let doors = table.peers.into_iter().map(|p| p.2).collect();
-    Ok(Formed {
-        generation: table.generation,
-        world_id: table.world_id,
-        links,
-        shm_fallbacks,
-        lane_links,
-        doors,
-        secret,
-        etcd: None,
-    })
+    let formed = Formed::new(table.generation, table.world_id, links, lane_links, doors, secret);
+    Ok(Formed { shm_fallbacks, ..formed })
 }
