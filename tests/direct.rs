@@ -21,6 +21,7 @@ fn worker() {
         ("dies", dies),
         ("aborts", aborts),
         ("full_socket", full_socket),
+        ("send_then_leave", send_then_leave),
     ]);
 }
 
@@ -284,4 +285,59 @@ fn over_tcp_a_send_a_full_socket_takes_in_part_arrives_whole() {
     let direct: u64 = line["direct_ops=".len()..].parse().unwrap();
     // Sends of a fresh socket with room go direct; once it is full they go the general way.
     assert!(direct >= 1, "{line}");
+}
+
+/// Over TCP: a world that its sender removes right after its last send still delivers that
+/// send whole. A probe world first finds how many messages go before a send has to wait (the
+/// one that fills the socket, which takes it only in part); a fresh world then sends exactly that
+/// many and is removed at once, while the receiver starts reading a second later.
+fn send_then_leave(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let opts =
+        WorldOptions::default().with_transport(multiworld::TransportChoice::Tcp).with_socket_buffer(Some(64 << 10));
+    let w = m.init_world_with("probe", ctx.id().into(), ctx.rank, 2, &opts).unwrap();
+    let mut k = [0u64];
+    if ctx.rank == 0 {
+        for round in 0..64u64 {
+            let t = Instant::now();
+            w.send(&payload(round, FULL_LEN), 1).unwrap();
+            if k[0] == 0 && t.elapsed() > Duration::from_millis(300) {
+                k[0] = round;
+            }
+        }
+    } else {
+        std::thread::sleep(Duration::from_secs(1));
+        for _ in 0..64 {
+            w.recv(&mut vec![0u8; FULL_LEN], 0).unwrap();
+        }
+    }
+    w.broadcast_in_place(&mut k, 0).unwrap();
+    let k = k[0].max(1);
+    m.remove_world("probe").unwrap();
+    let id: multiworld::UniqueId = ctx.env("MW_TEST_ID2").parse().unwrap();
+    let w = m.init_world_with("leave", id.into(), ctx.rank, 2, &opts).unwrap();
+    if ctx.rank == 0 {
+        for round in 0..k {
+            w.send(&payload(round, FULL_LEN), 1).unwrap();
+        }
+        println!("sent {k}, direct_ops={}", w.stats().direct_ops);
+        m.remove_world("leave").unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+    } else {
+        std::thread::sleep(Duration::from_secs(1));
+        for round in 0..k {
+            let mut got = vec![0u8; FULL_LEN];
+            if let Err(e) = w.recv(&mut got, 0) {
+                panic!("message {round} of {k} lost: {e}");
+            }
+            assert!(got == payload(round, FULL_LEN), "message {round} damaged");
+        }
+    }
+}
+
+#[test]
+fn over_tcp_a_world_removed_right_after_a_send_delivers_it() {
+    let id = multiworld::UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let logs = common::run_ranks("send_then_leave", 2, &[("MW_TEST_ID2", id.to_string())], Duration::from_secs(60));
+    println!("{}", logs[0].lines().find(|l| l.starts_with("sent ")).unwrap_or(""));
 }

@@ -222,6 +222,10 @@ impl World {
             loop {
                 match backend.run_direct(&call.desc, call.send, call.recv) {
                     Direct::Done => return Ok(()),
+                    Direct::Writing(c) => {
+                        backend.wait(&[&c], None);
+                        return c.result().unwrap_or_else(|| Err(Error::internal("send ended without a result")));
+                    }
                     Direct::No => break,
                     Direct::Later => {}
                 }

@@ -423,18 +423,11 @@ impl Driver {
         if self.aborted.load(Ordering::Acquire) {
             return Direct::No;
         }
-        let (r, left) = {
-            let mut e = self.engine();
-            let r = e.run_direct(desc, send, recv);
-            (r, r == Direct::Done && e.has_work())
-        };
-        if left {
-            // A socket took only part of the frame: whoever drives writes the rest.
-            if self.token.held() {
-                self.kick();
-            } else {
-                self.schedule();
-            }
+        let r = self.engine().run_direct(desc, send, recv);
+        if matches!(r, Direct::Writing(_)) && self.token.held() {
+            // A socket took only part of the frame, and the caller now waits for the rest as
+            // for a posted send: whoever drives must also watch the socket for room.
+            self.kick();
         }
         r
     }

@@ -16,19 +16,24 @@
 //! change before a `No` is a link that failed under the direct path: the world breaks then, as
 //! the general path would break it.
 //!
-//! A socket may take only part of a frame (its buffer filled up mid-write): the send is done all
-//! the same, as a send is once its buffer may be reused. The rest of the frame is copied and
-//! left to the general path as the peer's frame in flight ([`Engine::has_work`] counts it), so
-//! the driver writes it before anything else to that peer.
+//! A socket may take only part of a frame (its buffer filled up mid-write): the rest of the frame
+//! is copied and left to the general path as the peer's frame in flight, with a completion of
+//! its own ([`Direct::Writing`]; [`Engine::has_work`] counts it), and the caller waits for that
+//! as for any posted send: the send returns once the whole frame is in the socket, or fails
+//! with the world, as on the general path.
 
 use super::*;
 
 /// What the direct path did with a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub(crate) enum Direct {
     /// Done: the call succeeded.
     Done,
-    /// A receive whose frame is not in the ring yet, all else being right: worth another look.
+    /// A send whose frame a socket took only in part: done when this completes (the rest is
+    /// the peer's frame in flight).
+    Writing(Arc<Completion>),
+    /// A receive whose frame is not all in the link yet, all else being right: worth another
+    /// look.
     Later,
     /// Not for the direct path (nothing was changed): post the call.
     No,
@@ -44,7 +49,10 @@ impl Engine {
             Some(true) => {
                 self.stats.ops_completed += 1;
                 self.stats.direct_ops += 1;
-                Direct::Done
+                match self.peers.get(desc.root).and_then(|p| p.as_ref()).and_then(|p| p.tx.as_ref()) {
+                    Some(TxFrame { done: TxDone::Rest(c), .. }) if desc.is_send => Direct::Writing(c.clone()),
+                    _ => Direct::Done,
+                }
             }
             Some(false) => Direct::Later,
             None => Direct::No,
@@ -81,7 +89,7 @@ impl Engine {
                     header,
                     payload: TxPayload::Owned(payload.to_vec()),
                     written,
-                    done: TxDone::Control,
+                    done: TxDone::Rest(Completion::new()),
                 });
             } else {
                 self.link_step(peer, r)?;

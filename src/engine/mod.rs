@@ -197,8 +197,14 @@ enum TxPayload {
 }
 
 enum TxDone {
-    Data { op: u64, step: usize, bytes: usize },
+    Data {
+        op: u64,
+        step: usize,
+        bytes: usize,
+    },
     Control,
+    /// The rest of a direct send's frame: its sender waits for this (`direct.rs`).
+    Rest(Arc<Completion>),
 }
 
 struct TxFrame {
@@ -441,11 +447,10 @@ impl Engine {
         self.stats.lane_links = n;
     }
 
-    /// True while operations are posted and not finished.
     /// Operations in flight, or the rest of a frame that the direct path left to write.
     pub(crate) fn has_work(&self) -> bool {
         !self.ops.is_empty()
-            || self.peers.iter().flatten().any(|p| matches!(p.tx, Some(TxFrame { payload: TxPayload::Owned(_), .. })))
+            || self.peers.iter().flatten().any(|p| matches!(p.tx, Some(TxFrame { done: TxDone::Rest(_), .. })))
     }
 
     /// True when some link is worth spinning on (memory-based links) rather than sleeping.
@@ -633,7 +638,7 @@ impl Engine {
                 Err(c) => return Err(c),
             };
             let p = self.peers[peer].as_ref().expect("checked above");
-            let data_pending = matches!(p.tx, Some(TxFrame { done: TxDone::Data { .. }, .. }));
+            let data_pending = matches!(p.tx, Some(TxFrame { done: TxDone::Data { .. } | TxDone::Rest(_), .. }));
             let nothing_left = p.unexpected.is_empty() && !p.link.holds_frames();
             if !p.tx_queue.is_empty() || data_pending || (!p.rx_queue.is_empty() && nothing_left) {
                 return Err(p.gone.clone().unwrap_or(cause));
@@ -933,12 +938,6 @@ impl Engine {
         if self.broken.is_some() {
             return;
         }
-        if self.ops.is_empty() {
-            // The rest of a direct send still to go out: one more try before the goodbye.
-            for peer in 0..self.peers.len() {
-                let _ = self.service_tx(peer);
-            }
-        }
         if self.has_work() {
             self.fail(BrokenCause::LocalAbort);
             return;
@@ -1004,6 +1003,19 @@ impl Engine {
         (self.inactive, self.finished) = (0, 0);
         for op in std::mem::take(&mut self.ops) {
             self.complete(&op.completion, Err(Error::broken(&self.cfg.name, self.cfg.rank, cause.clone(), true)));
+        }
+        // The rests of direct sends (`direct.rs`): their senders wait as for an operation.
+        let rests: Vec<_> = self
+            .peers
+            .iter()
+            .flatten()
+            .filter_map(|p| match &p.tx {
+                Some(TxFrame { done: TxDone::Rest(c), .. }) => Some(c.clone()),
+                _ => None,
+            })
+            .collect();
+        for c in rests {
+            self.complete(&c, Err(Error::broken(&self.cfg.name, self.cfg.rank, cause.clone(), true)));
         }
         // Tell the others: a world that ended because a peer left ends quietly for them too
         // (a close frame); any other break is passed on with its reason (an abort frame).

@@ -23,6 +23,9 @@ impl Engine {
                 }
                 let f = p.tx.take().expect("frame checked above");
                 progress = true;
+                if let TxDone::Rest(c) = &f.done {
+                    self.complete(c, Ok(()));
+                }
                 if let TxDone::Data { op, step, bytes } = f.done {
                     self.stats.bytes_sent += bytes as u64;
                     let i = self.op_index(op)?;

@@ -1,6 +1,7 @@
 //! The TCP transport: frames over one non-blocking stream socket per peer pair.
 //!
-//! Writes go out with one vectored `sendmsg` (header and payload together, no copy). Reads fill
+//! Writes go out with one vectored `sendmsg` (header and payload together, no copy), or, for a
+//! frame of at most 512 bytes, gathered into one buffer and sent with one `send`. Reads fill
 //! a staging buffer so that many small frames cost one system call; a large payload headed for
 //! a plain copy is read straight into its destination instead. `TCP_NODELAY` is on (latency of
 //! small messages). Socket buffers are left to the kernel, which grows them with the traffic
@@ -245,7 +246,9 @@ impl Link for TcpLink {
         let mut ev = libc::POLLRDHUP;
         if read {
             // A whole header that nobody looked at yet: there is work now. (A frame already
-            // peeked but not consumed is waiting for more of its payload, so sleep.)
+            // peeked but not consumed is waiting for more of its payload, or for the engine,
+            // which passes before it sleeps: one the direct path peeked and left is taken by
+            // the pass of the call posted right after.)
             if self.current.is_none() && self.staged() >= HEADER_LEN {
                 return Armed::Ready;
             }
