@@ -22,6 +22,7 @@ fn worker() {
         ("aborts", aborts),
         ("full_socket", full_socket),
         ("send_then_leave", send_then_leave),
+        ("stuck_send", stuck_send),
     ]);
 }
 
@@ -340,4 +341,43 @@ fn over_tcp_a_world_removed_right_after_a_send_delivers_it() {
     let id = multiworld::UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
     let logs = common::run_ranks("send_then_leave", 2, &[("MW_TEST_ID2", id.to_string())], Duration::from_secs(60));
     println!("{}", logs[0].lines().find(|l| l.starts_with("sent ")).unwrap_or(""));
+}
+
+/// Over TCP with small socket buffers, rank 1 never receives and kills itself (SIGKILL) after
+/// half a second; rank 0 sends until a send fails. The send stuck on the full socket (the rest of
+/// a frame taken in part, or a posted one) must fail with `WorldBroken` soon after the death,
+/// not hang.
+fn stuck_send(ctx: &Ctx) {
+    let m = WorldManager::new();
+    let opts =
+        WorldOptions::default().with_transport(multiworld::TransportChoice::Tcp).with_socket_buffer(Some(64 << 10));
+    let w = m.init_world_with("stuck", ctx.id().into(), ctx.rank, 2, &opts).unwrap();
+    if ctx.rank == 1 {
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: kill(2) on this very process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+    let t = Instant::now();
+    for round in 0u64.. {
+        if let Err(e) = w.send(&payload(round, FULL_LEN), 1) {
+            let took = t.elapsed();
+            println!("send {round} failed after {took:?}: {e}");
+            assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+            assert!(took < Duration::from_secs(5), "{took:?}");
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "sends go on although the peer died");
+    }
+}
+
+#[test]
+fn over_tcp_a_send_stuck_on_a_full_socket_fails_when_the_peer_dies() {
+    let id = multiworld::UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
+    let env = [("MW_TEST_ID", id.to_string())];
+    let mut sender = common::spawn("stuck_send", 0, 2, &env, &[]);
+    let mut victim = common::spawn("stuck_send", 1, 2, &env, &[]);
+    let ok = sender.wait_for(Duration::from_secs(60)).is_some_and(|s| s.success());
+    victim.wait_for(Duration::from_secs(5));
+    assert!(ok, "sender failed:\n{}", sender.log_text());
+    println!("{}", sender.log_text().lines().find(|l| l.contains("failed after")).unwrap_or(""));
 }
