@@ -193,10 +193,16 @@ fn over_tcp_a_peer_killed_mid_exchange_fails_the_next_call() {
 }
 
 fn killed_mid_exchange(tcp: bool) {
+    survives("dies", ("MW_TEST_TCP", if tcp { "1" } else { "0" }.into()));
+}
+
+/// Runs `role` as rank 0, which must succeed, and rank 1, which kills itself; prints rank 0's
+/// line about its failed call.
+fn survives(role: &str, extra: (&str, String)) {
     let id = multiworld::UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
-    let env = [("MW_TEST_ID", id.to_string()), ("MW_TEST_TCP", if tcp { "1" } else { "0" }.into())];
-    let mut survivor = common::spawn("dies", 0, 2, &env, &[]);
-    let mut victim = common::spawn("dies", 1, 2, &env, &[]);
+    let env = [("MW_TEST_ID", id.to_string()), extra];
+    let mut survivor = common::spawn(role, 0, 2, &env, &[]);
+    let mut victim = common::spawn(role, 1, 2, &env, &[]);
     let ok = survivor.wait_for(Duration::from_secs(60)).is_some_and(|s| s.success());
     victim.wait_for(Duration::from_secs(5));
     assert!(ok, "survivor failed:\n{}", survivor.log_text());
@@ -372,12 +378,5 @@ fn stuck_send(ctx: &Ctx) {
 
 #[test]
 fn over_tcp_a_send_stuck_on_a_full_socket_fails_when_the_peer_dies() {
-    let id = multiworld::UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
-    let env = [("MW_TEST_ID", id.to_string())];
-    let mut sender = common::spawn("stuck_send", 0, 2, &env, &[]);
-    let mut victim = common::spawn("stuck_send", 1, 2, &env, &[]);
-    let ok = sender.wait_for(Duration::from_secs(60)).is_some_and(|s| s.success());
-    victim.wait_for(Duration::from_secs(5));
-    assert!(ok, "sender failed:\n{}", sender.log_text());
-    println!("{}", sender.log_text().lines().find(|l| l.contains("failed after")).unwrap_or(""));
+    survives("stuck_send", ("MW_TEST_TCP", "1".into()));
 }
