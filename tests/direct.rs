@@ -36,6 +36,11 @@ fn world(m: &WorldManager, ctx: &Ctx, name: &str) -> multiworld::World {
     m.init_world_with(name, ctx.id().into(), ctx.rank, 2, &opts).unwrap()
 }
 
+/// TCP with socket buffers small enough to fill with a few messages of the direct path.
+fn small_socket_buffers() -> WorldOptions {
+    WorldOptions::default().with_transport(multiworld::TransportChoice::Tcp).with_socket_buffer(Some(64 << 10))
+}
+
 fn tcp() -> [(&'static str, String); 1] {
     [("MW_TEST_TCP", "1".into())]
 }
@@ -255,8 +260,7 @@ const FULL_LEN: usize = 16 << 10;
 /// own), and the large one last.
 fn full_socket(ctx: &Ctx) {
     let m = WorldManager::new();
-    let opts =
-        WorldOptions::default().with_transport(multiworld::TransportChoice::Tcp).with_socket_buffer(Some(64 << 10));
+    let opts = small_socket_buffers();
     let w = m.init_world_with("direct-full", ctx.id().into(), ctx.rank, 2, &opts).unwrap();
     let big = payload(FULL_SENDS, 200 << 10);
     if ctx.rank == 0 {
@@ -300,8 +304,7 @@ fn over_tcp_a_send_a_full_socket_takes_in_part_arrives_whole() {
 /// many and is removed at once, while the receiver starts reading a second later.
 fn send_then_leave(ctx: &Ctx) {
     let m = WorldManager::new();
-    let opts =
-        WorldOptions::default().with_transport(multiworld::TransportChoice::Tcp).with_socket_buffer(Some(64 << 10));
+    let opts = small_socket_buffers();
     let w = m.init_world_with("probe", ctx.id().into(), ctx.rank, 2, &opts).unwrap();
     let mut k = [0u64];
     if ctx.rank == 0 {
@@ -355,8 +358,7 @@ fn over_tcp_a_world_removed_right_after_a_send_delivers_it() {
 /// not hang.
 fn stuck_send(ctx: &Ctx) {
     let m = WorldManager::new();
-    let opts =
-        WorldOptions::default().with_transport(multiworld::TransportChoice::Tcp).with_socket_buffer(Some(64 << 10));
+    let opts = small_socket_buffers();
     let w = m.init_world_with("stuck", ctx.id().into(), ctx.rank, 2, &opts).unwrap();
     if ctx.rank == 1 {
         std::thread::sleep(Duration::from_millis(500));

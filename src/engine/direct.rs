@@ -46,22 +46,18 @@ impl Engine {
             return Direct::No;
         }
         match self.p2p_direct(desc, send, recv) {
-            Some(true) => {
+            Some(Direct::Later) => Direct::Later,
+            Some(d) => {
                 self.stats.ops_completed += 1;
                 self.stats.direct_ops += 1;
-                match self.peers.get(desc.root).and_then(|p| p.as_ref()).and_then(|p| p.tx.as_ref()) {
-                    Some(TxFrame { done: TxDone::Rest(c), .. }) if desc.is_send => Direct::Writing(c.clone()),
-                    _ => Direct::Done,
-                }
+                d
             }
-            Some(false) => Direct::Later,
             None => Direct::No,
         }
     }
 
-    /// `Some(true)` done, `Some(false)` a receive whose frame is not there yet, `None` not for
-    /// this path.
-    fn p2p_direct(&mut self, desc: &OpDesc, send: RawBuf, recv: RawBuf) -> Option<bool> {
+    /// What became of the call (`Done`, `Writing` or `Later`); `None`: not for this path.
+    fn p2p_direct(&mut self, desc: &OpDesc, send: RawBuf, recv: RawBuf) -> Option<Direct> {
         let len = desc.bytes();
         let peer = desc.root;
         let p = self.peers.get_mut(peer)?.as_mut()?;
@@ -84,47 +80,44 @@ impl Engine {
             // A ring frame goes in whole or not at all: a full ring changes nothing. A socket
             // may take part of it: the rest goes out as the peer's frame in flight.
             let r = p.link.write(&header, payload, &mut written);
-            if matches!(r, Ok(false)) && written > 0 {
-                p.tx = Some(TxFrame {
-                    header,
-                    payload: TxPayload::Owned(payload.to_vec()),
-                    written,
-                    done: TxDone::Rest(Completion::new()),
-                });
+            let done = if matches!(r, Ok(false)) && written > 0 {
+                let rest = Completion::new();
+                let done = TxDone::Rest(rest.clone());
+                p.tx = Some(TxFrame { header, payload: TxPayload::Owned(payload.to_vec()), written, done });
+                Direct::Writing(rest)
             } else {
                 self.link_step(peer, r)?;
-            }
+                Direct::Done
+            };
             self.peers[peer].as_mut()?.tx_seq = seq;
             self.stats.bytes_sent += len as u64;
+            Some(done)
         } else {
             if p.paused || !p.rx_queue.is_empty() || !p.unexpected.is_empty() {
                 return None;
             }
             let h = match p.link.peek() {
                 Ok(Some(h)) => h,
-                Ok(None) => return Some(false),
+                Ok(None) => return Some(Direct::Later),
                 Err(_) => return None,
             };
             let seq = p.rx_seq + 1;
             if h != only_frame(self, seq) {
                 return None;
             }
-            match self.peers[peer].as_mut()?.link.payload_ready() {
-                Ok(true) => {}
-                Ok(false) => return Some(false),
-                Err(e) => {
-                    self.fail(link_cause(peer, e));
-                    return None;
-                }
+            let ready = self.peers[peer].as_mut()?.link.payload_ready();
+            if matches!(ready, Ok(false)) {
+                return Some(Direct::Later);
             }
+            self.link_step(peer, ready)?;
             // SAFETY: the caller's buffer, exclusively theirs for the whole call.
             let dst = unsafe { recv.bytes_mut(0, len) }?;
             let r = self.peers[peer].as_mut()?.link.consume(Sink::Copy(dst));
             self.link_step(peer, r)?;
             self.peers[peer].as_mut()?.rx_seq = seq;
             self.stats.bytes_received += len as u64;
+            Some(Direct::Done)
         }
-        Some(true)
     }
 
     /// The outcome of one write or read of the direct path: `Some` when it completed, `None`

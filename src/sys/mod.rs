@@ -383,6 +383,8 @@ pub(crate) fn recv_nowait(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Frames up to this many bytes are copied into one buffer and sent with one plain `send`.
 const SEND_GATHER_MAX: usize = 512;
+/// Sends never block (the caller waits in `poll`) and never raise `SIGPIPE`.
+const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
 
 /// Runs a sending system call until it is not interrupted: how many bytes went.
 fn sent(mut call: impl FnMut() -> isize) -> io::Result<usize> {
@@ -402,30 +404,21 @@ fn sent(mut call: impl FnMut() -> isize) -> io::Result<usize> {
 /// or small), without raising `SIGPIPE` on a closed peer (the process may be a C program that
 /// did not ignore it). Returns the bytes written.
 pub(crate) fn send_vectored(fd: RawFd, bufs: &[&[u8]]) -> io::Result<usize> {
-    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
     let mut parts: [&[u8]; 2] = [&[], &[]];
     for (slot, b) in parts.iter_mut().zip(bufs.iter().filter(|b| !b.is_empty())) {
         *slot = b;
     }
     let total = parts[0].len() + parts[1].len();
-    let mut one = [0u8; SEND_GATHER_MAX];
-    let single: Option<&[u8]> = if parts[1].is_empty() {
-        Some(parts[0])
-    } else if total <= SEND_GATHER_MAX {
+    if parts[1].is_empty() {
+        return send_nowait(fd, parts[0]);
+    }
+    if total <= SEND_GATHER_MAX {
         // A small frame (a header and a short payload) is gathered into one buffer first: one
         // plain `send` costs less than the kernel walking a vector.
+        let mut one = [0u8; SEND_GATHER_MAX];
         one[..parts[0].len()].copy_from_slice(parts[0]);
         one[parts[0].len()..total].copy_from_slice(parts[1]);
-        Some(&one[..total])
-    } else {
-        None
-    };
-    if let Some(buf) = single {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        // SAFETY: buf is a live, readable slice of buf.len() bytes.
-        return sent(|| unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) });
+        return send_nowait(fd, &one[..total]);
     }
     let mut iov = parts.map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() });
     // SAFETY: a zeroed msghdr is valid (no name, no control data).
@@ -433,7 +426,7 @@ pub(crate) fn send_vectored(fd: RawFd, bufs: &[&[u8]]) -> io::Result<usize> {
     msg.msg_iov = iov.as_mut_ptr();
     msg.msg_iovlen = 2;
     // SAFETY: msg points at two iovecs describing live, readable slices.
-    sent(|| unsafe { libc::sendmsg(fd, &msg, flags) })
+    sent(|| unsafe { libc::sendmsg(fd, &msg, SEND_FLAGS) })
 }
 
 /// A connected pair of Unix stream sockets, non-blocking and closed on exec: a lane's doorbell
@@ -509,9 +502,14 @@ pub(crate) fn inode(fd: RawFd) -> io::Result<u64> {
     Ok(st.st_ino)
 }
 
-/// One `send(2)` that never waits and never raises `SIGPIPE` (a doorbell byte).
+/// One `send(2)` that never waits and never raises `SIGPIPE` (a doorbell byte, a small frame);
+/// none for an empty slice.
 pub(crate) fn send_nowait(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    send_vectored(fd, &[buf])
+    if buf.is_empty() {
+        return Ok(0);
+    }
+    // SAFETY: buf is a live, readable slice of buf.len() bytes.
+    sent(|| unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), SEND_FLAGS) })
 }
 
 /// Sets an integer socket option.

@@ -109,6 +109,17 @@ impl TcpLink {
         }
     }
 
+    /// True once at least `n` bytes are staged, reading what the socket has until then; false
+    /// when fewer have arrived so far.
+    fn have(&mut self, n: usize) -> Result<bool, LinkError> {
+        while self.staged() < n {
+            if !self.fill(n)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     fn finish_frame(&mut self) {
         self.current = None;
         if self.start == self.end {
@@ -152,10 +163,8 @@ impl Link for TcpLink {
         if let Some((h, _)) = self.current {
             return Ok(Some(h));
         }
-        while self.staged() < HEADER_LEN {
-            if !self.fill(HEADER_LEN)? {
-                return Ok(None);
-            }
+        if !self.have(HEADER_LEN)? {
+            return Ok(None);
         }
         let raw = self.staging.raw();
         // SAFETY: staging is owned by this link; the range was filled above.
@@ -212,10 +221,8 @@ impl Link for TcpLink {
                 }
             }
             Sink::Visit(f) => {
-                while self.staged() < len {
-                    if !self.fill(len)? {
-                        return Ok(false);
-                    }
+                if !self.have(len)? {
+                    return Ok(false);
                 }
                 let raw = self.staging.raw();
                 // SAFETY: staging is owned by this link; the payload range is staged.
@@ -274,13 +281,7 @@ impl Link for TcpLink {
 
     fn payload_ready(&mut self) -> Result<bool, LinkError> {
         let Some((h, done)) = self.current else { return Ok(false) };
-        let left = h.len as usize - done;
-        while self.staged() < left {
-            if !self.fill(left)? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        self.have(h.len as usize - done)
     }
 
     fn shutdown(&mut self) {

@@ -543,9 +543,10 @@ impl ShmLink {
         }
     }
 
-    /// Reads pending doorbell bytes, and notes whether the socket reports the peer's end.
+    /// Reads pending doorbell bytes if the socket reported since this link was armed, and notes
+    /// whether it reports the peer's end.
     fn drain_doorbells(&mut self) {
-        if self.ctl.drain() {
+        if std::mem::take(&mut self.armed) && self.ctl.drain() {
             self.hung_up = true;
         }
     }
@@ -666,9 +667,7 @@ impl Link for ShmLink {
         let Some(slot) = self.next_frame_slot()? else {
             // No room: if the peer is gone (its socket reported since this link was armed),
             // there never will be, also while the engine reads nothing from this peer.
-            if std::mem::take(&mut self.armed) {
-                self.drain_doorbells();
-            }
+            self.drain_doorbells();
             return if self.hung_up { Err(self.gone()) } else { Ok(false) };
         };
         let p = self.slot_ptr(self.tx, slot);
@@ -695,9 +694,7 @@ impl Link for ShmLink {
         // Also with a frame waiting for its receive: the hang-up must be noticed then too, or a
         // write blocked on the peer's full ring would wait for a dead peer until the heartbeat
         // timeout (the socket reporting, and nothing reading it).
-        if std::mem::take(&mut self.armed) {
-            self.drain_doorbells();
-        }
+        self.drain_doorbells();
         if let Some((h, _)) = self.current {
             return Ok(Some(h));
         }
