@@ -5,7 +5,9 @@
 //! computed here from the ranks' contributions. Worlds made by `dup` and `split` form on lanes
 //! of their parent's shared-memory segments (and, with `MW_LANES=0`, on links of their own):
 //! a peer killed under worlds that share its segments, a break of a parent or of a child, and
-//! lanes used up, released and claimed again.
+//! lanes used up, released and claimed again. Over TCP (`MW_TRANSPORT=tcp`) the same roles
+//! run on channels of their parent's sockets: no new connection, the same fault isolation, and
+//! a world that stops reading does not hold up its sibling on the same socket.
 
 mod common;
 
@@ -31,6 +33,7 @@ fn worker() {
         ("lanes_reuse", lanes_reuse),
         ("c_split_nonblocking", c_split_nonblocking),
         ("c_split_tcp", c_split_tcp),
+        ("stalled_sibling", stalled_sibling),
     ]);
 }
 
@@ -152,8 +155,34 @@ fn c_split_tcp(ctx: &Ctx) {
     }
 }
 
-/// Links a world made by `dup` or `split` of `size` ranks should have on lanes: all of them,
-/// unless the test turned lanes off.
+/// True when the test forces TCP (`MW_TRANSPORT=tcp`): worlds made from worlds then run on
+/// channels of their parent's sockets instead of lanes of its segments.
+fn over_tcp() -> bool {
+    std::env::var("MW_TRANSPORT").as_deref() == Ok("tcp")
+}
+
+/// The transport every pair of the tests' worlds uses on one host.
+fn host_transport() -> TransportKind {
+    if over_tcp() {
+        TransportKind::Tcp
+    } else {
+        TransportKind::Shm
+    }
+}
+
+/// Checks that `w` links its peers by the tests' transport and that making it opened no
+/// connection (`inet`: this process's TCP sockets before) where it formed on its parent's
+/// links.
+fn linked_on_parent(w: &World, inet: usize) {
+    let want = host_transport();
+    assert!(w.transports().iter().enumerate().all(|(r, t)| r == w.rank() || *t == Some(want)), "{:?}", w.transports());
+    if w.stats().lane_links > 0 {
+        assert_eq!(sockets_of(libc::AF_INET), inet, "'{}' connected anew", w.name());
+    }
+}
+
+/// Links a world made by `dup` or `split` of `size` ranks should have on lanes (or channels):
+/// all of them, unless the test turned lanes off.
 fn lanes_expected(size: usize) -> u64 {
     match std::env::var("MW_LANES").as_deref() {
         Ok("0") => 0,
@@ -211,9 +240,11 @@ fn split(ctx: &Ctx) {
     let (m, w) = parent(ctx);
     let (rank, size) = (ctx.rank, ctx.size);
     // Same parity, reversed keys: the highest old rank comes first.
+    let inet = sockets_of(libc::AF_INET);
     let t = Instant::now();
     let half = w.split("half", Some((rank % 2) as u32), (size - rank) as u32).unwrap().expect("a colour joins");
     eprintln!("split of {size} ranks took {:?}", t.elapsed());
+    linked_on_parent(&half, inet);
     let mates: Vec<usize> = (0..size).rev().filter(|r| r % 2 == rank % 2).collect();
     assert_eq!(half.size(), mates.len());
     assert_eq!(half.stats().lane_links, lanes_expected(half.size()), "{:?}", half.stats());
@@ -248,9 +279,11 @@ fn split(ctx: &Ctx) {
 
 fn dup(ctx: &Ctx) {
     let (m, w) = parent(ctx);
+    let inet = sockets_of(libc::AF_INET);
     let t = Instant::now();
     let d = w.dup("copy").unwrap();
     eprintln!("dup of {} ranks took {:?}", ctx.size, t.elapsed());
+    linked_on_parent(&d, inet);
     assert_eq!((d.rank(), d.size()), (w.rank(), w.size()));
     assert_ne!(d.generation(), 0);
     assert_eq!(d.stats().lane_links, lanes_expected(d.size()), "{:?}", d.stats());
@@ -513,7 +546,7 @@ fn grow_member(ctx: &Ctx) {
     // shared-memory links.
     let lanes = if hold { 0 } else { lanes_expected(w.size()) };
     assert_eq!(g.stats().lane_links, lanes, "rank {}: {:?}", ctx.rank, g.stats());
-    assert!(g.transports().iter().enumerate().all(|(r, t)| r == ctx.rank || *t == Some(TransportKind::Shm)));
+    assert!(g.transports().iter().enumerate().all(|(r, t)| r == ctx.rank || *t == Some(host_transport())));
     assert_eq!(g.stats().shm_fallbacks, 0);
     traffic_at_once(&[(&w, 29), (&g, 31)]);
     g.barrier().unwrap();
@@ -598,6 +631,35 @@ fn disagree(ctx: &Ctx) {
     s.barrier().unwrap();
 }
 
+/// Two ranks over TCP, a world and its dup on the same sockets: rank 0 sends 24 MiB on the
+/// dup, which rank 1 receives only after 300 all-reduces on the parent. The parent's traffic
+/// runs meanwhile (the dup's frames go aside, up to its window, and its sender waits for
+/// credit), then the dup's message arrives whole.
+fn stalled_sibling(ctx: &Ctx) {
+    let (_m, w) = parent(ctx);
+    let d = w.dup("stalled").unwrap();
+    assert_eq!(d.stats().lane_links, 1, "{:?}", d.stats());
+    let n = 6 << 20;
+    let msg: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2654435761)).collect();
+    if ctx.rank == 0 {
+        std::thread::scope(|s| {
+            s.spawn(|| d.send(&msg, 1).unwrap());
+            let t = Instant::now();
+            traffic(&w, 3, 300);
+            eprintln!("rank 0: 300 all-reduces beside a stalled 24 MiB send took {:?}", t.elapsed());
+        });
+    } else {
+        let t = Instant::now();
+        traffic(&w, 3, 300);
+        eprintln!("rank 1: 300 all-reduces while the dup's message waited took {:?}", t.elapsed());
+        let mut got = vec![0u32; n];
+        d.recv(&mut got, 0).unwrap();
+        assert!(got == msg, "the dup's message arrived damaged");
+    }
+    d.barrier().unwrap();
+    w.barrier().unwrap();
+}
+
 fn run(role: &str, size: usize, env: &[(&str, String)]) -> Vec<String> {
     common::run_ranks(role, size, env, Duration::from_secs(60))
 }
@@ -635,9 +697,10 @@ fn a_shrink_that_finds_no_free_lane_forms_links_of_its_own() {
 
 /// Runs `size` ranks of `role`, whose last rank kills itself (SIGKILL) and the others must
 /// pass; prints the survivors' lines that contain `shown`.
-fn run_with_victim(role: &str, size: usize, shown: &str) {
+fn run_with_victim(role: &str, size: usize, shown: &str, extra: &[(&str, String)]) {
     let id = UniqueId::new_on("127.0.0.1".parse().unwrap()).unwrap();
-    let env = [("MW_TEST_ID", id.to_string())];
+    let mut env = vec![("MW_TEST_ID", id.to_string())];
+    env.extend(extra.iter().cloned());
     let mut procs: Vec<_> = (0..size).map(|r| spawn(role, r, size, &env, &[])).collect();
     let mut victim = procs.pop().unwrap();
     let status = victim.wait_for(Duration::from_secs(60)).expect("the victim ends");
@@ -651,7 +714,7 @@ fn run_with_victim(role: &str, size: usize, shown: &str) {
 
 #[test]
 fn a_killed_rank_breaks_its_worlds_and_not_a_sibling_on_the_same_segments() {
-    run_with_victim("lanes_kill", 3, "broke within");
+    run_with_victim("lanes_kill", 3, "broke within", &[]);
 }
 
 #[test]
@@ -675,7 +738,7 @@ fn lanes_are_used_up_released_and_claimed_again() {
 
 #[test]
 fn survivors_of_a_killed_rank_shrink_and_go_on() {
-    run_with_victim("shrink_after_kill", 4, "shrink formed");
+    run_with_victim("shrink_after_kill", 4, "shrink formed", &[]);
 }
 
 #[test]
@@ -729,4 +792,40 @@ fn grow_without_free_lanes() {
 #[test]
 fn ranks_that_disagree_all_get_a_clear_error() {
     run("disagree", 4, &[]);
+}
+
+/// `MW_TRANSPORT=tcp` for a test's ranks.
+fn tcp() -> Vec<(&'static str, String)> {
+    vec![("MW_TRANSPORT", "tcp".into())]
+}
+
+#[test]
+fn over_tcp_dup_split_and_shrink_form_on_the_parents_sockets() {
+    run("dup", 3, &tcp());
+    run("split", 4, &tcp());
+    run("shrink_live", 4, &tcp());
+}
+
+#[test]
+fn over_tcp_a_killed_rank_breaks_its_worlds_and_not_a_sibling_on_the_same_sockets() {
+    run_with_victim("lanes_kill", 3, "broke within", &tcp());
+}
+
+#[test]
+fn over_tcp_survivors_of_a_killed_rank_shrink_on_the_parents_sockets() {
+    run_with_victim("shrink_after_kill", 4, "shrink formed", &tcp());
+}
+
+#[test]
+fn over_tcp_grow_links_the_members_on_the_parents_sockets() {
+    grow(2, 4, &tcp());
+}
+
+#[test]
+fn over_tcp_a_world_that_stops_reading_does_not_hold_up_its_sibling() {
+    for l in run("stalled_sibling", 2, &tcp()) {
+        if let Some(line) = l.lines().find(|l| l.contains("all-reduces")) {
+            println!("{line}");
+        }
+    }
 }

@@ -32,7 +32,7 @@
 use crate::api::error::{Error, Result};
 use crate::api::id::UniqueId;
 use crate::api::manager::{form_on, name_refusal, next_generation, Inner};
-use crate::api::options::WorldOptions;
+use crate::api::options::{TransportChoice, WorldOptions};
 use crate::api::request::{Completion, KeepAlive};
 use crate::api::world::World;
 use crate::bootstrap::lanes::{self, Held, Offer};
@@ -379,14 +379,14 @@ impl World {
 
     /// This rank's offer of lanes for a world of the parent ranks `members` formed through a
     /// root (`shrink`, `grow`): of its links to the other members that are alive and on shared
-    /// memory, also in a broken world (a break leaves the segments and their other lanes
-    /// alone).
+    /// memory or TCP, also in a broken world (a break leaves the segments and their other
+    /// lanes alone, and the sockets and their other channels).
     fn door_lanes(&self, to: &Target, name: &str, members: &[usize]) -> Option<lanes::DoorLanesSlot> {
-        let auto = to.options.transport.effective() == crate::api::options::TransportChoice::Auto;
-        if !auto || !lanes_wanted() || self.size() > lanes::MAX_LANE_PARENT {
+        let choice = to.options.transport.effective();
+        if choice == TransportChoice::Rdma || !lanes_wanted() || self.size() > lanes::MAX_LANE_PARENT {
             return None;
         }
-        let mut sources = self.inner.backend.lane_sources(true);
+        let mut sources = lanes::usable(self.inner.backend.lane_sources(true), choice);
         sources.resize(self.size(), None);
         for (r, s) in sources.iter_mut().enumerate() {
             if !members.contains(&r) {
@@ -502,12 +502,12 @@ impl World {
         let generation = next_generation(&to.manager, name);
         // Lanes only for a blocking call (the second round is then posted in the caller's
         // order of operations on the parent; a non-blocking call finishes on another thread)
-        // and for a new world that may use shared memory. Any rank that offers none rules
-        // them out for the whole call, alike on every rank.
-        let auto = to.options.transport.effective() == crate::api::options::TransportChoice::Auto;
-        let (offer, held) = match lanes && driven && auto && lanes_wanted() {
+        // and for a new world that may use shared memory or TCP (then on TCP channels alone).
+        // Any rank that offers none rules them out for the whole call, alike on every rank.
+        let choice = to.options.transport.effective();
+        let (offer, held) = match lanes && driven && choice != TransportChoice::Rdma && lanes_wanted() {
             true => {
-                let mut sources = self.inner.backend.lane_sources(false);
+                let mut sources = lanes::usable(self.inner.backend.lane_sources(false), choice);
                 sources.resize(self.size(), None);
                 lanes::offer(self.rank(), sources, generation)
             }

@@ -42,7 +42,7 @@ pub(crate) trait Backend: Progress {
     /// Per peer rank, where a world made from this one may claim a shared-memory lane
     /// (`transport/shm/lane.rs`); empty where there is none. `broken`: also when this world
     /// is broken (its live peers' segments and their other lanes are untouched by that).
-    fn lane_sources(&self, _broken: bool) -> Vec<Option<crate::transport::shm::LaneSource>> {
+    fn lane_sources(&self, _broken: bool) -> Vec<Option<crate::transport::PairSource>> {
         Vec::new()
     }
 }

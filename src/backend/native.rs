@@ -45,7 +45,7 @@ impl Backend for Driver {
         Driver::transports(self)
     }
 
-    fn lane_sources(&self, broken: bool) -> Vec<Option<crate::transport::shm::LaneSource>> {
+    fn lane_sources(&self, broken: bool) -> Vec<Option<crate::transport::PairSource>> {
         Driver::lane_sources(self, broken)
     }
 }

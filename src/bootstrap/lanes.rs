@@ -1,16 +1,21 @@
 //! Forming a world made from a world (`dup`, `split`) on lanes of its parent's links: no
-//! rendezvous, no connection, no new segment (`transport/shm/lane.rs`).
+//! rendezvous, no connection, no new segment (`transport/shm/lane.rs`), and on channels of its
+//! parent's TCP sockets (`transport/tcp.rs`).
 //!
 //! 1. **Offer**, in the parent's agreement (`api/elastic.rs`): each rank says its pid, the
 //!    generation it proposes for the name, and, per parent rank it has a shared-memory link
 //!    to, the lanes it sees free there and, where it is the lower rank of the pair, the number
 //!    of a descriptor it holds for the peer: one end of a fresh Unix socket pair, which will be
-//!    the new link's doorbell and hang-up channel.
+//!    the new link's doorbell and hang-up channel. Per parent rank it has a TCP link to, it
+//!    says whether that socket takes one more channel ([`CHANNEL`]); a channel needs nothing
+//!    else, its frames carry the new world's tag.
 //! 2. Every rank sees every offer, so every rank decides alike whether a new world can form on
 //!    lanes ([`possible`]: every pair of its members has a shared-memory link and a lane free on
-//!    both sides). If it can, each member **claims** the lowest lane free on both sides of each
-//!    of its pairs, with a tag derived from the new world's id, and the higher rank of each
-//!    pair takes its end of the socket pair from the lower rank's process (`pidfd_getfd`).
+//!    both sides, or a TCP link that takes a channel on both sides). If it can, each member
+//!    **claims** the lowest lane free on both sides of each of its pairs, with a tag derived
+//!    from the new world's id, and the higher rank of each pair takes its end of the socket
+//!    pair from the lower rank's process (`pidfd_getfd`); on a TCP pair, each side opens the
+//!    channel of the new world's tag.
 //! 3. A second all-gather over the parent says which ranks succeeded. If all members of a new
 //!    world did, its links are made and it is registered at once; otherwise its members let
 //!    go of what they claimed and form it through the leader's door, as any world made from a
@@ -19,12 +24,32 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
+use crate::api::options::TransportChoice;
+use crate::engine::wire::world_tag;
 use crate::transport::loopback::QueueLink;
-use crate::transport::shm::{self, LaneClaim, LaneSource, ShmLink};
-use crate::transport::Link;
+use crate::transport::shm::{self, LaneClaim, ShmLink};
+use crate::transport::tcp::TcpLink;
+use crate::transport::{Link, PairSource};
 
 /// Parents larger than this offer no lanes (the offer grows with the parent's size).
 pub(crate) const MAX_LANE_PARENT: usize = 64;
+/// The bits of an offer's mask that name lanes of a segment (`shm::lane::LANES` of them)...
+const LANE_BITS: u32 = (1 << shm::lane::LANES) - 1;
+/// ...and the bit that says a TCP link takes one more channel.
+pub(crate) const CHANNEL: u32 = 1 << 16;
+const _: () = assert!(shm::lane::LANES <= 16);
+
+/// The pairs a new world whose transport is `choice` may link on its parent's links: all for
+/// `Auto`, TCP channels alone for `Tcp` (a world asked to use TCP gets no shared memory),
+/// none for `Rdma`.
+pub(crate) fn usable(mut sources: Vec<Option<PairSource>>, choice: TransportChoice) -> Vec<Option<PairSource>> {
+    for s in &mut sources {
+        if !matches!((choice, &*s), (TransportChoice::Auto, _) | (TransportChoice::Tcp, Some(PairSource::Tcp(_)))) {
+            *s = None;
+        }
+    }
+    sources
+}
 
 /// What a rank's agreement record carries for lanes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,10 +59,10 @@ pub(crate) struct Offer {
     /// round runs.
     pub pid: u32,
     pub generation: u32,
-    /// Per parent rank: the lanes free toward it, the descriptor offered to it (-1: none), and
-    /// that socket's inode (which the taker checks: a descriptor number names a socket only
-    /// as long as it stays open).
-    pub peers: Vec<(u16, i32, u64)>,
+    /// Per parent rank: the lanes free toward it (and [`CHANNEL`]), the descriptor offered to
+    /// it (-1: none), and that socket's inode (which the taker checks: a descriptor number
+    /// names a socket only as long as it stays open).
+    pub peers: Vec<(u32, i32, u64)>,
 }
 
 /// An offer of no lanes (see [`Offer::pid`]).
@@ -59,7 +84,7 @@ impl Offer {
         if size <= MAX_LANE_PARENT {
             for r in 0..size {
                 let (mask, fd, ino) = self.peers.get(r).copied().unwrap_or((0, -1, 0));
-                b.extend_from_slice(&u32::from(mask).to_le_bytes());
+                b.extend_from_slice(&mask.to_le_bytes());
                 b.extend_from_slice(&fd.to_le_bytes());
                 b.extend_from_slice(&ino.to_le_bytes());
             }
@@ -71,13 +96,13 @@ impl Offer {
         let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let long = |i: usize| u64::from(word(i)) | u64::from(word(i + 4)) << 32;
         let peers = match size <= MAX_LANE_PARENT {
-            true => (0..size).map(|r| (word(8 + 16 * r) as u16, word(12 + 16 * r) as i32, long(16 + 16 * r))).collect(),
+            true => (0..size).map(|r| (word(8 + 16 * r), word(12 + 16 * r) as i32, long(16 + 16 * r))).collect(),
             false => Vec::new(),
         };
         Offer { pid: word(0), generation: word(4), peers }
     }
 
-    fn lanes(&self, to: usize) -> u16 {
+    fn lanes(&self, to: usize) -> u32 {
         self.peers.get(to).map_or(0, |p| p.0)
     }
 
@@ -92,14 +117,14 @@ impl Offer {
 /// socket it was told of, never one opened later.
 #[derive(Default)]
 pub(crate) struct Held {
-    sources: Vec<Option<LaneSource>>,
+    sources: Vec<Option<PairSource>>,
     mine: Vec<Option<OwnedFd>>,
     theirs: Vec<Option<OwnedFd>>,
 }
 
 /// Makes rank `rank`'s offer in a parent whose links give `sources` (empty: no lanes),
 /// proposing `generation` for the new name.
-pub(crate) fn offer(rank: usize, sources: Vec<Option<LaneSource>>, generation: u32) -> (Offer, Held) {
+pub(crate) fn offer(rank: usize, sources: Vec<Option<PairSource>>, generation: u32) -> (Offer, Held) {
     let size = sources.len();
     let mut offer = Offer { pid: std::process::id(), generation, peers: vec![(0, -1, 0); size] };
     let none = || (0..size).map(|_| None).collect();
@@ -108,8 +133,15 @@ pub(crate) fn offer(rank: usize, sources: Vec<Option<LaneSource>>, generation: u
         return (offer, held);
     }
     for (r, src) in held.sources.iter().enumerate() {
-        let Some(src) = src.as_ref().filter(|_| r != rank) else { continue };
-        let mask = src.free_lanes();
+        let src = match src.as_ref().filter(|_| r != rank) {
+            Some(PairSource::Shm(s)) => s,
+            Some(PairSource::Tcp(t)) => {
+                offer.peers[r].0 = if t.can_open() { CHANNEL } else { 0 };
+                continue;
+            }
+            None => continue,
+        };
+        let mask = u32::from(src.free_lanes());
         if mask == 0 {
             continue;
         }
@@ -149,12 +181,14 @@ pub(crate) fn possible_among(offers: &[Offer], members: &[usize]) -> bool {
     members.iter().all(|m| offers.get(*m).is_some_and(|o| o.pid != 0)) && pairs_have_lanes(offers, members)
 }
 
-/// Each pair of `members` has a lane free on both sides and a socket offered by its lower rank.
+/// Each pair of `members` has a lane free on both sides and a socket offered by its lower
+/// rank, or a TCP link that takes a channel on both sides.
 fn pairs_have_lanes(offers: &[Offer], members: &[usize]) -> bool {
     members.iter().all(|&a| {
         members.iter().filter(|&&b| a < b).all(|&b| {
             let (oa, ob) = (&offers[a], &offers[b]);
-            oa.lanes(b) & ob.lanes(a) != 0 && oa.fd(b).0 >= 0
+            let both = oa.lanes(b) & ob.lanes(a);
+            (both & LANE_BITS != 0 && oa.fd(b).0 >= 0) || both & CHANNEL != 0
         })
     })
 }
@@ -214,9 +248,17 @@ pub(crate) fn offers_by_parent(lanes: &DoorLanes, table: &[Vec<u8>]) -> Option<V
 /// This rank's part of a new world on lanes, claimed and connected, until the second round
 /// says whether every member got its part.
 pub(crate) struct Claimed {
-    /// Per member (new rank order): the lane and this side's socket end; `None` for this rank.
-    parts: Vec<Option<(LaneClaim, OwnedFd)>>,
+    /// Per member (new rank order); `None` for this rank.
+    parts: Vec<Option<Part>>,
     me: usize,
+}
+
+/// This rank's part of one pair of a new world on its parent's links.
+enum Part {
+    /// A lane of the pair's segment, and this side's end of the lane's socket pair.
+    Lane(LaneClaim, OwnedFd),
+    /// A channel of the pair's TCP socket.
+    Channel(TcpLink),
 }
 
 /// Claims this rank's lanes of the new world of parent ranks `members` (this rank among them)
@@ -235,9 +277,19 @@ pub(crate) fn claim(
             parts.push(None);
             continue;
         }
-        let src = held.sources.get(peer).and_then(|s| s.clone()).ok_or("no shared-memory link")?;
         let free = offers[rank].lanes(peer) & offers[peer].lanes(rank);
-        let lane = free.trailing_zeros() as usize;
+        let src = match held.sources.get(peer).and_then(|s| s.clone()) {
+            Some(PairSource::Shm(s)) => s,
+            Some(PairSource::Tcp(t)) if free & CHANNEL != 0 => {
+                let link = t
+                    .open(world_tag(world_id))
+                    .map_err(|e| format!("opening a channel of the TCP link to rank {peer}: {e}"))?;
+                parts.push(Some(Part::Channel(link)));
+                continue;
+            }
+            _ => return Err("no shared-memory or TCP link to share".into()),
+        };
+        let lane = (free & LANE_BITS).trailing_zeros() as usize;
         let claim = src
             .claim(lane, shm::lane::tag(world_id, rank, peer))
             .map_err(|e| format!("claiming lane {lane} toward rank {peer}: {e}"))?;
@@ -250,7 +302,7 @@ pub(crate) fn claim(
         };
         // Before the second round, so the peer can read it when its link starts.
         shm::publish_probe(&src.seg, lane * shm::LANE_BYTES, src.side);
-        parts.push(Some((claim, ctl)));
+        parts.push(Some(Part::Lane(claim, ctl)));
     }
     Ok(Claimed { parts, me })
 }
@@ -274,7 +326,8 @@ impl Claimed {
             .enumerate()
             .map(|(r, p)| -> Option<Box<dyn Link>> {
                 match p {
-                    Some((claim, ctl)) => Some(Box::new(ShmLink::on_lane(ctl, claim))),
+                    Some(Part::Lane(claim, ctl)) => Some(Box::new(ShmLink::on_lane(ctl, claim))),
+                    Some(Part::Channel(link)) => Some(Box::new(link)),
                     None if r == me => Some(Box::new(QueueLink::loopback())),
                     None => None,
                 }

@@ -10,6 +10,7 @@
 //! connection never holds up an honest one.
 
 use super::*;
+use crate::engine::wire::world_tag;
 
 pub(super) const LINK_MAGIC: u32 = 0x4D57_4C31; // "MWL1"
 /// A connection to a rank's peer listener must complete its link hello within this time.
@@ -431,7 +432,7 @@ pub(super) async fn connect_links(
         let link = if spec.rdma {
             offer_rdma(s, deadline, cancel).await
         } else {
-            offer_transport(s, want_shm, spec.socket_buffer, deadline, cancel).await
+            offer_transport(s, world_tag(t.world_id), want_shm, spec.socket_buffer, deadline, cancel).await
         }
         .map_err(|e| Error::system(what(), e))?;
         *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
@@ -446,12 +447,14 @@ pub(super) async fn connect_links(
         let same_host = t.peers[from].1 == t.peers[rank].1;
         let want_shm = spec.shm && same_host;
         let link =
-            answer_transport(s, want_shm, spec.rdma, spec.socket_buffer, deadline, cancel).await.map_err(|e| {
-                Error::new(
-                    ErrorKind::WorldBroken,
-                    formation_err(name, rank, format!("setting up the link to rank {from}: {e}")),
-                )
-            })?;
+            answer_transport(s, world_tag(t.world_id), want_shm, spec.rdma, spec.socket_buffer, deadline, cancel)
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::WorldBroken,
+                        formation_err(name, rank, format!("setting up the link to rank {from}: {e}")),
+                    )
+                })?;
         *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
         links[from] = Some(link);
     }
@@ -463,6 +466,7 @@ pub(super) async fn connect_links(
 /// mapped the segment; the connector then unlinks the file either way.
 pub(super) async fn offer_transport(
     s: TcpStream,
+    key: u32,
     shm: bool,
     buffer: Option<usize>,
     deadline: Instant,
@@ -482,17 +486,18 @@ pub(super) async fn offer_transport(
                     return Ok(Box::new(ShmLink::new(s, seg, true)?));
                 }
                 info!("shared memory refused by the peer; using TCP");
-                return Ok(Box::new(TcpLink::new(s, buffer)?));
+                return Ok(Box::new(TcpLink::new(s, buffer, key)?));
             }
             Err(e) => warn!("cannot create a shared-memory segment ({e}; is /dev/shm full?); using TCP"),
         }
     }
     addr::send_msg(&s, b"T", deadline, cancel).await?;
-    Ok(Box::new(TcpLink::new(s, buffer)?))
+    Ok(Box::new(TcpLink::new(s, buffer, key)?))
 }
 
 pub(super) async fn answer_transport(
     s: TcpStream,
+    key: u32,
     shm: bool,
     rdma: bool,
     buffer: Option<usize>,
@@ -512,7 +517,7 @@ pub(super) async fn answer_transport(
             addr::send_msg(&s, format!("N{why}").as_bytes(), deadline, cancel).await?;
             Err(io::Error::other(format!("the peer offered RDMA, and {why}")))
         }
-        Some((b'T', [])) => Ok(Box::new(TcpLink::new(s, buffer)?)),
+        Some((b'T', [])) => Ok(Box::new(TcpLink::new(s, buffer, key)?)),
         Some((b'S', path)) => {
             let seg = if shm { std::str::from_utf8(path).ok().map(Segment::open) } else { None };
             match seg {
@@ -528,7 +533,7 @@ pub(super) async fn answer_transport(
                         warn!("cannot map the peer's shared-memory segment ({e}); using TCP");
                     }
                     addr::write_all(&s, &[0], deadline, cancel).await?;
-                    Ok(Box::new(TcpLink::new(s, buffer)?))
+                    Ok(Box::new(TcpLink::new(s, buffer, key)?))
                 }
             }
         }

@@ -116,7 +116,7 @@ pub(crate) struct Formed {
     pub links: Vec<Option<Box<dyn Link>>>,
     /// Links to peers on this host that use TCP although shared memory was wanted.
     pub shm_fallbacks: u64,
-    /// Links on lanes of a parent world's segments (`lanes.rs`).
+    /// Links on lanes of a parent world's segments or channels of its sockets (`lanes.rs`).
     pub lane_links: u64,
     /// Each rank's door, for elastic formations later.
     pub doors: Vec<String>,

@@ -487,7 +487,7 @@ impl Driver {
         self.engine().transports()
     }
 
-    pub(crate) fn lane_sources(&self, broken: bool) -> Vec<Option<crate::transport::shm::LaneSource>> {
+    pub(crate) fn lane_sources(&self, broken: bool) -> Vec<Option<crate::transport::PairSource>> {
         self.engine().lane_sources(broken)
     }
 }

@@ -108,9 +108,9 @@ pub struct WorldStats {
     /// memory or TCP, straight through the ring or socket: `docs/architecture.md`); counted in
     /// `ops_completed` too.
     pub direct_ops: u64,
-    /// Links on lanes of a parent world's shared-memory segments: a world made by `dup`,
-    /// `split` or `shrink` reuses its parent's pairs that way, and one made by `grow` its
-    /// members' pairs (`docs/elastic.md`).
+    /// Links on lanes of a parent world's shared-memory segments, or on channels of its TCP
+    /// sockets: a world made by `dup`, `split` or `shrink` reuses its parent's pairs that way,
+    /// and one made by `grow` its members' pairs (`docs/elastic.md`).
     pub lane_links: u64,
 }
 
@@ -286,7 +286,7 @@ pub(crate) struct Engine {
     peers: Vec<Option<Peer>>,
     /// Once broken: per peer, the pair's shared-memory segment (the links are closed), for a
     /// `shrink` to form on its other lanes.
-    kept_segments: Vec<Option<crate::transport::shm::LaneSource>>,
+    kept_segments: Vec<Option<crate::transport::PairSource>>,
     ops: VecDeque<OpState>,
     next_id: u64,
     /// Operations posted and not yet started (`activate` has nothing to do at 0).
@@ -461,7 +461,7 @@ impl Engine {
     /// Per peer, where a world made from this one may claim a lane of the pair's segment
     /// (`transport/shm/lane.rs`); `None` for other links, for a link gone, or a broken world
     /// unless `broken` (`shrink`: a break leaves its live peers' segments alone).
-    pub(crate) fn lane_sources(&self, broken: bool) -> Vec<Option<crate::transport::shm::LaneSource>> {
+    pub(crate) fn lane_sources(&self, broken: bool) -> Vec<Option<crate::transport::PairSource>> {
         if self.broken.is_some() {
             return if broken { self.kept_segments.clone() } else { Vec::new() };
         }

@@ -229,6 +229,11 @@ impl Engine {
                     }
                     return Err(BrokenCause::PeerAborted { peer, reason });
                 }
+                // A TCP pair keeps its own frames to itself.
+                FrameKind::Credit | FrameKind::End => {
+                    let e = LinkError::Protocol(format!("a link passed up its own {:?} frame", h.kind));
+                    return Err(link_cause(peer, e));
+                }
                 FrameKind::Data if h.world != world_tag(self.cfg.world_id) || h.generation != self.cfg.generation => {
                     if !p.link.consume(Sink::Discard).map_err(|e| link_cause(peer, e))? {
                         return Ok(progress);

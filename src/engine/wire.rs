@@ -33,6 +33,11 @@ pub(crate) enum FrameKind {
     Abort = 3,
     /// "I am done with this world and leave"; sent after everything else.
     Close = 4,
+    /// A TCP pair's own (`transport/tcp.rs`), never a world's: the world `world` took `count`
+    /// more bytes of its frames, so its peer may send that much more on its channel.
+    Credit = 5,
+    /// A TCP pair's own: the world `world` closed its channel; nothing more comes on it.
+    End = 6,
 }
 
 /// Which operation a frame belongs to; checked on receipt, so ranks that call different
@@ -186,6 +191,8 @@ impl FrameHeader {
             2 => FrameKind::Heartbeat,
             3 => FrameKind::Abort,
             4 => FrameKind::Close,
+            5 => FrameKind::Credit,
+            6 => FrameKind::End,
             k => return Err(format!("unknown frame kind {k}")),
         };
         let op = match (kind, b[5]) {
@@ -212,8 +219,8 @@ impl FrameHeader {
         if h.len as usize > MAX_FRAME_PAYLOAD {
             return Err(format!("frame payload of {} bytes exceeds the limit", h.len));
         }
-        if matches!(kind, FrameKind::Heartbeat | FrameKind::Close) && h.len != 0 {
-            return Err("heartbeat or close frame with a payload".into());
+        if matches!(kind, FrameKind::Heartbeat | FrameKind::Close | FrameKind::Credit | FrameKind::End) && h.len != 0 {
+            return Err("heartbeat, close, credit or end frame with a payload".into());
         }
         if kind == FrameKind::Data {
             if DataType::from_code(h.dtype as u32).is_none() {

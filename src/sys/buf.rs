@@ -63,10 +63,6 @@ impl RawBuf {
         self.ptr as usize
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
     /// Bytes `[off, off + len)`, or `None` when out of range.
     ///
     /// # Safety

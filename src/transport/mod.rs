@@ -7,7 +7,7 @@
 //!
 //! | transport | reaches | file |
 //! |---|---|---|
-//! | `shm` | the same host (same kernel and network namespace) | `shm.rs` |
+//! | `shm` | the same host (same kernel and network namespace) | `shm/` |
 //! | `tcp` | any host | `tcp.rs` |
 //! | `rdma` | hosts with RDMA devices, or one host through the software provider (feature `rdma`) | `rdma/` |
 //! | `loopback` | this rank itself (send/recv to self) | `loopback.rs` |
@@ -52,6 +52,15 @@ impl TransportKind {
             TransportKind::Memory => "memory",
         }
     }
+}
+
+/// Where a world made from a world may link a pair without connecting it anew: a free lane
+/// of the pair's shared-memory segment (`shm/lane.rs`), or a channel of its TCP socket
+/// (`tcp.rs`).
+#[derive(Clone)]
+pub(crate) enum PairSource {
+    Shm(shm::LaneSource),
+    Tcp(tcp::TcpSource),
 }
 
 /// Why a link stopped working.
@@ -193,16 +202,17 @@ pub(crate) trait Link: Send {
     /// Ends the link gracefully: what was written still arrives, then the peer sees the end.
     fn shutdown(&mut self) {}
 
-    /// Where a world made from this link's world may claim a lane of the same pair's segment
-    /// instead of forming a link of its own (`shm/lane.rs`); `None` for other transports.
-    fn lane_source(&self) -> Option<shm::LaneSource> {
+    /// Where a world made from this link's world may link the same pair instead of forming a
+    /// link of its own: a lane of its segment (`shm/lane.rs`) or a channel of its socket
+    /// (`tcp.rs`); `None` for other transports.
+    fn lane_source(&self) -> Option<PairSource> {
         None
     }
 
     /// The pair's segment, whatever became of this link (closed by a break, or its peer's
-    /// end gone): a broken world keeps it for a `shrink`, whose other lanes a break leaves
-    /// alone (`shm/lane.rs`); `None` for other transports.
-    fn segment_source(&self) -> Option<shm::LaneSource> {
+    /// end gone), or its socket while that works: a broken world keeps it for a `shrink`,
+    /// whose other lanes and channels a break leaves alone; `None` for other transports.
+    fn segment_source(&self) -> Option<PairSource> {
         None
     }
 }

@@ -1,4 +1,5 @@
-//! The TCP transport: frames over one non-blocking stream socket per peer pair.
+//! The TCP transport: frames over one non-blocking stream socket per peer pair, shared by every
+//! world of the pair that was made from a world on it.
 //!
 //! Writes go out with one vectored `sendmsg` (header and payload together, no copy), or, for a
 //! frame of at most 512 bytes, gathered into one buffer and sent with one `send`. Reads fill
@@ -7,15 +8,31 @@
 //! small messages). Socket buffers are left to the kernel, which grows them with the traffic
 //! (asking for a size turns that growth off, and a stock kernel caps the size far below what a
 //! fast link wants); `WorldOptions::socket_buffer` sets one where an operator knows better.
+//!
+//! **Channels.** A pair's socket (a [`Pair`]) carries one channel per world that uses it: the
+//! world it was connected for, and each world made from a world on it (`dup`, `split`,
+//! `shrink`, `grow`: `bootstrap/lanes.rs`), which opens a channel instead of a connection of
+//! its own. Frames say their world (the header's world tag), which is the channel's key. A
+//! channel that reads the socket takes its own frames straight into their destination, and
+//! moves any other channel's frame into that channel's inbox, waking it; so one world never
+//! waits for another to read. Each channel may have at most [`WINDOW`] bytes of frames that
+//! its peer's world has not taken yet (credit: the peer grants more with a `Credit` frame once
+//! it took half of it), so a world that stops reading holds at most that much memory of its
+//! peer and never blocks the socket for its siblings. A channel closed by its world sends
+//! `End`: the peer's world on it sees the link closed, exactly as if its socket had closed,
+//! while the pair and its other channels go on. The socket failing (the peer process gone,
+//! the connection cut, bytes that are no frame) fails every channel: every world of the pair
+//! breaks. `docs/fault-model.md` says what is shared and what is not.
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 
 use super::{Armed, Link, LinkError, Sink, TransportKind};
-use crate::engine::wire::{FrameHeader, OpKind, HEADER_LEN};
+use crate::engine::wire::{FrameHeader, FrameKind, OpKind, HEADER_LEN};
 use crate::sys;
-use crate::sys::buf::Scratch;
+use crate::sys::sync::{lock, Arc, Mutex, MutexGuard};
 
 /// Largest payload per frame on TCP.
 pub(crate) const TCP_MAX_PAYLOAD: usize = 512 << 10;
@@ -27,17 +44,14 @@ const DIRECT_READ_MIN: usize = 32 << 10;
 /// small enough that a write rarely stops part-way (the engine keeps a copy of the rest
 /// then) and that the payload is read through the staging buffer.
 pub(crate) const TCP_DIRECT_MAX: usize = 16 << 10;
-
-pub(crate) struct TcpLink {
-    sock: TcpStream,
-    staging: Scratch,
-    start: usize,
-    end: usize,
-    /// The frame whose payload is being consumed, and how much of it already is.
-    current: Option<(FrameHeader, usize)>,
-    rx_bytes: u64,
-    tx_bytes: u64,
-}
+/// Bytes of frames (headers included) a channel may have sent that its peer's world has not
+/// taken yet: what one world can leave in its peer's memory. Several times what the socket
+/// holds in flight on a fast link, so that credit rarely stops a stream.
+pub(crate) const WINDOW: u64 = 8 << 20;
+/// A channel grants its peer more credit once its world took this much since it last did.
+const GRANT_AT: u64 = WINDOW / 4;
+/// Channels of one pair at most (worlds made from worlds beyond it connect on their own).
+pub(crate) const MAX_CHANNELS: usize = 64;
 
 /// Tunes a connected stream for carrying frames: no Nagle delay, non-blocking, and socket
 /// buffers of `buffer` bytes if asked (else the kernel's own, growing sizing).
@@ -63,49 +77,189 @@ fn io_err(e: io::Error) -> LinkError {
     }
 }
 
-impl TcpLink {
-    /// Wraps a connected stream (already past the link handshake).
-    pub(crate) fn new(sock: TcpStream, buffer: Option<usize>) -> io::Result<TcpLink> {
-        tune(&sock, buffer)?;
-        Ok(TcpLink { sock, staging: Scratch::new(STAGING), start: 0, end: 0, current: None, rx_bytes: 0, tx_bytes: 0 })
+/// One world's link over a pair's socket: its channel.
+pub(crate) struct TcpLink {
+    pair: Arc<Pair>,
+    key: u32,
+}
+
+/// A pair's socket, for a world made from a world that uses it ([`TcpSource::open`]).
+#[derive(Clone)]
+pub(crate) struct TcpSource(Arc<Pair>);
+
+/// The socket of a peer pair and what its channels share.
+struct Pair {
+    st: Mutex<PairState>,
+}
+
+struct PairState {
+    sock: TcpStream,
+    staging: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// The frame whose payload comes next on the socket.
+    cur: Option<Cur>,
+    chans: Vec<Chan>,
+    /// The channel whose frame is half written and whose world's engine writes the rest (one
+    /// channel alone on the pair: it keeps its payload, so nothing is copied). With other
+    /// channels, a half-written frame's rest goes to `pending` instead.
+    tx_owner: Option<u32>,
+    /// Bytes to send before any new frame: rests of frames and the pair's own frames.
+    pending: Vec<u8>,
+    pending_at: usize,
+    /// Why the socket failed, for every channel.
+    failed: Option<LinkError>,
+}
+
+/// The frame whose payload the socket delivers next.
+struct Cur {
+    key: u32,
+    h: FrameHeader,
+    /// Payload bytes read so far.
+    done: usize,
+    route: Route,
+}
+
+enum Route {
+    /// Its channel reads it itself, straight into where the payload goes.
+    Owner,
+    /// Another channel moves it into its channel's inbox: the payload from `base` on (what
+    /// its channel had read before is in place already).
+    Inbox { data: Vec<u8>, base: usize },
+    /// No channel has this key (closed here): dropped.
+    Nowhere,
+}
+
+/// A frame moved into its channel's inbox: the payload from `base` on.
+struct Parked {
+    h: FrameHeader,
+    data: Vec<u8>,
+    base: usize,
+}
+
+struct Chan {
+    key: u32,
+    inbox: VecDeque<Parked>,
+    /// Bytes of frames this side may still send.
+    credit: u64,
+    /// Bytes of frames this side's world took since it last granted credit.
+    taken: u64,
+    /// A frame waits for credit.
+    starved: bool,
+    /// The peer closed this channel.
+    ended: Option<LinkError>,
+    /// With other channels on the pair: what wakes this channel's world when another channel
+    /// parked a frame for it, granted it credit or saw it end.
+    wake: Option<Wake>,
+    /// The world sleeps on `wake`.
+    asleep: bool,
+    rx: u64,
+    tx: u64,
+}
+
+/// How a channel's world sleeps once other channels share its socket: an event counter that
+/// they raise, in an `epoll` set with the socket (one descriptor for its driver to sleep on),
+/// and, for the watch of an idle world (`hangup_fd`), a second counter raised only when the
+/// channel ends or the socket fails, in a set with the socket's hang-up alone. The two are
+/// apart so that the watch never takes a wake-up meant for a driver asleep on the first.
+struct Wake {
+    ev: sys::EventFd,
+    ep: sys::Epoll,
+    hup: sys::EventFd,
+    idle: sys::Epoll,
+}
+
+impl Wake {
+    fn new(sock: RawFd) -> io::Result<Wake> {
+        let (ev, ep, hup, idle) = (sys::EventFd::new()?, sys::Epoll::new()?, sys::EventFd::new()?, sys::Epoll::new()?);
+        ep.watch(ev.fd(), libc::POLLIN, 0)?;
+        ep.watch(sock, libc::POLLRDHUP, 1)?;
+        idle.watch(hup.fd(), libc::POLLIN, 0)?;
+        idle.watch(sock, libc::POLLRDHUP, 1)?;
+        Ok(Wake { ev, ep, hup, idle })
+    }
+}
+
+impl Chan {
+    fn new(key: u32) -> Chan {
+        Chan {
+            key,
+            inbox: VecDeque::new(),
+            credit: WINDOW,
+            taken: 0,
+            starved: false,
+            ended: None,
+            wake: None,
+            asleep: false,
+            rx: 0,
+            tx: 0,
+        }
     }
 
+    /// The channel ended, or the socket failed: wakes its driver and its idle watch.
+    fn hang_up(&mut self) {
+        if let Some(w) = &self.wake {
+            w.hup.signal();
+        }
+        self.wake();
+    }
+
+    fn wake(&mut self) {
+        if let (true, Some(w)) = (self.asleep, &self.wake) {
+            w.ev.signal();
+            self.asleep = false;
+        }
+    }
+}
+
+/// A pair's own frame (credit, end) about channel `key`.
+fn pair_frame(kind: FrameKind, key: u32, count: u64) -> [u8; HEADER_LEN] {
+    let mut h = FrameHeader::control(kind, key, 0, 0);
+    h.count = count;
+    h.encode()
+}
+
+impl PairState {
     fn staged(&self) -> usize {
         self.end - self.start
     }
 
-    fn staging_mut(&mut self) -> &mut [u8] {
-        let raw = self.staging.raw();
-        // SAFETY: the staging scratch is owned by this link and only borrowed here, once.
-        unsafe { raw.bytes_mut(0, raw.len()) }.unwrap_or(&mut [])
+    fn chan(&mut self, key: u32) -> Result<&mut Chan, LinkError> {
+        self.chans.iter_mut().find(|c| c.key == key).ok_or_else(|| LinkError::Io("channel closed".into()))
+    }
+
+    /// Records that the socket failed, for every channel, and wakes them.
+    fn broke(&mut self, e: LinkError) -> LinkError {
+        if self.failed.is_none() {
+            self.failed = Some(e.clone());
+            for c in &mut self.chans {
+                c.hang_up();
+            }
+        }
+        e
+    }
+
+    fn check(&self) -> Result<(), LinkError> {
+        self.failed.clone().map_or(Ok(()), Err)
     }
 
     /// Makes room for at least `need` contiguous bytes from `start`, then reads what the socket
     /// has. Returns false when nothing more is available now.
     fn fill(&mut self, need: usize) -> Result<bool, LinkError> {
-        let (start, end) = (self.start, self.end);
-        if start + need > STAGING || end == STAGING {
-            self.staging_mut().copy_within(start..end, 0);
+        if self.start + need > STAGING || self.end == STAGING {
+            self.staging.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
-        let end = self.end;
-        let r = {
-            let raw = self.staging.raw();
-            // SAFETY: as in staging_mut; the read target is the free tail.
-            let tail = unsafe { raw.bytes_mut(end, STAGING - end) }.unwrap_or(&mut []);
-            (&self.sock).read(tail)
-        };
-        match r {
-            Ok(0) => Err(LinkError::Closed("peer closed the connection".into())),
+        match (&self.sock).read(&mut self.staging[self.end..]) {
+            Ok(0) => Err(self.broke(LinkError::Closed("peer closed the connection".into()))),
             Ok(n) => {
                 self.end += n;
-                self.rx_bytes += n as u64;
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
-            Err(e) => Err(io_err(e)),
+            Err(e) => Err(self.broke(io_err(e))),
         }
     }
 
@@ -120,12 +274,479 @@ impl TcpLink {
         Ok(true)
     }
 
-    fn finish_frame(&mut self) {
-        self.current = None;
+    fn settle(&mut self) {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
         }
+    }
+
+    /// Reads the next frame header into `cur`, or handles it if it is the pair's own. False
+    /// when no whole header has arrived.
+    fn next_header(&mut self) -> Result<bool, LinkError> {
+        if !self.have(HEADER_LEN)? {
+            return Ok(false);
+        }
+        let h = match FrameHeader::decode(&self.staging[self.start..self.start + HEADER_LEN]) {
+            Ok(h) => h,
+            Err(e) => return Err(self.broke(LinkError::Protocol(e))),
+        };
+        self.start += HEADER_LEN;
+        let chan = self.chans.iter_mut().find(|c| c.key == h.world);
+        match (h.kind, chan) {
+            (FrameKind::Credit, Some(c)) => {
+                c.credit = c.credit.saturating_add(h.count);
+                if std::mem::take(&mut c.starved) {
+                    c.wake();
+                }
+            }
+            (FrameKind::End, Some(c)) => {
+                c.ended.get_or_insert(LinkError::Closed("peer closed the world's channel".into()));
+                c.hang_up();
+            }
+            // About a channel closed here already.
+            (FrameKind::Credit | FrameKind::End, None) => {}
+            (_, chan) => {
+                if h.len as usize > TCP_MAX_PAYLOAD {
+                    let e = LinkError::Protocol(format!("frame of {} bytes is over the TCP limit", h.len));
+                    return Err(self.broke(e));
+                }
+                let route = match chan {
+                    Some(c) => {
+                        c.rx += (HEADER_LEN + h.len as usize) as u64;
+                        Route::Owner
+                    }
+                    None => Route::Nowhere,
+                };
+                self.cur = Some(Cur { key: h.world, h, done: 0, route });
+            }
+        }
+        self.settle();
+        Ok(true)
+    }
+
+    /// Moves the frame in `cur` along on behalf of a channel other than its reader: its payload
+    /// into its channel's inbox (or nowhere). False when the socket has nothing more now.
+    fn move_along(&mut self) -> Result<bool, LinkError> {
+        let Some(cur) = self.cur.as_mut() else { return Ok(true) };
+        let len = cur.h.len as usize;
+        if let Route::Owner = cur.route {
+            cur.route = Route::Inbox { data: Vec::with_capacity(len - cur.done), base: cur.done };
+        }
+        while self.cur.as_ref().is_some_and(|c| c.done < len) {
+            if self.staged() == 0 && !self.fill(1)? {
+                return Ok(false);
+            }
+            let (start, staged) = (self.start, self.staged());
+            let Some(cur) = self.cur.as_mut() else { break };
+            let n = staged.min(len - cur.done);
+            if let Route::Inbox { data, .. } = &mut cur.route {
+                data.extend_from_slice(&self.staging[start..start + n]);
+            }
+            cur.done += n;
+            self.start += n;
+        }
+        if let Some(Cur { key, h, route: Route::Inbox { data, base }, .. }) = self.cur.take() {
+            if let Some(c) = self.chans.iter_mut().find(|c| c.key == key) {
+                c.inbox.push_back(Parked { h, data, base });
+                c.wake();
+            }
+        }
+        self.settle();
+        Ok(true)
+    }
+
+    /// After channel `me` read the socket: moves the other channels' frames it read along to
+    /// their inboxes (waking them), up to its own next frame or the end of what arrived. A
+    /// channel asleep on the socket is not woken by bytes that another read first, so
+    /// whoever reads them hands them on.
+    fn pass_on(&mut self, me: u32) -> Result<(), LinkError> {
+        if self.chans.len() < 2 {
+            return Ok(());
+        }
+        loop {
+            match &self.cur {
+                Some(c) if c.key == me && matches!(c.route, Route::Owner) => return Ok(()),
+                Some(_) => {
+                    if !self.move_along()? {
+                        return Ok(());
+                    }
+                }
+                None if self.staged() < HEADER_LEN => return Ok(()),
+                None => {
+                    self.next_header()?;
+                }
+            }
+        }
+    }
+
+    /// The next frame of channel `me`, as `peek` wants it.
+    fn peek(&mut self, me: u32) -> Result<Option<FrameHeader>, LinkError> {
+        loop {
+            let c = self.chan(me)?;
+            if let Some(p) = c.inbox.front() {
+                return Ok(Some(p.h));
+            }
+            let ended = c.ended.clone();
+            self.check()?;
+            match &self.cur {
+                Some(cur) if cur.key == me && matches!(cur.route, Route::Owner) => return Ok(Some(cur.h)),
+                Some(_) => {
+                    if !self.move_along()? {
+                        return Ok(None);
+                    }
+                }
+                None => {
+                    // The end comes after the channel's last frame: all of them are taken.
+                    if let Some(e) = ended {
+                        return Err(e);
+                    }
+                    if !self.next_header()? {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts `bytes` of a frame of `me` as taken by its world, and grants its peer credit
+    /// once enough was.
+    fn took(&mut self, me: u32, bytes: usize) {
+        let Ok(c) = self.chan(me) else { return };
+        c.taken += bytes as u64;
+        if c.taken >= GRANT_AT {
+            let grant = std::mem::take(&mut c.taken);
+            self.pending.extend_from_slice(&pair_frame(FrameKind::Credit, me, grant));
+            let _ = self.flush();
+        }
+    }
+
+    fn consume(&mut self, me: u32, sink: Sink<'_>) -> Result<bool, LinkError> {
+        loop {
+            let c = self.chan(me)?;
+            if let Some(p) = c.inbox.front() {
+                let len = p.h.len as usize;
+                match sink {
+                    Sink::Copy(dst) if dst.len() != len => {
+                        return Err(LinkError::Io("copy target does not match the payload".into()))
+                    }
+                    Sink::Copy(dst) => dst[p.base..].copy_from_slice(&p.data),
+                    Sink::Visit(_) if p.base != 0 => {
+                        return Err(LinkError::Io("a payload begun as a copy cannot be visited".into()))
+                    }
+                    Sink::Visit(f) => f(&p.data),
+                    Sink::Discard => {}
+                }
+                c.inbox.pop_front();
+                self.took(me, HEADER_LEN + len);
+                return Ok(true);
+            }
+            match &self.cur {
+                Some(cur) if cur.key == me && matches!(cur.route, Route::Owner) => break,
+                // Moved along by another channel, not yet whole: this one goes on with it.
+                Some(cur) if cur.key == me => {
+                    if !self.move_along()? {
+                        return Ok(false);
+                    }
+                }
+                _ => return Err(LinkError::Io("consume without a peeked frame".into())),
+            }
+        }
+        let (h, mut done) = match &self.cur {
+            Some(c) => (c.h, c.done),
+            None => return Err(LinkError::Io("consume without a peeked frame".into())),
+        };
+        let len = h.len as usize;
+        match sink {
+            Sink::Copy(dst) => {
+                if dst.len() != len {
+                    return Err(LinkError::Io("copy target does not match the payload".into()));
+                }
+                while done < len {
+                    let staged = self.staged();
+                    if staged > 0 {
+                        let n = staged.min(len - done);
+                        dst[done..done + n].copy_from_slice(&self.staging[self.start..self.start + n]);
+                        self.start += n;
+                        done += n;
+                        continue;
+                    }
+                    if len - done >= DIRECT_READ_MIN {
+                        match (&self.sock).read(&mut dst[done..]) {
+                            Ok(0) => return Err(self.broke(LinkError::Closed("peer closed the connection".into()))),
+                            Ok(n) => done += n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(self.broke(io_err(e))),
+                        }
+                    } else if !self.fill(len - done)? {
+                        break;
+                    }
+                }
+                if let Some(c) = self.cur.as_mut() {
+                    c.done = done;
+                }
+                if done < len {
+                    return Ok(false);
+                }
+            }
+            Sink::Visit(f) => {
+                if done != 0 {
+                    return Err(LinkError::Io("a payload begun as a copy cannot be visited".into()));
+                }
+                if !self.have(len)? {
+                    return Ok(false);
+                }
+                f(&self.staging[self.start..self.start + len]);
+                self.start += len;
+            }
+            Sink::Discard => {
+                while done < len {
+                    if self.staged() == 0 && !self.fill(1)? {
+                        if let Some(c) = self.cur.as_mut() {
+                            c.done = done;
+                        }
+                        return Ok(false);
+                    }
+                    let n = self.staged().min(len - done);
+                    self.start += n;
+                    done += n;
+                }
+            }
+        }
+        self.cur = None;
+        self.settle();
+        self.took(me, HEADER_LEN + len);
+        self.pass_on(me)?;
+        Ok(true)
+    }
+
+    /// Sends what waits in `pending`. True once nothing does (and no frame is half written).
+    fn flush(&mut self) -> Result<bool, LinkError> {
+        if self.tx_owner.is_some() {
+            return Ok(false);
+        }
+        while self.pending_at < self.pending.len() {
+            match sys::send_vectored(self.sock.as_raw_fd(), &[&self.pending[self.pending_at..]]) {
+                Ok(n) => self.pending_at += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(self.broke(io_err(e))),
+            }
+        }
+        self.pending.clear();
+        self.pending_at = 0;
+        Ok(true)
+    }
+
+    fn write(&mut self, me: u32, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError> {
+        self.check()?;
+        let total = header.len() + payload.len();
+        if *written == 0 {
+            if !self.flush()? {
+                return Ok(false);
+            }
+            let c = self.chan(me)?;
+            if let Some(e) = &c.ended {
+                return Err(e.clone());
+            }
+            if c.credit < total as u64 {
+                c.starved = true;
+                return Ok(false);
+            }
+        } else if self.tx_owner != Some(me) {
+            return Err(LinkError::Io("the rest of a frame written out of turn".into()));
+        }
+        let fd = self.sock.as_raw_fd();
+        while *written < total {
+            let w = *written;
+            let r = if w < header.len() {
+                sys::send_vectored(fd, &[&header[w..], payload])
+            } else {
+                sys::send_vectored(fd, &[&payload[w - header.len()..]])
+            };
+            match r {
+                Ok(n) => {
+                    let c = self.chan(me)?;
+                    if w == 0 {
+                        c.credit -= total as u64;
+                    }
+                    c.tx += n as u64;
+                    *written += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if *written == 0 {
+                        return Ok(false);
+                    }
+                    if self.chans.len() == 1 {
+                        self.tx_owner = Some(me);
+                        return Ok(false);
+                    }
+                    // Other channels must not wait for this world to write the rest: it waits
+                    // in `pending`, which whoever writes next sends first.
+                    let w = *written;
+                    if w < header.len() {
+                        self.pending.extend_from_slice(&header[w..]);
+                        self.pending.extend_from_slice(payload);
+                    } else {
+                        self.pending.extend_from_slice(&payload[w - header.len()..]);
+                    }
+                    self.chan(me)?.tx += (total - w) as u64;
+                    *written = total;
+                    break;
+                }
+                Err(e) => return Err(self.broke(io_err(e))),
+            }
+        }
+        if self.tx_owner.take().is_some() {
+            // Channels opened while this frame was half out may wait for the socket.
+            for c in &mut self.chans {
+                c.wake();
+            }
+            let _ = self.flush();
+        }
+        Ok(true)
+    }
+
+    fn arm(&mut self, me: u32, read: bool, write: bool) -> Armed {
+        if self.failed.is_some() {
+            return Armed::Ready;
+        }
+        let flushed = matches!(self.flush(), Ok(true));
+        // Its own frame stays in front of the others' while its world reads nothing: it goes
+        // to its inbox, the others' to theirs.
+        if !read
+            && self.chans.len() > 1
+            && self.cur.as_ref().is_some_and(|c| c.key == me)
+            && self.move_along().and_then(|_| self.pass_on(me)).is_err()
+        {
+            return Armed::Ready;
+        }
+        let (staged, cur_free) = (self.staged(), self.cur.is_none());
+        let fd = self.sock.as_raw_fd();
+        let Ok(c) = self.chan(me) else { return Armed::Ready };
+        if let Some(w) = &c.wake {
+            w.ev.drain();
+        }
+        if read {
+            // Frames parked for it, its end, or a whole header nobody looked at yet: work now.
+            // (A frame already peeked but not consumed is waiting for more of its payload, or
+            // for the engine, which passes before it sleeps: one the direct path peeked and
+            // left is taken by the pass of the call posted right after.)
+            if !c.inbox.is_empty() || c.ended.is_some() || (cur_free && staged >= HEADER_LEN) {
+                return Armed::Ready;
+            }
+        }
+        let mut ev = libc::POLLRDHUP;
+        if read || (write && c.starved) {
+            ev |= libc::POLLIN;
+        }
+        if (write && !c.starved) || !flushed {
+            ev |= libc::POLLOUT;
+        }
+        match &c.wake {
+            None => Armed::Wait(fd, ev),
+            Some(w) => {
+                if w.ep.rewatch(fd, ev, 1).is_err() {
+                    return Armed::Ready;
+                }
+                c.asleep = true;
+                Armed::Wait(w.ep.fd(), libc::POLLIN)
+            }
+        }
+    }
+
+    /// Ends channel `me` here: tells the peer (`End`), drops what was parked for it.
+    fn close(&mut self, me: u32) {
+        let Some(i) = self.chans.iter().position(|c| c.key == me) else { return };
+        self.chans.remove(i);
+        if self.tx_owner == Some(me) {
+            // Its world went with half a frame out, which no one else can finish: the stream
+            // is cut, for every channel.
+            self.tx_owner = None;
+            let _ = self.sock.shutdown(std::net::Shutdown::Both);
+            self.broke(LinkError::Closed("a world closed its channel in the middle of a frame".into()));
+            return;
+        }
+        if let Some(cur) = self.cur.as_mut().filter(|c| c.key == me) {
+            cur.route = Route::Nowhere;
+        }
+        if self.failed.is_none() {
+            self.pending.extend_from_slice(&pair_frame(FrameKind::End, me, 0));
+            let _ = self.flush();
+        }
+    }
+}
+
+impl Pair {
+    fn state(&self) -> MutexGuard<'_, PairState> {
+        lock(&self.st)
+    }
+}
+
+impl TcpLink {
+    /// Wraps a connected stream (already past the link handshake) as the first channel of a
+    /// new pair, for the world whose frames carry `key`.
+    pub(crate) fn new(sock: TcpStream, buffer: Option<usize>, key: u32) -> io::Result<TcpLink> {
+        tune(&sock, buffer)?;
+        let st = PairState {
+            sock,
+            staging: vec![0u8; STAGING].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            cur: None,
+            chans: vec![Chan::new(key)],
+            tx_owner: None,
+            pending: Vec::new(),
+            pending_at: 0,
+            failed: None,
+        };
+        Ok(TcpLink { pair: Arc::new(Pair { st: Mutex::new(st) }), key })
+    }
+
+    fn state(&self) -> MutexGuard<'_, PairState> {
+        self.pair.state()
+    }
+
+    fn source(&self) -> Option<TcpSource> {
+        self.state().failed.is_none().then(|| TcpSource(self.pair.clone()))
+    }
+}
+
+impl TcpSource {
+    /// True while a channel can be opened on the pair.
+    pub(crate) fn can_open(&self) -> bool {
+        let st = self.0.state();
+        st.failed.is_none() && st.chans.len() < MAX_CHANNELS
+    }
+
+    /// Opens the channel of the world whose frames carry `key` (both sides of the pair open
+    /// it before either sends on it).
+    pub(crate) fn open(&self, key: u32) -> io::Result<TcpLink> {
+        let mut st = self.0.state();
+        if let Some(e) = &st.failed {
+            return Err(io::Error::other(format!("the pair's connection failed: {e}")));
+        }
+        if st.chans.len() >= MAX_CHANNELS {
+            return Err(io::Error::other(format!("the pair carries {MAX_CHANNELS} worlds already")));
+        }
+        if st.chans.iter().any(|c| c.key == key) {
+            return Err(io::Error::other(format!("a world with tag {key:#x} uses the pair already")));
+        }
+        // From now on a channel may be woken by another: each gets its own wake-up.
+        let fd = st.sock.as_raw_fd();
+        for c in st.chans.iter_mut().filter(|c| c.wake.is_none()) {
+            c.wake = Some(Wake::new(fd)?);
+        }
+        let mut c = Chan::new(key);
+        c.wake = Some(Wake::new(fd)?);
+        st.chans.push(c);
+        Ok(TcpLink { pair: self.0.clone(), key })
+    }
+}
+
+impl Drop for TcpLink {
+    fn drop(&mut self) {
+        self.state().close(self.key);
     }
 }
 
@@ -139,136 +760,41 @@ impl Link for TcpLink {
     }
 
     fn write(&mut self, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError> {
-        let total = header.len() + payload.len();
-        while *written < total {
-            let w = *written;
-            let r = if w < header.len() {
-                sys::send_vectored(self.sock.as_raw_fd(), &[&header[w..], payload])
-            } else {
-                sys::send_vectored(self.sock.as_raw_fd(), &[&payload[w - header.len()..]])
-            };
-            match r {
-                Ok(n) => {
-                    *written += n;
-                    self.tx_bytes += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(io_err(e)),
-            }
-        }
-        Ok(true)
+        self.state().write(self.key, header, payload, written)
     }
 
     fn peek(&mut self) -> Result<Option<FrameHeader>, LinkError> {
-        if let Some((h, _)) = self.current {
-            return Ok(Some(h));
-        }
-        if !self.have(HEADER_LEN)? {
-            return Ok(None);
-        }
-        let raw = self.staging.raw();
-        // SAFETY: staging is owned by this link; the range was filled above.
-        let bytes = unsafe { raw.bytes(self.start, HEADER_LEN) }.unwrap_or(&[]);
-        let h = FrameHeader::decode(bytes).map_err(LinkError::Protocol)?;
-        if h.len as usize > TCP_MAX_PAYLOAD {
-            return Err(LinkError::Protocol(format!("frame of {} bytes is over the TCP limit", h.len)));
-        }
-        self.start += HEADER_LEN;
-        self.current = Some((h, 0));
-        Ok(Some(h))
+        self.state().peek(self.key)
     }
 
     fn consume(&mut self, sink: Sink<'_>) -> Result<bool, LinkError> {
-        let Some((h, mut done)) = self.current else {
-            return Err(LinkError::Io("consume without a peeked frame".into()));
-        };
-        let len = h.len as usize;
-        match sink {
-            Sink::Copy(dst) => {
-                if dst.len() != len {
-                    return Err(LinkError::Io("copy target does not match the payload".into()));
-                }
-                while done < len {
-                    let staged = self.staged();
-                    if staged > 0 {
-                        let n = staged.min(len - done);
-                        let raw = self.staging.raw();
-                        // SAFETY: staging is owned by this link; the range holds staged bytes.
-                        let src = unsafe { raw.bytes(self.start, n) }.unwrap_or(&[]);
-                        dst[done..done + n].copy_from_slice(src);
-                        self.start += n;
-                        done += n;
-                        continue;
-                    }
-                    if len - done >= DIRECT_READ_MIN {
-                        match (&self.sock).read(&mut dst[done..]) {
-                            Ok(0) => return Err(LinkError::Closed("peer closed the connection".into())),
-                            Ok(n) => {
-                                done += n;
-                                self.rx_bytes += n as u64;
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Err(e) => return Err(io_err(e)),
-                        }
-                    } else if !self.fill(len - done)? {
-                        break;
-                    }
-                }
-                self.current = Some((h, done));
-                if done < len {
-                    return Ok(false);
-                }
-            }
-            Sink::Visit(f) => {
-                if !self.have(len)? {
-                    return Ok(false);
-                }
-                let raw = self.staging.raw();
-                // SAFETY: staging is owned by this link; the payload range is staged.
-                f(unsafe { raw.bytes(self.start, len) }.unwrap_or(&[]));
-                self.start += len;
-            }
-            Sink::Discard => {
-                while done < len {
-                    if self.staged() == 0 && !self.fill(1)? {
-                        self.current = Some((h, done));
-                        return Ok(false);
-                    }
-                    let n = self.staged().min(len - done);
-                    self.start += n;
-                    done += n;
-                }
-            }
-        }
-        self.finish_frame();
-        Ok(true)
+        self.state().consume(self.key, sink)
     }
 
     fn traffic(&self) -> (u64, u64) {
-        (self.rx_bytes, self.tx_bytes)
+        let mut st = self.state();
+        st.chan(self.key).map_or((0, 0), |c| (c.rx, c.tx))
     }
 
     fn arm(&mut self, read: bool, write: bool) -> Armed {
-        let mut ev = libc::POLLRDHUP;
-        if read {
-            // A whole header that nobody looked at yet: there is work now. (A frame already
-            // peeked but not consumed is waiting for more of its payload, or for the engine,
-            // which passes before it sleeps: one the direct path peeked and left is taken by
-            // the pass of the call posted right after.)
-            if self.current.is_none() && self.staged() >= HEADER_LEN {
-                return Armed::Ready;
-            }
-            ev |= libc::POLLIN;
-        }
-        if write {
-            ev |= libc::POLLOUT;
-        }
-        Armed::Wait(self.sock.as_raw_fd(), ev)
+        self.state().arm(self.key, read, write)
     }
 
     fn hangup_fd(&mut self) -> Option<(RawFd, i16)> {
-        Some((self.sock.as_raw_fd(), libc::POLLRDHUP))
+        let mut st = self.state();
+        let fd = st.sock.as_raw_fd();
+        let c = st.chan(self.key).ok()?;
+        match &c.wake {
+            None => Some((fd, libc::POLLRDHUP)),
+            Some(w) => Some((w.idle.fd(), libc::POLLIN)),
+        }
+    }
+
+    fn reported(&mut self) {
+        let mut st = self.state();
+        if let Ok(Chan { wake: Some(w), .. }) = st.chan(self.key) {
+            w.hup.drain();
+        }
     }
 
     fn spins(&self) -> bool {
@@ -280,19 +806,40 @@ impl Link for TcpLink {
     }
 
     fn payload_ready(&mut self) -> Result<bool, LinkError> {
-        let Some((h, done)) = self.current else { return Ok(false) };
-        self.have(h.len as usize - done)
+        let mut st = self.state();
+        if !st.chan(self.key)?.inbox.is_empty() {
+            return Ok(true);
+        }
+        match &st.cur {
+            Some(Cur { key, h, done, route: Route::Owner }) if *key == self.key => {
+                let rest = h.len as usize - done;
+                st.have(rest)
+            }
+            _ => Ok(false),
+        }
     }
 
     fn shutdown(&mut self) {
-        // FIN after the data already queued; then read what is pending so that closing with
-        // unread input does not turn the FIN into a reset.
-        let _ = self.sock.shutdown(std::net::Shutdown::Write);
-        let mut sink = [0u8; 4096];
-        while matches!((&self.sock).read(&mut sink), Ok(n) if n > 0) {}
+        let mut st = self.state();
+        st.close(self.key);
+        // The last user of the pair: FIN after the data already queued; then read what is
+        // pending so that closing with unread input does not turn the FIN into a reset.
+        if st.chans.is_empty() && Arc::strong_count(&self.pair) == 1 {
+            let _ = st.flush();
+            let _ = st.sock.shutdown(std::net::Shutdown::Write);
+            let mut sink = [0u8; 4096];
+            while matches!((&st.sock).read(&mut sink), Ok(n) if n > 0) {}
+        }
+    }
+
+    fn lane_source(&self) -> Option<super::PairSource> {
+        self.source().map(super::PairSource::Tcp)
+    }
+
+    fn segment_source(&self) -> Option<super::PairSource> {
+        self.source().map(super::PairSource::Tcp)
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,7 +851,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let raw = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, _) = l.accept().unwrap();
-        (TcpLink::new(s, None).unwrap(), raw)
+        (TcpLink::new(s, None, 1).unwrap(), raw)
     }
 
     /// By default the kernel keeps sizing the buffers (they stay what an untouched socket has,
@@ -317,14 +864,14 @@ mod tests {
         let untouched = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (peer, _) = l.accept().unwrap();
         let default = rcvbuf(&peer);
-        let link = TcpLink::new(peer, None).unwrap();
-        assert_eq!(rcvbuf(&link.sock), default);
+        let link = TcpLink::new(peer, None, 7).unwrap();
+        assert_eq!(rcvbuf(&link.state().sock), default);
         drop(untouched);
         let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, _) = l.accept().unwrap();
-        let asked = TcpLink::new(s, Some(16 << 10)).unwrap();
+        let asked = TcpLink::new(s, Some(16 << 10), 7).unwrap();
         // Linux doubles what it is asked for (bookkeeping), within its limits.
-        assert_ne!(rcvbuf(&asked.sock), default);
+        assert_ne!(rcvbuf(&asked.state().sock), default);
     }
 
     /// Polls `f` until it stops answering `Ok(None)`/`Ok(false)`, for at most a second.
@@ -386,7 +933,7 @@ mod tests {
     #[test]
     fn frames_round_trip_in_pieces() {
         let (mut a, b) = pair();
-        let mut b = TcpLink::new(b, None).unwrap();
+        let mut b = TcpLink::new(b, None, 9).unwrap();
         let payload: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
         let mut h = FrameHeader::control(FrameKind::Data, 9, 2, 0);
         h.op = Some(OpKind::P2p);
@@ -405,5 +952,231 @@ mod tests {
             assert!(t.elapsed() < std::time::Duration::from_secs(5));
         }
         assert_eq!(got, payload);
+    }
+
+    /// Sleeps on what `arm` says, at most `ms` milliseconds.
+    fn sleep_on(link: &mut TcpLink, read: bool, write: bool, ms: i32) {
+        if let Armed::Wait(fd, ev) = link.arm(read, write) {
+            let mut p = [sys::pollfd(fd, ev)];
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(p.as_mut_ptr(), 1, ms) };
+        }
+    }
+
+    fn data_header(world: u32, seq: u64, len: usize) -> FrameHeader {
+        let mut h = FrameHeader::control(FrameKind::Data, world, 1, 0);
+        h.op = Some(OpKind::P2p);
+        h.seq = seq;
+        h.len = len as u32;
+        h.total = len as u64;
+        h
+    }
+
+    /// Payload of frame `i` of channel `world`: its length varies, its bytes say who and which.
+    fn payload(world: u32, i: u64) -> Vec<u8> {
+        let len = [0usize, 8, 1000, 40_000, 300_000][(i % 5) as usize];
+        (0..len).map(|j| (world as u64 * 31 + i * 7 + j as u64) as u8).collect()
+    }
+
+    /// Sends `n` frames on `link` as world `world`, sleeping as `arm` says when it cannot.
+    fn send_all(mut link: TcpLink, world: u32, n: u64) -> TcpLink {
+        for i in 0..n {
+            let (p, h) = (payload(world, i), data_header(world, i, payload(world, i).len()).encode());
+            let mut written = 0;
+            let t = std::time::Instant::now();
+            while !link.write(&h, &p, &mut written).unwrap() {
+                assert!(t.elapsed() < std::time::Duration::from_secs(20), "world {world}: send {i} stuck");
+                sleep_on(&mut link, true, true, 50);
+                // A reader keeps the socket moving (credit, the other channel's frames).
+                let _ = link.peek().unwrap();
+            }
+        }
+        link
+    }
+
+    /// Receives `n` frames of world `world` and checks each against what was sent.
+    fn recv_all(mut link: TcpLink, world: u32, n: u64) -> TcpLink {
+        for i in 0..n {
+            let want = payload(world, i);
+            let mut got = vec![0u8; want.len()];
+            let t = std::time::Instant::now();
+            loop {
+                assert!(t.elapsed() < std::time::Duration::from_secs(20), "world {world}: frame {i} never came");
+                if let Some(h) = link.peek().unwrap() {
+                    assert_eq!((h.world, h.seq, h.len as usize), (world, i, want.len()), "world {world} frame {i}");
+                    if link.consume(Sink::Copy(&mut got)).unwrap() {
+                        break;
+                    }
+                }
+                sleep_on(&mut link, true, false, 50);
+            }
+            assert!(got == want, "world {world}: frame {i} damaged");
+        }
+        link
+    }
+
+    /// Two worlds on one socket, each streaming both ways from its own thread: every frame
+    /// arrives whole, in order, on its own channel, whichever thread read it off the socket.
+    #[test]
+    fn two_channels_stream_both_ways_at_once() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let (a1, b1) = (TcpLink::new(a, Some(64 << 10), 1).unwrap(), TcpLink::new(b, Some(64 << 10), 1).unwrap());
+        let a2 = a1.source().unwrap().open(2).unwrap();
+        let b2 = b1.source().unwrap().open(2).unwrap();
+        let n = 200;
+        std::thread::scope(|s| {
+            let t = [
+                s.spawn(move || drop(send_all(a1, 1, n))),
+                s.spawn(move || drop(recv_all(b1, 1, n))),
+                s.spawn(move || drop(send_all(b2, 2, n))),
+                s.spawn(move || drop(recv_all(a2, 2, n))),
+            ];
+            for t in t {
+                t.join().unwrap();
+            }
+        });
+    }
+
+    /// Sends frame `i` of `world` and then takes the peer's frame `i`, `n` times (the shape of
+    /// a collective between two ranks), each step sleeping as `arm` says.
+    fn ping_pong(mut link: TcpLink, world: u32, n: u64) -> TcpLink {
+        for i in 0..n {
+            let p = payload(world, i % 3 + 1);
+            let h = data_header(world, i, p.len()).encode();
+            let mut written = 0;
+            let t = std::time::Instant::now();
+            while !link.write(&h, &p, &mut written).unwrap() {
+                assert!(t.elapsed() < std::time::Duration::from_secs(10), "world {world}: send {i} stuck");
+                sleep_on(&mut link, true, true, 50);
+            }
+            let mut got = vec![0u8; p.len()];
+            loop {
+                assert!(t.elapsed() < std::time::Duration::from_secs(10), "world {world}: frame {i} never came");
+                if let Some(h) = link.peek().unwrap() {
+                    assert_eq!((h.world, h.seq), (world, i), "world {world} frame {i}");
+                    if link.consume(Sink::Copy(&mut got)).unwrap() {
+                        break;
+                    }
+                }
+                sleep_on(&mut link, true, false, 50);
+            }
+            assert!(got == p, "world {world}: frame {i} damaged");
+        }
+        link
+    }
+
+    /// Two worlds on one socket, each in lock-step between its two ends, one thread per end.
+    #[test]
+    fn two_channels_in_lock_step() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let (a1, b1) = (TcpLink::new(a, None, 1).unwrap(), TcpLink::new(b, None, 1).unwrap());
+        let a2 = a1.source().unwrap().open(2).unwrap();
+        let b2 = b1.source().unwrap().open(2).unwrap();
+        let n = 3000;
+        std::thread::scope(|s| {
+            let t = [
+                s.spawn(move || ping_pong(a1, 1, n)),
+                s.spawn(move || ping_pong(b1, 1, n)),
+                s.spawn(move || ping_pong(a2, 2, n)),
+                s.spawn(move || ping_pong(b2, 2, n)),
+            ];
+            let links: Vec<_> = t.into_iter().map(|t| t.join().unwrap()).collect();
+            drop(links);
+        });
+    }
+
+    /// A world asleep on its channel is woken when another channel reads its frame off the
+    /// socket (the socket itself has nothing more to say then).
+    #[test]
+    fn a_frame_read_by_another_channel_wakes_its_own() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let (mut a1, mut b1) = (TcpLink::new(a, None, 1).unwrap(), TcpLink::new(b, None, 1).unwrap());
+        let mut a2 = a1.source().unwrap().open(2).unwrap();
+        let _b2 = b1.source().unwrap().open(2).unwrap();
+        let Armed::Wait(fd, ev) = a2.arm(true, false) else { panic!("nothing to read yet") };
+        let mut w = 0;
+        let h = data_header(2, 0, 0).encode();
+        assert!(b1.write(&h, &[], &mut w).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(a1.peek().unwrap(), None);
+        let mut p = [sys::pollfd(fd, ev)];
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(p.as_mut_ptr(), 1, 1000) }, 1, "not woken");
+        assert_eq!(a2.peek().unwrap().map(|h| h.world), Some(2));
+    }
+
+    /// A world that does not read stops its peer's sender at the window (credit), with at
+    /// most that much parked on its side, while its sibling on the socket goes on; once it
+    /// reads, its peer may send again.
+    #[test]
+    fn a_channel_not_read_stops_its_sender_at_the_window() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let (mut a1, mut b1) = (TcpLink::new(a, None, 1).unwrap(), TcpLink::new(b, None, 1).unwrap());
+        let mut a2 = a1.source().unwrap().open(2).unwrap();
+        let mut b2 = b1.source().unwrap().open(2).unwrap();
+        let p = vec![7u8; 256 << 10];
+        let frame = (HEADER_LEN + p.len()) as u64;
+        let (mut sent, mut i) = (0u64, 0u64);
+        let t = std::time::Instant::now();
+        // World 1 sends, its receiver never reads; world 2's receiver reads the socket.
+        while !a1.state().chans[0].starved {
+            assert!(t.elapsed() < std::time::Duration::from_secs(10), "no stop after {sent} bytes");
+            let mut w = 0;
+            if a1.write(&data_header(1, i, p.len()).encode(), &p, &mut w).unwrap() {
+                (sent, i) = (sent + frame, i + 1);
+            }
+            assert_eq!(b2.peek().unwrap(), None);
+        }
+        assert!(sent <= WINDOW && sent + frame > WINDOW, "stopped after {sent} bytes");
+        // Everything sent reaches the side that does not read, parked there, no more.
+        while b1.state().chans[0].inbox.len() < i as usize {
+            assert!(t.elapsed() < std::time::Duration::from_secs(10));
+            assert_eq!(b2.peek().unwrap(), None);
+        }
+        let parked: usize = b1.state().chans[0].inbox.iter().map(|f| HEADER_LEN + f.data.len()).sum();
+        assert_eq!(parked as u64, sent);
+        // The sibling world still moves, both ways.
+        ping_pong_pair(&mut a2, &mut b2);
+        // Reading world 1 grants credit: its sender goes on.
+        let mut got = vec![0u8; p.len()];
+        for k in 0..i {
+            assert_eq!(b1.peek().unwrap().map(|h| h.seq), Some(k));
+            assert!(b1.consume(Sink::Copy(&mut got)).unwrap());
+        }
+        let mut w = 0;
+        while !a1.write(&data_header(1, i, p.len()).encode(), &p, &mut w).unwrap() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(10), "no credit came back");
+            let _ = a1.peek().unwrap();
+        }
+    }
+
+    /// One frame each way on a pair of channels, waiting as needed.
+    fn ping_pong_pair(x: &mut TcpLink, y: &mut TcpLink) {
+        one_way(x, y);
+        one_way(y, x);
+    }
+
+    fn one_way(from: &mut TcpLink, to: &mut TcpLink) {
+        let t = std::time::Instant::now();
+        let mut w = 0;
+        while !from.write(&data_header(2, 0, 8).encode(), &[1; 8], &mut w).unwrap() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        }
+        let mut got = [0u8; 8];
+        loop {
+            assert!(t.elapsed() < std::time::Duration::from_secs(5), "the sibling is held up");
+            if to.peek().unwrap().is_some() && to.consume(Sink::Copy(&mut got)).unwrap() {
+                break;
+            }
+        }
+        assert_eq!(got, [1; 8]);
     }
 }

@@ -878,12 +878,12 @@ impl Link for ShmLink {
         self.ctrl(self.rx).full_slot(&self.words(self.rx)).is_some() && self.ctrl(self.rx).in_use(SLOTS) >= SLOTS
     }
 
-    fn lane_source(&self) -> Option<LaneSource> {
-        (!self.hung_up).then(|| self.source())
+    fn lane_source(&self) -> Option<super::PairSource> {
+        (!self.hung_up).then(|| super::PairSource::Shm(self.source()))
     }
 
-    fn segment_source(&self) -> Option<LaneSource> {
-        Some(self.source())
+    fn segment_source(&self) -> Option<super::PairSource> {
+        Some(super::PairSource::Shm(self.source()))
     }
 
     fn revoke(&mut self) {
