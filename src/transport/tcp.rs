@@ -1180,3 +1180,62 @@ mod tests {
         assert_eq!(got, [1; 8]);
     }
 }
+
+/// Loom model of how a channel's world is woken when another channel's world parks a frame
+/// for it (`PairState::arm`, `Chan::wake`) while the pool's idle watch looks at the same
+/// channel (`hangup_fd`): run with `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_`.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use crate::sys::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
+
+    /// A channel's part of the pair's state, reduced to the protocol.
+    struct Chan {
+        parked: u32,
+        asleep: bool,
+    }
+
+    /// Whatever the order, a driver that went to sleep on its event counter with nothing
+    /// parked either finds the counter raised or nothing parked when the others are done: the
+    /// watch has a counter of its own and never lowers the driver's (when it did, a driver
+    /// slept until its next heartbeat with a frame waiting).
+    #[test]
+    fn loom_tcp_a_parked_frame_wakes_its_sleeping_channel() {
+        loom::model(|| {
+            let chan = Arc::new(Mutex::new(Chan { parked: 0, asleep: false }));
+            let (ev, hup) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+            // Another world reads the socket and parks this channel's frame (`move_along`).
+            let parker = {
+                let (chan, ev) = (chan.clone(), ev.clone());
+                loom::thread::spawn(move || {
+                    let mut c = lock(&chan);
+                    c.parked += 1;
+                    if c.asleep {
+                        ev.store(true, Ordering::SeqCst);
+                        c.asleep = false;
+                    }
+                })
+            };
+            // The pool's idle watch of the same world: its own counter only (`reported`).
+            let watcher = {
+                let (chan, hup) = (chan.clone(), hup.clone());
+                loom::thread::spawn(move || {
+                    let _c = lock(&chan);
+                    hup.store(false, Ordering::SeqCst);
+                })
+            };
+            // The driver arms: lowers its counter, then sleeps unless a frame is parked.
+            let slept = {
+                let mut c = lock(&chan);
+                ev.store(false, Ordering::SeqCst);
+                let sleep = c.parked == 0;
+                c.asleep = sleep;
+                sleep
+            };
+            parker.join().unwrap();
+            watcher.join().unwrap();
+            if slept {
+                assert!(ev.load(Ordering::SeqCst) || lock(&chan).parked == 0, "asleep beside a parked frame");
+            }
+        });
+    }
+}
