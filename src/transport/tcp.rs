@@ -16,8 +16,8 @@
 //! channel that reads the socket takes its own frames straight into their destination, and
 //! moves any other channel's frame into that channel's inbox, waking it; so one world never
 //! waits for another to read. Each channel may have at most [`WINDOW`] bytes of frames that
-//! its peer's world has not taken yet (credit: the peer grants more with a `Credit` frame once
-//! it took half of it), so a world that stops reading holds at most that much memory of its
+//! its peer's world has not taken yet (credit: the peer grants more with a `Credit` frame each
+//! time its world took a quarter of it), so a world that stops reading holds at most that much memory of its
 //! peer and never blocks the socket for its siblings. A channel closed by its world sends
 //! `End`: the peer's world on it sees the link closed, exactly as if its socket had closed,
 //! while the pair and its other channels go on. The socket failing (the peer process gone,
@@ -101,12 +101,20 @@ struct PairState {
     cur: Option<Cur>,
     chans: Vec<Chan>,
     /// The channel whose frame is half written and whose world's engine writes the rest (one
-    /// channel alone on the pair: it keeps its payload, so nothing is copied). With other
-    /// channels, a half-written frame's rest goes to `pending` instead.
+    /// channel alone on the pair: it keeps its payload, so nothing is copied; no channel
+    /// opens meanwhile). With other channels, a half-written frame's rest goes to `pending`
+    /// instead.
     tx_owner: Option<u32>,
-    /// Bytes to send before any new frame: rests of frames and the pair's own frames.
+    /// Bytes to send before any new frame: the rest of a frame, then the pair's own frames.
     pending: Vec<u8>,
     pending_at: usize,
+    /// The channel whose frame's rest is in `pending`, and where that rest ends there: its
+    /// world's frame is written once `pending` went out that far (its engine keeps calling
+    /// `write` until then, so the world stays busy, and its socket watched for room).
+    rest: Option<(u32, usize)>,
+    /// A channel alone on the pair asleep on the bare socket (armed without a `Wake`): no
+    /// channel opens until it calls again, since nothing could wake it for a parked frame.
+    bare_sleeper: bool,
     /// Why the socket failed, for every channel.
     failed: Option<LinkError>,
 }
@@ -364,9 +372,26 @@ impl PairState {
         if self.chans.len() < 2 {
             return Ok(());
         }
+        self.sweep(Some(me))
+    }
+
+    /// After a call of channel `me` that may have read the socket, with other channels on the
+    /// pair: [`PairState::pass_on`], and bytes a frame's rest left waiting sent along. A
+    /// failure is recorded for every channel, which their next call reports.
+    fn hand_on(&mut self, me: u32) {
+        if self.chans.len() > 1 {
+            let _ = self.pass_on(me);
+        }
+        if self.pending_at < self.pending.len() {
+            let _ = self.flush();
+        }
+    }
+
+    /// Parks every whole frame that arrived, up to `me`'s own next frame (`None`: all).
+    fn sweep(&mut self, me: Option<u32>) -> Result<(), LinkError> {
         loop {
             match &self.cur {
-                Some(c) if c.key == me && matches!(c.route, Route::Owner) => return Ok(()),
+                Some(c) if Some(c.key) == me && matches!(c.route, Route::Owner) => return Ok(()),
                 Some(_) => {
                     if !self.move_along()? {
                         return Ok(());
@@ -535,7 +560,21 @@ impl PairState {
         }
         self.pending.clear();
         self.pending_at = 0;
+        self.rest = None;
         Ok(true)
+    }
+
+    /// True once `me`'s rest in `pending` (if any) went out.
+    fn rest_sent(&mut self, me: u32) -> Result<bool, LinkError> {
+        match self.rest {
+            Some((k, end)) if k == me => {
+                if self.pending_at < end {
+                    self.flush()?;
+                }
+                Ok(self.rest.is_none_or(|(_, end)| self.pending_at >= end))
+            }
+            _ => Ok(true),
+        }
     }
 
     fn write(&mut self, me: u32, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError> {
@@ -554,7 +593,15 @@ impl PairState {
                 return Ok(false);
             }
         } else if self.tx_owner != Some(me) {
-            return Err(LinkError::Io("the rest of a frame written out of turn".into()));
+            // Its rest waits in `pending`: the frame is written once that went out.
+            if !self.rest_sent(me)? {
+                return Ok(false);
+            }
+            if self.rest.is_some_and(|(k, _)| k == me) {
+                self.rest = None;
+            }
+            *written = total;
+            return Ok(true);
         }
         let fd = self.sock.as_raw_fd();
         while *written < total {
@@ -577,31 +624,31 @@ impl PairState {
                     if *written == 0 {
                         return Ok(false);
                     }
-                    if self.chans.len() == 1 {
+                    if self.tx_owner == Some(me) || self.chans.len() == 1 {
                         self.tx_owner = Some(me);
                         return Ok(false);
                     }
-                    // Other channels must not wait for this world to write the rest: it waits
-                    // in `pending`, which whoever writes next sends first.
+                    // Other channels must not wait for this world to write the rest: it goes
+                    // to the front of `pending` (ahead of any credit or end queued there),
+                    // which whoever writes next sends first; this world's frame is written
+                    // once it went out.
                     let w = *written;
-                    if w < header.len() {
-                        self.pending.extend_from_slice(&header[w..]);
-                        self.pending.extend_from_slice(payload);
-                    } else {
-                        self.pending.extend_from_slice(&payload[w - header.len()..]);
-                    }
-                    self.chan(me)?.tx += (total - w) as u64;
-                    *written = total;
-                    break;
+                    let rest: &[&[u8]] = match w < header.len() {
+                        true => &[&header[w..], payload],
+                        false => &[&payload[w - header.len()..]],
+                    };
+                    let at = self.pending_at;
+                    let len: usize = rest.iter().map(|r| r.len()).sum();
+                    self.pending.splice(at..at, rest.iter().flat_map(|r| r.iter().copied()));
+                    self.rest = Some((me, at + len));
+                    self.chan(me)?.tx += len as u64;
+                    return Ok(false);
                 }
                 Err(e) => return Err(self.broke(io_err(e))),
             }
         }
         if self.tx_owner.take().is_some() {
-            // Channels opened while this frame was half out may wait for the socket.
-            for c in &mut self.chans {
-                c.wake();
-            }
+            // What was queued while it wrote its rest (credit) goes now.
             let _ = self.flush();
         }
         Ok(true)
@@ -644,7 +691,10 @@ impl PairState {
             ev |= libc::POLLOUT;
         }
         match &c.wake {
-            None => Armed::Wait(fd, ev),
+            None => {
+                self.bare_sleeper = true;
+                Armed::Wait(fd, ev)
+            }
             Some(w) => {
                 if w.ep.rewatch(fd, ev, 1).is_err() {
                     return Armed::Ready;
@@ -670,9 +720,18 @@ impl PairState {
         if let Some(cur) = self.cur.as_mut().filter(|c| c.key == me) {
             cur.route = Route::Nowhere;
         }
+        if self.rest.is_some_and(|(k, _)| k == me) {
+            // Its rest stays in `pending`, to keep the stream whole; nobody waits for it.
+            self.rest = None;
+        }
         if self.failed.is_none() {
             self.pending.extend_from_slice(&pair_frame(FrameKind::End, me, 0));
             let _ = self.flush();
+            // What it read and left in staging behind its own frame is the others': hand it
+            // on, as any reader does.
+            if !self.chans.is_empty() {
+                let _ = self.sweep(None);
+            }
         }
     }
 }
@@ -698,6 +757,8 @@ impl TcpLink {
             tx_owner: None,
             pending: Vec::new(),
             pending_at: 0,
+            rest: None,
+            bare_sleeper: false,
             failed: None,
         };
         Ok(TcpLink { pair: Arc::new(Pair { st: Mutex::new(st) }), key })
@@ -732,6 +793,12 @@ impl TcpSource {
         if st.chans.iter().any(|c| c.key == key) {
             return Err(io::Error::other(format!("a world with tag {key:#x} uses the pair already")));
         }
+        // The world alone on the pair writes a frame's rest itself, or sleeps on the bare
+        // socket: another world's reads could then leave it waiting. Rare (the parent busy on
+        // another thread during the call); the new world connects on its own instead.
+        if st.tx_owner.is_some() || st.bare_sleeper {
+            return Err(io::Error::other("the pair's world is in the middle of a frame or asleep on its socket"));
+        }
         // From now on a channel may be woken by another: each gets its own wake-up.
         let fd = st.sock.as_raw_fd();
         for c in st.chans.iter_mut().filter(|c| c.wake.is_none()) {
@@ -760,15 +827,24 @@ impl Link for TcpLink {
     }
 
     fn write(&mut self, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError> {
-        self.state().write(self.key, header, payload, written)
+        let mut st = self.state();
+        st.bare_sleeper = false;
+        st.write(self.key, header, payload, written)
     }
 
     fn peek(&mut self) -> Result<Option<FrameHeader>, LinkError> {
-        self.state().peek(self.key)
+        let mut st = self.state();
+        st.bare_sleeper = false;
+        let r = st.peek(self.key);
+        st.hand_on(self.key);
+        r
     }
 
     fn consume(&mut self, sink: Sink<'_>) -> Result<bool, LinkError> {
-        self.state().consume(self.key, sink)
+        let mut st = self.state();
+        let r = st.consume(self.key, sink);
+        st.hand_on(self.key);
+        r
     }
 
     fn traffic(&self) -> (u64, u64) {
@@ -783,10 +859,19 @@ impl Link for TcpLink {
     fn hangup_fd(&mut self) -> Option<(RawFd, i16)> {
         let mut st = self.state();
         let fd = st.sock.as_raw_fd();
+        // Bytes waiting to go (a credit, an end, a frame's rest) while every world of the pair
+        // may be idle: the watch also waits for room, and `reported` sends them.
+        let ev = match st.pending_at < st.pending.len() {
+            true => libc::POLLRDHUP | libc::POLLOUT,
+            false => libc::POLLRDHUP,
+        };
         let c = st.chan(self.key).ok()?;
         match &c.wake {
-            None => Some((fd, libc::POLLRDHUP)),
-            Some(w) => Some((w.idle.fd(), libc::POLLIN)),
+            None => Some((fd, ev)),
+            Some(w) => {
+                w.idle.rewatch(fd, ev, 1).ok()?;
+                Some((w.idle.fd(), libc::POLLIN))
+            }
         }
     }
 
@@ -795,6 +880,7 @@ impl Link for TcpLink {
         if let Ok(Chan { wake: Some(w), .. }) = st.chan(self.key) {
             w.hup.drain();
         }
+        let _ = st.flush();
     }
 
     fn spins(&self) -> bool {
@@ -810,13 +896,15 @@ impl Link for TcpLink {
         if !st.chan(self.key)?.inbox.is_empty() {
             return Ok(true);
         }
-        match &st.cur {
+        let r = match &st.cur {
             Some(Cur { key, h, done, route: Route::Owner }) if *key == self.key => {
                 let rest = h.len as usize - done;
                 st.have(rest)
             }
             _ => Ok(false),
-        }
+        };
+        st.hand_on(self.key);
+        r
     }
 
     fn shutdown(&mut self) {
@@ -824,8 +912,7 @@ impl Link for TcpLink {
         st.close(self.key);
         // The last user of the pair: FIN after the data already queued; then read what is
         // pending so that closing with unread input does not turn the FIN into a reset.
-        if st.chans.is_empty() && Arc::strong_count(&self.pair) == 1 {
-            let _ = st.flush();
+        if st.chans.is_empty() && Arc::strong_count(&self.pair) == 1 && matches!(st.flush(), Ok(true)) {
             let _ = st.sock.shutdown(std::net::Shutdown::Write);
             let mut sink = [0u8; 4096];
             while matches!((&st.sock).read(&mut sink), Ok(n) if n > 0) {}
@@ -1156,6 +1243,152 @@ mod tests {
             assert!(t.elapsed() < std::time::Duration::from_secs(10), "no credit came back");
             let _ = a1.peek().unwrap();
         }
+    }
+
+    fn raw_pair() -> (TcpLink, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let raw = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (TcpLink::new(s, None, 1).unwrap(), raw)
+    }
+
+    fn poll_ms(fd: RawFd, ev: i16, ms: i32) -> i32 {
+        let mut p = [sys::pollfd(fd, ev)];
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(p.as_mut_ptr(), 1, ms) }
+    }
+
+    /// Bytes of frame `i` of `world` with an `n`-byte payload of `fill`.
+    fn frame_bytes(world: u32, i: u64, n: usize, fill: u8) -> Vec<u8> {
+        let mut b = data_header(world, i, n).encode().to_vec();
+        b.resize(HEADER_LEN + n, fill);
+        b
+    }
+
+    /// A world that goes away with its own frame peeked hands on what it read behind it: its
+    /// sibling, asleep, is woken for its frame (found by review: it slept on).
+    #[test]
+    fn a_world_closing_hands_on_the_frames_behind_its_own() {
+        let (mut a1, mut raw) = raw_pair();
+        let mut a2 = a1.source().unwrap().open(2).unwrap();
+        let mut bytes = frame_bytes(1, 0, 100, 1);
+        bytes.extend(frame_bytes(2, 0, 8, 2));
+        raw.write_all(&bytes).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(a1.peek().unwrap().map(|h| h.world), Some(1));
+        let Armed::Wait(fd, ev) = a2.arm(true, false) else { panic!("nothing for world 2 yet") };
+        drop(a1);
+        assert_eq!(poll_ms(fd, ev, 1000), 1, "world 2 not woken");
+        assert_eq!(a2.peek().unwrap().map(|h| h.world), Some(2));
+    }
+
+    /// A world that finishes its own frame, which a sibling had begun to park, hands on the
+    /// sibling's frame it read along (found by review: the sibling slept on).
+    #[test]
+    fn a_world_finishing_its_parked_frame_hands_on_what_follows() {
+        let (mut a1, mut raw) = raw_pair();
+        let mut a2 = a1.source().unwrap().open(2).unwrap();
+        let first = frame_bytes(1, 0, 1000, 1);
+        raw.write_all(&first[..HEADER_LEN + 500]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(a1.peek().unwrap().map(|h| h.world), Some(1));
+        let mut dst = vec![0u8; 1000];
+        assert!(!a1.consume(Sink::Copy(&mut dst)).unwrap());
+        // World 2 reads the socket: world 1's frame is on its way to world 1's inbox.
+        assert_eq!(a2.peek().unwrap(), None);
+        let Armed::Wait(fd, ev) = a2.arm(true, false) else { panic!("nothing for world 2 yet") };
+        let mut rest = first[HEADER_LEN + 500..].to_vec();
+        rest.extend(frame_bytes(2, 0, 8, 2));
+        raw.write_all(&rest).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(a1.consume(Sink::Copy(&mut dst)).unwrap());
+        assert!(dst.iter().all(|b| *b == 1));
+        assert_eq!(poll_ms(fd, ev, 1000), 1, "world 2 not woken");
+        assert_eq!(a2.peek().unwrap().map(|h| h.world), Some(2));
+    }
+
+    /// No channel opens while the world alone on the pair sleeps on the bare socket, where a
+    /// sibling parking its frame could not wake it, nor while it writes a frame's rest itself
+    /// (found by review); either way the new world connects on its own, and once the world
+    /// called again, channels open.
+    #[test]
+    fn no_channel_opens_beside_a_world_asleep_on_the_bare_socket_or_half_through_a_frame() {
+        let (mut a1, _raw) = raw_pair();
+        assert!(matches!(a1.arm(true, false), Armed::Wait(..)));
+        assert!(a1.source().unwrap().open(2).is_err());
+        assert_eq!(a1.peek().unwrap(), None);
+        drop(a1.source().unwrap().open(2).unwrap());
+
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let (mut a1, mut b1) =
+            (TcpLink::new(a, Some(16 << 10), 1).unwrap(), TcpLink::new(b, Some(16 << 10), 1).unwrap());
+        let p = vec![9u8; 400_000];
+        let h = data_header(1, 0, p.len()).encode();
+        let mut w = 0;
+        assert!(!a1.write(&h, &p, &mut w).unwrap());
+        assert!(a1.source().unwrap().open(2).is_err(), "opened beside a half-written frame");
+        let mut got = vec![0u8; p.len()];
+        let t = std::time::Instant::now();
+        let mut done = (false, false);
+        while done != (true, true) {
+            assert!(t.elapsed() < std::time::Duration::from_secs(5), "stuck");
+            if !done.0 {
+                done.0 = a1.write(&h, &p, &mut w).unwrap();
+            }
+            if !done.1 && b1.peek().unwrap().is_some() {
+                done.1 = b1.consume(Sink::Copy(&mut got)).unwrap();
+            }
+        }
+        assert!(got == p);
+        drop(a1.source().unwrap().open(2).unwrap());
+    }
+
+    /// With a sibling on the pair, a frame's rest goes aside when the socket fills, and the
+    /// frame counts as written only once that rest went out: its world stays busy (and asks
+    /// for room) until then, instead of leaving bytes that only another world's call would
+    /// send (found by review: a receiver waited for the sender's next heartbeat). A credit
+    /// queued meanwhile goes after the rest, never inside the frame.
+    #[test]
+    fn a_frame_set_aside_counts_as_written_once_its_rest_went_out() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let (mut a1, mut b1) =
+            (TcpLink::new(a, Some(16 << 10), 1).unwrap(), TcpLink::new(b, Some(16 << 10), 1).unwrap());
+        let _a2 = a1.source().unwrap().open(2).unwrap();
+        let _b2 = b1.source().unwrap().open(2).unwrap();
+        let p = vec![5u8; 400_000];
+        let h = data_header(1, 0, p.len()).encode();
+        let mut w = 0;
+        assert!(!a1.write(&h, &p, &mut w).unwrap());
+        assert!(w > 0 && w < h.len() + p.len(), "{w}");
+        assert!(a1.state().rest.is_some());
+        // A credit queued behind the rest.
+        a1.state().pending.extend_from_slice(&pair_frame(FrameKind::Credit, 2, 1));
+        // Not written while the peer reads nothing.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!a1.write(&h, &p, &mut w).unwrap());
+        let mut got = vec![0u8; p.len()];
+        let t = std::time::Instant::now();
+        let mut done = (false, false);
+        while done != (true, true) {
+            assert!(t.elapsed() < std::time::Duration::from_secs(5), "stuck");
+            if !done.0 {
+                done.0 = a1.write(&h, &p, &mut w).unwrap();
+            }
+            match b1.peek() {
+                Ok(Some(hh)) if !done.1 => {
+                    assert_eq!(hh.world, 1);
+                    done.1 = b1.consume(Sink::Copy(&mut got)).unwrap();
+                }
+                Ok(_) => {}
+                Err(e) => panic!("stream broken: {e:?}"),
+            }
+        }
+        assert!(got.iter().all(|b| *b == 5), "payload damaged");
+        assert_eq!(b1.state().chans[1].credit, WINDOW + 1, "the credit went whole, after the frame");
     }
 
     /// One frame each way on a pair of channels, waiting as needed.
