@@ -1065,18 +1065,42 @@ mod tests {
         (0..len).map(|j| (world as u64 * 31 + i * 7 + j as u64) as u8).collect()
     }
 
-    /// Sends `n` frames on `link` as world `world`, sleeping as `arm` says when it cannot.
+    /// Sends frame `i` of `world` with payload `p`, sleeping as `arm` says when it cannot; a
+    /// reader meanwhile keeps the socket moving (credit, the other channel's frames).
+    fn send_one(link: &mut TcpLink, world: u32, i: u64, p: &[u8]) {
+        let h = data_header(world, i, p.len()).encode();
+        let mut written = 0;
+        let t = std::time::Instant::now();
+        while !link.write(&h, p, &mut written).unwrap() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(20), "world {world}: send {i} stuck");
+            sleep_on(link, true, true, 50);
+            // (The peer may close its end once it took the last frame, before this side saw
+            // its frame's rest go.)
+            let _ = link.peek();
+        }
+    }
+
+    /// Takes frame `i` of `world` and checks it against `want`.
+    fn recv_one(link: &mut TcpLink, world: u32, i: u64, want: &[u8]) {
+        let mut got = vec![0u8; want.len()];
+        let t = std::time::Instant::now();
+        loop {
+            assert!(t.elapsed() < std::time::Duration::from_secs(20), "world {world}: frame {i} never came");
+            if let Some(h) = link.peek().unwrap() {
+                assert_eq!((h.world, h.seq, h.len as usize), (world, i, want.len()), "world {world} frame {i}");
+                if link.consume(Sink::Copy(&mut got)).unwrap() {
+                    break;
+                }
+            }
+            sleep_on(link, true, false, 50);
+        }
+        assert!(got == want, "world {world}: frame {i} damaged");
+    }
+
+    /// Sends `n` frames on `link` as world `world`.
     fn send_all(mut link: TcpLink, world: u32, n: u64) -> TcpLink {
         for i in 0..n {
-            let (p, h) = (payload(world, i), data_header(world, i, payload(world, i).len()).encode());
-            let mut written = 0;
-            let t = std::time::Instant::now();
-            while !link.write(&h, &p, &mut written).unwrap() {
-                assert!(t.elapsed() < std::time::Duration::from_secs(20), "world {world}: send {i} stuck");
-                sleep_on(&mut link, true, true, 50);
-                // A reader keeps the socket moving (credit, the other channel's frames).
-                let _ = link.peek().unwrap();
-            }
+            send_one(&mut link, world, i, &payload(world, i));
         }
         link
     }
@@ -1084,34 +1108,28 @@ mod tests {
     /// Receives `n` frames of world `world` and checks each against what was sent.
     fn recv_all(mut link: TcpLink, world: u32, n: u64) -> TcpLink {
         for i in 0..n {
-            let want = payload(world, i);
-            let mut got = vec![0u8; want.len()];
-            let t = std::time::Instant::now();
-            loop {
-                assert!(t.elapsed() < std::time::Duration::from_secs(20), "world {world}: frame {i} never came");
-                if let Some(h) = link.peek().unwrap() {
-                    assert_eq!((h.world, h.seq, h.len as usize), (world, i, want.len()), "world {world} frame {i}");
-                    if link.consume(Sink::Copy(&mut got)).unwrap() {
-                        break;
-                    }
-                }
-                sleep_on(&mut link, true, false, 50);
-            }
-            assert!(got == want, "world {world}: frame {i} damaged");
+            recv_one(&mut link, world, i, &payload(world, i));
         }
         link
+    }
+
+    /// Two ends of one socket with `buffer` socket buffers, each with world 1 (the pair's
+    /// first) and world 2 (a channel opened after): `(a1, b1, a2, b2)`.
+    fn two_worlds(buffer: Option<usize>) -> (TcpLink, TcpLink, TcpLink, TcpLink) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let (a1, b1) = (TcpLink::new(a, buffer, 1).unwrap(), TcpLink::new(b, buffer, 1).unwrap());
+        let a2 = a1.source().unwrap().open(2).unwrap();
+        let b2 = b1.source().unwrap().open(2).unwrap();
+        (a1, b1, a2, b2)
     }
 
     /// Two worlds on one socket, each streaming both ways from its own thread: every frame
     /// arrives whole, in order, on its own channel, whichever thread read it off the socket.
     #[test]
     fn two_channels_stream_both_ways_at_once() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        let (a1, b1) = (TcpLink::new(a, Some(64 << 10), 1).unwrap(), TcpLink::new(b, Some(64 << 10), 1).unwrap());
-        let a2 = a1.source().unwrap().open(2).unwrap();
-        let b2 = b1.source().unwrap().open(2).unwrap();
+        let (a1, b1, a2, b2) = two_worlds(Some(64 << 10));
         let n = 200;
         std::thread::scope(|s| {
             let t = [
@@ -1127,29 +1145,12 @@ mod tests {
     }
 
     /// Sends frame `i` of `world` and then takes the peer's frame `i`, `n` times (the shape of
-    /// a collective between two ranks), each step sleeping as `arm` says.
+    /// a collective between two ranks).
     fn ping_pong(mut link: TcpLink, world: u32, n: u64) -> TcpLink {
         for i in 0..n {
             let p = payload(world, i % 3 + 1);
-            let h = data_header(world, i, p.len()).encode();
-            let mut written = 0;
-            let t = std::time::Instant::now();
-            while !link.write(&h, &p, &mut written).unwrap() {
-                assert!(t.elapsed() < std::time::Duration::from_secs(10), "world {world}: send {i} stuck");
-                sleep_on(&mut link, true, true, 50);
-            }
-            let mut got = vec![0u8; p.len()];
-            loop {
-                assert!(t.elapsed() < std::time::Duration::from_secs(10), "world {world}: frame {i} never came");
-                if let Some(h) = link.peek().unwrap() {
-                    assert_eq!((h.world, h.seq), (world, i), "world {world} frame {i}");
-                    if link.consume(Sink::Copy(&mut got)).unwrap() {
-                        break;
-                    }
-                }
-                sleep_on(&mut link, true, false, 50);
-            }
-            assert!(got == p, "world {world}: frame {i} damaged");
+            send_one(&mut link, world, i, &p);
+            recv_one(&mut link, world, i, &p);
         }
         link
     }
@@ -1157,12 +1158,7 @@ mod tests {
     /// Two worlds on one socket, each in lock-step between its two ends, one thread per end.
     #[test]
     fn two_channels_in_lock_step() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        let (a1, b1) = (TcpLink::new(a, None, 1).unwrap(), TcpLink::new(b, None, 1).unwrap());
-        let a2 = a1.source().unwrap().open(2).unwrap();
-        let b2 = b1.source().unwrap().open(2).unwrap();
+        let (a1, b1, a2, b2) = two_worlds(None);
         let n = 3000;
         std::thread::scope(|s| {
             let t = [
@@ -1180,12 +1176,7 @@ mod tests {
     /// socket (the socket itself has nothing more to say then).
     #[test]
     fn a_frame_read_by_another_channel_wakes_its_own() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        let (mut a1, mut b1) = (TcpLink::new(a, None, 1).unwrap(), TcpLink::new(b, None, 1).unwrap());
-        let mut a2 = a1.source().unwrap().open(2).unwrap();
-        let _b2 = b1.source().unwrap().open(2).unwrap();
+        let (mut a1, mut b1, mut a2, _b2) = two_worlds(None);
         let Armed::Wait(fd, ev) = a2.arm(true, false) else { panic!("nothing to read yet") };
         let mut w = 0;
         let h = data_header(2, 0, 0).encode();
@@ -1203,12 +1194,7 @@ mod tests {
     /// reads, its peer may send again.
     #[test]
     fn a_channel_not_read_stops_its_sender_at_the_window() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        let (mut a1, mut b1) = (TcpLink::new(a, None, 1).unwrap(), TcpLink::new(b, None, 1).unwrap());
-        let mut a2 = a1.source().unwrap().open(2).unwrap();
-        let mut b2 = b1.source().unwrap().open(2).unwrap();
+        let (mut a1, mut b1, mut a2, mut b2) = two_worlds(None);
         let p = vec![7u8; 256 << 10];
         let frame = (HEADER_LEN + p.len()) as u64;
         let (mut sent, mut i) = (0u64, 0u64);
@@ -1329,19 +1315,7 @@ mod tests {
         let mut w = 0;
         assert!(!a1.write(&h, &p, &mut w).unwrap());
         assert!(a1.source().unwrap().open(2).is_err(), "opened beside a half-written frame");
-        let mut got = vec![0u8; p.len()];
-        let t = std::time::Instant::now();
-        let mut done = (false, false);
-        while done != (true, true) {
-            assert!(t.elapsed() < std::time::Duration::from_secs(5), "stuck");
-            if !done.0 {
-                done.0 = a1.write(&h, &p, &mut w).unwrap();
-            }
-            if !done.1 && b1.peek().unwrap().is_some() {
-                done.1 = b1.consume(Sink::Copy(&mut got)).unwrap();
-            }
-        }
-        assert!(got == p);
+        assert!(finish_and_take(&mut a1, &mut b1, &h, &p, &mut w) == p);
         drop(a1.source().unwrap().open(2).unwrap());
     }
 
@@ -1352,13 +1326,7 @@ mod tests {
     /// queued meanwhile goes after the rest, never inside the frame.
     #[test]
     fn a_frame_set_aside_counts_as_written_once_its_rest_went_out() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        let (mut a1, mut b1) =
-            (TcpLink::new(a, Some(16 << 10), 1).unwrap(), TcpLink::new(b, Some(16 << 10), 1).unwrap());
-        let _a2 = a1.source().unwrap().open(2).unwrap();
-        let _b2 = b1.source().unwrap().open(2).unwrap();
+        let (mut a1, mut b1, _a2, _b2) = two_worlds(Some(16 << 10));
         let p = vec![5u8; 400_000];
         let h = data_header(1, 0, p.len()).encode();
         let mut w = 0;
@@ -1370,25 +1338,29 @@ mod tests {
         // Not written while the peer reads nothing.
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(!a1.write(&h, &p, &mut w).unwrap());
+        let got = finish_and_take(&mut a1, &mut b1, &h, &p, &mut w);
+        assert!(got.iter().all(|b| *b == 5), "payload damaged");
+        assert_eq!(b1.state().chans[1].credit, WINDOW + 1, "the credit went whole, after the frame");
+    }
+
+    /// Writes the rest of the frame `h`/`p` begun on `a` (`w` bytes out) while `b` takes it;
+    /// the payload `b` got.
+    fn finish_and_take(a: &mut TcpLink, b: &mut TcpLink, h: &[u8], p: &[u8], w: &mut usize) -> Vec<u8> {
         let mut got = vec![0u8; p.len()];
         let t = std::time::Instant::now();
         let mut done = (false, false);
         while done != (true, true) {
             assert!(t.elapsed() < std::time::Duration::from_secs(5), "stuck");
             if !done.0 {
-                done.0 = a1.write(&h, &p, &mut w).unwrap();
+                done.0 = a.write(h, p, w).unwrap();
             }
-            match b1.peek() {
-                Ok(Some(hh)) if !done.1 => {
-                    assert_eq!(hh.world, 1);
-                    done.1 = b1.consume(Sink::Copy(&mut got)).unwrap();
-                }
+            match b.peek() {
+                Ok(Some(_)) if !done.1 => done.1 = b.consume(Sink::Copy(&mut got)).unwrap(),
                 Ok(_) => {}
                 Err(e) => panic!("stream broken: {e:?}"),
             }
         }
-        assert!(got.iter().all(|b| *b == 5), "payload damaged");
-        assert_eq!(b1.state().chans[1].credit, WINDOW + 1, "the credit went whole, after the frame");
+        got
     }
 
     /// One frame each way on a pair of channels, waiting as needed.
