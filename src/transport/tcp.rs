@@ -709,6 +709,8 @@ impl PairState {
     fn close(&mut self, me: u32) {
         let Some(i) = self.chans.iter().position(|c| c.key == me) else { return };
         self.chans.remove(i);
+        // Whoever slept on the bare socket was this channel, alone on the pair.
+        self.bare_sleeper = false;
         if self.tx_owner == Some(me) {
             // Its world went with half a frame out, which no one else can finish: the stream
             // is cut, for every channel.
@@ -842,6 +844,7 @@ impl Link for TcpLink {
 
     fn consume(&mut self, sink: Sink<'_>) -> Result<bool, LinkError> {
         let mut st = self.state();
+        st.bare_sleeper = false;
         let r = st.consume(self.key, sink);
         st.hand_on(self.key);
         r
