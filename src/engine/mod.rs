@@ -461,11 +461,14 @@ impl Engine {
     /// Per peer, where a world made from this one may claim a lane of the pair's segment
     /// (`transport/shm/lane.rs`); `None` for other links, for a link gone, or a broken world
     /// unless `broken` (`shrink`: a break leaves its live peers' segments alone).
-    pub(crate) fn lane_sources(&self, broken: bool) -> Vec<Option<crate::transport::PairSource>> {
+    pub(crate) fn lane_sources(&mut self, broken: bool) -> Vec<Option<crate::transport::PairSource>> {
         if self.broken.is_some() {
             return if broken { self.kept_segments.clone() } else { Vec::new() };
         }
-        self.peers.iter().map(|p| p.as_ref().filter(|p| p.gone.is_none()).and_then(|p| p.link.lane_source())).collect()
+        self.peers
+            .iter_mut()
+            .map(|p| p.as_mut().filter(|p| p.gone.is_none()).and_then(|p| p.link.lane_source()))
+            .collect()
     }
 
     /// The transport used for each peer (`None` for the rank itself or absent links).
@@ -973,7 +976,8 @@ impl Engine {
         // broke the world first closed its end; one that died is not among the survivors a
         // shrink names, or that shrink cannot form anyway).
         if kind != FrameKind::Close {
-            self.kept_segments = self.peers.iter().map(|p| p.as_ref().and_then(|p| p.link.segment_source())).collect();
+            self.kept_segments =
+                self.peers.iter_mut().map(|p| p.as_mut().and_then(|p| p.link.segment_source())).collect();
         }
         let mut s = self.stats;
         self.add_link_counters(&mut s);

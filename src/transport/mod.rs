@@ -205,14 +205,14 @@ pub(crate) trait Link: Send {
     /// Where a world made from this link's world may link the same pair instead of forming a
     /// link of its own: a lane of its segment (`shm/lane.rs`) or a channel of its socket
     /// (`tcp.rs`); `None` for other transports.
-    fn lane_source(&self) -> Option<PairSource> {
+    fn lane_source(&mut self) -> Option<PairSource> {
         None
     }
 
     /// The pair's segment, whatever became of this link (closed by a break, or its peer's
     /// end gone), or its socket while that works: a broken world keeps it for a `shrink`,
     /// whose other lanes and channels a break leaves alone; `None` for other transports.
-    fn segment_source(&self) -> Option<PairSource> {
+    fn segment_source(&mut self) -> Option<PairSource> {
         None
     }
 }

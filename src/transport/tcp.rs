@@ -22,7 +22,9 @@
 //! `End`: the peer's world on it sees the link closed, exactly as if its socket had closed,
 //! while the pair and its other channels go on. The socket failing (the peer process gone,
 //! the connection cut, bytes that are no frame) fails every channel: every world of the pair
-//! breaks. `docs/fault-model.md` says what is shared and what is not.
+//! breaks. `docs/fault-model.md` says what is shared and what is not. A link alone on its
+//! socket that never offered it to a world made from its own holds the pair's state without a
+//! lock; offering it (`Link::lane_source`) puts the state behind the pair's lock for good.
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
@@ -79,8 +81,48 @@ fn io_err(e: io::Error) -> LinkError {
 
 /// One world's link over a pair's socket: its channel.
 pub(crate) struct TcpLink {
-    pair: Arc<Pair>,
+    /// Always `Some` between calls.
+    mode: Option<Mode>,
     key: u32,
+    /// The frame `peek` returned has all its payload here already (staged or parked), which
+    /// stays true until it is consumed: `payload_ready` answers without the pair's lock (an
+    /// atomic exchange costs about as much here as the rest of the call).
+    whole: bool,
+}
+
+/// How a link holds its pair's state.
+enum Mode {
+    /// Alone on the socket, which it has offered to no world made from its own: nothing else
+    /// can reach the state, so no lock (on this machine each lock and unlock costs about as
+    /// much as the rest of a link call).
+    Solo(Box<PairState>),
+    /// Shared with other channels (or offered to them): through the pair's lock.
+    Shared(Arc<Pair>),
+}
+
+/// The pair's state for one call of a link.
+enum St<'a> {
+    Solo(&'a mut PairState),
+    Shared(MutexGuard<'a, PairState>),
+}
+
+impl std::ops::Deref for St<'_> {
+    type Target = PairState;
+    fn deref(&self) -> &PairState {
+        match self {
+            St::Solo(s) => s,
+            St::Shared(g) => g,
+        }
+    }
+}
+
+impl std::ops::DerefMut for St<'_> {
+    fn deref_mut(&mut self) -> &mut PairState {
+        match self {
+            St::Solo(s) => s,
+            St::Shared(g) => g,
+        }
+    }
 }
 
 /// A pair's socket, for a world made from a world that uses it ([`TcpSource::open`]).
@@ -384,6 +426,17 @@ impl PairState {
         }
         if self.pending_at < self.pending.len() {
             let _ = self.flush();
+        }
+    }
+
+    /// True when `me`'s next frame has all its payload here (parked, or staged behind its
+    /// header), without reading more.
+    fn whole(&mut self, me: u32) -> bool {
+        let staged = self.staged();
+        match (self.chans.iter().find(|c| c.key == me), &self.cur) {
+            (Some(c), _) if !c.inbox.is_empty() => true,
+            (_, Some(Cur { key, h, done, route: Route::Owner })) if *key == me => staged >= h.len as usize - done,
+            _ => false,
         }
     }
 
@@ -763,15 +816,33 @@ impl TcpLink {
             bare_sleeper: false,
             failed: None,
         };
-        Ok(TcpLink { pair: Arc::new(Pair { st: Mutex::new(st) }), key })
+        Ok(TcpLink { mode: Some(Mode::Solo(Box::new(st))), key, whole: false })
     }
 
-    fn state(&self) -> MutexGuard<'_, PairState> {
-        self.pair.state()
+    /// The pair's state for this call (`None` cannot happen: `mode` is only empty inside
+    /// [`TcpLink::shared`]).
+    fn state(&mut self) -> Option<St<'_>> {
+        match self.mode.as_mut()? {
+            Mode::Solo(st) => Some(St::Solo(st)),
+            Mode::Shared(p) => Some(St::Shared(p.state())),
+        }
     }
 
-    fn source(&self) -> Option<TcpSource> {
-        self.state().failed.is_none().then(|| TcpSource(self.pair.clone()))
+    /// The pair, shared from now on if it was this link's alone.
+    fn shared(&mut self) -> Option<Arc<Pair>> {
+        let pair = match self.mode.take()? {
+            Mode::Solo(st) => Arc::new(Pair { st: Mutex::new(*st) }),
+            Mode::Shared(p) => p,
+        };
+        self.mode = Some(Mode::Shared(pair.clone()));
+        Some(pair)
+    }
+
+    /// The pair, for worlds made from this link's world, while its socket works.
+    fn source(&mut self) -> Option<TcpSource> {
+        let pair = self.shared()?;
+        let ok = pair.state().failed.is_none();
+        ok.then_some(TcpSource(pair))
     }
 }
 
@@ -809,13 +880,21 @@ impl TcpSource {
         let mut c = Chan::new(key);
         c.wake = Some(Wake::new(fd)?);
         st.chans.push(c);
-        Ok(TcpLink { pair: self.0.clone(), key })
+        Ok(TcpLink { mode: Some(Mode::Shared(self.0.clone())), key, whole: false })
     }
+}
+
+/// A link whose state went missing (cannot happen; see [`TcpLink::state`]).
+fn gone() -> LinkError {
+    LinkError::Io("the link's state is gone".into())
 }
 
 impl Drop for TcpLink {
     fn drop(&mut self) {
-        self.state().close(self.key);
+        let key = self.key;
+        if let Some(mut st) = self.state() {
+            st.close(key);
+        }
     }
 }
 
@@ -829,38 +908,57 @@ impl Link for TcpLink {
     }
 
     fn write(&mut self, header: &[u8], payload: &[u8], written: &mut usize) -> Result<bool, LinkError> {
-        let mut st = self.state();
+        let key = self.key;
+        let mut st = self.state().ok_or_else(gone)?;
         st.bare_sleeper = false;
-        st.write(self.key, header, payload, written)
+        st.write(key, header, payload, written)
     }
 
     fn peek(&mut self) -> Result<Option<FrameHeader>, LinkError> {
-        let mut st = self.state();
+        let key = self.key;
+        let mut st = self.state().ok_or_else(gone)?;
         st.bare_sleeper = false;
-        let r = st.peek(self.key);
-        st.hand_on(self.key);
+        let r = st.peek(key);
+        st.hand_on(key);
+        let whole = matches!(r, Ok(Some(_))) && st.whole(key);
+        drop(st);
+        self.whole = whole;
         r
     }
 
     fn consume(&mut self, sink: Sink<'_>) -> Result<bool, LinkError> {
-        let mut st = self.state();
+        let key = self.key;
+        let mut st = self.state().ok_or_else(gone)?;
         st.bare_sleeper = false;
-        let r = st.consume(self.key, sink);
-        st.hand_on(self.key);
+        let r = st.consume(key, sink);
+        st.hand_on(key);
+        drop(st);
+        if matches!(r, Ok(true)) {
+            self.whole = false;
+        }
         r
     }
 
     fn traffic(&self) -> (u64, u64) {
-        let mut st = self.state();
-        st.chan(self.key).map_or((0, 0), |c| (c.rx, c.tx))
+        let counts = |st: &PairState| st.chans.iter().find(|c| c.key == self.key).map_or((0, 0), |c| (c.rx, c.tx));
+        match &self.mode {
+            Some(Mode::Solo(st)) => counts(st),
+            Some(Mode::Shared(p)) => counts(&p.state()),
+            None => (0, 0),
+        }
     }
 
     fn arm(&mut self, read: bool, write: bool) -> Armed {
-        self.state().arm(self.key, read, write)
+        let key = self.key;
+        match self.state() {
+            Some(mut st) => st.arm(key, read, write),
+            None => Armed::Ready,
+        }
     }
 
     fn hangup_fd(&mut self) -> Option<(RawFd, i16)> {
-        let mut st = self.state();
+        let key = self.key;
+        let mut st = self.state()?;
         let fd = st.sock.as_raw_fd();
         // Bytes waiting to go (a credit, an end, a frame's rest) while every world of the pair
         // may be idle: the watch also waits for room, and `reported` sends them.
@@ -868,7 +966,7 @@ impl Link for TcpLink {
             true => libc::POLLRDHUP | libc::POLLOUT,
             false => libc::POLLRDHUP,
         };
-        let c = st.chan(self.key).ok()?;
+        let c = st.chan(key).ok()?;
         match &c.wake {
             None => Some((fd, ev)),
             Some(w) => {
@@ -879,8 +977,9 @@ impl Link for TcpLink {
     }
 
     fn reported(&mut self) {
-        let mut st = self.state();
-        if let Ok(Chan { wake: Some(w), .. }) = st.chan(self.key) {
+        let key = self.key;
+        let Some(mut st) = self.state() else { return };
+        if let Ok(Chan { wake: Some(w), .. }) = st.chan(key) {
             w.hup.drain();
         }
         let _ = st.flush();
@@ -895,38 +994,47 @@ impl Link for TcpLink {
     }
 
     fn payload_ready(&mut self) -> Result<bool, LinkError> {
-        let mut st = self.state();
-        if !st.chan(self.key)?.inbox.is_empty() {
+        if self.whole {
+            return Ok(true);
+        }
+        let me = self.key;
+        let mut st = self.state().ok_or_else(gone)?;
+        if !st.chan(me)?.inbox.is_empty() {
             return Ok(true);
         }
         let r = match &st.cur {
-            Some(Cur { key, h, done, route: Route::Owner }) if *key == self.key => {
+            Some(Cur { key, h, done, route: Route::Owner }) if *key == me => {
                 let rest = h.len as usize - done;
                 st.have(rest)
             }
             _ => Ok(false),
         };
-        st.hand_on(self.key);
+        st.hand_on(me);
         r
     }
 
     fn shutdown(&mut self) {
-        let mut st = self.state();
-        st.close(self.key);
+        let key = self.key;
+        let last = match &self.mode {
+            Some(Mode::Shared(p)) => Arc::strong_count(p) == 1,
+            _ => true,
+        };
+        let Some(mut st) = self.state() else { return };
+        st.close(key);
         // The last user of the pair: FIN after the data already queued; then read what is
         // pending so that closing with unread input does not turn the FIN into a reset.
-        if st.chans.is_empty() && Arc::strong_count(&self.pair) == 1 && matches!(st.flush(), Ok(true)) {
+        if st.chans.is_empty() && last && matches!(st.flush(), Ok(true)) {
             let _ = st.sock.shutdown(std::net::Shutdown::Write);
             let mut sink = [0u8; 4096];
             while matches!((&st.sock).read(&mut sink), Ok(n) if n > 0) {}
         }
     }
 
-    fn lane_source(&self) -> Option<super::PairSource> {
+    fn lane_source(&mut self) -> Option<super::PairSource> {
         self.source().map(super::PairSource::Tcp)
     }
 
-    fn segment_source(&self) -> Option<super::PairSource> {
+    fn segment_source(&mut self) -> Option<super::PairSource> {
         self.source().map(super::PairSource::Tcp)
     }
 }
@@ -954,14 +1062,14 @@ mod tests {
         let untouched = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (peer, _) = l.accept().unwrap();
         let default = rcvbuf(&peer);
-        let link = TcpLink::new(peer, None, 7).unwrap();
-        assert_eq!(rcvbuf(&link.state().sock), default);
+        let mut link = TcpLink::new(peer, None, 7).unwrap();
+        assert_eq!(rcvbuf(&link.state().unwrap().sock), default);
         drop(untouched);
         let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, _) = l.accept().unwrap();
-        let asked = TcpLink::new(s, Some(16 << 10), 7).unwrap();
+        let mut asked = TcpLink::new(s, Some(16 << 10), 7).unwrap();
         // Linux doubles what it is asked for (bookkeeping), within its limits.
-        assert_ne!(rcvbuf(&asked.state().sock), default);
+        assert_ne!(rcvbuf(&asked.state().unwrap().sock), default);
     }
 
     /// Polls `f` until it stops answering `Ok(None)`/`Ok(false)`, for at most a second.
@@ -1122,7 +1230,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
-        let (a1, b1) = (TcpLink::new(a, buffer, 1).unwrap(), TcpLink::new(b, buffer, 1).unwrap());
+        let (mut a1, mut b1) = (TcpLink::new(a, buffer, 1).unwrap(), TcpLink::new(b, buffer, 1).unwrap());
         let a2 = a1.source().unwrap().open(2).unwrap();
         let b2 = b1.source().unwrap().open(2).unwrap();
         (a1, b1, a2, b2)
@@ -1203,7 +1311,7 @@ mod tests {
         let (mut sent, mut i) = (0u64, 0u64);
         let t = std::time::Instant::now();
         // World 1 sends, its receiver never reads; world 2's receiver reads the socket.
-        while !a1.state().chans[0].starved {
+        while !a1.state().unwrap().chans[0].starved {
             assert!(t.elapsed() < std::time::Duration::from_secs(10), "no stop after {sent} bytes");
             let mut w = 0;
             if a1.write(&data_header(1, i, p.len()).encode(), &p, &mut w).unwrap() {
@@ -1213,11 +1321,11 @@ mod tests {
         }
         assert!(sent <= WINDOW && sent + frame > WINDOW, "stopped after {sent} bytes");
         // Everything sent reaches the side that does not read, parked there, no more.
-        while b1.state().chans[0].inbox.len() < i as usize {
+        while b1.state().unwrap().chans[0].inbox.len() < i as usize {
             assert!(t.elapsed() < std::time::Duration::from_secs(10));
             assert_eq!(b2.peek().unwrap(), None);
         }
-        let parked: usize = b1.state().chans[0].inbox.iter().map(|f| HEADER_LEN + f.data.len()).sum();
+        let parked: usize = b1.state().unwrap().chans[0].inbox.iter().map(|f| HEADER_LEN + f.data.len()).sum();
         assert_eq!(parked as u64, sent);
         // The sibling world still moves, both ways.
         ping_pong_pair(&mut a2, &mut b2);
@@ -1335,15 +1443,15 @@ mod tests {
         let mut w = 0;
         assert!(!a1.write(&h, &p, &mut w).unwrap());
         assert!(w > 0 && w < h.len() + p.len(), "{w}");
-        assert!(a1.state().rest.is_some());
+        assert!(a1.state().unwrap().rest.is_some());
         // A credit queued behind the rest.
-        a1.state().pending.extend_from_slice(&pair_frame(FrameKind::Credit, 2, 1));
+        a1.state().unwrap().pending.extend_from_slice(&pair_frame(FrameKind::Credit, 2, 1));
         // Not written while the peer reads nothing.
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(!a1.write(&h, &p, &mut w).unwrap());
         let got = finish_and_take(&mut a1, &mut b1, &h, &p, &mut w);
         assert!(got.iter().all(|b| *b == 5), "payload damaged");
-        assert_eq!(b1.state().chans[1].credit, WINDOW + 1, "the credit went whole, after the frame");
+        assert_eq!(b1.state().unwrap().chans[1].credit, WINDOW + 1, "the credit went whole, after the frame");
     }
 
     /// Writes the rest of the frame `h`/`p` begun on `a` (`w` bytes out) while `b` takes it;

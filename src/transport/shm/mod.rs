@@ -878,11 +878,11 @@ impl Link for ShmLink {
         self.ctrl(self.rx).full_slot(&self.words(self.rx)).is_some() && self.ctrl(self.rx).in_use(SLOTS) >= SLOTS
     }
 
-    fn lane_source(&self) -> Option<super::PairSource> {
+    fn lane_source(&mut self) -> Option<super::PairSource> {
         (!self.hung_up).then(|| super::PairSource::Shm(self.source()))
     }
 
-    fn segment_source(&self) -> Option<super::PairSource> {
+    fn segment_source(&mut self) -> Option<super::PairSource> {
         Some(super::PairSource::Shm(self.source()))
     }
 
