@@ -370,5 +370,22 @@ mod tests {
         let mut no_socket = offers;
         no_socket[0].peers[2].1 = -1;
         assert!(!possible(&no_socket, &[0, 2]));
+
+        // TCP pairs: a channel on both sides needs no socket of its own; one side that offers
+        // none (its socket failed, or carries 64 worlds) rules the pair out.
+        let tcp = vec![
+            Offer { pid: 1, generation: 1, peers: vec![(0, -1, 0), (CHANNEL, -1, 0), (0b10, 5, 1)] },
+            Offer { pid: 2, generation: 1, peers: vec![(CHANNEL, -1, 0), (0, -1, 0), (CHANNEL, -1, 0)] },
+            Offer { pid: 3, generation: 1, peers: vec![(0b10, -1, 0), (CHANNEL, -1, 0), (0, -1, 0)] },
+        ];
+        assert_eq!(Offer::decode(&tcp[1].encode(3), 3), tcp[1]);
+        assert!(possible(&tcp, &[0, 1, 2]));
+        let mut one_full = tcp.clone();
+        one_full[2].peers[1].0 = 0;
+        assert!(!possible(&one_full, &[1, 2]) && possible(&one_full, &[0, 1]));
+        // A lane bit on one side and a channel bit on the other is no pair.
+        let mut mixed = tcp;
+        mixed[0].peers[1].0 = 0b10;
+        assert!(!possible(&mixed, &[0, 1]));
     }
 }
