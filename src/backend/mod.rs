@@ -39,9 +39,11 @@ pub(crate) trait Backend: Progress {
     fn stats(&self) -> WorldStats;
     /// Transport per peer rank (`None` for this rank).
     fn transports(&self) -> Vec<Option<TransportKind>>;
-    /// Per peer rank, where a world made from this one may claim a shared-memory lane
-    /// (`transport/shm/lane.rs`); empty where there is none. `broken`: also when this world
-    /// is broken (its live peers' segments and their other lanes are untouched by that).
+    /// Per peer rank, where a world made from this one may link the pair without connecting
+    /// it anew: a shared-memory lane (`transport/shm/lane.rs`) or a TCP channel
+    /// (`transport/tcp.rs`); empty where there is none. `broken`: also when this world is
+    /// broken (its live peers' segments and sockets, and their other lanes and channels, are
+    /// untouched by that).
     fn lane_sources(&self, _broken: bool) -> Vec<Option<crate::transport::PairSource>> {
         Vec::new()
     }

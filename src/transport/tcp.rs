@@ -274,8 +274,13 @@ impl PairState {
         self.end - self.start
     }
 
+    /// The channel of `key`, if it is open here.
+    fn find(&mut self, key: u32) -> Option<&mut Chan> {
+        self.chans.iter_mut().find(|c| c.key == key)
+    }
+
     fn chan(&mut self, key: u32) -> Result<&mut Chan, LinkError> {
-        self.chans.iter_mut().find(|c| c.key == key).ok_or_else(|| LinkError::Io("channel closed".into()))
+        self.find(key).ok_or_else(|| LinkError::Io("channel closed".into()))
     }
 
     /// Records that the socket failed, for every channel, and wakes them.
@@ -342,7 +347,7 @@ impl PairState {
             Err(e) => return Err(self.broke(LinkError::Protocol(e))),
         };
         self.start += HEADER_LEN;
-        let chan = self.chans.iter_mut().find(|c| c.key == h.world);
+        let chan = self.find(h.world);
         match (h.kind, chan) {
             (FrameKind::Credit, Some(c)) => {
                 c.credit = c.credit.saturating_add(h.count);
@@ -397,7 +402,7 @@ impl PairState {
             self.start += n;
         }
         if let Some(Cur { key, h, route: Route::Inbox { data, base }, .. }) = self.cur.take() {
-            if let Some(c) = self.chans.iter_mut().find(|c| c.key == key) {
+            if let Some(c) = self.find(key) {
                 c.inbox.push_back(Parked { h, data, base });
                 c.wake();
             }
@@ -421,9 +426,7 @@ impl PairState {
     /// pair: [`PairState::pass_on`], and bytes a frame's rest left waiting sent along. A
     /// failure is recorded for every channel, which their next call reports.
     fn hand_on(&mut self, me: u32) {
-        if self.chans.len() > 1 {
-            let _ = self.pass_on(me);
-        }
+        let _ = self.pass_on(me);
         if self.pending_at < self.pending.len() {
             let _ = self.flush();
         }
@@ -487,15 +490,14 @@ impl PairState {
         }
     }
 
-    /// Counts `bytes` of a frame of `me` as taken by its world, and grants its peer credit
-    /// once enough was.
+    /// Counts `bytes` of a frame of `me` as taken by its world, and queues a grant of credit
+    /// to its peer once enough was (sent by the call's [`PairState::hand_on`]).
     fn took(&mut self, me: u32, bytes: usize) {
         let Ok(c) = self.chan(me) else { return };
         c.taken += bytes as u64;
         if c.taken >= GRANT_AT {
             let grant = std::mem::take(&mut c.taken);
             self.pending.extend_from_slice(&pair_frame(FrameKind::Credit, me, grant));
-            let _ = self.flush();
         }
     }
 
@@ -595,7 +597,6 @@ impl PairState {
         self.cur = None;
         self.settle();
         self.took(me, HEADER_LEN + len);
-        self.pass_on(me)?;
         Ok(true)
     }
 
