@@ -284,8 +284,8 @@ pub(crate) struct Engine {
     pub(crate) panic_in_pass: bool,
     cfg: EngineConfig,
     peers: Vec<Option<Peer>>,
-    /// Once broken: per peer, the pair's shared-memory segment (the links are closed), for a
-    /// `shrink` to form on its other lanes.
+    /// Once broken: per peer, the pair's shared-memory segment or TCP socket (the links are
+    /// closed), for a `shrink` to form on its other lanes or channels.
     kept_segments: Vec<Option<crate::transport::PairSource>>,
     ops: VecDeque<OpState>,
     next_id: u64,
@@ -459,8 +459,9 @@ impl Engine {
     }
 
     /// Per peer, where a world made from this one may claim a lane of the pair's segment
-    /// (`transport/shm/lane.rs`); `None` for other links, for a link gone, or a broken world
-    /// unless `broken` (`shrink`: a break leaves its live peers' segments alone).
+    /// (`transport/shm/lane.rs`) or a channel of its socket (`transport/tcp.rs`); `None` for
+    /// other links, for a link gone, or a broken world unless `broken` (`shrink`: a break
+    /// leaves its live peers' segments and sockets alone).
     pub(crate) fn lane_sources(&mut self, broken: bool) -> Vec<Option<crate::transport::PairSource>> {
         if self.broken.is_some() {
             return if broken { self.kept_segments.clone() } else { Vec::new() };
