@@ -35,6 +35,7 @@ fn worker() {
         ("c_split_tcp", c_split_tcp),
         ("stalled_sibling", stalled_sibling),
         ("rest_aside", rest_aside),
+        ("idle_end", idle_end),
     ]);
 }
 
@@ -171,14 +172,18 @@ fn host_transport() -> TransportKind {
     }
 }
 
+/// This process's sockets: TCP and Unix.
+fn sockets() -> (usize, usize) {
+    (sockets_of(libc::AF_INET), sockets_of(libc::AF_UNIX))
+}
+
 /// Checks that `w` links its peers by the tests' transport and that making it opened no
-/// connection (`inet`: this process's TCP sockets before) where it formed on its parent's
-/// links.
-fn linked_on_parent(w: &World, inet: usize) {
+/// socket (`before`: this process's [`sockets`] before) where it formed on its parent's links.
+fn linked_on_parent(w: &World, before: (usize, usize)) {
     let want = host_transport();
     assert!(w.transports().iter().enumerate().all(|(r, t)| r == w.rank() || *t == Some(want)), "{:?}", w.transports());
     if w.stats().lane_links > 0 {
-        assert_eq!(sockets_of(libc::AF_INET), inet, "'{}' connected anew", w.name());
+        assert_eq!(sockets(), before, "'{}' opened sockets of its own (TCP, Unix)", w.name());
     }
 }
 
@@ -241,11 +246,11 @@ fn split(ctx: &Ctx) {
     let (m, w) = parent(ctx);
     let (rank, size) = (ctx.rank, ctx.size);
     // Same parity, reversed keys: the highest old rank comes first.
-    let inet = sockets_of(libc::AF_INET);
+    let before = sockets();
     let t = Instant::now();
     let half = w.split("half", Some((rank % 2) as u32), (size - rank) as u32).unwrap().expect("a colour joins");
     eprintln!("split of {size} ranks took {:?}", t.elapsed());
-    linked_on_parent(&half, inet);
+    linked_on_parent(&half, before);
     let mates: Vec<usize> = (0..size).rev().filter(|r| r % 2 == rank % 2).collect();
     assert_eq!(half.size(), mates.len());
     assert_eq!(half.stats().lane_links, lanes_expected(half.size()), "{:?}", half.stats());
@@ -280,11 +285,11 @@ fn split(ctx: &Ctx) {
 
 fn dup(ctx: &Ctx) {
     let (m, w) = parent(ctx);
-    let inet = sockets_of(libc::AF_INET);
+    let before = sockets();
     let t = Instant::now();
     let d = w.dup("copy").unwrap();
     eprintln!("dup of {} ranks took {:?}", ctx.size, t.elapsed());
-    linked_on_parent(&d, inet);
+    linked_on_parent(&d, before);
     assert_eq!((d.rank(), d.size()), (w.rank(), w.size()));
     assert_ne!(d.generation(), 0);
     assert_eq!(d.stats().lane_links, lanes_expected(d.size()), "{:?}", d.stats());
@@ -688,6 +693,53 @@ fn rest_aside(ctx: &Ctx) {
     w.barrier().unwrap();
 }
 
+/// Two ranks on shared memory, no heartbeats: a world and two dups on lanes of one segment,
+/// sharing the pair's socket. Rank 0 removes the first dup while rank 1 waits in a receive on
+/// it, and the second while rank 1 has nothing posted on it: the receive fails at once, and so
+/// does rank 1's next call on the second (without heartbeats nothing else would tell them),
+/// while the parent goes on.
+fn idle_end(ctx: &Ctx) {
+    let m = WorldManager::with_defaults(multiworld::WorldOptions::default().without_heartbeat());
+    let w = m.init_world("parent", &ctx.id(), ctx.rank, ctx.size).expect("parent world");
+    let before = sockets();
+    let (d, d2) = (w.dup("copy").unwrap(), w.dup("copy2").unwrap());
+    for x in [&d, &d2] {
+        linked_on_parent(x, before);
+        assert_eq!(x.stats().lane_links, 1, "{:?}", x.stats());
+        traffic(x, 2, 20);
+    }
+    w.barrier().unwrap();
+    let t = Instant::now();
+    if ctx.rank == 0 {
+        std::thread::sleep(Duration::from_millis(100));
+        m.remove_world("copy").unwrap();
+    } else {
+        let mut got = [0u32; 4];
+        let e = d.recv(&mut got, 0).expect_err("a receive from a world its peer removed");
+        let took = t.elapsed();
+        eprintln!("rank 1: the receive on the removed dup failed {took:?} after the barrier: {e}");
+        assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+        assert!(took < Duration::from_secs(1), "the receive failed only after {took:?}");
+    }
+    w.barrier().unwrap();
+    if ctx.rank == 0 {
+        m.remove_world("copy2").unwrap();
+    }
+    w.barrier().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    if ctx.rank == 1 {
+        let t = Instant::now();
+        let e = d2.barrier().expect_err("a barrier on a world its peer removed");
+        let took = t.elapsed();
+        eprintln!("rank 1: the call on the idle removed dup failed in {took:?}: {e}");
+        assert_eq!(e.kind(), ErrorKind::WorldBroken, "{e}");
+        assert!(took < Duration::from_millis(500), "the call failed only after {took:?}");
+    }
+    traffic(&w, 4, 50);
+    assert_eq!(w.state(), WorldState::Ready);
+    w.barrier().unwrap();
+}
+
 fn run(role: &str, size: usize, env: &[(&str, String)]) -> Vec<String> {
     common::run_ranks(role, size, env, Duration::from_secs(60))
 }
@@ -853,6 +905,15 @@ fn over_tcp_grow_links_the_members_on_the_parents_sockets() {
 fn over_tcp_a_world_that_stops_reading_does_not_hold_up_its_sibling() {
     for l in run("stalled_sibling", 2, &tcp()) {
         if let Some(line) = l.lines().find(|l| l.contains("all-reduces")) {
+            println!("{line}");
+        }
+    }
+}
+
+#[test]
+fn a_world_its_peer_removed_fails_the_next_call_at_once() {
+    for l in run("idle_end", 2, &[]) {
+        for line in l.lines().filter(|l| l.contains("removed dup failed")) {
             println!("{line}");
         }
     }

@@ -4,25 +4,20 @@
 //!
 //! 1. **Offer**, in the parent's agreement (`api/elastic.rs`): each rank says its pid, the
 //!    generation it proposes for the name, and, per parent rank it has a shared-memory link
-//!    to, the lanes it sees free there and, where it is the lower rank of the pair, the number
-//!    of a descriptor it holds for the peer: one end of a fresh Unix socket pair, which will be
-//!    the new link's doorbell and hang-up channel. Per parent rank it has a TCP link to, it
-//!    says whether that socket takes one more channel ([`CHANNEL`]); a channel needs nothing
-//!    else, its frames carry the new world's tag.
+//!    to, the lanes it sees free there (the new link will share the pair's socket for its
+//!    doorbells: `transport/shm/bell.rs`). Per parent rank it has a TCP link to, it says
+//!    whether that socket takes one more channel ([`CHANNEL`]); a channel needs nothing else,
+//!    its frames carry the new world's tag.
 //! 2. Every rank sees every offer, so every rank decides alike whether a new world can form on
 //!    lanes ([`possible`]: every pair of its members has a shared-memory link and a lane free on
 //!    both sides, or a TCP link that takes a channel on both sides). If it can, each member
 //!    **claims** the lowest lane free on both sides of each of its pairs, with a tag derived
-//!    from the new world's id, and the higher rank of each pair takes its end of the socket
-//!    pair from the lower rank's process (`pidfd_getfd`); on a TCP pair, each side opens the
-//!    channel of the new world's tag.
+//!    from the new world's id; on a TCP pair, each side opens the channel of the new world's
+//!    tag.
 //! 3. A second all-gather over the parent says which ranks succeeded. If all members of a new
 //!    world did, its links are made and it is registered at once; otherwise its members let
 //!    go of what they claimed and form it through the leader's door, as any world made from a
-//!    world. The lower rank keeps its ends of the socket pairs until that round is over, so the
-//!    descriptor its peer takes is the one it offered.
-
-use std::os::fd::{AsRawFd, OwnedFd};
+//!    world.
 
 use crate::api::options::TransportChoice;
 use crate::engine::wire::world_tag;
@@ -59,10 +54,8 @@ pub(crate) struct Offer {
     /// round runs.
     pub pid: u32,
     pub generation: u32,
-    /// Per parent rank: the lanes free toward it (and [`CHANNEL`]), the descriptor offered to
-    /// it (-1: none), and that socket's inode (which the taker checks: a descriptor number
-    /// names a socket only as long as it stays open).
-    pub peers: Vec<(u32, i32, u64)>,
+    /// Per parent rank: the lanes free toward it (and [`CHANNEL`]).
+    pub peers: Vec<u32>,
 }
 
 /// An offer of no lanes (see [`Offer::pid`]).
@@ -74,7 +67,7 @@ impl Offer {
     /// Bytes of an offer in a parent of `size` ranks (the same for every rank and every call,
     /// so that records of different calls still line up and their difference is reported).
     pub(crate) fn bytes(size: usize) -> usize {
-        8 + if size <= MAX_LANE_PARENT { 16 * size } else { 0 }
+        8 + if size <= MAX_LANE_PARENT { 4 * size } else { 0 }
     }
 
     pub(crate) fn encode(&self, size: usize) -> Vec<u8> {
@@ -83,10 +76,7 @@ impl Offer {
         b.extend_from_slice(&self.generation.to_le_bytes());
         if size <= MAX_LANE_PARENT {
             for r in 0..size {
-                let (mask, fd, ino) = self.peers.get(r).copied().unwrap_or((0, -1, 0));
-                b.extend_from_slice(&mask.to_le_bytes());
-                b.extend_from_slice(&fd.to_le_bytes());
-                b.extend_from_slice(&ino.to_le_bytes());
+                b.extend_from_slice(&self.peers.get(r).copied().unwrap_or(0).to_le_bytes());
             }
         }
         b
@@ -94,70 +84,42 @@ impl Offer {
 
     pub(crate) fn decode(b: &[u8], size: usize) -> Offer {
         let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let long = |i: usize| u64::from(word(i)) | u64::from(word(i + 4)) << 32;
         let peers = match size <= MAX_LANE_PARENT {
-            true => (0..size).map(|r| (word(8 + 16 * r), word(12 + 16 * r) as i32, long(16 + 16 * r))).collect(),
+            true => (0..size).map(|r| word(8 + 4 * r)).collect(),
             false => Vec::new(),
         };
         Offer { pid: word(0), generation: word(4), peers }
     }
 
     fn lanes(&self, to: usize) -> u32 {
-        self.peers.get(to).map_or(0, |p| p.0)
-    }
-
-    fn fd(&self, to: usize) -> (i32, u64) {
-        self.peers.get(to).map_or((-1, 0), |p| (p.1, p.2))
+        self.peers.get(to).copied().unwrap_or(0)
     }
 }
 
 /// What a rank holds from its offer until the second round is over, whatever its outcome:
-/// its lane sources and the socket pairs it made, its own ends and those its peers take. The
-/// latter stay open until then, so that a descriptor number a peer was told always names the
-/// socket it was told of, never one opened later.
+/// its parent's links' lane sources and sockets.
 #[derive(Default)]
 pub(crate) struct Held {
     sources: Vec<Option<PairSource>>,
-    mine: Vec<Option<OwnedFd>>,
-    theirs: Vec<Option<OwnedFd>>,
 }
 
 /// Makes rank `rank`'s offer in a parent whose links give `sources` (empty: no lanes),
 /// proposing `generation` for the new name.
 pub(crate) fn offer(rank: usize, sources: Vec<Option<PairSource>>, generation: u32) -> (Offer, Held) {
     let size = sources.len();
-    let mut offer = Offer { pid: std::process::id(), generation, peers: vec![(0, -1, 0); size] };
-    let none = || (0..size).map(|_| None).collect();
-    let mut held = Held { mine: none(), theirs: none(), sources };
+    let mut offer = Offer { pid: std::process::id(), generation, peers: vec![0; size] };
+    let held = Held { sources };
     if size > MAX_LANE_PARENT {
         return (offer, held);
     }
     for (r, src) in held.sources.iter().enumerate() {
-        let src = match src.as_ref().filter(|_| r != rank) {
-            Some(PairSource::Shm(s)) => s,
-            Some(PairSource::Tcp(t)) => {
-                offer.peers[r].0 = if t.can_open() { CHANNEL } else { 0 };
-                continue;
-            }
-            None => continue,
+        offer.peers[r] = match src.as_ref().filter(|_| r != rank) {
+            // A lane's link shares the pair's socket: none while the first link sleeps on it
+            // alone (`bell.rs`).
+            Some(PairSource::Shm(s)) if s.bell.share() => u32::from(s.free_lanes()),
+            Some(PairSource::Tcp(t)) if t.can_open() => CHANNEL,
+            _ => 0,
         };
-        let mask = u32::from(src.free_lanes());
-        if mask == 0 {
-            continue;
-        }
-        if rank < r {
-            // The lower rank makes the pair's socket; without one, no lane toward this peer.
-            match crate::sys::socket_pair() {
-                Ok((mine, theirs)) => {
-                    let Ok(ino) = crate::sys::inode(theirs.as_raw_fd()) else { continue };
-                    offer.peers[r] = (mask, theirs.as_raw_fd(), ino);
-                    (held.mine[r], held.theirs[r]) = (Some(mine), Some(theirs));
-                }
-                Err(_) => continue,
-            }
-        } else {
-            offer.peers[r].0 = mask;
-        }
     }
     (offer, held)
 }
@@ -169,26 +131,24 @@ pub(crate) fn offered(offers: &[Offer]) -> bool {
 }
 
 /// True when a world of the parent ranks `members` can form on lanes, by every rank's offer:
-/// every rank offered, and each pair has a lane free on both sides and a socket offered by
-/// its lower rank.
+/// every rank offered, and each pair has a lane free on both sides (or a channel).
 pub(crate) fn possible(offers: &[Offer], members: &[usize]) -> bool {
     offered(offers) && pairs_have_lanes(offers, members)
 }
 
 /// Like [`possible`], for a world whose members alone offered (`shrink`: the excluded ranks
-/// take no part): every member offered, and each pair has a lane and a socket.
+/// take no part): every member offered, and each pair has a lane (or a channel).
 pub(crate) fn possible_among(offers: &[Offer], members: &[usize]) -> bool {
     members.iter().all(|m| offers.get(*m).is_some_and(|o| o.pid != 0)) && pairs_have_lanes(offers, members)
 }
 
-/// Each pair of `members` has a lane free on both sides and a socket offered by its lower
-/// rank, or a TCP link that takes a channel on both sides.
+/// Each pair of `members` has a lane free on both sides, or a TCP link that takes a channel
+/// on both sides.
 fn pairs_have_lanes(offers: &[Offer], members: &[usize]) -> bool {
     members.iter().all(|&a| {
         members.iter().filter(|&&b| a < b).all(|&b| {
-            let (oa, ob) = (&offers[a], &offers[b]);
-            let both = oa.lanes(b) & ob.lanes(a);
-            (both & LANE_BITS != 0 && oa.fd(b).0 >= 0) || both & CHANNEL != 0
+            let both = offers[a].lanes(b) & offers[b].lanes(a);
+            both & LANE_BITS != 0 || both & CHANNEL != 0
         })
     })
 }
@@ -197,7 +157,7 @@ fn pairs_have_lanes(offers: &[Offer], members: &[usize]) -> bool {
 /// `split`, through the leader's root for `shrink`): no part in a world on lanes (for a shrink:
 /// lanes are not possible, which every member decides alike, from the same offers).
 pub(crate) const CODE_NONE: u8 = 0;
-/// This rank claimed its lanes and took its sockets.
+/// This rank claimed its lanes (and opened its channels).
 pub(crate) const CODE_CLAIMED: u8 = 1;
 /// This rank could not (or went away): every member forms links of its own instead.
 pub(crate) const CODE_FAILED: u8 = 2;
@@ -255,14 +215,14 @@ pub(crate) struct Claimed {
 
 /// This rank's part of one pair of a new world on its parent's links.
 enum Part {
-    /// A lane of the pair's segment, and this side's end of the lane's socket pair.
-    Lane(LaneClaim, OwnedFd),
+    /// A lane of the pair's segment.
+    Lane(LaneClaim),
     /// A channel of the pair's TCP socket.
     Channel(TcpLink),
 }
 
 /// Claims this rank's lanes of the new world of parent ranks `members` (this rank among them)
-/// with id `world_id`, and takes or keeps the sockets. An error says what failed, in words.
+/// with id `world_id`, and opens its channels. An error says what failed, in words.
 pub(crate) fn claim(
     held: &mut Held,
     rank: usize,
@@ -293,16 +253,9 @@ pub(crate) fn claim(
         let claim = src
             .claim(lane, shm::lane::tag(world_id, rank, peer))
             .map_err(|e| format!("claiming lane {lane} toward rank {peer}: {e}"))?;
-        let ctl = if rank < peer {
-            held.mine.get_mut(peer).and_then(Option::take).ok_or("no socket")?
-        } else {
-            let (pid, (fd, ino)) = (offers[peer].pid as i32, offers[peer].fd(rank));
-            crate::sys::take_descriptor(pid, fd, ino)
-                .map_err(|e| format!("taking the socket of rank {peer}'s process: {e}"))?
-        };
         // Before the second round, so the peer can read it when its link starts.
         shm::publish_probe(&src.seg, lane * shm::LANE_BYTES, src.side);
-        parts.push(Some(Part::Lane(claim, ctl)));
+        parts.push(Some(Part::Lane(claim)));
     }
     Ok(Claimed { parts, me })
 }
@@ -326,7 +279,7 @@ impl Claimed {
             .enumerate()
             .map(|(r, p)| -> Option<Box<dyn Link>> {
                 match p {
-                    Some(Part::Lane(claim, ctl)) => Some(Box::new(ShmLink::on_lane(ctl, claim))),
+                    Some(Part::Lane(claim)) => Some(Box::new(ShmLink::on_lane(claim))),
                     Some(Part::Channel(link)) => Some(Box::new(link)),
                     None if r == me => Some(Box::new(QueueLink::loopback())),
                     None => None,
@@ -344,7 +297,7 @@ mod tests {
 
     #[test]
     fn offers_round_trip_and_decide_alike() {
-        let o = Offer { pid: 77, generation: 3, peers: vec![(0, -1, 0), (0b110, 9, 1 << 40 | 5), (0b10, -1, 0)] };
+        let o = Offer { pid: 77, generation: 3, peers: vec![0, 0b110, 0b10 | CHANNEL] };
         assert_eq!(Offer::decode(&o.encode(3), 3), o);
         assert_eq!(o.encode(3).len(), Offer::bytes(3));
         // Beyond the limit, no per-peer part.
@@ -353,9 +306,9 @@ mod tests {
         assert_eq!(Offer::decode(&big.encode(MAX_LANE_PARENT + 1), MAX_LANE_PARENT + 1), big);
 
         let offers = vec![
-            Offer { pid: 1, generation: 1, peers: vec![(0, -1, 0), (0b10, 5, 1), (0b100, 6, 2)] },
-            Offer { pid: 2, generation: 1, peers: vec![(0b110, -1, 0), (0, -1, 0), (0b10, 7, 3)] },
-            Offer { pid: 3, generation: 1, peers: vec![(0b100, -1, 0), (0b10, -1, 0), (0, -1, 0)] },
+            Offer { pid: 1, generation: 1, peers: vec![0, 0b10, 0b100] },
+            Offer { pid: 2, generation: 1, peers: vec![0b110, 0, 0b10] },
+            Offer { pid: 3, generation: 1, peers: vec![0b100, 0b10, 0] },
         ];
         assert!(possible(&offers, &[0, 1, 2]));
         assert!(possible(&offers, &[2]));
@@ -364,28 +317,29 @@ mod tests {
         one_out[2] = no_offer(1);
         assert!(!offered(&one_out) && !possible(&one_out, &[0, 1]));
         let mut no_common = offers.clone();
-        no_common[1].peers[0].0 = 0b1000;
+        no_common[1].peers[0] = 0b1000;
         assert!(!possible(&no_common, &[0, 1]));
         assert!(possible(&no_common, &[0, 2]));
-        let mut no_socket = offers;
-        no_socket[0].peers[2].1 = -1;
-        assert!(!possible(&no_socket, &[0, 2]));
+        // A side that offers no lane toward its peer (its socket not shared this time).
+        let mut one_side = offers;
+        one_side[0].peers[2] = 0;
+        assert!(!possible(&one_side, &[0, 2]) && possible(&one_side, &[0, 1]));
 
-        // TCP pairs: a channel on both sides needs no socket of its own; one side that offers
-        // none (its socket failed, or carries 64 worlds) rules the pair out.
+        // TCP pairs: a channel on both sides; one side that offers none (its socket failed, or
+        // carries 64 worlds) rules the pair out.
         let tcp = vec![
-            Offer { pid: 1, generation: 1, peers: vec![(0, -1, 0), (CHANNEL, -1, 0), (0b10, 5, 1)] },
-            Offer { pid: 2, generation: 1, peers: vec![(CHANNEL, -1, 0), (0, -1, 0), (CHANNEL, -1, 0)] },
-            Offer { pid: 3, generation: 1, peers: vec![(0b10, -1, 0), (CHANNEL, -1, 0), (0, -1, 0)] },
+            Offer { pid: 1, generation: 1, peers: vec![0, CHANNEL, 0b10] },
+            Offer { pid: 2, generation: 1, peers: vec![CHANNEL, 0, CHANNEL] },
+            Offer { pid: 3, generation: 1, peers: vec![0b10, CHANNEL, 0] },
         ];
         assert_eq!(Offer::decode(&tcp[1].encode(3), 3), tcp[1]);
         assert!(possible(&tcp, &[0, 1, 2]));
         let mut one_full = tcp.clone();
-        one_full[2].peers[1].0 = 0;
+        one_full[2].peers[1] = 0;
         assert!(!possible(&one_full, &[1, 2]) && possible(&one_full, &[0, 1]));
         // A lane bit on one side and a channel bit on the other is no pair.
         let mut mixed = tcp;
-        mixed[0].peers[1].0 = 0b10;
+        mixed[0].peers[1] = 0b10;
         assert!(!possible(&mixed, &[0, 1]));
     }
 }

@@ -429,9 +429,9 @@ pub(crate) fn send_vectored(fd: RawFd, bufs: &[&[u8]]) -> io::Result<usize> {
     sent(|| unsafe { libc::sendmsg(fd, &msg, SEND_FLAGS) })
 }
 
-/// A connected pair of Unix stream sockets, non-blocking and closed on exec: a lane's doorbell
-/// and hang-up channel (`transport/shm/lane.rs`), one end of which the peer process takes with
-/// [`take_descriptor`].
+/// A connected pair of Unix stream sockets, non-blocking and closed on exec (tests: the two
+/// ends of a pair's doorbell socket in one process).
+#[cfg(test)]
 pub(crate) fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     let kind = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
@@ -441,65 +441,6 @@ pub(crate) fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: two fresh descriptors that nothing else owns.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// A copy of descriptor `fd` of process `pid` (`pidfd_open` then `pidfd_getfd`, Linux 5.6; the
-/// kernel asks for the right to trace `pid`, as for cross-memory reads), checked to be a Unix
-/// socket that `pid` made (its peer credentials): a pid that names another process (another pid namespace, or a pid
-/// reused) is refused rather than trusted, and so is a descriptor whose inode is not `ino`
-/// (the number was closed and reused).
-pub(crate) fn take_descriptor(pid: i32, fd: i32, ino: u64) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes no pointers; the result is checked.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-    // SAFETY: pidfd_getfd takes no pointers; the result is checked.
-    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if got < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor (pidfd_getfd sets close-on-exec) that nothing else owns.
-    let got = unsafe { OwnedFd::from_raw_fd(got as RawFd) };
-    // Only a Unix socket has peer credentials with a pid (anything else fails or reads 0).
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: passes a pointer to a live ucred and its size.
-    let r = unsafe {
-        libc::getsockopt(
-            got.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if cred.pid != pid {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "the socket was made by another process"));
-    }
-    if inode(got.as_raw_fd())? != ino {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "the descriptor names another socket than the one offered",
-        ));
-    }
-    Ok(got)
-}
-
-/// The inode number of what `fd` refers to (a socket's is unique while it is open).
-pub(crate) fn inode(fd: RawFd) -> io::Result<u64> {
-    // SAFETY: a zeroed stat is a valid out-buffer for fstat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes into the live stat above.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.st_ino)
 }
 
 /// One `send(2)` that never waits and never raises `SIGPIPE` (a doorbell byte, a small frame);

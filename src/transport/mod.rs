@@ -19,6 +19,7 @@ pub(crate) mod loopback;
 pub(crate) mod rdma;
 pub(crate) mod shm;
 pub(crate) mod tcp;
+pub(crate) mod wake;
 
 use std::os::fd::RawFd;
 

@@ -31,6 +31,7 @@ use std::io::{self, Read};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 
+use super::wake::Wake;
 use super::{Armed, Link, LinkError, Sink, TransportKind};
 use crate::engine::wire::{FrameHeader, FrameKind, OpKind, HEADER_LEN};
 use crate::sys;
@@ -205,29 +206,6 @@ struct Chan {
     asleep: bool,
     rx: u64,
     tx: u64,
-}
-
-/// How a channel's world sleeps once other channels share its socket: an event counter that
-/// they raise, in an `epoll` set with the socket (one descriptor for its driver to sleep on),
-/// and, for the watch of an idle world (`hangup_fd`), a second counter raised only when the
-/// channel ends or the socket fails, in a set with the socket's hang-up alone. The two are
-/// apart so that the watch never takes a wake-up meant for a driver asleep on the first.
-struct Wake {
-    ev: sys::EventFd,
-    ep: sys::Epoll,
-    hup: sys::EventFd,
-    idle: sys::Epoll,
-}
-
-impl Wake {
-    fn new(sock: RawFd) -> io::Result<Wake> {
-        let (ev, ep, hup, idle) = (sys::EventFd::new()?, sys::Epoll::new()?, sys::EventFd::new()?, sys::Epoll::new()?);
-        ep.watch(ev.fd(), libc::POLLIN, 0)?;
-        ep.watch(sock, libc::POLLRDHUP, 1)?;
-        idle.watch(hup.fd(), libc::POLLIN, 0)?;
-        idle.watch(sock, libc::POLLRDHUP, 1)?;
-        Ok(Wake { ev, ep, hup, idle })
-    }
 }
 
 impl Chan {

@@ -3,9 +3,10 @@
 //! A pair's segment holds [`LANES`] lanes, each a control page and two rings laid out as the
 //! first. The world that made the segment uses lane 0; a world made from it (or from any world
 //! whose link uses this segment) claims a free lane for each of its pairs, and gets a link of
-//! its own there: its own rings, sequence numbers, "left" words and doorbell socket, so its
-//! traffic and its failures stay its own. No connection, no new file in `/dev/shm`, no
-//! handshake: the two processes agree on the lane over the parent world (`api/elastic.rs`).
+//! its own there: its own rings, sequence numbers and end words, so its traffic and its
+//! failures stay its own; the doorbells of every lane go over the pair's one socket
+//! (`bell.rs`). No connection, no new socket or file in `/dev/shm`, no handshake: the two
+//! processes agree on the lane over the parent world (`api/elastic.rs`).
 //!
 //! The file is sparse: a lane's small rings are reserved when it is first claimed (as a new
 //! segment's are), and stay reserved for the segment's life (a bit per lane in the word of lane
@@ -39,6 +40,8 @@ const HOLDERS: u64 = 0b11;
 pub(crate) struct LaneSource {
     pub seg: Arc<Segment>,
     pub side: usize,
+    /// The pair's socket, which the lanes' links share (`bell.rs`).
+    pub bell: Arc<Bell>,
 }
 
 impl LaneSource {
@@ -245,7 +248,9 @@ mod tests {
     #[test]
     fn a_lane_is_held_by_one_world_and_clean_when_claimed_again() {
         let seg = Arc::new(Segment::create().unwrap());
-        let (a, b) = (LaneSource { seg: seg.clone(), side: 0 }, LaneSource { seg: seg.clone(), side: 1 });
+        let (sa, sb) = crate::sys::socket_pair().unwrap();
+        let a = LaneSource { seg: seg.clone(), side: 0, bell: Bell::new(sa) };
+        let b = LaneSource { seg: seg.clone(), side: 1, bell: Bell::new(sb) };
         assert_eq!(a.free_lanes(), 0xfffe);
         let ca = a.claim(3, 11).unwrap();
         let cb = b.claim(3, 11).unwrap();

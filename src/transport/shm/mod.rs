@@ -5,8 +5,9 @@
 //! reader looks at the slot in place — a plain copy goes straight to the destination, a
 //! reduction reads its operand straight from the ring — and releases it. Both sides spin
 //! briefly when there is nothing to do, then sleep on the pair's TCP socket, which after the
-//! handshake carries only doorbell bytes and, by closing, the news that the peer died
-//! (`ring.rs` has the protocol and its loom models).
+//! handshake carries only doorbell bytes and, by closing, the news that the peer process died
+//! (`ring.rs` has the protocol and its loom models). Worlds made from a world use further lanes
+//! of the same segment (`lane.rs`) and share that socket with it (`bell.rs`).
 //!
 //! **Single copy.** A frame larger than a slot (up to [`CMA_MAX_PAYLOAD`]) does not go through
 //! the ring: its slot carries the header and the address of the payload in the sender's
@@ -27,10 +28,12 @@
 //! later. If anything in the set-up fails, the pair uses TCP instead, and the world counts it
 //! in `WorldStats::shm_fallbacks`.
 
+mod bell;
 pub(crate) mod lane;
 pub(crate) mod ring;
 mod segment;
 
+pub(crate) use bell::Bell;
 pub(crate) use lane::{LaneClaim, LaneSource};
 pub(crate) use segment::Segment;
 
@@ -47,6 +50,7 @@ use super::{Armed, Link, LinkCounters, LinkError, Sink, TransportKind};
 use crate::engine::wire::{FrameHeader, OpKind, FRAME_MAGIC, HEADER_LEN};
 use crate::sys::sync::{Arc, AtomicU32, AtomicU64, Ordering};
 use crate::transport::shm::ring::{RingCtrl, SlotWords, CTRL_BYTES};
+use crate::transport::wake::Wake;
 
 /// Slots per ring.
 const SLOTS: u64 = 32;
@@ -91,12 +95,17 @@ const PROBE_BYTES: usize = 32;
 /// A word the segment's maker sets to 1 when it reserved the whole segment (its kernel cannot
 /// populate a mapping on request): both rings then keep all their slots.
 const FIXED_AT: usize = PROBE_AT + 2 * PROBE_BYTES;
-/// Per side, a word that side sets when it leaves the pair on purpose (its world closed
-/// gracefully), before its socket ends: a hang-up after it is a departure, not a crash, also
-/// when the close frame found no room in the ring.
-const LEFT_AT: usize = FIXED_AT + 8;
+/// Per side, the word that says that side's link of the lane ended ([`END_LEFT`] or
+/// [`END_CLOSED`]): the socket is shared by every lane of the pair (`bell.rs`), so a lane's end
+/// is said here, and rung. A departure is told from a crash by it also when the close frame
+/// found no room in the ring.
+const END_AT: usize = FIXED_AT + 8;
+/// The side left on purpose (its world closed gracefully)...
+const END_LEFT: u64 = 1;
+/// ...or its link ended otherwise (its world broke, was aborted or removed).
+const END_CLOSED: u64 = 2;
 /// In lane 0's first page only: the state word of each lane (`lane.rs`).
-const LANE_STATE_AT: usize = LEFT_AT + 16;
+const LANE_STATE_AT: usize = END_AT + 16;
 const RINGS_AT: usize = 4096;
 const _: () = assert!(LANE_STATE_AT + 8 * lane::LANES <= RINGS_AT);
 /// Bytes of a single-copy descriptor in its slot, after the header: address, length, and a
@@ -121,9 +130,9 @@ fn grown_part(ring: usize) -> std::ops::Range<usize> {
     from..to
 }
 
-/// Side `side`'s "left on purpose" word of the lane at `lane`.
-fn left_word(seg: &Segment, lane: usize, side: usize) -> &AtomicU64 {
-    seg.word(lane + LEFT_AT + 8 * side)
+/// Side `side`'s end word of the lane at `lane`.
+fn end_word(seg: &Segment, lane: usize, side: usize) -> &AtomicU64 {
+    seg.word(lane + END_AT + 8 * side)
 }
 
 /// The segment maker's "all reserved" word (lane 0's).
@@ -131,48 +140,19 @@ fn fixed_flag(seg: &Segment) -> &AtomicU64 {
     seg.word(FIXED_AT)
 }
 
-/// The pair's socket. After the handshake it carries only doorbell bytes and, by its end, the
-/// news that the peer left or died: the TCP connection of a pair's first link, one end of a
-/// Unix socket pair for a lane. Written with `MSG_NOSIGNAL` (a C program may not ignore
-/// `SIGPIPE`), read without waiting.
-struct Ctl(OwnedFd);
-
-impl Ctl {
-    fn ring(&self) -> io::Result<()> {
-        match crate::sys::send_nowait(self.0.as_raw_fd(), &[1]) {
-            Ok(_) => Ok(()),
-            // A full socket already holds doorbells enough.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Reads what is there; true once the socket reports its end.
-    fn drain(&self) -> bool {
-        let mut buf = [0u8; 256];
-        loop {
-            match crate::sys::recv_nowait(self.0.as_raw_fd(), &mut buf) {
-                Ok(0) => return true,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return true,
-            }
-        }
-    }
-
-    fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
 pub(crate) struct ShmLink {
-    ctl: Ctl,
+    /// The pair's socket, shared with the links of the segment's other lanes.
+    bell: Arc<Bell>,
+    /// This link's wake, once the bell is shared (`bell.rs`).
+    wake: Option<Arc<Wake>>,
+    /// This link slept on the bare socket since it last looked (the bell's first link alone).
+    bare: bool,
     seg: Arc<Segment>,
-    /// Where this link's lane starts in the segment.
+    /// This link's lane, and where it starts in the segment.
+    lane: usize,
     at: usize,
     /// A lane other than the first, held until the link is dropped (`lane.rs`): released
-    /// by its `Drop`, after the socket above has closed.
+    /// by its `Drop`, after its end was said and rung.
     _claim: Option<LaneClaim>,
     tx: usize,
     rx: usize,
@@ -180,7 +160,8 @@ pub(crate) struct ShmLink {
     current: Option<(FrameHeader, u64)>,
     /// We slept on the socket since we last looked at it: read the doorbells (or its end).
     armed: bool,
-    /// The socket ended: the peer is gone. Frames still in the ring can be read.
+    /// The peer's link ended (its end word), or the socket did (the peer process is gone).
+    /// Frames still in the ring can be read.
     hung_up: bool,
     /// This side's copy of the tail of the ring it writes (`ring.rs`).
     seen_tail: u64,
@@ -230,23 +211,30 @@ impl ShmLink {
     pub(crate) fn new(ctl: TcpStream, seg: Segment, creator: bool) -> io::Result<ShmLink> {
         ctl.set_nonblocking(true)?;
         ctl.set_nodelay(true)?;
-        Ok(ShmLink::over(Ctl(OwnedFd::from(ctl)), Arc::new(seg), None, if creator { 0 } else { 1 }))
+        Ok(ShmLink::over(Bell::new(OwnedFd::from(ctl)), Arc::new(seg), None, if creator { 0 } else { 1 }))
     }
 
-    /// A link over a lane claimed for a new world (`lane.rs`), with `ctl` its end of the
-    /// lane's socket pair; `side` is this process's side of the segment.
-    pub(crate) fn on_lane(ctl: OwnedFd, claim: LaneClaim) -> ShmLink {
-        let (seg, side) = (claim.source().seg.clone(), claim.source().side);
-        ShmLink::over(Ctl(ctl), seg, Some(claim), side)
+    /// A link over a lane claimed for a new world (`lane.rs`), on the pair's socket.
+    pub(crate) fn on_lane(claim: LaneClaim) -> ShmLink {
+        let src = claim.source();
+        let (bell, seg, side) = (src.bell.clone(), src.seg.clone(), src.side);
+        ShmLink::over(bell, seg, Some(claim), side)
     }
 
-    fn over(ctl: Ctl, seg: Arc<Segment>, claim: Option<LaneClaim>, side: usize) -> ShmLink {
+    fn over(bell: Arc<Bell>, seg: Arc<Segment>, claim: Option<LaneClaim>, side: usize) -> ShmLink {
         let (tx, rx) = (side, 1 - side);
-        let at = claim.as_ref().map_or(0, |c| c.lane() * LANE_BYTES);
+        let lane = claim.as_ref().map_or(0, |c| c.lane());
+        // A lane's link has a wake from the start: its peer may ring it as soon as it exists
+        // (one that cannot have one sleeps without, found by the timers: never the case here
+        // but for a process out of descriptors, whose world then breaks by silence).
+        let wake = claim.as_ref().and_then(|_| bell.join(lane).ok());
         let mut link = ShmLink {
-            ctl,
+            bell,
+            wake,
+            bare: false,
             seg,
-            at,
+            lane,
+            at: lane * LANE_BYTES,
             _claim: claim,
             tx,
             rx,
@@ -282,7 +270,7 @@ impl ShmLink {
 
     /// Where worlds made from this link's world may claim lanes of the same segment.
     fn source(&self) -> LaneSource {
-        LaneSource { seg: self.seg.clone(), side: self.side }
+        LaneSource { seg: self.seg.clone(), side: self.side, bell: self.bell.clone() }
     }
 
     /// Reads the peer's probe word; if it reads back right, marks that this side can read the
@@ -532,23 +520,49 @@ impl ShmLink {
         LinkError::Protocol("shared ring counters are inconsistent".into())
     }
 
-    /// Rings the peer. A socket whose other end is gone (`EPIPE`: the peer left or died) is a
-    /// hang-up like any other: what the peer left in the ring is still read, and the end is
-    /// reported after it (`gone`), as a departure if the peer said so. A lane's Unix socket
-    /// refuses a write at once once its peer closed; a frame published just before (the last
-    /// of an operation the peer had already finished) must not break the world.
+    /// Rings the peer. A socket whose other end is gone (`EPIPE`: the peer process left or
+    /// died) is a hang-up like any other: what the peer left in the ring is still read, and the
+    /// end is reported after it (`gone`), as a departure if the peer said so. A frame
+    /// published just before (the last of an operation the peer had already finished) must not
+    /// break the world.
     fn doorbell(&mut self) {
-        if self.ctl.ring().is_err() {
+        if self.bell.ring(self.lane, false).is_err() {
             self.hung_up = true;
         }
     }
 
-    /// Reads pending doorbell bytes if the socket reported since this link was armed, and notes
-    /// whether it reports the peer's end.
+    /// Reads pending doorbell bytes if the socket reported since this link was armed (waking
+    /// the links they are for), and notes whether the peer's link or process ended.
     fn drain_doorbells(&mut self) {
-        if std::mem::take(&mut self.armed) && self.ctl.drain() {
+        if std::mem::take(&mut self.armed) {
+            if std::mem::take(&mut self.bare) {
+                self.bell.woke();
+            }
+            if let Some(w) = &self.wake {
+                w.hup.drain();
+            }
+            if self.bell.drain(self.lane) {
+                self.hung_up = true;
+            }
+            self.peer_ended();
+        }
+    }
+
+    /// True when the peer's link ended (its end word) or its process did: then `hung_up`.
+    fn peer_ended(&mut self) -> bool {
+        if !self.hung_up && end_word(&self.seg, self.at, 1 - self.side).load(Ordering::Acquire) != 0 {
             self.hung_up = true;
         }
+        self.hung_up
+    }
+
+    /// This link's wake, joined at the first need once the bell is shared; `None` while the
+    /// link is alone on the bell (or cannot have one: no descriptor left).
+    fn wake(&mut self) -> Option<Arc<Wake>> {
+        if self.wake.is_none() && self.bell.shared() {
+            self.wake = self.bell.join(self.lane).ok();
+        }
+        self.wake.clone()
     }
 
     /// Word `field` (0 pid, 1 address, 2 value, 3 can-read flag) of `side`'s probe in this
@@ -560,7 +574,7 @@ impl ShmLink {
     /// The error for a peer whose end is gone: it left on purpose if it said so in the
     /// segment before it went (its close frame may not have fit in the ring), else it closed.
     fn gone(&self) -> LinkError {
-        if left_word(&self.seg, self.at, 1 - self.side).load(Ordering::Acquire) == 1 {
+        if end_word(&self.seg, self.at, 1 - self.side).load(Ordering::Acquire) == END_LEFT {
             return LinkError::Left("peer left the world".into());
         }
         LinkError::Closed("peer closed the connection".into())
@@ -605,6 +619,21 @@ impl SlotWords for RingWords<'_> {
 impl Drop for ShmLink {
     fn drop(&mut self) {
         self.revoke();
+        // The peer's link learns of this end from the word, woken by the bell (the socket
+        // itself stays, for the pair's other lanes).
+        let _ = end_word(&self.seg, self.at, self.side).compare_exchange(
+            0,
+            END_CLOSED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        let _ = self.bell.ring(self.lane, true);
+        if self.bare {
+            self.bell.woke();
+        }
+        if let Some(w) = self.wake.take() {
+            self.bell.leave(self.lane, &w);
+        }
     }
 }
 
@@ -668,7 +697,7 @@ impl Link for ShmLink {
             // No room: if the peer is gone (its socket reported since this link was armed),
             // there never will be, also while the engine reads nothing from this peer.
             self.drain_doorbells();
-            return if self.hung_up { Err(self.gone()) } else { Ok(false) };
+            return if self.peer_ended() { Err(self.gone()) } else { Ok(false) };
         };
         let p = self.slot_ptr(self.tx, slot);
         let pad = payload.as_ptr() as usize % 64;
@@ -798,7 +827,16 @@ impl Link for ShmLink {
     }
 
     fn arm(&mut self, read: bool, write: bool) -> Armed {
-        let fd = self.ctl.fd();
+        // Before the ring is looked at: a doorbell that another link reads from here on
+        // raises the wake again.
+        let wake = self.wake();
+        if let Some(w) = &wake {
+            w.ev.drain();
+        }
+        if !self.hung_up && self.peer_ended() {
+            // The engine's next look at the link reports it.
+            return Armed::Ready;
+        }
         if self.hung_up {
             // The socket stays readable for ever now; only the ring can change, and it cannot.
             // A write waiting for room never gets it: try it again, to fail (`write`).
@@ -829,8 +867,22 @@ impl Link for ShmLink {
                 return Armed::Ready;
             }
         }
-        self.armed = true;
-        Armed::Wait(fd, libc::POLLIN | libc::POLLRDHUP)
+        let fd = self.bell.fd();
+        match wake {
+            Some(w) => {
+                if w.ep.rewatch(fd, libc::POLLIN | libc::POLLRDHUP, 1).is_err() {
+                    return Armed::Ready;
+                }
+                self.armed = true;
+                Armed::Wait(w.ep.fd(), libc::POLLIN)
+            }
+            None if self.bell.sleep_bare() => {
+                (self.armed, self.bare) = (true, true);
+                Armed::Wait(fd, libc::POLLIN | libc::POLLRDHUP)
+            }
+            // The bell turned shared since the wake was looked for: look again.
+            None => Armed::Ready,
+        }
     }
 
     fn hangup_fd(&mut self) -> Option<(RawFd, i16)> {
@@ -839,7 +891,19 @@ impl Link for ShmLink {
         if self.hung_up {
             return None;
         }
-        Some((self.ctl.fd(), libc::POLLRDHUP))
+        // Shared, the watch sleeps on its wake: its `hup` is raised when a link of the pair
+        // here reads the doorbell that says the peer's link ended. Not on the socket's doorbells
+        // themselves: every idle world of the pair would wake for each doorbell its siblings
+        // get (measured: a dup of four ranks took 160-220 us instead of 85-120). With nothing
+        // reading the socket, the end is seen at the world's next tick (`tick`) or call.
+        let fd = self.bell.fd();
+        match self.wake() {
+            Some(w) => {
+                w.idle.rewatch(fd, libc::POLLRDHUP, 1).ok()?;
+                Some((w.idle.fd(), libc::POLLIN))
+            }
+            None => Some((fd, libc::POLLRDHUP)),
+        }
     }
 
     fn reported(&mut self) {
@@ -864,6 +928,9 @@ impl Link for ShmLink {
             return;
         }
         self.last_tick = Some(now);
+        // An idle world's link sees its peer's end here if no doorbell told it (`hangup_fd`);
+        // the engine's next look at the link reports it.
+        self.peer_ended();
         self.shrink_when_quiet();
     }
 
@@ -894,12 +961,10 @@ impl Link for ShmLink {
     }
 
     fn shutdown(&mut self) {
-        // Frames already in the ring stay readable; the socket's end tells the peer we left
-        // once it has drained them, and this word that it was on purpose.
-        left_word(&self.seg, self.at, self.side).store(1, Ordering::Release);
-        // SAFETY: shutdown takes no pointers; the descriptor is this link's own.
-        unsafe { libc::shutdown(self.ctl.fd(), libc::SHUT_WR) };
-        self.ctl.drain();
+        // Frames already in the ring stay readable; the peer reads them before it reports the
+        // end, which this word says was on purpose.
+        end_word(&self.seg, self.at, self.side).store(END_LEFT, Ordering::Release);
+        let _ = self.bell.ring(self.lane, true);
     }
 }
 
@@ -931,25 +996,39 @@ mod tests {
         (creator, opener)
     }
 
-    /// Two links over lane `lane` of a fresh segment, with a Unix socket pair between them, as
-    /// a world made from a world gets them; and a link over lane 0 kept for the segment's
-    /// first world.
-    fn lane_pair(lane: usize, tag: u64) -> (ShmLink, ShmLink) {
+    /// The two sides' sources of a fresh segment, with a socket between them as the pair's
+    /// first link has.
+    fn sources() -> (LaneSource, LaneSource) {
         let seg = Arc::new(Segment::create().unwrap());
-        let (a, b) = (LaneSource { seg: seg.clone(), side: 0 }, LaneSource { seg, side: 1 });
-        let (ca, cb) = crate::sys::socket_pair().unwrap();
-        (ShmLink::on_lane(ca, a.claim(lane, tag).unwrap()), ShmLink::on_lane(cb, b.claim(lane, tag).unwrap()))
+        let (sa, sb) = crate::sys::socket_pair().unwrap();
+        (
+            LaneSource { seg: seg.clone(), side: 0, bell: Bell::new(sa) },
+            LaneSource { seg, side: 1, bell: Bell::new(sb) },
+        )
+    }
+
+    /// Two links over lane `lane` of a fresh segment, as a world made from a world gets them.
+    fn lane_pair(lane: usize, tag: u64) -> (ShmLink, ShmLink) {
+        let (a, b) = sources();
+        assert!(a.bell.share() && b.bell.share());
+        (ShmLink::on_lane(a.claim(lane, tag).unwrap()), ShmLink::on_lane(b.claim(lane, tag).unwrap()))
+    }
+
+    /// True when `fd` is readable within `ms` milliseconds.
+    fn readable(fd: RawFd, ms: i32) -> bool {
+        let mut p = [crate::sys::pollfd(fd, libc::POLLIN)];
+        // SAFETY: polls one live pollfd.
+        unsafe { libc::poll(p.as_mut_ptr(), 1, ms) == 1 }
     }
 
     #[test]
     fn links_on_two_lanes_of_one_segment_carry_their_own_frames() {
-        let seg = Arc::new(Segment::create().unwrap());
-        let src = |side| LaneSource { seg: seg.clone(), side };
+        let (sa, sb) = sources();
+        assert!(sa.bell.share() && sb.bell.share());
         let mut links = Vec::new();
         for lane in [1, 2] {
-            let (ca, cb) = crate::sys::socket_pair().unwrap();
-            let a = ShmLink::on_lane(ca, src(0).claim(lane, 40 + lane as u64).unwrap());
-            let b = ShmLink::on_lane(cb, src(1).claim(lane, 40 + lane as u64).unwrap());
+            let a = ShmLink::on_lane(sa.claim(lane, 40 + lane as u64).unwrap());
+            let b = ShmLink::on_lane(sb.claim(lane, 40 + lane as u64).unwrap());
             links.push((a, b));
         }
         for (i, (a, _)) in links.iter_mut().enumerate() {
@@ -962,28 +1041,120 @@ mod tests {
             assert!(b.consume(Sink::Copy(&mut out)).unwrap());
             assert_eq!(out, pattern(64, i as u8 + 1), "lane {} got another lane's frame", i + 1);
         }
-        // One lane's end leaves the other lane alone.
+        // One lane's end leaves the other lane alone, on the same socket.
         let (a1, b1) = links.remove(0);
         drop((a1, b1));
         let (a2, b2) = &mut links[0];
         let mut w = 0;
         assert!(a2.write(&header(8), &pattern(8, 9), &mut w).unwrap());
+        b2.armed = true;
         assert_eq!(b2.peek().unwrap().unwrap().len, 8);
+    }
+
+    /// Three links of one pair's socket on each side: a doorbell one link reads wakes the link
+    /// of the lane it names, and a lane's end wakes its peer's link and its idle watch, which
+    /// then reports the end, while the pair's other links go on.
+    #[test]
+    fn a_doorbell_read_by_another_lane_wakes_the_lane_it_is_for() {
+        let (sa, sb) = sources();
+        assert!(sa.bell.share() && sb.bell.share());
+        let mut a: Vec<ShmLink> =
+            [1, 2, 3].iter().map(|&l| ShmLink::on_lane(sa.claim(l, 60 + l as u64).unwrap())).collect();
+        let mut b: Vec<ShmLink> =
+            [1, 2, 3].iter().map(|&l| ShmLink::on_lane(sb.claim(l, 60 + l as u64).unwrap())).collect();
+        // b[2] (lane 3) waits for a frame, asleep on its wake.
+        assert!(b[2].peek().unwrap().is_none());
+        let Armed::Wait(fd, _) = b[2].arm(true, false) else { panic!("nothing to wait for") };
+        assert!(!readable(fd, 0));
+        let mut w = 0;
+        assert!(a[2].write(&header(16), &pattern(16, 3), &mut w).unwrap());
+        // Lane 1's link reads the socket first: it takes lane 3's doorbell and hands it on.
+        b[0].armed = true;
+        assert!(b[0].peek().unwrap().is_none());
+        assert!(readable(fd, 1000), "the doorbell read by lane 1 did not wake lane 3");
+        assert_eq!(
+            crate::sys::recv_nowait(sb.bell.fd(), &mut [0u8; 8]).map_err(|e| e.kind()),
+            Err(io::ErrorKind::WouldBlock)
+        );
+        b[2].armed = true;
+        assert_eq!(b[2].peek().unwrap().unwrap().len, 16);
+        let mut out = [0u8; 16];
+        assert!(b[2].consume(Sink::Copy(&mut out)).unwrap());
+        assert_eq!(out.to_vec(), pattern(16, 3));
+
+        // Lane 2's world is idle on side b; its peer's link ends (a world removed or broken).
+        let (idle_fd, _) = b[1].hangup_fd().unwrap();
+        assert!(!readable(idle_fd, 0));
+        drop(a.remove(1));
+        // Lane 1's link reads the socket and wakes lane 2's watch, whose link then reports.
+        b[0].armed = true;
+        assert!(b[0].peek().unwrap().is_none());
+        assert!(readable(idle_fd, 1000), "the end of lane 2's peer did not wake its idle watch");
+        b[1].reported();
+        assert!(matches!(b[1].peek(), Err(LinkError::Closed(_))));
+        // The others go on.
+        for (x, y) in [(0, 0), (1, 2)] {
+            assert!(a[x].write(&header(8), &pattern(8, 7), &mut w).unwrap());
+            assert_eq!(b[y].peek().unwrap().unwrap().len, 8);
+        }
+        // The peer process's end (every link there gone, the socket closed) ends them all.
+        drop(a);
+        drop(sa);
+        for l in &mut b[..] {
+            l.armed = true;
+            while let Ok(Some(_)) = l.peek() {
+                assert!(l.consume(Sink::Discard).unwrap());
+            }
+            assert!(l.peek().is_err());
+        }
+    }
+
+    /// A link whose world is idle (nothing reads the pair's socket) sees its peer's end at its
+    /// next tick, which then reports it.
+    #[test]
+    fn an_idle_link_sees_its_peers_end_at_its_tick() {
+        let (tx, mut rx) = lane_pair(4, 91);
+        // The peer process stays (its socket open, as for its other worlds): only the link ends.
+        let _peer_socket = tx.bell.clone();
+        drop(tx);
+        assert!(rx.peek().unwrap().is_none(), "seen before anything looked");
+        tick(&mut rx);
+        assert!(matches!(rx.peek(), Err(LinkError::Closed(_))));
+    }
+
+    /// The first link alone sleeps on the bare socket; lanes are not offered while it does
+    /// (another link could read its doorbell), and once they were, it sleeps on its wake.
+    #[test]
+    fn no_lane_is_offered_while_the_first_link_sleeps_on_the_bare_socket() {
+        let (mut tx, mut rx) = pair();
+        let Armed::Wait(fd, _) = rx.arm(true, false) else { panic!("nothing to wait for") };
+        assert_eq!(fd, rx.bell.fd(), "alone, on the bare socket");
+        assert!(!rx.bell.share(), "shared while the first link sleeps on the bare socket");
+        let mut w = 0;
+        assert!(tx.write(&header(8), &pattern(8, 1), &mut w).unwrap());
+        assert!(readable(fd, 1000));
+        assert_eq!(rx.peek().unwrap().unwrap().len, 8);
+        assert!(rx.consume(Sink::Discard).unwrap());
+        assert!(rx.bell.share(), "awake: lanes may be offered");
+        let Armed::Wait(fd, _) = rx.arm(true, false) else { panic!("nothing to wait for") };
+        assert_ne!(fd, rx.bell.fd(), "shared: on its own wake");
+        assert!(tx.write(&header(8), &pattern(8, 2), &mut w).unwrap());
+        assert!(readable(fd, 1000));
     }
 
     #[test]
     fn a_doorbell_to_a_peer_that_left_is_a_hang_up_not_a_failure() {
         let (mut tx, mut rx) = lane_pair(5, 77);
-        // The receiver read everything, said it sleeps, then left (its socket closed: a lane's
-        // Unix socket refuses the next write at once).
+        // The receiver read everything, said it sleeps, then left.
         assert!(rx.peek().unwrap().is_none());
         assert!(matches!(rx.arm(true, false), Armed::Wait(..)));
         rx.shutdown();
         drop(rx);
-        // The last frame of an operation the peer had finished: published, the doorbell finds
-        // the socket closed. That is the peer's end, reported as its departure.
+        // The last frame of an operation the peer had finished: published, the doorbell rung.
+        // The peer's end is reported as its departure.
         let mut w = 0;
         assert!(tx.write(&header(16), &pattern(16, 1), &mut w).unwrap(), "the write itself succeeds");
+        tx.armed = true;
         match tx.peek() {
             Err(LinkError::Left(_)) => {}
             other => panic!("expected the peer's departure, got {other:?}"),
