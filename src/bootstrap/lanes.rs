@@ -115,8 +115,11 @@ pub(crate) fn offer(rank: usize, sources: Vec<Option<PairSource>>, generation: u
     for (r, src) in held.sources.iter().enumerate() {
         offer.peers[r] = match src.as_ref().filter(|_| r != rank) {
             // A lane's link shares the pair's socket: none while the first link sleeps on it
-            // alone (`bell.rs`).
-            Some(PairSource::Shm(s)) if s.bell.share() => u32::from(s.free_lanes()),
+            // alone (`bell.rs`). A segment with no free lane leaves the socket unshared.
+            Some(PairSource::Shm(s)) => match u32::from(s.free_lanes()) {
+                free if free != 0 && s.bell.share() => free,
+                _ => 0,
+            },
             Some(PairSource::Tcp(t)) if t.can_open() => CHANNEL,
             _ => 0,
         };
