@@ -21,6 +21,7 @@ fn worker() {
         ("mixed", mixed),
         ("leave", leave),
         ("sink", sink),
+        ("auto", auto),
     ]);
 }
 
@@ -247,4 +248,46 @@ fn rdma_without_a_provider_is_a_clear_error() {
     assert_eq!(e.kind(), ErrorKind::InvalidUsage, "{e}");
     assert!(e.message().contains("RDMA") && e.message().contains("MW_RDMA_PROVIDER=soft"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(1));
+}
+
+/// Three ranks whose worlds let the crate choose, each told its host (`MW_TEST_HOSTS`, one
+/// name per rank, as `MW_HOST_ID`): peers on one host get shared memory, peers on two hosts the
+/// transport `MW_TEST_ACROSS` says (`rdma` or `tcp`); an all-reduce over all of them is right.
+fn auto(ctx: &Ctx) {
+    let hosts: Vec<String> = ctx.env("MW_TEST_HOSTS").split(',').map(str::to_owned).collect();
+    std::env::set_var("MW_HOST_ID", &hosts[ctx.rank]);
+    let across = match ctx.env("MW_TEST_ACROSS").as_str() {
+        "rdma" => TransportKind::Rdma,
+        _ => TransportKind::Tcp,
+    };
+    let m = WorldManager::new();
+    let w = m.init_world("auto", &ctx.id(), ctx.rank, ctx.size).unwrap();
+    for peer in (0..ctx.size).filter(|p| *p != ctx.rank) {
+        let want = if hosts[peer] == hosts[ctx.rank] { TransportKind::Shm } else { across };
+        assert_eq!(w.transports()[peer], Some(want), "rank {} to rank {peer}: {:?}", ctx.rank, w.transports());
+    }
+    let n = ctx.size as u64;
+    for round in 0..50u64 {
+        let mine: Vec<u64> = (0..4096).map(|i| i * (ctx.rank as u64 + 1) + round).collect();
+        let mut out = vec![0u64; mine.len()];
+        w.all_reduce(&mine, &mut out, multiworld::ReduceOp::Sum).unwrap();
+        assert!(out.iter().enumerate().all(|(i, v)| *v == i as u64 * n * (n + 1) / 2 + n * round), "round {round}");
+    }
+    println!("rank {}: {:?}", ctx.rank, w.transports());
+    w.barrier().unwrap();
+}
+
+fn auto_env(hosts: &str, provider: &str, across: &str) -> Vec<(&'static str, String)> {
+    vec![("MW_TEST_HOSTS", hosts.into()), ("MW_RDMA_PROVIDER", provider.into()), ("MW_TEST_ACROSS", across.into())]
+}
+
+#[test]
+fn a_world_that_lets_the_crate_choose_links_other_hosts_by_rdma_and_one_host_by_shared_memory() {
+    show(&common::run_ranks("auto", 3, &auto_env("a,a,b", "soft", "rdma"), Duration::from_secs(60)));
+}
+
+#[test]
+fn a_world_that_lets_the_crate_choose_uses_tcp_across_hosts_without_an_rdma_provider() {
+    // An unknown provider: no RDMA in these processes, whatever devices the machine has.
+    show(&common::run_ranks("auto", 3, &auto_env("a,b,c", "none", "tcp"), Duration::from_secs(60)));
 }

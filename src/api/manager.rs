@@ -364,7 +364,7 @@ fn start_formation(
         rendezvous,
         secret,
         interface: options.interface.clone(),
-        shm: options.transport.effective() == crate::api::options::TransportChoice::Auto,
+        auto: options.transport.effective() == crate::api::options::TransportChoice::Auto,
         rdma: options.transport.effective() == crate::api::options::TransportChoice::Rdma,
         generation,
         timeout: options.timeout,

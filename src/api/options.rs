@@ -7,8 +7,10 @@ pub use crate::engine::health::Heartbeat;
 /// Which transports a world may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TransportChoice {
-    /// The fastest available per peer: shared memory for peers on the same host, TCP for the
-    /// others (and for any pair where shared memory cannot be set up).
+    /// The fastest available per peer: shared memory for peers on the same host; RDMA for
+    /// peers on other hosts where both processes can use it (feature `rdma`: a device with an
+    /// active port, or `MW_RDMA_PROVIDER=soft`); TCP for the others (and for any pair where
+    /// neither can be set up).
     #[default]
     Auto,
     /// TCP for every peer.
@@ -111,8 +113,8 @@ pub struct WorldOptions {
     /// Interface (name like `eth0`, or an IP) on which this rank listens for its peers.
     /// Default: `MW_SOCKET_IFNAME`, else the address that reaches the rendezvous root.
     pub interface: Option<String>,
-    /// Transports the world may use (default: shared memory where possible, else TCP;
-    /// `MW_TRANSPORT=tcp` forces TCP).
+    /// Transports the world may use (default: shared memory on one host, RDMA across hosts
+    /// where both ends can, else TCP; `MW_TRANSPORT=tcp` or `rdma` forces one).
     pub transport: TransportChoice,
     /// Which links checksum their payloads (default: none; `MW_CHECKSUM=tcp|all|off`).
     pub checksum: Checksum,

@@ -428,11 +428,14 @@ pub(super) async fn connect_links(
             Err(e) => return Err(Error::new(ErrorKind::WorldBroken, format!("{}: {e}", what()))),
         }
         let same_host = t.peers[peer].1 == t.peers[rank].1;
-        let want_shm = spec.shm && same_host;
+        let want_shm = spec.auto && same_host;
+        let key = world_tag(t.world_id);
         let link = if spec.rdma {
-            offer_rdma(s, deadline, cancel).await
+            offer_rdma(s, None, deadline, cancel).await
+        } else if spec.auto && !same_host && crate::transport::rdma_across_hosts() {
+            offer_rdma(s, Some((key, spec.socket_buffer)), deadline, cancel).await
         } else {
-            offer_transport(s, world_tag(t.world_id), want_shm, spec.socket_buffer, deadline, cancel).await
+            offer_transport(s, key, want_shm, spec.socket_buffer, deadline, cancel).await
         }
         .map_err(|e| Error::system(what(), e))?;
         *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
@@ -445,16 +448,20 @@ pub(super) async fn connect_links(
     let want = (rank + 1..size).filter(|r| !linked[*r]).count();
     for (from, s) in accept_links(&mut door, &expect, linked, want, deadline, cancel, &missing).await? {
         let same_host = t.peers[from].1 == t.peers[rank].1;
-        let want_shm = spec.shm && same_host;
-        let link =
-            answer_transport(s, world_tag(t.world_id), want_shm, spec.rdma, spec.socket_buffer, deadline, cancel)
-                .await
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::WorldBroken,
-                        formation_err(name, rank, format!("setting up the link to rank {from}: {e}")),
-                    )
-                })?;
+        let want_shm = spec.auto && same_host;
+        let rdma = match (spec.rdma, spec.auto && !same_host) {
+            (true, _) => Rdma::Must,
+            (false, true) => Rdma::May,
+            (false, false) => Rdma::No,
+        };
+        let link = answer_transport(s, world_tag(t.world_id), want_shm, rdma, spec.socket_buffer, deadline, cancel)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::WorldBroken,
+                    formation_err(name, rank, format!("setting up the link to rank {from}: {e}")),
+                )
+            })?;
         *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
         links[from] = Some(link);
     }
@@ -495,22 +502,48 @@ pub(super) async fn offer_transport(
     Ok(Box::new(TcpLink::new(s, buffer, key)?))
 }
 
+/// What the accepting rank of a pair does with an offer of RDMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rdma {
+    /// Its world asks for RDMA: nothing else will do.
+    Must,
+    /// Its world lets the crate choose and the peer is on another host: RDMA if this process
+    /// can (`transport::rdma_across_hosts`), else TCP.
+    May,
+    /// Not for this pair.
+    No,
+}
+
 pub(super) async fn answer_transport(
     s: TcpStream,
     key: u32,
     shm: bool,
-    rdma: bool,
+    rdma: Rdma,
     buffer: Option<usize>,
     deadline: Instant,
     cancel: Option<&AtomicBool>,
 ) -> io::Result<Box<dyn Link>> {
     let offer = addr::recv_msg(&s, deadline, cancel).await?;
-    if rdma && offer.first() != Some(&b'R') {
+    if rdma == Rdma::Must && !matches!(offer.first(), Some(b'R' | b'A')) {
         return Err(io::Error::other("this rank asks for RDMA, and the peer offered another transport"));
     }
     match offer.split_first() {
         #[cfg(feature = "rdma")]
-        Some((b'R', info)) if rdma => answer_rdma(s, info, deadline, cancel).await,
+        // A peer that must use RDMA gets it from a rank that lets the crate choose, if it can.
+        #[cfg(feature = "rdma")]
+        Some((b'R', info)) if rdma == Rdma::Must || (rdma == Rdma::May && crate::transport::rdma_across_hosts()) => {
+            answer_rdma(s, info, None, deadline, cancel).await
+        }
+        // An offer the peer's own choice made: RDMA where this side can too, else TCP.
+        #[cfg(feature = "rdma")]
+        Some((b'A', info)) if rdma == Rdma::Must || (rdma == Rdma::May && crate::transport::rdma_across_hosts()) => {
+            let fallback = (rdma == Rdma::May).then_some((key, buffer));
+            answer_rdma(s, info, fallback, deadline, cancel).await
+        }
+        Some((b'A', _)) => {
+            addr::send_msg(&s, b"T", deadline, cancel).await?;
+            Ok(Box::new(TcpLink::new(s, buffer, key)?))
+        }
         // Both ranks of a pair must ask for RDMA: one that did not refuses, saying why.
         Some((b'R', _)) => {
             let why = "this rank did not ask for RDMA (its world's transport is another)";
@@ -543,13 +576,28 @@ pub(super) async fn answer_transport(
 
 /// The connecting rank of a pair that must use RDMA offers `R` and its set-up data (queue pair
 /// connection data, receive ring); the acceptor connects its queue pair to it and answers `R`
-/// and its own, or `N` and why it cannot, which fails the formation with that reason.
-async fn offer_rdma(s: TcpStream, deadline: Instant, cancel: Option<&AtomicBool>) -> io::Result<Box<dyn Link>> {
+/// and its own, or `N` and why it cannot, which fails the formation with that reason. Where the
+/// crate chooses (`fallback`: the TCP link's key and buffers), the offer is `A`, which the
+/// acceptor may answer with `T` instead (it cannot, or its world did not let the crate choose
+/// RDMA): the pair then uses TCP; so does this side where it cannot make a queue pair itself.
+async fn offer_rdma(
+    s: TcpStream,
+    fallback: Option<(u32, Option<usize>)>,
+    deadline: Instant,
+    cancel: Option<&AtomicBool>,
+) -> io::Result<Box<dyn Link>> {
     #[cfg(feature = "rdma")]
     {
         use crate::transport::rdma::Pending;
-        let pending = Pending::new()?;
-        let mut offer = b"R".to_vec();
+        let pending = match (Pending::new(), fallback) {
+            (Ok(p), _) => p,
+            (Err(e), Some((key, buffer))) => {
+                warn!("cannot make an RDMA queue pair ({e}); using TCP");
+                return offer_transport(s, key, false, buffer, deadline, cancel).await;
+            }
+            (Err(e), None) => return Err(e),
+        };
+        let mut offer = if fallback.is_some() { b"A".to_vec() } else { b"R".to_vec() };
         offer.extend_from_slice(&pending.info());
         addr::send_msg(&s, &offer, deadline, cancel).await?;
         let answer = addr::recv_msg(&s, deadline, cancel).await?;
@@ -568,6 +616,10 @@ async fn offer_rdma(s: TcpStream, deadline: Instant, cancel: Option<&AtomicBool>
                     }
                 }
             }
+            Some((b'T', [])) => match fallback {
+                Some((key, buffer)) => Ok(Box::new(TcpLink::new(s, buffer, key)?)),
+                None => Err(io::Error::new(io::ErrorKind::InvalidData, "a TCP answer to an offer of RDMA")),
+            },
             Some((b'N', why)) => {
                 Err(io::Error::other(format!("the peer cannot use RDMA: {}", String::from_utf8_lossy(why))))
             }
@@ -576,33 +628,39 @@ async fn offer_rdma(s: TcpStream, deadline: Instant, cancel: Option<&AtomicBool>
     }
     #[cfg(not(feature = "rdma"))]
     {
-        let _ = (s, deadline, cancel);
-        Err(io::Error::other("RDMA needs a build with the rdma feature"))
+        match fallback {
+            Some((key, buffer)) => offer_transport(s, key, false, buffer, deadline, cancel).await,
+            None => Err(io::Error::other("RDMA needs a build with the rdma feature")),
+        }
     }
 }
 
+/// Answers an offer of RDMA (`fallback`: the crate chooses, and the pair may use TCP instead,
+/// with this key and these buffers, where this side cannot make its queue pair).
 #[cfg(feature = "rdma")]
 async fn answer_rdma(
     s: TcpStream,
     info: &[u8],
+    fallback: Option<(u32, Option<usize>)>,
     deadline: Instant,
     cancel: Option<&AtomicBool>,
 ) -> io::Result<Box<dyn Link>> {
     use crate::transport::rdma::Pending;
-    let pending = match Pending::new() {
-        Ok(p) => p,
-        Err(e) => {
-            addr::send_msg(&s, format!("N{e}").as_bytes(), deadline, cancel).await?;
-            return Err(e);
-        }
-    };
-    let mut answer = b"R".to_vec();
-    answer.extend_from_slice(&pending.info());
     // This side connects first (the active side), then answers: the offerer attaches once it
     // has the answer, and says when it is ready.
-    let link = match pending.connect(s.try_clone()?, info, true) {
-        Ok(link) => link,
-        Err(e) => {
+    let made = Pending::new().and_then(|p| {
+        let mut answer = b"R".to_vec();
+        answer.extend_from_slice(&p.info());
+        Ok((p.connect(s.try_clone()?, info, true)?, answer))
+    });
+    let (link, answer) = match (made, fallback) {
+        (Ok(made), _) => made,
+        (Err(e), Some((key, buffer))) => {
+            warn!("cannot make an RDMA queue pair ({e}); using TCP");
+            addr::send_msg(&s, b"T", deadline, cancel).await?;
+            return Ok(Box::new(TcpLink::new(s, buffer, key)?));
+        }
+        (Err(e), None) => {
             addr::send_msg(&s, format!("N{e}").as_bytes(), deadline, cancel).await?;
             return Err(e);
         }
@@ -872,7 +930,7 @@ mod tests {
             rendezvous: Rendezvous::Address(String::new()),
             secret: secret.clone(),
             interface: None,
-            shm: false,
+            auto: false,
             rdma: false,
             generation: 2,
             timeout: Duration::from_secs(30),

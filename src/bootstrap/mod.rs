@@ -97,8 +97,9 @@ pub(crate) struct JoinSpec {
     pub rendezvous: Rendezvous,
     pub secret: Vec<u8>,
     pub interface: Option<String>,
-    /// Shared memory may be used for peers on the same host.
-    pub shm: bool,
+    /// The crate chooses each pair's transport (`TransportChoice::Auto`): shared memory on one
+    /// host, RDMA across hosts where both ends can use it, TCP otherwise.
+    pub auto: bool,
     /// Every peer must be reached by RDMA.
     pub rdma: bool,
     pub generation: u32,

@@ -21,6 +21,19 @@ pub(crate) mod shm;
 pub(crate) mod tcp;
 pub(crate) mod wake;
 
+/// Whether this process can link a peer on another host by RDMA when its world lets the crate
+/// choose: a device with an active port, or the software provider where `MW_RDMA_PROVIDER=soft`
+/// asks for it; looked for once per process (`rdma::usable`). Never without the `rdma` feature.
+pub(crate) fn rdma_across_hosts() -> bool {
+    #[cfg(feature = "rdma")]
+    {
+        static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *USABLE.get_or_init(|| rdma::usable().is_ok())
+    }
+    #[cfg(not(feature = "rdma"))]
+    false
+}
+
 use std::os::fd::RawFd;
 
 use crate::engine::wire::{FrameHeader, OpKind};
