@@ -89,6 +89,17 @@ fn rdma_queue_pair_forced_into_error_breaks_the_world_on_both_ranks() {
     assert!(logs[1].contains("broke after") && logs[1].contains("RDMA"), "{}", logs[1]);
 }
 
+/// Rank 0's port goes down (an asynchronous event; the peer is not told): rank 0's world breaks
+/// with the event as its cause, and rank 1's breaks too (rank 0's link ends, which its control
+/// connection shows).
+#[test]
+fn rdma_port_that_goes_down_breaks_the_world_with_the_event() {
+    let logs = common::run_ranks("exchange", 2, &env("port_down_after=50"), Duration::from_secs(60));
+    show(&logs);
+    assert!(logs[0].contains("RDMA asynchronous event") && logs[0].contains("port 1 went down"), "{}", logs[0]);
+    assert!(logs[1].contains("broke after"), "{}", logs[1]);
+}
+
 /// A write the peer refuses (a wrong remote key) comes back as the write's completion with
 /// `RemoteAccess`; both ranks' worlds break, each with the verbs status.
 #[test]

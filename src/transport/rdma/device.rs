@@ -159,10 +159,11 @@ impl DeviceQp {
             if me.channel.is_null() {
                 return Err(os_err("creating a completion channel"));
             }
-            let fd = (*me.channel).fd;
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-                return Err(os_err("making the completion channel non-blocking"));
+            for (fd, what) in [((*me.channel).fd, "the completion channel"), ((*me.ctx).async_fd, "the event queue")] {
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+                    return Err(os_err(&format!("making {what} non-blocking")));
+                }
             }
             me.cq = ffi::ibv_create_cq(me.ctx, CQ_ENTRIES, ptr::null_mut(), me.channel, 0);
             if me.cq.is_null() {
@@ -535,6 +536,45 @@ impl QueuePair for DeviceQp {
 
     fn state(&self) -> QpState {
         self.state
+    }
+
+    fn event(&mut self) -> Option<String> {
+        // Each queue pair has a context of its own, so every event of it is this link's; each
+        // is acknowledged at once (destroying a queue pair waits for its events' acks).
+        let mut found = None;
+        // SAFETY: `ibv_async_event` is a plain C struct; all-zero is a valid value.
+        let mut ev: ffi::ibv_async_event = unsafe { std::mem::zeroed() };
+        // SAFETY: a live context whose event descriptor is non-blocking; an out-pointer to a local.
+        while unsafe { ffi::ibv_get_async_event(self.ctx, &mut ev) } == 0 {
+            // SAFETY: the union's member is the one the event type names.
+            let what = unsafe {
+                match ev.event_type {
+                    ffi::IBV_EVENT_QP_FATAL | ffi::IBV_EVENT_QP_REQ_ERR | ffi::IBV_EVENT_QP_ACCESS_ERR
+                        if ev.element.qp == self.qp =>
+                    {
+                        Some(format!("the queue pair hit a fatal error (event {})", ev.event_type))
+                    }
+                    ffi::IBV_EVENT_CQ_ERR if ev.element.cq == self.cq => Some("the completion queue overran".into()),
+                    ffi::IBV_EVENT_PORT_ERR if ev.element.port_num == c_int::from(PORT) => {
+                        Some(format!("port {PORT} went down"))
+                    }
+                    ffi::IBV_EVENT_DEVICE_FATAL => Some("the device hit a fatal error".into()),
+                    _ => None,
+                }
+            };
+            // SAFETY: an event taken above, acknowledged once.
+            unsafe { ffi::ibv_ack_async_event(&mut ev) };
+            if let Some(w) = what {
+                self.state = QpState::Error;
+                found.get_or_insert(format!("ibverbs {}: {w}", self.name));
+            }
+        }
+        found
+    }
+
+    fn event_fd(&self) -> Option<RawFd> {
+        // SAFETY: a live context.
+        Some(unsafe { (*self.ctx).async_fd })
     }
 
     fn arm(&mut self) -> Option<(RawFd, i16)> {

@@ -201,6 +201,9 @@ impl Pending {
         ctl.set_nonblocking(true)?;
         let waits = Epoll::new()?;
         waits.watch(ctl.as_raw_fd(), libc::POLLRDHUP | libc::POLLIN, 0)?;
+        if let Some(fd) = self.qp.event_fd() {
+            waits.watch(fd, libc::POLLIN, 2)?;
+        }
         info!("RDMA link up: {}", self.qp.provider());
         Ok(RdmaLink {
             qp: self.qp,
@@ -328,6 +331,11 @@ impl RdmaLink {
     /// arrived before it are still read first.
     fn drive(&mut self) {
         if self.broken.is_some() {
+            return;
+        }
+        // An event first: it is the cause of the flushed completions that follow it.
+        if let Some(e) = self.qp.event() {
+            self.broken = Some(LinkError::Io(format!("RDMA asynchronous event: {e}")));
             return;
         }
         let mut done = std::mem::take(&mut self.completions);

@@ -21,7 +21,9 @@
 //! `qp_error_after=N` forces the queue pair into the error state at its N-th write;
 //! `lose_completion_after=N` drops the completion of its N-th write (it never arrives);
 //! `bad_rkey_after=N` sends its N-th write with a wrong remote key (the peer refuses it, and the
-//! refusal comes back as the write's completion).
+//! refusal comes back as the write's completion); `port_down_after=N` takes the port down at its
+//! N-th write, as a device reports with an asynchronous event: that write goes nowhere, the
+//! queue pair is in the error state, and the peer is not told.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -120,6 +122,7 @@ struct Faults {
     qp_error_after: Option<u64>,
     lose_completion_after: Option<u64>,
     bad_rkey_after: Option<u64>,
+    port_down_after: Option<u64>,
 }
 
 impl Faults {
@@ -133,6 +136,7 @@ impl Faults {
                 "qp_error_after" => f.qp_error_after = n,
                 "lose_completion_after" => f.lose_completion_after = n,
                 "bad_rkey_after" => f.bad_rkey_after = n,
+                "port_down_after" => f.port_down_after = n,
                 _ => {}
             }
         }
@@ -165,6 +169,8 @@ pub(crate) struct SoftQp {
     faults: Faults,
     writes: u64,
     acks: u64,
+    /// An asynchronous event not yet taken (`QueuePair::event`).
+    event: Option<String>,
 }
 
 impl SoftQp {
@@ -192,6 +198,7 @@ impl SoftQp {
             faults: Faults::from_env(),
             writes: 0,
             acks: 0,
+            event: None,
         })
     }
 
@@ -546,6 +553,11 @@ impl QueuePair for SoftQp {
         } else {
             remote
         };
+        if self.faults.port_down_after == Some(self.writes) {
+            self.event = Some("soft verbs: port 1 went down (fault injection)".into());
+            self.break_with(Status::RetryExceeded, false);
+            return Ok(());
+        }
         if self.faults.qp_error_after == Some(self.writes) {
             self.break_with(Status::Other("queue pair forced into the error state (fault injection)".into()), true);
             return Err(VerbsError("soft verbs: the queue pair was forced into the error state".into()));
@@ -591,8 +603,12 @@ impl QueuePair for SoftQp {
         self.state
     }
 
+    fn event(&mut self) -> Option<String> {
+        self.event.take()
+    }
+
     fn arm(&mut self) -> Option<(RawFd, i16)> {
-        if !self.ready.is_empty() {
+        if !self.ready.is_empty() || self.event.is_some() {
             return None;
         }
         match (&self.sock, &self.listener) {

@@ -182,4 +182,15 @@ pub(crate) trait QueuePair: Send {
     /// Prepares to sleep until a completion may be ready: the descriptor and `poll` events to
     /// wait for, or `None` when one may already be (poll again instead of sleeping).
     fn arm(&mut self) -> Option<(RawFd, i16)>;
+
+    /// An asynchronous event that ended this queue pair's use (its port went down; it, its
+    /// completion queue or the device hit a fatal error), in the provider's words, taken once
+    /// (the queue pair is then in the error state); `None` while there is none. Never blocks.
+    fn event(&mut self) -> Option<String>;
+
+    /// The descriptor that becomes readable when an asynchronous event comes, where the
+    /// provider has one: a sleeping link watches it beside its completions'.
+    fn event_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
