@@ -31,6 +31,7 @@ fn worker() {
         ("formation_survivor", formation_survivor),
         ("formation_victim", formation_victim),
         ("sleeper", sleeper),
+        ("aborted_kept", aborted_kept),
     ]);
 }
 
@@ -685,5 +686,44 @@ fn a_message_sent_before_the_peer_left_is_still_received() {
         for l in logs[0].lines().filter(|l| l.contains("idle beside") || l.contains("arrived")) {
             println!("{transport}: {l}");
         }
+    }
+}
+
+/// Two ranks on shared memory, heartbeats off, one world and no other: rank 0 aborts it and
+/// keeps it (a broken world keeps its end of the pair's socket, for a shrink) while rank 1 has
+/// nothing posted on it. Rank 1's idle world learns of the abort at once from the link's end,
+/// rung on the socket (nothing else would tell it: no heartbeats, no call).
+fn aborted_kept(ctx: &Ctx) {
+    let m = WorldManager::with_defaults(WorldOptions::default().without_heartbeat());
+    let w = m.init_world("kept", &ctx.id(), ctx.rank, 2).unwrap();
+    w.barrier().unwrap();
+    let t = Instant::now();
+    if ctx.rank == 0 {
+        std::thread::sleep(Duration::from_millis(50));
+        w.abort();
+        std::thread::sleep(Duration::from_secs(2));
+        return;
+    }
+    let end = t + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|e| matches!(e, Event::Broken { name, .. } if name == "kept")) {
+        match m.next_event(Some(end.saturating_duration_since(Instant::now()))) {
+            Some(e) => seen.push(e),
+            None => panic!("the idle world never learnt of its peer's abort; saw {seen:?}"),
+        }
+    }
+    let took = t.elapsed();
+    println!(
+        "rank 1: the idle world broke {:.1} ms after the barrier (the abort came at 50 ms)",
+        took.as_secs_f64() * 1e3
+    );
+    assert!(took < Duration::from_secs(1), "{took:?}");
+}
+
+#[test]
+fn an_idle_world_learns_at_once_of_an_abort_its_peer_keeps() {
+    let logs = common::run_ranks("aborted_kept", 2, &[], Duration::from_secs(30));
+    for l in logs.iter().flat_map(|l| l.lines()).filter(|l| l.starts_with("rank ")) {
+        println!("{l}");
     }
 }

@@ -267,6 +267,10 @@ fn rdma_without_a_provider_is_a_clear_error() {
 fn auto(ctx: &Ctx) {
     let hosts: Vec<String> = ctx.env("MW_TEST_HOSTS").split(',').map(str::to_owned).collect();
     std::env::set_var("MW_HOST_ID", &hosts[ctx.rank]);
+    // The last rank's queue pairs cannot connect (`MW_TEST_FAULT`, its soft verbs fault).
+    if ctx.rank == ctx.size - 1 {
+        std::env::set_var("MW_SOFT_VERBS_FAULT", ctx.env("MW_TEST_FAULT"));
+    }
     let across = match ctx.env("MW_TEST_ACROSS").as_str() {
         "rdma" => TransportKind::Rdma,
         _ => TransportKind::Tcp,
@@ -289,7 +293,12 @@ fn auto(ctx: &Ctx) {
 }
 
 fn auto_env(hosts: &str, provider: &str, across: &str) -> Vec<(&'static str, String)> {
-    vec![("MW_TEST_HOSTS", hosts.into()), ("MW_RDMA_PROVIDER", provider.into()), ("MW_TEST_ACROSS", across.into())]
+    vec![
+        ("MW_TEST_HOSTS", hosts.into()),
+        ("MW_RDMA_PROVIDER", provider.into()),
+        ("MW_TEST_ACROSS", across.into()),
+        ("MW_TEST_FAULT", String::new()),
+    ]
 }
 
 #[test]
@@ -301,4 +310,13 @@ fn a_world_that_lets_the_crate_choose_links_other_hosts_by_rdma_and_one_host_by_
 fn a_world_that_lets_the_crate_choose_uses_tcp_across_hosts_without_an_rdma_provider() {
     // An unknown provider: no RDMA in these processes, whatever devices the machine has.
     show(&common::run_ranks("auto", 3, &auto_env("a,b,c", "none", "tcp"), Duration::from_secs(60)));
+}
+
+#[test]
+fn a_world_that_lets_the_crate_choose_uses_tcp_where_a_queue_pair_cannot_connect() {
+    // The last rank connects its queue pairs last in each pair it offers (it is the higher
+    // rank): both sides of those pairs fall back to TCP together.
+    let mut env = auto_env("a,b", "soft", "tcp");
+    env[3].1 = "connect_refused".into();
+    show(&common::run_ranks("auto", 2, &env, Duration::from_secs(60)));
 }

@@ -584,7 +584,7 @@ impl World {
             c.result().unwrap_or_else(|| Err(Error::internal("lane round ended without a result")))?;
             bufs.with(|(_, all)| all.clone()).ok_or_else(|| Error::internal("lane round buffers"))
         });
-        // The peers took their sockets before the round: the offered ends may close now.
+        // What the offer held (the parent's links' sources) is not needed past the round.
         drop(held);
         let codes = codes?;
         let Some((c, m)) = me else { return Ok(None) };

@@ -544,9 +544,13 @@ pub(super) async fn answer_transport(
             addr::send_msg(&s, b"T", deadline, cancel).await?;
             Ok(Box::new(TcpLink::new(s, buffer, key)?))
         }
-        // Both ranks of a pair must ask for RDMA: one that did not refuses, saying why.
+        // A rank that must use RDMA reaches one that forced another transport, or that chooses
+        // and cannot: refused, saying why.
         Some((b'R', _)) => {
-            let why = "this rank did not ask for RDMA (its world's transport is another)";
+            let why = match rdma {
+                Rdma::May => "this rank cannot use RDMA (no usable provider, or a build without the rdma feature)",
+                _ => "this rank did not ask for RDMA (its world's transport is another)",
+            };
             addr::send_msg(&s, format!("N{why}").as_bytes(), deadline, cancel).await?;
             Err(io::Error::other(format!("the peer offered RDMA, and {why}")))
         }
@@ -605,12 +609,19 @@ async fn offer_rdma(
             Some((b'R', info)) => {
                 // Connected, it says so (one byte): the acceptor writes nothing before that, so
                 // no write reaches a queue pair not yet ready for it.
-                match pending.connect(s.try_clone()?, info, false) {
-                    Ok(link) => {
+                // Where the crate chose, a queue pair that does not connect leaves the pair on TCP,
+                // on both sides (the acceptor reads the 0).
+                match (pending.connect(s.try_clone()?, info, false), fallback) {
+                    (Ok(link), _) => {
                         addr::write_all(&s, &[1], deadline, cancel).await?;
                         Ok(Box::new(link))
                     }
-                    Err(e) => {
+                    (Err(e), Some((key, buffer))) => {
+                        warn!("cannot connect the RDMA queue pair ({e}); using TCP");
+                        addr::write_all(&s, &[0], deadline, cancel).await?;
+                        Ok(Box::new(TcpLink::new(s, buffer, key)?))
+                    }
+                    (Err(e), None) => {
                         let _ = addr::write_all(&s, &[0], deadline, cancel).await;
                         Err(e)
                     }
@@ -668,8 +679,14 @@ async fn answer_rdma(
     addr::send_msg(&s, &answer, deadline, cancel).await?;
     let mut ready = [0u8; 1];
     addr::read_exact_until(&s, &mut ready, deadline, cancel).await?;
-    if ready[0] != 1 {
-        return Err(io::Error::other("the peer could not connect its RDMA queue pair"));
+    match (ready[0], fallback) {
+        (1, _) => {}
+        (_, Some((key, buffer))) => {
+            warn!("the peer could not connect its RDMA queue pair; using TCP");
+            drop(link);
+            return Ok(Box::new(TcpLink::new(s, buffer, key)?));
+        }
+        (_, None) => return Err(io::Error::other("the peer could not connect its RDMA queue pair")),
     }
     Ok(Box::new(link))
 }

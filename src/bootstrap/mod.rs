@@ -301,7 +301,7 @@ async fn on_lanes(
         addr::recv_msg(to_root, deadline, cancel).await
     };
     let reply = round.await;
-    // The peers took their sockets before they answered: the offered ends may close now.
+    // What the offer held is not needed past the round.
     drop(mine);
     let codes = root_answer(spec, reply, "answer", decode_codes)?;
     let offered = table.lanes.iter().map(|l| !l.is_empty());

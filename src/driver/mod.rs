@@ -174,7 +174,7 @@ pub(crate) enum Served {
 impl Driver {
     /// A driver for `engine`, watched by a pool thread from now on.
     pub(crate) fn start(name: Arc<str>, mut engine: Engine) -> Result<Arc<Driver>> {
-        let watch = engine.watch_set();
+        let watch = engine.watch_set(true);
         let home = pool::home(watch.deadline)?;
         let broken = engine.broken_handle();
         let on_host = 1 + engine.transports().iter().filter(|t| **t == Some(TransportKind::Shm)).count();
@@ -365,7 +365,7 @@ impl Driver {
             if e.broken().is_some() {
                 return Served::Forget;
             }
-            let ws = e.watch_set();
+            let ws = e.watch_set(false);
             arm(&ws.fds);
             return Served::Wait { until: ws.deadline, moved: false };
         }
@@ -382,7 +382,7 @@ impl Driver {
                 break Served::Forget;
             }
             if !e.has_work() {
-                let ws = e.watch_set();
+                let ws = e.watch_set(true);
                 arm(&ws.fds);
                 break Served::Wait { until: ws.deadline, moved: moved_any };
             }

@@ -913,11 +913,12 @@ impl Engine {
         w
     }
 
-    /// What an idle world watches: hang-ups only, and the next heartbeat.
-    pub(crate) fn watch_set(&mut self) -> WaitSet {
+    /// What a world nobody waits on watches: hang-ups only, and the next heartbeat. `idle`:
+    /// it has nothing to do (else a caller drives it, asleep on the links' own descriptors).
+    pub(crate) fn watch_set(&mut self, idle: bool) -> WaitSet {
         let mut w = WaitSet::default();
         for p in self.peers.iter_mut().flatten().filter(|p| p.gone.is_none()) {
-            if let Some((fd, ev)) = p.link.hangup_fd() {
+            if let Some((fd, ev)) = p.link.hangup_fd(idle) {
                 w.fds.push(crate::sys::pollfd(fd, ev));
             }
             if let Some(l) = &p.live {

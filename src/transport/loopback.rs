@@ -177,7 +177,7 @@ impl Link for QueueLink {
         }
     }
 
-    fn hangup_fd(&mut self) -> Option<(RawFd, i16)> {
+    fn hangup_fd(&mut self, _idle: bool) -> Option<(RawFd, i16)> {
         None
     }
 }

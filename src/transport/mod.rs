@@ -183,9 +183,11 @@ pub(crate) trait Link: Send {
     /// that stopped (the shared-memory rings shrink back to their small form).
     fn tick(&mut self, _now: std::time::Instant) {}
 
-    /// A descriptor that reports the peer hanging up, for watching an idle world; `poll`
-    /// events to ask for. When it reports, the watcher calls [`Link::reported`].
-    fn hangup_fd(&mut self) -> Option<(RawFd, i16)>;
+    /// A descriptor that reports the peer hanging up, for watching a world that nobody waits
+    /// on; `poll` events to ask for. `idle`: the world has nothing to do (else a caller drives
+    /// it and sleeps on the link's own descriptors, which report the same). When it reports,
+    /// the watcher calls [`Link::reported`].
+    fn hangup_fd(&mut self, idle: bool) -> Option<(RawFd, i16)>;
 
     /// The descriptor of [`Link::hangup_fd`] reported: the next `peek` looks at it (an idle
     /// world's link does not, which keeps its heartbeat passes free of system calls).

@@ -935,7 +935,7 @@ impl Link for TcpLink {
         }
     }
 
-    fn hangup_fd(&mut self) -> Option<(RawFd, i16)> {
+    fn hangup_fd(&mut self, _idle: bool) -> Option<(RawFd, i16)> {
         let key = self.key;
         let mut st = self.state()?;
         let fd = st.sock.as_raw_fd();

@@ -201,9 +201,17 @@ impl Pending {
         ctl.set_nonblocking(true)?;
         let waits = Epoll::new()?;
         waits.watch(ctl.as_raw_fd(), libc::POLLRDHUP | libc::POLLIN, 0)?;
-        if let Some(fd) = self.qp.event_fd() {
-            waits.watch(fd, libc::POLLIN, 2)?;
-        }
+        // The device's events wake a sleeping link, and the watch of an idle world.
+        let idle = match self.qp.event_fd() {
+            Some(fd) => {
+                waits.watch(fd, libc::POLLIN, 2)?;
+                let idle = Epoll::new()?;
+                idle.watch(ctl.as_raw_fd(), libc::POLLRDHUP, 0)?;
+                idle.watch(fd, libc::POLLIN, 1)?;
+                Some(idle)
+            }
+            None => None,
+        };
         info!("RDMA link up: {}", self.qp.provider());
         Ok(RdmaLink {
             qp: self.qp,
@@ -211,6 +219,7 @@ impl Pending {
             tx: self.tx,
             ctl,
             waits,
+            idle,
             qp_fd: None,
             peer_ring: ring,
             credits: SLOTS,
@@ -243,6 +252,9 @@ pub(crate) struct RdmaLink {
     /// The control socket and the queue pair's descriptor, so that one descriptor wakes the
     /// link for either.
     waits: Epoll,
+    /// For the watch of an idle world, where the provider has an event descriptor: it and the
+    /// control socket's hang-up.
+    idle: Option<Epoll>,
     /// The queue pair's descriptor as last watched, and for what.
     qp_fd: Option<(RawFd, i16)>,
     peer_ring: Remote,
@@ -292,6 +304,10 @@ const DRAIN_FOR: Duration = Duration::from_millis(200);
 
 impl RdmaLink {
     fn failed(&mut self, what: &str, status: &Status) -> LinkError {
+        // An event that came with the failure (the port went down) is its cause.
+        if let Some(e) = self.qp.event() {
+            return LinkError::Io(format!("RDMA asynchronous event: {e}"));
+        }
         // A queue pair that broke because the peer went: the control socket says which.
         self.look_at_control();
         if matches!(status, Status::Flushed | Status::RetryExceeded) && (self.hung_up || self.peer_left) {
@@ -825,11 +841,14 @@ impl Link for RdmaLink {
         Armed::Wait(self.waits.fd(), libc::POLLIN)
     }
 
-    fn hangup_fd(&mut self) -> Option<(RawFd, i16)> {
+    fn hangup_fd(&mut self, _idle: bool) -> Option<(RawFd, i16)> {
         if self.hung_up {
             return None;
         }
-        Some((self.ctl.as_raw_fd(), libc::POLLRDHUP))
+        match &self.idle {
+            Some(w) => Some((w.fd(), libc::POLLIN)),
+            None => Some((self.ctl.as_raw_fd(), libc::POLLRDHUP)),
+        }
     }
 
     fn reported(&mut self) {

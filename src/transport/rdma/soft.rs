@@ -23,7 +23,8 @@
 //! `bad_rkey_after=N` sends its N-th write with a wrong remote key (the peer refuses it, and the
 //! refusal comes back as the write's completion); `port_down_after=N` takes the port down at its
 //! N-th write, as a device reports with an asynchronous event: that write goes nowhere, the
-//! queue pair is in the error state, and the peer is not told.
+//! queue pair is in the error state, and the peer is not told; `connect_refused` fails the
+//! connection of the queue pair (a path the fabric cannot set up).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -123,6 +124,7 @@ struct Faults {
     lose_completion_after: Option<u64>,
     bad_rkey_after: Option<u64>,
     port_down_after: Option<u64>,
+    connect_refused: bool,
 }
 
 impl Faults {
@@ -137,6 +139,7 @@ impl Faults {
                 "lose_completion_after" => f.lose_completion_after = n,
                 "bad_rkey_after" => f.bad_rkey_after = n,
                 "port_down_after" => f.port_down_after = n,
+                "connect_refused" => f.connect_refused = true,
                 _ => {}
             }
         }
@@ -460,6 +463,9 @@ impl QueuePair for SoftQp {
     }
 
     fn connect(&mut self, remote: &[u8], active: bool) -> Result<(), VerbsError> {
+        if self.faults.connect_refused {
+            return Err(VerbsError("soft verbs: the connection was refused (fault injection)".into()));
+        }
         if self.state != QpState::Init {
             return Err(VerbsError("soft verbs: the queue pair is already connected".into()));
         }
@@ -556,6 +562,8 @@ impl QueuePair for SoftQp {
         if self.faults.port_down_after == Some(self.writes) {
             self.event = Some("soft verbs: port 1 went down (fault injection)".into());
             self.break_with(Status::RetryExceeded, false);
+            // The write itself went nowhere: flushed, as a device does.
+            self.ready.push_back(Completion { wr_id, op: Op::Write, status: Status::Flushed, imm: 0, len: 0 });
             return Ok(());
         }
         if self.faults.qp_error_after == Some(self.writes) {

@@ -59,8 +59,9 @@ impl LaneSource {
     }
 
     /// Claims lane `lane` for the world `tag` (both sides of the pair claim it with the same
-    /// tag, which is never 0) and reserves its small rings: an error if another world holds
-    /// the lane or `/dev/shm` is full.
+    /// tag, which is never 0), reserves its small rings and makes the wake its link will sleep
+    /// on: an error if another world holds the lane, `/dev/shm` is full or no descriptor is
+    /// left.
     pub(crate) fn claim(&self, lane: usize, tag: u64) -> io::Result<LaneClaim> {
         if !(1..LANES).contains(&lane) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("no lane {lane}")));
@@ -80,7 +81,13 @@ impl LaneSource {
         if !claim_word(self.state(lane), self.side, tag) {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("lane {lane} is held by another world")));
         }
-        Ok(LaneClaim { source: self.clone(), lane })
+        match self.bell.join(lane) {
+            Ok(wake) => Ok(LaneClaim { source: self.clone(), lane, wake }),
+            Err(e) => {
+                release_word(self.state(lane), self.side, || {});
+                Err(e)
+            }
+        }
     }
 }
 
@@ -88,6 +95,8 @@ impl LaneSource {
 pub(crate) struct LaneClaim {
     source: LaneSource,
     lane: usize,
+    /// What the lane's link sleeps on, known to the pair's bell from the claim on.
+    pub(crate) wake: Arc<Wake>,
 }
 
 impl LaneClaim {
@@ -121,6 +130,14 @@ impl LaneClaim {
 
 impl Drop for LaneClaim {
     fn drop(&mut self) {
+        // This side's end, said and rung as its link does (again, harmlessly, after one), also
+        // for a claim that no link took over (its formation failed after the claim): a peer
+        // that made its link learns of it at once.
+        let (seg, at) = (&self.source.seg, self.lane * LANE_BYTES);
+        let _ =
+            end_word(seg, at, self.source.side).compare_exchange(0, END_CLOSED, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.source.bell.ring(self.lane, true);
+        self.source.bell.leave(self.lane, &self.wake);
         release_word(self.source.state(self.lane), self.source.side, || self.reset());
     }
 }

@@ -224,10 +224,8 @@ impl ShmLink {
     fn over(bell: Arc<Bell>, seg: Arc<Segment>, claim: Option<LaneClaim>, side: usize) -> ShmLink {
         let (tx, rx) = (side, 1 - side);
         let lane = claim.as_ref().map_or(0, |c| c.lane());
-        // A lane's link has a wake from the start: its peer may ring it as soon as it exists
-        // (one that cannot have one sleeps without, found by the timers: never the case here
-        // but for a process out of descriptors, whose world then breaks by silence).
-        let wake = claim.as_ref().and_then(|_| bell.join(lane).ok());
+        // A lane's link has a wake from its claim on: its peer may ring it as soon as it exists.
+        let wake = claim.as_ref().map(|c| c.wake.clone());
         let mut link = ShmLink {
             bell,
             wake,
@@ -885,7 +883,7 @@ impl Link for ShmLink {
         }
     }
 
-    fn hangup_fd(&mut self) -> Option<(RawFd, i16)> {
+    fn hangup_fd(&mut self, idle: bool) -> Option<(RawFd, i16)> {
         // A socket that hung up reports so for ever: nothing more to learn from it (what the
         // peer left in the ring is read without it).
         if self.hung_up {
@@ -896,12 +894,17 @@ impl Link for ShmLink {
         // themselves: every idle world of the pair would wake for each doorbell its siblings
         // get (measured: a dup of four ranks took 160-220 us instead of 85-120). With nothing
         // reading the socket, the end is seen at the world's next tick (`tick`) or call.
+        // Alone, an idle world's watch reads its doorbells: only its own peer rings them, and
+        // its peer's end may come without the socket's (a broken world keeps its process's end
+        // of the socket for a shrink, `segment_source`). Not while a caller drives the world:
+        // the caller's own sleep wakes for them, and the watch would wake the pool with it.
         let fd = self.bell.fd();
         match self.wake() {
             Some(w) => {
                 w.idle.rewatch(fd, libc::POLLRDHUP, 1).ok()?;
                 Some((w.idle.fd(), libc::POLLIN))
             }
+            None if idle => Some((fd, libc::POLLIN | libc::POLLRDHUP)),
             None => Some((fd, libc::POLLRDHUP)),
         }
     }
@@ -1083,7 +1086,7 @@ mod tests {
         assert_eq!(out.to_vec(), pattern(16, 3));
 
         // Lane 2's world is idle on side b; its peer's link ends (a world removed or broken).
-        let (idle_fd, _) = b[1].hangup_fd().unwrap();
+        let (idle_fd, _) = b[1].hangup_fd(true).unwrap();
         assert!(!readable(idle_fd, 0));
         drop(a.remove(1));
         // Lane 1's link reads the socket and wakes lane 2's watch, whose link then reports.
@@ -1107,6 +1110,21 @@ mod tests {
             }
             assert!(l.peek().is_err());
         }
+    }
+
+    /// A lane claimed on both sides whose formation failed on one side after the claim (no link
+    /// made there): the side that made its link learns of it at once.
+    #[test]
+    fn a_claim_that_no_link_took_over_ends_the_peers_link() {
+        let (a, b) = sources();
+        assert!(a.bell.share() && b.bell.share());
+        let claim_a = a.claim(6, 33).unwrap();
+        let mut link_b = ShmLink::on_lane(b.claim(6, 33).unwrap());
+        assert!(link_b.peek().unwrap().is_none());
+        let Armed::Wait(fd, _) = link_b.arm(true, false) else { panic!("nothing to wait for") };
+        drop(claim_a);
+        assert!(readable(fd, 1000), "the peer's end did not wake the link");
+        assert!(matches!(link_b.peek(), Err(LinkError::Closed(_))));
     }
 
     /// A link whose world is idle (nothing reads the pair's socket) sees its peer's end at its
