@@ -36,6 +36,7 @@ fn worker() {
         ("stalled_sibling", stalled_sibling),
         ("rest_aside", rest_aside),
         ("idle_end", idle_end),
+        ("idle_removed", idle_removed),
     ]);
 }
 
@@ -740,6 +741,38 @@ fn idle_end(ctx: &Ctx) {
     w.barrier().unwrap();
 }
 
+/// Two ranks, heartbeats every 200 ms with a 10 s timeout: a world and its dup on the
+/// parent's links (lanes, or channels over TCP). Rank 0 removes the dup while rank 1 has
+/// nothing posted on it and never calls it again: rank 1's dup breaks by its next heartbeat
+/// pass (which looks at its link), long before silence would break it.
+fn idle_removed(ctx: &Ctx) {
+    let opts = multiworld::WorldOptions::default().with_heartbeat(Duration::from_millis(200), Duration::from_secs(10));
+    let m = WorldManager::with_defaults(opts);
+    let w = m.init_world("parent", &ctx.id(), ctx.rank, ctx.size).expect("parent world");
+    let d = w.dup("copy").unwrap();
+    assert_eq!(d.stats().lane_links, 1, "{:?}", d.stats());
+    traffic(&d, 2, 20);
+    w.barrier().unwrap();
+    if ctx.rank == 0 {
+        m.remove_world("copy").unwrap();
+    } else {
+        let t = Instant::now();
+        let end = t + Duration::from_secs(8);
+        let mut seen = Vec::new();
+        while !seen.iter().any(|e| matches!(e, Event::Broken { name, .. } if name == "copy")) {
+            match m.next_event(Some(end.saturating_duration_since(Instant::now()))) {
+                Some(e) => seen.push(e),
+                None => panic!("the idle dup never learnt that its peer removed it; saw {seen:?}"),
+            }
+        }
+        let took = t.elapsed();
+        eprintln!("rank 1: the idle dup broke {took:?} after the barrier");
+        assert!(took < Duration::from_secs(2), "the idle dup broke only after {took:?}");
+    }
+    traffic(&w, 4, 20);
+    w.barrier().unwrap();
+}
+
 fn run(role: &str, size: usize, env: &[(&str, String)]) -> Vec<String> {
     common::run_ranks(role, size, env, Duration::from_secs(60))
 }
@@ -915,6 +948,17 @@ fn a_world_its_peer_removed_fails_the_next_call_at_once() {
     for l in run("idle_end", 2, &[]) {
         for line in l.lines().filter(|l| l.contains("removed dup failed")) {
             println!("{line}");
+        }
+    }
+}
+
+#[test]
+fn an_idle_world_its_peer_removed_breaks_at_its_next_heartbeat() {
+    for env in [vec![], tcp()] {
+        for l in run("idle_removed", 2, &env) {
+            if let Some(line) = l.lines().find(|l| l.contains("idle dup broke")) {
+                println!("{line}");
+            }
         }
     }
 }
