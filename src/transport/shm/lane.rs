@@ -84,8 +84,29 @@ impl LaneSource {
         match self.bell.join(lane) {
             Ok(wake) => Ok(LaneClaim { source: self.clone(), lane, wake }),
             Err(e) => {
-                release_word(self.state(lane), self.side, || {});
+                // Let go as a claim does: the last side out resets the lane (the peer's side
+                // may have written its end word before it let go).
+                release_word(self.state(lane), self.side, || self.reset(lane));
                 Err(e)
+            }
+        }
+    }
+
+    /// Makes lane `lane` as a new one: grown pages punched out, small pages zeroed.
+    fn reset(&self, lane: usize) {
+        let (seg, at) = (&self.seg, lane * LANE_BYTES);
+        for ring in 0..2 {
+            let part = grown_part(ring);
+            // SAFETY: a page-aligned range of the segment's shared mapping that neither side
+            // uses any more: both released the lane.
+            let _ = unsafe { crate::sys::discard(seg.ptr(at + part.start), part.len()) };
+        }
+        // Only pages known to be reserved are written (an unbacked page of a full `/dev/shm`
+        // would raise SIGBUS); a claim reserves them before it can hold the lane.
+        if self.state(0).load(Ordering::Acquire) & 1 << lane != 0 {
+            for r in segment::small_parts(lane) {
+                // SAFETY: as above; these pages are reserved (the bit above).
+                unsafe { std::ptr::write_bytes(seg.ptr(r.start), 0, r.len()) };
             }
         }
     }
@@ -107,25 +128,6 @@ impl LaneClaim {
     pub(crate) fn lane(&self) -> usize {
         self.lane
     }
-
-    /// Makes the lane as a new one: grown pages punched out, small pages zeroed.
-    fn reset(&self) {
-        let (seg, at) = (&self.source.seg, self.lane * LANE_BYTES);
-        for ring in 0..2 {
-            let part = grown_part(ring);
-            // SAFETY: a page-aligned range of the segment's shared mapping that neither side
-            // uses any more: both released the lane.
-            let _ = unsafe { crate::sys::discard(seg.ptr(at + part.start), part.len()) };
-        }
-        // Only pages known to be reserved are written (an unbacked page of a full `/dev/shm`
-        // would raise SIGBUS); a claim reserves them before it can hold the lane.
-        if self.source.state(0).load(Ordering::Acquire) & 1 << self.lane != 0 {
-            for r in segment::small_parts(self.lane) {
-                // SAFETY: as above; these pages are reserved (the bit above).
-                unsafe { std::ptr::write_bytes(seg.ptr(r.start), 0, r.len()) };
-            }
-        }
-    }
 }
 
 impl Drop for LaneClaim {
@@ -138,7 +140,7 @@ impl Drop for LaneClaim {
             end_word(seg, at, self.source.side).compare_exchange(0, END_CLOSED, Ordering::AcqRel, Ordering::Acquire);
         let _ = self.source.bell.ring(self.lane, true);
         self.source.bell.leave(self.lane, &self.wake);
-        release_word(self.source.state(self.lane), self.source.side, || self.reset());
+        release_word(self.source.state(self.lane), self.source.side, || self.source.reset(self.lane));
     }
 }
 
