@@ -756,16 +756,12 @@ fn idle_removed(ctx: &Ctx) {
     if ctx.rank == 0 {
         m.remove_world("copy").unwrap();
     } else {
-        let t = Instant::now();
-        let end = t + Duration::from_secs(8);
-        let mut seen = Vec::new();
-        while !seen.iter().any(|e| matches!(e, Event::Broken { name, .. } if name == "copy")) {
-            match m.next_event(Some(end.saturating_duration_since(Instant::now()))) {
-                Some(e) => seen.push(e),
-                None => panic!("the idle dup never learnt that its peer removed it; saw {seen:?}"),
-            }
-        }
-        let took = t.elapsed();
+        let took = common::wait_broken(
+            &m,
+            "copy",
+            Duration::from_secs(8),
+            "the idle dup never learnt that its peer removed it",
+        );
         eprintln!("rank 1: the idle dup broke {took:?} after the barrier");
         assert!(took < Duration::from_secs(2), "the idle dup broke only after {took:?}");
     }

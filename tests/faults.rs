@@ -700,22 +700,14 @@ fn aborted_kept(ctx: &Ctx) {
     let m = WorldManager::with_defaults(opts);
     let w = m.init_world("kept", &ctx.id(), ctx.rank, 2).unwrap();
     w.barrier().unwrap();
-    let t = Instant::now();
     if ctx.rank == 0 {
         std::thread::sleep(Duration::from_millis(50));
         w.abort();
         std::thread::sleep(Duration::from_secs(2));
         return;
     }
-    let end = t + Duration::from_secs(5);
-    let mut seen = Vec::new();
-    while !seen.iter().any(|e| matches!(e, Event::Broken { name, .. } if name == "kept")) {
-        match m.next_event(Some(end.saturating_duration_since(Instant::now()))) {
-            Some(e) => seen.push(e),
-            None => panic!("the idle world never learnt of its peer's abort; saw {seen:?}"),
-        }
-    }
-    let took = t.elapsed();
+    let took =
+        common::wait_broken(&m, "kept", Duration::from_secs(5), "the idle world never learnt of its peer's abort");
     println!(
         "rank 1: the idle world broke {:.1} ms after the barrier (the abort came at 50 ms)",
         took.as_secs_f64() * 1e3

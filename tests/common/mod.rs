@@ -313,3 +313,17 @@ pub fn world_fds() -> usize {
         })
         .unwrap_or(0)
 }
+
+/// Waits (at most `limit`) for world `name` of `m` to break; how long it took. Panics with the
+/// events seen meanwhile if it does not, saying `what` did not happen.
+pub fn wait_broken(m: &multiworld::WorldManager, name: &str, limit: Duration, what: &str) -> Duration {
+    let t = Instant::now();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|e| matches!(e, multiworld::Event::Broken { name: n, .. } if n == name)) {
+        match m.next_event(Some(limit.saturating_sub(t.elapsed()))) {
+            Some(e) => seen.push(e),
+            None => panic!("{what}; saw {seen:?}"),
+        }
+    }
+    t.elapsed()
+}
