@@ -132,13 +132,9 @@ impl LaneClaim {
 
 impl Drop for LaneClaim {
     fn drop(&mut self) {
-        // This side's end, said and rung as its link does (again, harmlessly, after one), also
-        // for a claim that no link took over (its formation failed after the claim): a peer
-        // that made its link learns of it at once.
-        let (seg, at) = (&self.source.seg, self.lane * LANE_BYTES);
-        let _ =
-            end_word(seg, at, self.source.side).compare_exchange(0, END_CLOSED, Ordering::AcqRel, Ordering::Acquire);
-        let _ = self.source.bell.ring(self.lane, true);
+        // This side's end, for the lane's link, or for a claim that no link took over (its
+        // formation failed after the claim): a peer that made its link learns of it at once.
+        say_end(&self.source.seg, &self.source.bell, self.lane, self.source.side);
         self.source.bell.leave(self.lane, &self.wake);
         release_word(self.source.state(self.lane), self.source.side, || self.source.reset(self.lane));
     }

@@ -135,6 +135,14 @@ fn end_word(seg: &Segment, lane: usize, side: usize) -> &AtomicU64 {
     seg.word(lane + END_AT + 8 * side)
 }
 
+/// Says that side `side`'s link of lane `lane` ended (unless it said it left) and rings the
+/// peer's: its link learns of it from the word, woken by the bell (the socket itself stays,
+/// for the pair's other lanes).
+fn say_end(seg: &Segment, bell: &Bell, lane: usize, side: usize) {
+    let _ = end_word(seg, lane * LANE_BYTES, side).compare_exchange(0, END_CLOSED, Ordering::AcqRel, Ordering::Acquire);
+    let _ = bell.ring(lane, true);
+}
+
 /// The segment maker's "all reserved" word (lane 0's).
 fn fixed_flag(seg: &Segment) -> &AtomicU64 {
     seg.word(FIXED_AT)
@@ -617,20 +625,16 @@ impl SlotWords for RingWords<'_> {
 impl Drop for ShmLink {
     fn drop(&mut self) {
         self.revoke();
-        // The peer's link learns of this end from the word, woken by the bell (the socket
-        // itself stays, for the pair's other lanes).
-        let _ = end_word(&self.seg, self.at, self.side).compare_exchange(
-            0,
-            END_CLOSED,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
-        let _ = self.bell.ring(self.lane, true);
         if self.bare {
             self.bell.woke();
         }
-        if let Some(w) = self.wake.take() {
-            self.bell.leave(self.lane, &w);
+        // A lane's claim, dropped right after, says the end and takes its wake off the bell;
+        // lane 0 has no claim.
+        if self._claim.is_none() {
+            say_end(&self.seg, &self.bell, self.lane, self.side);
+            if let Some(w) = self.wake.take() {
+                self.bell.leave(self.lane, &w);
+            }
         }
     }
 }
