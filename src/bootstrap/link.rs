@@ -430,12 +430,11 @@ pub(super) async fn connect_links(
         let same_host = t.peers[peer].1 == t.peers[rank].1;
         let want_shm = spec.auto && same_host;
         let key = world_tag(t.world_id);
-        let link = if spec.rdma {
-            offer_rdma(s, None, deadline, cancel).await
-        } else if spec.auto && !same_host && crate::transport::rdma_across_hosts() {
-            offer_rdma(s, Some((key, spec.socket_buffer)), deadline, cancel).await
-        } else {
-            offer_transport(s, key, want_shm, spec.socket_buffer, deadline, cancel).await
+        let rdma = Rdma::of(spec, same_host);
+        let link = match rdma {
+            Rdma::Must => offer_rdma(s, None, deadline, cancel).await,
+            Rdma::May if rdma.can() => offer_rdma(s, Some((key, spec.socket_buffer)), deadline, cancel).await,
+            _ => offer_transport(s, key, want_shm, spec.socket_buffer, deadline, cancel).await,
         }
         .map_err(|e| Error::system(what(), e))?;
         *shm_fallbacks += u64::from(want_shm && link.kind() != TransportKind::Shm);
@@ -449,11 +448,7 @@ pub(super) async fn connect_links(
     for (from, s) in accept_links(&mut door, &expect, linked, want, deadline, cancel, &missing).await? {
         let same_host = t.peers[from].1 == t.peers[rank].1;
         let want_shm = spec.auto && same_host;
-        let rdma = match (spec.rdma, spec.auto && !same_host) {
-            (true, _) => Rdma::Must,
-            (false, true) => Rdma::May,
-            (false, false) => Rdma::No,
-        };
+        let rdma = Rdma::of(spec, same_host);
         let link = answer_transport(s, world_tag(t.world_id), want_shm, rdma, spec.socket_buffer, deadline, cancel)
             .await
             .map_err(|e| {
@@ -502,7 +497,7 @@ pub(super) async fn offer_transport(
     Ok(Box::new(TcpLink::new(s, buffer, key)?))
 }
 
-/// What the accepting rank of a pair does with an offer of RDMA.
+/// Whether a pair uses RDMA, as one of its ranks sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Rdma {
     /// Its world asks for RDMA: nothing else will do.
@@ -512,6 +507,26 @@ pub(super) enum Rdma {
     May,
     /// Not for this pair.
     No,
+}
+
+impl Rdma {
+    /// For a rank of a world formed by `spec`, toward a peer on this host or not.
+    fn of(spec: &JoinSpec, same_host: bool) -> Rdma {
+        match (spec.rdma, spec.auto && !same_host) {
+            (true, _) => Rdma::Must,
+            (false, true) => Rdma::May,
+            (false, false) => Rdma::No,
+        }
+    }
+
+    /// True when this rank takes RDMA for the pair if the peer offers or accepts it.
+    fn can(self) -> bool {
+        match self {
+            Rdma::Must => true,
+            Rdma::May => crate::transport::rdma_across_hosts(),
+            Rdma::No => false,
+        }
+    }
 }
 
 pub(super) async fn answer_transport(
@@ -528,15 +543,12 @@ pub(super) async fn answer_transport(
         return Err(io::Error::other("this rank asks for RDMA, and the peer offered another transport"));
     }
     match offer.split_first() {
-        #[cfg(feature = "rdma")]
         // A peer that must use RDMA gets it from a rank that lets the crate choose, if it can.
         #[cfg(feature = "rdma")]
-        Some((b'R', info)) if rdma == Rdma::Must || (rdma == Rdma::May && crate::transport::rdma_across_hosts()) => {
-            answer_rdma(s, info, None, deadline, cancel).await
-        }
+        Some((b'R', info)) if rdma.can() => answer_rdma(s, info, None, deadline, cancel).await,
         // An offer the peer's own choice made: RDMA where this side can too, else TCP.
         #[cfg(feature = "rdma")]
-        Some((b'A', info)) if rdma == Rdma::Must || (rdma == Rdma::May && crate::transport::rdma_across_hosts()) => {
+        Some((b'A', info)) if rdma.can() => {
             let fallback = (rdma == Rdma::May).then_some((key, buffer));
             answer_rdma(s, info, fallback, deadline, cancel).await
         }
