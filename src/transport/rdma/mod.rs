@@ -303,10 +303,15 @@ struct LargeRead {
 const DRAIN_FOR: Duration = Duration::from_millis(200);
 
 impl RdmaLink {
+    /// The queue pair's asynchronous event, if one came (taken once), as the link's failure.
+    fn event(&mut self) -> Option<LinkError> {
+        self.qp.event().map(|e| LinkError::Io(format!("RDMA asynchronous event: {e}")))
+    }
+
     fn failed(&mut self, what: &str, status: &Status) -> LinkError {
         // An event that came with the failure (the port went down) is its cause.
-        if let Some(e) = self.qp.event() {
-            return LinkError::Io(format!("RDMA asynchronous event: {e}"));
+        if let Some(e) = self.event() {
+            return e;
         }
         // A queue pair that broke because the peer went: the control socket says which.
         self.look_at_control();
@@ -350,8 +355,8 @@ impl RdmaLink {
             return;
         }
         // An event first: it is the cause of the flushed completions that follow it.
-        if let Some(e) = self.qp.event() {
-            self.broken = Some(LinkError::Io(format!("RDMA asynchronous event: {e}")));
+        if let Some(e) = self.event() {
+            self.broken = Some(e);
             return;
         }
         let mut done = std::mem::take(&mut self.completions);
